@@ -1,0 +1,5 @@
+"""`python -m lorag` runs the CLI."""
+
+from lorag.cli import app
+
+app()

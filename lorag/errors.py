@@ -1,0 +1,34 @@
+"""The small set of errors every lorag component raises.
+
+Transports map these in one place each (HTTP status codes, gRPC status codes); anything
+else that goes wrong is infrastructure and surfaces as `RuntimeError(...) from e`.
+"""
+
+
+class LoragError(Exception):
+    """Base class: a problem the caller can act on, with a message that says how.
+
+    `field` names the input that was wrong (for example `model` or `max_tokens`), so a
+    transport can point at it; it is None when no single field is to blame.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(LoragError):
+    """The input is malformed or names something that cannot be used as given."""
+
+
+class AdapterNotFound(LoragError):
+    """No adapter of that name is visible to the caller."""
+
+
+class Overloaded(LoragError):
+    """The daemon is at capacity (bounded queue full); retrying later may succeed."""
+
+
+class PermissionDenied(LoragError):
+    """The caller's credentials do not allow this operation."""
