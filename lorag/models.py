@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lorag import catalog
 from lorag.errors import InvalidRequest

@@ -1,0 +1,204 @@
+"""LoRA adapter files: the PEFT format, validated before anything uses them.
+
+An adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`, as PEFT
+saves it. Loading refuses, each with a message naming the problem: a path outside the
+configured adapter roots, pickled weights (`.bin`/`.pt`: never unpickled), a missing or
+unreadable safetensors file, a rank above the limit, target modules the engine does not
+serve, shapes that do not fit the base model, and non-finite values.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lorag.errors import InvalidRequest
+
+# The projections of a Llama-family decoder layer that adapters may target.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter must fit: the base model's architecture and projection shapes."""
+
+    model_type: str
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]  # module -> (in_features, out_features)
+
+    @classmethod
+    def from_config(cls, config) -> "BaseShape":
+        """Read the shapes from a transformers Llama-style config."""
+        hidden, inter = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        q_out = config.num_attention_heads * head_dim
+        kv_out = config.num_key_value_heads * head_dim
+        shapes = {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out),
+                  "v_proj": (hidden, kv_out), "o_proj": (q_out, hidden),
+                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                  "down_proj": (inter, hidden)}
+        return cls(config.model_type, config.num_hidden_layers, shapes)
+
+
+@dataclass
+class LoraWeights:
+    """A validated adapter in memory, its scaling folded into B.
+
+    `a[(layer, module)]`: [rank, in_features]; `b[(layer, module)]`: [out_features, rank],
+    already multiplied by the scaling (alpha / r, or alpha / sqrt(r) for rsLoRA), so
+    `delta_y = b @ (a @ x)` with no further factor. Composition relies on that.
+    """
+
+    name: str
+    rank: int
+    a: dict[tuple[int, str], torch.Tensor]
+    b: dict[tuple[int, str], torch.Tensor]
+    target_modules: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in RAM by this adapter's tensors."""
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+
+def confine(path: str | Path, roots: list[Path]) -> Path:
+    """Resolve `path` (following symlinks and `..`) and refuse it unless inside a root."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots):
+        allowed = ", ".join(str(r) for r in roots) or "(none configured)"
+        raise InvalidRequest(
+            f"adapter path {path} is outside the configured adapter roots ({allowed})",
+            field="lora_path")
+    return resolved
+
+
+def read_config(folder: Path, max_rank: int) -> dict:
+    """Read and check `adapter_config.json`; returns it as a dict."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise InvalidRequest(f"{folder} has no adapter_config.json", field="lora_path")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"{path} is not valid JSON: {e}", field="lora_path") from e
+    checks = [
+        (config.get("peft_type", "LORA") == "LORA",
+         f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served"),
+        (isinstance(config.get("r"), int) and 0 < config["r"] <= max_rank,
+         f"rank r={config.get('r')!r} is outside 1..{max_rank} (the engine's max_lora_rank)"),
+        (not config.get("use_dora"), "DoRA adapters are not served (use_dora=true)"),
+        (config.get("bias", "none") == "none", "adapters that train biases are not served"),
+        (not config.get("modules_to_save"), "adapters with modules_to_save are not served"),
+        (not config.get("fan_in_fan_out") and not config.get("lora_bias")
+         and not config.get("layer_replication") and not config.get("target_parameters"),
+         "fan_in_fan_out, lora_bias, layer_replication and target_parameters are not served"),
+        (not config.get("rank_pattern") and not config.get("alpha_pattern"),
+         "per-module rank_pattern / alpha_pattern are not served"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise InvalidRequest(f"{path}: {problem}", field="lora_path")
+    return config
+
+
+def scaling(config: dict) -> float:
+    """LoRA's output scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    alpha, rank = config.get("lora_alpha", 8), config["r"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Load `adapter_model.safetensors`, refusing pickled formats outright."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
+        if pickled:
+            raise InvalidRequest(
+                f"{folder / pickled[0]} is a pickled weight file, which is never loaded "
+                "(unpickling runs arbitrary code); save the adapter as safetensors",
+                field="lora_path")
+        raise InvalidRequest(f"{folder} has no adapter_model.safetensors", field="lora_path")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise InvalidRequest(f"{weights} is not a readable safetensors file: {e}",
+                             field="lora_path") from e
+
+
+def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
+              max_rank: int) -> LoraWeights:
+    """Read and validate the PEFT adapter at `path` against `base`."""
+    folder = confine(path, roots)
+    if not folder.is_dir():
+        raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
+    config = read_config(folder, max_rank)
+    rank, scale = config["r"], scaling(config)
+    a, b = {}, {}
+    for key, tensor in read_weights(folder).items():
+        layer, module, which = _parse_key(key, folder, base)
+        in_f, out_f = base.shapes[module]
+        expected = (rank, in_f) if which == "A" else (out_f, rank)
+        if tuple(tensor.shape) != expected:
+            raise InvalidRequest(
+                f"{folder}: {key} has shape {list(tensor.shape)}, this base model needs "
+                f"{list(expected)}; the adapter was trained for a different base model",
+                field="lora_path")
+        if not torch.isfinite(tensor).all():
+            raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
+                                 field="lora_path")
+        if which == "A":
+            a[(layer, module)] = tensor.float()
+        else:
+            b[(layer, module)] = tensor.float() * scale
+    if not a or a.keys() != b.keys():
+        raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
+                             "least one pair", field="lora_path")
+    return LoraWeights(name, rank, a, b, frozenset(module for _, module in a))
+
+
+def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:
+    match = _KEY.match(key)
+    if match is None:
+        raise InvalidRequest(f"{folder}: unexpected tensor {key!r}; only LoRA A/B weights of "
+                             "decoder-layer projections are served", field="lora_path")
+    layer, module, which = int(match[1]), match[2], match[3]
+    if module not in TARGET_MODULES:
+        raise InvalidRequest(f"{folder}: target module {module!r} is not one of "
+                             f"{', '.join(TARGET_MODULES)}", field="lora_path")
+    if layer >= base.num_layers:
+        raise InvalidRequest(f"{folder}: {key} is for layer {layer}, the base model has "
+                             f"{base.num_layers} layers; it was trained for another base",
+                             field="lora_path")
+    return layer, module, which
+
+
+def compose(name: str, parts: list[tuple[LoraWeights, float]], max_rank: int) -> LoraWeights:
+    """A weighted linear merge of adapters, exact, as ONE adapter of concatenated rank.
+
+    sum_i w_i B_i A_i = [w_1 B_1, ..., w_n B_n] @ [A_1; ...; A_n]. A module one part does
+    not target contributes zero rows/columns there. Same result as PEFT's
+    `add_weighted_adapter(combination_type="cat")`.
+    """
+    rank = sum(lora.rank for lora, _ in parts)
+    if rank > max_rank:
+        raise InvalidRequest(f"composed rank {rank} exceeds max_lora_rank {max_rank}",
+                             field="adapters")
+    keys = sorted(set().union(*(lora.a.keys() for lora, _ in parts)))
+    a, b = {}, {}
+    for key in keys:
+        # a part that does not target this module contributes zero rows / columns
+        in_f = next(lora.a[key].shape[1] for lora, _ in parts if key in lora.a)
+        out_f = next(lora.b[key].shape[0] for lora, _ in parts if key in lora.b)
+        a[key] = torch.cat([lora.a[key] if key in lora.a else torch.zeros(lora.rank, in_f)
+                            for lora, _ in parts])
+        b[key] = torch.cat([lora.b[key] * weight if key in lora.b
+                            else torch.zeros(out_f, lora.rank) for lora, weight in parts], dim=1)
+    return LoraWeights(name, rank, a, b, frozenset(module for _, module in keys))

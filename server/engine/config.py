@@ -1,0 +1,49 @@
+"""The engine's limits, validated when constructed."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorag.adapters import TARGET_MODULES
+from lorag.errors import InvalidRequest
+
+
+@dataclass
+class EngineConfig:
+    """Sizes fixed at start-up: every buffer is allocated once from these.
+
+    max_model_len: longest sequence (prompt + output) in tokens; sizes each KV-cache slot.
+    max_num_seqs: sequences running at once; the KV cache holds this many slots.
+    max_num_batched_tokens: most tokens one step processes (prefill is chunked to fit).
+    max_waiting: requests that may wait for a running slot; beyond, submit is Overloaded.
+    max_lora_rank: highest adapter rank served; slots are this wide (smaller ranks padded).
+    max_active_adapters: adapter slots on the compute side (preallocated stacked tensors).
+    max_cpu_adapter_bytes: RAM tier budget; least recently used adapters leave first.
+    lora_target_modules: projections that get LoRA slots (adapters may use any subset).
+    adapter_roots: folders adapters may be loaded from; anything else is refused.
+    auto_merge: fold a hot adapter into the base weights while it is all the traffic
+        (unquantized bases only; see server/engine/lora.py for why).
+    """
+
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 1024
+    max_lora_rank: int = 64
+    max_active_adapters: int = 16
+    max_cpu_adapter_bytes: int = 2 << 30
+    lora_target_modules: tuple[str, ...] = TARGET_MODULES
+    adapter_roots: list[Path] = field(default_factory=list)
+    auto_merge: bool = True
+
+    def __post_init__(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
+                     "max_lora_rank", "max_active_adapters", "max_cpu_adapter_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"{name} must be a positive integer, got {value!r}",
+                                     field=name)
+        unknown = set(self.lora_target_modules) - set(TARGET_MODULES)
+        if unknown:
+            raise InvalidRequest(f"lora_target_modules has {sorted(unknown)}; allowed: "
+                                 f"{', '.join(TARGET_MODULES)}", field="lora_target_modules")
+        self.adapter_roots = [Path(root).expanduser().resolve() for root in self.adapter_roots]

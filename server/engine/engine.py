@@ -1,0 +1,433 @@
+"""The engine: a step loop with continuous batching over one base model and many adapters.
+
+Requests join the running batch whenever a KV-cache slot (and, for an adapter, an
+adapter slot) is free, and leave it the step they finish. Each step mixes one decode
+token per running sequence with prompt chunks of newly admitted ones, up to
+`max_num_batched_tokens`. The loop runs in its own thread; callers talk to it through
+`submit` (returns a TokenStream), `cancel`, and the adapter operations. Work that must
+not race a step (slot changes) is queued and run between steps.
+"""
+
+import heapq
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from lorag.adapters import compose
+from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
+from server.engine.config import EngineConfig
+from server.engine.pool import AdapterPool
+from server.engine.registry import AdapterRegistry
+from server.engine.runner import ModelRunner, Prefill, StepInput
+from server.engine.sampling import SamplingParams, sample
+from server.engine.stream import Output, TokenStream
+
+MERGE_AFTER_STEPS = 8  # homogeneous steps before a hot adapter is merged (hysteresis)
+
+
+@dataclass
+class Sequence:
+    """A request inside the engine: its tokens, its slots and how much is computed."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None  # pool key: an adapter name, or a composition's key
+    parts: list[tuple[str, float]]  # the adapters (with weights) behind `adapter`
+    stream: TokenStream
+    generator: torch.Generator | None
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    kv_slot: int = -1
+    lora_slot: int = -1
+    computed: int = 0  # prompt tokens already in the KV cache
+    sent: int = 0  # characters of output text already streamed
+    cancelled: bool = False
+    first_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Engine:
+    """Serves one base model with many LoRA adapters, continuously batched."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        if self.config.max_num_batched_tokens < self.config.max_num_seqs:
+            raise InvalidRequest("max_num_batched_tokens must be >= max_num_seqs (every "
+                                 "running sequence decodes one token per step)",
+                                 field="max_num_batched_tokens")
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model, self.config)
+        self.registry = AdapterRegistry(self.runner.shape, self.config.adapter_roots,
+                                        self.config.max_lora_rank,
+                                        self.config.max_cpu_adapter_bytes)
+        self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_kv = list(range(self.config.max_num_seqs))  # a heap: lowest slot first
+        self.by_id: dict[str, Sequence] = {}
+        self.control: deque[tuple] = deque()  # (fn, args, Future) run between steps
+        self.wakeup = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.merged_slot: int | None = None
+        self.homogeneous_steps = 0
+        self.ids = itertools.count()
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                         "merges": 0, "unmerges": 0}
+
+    # ---- lifecycle ----
+
+    def start(self) -> "Engine":
+        """Start the step loop thread."""
+        self.thread = threading.Thread(target=self._loop, name="lorag-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still running end with finish_reason 'cancelled'."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for seq in [*self.running, *self.waiting]:
+            self._finish(seq, "cancelled")
+
+    # ---- requests ----
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               adapter: str | None = None, adapters: list[tuple[str, float]] | None = None,
+               request_id: str | None = None) -> TokenStream:
+        """Queue a request; read its outputs from the returned stream.
+
+        prompt: text (tokenized as is: apply a chat template first) or token ids.
+        adapter: one adapter by name; adapters: a weighted composition [(name, weight)].
+        Raises InvalidRequest, AdapterNotFound, or Overloaded when the queue is full.
+        """
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_length(ids, params)
+        key, parts = self._adapter_key(adapter, adapters)
+        request_id = request_id or f"req-{next(self.ids)}"
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(request_id, ids, params, key, parts, TokenStream(request_id), generator)
+        with self.wakeup:
+            if len(self.waiting) >= self.config.max_waiting:
+                raise Overloaded(f"the engine's queue is full ({self.config.max_waiting} "
+                                 "requests waiting); retry later")
+            if request_id in self.by_id:
+                raise InvalidRequest(f"request id {request_id!r} is already in use",
+                                     field="request_id")
+            self.by_id[request_id] = seq
+            self.waiting.append(seq)
+            self.wakeup.notify()
+        return seq.stream
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
+                 adapters: list[str | None] | None = None) -> list[Output]:
+        """Submit many requests at once and wait for all (a convenience for scripts)."""
+        names = adapters or [None] * len(prompts)
+        streams = [self.submit(p, params, adapter=a) for p, a in zip(prompts, names, strict=False)]
+        return [stream.result() for stream in streams]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request; its KV cache and adapter slot are freed at the next step."""
+        with self.wakeup:
+            seq = self.by_id.get(request_id)
+            if seq is None:
+                return False
+            seq.cancelled = True
+            self.wakeup.notify()
+            return True
+
+    # ---- adapters ----
+
+    def load_adapter(self, name: str, path: str) -> bool:
+        """Register (read + validate) an adapter; True if new, False if already loaded.
+
+        Runs in the caller's thread, never on the step loop. The adapter enters a slot
+        between steps when a request first uses it.
+        """
+        return self.registry.register(name, path)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Forget an adapter. Running requests that use it finish; new ones get a 404."""
+        if not self.registry.unregister(name):
+            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="lora_name")
+        self._between_steps(self._discard, name)
+        return True
+
+    def pin_adapter(self, name: str) -> int:
+        """Keep an adapter in a compute slot until unpinned; returns its slot."""
+        if name not in self.registry:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="name")
+        return self._between_steps(self.pool.pin, name, lambda: self.registry.get(name))
+
+    def unpin_adapter(self, name: str) -> bool:
+        """Let a pinned adapter be evicted again; says whether it was pinned."""
+        return self._between_steps(self.pool.unpin, name)
+
+    def list_adapters(self) -> list[dict]:
+        """Every registered adapter with where it is: RAM tier, slot, pinned, in use."""
+        rows = []
+        for name in self.registry.names():
+            slot = self.pool.slot_of(name)
+            rows.append({"name": name, "path": str(self.registry.paths.get(name, "")),
+                         "in_ram": self.registry.in_ram(name), "slot": slot,
+                         "pinned": name in self.pool.pinned,
+                         "running_requests": self.pool.refs[slot] if slot is not None else 0})
+        return rows
+
+    def stats(self) -> dict:
+        """Counters and occupancy, for metrics and tests."""
+        return {**self.counters, "running": len(self.running), "waiting": len(self.waiting),
+                "kv_slots_free": len(self.free_kv), "adapter_slots": self.pool.slot_map(),
+                "adapter_refs": list(self.pool.refs), "evictions": self.pool.evictions,
+                "merged_adapter": None if self.merged_slot is None
+                else self.pool.names[self.merged_slot]}
+
+    # ---- the step loop ----
+
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while not (self.stopping or self.waiting or self.running or self.control):
+                    self.wakeup.wait()
+                if self.stopping:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One scheduling round and forward pass. Public so tests can drive it by hand."""
+        while self.control:
+            fn, args, future = self.control.popleft()
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # handed to the waiting caller
+                future.set_exception(e)
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq, "cancelled")
+        self._admit()
+        if not self.running:
+            return
+        self._update_merge()
+        step, sampled = self._schedule()
+        try:
+            logits = self.runner.forward(step)
+            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        except Exception as e:  # a broken step fails its requests, not the daemon
+            for seq in list(self.running):
+                self._finish(seq, "error", RuntimeError(f"engine step failed: {e}"))
+            return
+        self.counters["steps"] += 1
+        for chunk in step.prefills:
+            self.counters["prompt_tokens"] += chunk.length
+        for seq, token in zip(sampled, tokens, strict=False):
+            self._append(seq, token)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_kv:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                self._finish(seq, "cancelled")
+                continue
+            if seq.adapter is not None:
+                try:
+                    slot = self.pool.acquire(seq.adapter, partial(self._weights, seq))
+                except LoragError as e:  # unloaded since submit, or composition too wide
+                    self.waiting.popleft()
+                    self._finish(seq, "error", e)
+                    continue
+                if slot is None:
+                    return  # every adapter slot is in use: wait for a release
+                seq.lora_slot = slot
+            self.waiting.popleft()
+            seq.kv_slot = heapq.heappop(self.free_kv)
+            self.running.append(seq)
+
+    def _schedule(self) -> tuple[StepInput, list[Sequence]]:
+        budget = self.config.max_num_batched_tokens
+        decodes = [s for s in self.running if not s.prefilling]
+        budget -= len(decodes)
+        ids = [s.output_ids[-1] for s in decodes]
+        positions = [s.length - 1 for s in decodes]
+        lora = [self._route(s) for s in decodes]
+        sampled, sample_at, prefills = list(decodes), list(range(len(decodes))), []
+        for seq in self.running:
+            if not seq.prefilling or budget <= 0:
+                continue
+            n = min(len(seq.prompt_ids) - seq.computed, budget)
+            budget -= n
+            prefills.append(Prefill(seq.kv_slot, seq.computed, n))
+            ids += seq.prompt_ids[seq.computed:seq.computed + n]
+            positions += range(seq.computed, seq.computed + n)
+            lora += [self._route(seq)] * n
+            seq.computed += n
+            if not seq.prefilling:  # its last prompt token yields the first output token
+                sampled.append(seq)
+                sample_at.append(len(ids) - 1)
+        used = [self.pool.ranks[slot] for slot in set(lora) if slot >= 0]
+        device = self.runner.device
+        tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        step = StepInput(tensor(ids), tensor(positions), tensor(lora),
+                         tensor([s.kv_slot for s in decodes]),
+                         tensor([s.length for s in decodes]), prefills, tensor(sample_at),
+                         max(used, default=0))
+        return step, sampled
+
+    def _route(self, seq: Sequence) -> int:
+        # tokens of the merged adapter go through the merged base weight, not a slot
+        return -1 if seq.lora_slot == self.merged_slot else seq.lora_slot
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        seq.output_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        reason = None
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or \
+                seq.length >= self.config.max_model_len:
+            reason = "length"
+        text, hit_stop = self._new_text(seq, final=reason is not None)
+        if hit_stop:
+            reason = "stop"
+        if reason is None:
+            seq.stream.put(Output(text, [token]))
+        else:
+            self._finish(seq, reason, text=text, last=[token])
+
+    def _new_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:
+        """The output text not yet streamed; holds back what may still become a stop
+        string or an incomplete character. Returns (text, whether a stop string hit)."""
+        full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        hits = [i for i in (full.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            end = max(min(hits), seq.sent)
+            text, seq.sent = full[seq.sent:end], end
+            return text, True
+        end = len(full)
+        if not final:
+            if full.endswith("\ufffd"):  # a multi-byte character still incomplete
+                end -= 1
+            for stop in seq.params.stop:  # a suffix that may grow into a stop string
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if full[:end].endswith(stop[:k]):
+                        end -= k
+                        break
+        end = max(end, seq.sent)
+        text, seq.sent = full[seq.sent:end], end
+        return text, False
+
+    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,
+                text: str = "", last: list[int] | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            heapq.heappush(self.free_kv, seq.kv_slot)
+            if seq.lora_slot >= 0:
+                self.pool.release(seq.lora_slot)
+        with self.wakeup:
+            self.by_id.pop(seq.id, None)
+        seq.stream.put(Output(text, last or [], reason, len(seq.prompt_ids),
+                              len(seq.output_ids), error))
+
+    # ---- adapters, on the step loop ----
+
+    def _weights(self, seq: Sequence):
+        if len(seq.parts) == 1 and seq.parts[0][1] == 1.0:
+            return self.registry.get(seq.adapter)
+        loras = [(self.registry.get(name), weight) for name, weight in seq.parts]
+        return compose(seq.adapter, loras, self.config.max_lora_rank)
+
+    def _discard(self, name: str) -> None:
+        # the adapter and every composition that includes it
+        for key in [k for k in self.pool.lru if k == name or f"{name}*" in k]:
+            self.pool.discard(key)
+
+    def _update_merge(self) -> None:
+        """dLoRA-style: merge the adapter that is ALL the running traffic, unmerge on mix."""
+        if not self.config.auto_merge or self.runner.quantized:
+            return
+        slots = {s.lora_slot for s in self.running}
+        hot = slots.pop() if len(slots) == 1 else None
+        hot = None if hot == -1 else hot
+        if self.merged_slot is not None and self.merged_slot != hot:
+            for layer in self.runner.lora_layers.values():
+                layer.unmerge()
+            self.merged_slot = None
+            self.counters["unmerges"] += 1
+        self.homogeneous_steps = self.homogeneous_steps + 1 if hot is not None else 0
+        if hot is not None and self.merged_slot is None and \
+                self.homogeneous_steps >= MERGE_AFTER_STEPS:
+            for layer in self.runner.lora_layers.values():
+                layer.merge(hot)
+            self.merged_slot = hot
+            self.counters["merges"] += 1
+
+    def _between_steps(self, fn, *args):
+        """Run `fn(*args)` on the step loop between two steps and return its result."""
+        if self.thread is None or not self.thread.is_alive():
+            return fn(*args)
+        future: Future = Future()
+        with self.wakeup:
+            self.control.append((fn, args, future))
+            self.wakeup.notify()
+        return future.result()
+
+    # ---- validation ----
+
+    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.max_model_len
+        if not ids:
+            raise InvalidRequest("prompt is empty", field="prompt")
+        if len(ids) + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"this model's maximum context length is {limit} tokens; the request has "
+                f"{len(ids)} prompt tokens and asks for {params.max_tokens} more "
+                f"({len(ids) + params.max_tokens} in all). Shorten the prompt or lower "
+                "max_tokens", field="max_tokens" if len(ids) < limit else "prompt")
+
+    def _adapter_key(self, adapter, adapters) -> tuple[str | None, list[tuple[str, float]]]:
+        if adapter is not None and adapters:
+            raise InvalidRequest("give either an adapter or a composition, not both",
+                                 field="adapters")
+        parts = [(adapter, 1.0)] if adapter is not None else list(adapters or [])
+        for name, weight in parts:
+            if name not in self.registry:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise InvalidRequest(f"weight of adapter {name!r} must be a finite number, "
+                                     f"got {weight!r}", field="adapters")
+        if not parts:
+            return None, []
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            return parts[0][0], parts
+        return "+".join(f"{name}*{weight:g}" for name, weight in parts), parts
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

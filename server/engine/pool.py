@@ -1,0 +1,113 @@
+"""AdapterPool: the compute tier, a fixed number of adapter slots in every LoRA layer."""
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from lorag.adapters import LoraWeights
+from lorag.errors import InvalidRequest
+from server.engine.lora import MultiLoraLinear
+
+
+class AdapterPool:
+    """Maps adapters to slots. An adapter referenced by a running request never leaves.
+
+    Slots fill first-free; when all are taken, the least recently used slot that is
+    neither referenced nor pinned is overwritten. The step loop is the only caller, so no
+    lock is needed; installs happen between steps.
+    """
+
+    def __init__(self, layers: dict[tuple[int, str], MultiLoraLinear], num_slots: int):
+        self.layers = layers
+        self.names: list[str | None] = [None] * num_slots
+        self.ranks = [0] * num_slots
+        self.refs = [0] * num_slots
+        self.pinned: set[str] = set()
+        self.doomed: set[str] = set()  # unloaded while in use: cleared at last release
+        self.lru: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self.evictions = 0
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot holding `name`, or None."""
+        return self.lru.get(name)
+
+    def slot_map(self) -> dict[int, str | None]:
+        """slot -> adapter name (None for a free slot)."""
+        return dict(enumerate(self.names))
+
+    def acquire(self, name: str, load: Callable[[], LoraWeights]) -> int | None:
+        """Reference `name`'s slot, installing `load()` if it is not resident.
+
+        Returns None when every slot is referenced or pinned (the caller waits).
+        """
+        slot = self.slot_of(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._install(slot, load())
+        self.refs[slot] += 1
+        self.lru.move_to_end(name)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Drop one reference; an adapter unloaded meanwhile is cleared at its last one."""
+        self.refs[slot] -= 1
+        name = self.names[slot]
+        if self.refs[slot] == 0 and name in self.doomed:
+            self.doomed.discard(name)
+            self._clear(slot)
+
+    def discard(self, name: str) -> bool:
+        """Remove `name` from its slot now, or at its last release if in use."""
+        slot = self.slot_of(name)
+        if slot is None:
+            return False
+        self.pinned.discard(name)
+        if self.refs[slot]:
+            self.doomed.add(name)
+        else:
+            self._clear(slot)
+        return True
+
+    def pin(self, name: str, load: Callable[[], LoraWeights]) -> int:
+        """Keep `name` resident until unpinned; one slot always stays unpinned."""
+        if name not in self.pinned and len(self.pinned) + 1 >= len(self.names):
+            raise InvalidRequest(f"cannot pin {name!r}: {len(self.pinned)} of "
+                                 f"{len(self.names)} slots are pinned and one must stay free",
+                                 field="name")
+        slot = self.acquire(name, load)
+        if slot is None:
+            raise InvalidRequest(f"cannot pin {name!r}: every slot is in use", field="name")
+        self.release(slot)
+        self.pinned.add(name)
+        return slot
+
+    def unpin(self, name: str) -> bool:
+        """Let `name` be evicted again; says whether it was pinned."""
+        was = name in self.pinned
+        self.pinned.discard(name)
+        return was
+
+    def _free_slot(self) -> int | None:
+        if None in self.names:
+            return self.names.index(None)
+        for name, slot in self.lru.items():
+            if self.refs[slot] == 0 and name not in self.pinned:
+                self._clear(slot)
+                self.evictions += 1
+                return slot
+        return None
+
+    def _install(self, slot: int, lora: LoraWeights) -> None:
+        for key, layer in self.layers.items():
+            layer.install(slot, lora.a.get(key), lora.b.get(key))
+        self.names[slot], self.ranks[slot] = lora.name, lora.rank
+        self.lru[lora.name] = slot
+
+    def _clear(self, slot: int) -> None:
+        # Zeroing is not needed for correctness (a free slot is never routed to) but keeps
+        # a stale adapter's weights from lingering in memory.
+        for layer in self.layers.values():
+            layer.install(slot, None, None)
+        del self.lru[self.names[slot]]
+        self.names[slot], self.ranks[slot] = None, 0

@@ -1,0 +1,89 @@
+"""AdapterRegistry: adapter names -> validated weights, with a RAM tier (LRU by bytes)."""
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from lorag.adapters import BaseShape, LoraWeights, load_lora
+from lorag.errors import AdapterNotFound, InvalidRequest
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class AdapterRegistry:
+    """Knows every registered adapter; keeps the recently used ones in RAM.
+
+    Thread-safe: the daemon's handlers register and the step loop reads. File reading and
+    validation run in the caller's thread, outside the lock and off the step loop.
+    """
+
+    def __init__(self, base: BaseShape, roots: list[Path], max_rank: int, max_bytes: int):
+        self.base, self.roots, self.max_rank, self.max_bytes = base, roots, max_rank, max_bytes
+        self.paths: dict[str, Path] = {}
+        self.ram: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
+        self.lock = threading.Lock()
+
+    def register(self, name: str, path: str | Path) -> bool:
+        """Validate and load the adapter at `path` as `name`.
+
+        Idempotent: the same name and path again refreshes its LRU position and returns
+        False; a new adapter returns True. A name already taken by another path is refused.
+        """
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequest(f"adapter name {name!r} must be 1-128 characters of letters, "
+                                 "digits and . _ : / - starting with a letter or digit",
+                                 field="lora_name")
+        resolved = Path(path).expanduser().resolve()
+        with self.lock:
+            known = self.paths.get(name)
+        if known is not None and known != resolved:
+            raise InvalidRequest(f"adapter {name!r} is already registered from {known}; "
+                                 "unload it first", field="lora_name")
+        if known is not None and name in self.ram:
+            self.get(name)
+            return False
+        lora = load_lora(name, path, self.base, self.roots, self.max_rank)
+        with self.lock:
+            self.paths[name] = resolved
+            self._keep(lora)
+        return known is None
+
+    def get(self, name: str) -> LoraWeights:
+        """The adapter's weights, re-read from its file if it left RAM."""
+        with self.lock:
+            if name in self.ram:
+                self.ram.move_to_end(name)
+                return self.ram[name]
+            path = self.paths.get(name)
+        if path is None:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
+        lora = load_lora(name, path, self.base, self.roots, self.max_rank)
+        with self.lock:
+            self._keep(lora)
+        return lora
+
+    def unregister(self, name: str) -> bool:
+        """Forget `name`; says whether it was registered."""
+        with self.lock:
+            self.ram.pop(name, None)
+            return self.paths.pop(name, None) is not None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.paths
+
+    def names(self) -> list[str]:
+        """Registered adapter names, sorted."""
+        with self.lock:
+            return sorted(self.paths)
+
+    def in_ram(self, name: str) -> bool:
+        """Whether `name` is in the RAM tier now."""
+        return name in self.ram
+
+    def _keep(self, lora: LoraWeights) -> None:
+        # Caller holds the lock. The newest adapter always stays, even over budget.
+        self.ram[lora.name] = lora
+        self.ram.move_to_end(lora.name)
+        while len(self.ram) > 1 and sum(w.nbytes for w in self.ram.values()) > self.max_bytes:
+            self.ram.popitem(last=False)
