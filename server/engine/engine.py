@@ -145,7 +145,7 @@ class Engine:
                  adapters: list[str | None] | None = None) -> list[Output]:
         """Submit many requests at once and wait for all (a convenience for scripts)."""
         names = adapters or [None] * len(prompts)
-        streams = [self.submit(p, params, adapter=a) for p, a in zip(prompts, names, strict=False)]
+        streams = [self.submit(p, params, adapter=a) for p, a in zip(prompts, names, strict=True)]
         return [stream.result() for stream in streams]
 
     def cancel(self, request_id: str) -> bool:
@@ -240,7 +240,7 @@ class Engine:
         self.counters["steps"] += 1
         for chunk in step.prefills:
             self.counters["prompt_tokens"] += chunk.length
-        for seq, token in zip(sampled, tokens, strict=False):
+        for seq, token in zip(sampled, tokens, strict=True):
             self._append(seq, token)
 
     def _admit(self) -> None:

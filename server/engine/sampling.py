@@ -53,7 +53,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """Pick one token per row of `logits` [rows, vocab] (float32)."""
     tokens = logits.argmax(dim=-1).tolist()  # greedy for everyone, overwritten below
-    for row, (p, generator) in enumerate(zip(params, generators, strict=False)):
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
         scores = logits[row] / p.temperature

@@ -75,10 +75,11 @@ def test_mixed_batch_of_eight_adapters_matches_peft(setup):
     names = [*SPECS, None]  # 8 adapters and the base, all in one batch
     params = SamplingParams(max_tokens=MAX_NEW)  # stops at end-of-sequence, as HF does
     streams = [engine.submit(engine_prompt_ids(tokenizer, p), params, adapter=name)
-               for p, name in zip(prompts, names, strict=False)]
+               for p, name in zip(prompts, names, strict=True)]
     outputs = [s.result().token_ids for s in streams]
-    expected = [peft_greedy(peft, tokenizer, p, name) for p, name in zip(prompts, names, strict=False)]
-    for name, got, want in zip(names, outputs, expected, strict=False):
+    expected = [peft_greedy(peft, tokenizer, p, name)
+                for p, name in zip(prompts, names, strict=True)]
+    for name, got, want in zip(names, outputs, expected, strict=True):
         assert got == want, f"adapter {name}: engine {got} != peft {want}"
     assert engine.stats()["running"] == 0 and engine.stats()["adapter_refs"] == [0] * 10
 
@@ -116,6 +117,6 @@ def test_outputs_survive_an_automatic_merge_unmerge_cycle(setup):
     after = [s.result().token_ids for s in mixed[1:]]
     assert engine.stats()["unmerges"] >= 1
     assert after == before
-    for prompt, got in zip(prompts[:3], before, strict=False):
+    for prompt, got in zip(prompts[:3], before, strict=True):
         want = peft_greedy(peft, tokenizer, prompt, "a3")
         assert got[:len(want)] == want

@@ -1,0 +1,146 @@
+"""Adapter validation: every refusal names the problem; a good adapter loads."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorag.adapters import BaseShape, compose, load_lora
+from lorag.errors import InvalidRequest
+from tests.adapter_factory import AdapterSpec, make_adapters
+from tests.server.engine.conftest import tiny_model
+
+BASE = BaseShape.from_config(tiny_model().config)
+
+
+@pytest.fixture
+def root(tmp_path):
+    make_adapters(tiny_model(), tmp_path, {"good": AdapterSpec(rank=4, alpha=8)}, seed=0)
+    return tmp_path
+
+
+def variant(root, name, edit_config=None, edit_weights=None):
+    """A copy of the good adapter with its config or weights changed."""
+    folder = root / name
+    shutil.copytree(root / "good", folder)
+    if edit_config:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        edit_config(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    if edit_weights:
+        weights = load_file(folder / "adapter_model.safetensors")
+        edit_weights(weights)
+        save_file(weights, folder / "adapter_model.safetensors")
+    return folder
+
+
+def load(path, root, max_rank=16):
+    return load_lora("x", path, BASE, [root], max_rank)
+
+
+def test_good_adapter_loads_with_scaling_folded_into_b(root):
+    lora = load(root / "good", root)
+    assert lora.rank == 4 and lora.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    raw = load_file(root / "good" / "adapter_model.safetensors")
+    b = raw["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    assert torch.equal(lora.b[(1, "v_proj")], b * 2.0)  # alpha 8 / r 4
+
+
+def test_rslora_scaling(root):
+    folder = variant(root, "rs", edit_config=lambda c: c.update(use_rslora=True))
+    lora = load(folder, root)
+    raw = load_file(folder / "adapter_model.safetensors")
+    b = raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert torch.allclose(lora.b[(0, "q_proj")], b * 4.0)  # alpha 8 / sqrt(4)
+
+
+@pytest.mark.parametrize("path, message", [
+    ("{root}/../outside", "is outside the configured adapter roots"),
+    ("/etc", "is outside the configured adapter roots"),
+])
+def test_paths_outside_the_roots_are_refused(root, path, message):
+    with pytest.raises(InvalidRequest, match=message) as err:
+        load(path.format(root=root), root)
+    assert err.value.field == "lora_path"
+
+
+def test_symlink_escaping_the_root_is_refused(root, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(root / "good", elsewhere / "adapter")
+    os.symlink(elsewhere / "adapter", root / "link")
+    with pytest.raises(InvalidRequest, match="outside the configured adapter roots"):
+        load(root / "link", root)
+
+
+def test_pickled_weights_are_refused_without_being_read(root):
+    folder = root / "pickled"
+    folder.mkdir()
+    shutil.copy(root / "good" / "adapter_config.json", folder)
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04 would run code if unpickled")
+    with pytest.raises(InvalidRequest, match="adapter_model.bin is a pickled weight file"):
+        load(folder, root)
+
+
+def test_missing_and_corrupt_safetensors(root):
+    folder = root / "empty"
+    folder.mkdir()
+    shutil.copy(root / "good" / "adapter_config.json", folder)
+    with pytest.raises(InvalidRequest, match="has no adapter_model.safetensors"):
+        load(folder, root)
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InvalidRequest, match="is not a readable safetensors file"):
+        load(folder, root)
+    with pytest.raises(InvalidRequest, match="has no adapter_config.json"):
+        load(root, root)
+
+
+def test_rank_above_the_limit(root):
+    with pytest.raises(InvalidRequest, match=r"rank r=4 is outside 1..2 .the engine's max_lora"):
+        load(root / "good", root, max_rank=2)
+
+
+def test_adapter_for_another_base_is_refused(root, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    make_adapters(tiny_model(hidden_size=32, num_attention_heads=2, num_key_value_heads=1),
+                  other, {"foreign": AdapterSpec(rank=4)})
+    shutil.copytree(other / "foreign", root / "foreign")
+    with pytest.raises(InvalidRequest, match="the adapter was trained for a different base"):
+        load(root / "foreign", root)
+    deep = variant(root, "deep", edit_weights=lambda w: w.update({
+        k.replace("layers.1.", "layers.7."): v.clone() for k, v in w.items()}))
+    with pytest.raises(InvalidRequest, match="is for layer 7, the base model has 2 layers"):
+        load(deep, root)
+
+
+def test_nan_weights_and_unknown_modules(root):
+    def poison(weights):
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        weights[key] = weights[key].clone()
+        weights[key][0, 0] = float("nan")
+
+    with pytest.raises(InvalidRequest, match="q_proj.lora_A.weight has non-finite values"):
+        load(variant(root, "nan", edit_weights=poison), root)
+
+    def rename(weights):
+        for key in [k for k in weights if "q_proj" in k]:
+            weights[key.replace("q_proj", "qkv_proj")] = weights.pop(key)
+
+    with pytest.raises(InvalidRequest, match="target module 'qkv_proj' is not one of"):
+        load(variant(root, "fused", edit_weights=rename), root)
+    with pytest.raises(InvalidRequest, match="DoRA adapters are not served"):
+        load(variant(root, "dora", edit_config=lambda c: c.update(use_dora=True)), root)
+
+
+def test_compose_concatenates_ranks_and_weights_b(root):
+    good = load(root / "good", root)
+    mixed = compose("mix", [(good, 0.5), (good, 2.0)], max_rank=16)
+    assert mixed.rank == 8
+    x = torch.randn(3, 64)
+    key = (0, "q_proj")
+    expected = 2.5 * (x @ good.a[key].T @ good.b[key].T)
+    assert torch.allclose(x @ mixed.a[key].T @ mixed.b[key].T, expected, atol=1e-5)
+    with pytest.raises(InvalidRequest, match="composed rank 8 exceeds max_lora_rank 6"):
+        compose("mix", [(good, 0.5), (good, 2.0)], max_rank=6)

@@ -1,0 +1,105 @@
+"""Engine behaviour on the tiny model: streaming, hot-load, cancellation, limits, sampling."""
+
+import asyncio
+
+import pytest
+
+from lorag.errors import InvalidRequest, Overloaded
+from server.engine import SamplingParams
+
+PROMPT = [1, 2, 3, 4]
+
+
+def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, adapter_root):
+    engine = make_engine()
+    engine.load_adapter("t0", str(adapter_root / "t0"))
+    params = SamplingParams(max_tokens=120, ignore_eos=True)
+    solo = engine.submit(PROMPT, params, adapter="t0").result().token_ids
+
+    stream = iter(engine.submit(PROMPT, params, adapter="t0"))
+    first = next(stream)  # the stream is running
+    assert engine.load_adapter("t1", str(adapter_root / "t1")) is True
+    hot = iter(engine.submit(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True),
+                             adapter="t1"))
+    assert next(hot).token_ids  # the new adapter's first token...
+    assert engine.stats()["running"] >= 1  # ...arrives while the first stream still runs
+    rest = [out for out in stream]
+    tokens = first.token_ids + [t for out in rest for t in out.token_ids]
+    assert tokens == solo
+    assert rest[-1].finish_reason == "length"
+
+
+def test_cancel_frees_kv_and_adapter_slots(make_engine, adapter_root):
+    engine = make_engine(start=False)
+    engine.load_adapter("t0", str(adapter_root / "t0"))
+    stream = engine.submit(PROMPT, SamplingParams(max_tokens=50, ignore_eos=True),
+                           adapter="t0", request_id="r1")
+    engine.step()
+    engine.step()
+    assert engine.stats()["running"] == 1 and engine.stats()["adapter_refs"] == [1, 0]
+    assert engine.cancel("r1") is True
+    engine.step()
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["kv_slots_free"] == 8
+    assert stats["adapter_refs"] == [0, 0]
+    outputs = list(stream)
+    assert outputs[-1].finish_reason == "cancelled"
+    assert engine.cancel("r1") is False
+
+
+def test_full_queue_is_overloaded_and_loses_nothing(make_engine):
+    engine = make_engine(start=False, max_waiting=2)
+    streams = [engine.submit(PROMPT, SamplingParams(max_tokens=2)) for _ in range(2)]
+    with pytest.raises(Overloaded, match="queue is full .2 requests waiting.; retry later"):
+        engine.submit(PROMPT)
+    while engine.stats()["waiting"] or engine.stats()["running"]:
+        engine.step()
+    assert all(s.result().finish_reason in ("length", "stop") for s in streams)
+
+
+def test_context_limit_and_bad_parameters_are_clear(make_engine):
+    engine = make_engine(start=False)
+    with pytest.raises(InvalidRequest, match="maximum context length is 128 tokens; the request "
+                                             "has 100 prompt tokens and asks for 50 more"):
+        engine.submit(list(range(1, 101)), SamplingParams(max_tokens=50))
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        engine.submit([])
+    with pytest.raises(InvalidRequest, match="max_tokens must be an integer >= 1, got -3"):
+        SamplingParams(max_tokens=-3)
+    with pytest.raises(InvalidRequest, match="top_p must be a number in .0, 1., got 1.5"):
+        SamplingParams(top_p=1.5)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7,
+                            ignore_eos=True)
+    alone = engine.submit(PROMPT, params).result().token_ids
+    crowd = [engine.submit(PROMPT, SamplingParams(max_tokens=16, temperature=1.0,
+                                                  ignore_eos=True)) for _ in range(4)]
+    again = engine.submit(PROMPT, params).result().token_ids
+    [s.result() for s in crowd]
+    assert alone == again
+
+
+def test_stop_strings_end_the_output_and_are_not_included(make_engine, tokenizer):
+    engine = make_engine()
+    free = engine.submit(PROMPT, SamplingParams(max_tokens=30, ignore_eos=True)).result()
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    stopped = engine.submit(PROMPT, SamplingParams(max_tokens=30, ignore_eos=True,
+                                                   stop=[stop])).result()
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[:free.text.find(stop)]
+
+
+def test_async_streaming_from_an_event_loop(make_engine):
+    engine = make_engine()
+
+    async def collect():
+        stream = engine.submit(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+        return [out async for out in stream]
+
+    outputs = asyncio.run(collect())
+    assert len(outputs) == 8 and outputs[-1].finish_reason == "length"
+    assert outputs[-1].completion_tokens == 8 and outputs[-1].prompt_tokens == 4

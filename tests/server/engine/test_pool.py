@@ -1,0 +1,96 @@
+"""The adapter pool's exact slot map through loads, evictions, pins and unloads."""
+
+import pytest
+
+from lorag.errors import AdapterNotFound, InvalidRequest
+from server.engine import SamplingParams
+
+ONE = SamplingParams(max_tokens=1, ignore_eos=True)
+
+
+def use(engine, name):
+    return engine.submit([1, 2, 3], ONE, adapter=name).result()
+
+
+def test_slots_fill_first_free_then_evict_least_recently_used(make_engine, adapter_root):
+    engine = make_engine()
+    for name in ("t0", "t1", "t2", "t3"):
+        assert engine.load_adapter(name, str(adapter_root / name)) is True
+    assert engine.stats()["adapter_slots"] == {0: None, 1: None}  # loading != installing
+    use(engine, "t0")
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: None}
+    use(engine, "t1")
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: "t1"}
+    use(engine, "t0")  # t0 becomes most recent; t1 is now least recently used
+    use(engine, "t2")
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: "t2"}
+    assert engine.stats()["evictions"] == 1
+    use(engine, "t3")
+    assert engine.stats()["adapter_slots"] == {0: "t3", 1: "t2"}
+    assert engine.stats()["adapter_refs"] == [0, 0]
+
+
+def test_load_is_idempotent_and_unload_frees_the_slot(make_engine, adapter_root):
+    engine = make_engine()
+    assert engine.load_adapter("t0", str(adapter_root / "t0")) is True
+    assert engine.load_adapter("t0", str(adapter_root / "t0")) is False
+    with pytest.raises(InvalidRequest, match="already registered from"):
+        engine.load_adapter("t0", str(adapter_root / "t1"))
+    use(engine, "t0")
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: None}
+    assert engine.unload_adapter("t0") is True
+    assert engine.stats()["adapter_slots"] == {0: None, 1: None}
+    with pytest.raises(AdapterNotFound, match="adapter 't0' is not loaded"):
+        engine.submit([1, 2, 3], ONE, adapter="t0")
+    with pytest.raises(AdapterNotFound):
+        engine.unload_adapter("t0")
+
+
+def test_pinned_adapter_is_never_evicted(make_engine, adapter_root):
+    engine = make_engine()
+    for name in ("t0", "t1", "t2"):
+        engine.load_adapter(name, str(adapter_root / name))
+    assert engine.pin_adapter("t1") == 0
+    assert engine.stats()["adapter_slots"] == {0: "t1", 1: None}
+    with pytest.raises(InvalidRequest, match="one must stay free"):
+        engine.pin_adapter("t2")
+    for name in ("t0", "t2", "t0"):
+        use(engine, name)
+        assert engine.stats()["adapter_slots"][0] == "t1"
+    assert engine.stats()["adapter_slots"] == {0: "t1", 1: "t0"}
+    assert engine.unpin_adapter("t1") is True
+    use(engine, "t2")  # t1 is least recent and unpinned now
+    assert engine.stats()["adapter_slots"] == {0: "t2", 1: "t0"}
+
+
+def test_adapter_in_use_is_not_evicted_and_requests_wait_for_a_slot(make_engine, adapter_root):
+    engine = make_engine(start=False)  # drive steps by hand
+    for name in ("t0", "t1", "t2"):
+        engine.load_adapter(name, str(adapter_root / name))
+    long = SamplingParams(max_tokens=20, ignore_eos=True)
+    first = [engine.submit([1, 2, 3], long, adapter=n) for n in ("t0", "t1")]
+    third = engine.submit([1, 2, 3], ONE, adapter="t2")
+    engine.step()
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: "t1"}
+    assert engine.stats()["adapter_refs"] == [1, 1]
+    assert engine.stats()["waiting"] == 1  # t2 waits: both slots are referenced
+    while engine.stats()["running"] or engine.stats()["waiting"]:
+        engine.step()
+    assert [len(s.result().token_ids) for s in first] == [20, 20]
+    assert third.result().token_ids
+    assert engine.stats()["adapter_slots"] == {0: "t2", 1: "t1"}
+    assert engine.stats()["adapter_refs"] == [0, 0]
+
+
+def test_unload_while_running_lets_the_request_finish(make_engine, adapter_root):
+    engine = make_engine(start=False)
+    engine.load_adapter("t0", str(adapter_root / "t0"))
+    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True),
+                           adapter="t0")
+    engine.step()
+    assert engine.unload_adapter("t0")  # the loop is not running: applied at once
+    assert engine.stats()["adapter_slots"] == {0: "t0", 1: None}  # still referenced
+    while engine.stats()["running"]:
+        engine.step()
+    assert len(stream.result().token_ids) == 5
+    assert engine.stats()["adapter_slots"] == {0: None, 1: None}
