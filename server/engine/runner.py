@@ -87,7 +87,10 @@ class ModelRunner:
             for name in self.config.lora_target_modules:
                 parent = layer.self_attn if name in TARGET_MODULES[:4] else layer.mlp
                 in_f, out_f = self.shape.shapes[name]
-                lora = MultiLoraLinear(getattr(parent, name), in_f, out_f,
+                base = getattr(parent, name)
+                if isinstance(base, MultiLoraLinear):  # served before: the model is one
+                    base = base.base  # engine's at a time, the newest one's from now on
+                lora = MultiLoraLinear(base, in_f, out_f,
                                        self.config.max_active_adapters,
                                        self.config.max_lora_rank, self.dtype, self.lora_batch)
                 setattr(parent, name, lora)
@@ -97,7 +100,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the step; returns float32 logits [samples, vocab]."""
-        self.lora_batch.route(step.lora_slots, step.lora_rank)
+        decodes = len(step.decode_slots)
+        chunks, start = [], decodes
+        for chunk in step.prefills:
+            slot = int(step.lora_slots[start])
+            if slot >= 0:
+                chunks.append((start, start + chunk.length, slot))
+            start += chunk.length
+        self.lora_batch.route(step.lora_slots[:decodes], chunks, step.lora_rank)
         hidden = self.model.model.embed_tokens(step.input_ids)  # [tokens, hidden]
         cos, sin = self.model.model.rotary_emb(hidden, step.positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]  # [tokens, head_dim]
@@ -147,16 +157,24 @@ class ModelRunner:
         return out.flatten(1)
 
     def _decode_attention(self, k_cache, v_cache, q, slots, lengths) -> torch.Tensor:
-        # One query per sequence. Attend over cache rows [0, highest slot] as one batch:
-        # a view, no gather; rows of free slots get a dummy query and are dropped.
+        # One query per sequence, attending over cache rows [0, highest slot] as one batch:
+        # a view, no gather; rows of free slots are computed and dropped. Two batched
+        # matmuls, not SDPA: the CPU flash kernel is ~10x slower with a single query row.
         rows = int(slots.max()) + 1
         longest = int(lengths.max())
-        query = q.new_zeros(rows, self.num_heads, 1, self.head_dim)
-        query[slots] = q.unsqueeze(2)
+        group = self.num_heads // self.num_kv_heads
+        query = q.new_zeros(rows, self.num_kv_heads, group, self.head_dim)
+        query[slots] = q.view(-1, self.num_kv_heads, group, self.head_dim)
+        # [rows * kv_heads, longest, head_dim]: still a view of the cache (no copy)
+        keys = k_cache[:rows, :, :longest].flatten(0, 1)
+        values = v_cache[:rows, :, :longest].flatten(0, 1)
+        query = query.flatten(0, 1)  # [rows * kv_heads, group, head_dim]
+        scores = torch.bmm(query, keys.transpose(1, 2)).float() * self.head_dim ** -0.5
         limit = torch.ones(rows, dtype=lengths.dtype, device=q.device)  # free rows: 1 key
         limit[slots] = lengths
-        mask = torch.arange(longest, device=q.device).unsqueeze(0) < limit.unsqueeze(1)
-        o = F.scaled_dot_product_attention(
-            query, k_cache[:rows, :, :longest], v_cache[:rows, :, :longest],
-            attn_mask=mask[:, None, None, :], enable_gqa=True)
-        return o[slots, :, 0]  # [decodes, heads, head_dim]
+        hidden = torch.arange(longest, device=q.device).unsqueeze(0) >= limit.unsqueeze(1)
+        scores = scores.view(rows, self.num_kv_heads, group, longest)
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).flatten(0, 1)
+        out = torch.bmm(probs, values).view(rows, self.num_kv_heads, group, self.head_dim)
+        return out[slots].view(-1, self.num_heads, self.head_dim)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.adapters import BaseShape, compose, load_lora
 from lorag.errors import InvalidRequest
-from tests.adapter_factory import AdapterSpec, make_adapters
 from tests.server.engine.conftest import tiny_model
 
 BASE = BaseShape.from_config(tiny_model().config)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.adapters import AdapterSpec, make_adapters
 from server.engine import Engine, EngineConfig
-from tests.adapter_factory import AdapterSpec, make_adapters
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

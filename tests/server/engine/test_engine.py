@@ -103,3 +103,25 @@ def test_async_streaming_from_an_event_loop(make_engine):
     outputs = asyncio.run(collect())
     assert len(outputs) == 8 and outputs[-1].finish_reason == "length"
     assert outputs[-1].completion_tokens == 8 and outputs[-1].prompt_tokens == 4
+
+
+def test_a_new_engine_on_the_same_model_replaces_the_old_wrapping(make_engine, tokenizer,
+                                                                   adapter_root):
+    from server.engine import Engine
+    from server.engine.lora import MultiLoraLinear
+
+    first = make_engine()
+    first.load_adapter("t0", str(adapter_root / "t0"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = first.submit(PROMPT, params, adapter="t0").result().token_ids
+    first.shutdown()
+    second = Engine(first.runner.model, tokenizer, first.config).start()
+    try:
+        q_proj = second.runner.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, MultiLoraLinear)
+        assert not isinstance(q_proj.base, MultiLoraLinear)
+        second.load_adapter("t0", str(adapter_root / "t0"))
+        assert second.submit(PROMPT, params).result().token_ids
+        assert second.submit(PROMPT, params, adapter="t0").result().token_ids == want
+    finally:
+        second.shutdown()

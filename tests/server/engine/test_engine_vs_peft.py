@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
 from server.engine import Engine, EngineConfig, SamplingParams
-from tests.adapter_factory import AdapterSpec, make_adapters
 
 pytestmark = pytest.mark.integration
 MAX_NEW = 12

