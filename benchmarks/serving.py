@@ -6,6 +6,7 @@ everything submitted at t=0. tokens_per_s counts generated tokens over the wall 
 time to first token is measured from t=0, so it includes queueing. Prints JSON.
 """
 
+import asyncio
 import json
 import random
 import statistics
@@ -48,15 +49,19 @@ def run_engine(model, tokenizer, jobs, paths, max_new: int, use_adapters: bool,
     params = SamplingParams(max_tokens=max_new, ignore_eos=True)
     engine.generate([ids for ids, _ in jobs[:4]], params)  # warm-up
     start = time.perf_counter()
-    streams = [engine.submit(ids, params, adapter=name if use_adapters else None)
-               for ids, name in jobs]
-    ttfts = []
-    for stream in streams:
-        outputs = iter(stream)
-        next(outputs)
-        ttfts.append(time.perf_counter() - start)
-        for _ in outputs:
-            pass
+
+    async def first_token_after_start(stream) -> float:
+        first = None
+        async for _ in stream:  # read every stream at once, as concurrent clients would
+            first = first or time.perf_counter() - start
+        return first
+
+    async def run_all() -> list[float]:
+        streams = [engine.submit(ids, params, adapter=name if use_adapters else None)
+                   for ids, name in jobs]
+        return await asyncio.gather(*(first_token_after_start(s) for s in streams))
+
+    ttfts = asyncio.run(run_all())
     wall = time.perf_counter() - start
     engine.shutdown()
     return summary(len(jobs) * max_new, wall, ttfts)
