@@ -12,7 +12,6 @@ import heapq
 import itertools
 import math
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,14 +42,12 @@ class Sequence:
     parts: list[tuple[str, float]]  # the adapters (with weights) behind `adapter`
     stream: TokenStream
     generator: torch.Generator | None
-    arrival: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     kv_slot: int = -1
     lora_slot: int = -1
     computed: int = 0  # prompt tokens already in the KV cache
     sent: int = 0  # characters of output text already streamed
     cancelled: bool = False
-    first_token_at: float | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -299,8 +296,6 @@ class Engine:
         return -1 if seq.lora_slot == self.merged_slot else seq.lora_slot
 
     def _append(self, seq: Sequence, token: int) -> None:
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
         seq.output_ids.append(token)
         self.counters["generated_tokens"] += 1
         reason = None
