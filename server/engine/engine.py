@@ -274,7 +274,7 @@ class Engine:
                 continue
             n = min(len(seq.prompt_ids) - seq.computed, budget)
             budget -= n
-            prefills.append(Prefill(seq.kv_slot, seq.computed, n))
+            prefills.append(Prefill(seq.kv_slot, seq.computed, n, self._route(seq)))
             ids += seq.prompt_ids[seq.computed:seq.computed + n]
             positions += range(seq.computed, seq.computed + n)
             lora += [self._route(seq)] * n

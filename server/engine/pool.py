@@ -93,7 +93,7 @@ class AdapterPool:
             return self.names.index(None)
         for name, slot in self.lru.items():
             if self.refs[slot] == 0 and name not in self.pinned:
-                self._clear(slot)
+                self._forget(slot)  # no zeroing: the caller installs over it at once
                 self.evictions += 1
                 return slot
         return None
@@ -106,8 +106,11 @@ class AdapterPool:
 
     def _clear(self, slot: int) -> None:
         # Zeroing is not needed for correctness (a free slot is never routed to) but keeps
-        # a stale adapter's weights from lingering in memory.
+        # an unloaded adapter's weights from lingering in memory.
         for layer in self.layers.values():
             layer.install(slot, None, None)
+        self._forget(slot)
+
+    def _forget(self, slot: int) -> None:
         del self.lru[self.names[slot]]
         self.names[slot], self.ranks[slot] = None, 0

@@ -22,6 +22,7 @@ class AdapterRegistry:
         self.base, self.roots, self.max_rank, self.max_bytes = base, roots, max_rank, max_bytes
         self.paths: dict[str, Path] = {}
         self.ram: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
+        self.ram_bytes = 0  # sum of nbytes over self.ram
         self.lock = threading.Lock()
 
     def register(self, name: str, path: str | Path) -> bool:
@@ -66,7 +67,7 @@ class AdapterRegistry:
     def unregister(self, name: str) -> bool:
         """Forget `name`; says whether it was registered."""
         with self.lock:
-            self.ram.pop(name, None)
+            self._drop(name)
             return self.paths.pop(name, None) is not None
 
     def __contains__(self, name: str) -> bool:
@@ -83,7 +84,14 @@ class AdapterRegistry:
 
     def _keep(self, lora: LoraWeights) -> None:
         # Caller holds the lock. The newest adapter always stays, even over budget.
+        self._drop(lora.name)
         self.ram[lora.name] = lora
-        self.ram.move_to_end(lora.name)
-        while len(self.ram) > 1 and sum(w.nbytes for w in self.ram.values()) > self.max_bytes:
-            self.ram.popitem(last=False)
+        self.ram_bytes += lora.nbytes
+        while len(self.ram) > 1 and self.ram_bytes > self.max_bytes:
+            self._drop(next(iter(self.ram)))
+
+    def _drop(self, name: str) -> None:
+        # Caller holds the lock.
+        lora = self.ram.pop(name, None)
+        if lora is not None:
+            self.ram_bytes -= lora.nbytes

@@ -24,11 +24,13 @@ from server.engine.lora import LoraBatch, MultiLoraLinear
 
 @dataclass
 class Prefill:
-    """A prompt chunk in a step: tokens [start, start + length) of the sequence in `slot`."""
+    """A prompt chunk in a step: tokens [start, start + length) of the sequence in cache
+    slot `slot`, run with the adapter in `lora_slot` (-1: none)."""
 
     slot: int
     start: int
     length: int
+    lora_slot: int
 
 
 @dataclass
@@ -103,9 +105,8 @@ class ModelRunner:
         decodes = len(step.decode_slots)
         chunks, start = [], decodes
         for chunk in step.prefills:
-            slot = int(step.lora_slots[start])
-            if slot >= 0:
-                chunks.append((start, start + chunk.length, slot))
+            if chunk.lora_slot >= 0:
+                chunks.append((start, start + chunk.length, chunk.lora_slot))
             start += chunk.length
         self.lora_batch.route(step.lora_slots[:decodes], chunks, step.lora_rank)
         hidden = self.model.model.embed_tokens(step.input_ids)  # [tokens, hidden]

@@ -62,8 +62,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if p.top_p < 1:
             sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-            drop = cumulative - torch.softmax(sorted_scores, dim=-1) > p.top_p  # keep 1st
+            sorted_probs = torch.softmax(sorted_scores, dim=-1)
+            # drop tokens whose preceding mass already exceeds top_p (the first always stays)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs > p.top_p
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         tokens[row] = int(torch.multinomial(probs, 1, generator=generator))

@@ -94,3 +94,4 @@ def test_unload_while_running_lets_the_request_finish(make_engine, adapter_root)
         engine.step()
     assert len(stream.result().token_ids) == 5
     assert engine.stats()["adapter_slots"] == {0: None, 1: None}
+
