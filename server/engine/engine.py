@@ -355,9 +355,11 @@ class Engine:
         return compose(seq.adapter, loras, self.config.max_lora_rank)
 
     def _discard(self, name: str) -> None:
-        # the adapter and every composition that includes it
-        for key in [k for k in self.pool.lru if k == name or f"{name}*" in k]:
-            self.pool.discard(key)
+        # the adapter and every composition that includes it; a composition's key is
+        # "name*weight+name*weight" and names cannot contain '+' or '*'
+        for key in list(self.pool.lru):
+            if name in (part.rsplit("*", 1)[0] for part in key.split("+")):
+                self.pool.discard(key)
 
     def _update_merge(self) -> None:
         """dLoRA-style: merge the adapter that is ALL the running traffic, unmerge on mix."""

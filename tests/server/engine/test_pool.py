@@ -95,3 +95,30 @@ def test_unload_while_running_lets_the_request_finish(make_engine, adapter_root)
     assert len(stream.result().token_ids) == 5
     assert engine.stats()["adapter_slots"] == {0: None, 1: None}
 
+
+def test_unload_discards_exactly_the_compositions_that_use_the_adapter(make_engine,
+                                                                        adapter_root):
+    engine = make_engine()
+    for name, folder in (("t0", "t0"), ("xt0", "t0"), ("u", "t1")):
+        engine.load_adapter(name, str(adapter_root / folder))
+    engine.submit([1, 2, 3], ONE, adapters=[("xt0", 0.5), ("u", 1.0)]).result()
+    engine.submit([1, 2, 3], ONE, adapters=[("t0", 0.5), ("u", 1.0)]).result()
+    assert engine.stats()["adapter_slots"] == {0: "xt0*0.5+u*1", 1: "t0*0.5+u*1"}
+    engine.unload_adapter("t0")  # "xt0" merely ends in "t0": its composition stays
+    assert engine.stats()["adapter_slots"] == {0: "xt0*0.5+u*1", 1: None}
+
+
+def test_ram_tier_keeps_the_most_recent_adapters_within_its_byte_budget(make_engine,
+                                                                       adapter_root):
+    engine = make_engine(start=False)
+    engine.load_adapter("t0", str(adapter_root / "t0"))
+    one = engine.registry.ram_bytes
+    budget = engine.registry.max_bytes = 2 * one + one // 2  # room for t0 and t1 only
+    engine.load_adapter("t1", str(adapter_root / "t0"))
+    engine.load_adapter("t2", str(adapter_root / "t0"))
+    assert list(engine.registry.ram) == ["t1", "t2"]
+    assert engine.registry.ram_bytes == 2 * one <= budget
+    assert engine.registry.get("t0").rank == 4  # re-read from its file, evicting t1
+    assert list(engine.registry.ram) == ["t2", "t0"]
+    engine.unload_adapter("t2")
+    assert list(engine.registry.ram) == ["t0"] and engine.registry.ram_bytes == one
