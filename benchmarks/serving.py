@@ -124,9 +124,10 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count)}
     paths = make_adapters(model, folder, specs, seed=0)
     jobs = workload(requests, adapters)
-    systems = {"lorag": run_engine(model, tokenizer, jobs, paths, max_new_tokens, True,
+    used = {f"ad{i}": paths[f"ad{i}"] for i in range(adapters)}  # all but --registered
+    systems = {"lorag": run_engine(model, tokenizer, jobs, used, max_new_tokens, True,
                                    min(64, adapters)),
-               "lorag_no_adapters": run_engine(model, tokenizer, jobs, paths,
+               "lorag_no_adapters": run_engine(model, tokenizer, jobs, used,
                                                max_new_tokens, False, min(64, adapters))}
     if registered:
         spread = workload(requests, registered, seed=1)
@@ -134,12 +135,12 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
             model, tokenizer, spread, paths, max_new_tokens, True, 64)
     del model
     nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
-    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, paths, max_new_tokens, True,
+    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, True,
                                       min(64, adapters))
     del nf4
     base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
-    systems["peft_mixed"] = run_peft(base, tokenizer, jobs, paths, max_new_tokens, 32, None)
-    systems["peft_sequential"] = run_peft(base, tokenizer, jobs, paths, max_new_tokens, 1,
+    systems["peft_mixed"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 32, None)
+    systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 1,
                                           peft_sample)
     venv = Path(__file__).resolve().parent.parent / ".venv-vllm"
     systems["vllm_cpu"] = {"skipped": f"{venv} not found (vLLM-CPU runs in its own venv; "
