@@ -1,10 +1,12 @@
 """Random, nonzero PEFT adapters for tests and benchmarks, saved exactly as PEFT saves."""
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 
 @dataclass(frozen=True)
@@ -21,23 +23,31 @@ class AdapterSpec:
 def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int = 0) -> dict:
     """Save one PEFT adapter per spec under `folder/<name>`; returns name -> path.
 
-    Names must not be "default" (PEFT saves that one into `folder` itself).
-
-    PEFT initialises B to zero (a no-op adapter); here A and B are both drawn from a
-    seeded normal so every adapter changes the model's outputs, differently.
+    PEFT itself saves one template per distinct spec (its config and tensor names and
+    shapes); every adapter is then that template with its own tensors, drawn from a seeded
+    normal (PEFT initialises B to zero, a no-op adapter), so each one changes the model's
+    outputs, differently. Tensors are in the model's dtype, as PEFT would save them.
     """
-    paths = {}
+    paths, templates = {}, {}
     generator = torch.Generator().manual_seed(seed)
     for name, spec in specs.items():
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                            use_rslora=spec.rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
-        peft_model = get_peft_model(model, config, adapter_name=name)
-        for module_name, param in peft_model.named_parameters():
-            if "lora_" in module_name:
-                noise = torch.randn(param.shape, generator=generator) * spec.scale
-                param.data.copy_(noise.to(param.dtype))
-        # a non-default adapter name is saved into folder/<name>
-        peft_model.save_pretrained(folder, selected_adapters=[name])
+        shape = (spec.rank, spec.alpha, spec.targets, spec.rslora)
+        if shape not in templates:
+            templates[shape] = _template(model, folder / f".template-{len(templates)}", spec)
+        template = templates[shape]
         paths[name] = folder / name
-        model = peft_model.unload()  # the plain base again, unchanged
+        paths[name].mkdir(parents=True)
+        shutil.copy(template / "adapter_config.json", paths[name])
+        tensors = {key: (torch.randn(t.shape, generator=generator) * spec.scale).to(t.dtype)
+                   for key, t in load_file(template / "adapter_model.safetensors").items()}
+        save_file(tensors, paths[name] / "adapter_model.safetensors", metadata={"format": "pt"})
     return paths
+
+
+def _template(model, folder: Path, spec: AdapterSpec) -> Path:
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                        use_rslora=spec.rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder)
+    peft_model.unload()  # the plain base again, unchanged
+    return folder

@@ -134,8 +134,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
-              max_rank: int) -> LoraWeights:
-    """Read and validate the PEFT adapter at `path` against `base`."""
+              max_rank: int, dtype: torch.dtype = torch.float32) -> LoraWeights:
+    """Read and validate the PEFT adapter at `path` against `base`.
+
+    Validation and scaling run in float32; the result is kept in `dtype` (the serving
+    dtype: a bf16 RAM tier holds twice the adapters of an fp32 one)."""
     folder = confine(path, roots)
     if not folder.is_dir():
         raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
@@ -155,9 +158,9 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
             raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
                                  field="lora_path")
         if which == "A":
-            a[(layer, module)] = tensor.float()
+            a[(layer, module)] = tensor.float().to(dtype)
         else:
-            b[(layer, module)] = tensor.float() * scale
+            b[(layer, module)] = (tensor.float() * scale).to(dtype)
     if not a or a.keys() != b.keys():
         raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
                              "least one pair", field="lora_path")

@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from lorag.adapters import compose
+from lorag.adapters import LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
 from server.engine.config import EngineConfig
 from server.engine.pool import AdapterPool
@@ -48,6 +48,7 @@ class Sequence:
     computed: int = 0  # prompt tokens already in the KV cache
     sent: int = 0  # characters of output text already streamed
     cancelled: bool = False
+    weights: LoraWeights | None = None  # read at submit when not in a slot; dropped once in
 
     @property
     def prefilling(self) -> bool:
@@ -71,7 +72,7 @@ class Engine:
         self.runner = ModelRunner(model, self.config)
         self.registry = AdapterRegistry(self.runner.shape, self.config.adapter_roots,
                                         self.config.max_lora_rank,
-                                        self.config.max_cpu_adapter_bytes)
+                                        self.config.max_cpu_adapter_bytes, self.runner.dtype)
         self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.waiting: deque[Sequence] = deque()
@@ -126,6 +127,8 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, ids, params, key, parts, TokenStream(request_id), generator)
+        if key is not None and self.pool.slot_of(key) is None:
+            seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
         with self.wakeup:
             if len(self.waiting) >= self.config.max_waiting:
                 raise Overloaded(f"the engine's queue is full ({self.config.max_waiting} "
@@ -256,7 +259,7 @@ class Engine:
                     continue
                 if slot is None:
                     return  # every adapter slot is in use: wait for a release
-                seq.lora_slot = slot
+                seq.lora_slot, seq.weights = slot, None
             self.waiting.popleft()
             seq.kv_slot = heapq.heappop(self.free_kv)
             self.running.append(seq)
@@ -348,7 +351,9 @@ class Engine:
 
     # ---- adapters, on the step loop ----
 
-    def _weights(self, seq: Sequence):
+    def _weights(self, seq: Sequence) -> LoraWeights:
+        if seq.weights is not None:
+            return seq.weights
         if len(seq.parts) == 1 and seq.parts[0][1] == 1.0:
             return self.registry.get(seq.adapter)
         loras = [(self.registry.get(name), weight) for name, weight in seq.parts]

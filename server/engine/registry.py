@@ -5,6 +5,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from lorag.adapters import BaseShape, LoraWeights, load_lora
 from lorag.errors import AdapterNotFound, InvalidRequest
 
@@ -18,8 +20,10 @@ class AdapterRegistry:
     validation run in the caller's thread, outside the lock and off the step loop.
     """
 
-    def __init__(self, base: BaseShape, roots: list[Path], max_rank: int, max_bytes: int):
+    def __init__(self, base: BaseShape, roots: list[Path], max_rank: int, max_bytes: int,
+                 dtype: torch.dtype):
         self.base, self.roots, self.max_rank, self.max_bytes = base, roots, max_rank, max_bytes
+        self.dtype = dtype  # weights are kept in the serving dtype
         self.paths: dict[str, Path] = {}
         self.ram: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
         self.ram_bytes = 0  # sum of nbytes over self.ram
@@ -44,7 +48,7 @@ class AdapterRegistry:
         if known is not None and name in self.ram:
             self.get(name)
             return False
-        lora = load_lora(name, path, self.base, self.roots, self.max_rank)
+        lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype)
         with self.lock:
             self.paths[name] = resolved
             self._keep(lora)
@@ -59,7 +63,7 @@ class AdapterRegistry:
             path = self.paths.get(name)
         if path is None:
             raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
-        lora = load_lora(name, path, self.base, self.roots, self.max_rank)
+        lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype)
         with self.lock:
             self._keep(lora)
         return lora

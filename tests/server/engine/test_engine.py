@@ -1,6 +1,7 @@
 """Engine behaviour on the tiny model: streaming, hot-load, cancellation, limits, sampling."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -27,6 +28,23 @@ def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, ada
     tokens = first.token_ids + [t for out in rest for t in out.token_ids]
     assert tokens == solo
     assert rest[-1].finish_reason == "length"
+
+
+def test_an_adapter_out_of_ram_is_reread_by_the_caller_not_the_step_loop(
+        make_engine, adapter_root):
+    engine = make_engine(max_cpu_adapter_bytes=1)  # the RAM tier keeps only the newest
+    for name in ("t0", "t1", "t2"):
+        engine.load_adapter(name, str(adapter_root / name))
+    assert engine.registry.names() == ["t0", "t1", "t2"]
+    assert [engine.registry.in_ram(n) for n in ("t0", "t1", "t2")] == [False, False, True]
+    readers = []
+    read = engine.registry.get
+    engine.registry.get = lambda name: readers.append(threading.current_thread().name) \
+        or read(name)
+    out = engine.submit(PROMPT, SamplingParams(max_tokens=3), adapter="t0").result()
+    assert out.finish_reason in ("length", "stop") and out.error is None
+    assert readers == ["MainThread"]  # read at submit; the loop installed what it was given
+    assert engine.stats()["adapter_slots"][0] == "t0"
 
 
 def test_cancel_frees_kv_and_adapter_slots(make_engine, adapter_root):
