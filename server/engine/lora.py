@@ -110,9 +110,10 @@ class MultiLoraLinear(nn.Module):
 
     def merge(self, slot: int) -> None:
         """Serve `slot` through a merged weight (unquantized base only)."""
-        weight = self.base.weight
-        delta = self.b[slot].float() @ self.a[slot].float()  # [out, in]
-        self.merged = (weight.float() + delta).to(weight.dtype)
+        if slot not in self.filled:
+            return  # the adapter does not target this projection: the base serves it
+        # W + B A in one fused call, in the weight's dtype (accumulated in fp32 inside)
+        self.merged = torch.addmm(self.base.weight, self.b[slot], self.a[slot])
 
     def unmerge(self) -> None:
         """Back to the untouched base weight; exact, nothing was modified."""

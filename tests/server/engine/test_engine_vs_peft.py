@@ -21,13 +21,13 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+
              "What is the boiling point of water?", "List two fruits.", "Why is the sky blue?"]
 SPECS = {
     "a0": AdapterSpec(rank=8, alpha=32),
-    "a1": AdapterSpec(rank=16, alpha=16, targets=("q_proj", "v_proj")),
-    "a2": AdapterSpec(rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj")),
+    "a1": AdapterSpec(rank=16, alpha=16, targets=("q_proj", "v_proj"), scale=0.1),
+    "a2": AdapterSpec(rank=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"), scale=0.1),
     "a3": AdapterSpec(rank=16, alpha=8, rslora=True),
-    "a4": AdapterSpec(rank=8, alpha=8, targets=("o_proj", "down_proj")),
+    "a4": AdapterSpec(rank=8, alpha=8, targets=("o_proj", "down_proj"), scale=0.1),
     "a5": AdapterSpec(rank=12, alpha=24, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                    "gate_proj", "up_proj", "down_proj")),
-    "a6": AdapterSpec(rank=2, alpha=4, targets=("k_proj",)),
+    "a6": AdapterSpec(rank=2, alpha=4, targets=("k_proj",), scale=0.2),
     "a7": AdapterSpec(rank=16, alpha=64, targets=("up_proj",)),
 }
 
