@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test lint clean bench-setup bench
+.PHONY: setup proto serve test lint clean bench-setup bench
 
-setup: $(STAMP)
+setup: $(STAMP) $(STUBS)
 
 # torch goes in first and pinned: it takes the CPU wheel; a loose torch requirement
 # would pull a multi-GB CUDA build. The stamp makes a re-run quick and a no-op.
@@ -17,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+# gRPC stubs from the versioned proto; generated, never committed.
+proto: $(STUBS)
+
+$(STUBS): proto/lorag/v1/lorag.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. $<
 
 serve: setup
 	$(BIN)/lorag models pull
@@ -42,8 +49,10 @@ bench: bench-setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
+# buf (npm @bufbuild/buf) with the STANDARD rules, configured in proto/buf.yaml
 lint: setup
-	$(BIN)/ruff check lorag server trainer retrieval tests
+	$(BIN)/ruff check lorag server trainer retrieval benchmarks tests
+	cd proto && npx --yes @bufbuild/buf lint
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache $(STUBS)

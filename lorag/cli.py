@@ -133,9 +133,57 @@ def bench_serving(
     main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
 
 
+@bench_app.command("load")
+def bench_load(
+    requests: Annotated[int, typer.Option(min=1, help="Concurrent streaming clients.")] = 200,
+    adapters: Annotated[int, typer.Option(min=1, help="Adapters the clients use.")] = 16,
+    disconnect: Annotated[float, typer.Option(
+        min=0, max=1, help="Fraction of clients that hang up mid-stream.")] = 0.2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 32,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON here.")] =
+        None,
+) -> None:
+    """A real daemon under concurrent streams, disconnects and adapter churn."""
+    from benchmarks.load import main
+
+    main(requests, adapters, disconnect, max_tokens, json_path)
+
+
 @app.command()
-def serve() -> None:
-    """Start the serving daemon (not built yet)."""
-    console.print("The serving daemon is not built yet: it arrives with the engine and "
-                  "serving issues (#3, #4). Until then, try `lorag generate --prompt ...`.")
-    raise SystemExit(1)
+def serve(
+    model: Annotated[str, typer.Option(
+        help="Catalog name, HF folder, .gguf file or hub id.")] = catalog.DEFAULT_BASE_MODEL,
+    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="gRPC port.")] = 50051,
+    adapter_root: Annotated[list[Path] | None, typer.Option(
+        help="Folder adapters may be loaded from (repeatable); default <data-dir>/adapters.")]
+        = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="State (SQLite, FAISS files); default $LORAG_HOME/data.")] = None,
+    api_keys: Annotated[Path | None, typer.Option(
+        help='JSON {"<key>": {"tenant": "<name>", "admin": false}}; without it, open.')]
+        = None,
+    max_model_len: Annotated[int, typer.Option(min=1, help="Longest sequence.")] = 2048,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="Sequences running at once.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="Tokens per step.")] =
+        1024,
+    max_waiting: Annotated[int, typer.Option(min=1, help="Queue bound (then 429).")] = 1024,
+    max_lora_rank: Annotated[int, typer.Option(min=1, help="Highest adapter rank.")] = 64,
+    max_active_adapters: Annotated[int, typer.Option(min=1, help="Compute slots.")] = 16,
+    max_cpu_adapters_mb: Annotated[int, typer.Option(min=1, help="RAM tier budget.")] = 2048,
+) -> None:
+    """Start the daemon: OpenAI-compatible HTTP, gRPC, adapters, metrics, in one process."""
+    from server.daemon import ServeOptions
+    from server.daemon import serve as run
+
+    engine = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
+                  max_lora_rank=max_lora_rank, max_active_adapters=max_active_adapters,
+                  max_cpu_adapter_bytes=max_cpu_adapters_mb << 20)
+    settings = Settings()
+    run(ServeOptions(model, quantize, dtype, host, port, grpc_port,
+                     (data_dir or settings.resolved_data_dir).expanduser(),
+                     [r.expanduser() for r in adapter_root or []], api_keys, engine), console)

@@ -32,3 +32,7 @@ class Overloaded(LoragError):
 
 class PermissionDenied(LoragError):
     """The caller's credentials do not allow this operation."""
+
+
+class Unauthenticated(LoragError):
+    """No API key, or one the daemon does not know, where keys are required."""

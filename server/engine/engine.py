@@ -162,12 +162,16 @@ class Engine:
 
     # ---- adapters ----
 
-    def load_adapter(self, name: str, path: str) -> bool:
+    def load_adapter(self, name: str, path: str, lazy: bool = False) -> bool:
         """Register (read + validate) an adapter; True if new, False if already loaded.
 
         Runs in the caller's thread, never on the step loop. The adapter enters a slot
-        between steps when a request first uses it.
+        between steps when a request first uses it. lazy: only record the path (restoring
+        a registry); the file is read and validated on first use.
         """
+        if lazy:
+            self.registry.remember(name, path)
+            return True
         return self.registry.register(name, path)
 
     def unload_adapter(self, name: str) -> bool:

@@ -54,6 +54,12 @@ class AdapterRegistry:
             self._keep(lora)
         return known is None
 
+    def remember(self, name: str, path: str | Path) -> None:
+        """Know `name` at `path` without reading it now (a daemon restoring its registry
+        after a restart); it is read and validated on first use, like an evicted one."""
+        with self.lock:
+            self.paths[name] = Path(path).expanduser().resolve()
+
     def get(self, name: str) -> LoraWeights:
         """The adapter's weights, re-read from its file if it left RAM."""
         with self.lock:

@@ -1,0 +1,150 @@
+"""`lorag bench load`: a real daemon under concurrent streaming clients and adapter churn.
+
+Starts `lorag serve` on loopback (default model, NF4), registers N adapters, then opens R
+streaming chat requests at once over them; a fraction of the clients disconnects after a
+few chunks, while another task keeps loading and unloading extra adapters. Reports how
+many requests completed, disconnected, failed, and whether the engine is clean afterwards
+(no running or waiting sequence, every slot reference released). Prints JSON.
+"""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.models import load_base
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_daemon(data_dir: Path, root: Path, slots: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "lorag", "serve", "--port", str(port), "--grpc-port",
+               str(_free_port()), "--data-dir", str(data_dir), "--adapter-root", str(root),
+               "--max-active-adapters", str(slots), "--max-lora-rank", "16",
+               "--max-model-len", "512"]
+    log = (data_dir / "daemon.log").open("ab")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"the daemon did not start; see {data_dir / 'daemon.log'}")
+
+
+async def _client(http: httpx.AsyncClient, adapter: str, disconnect: bool,
+                  max_tokens: int) -> str:
+    body = {"model": adapter, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": f"Write about {adapter}."}]}
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return f"http_{response.status_code}"
+            chunks = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if disconnect and chunks == 3:
+                        return "disconnected"  # leaving the block closes the connection
+                    if line == "data: [DONE]":
+                        return "completed"
+        return "failed_incomplete"
+    except httpx.HTTPError as e:
+        return f"failed_{type(e).__name__}"
+
+
+async def _churn(http: httpx.AsyncClient, paths: list[Path], stop: asyncio.Event) -> dict:
+    counts = {"loads": 0, "unloads": 0, "errors": 0}
+    while not stop.is_set():
+        for i, path in enumerate(paths):
+            name = f"churn-{i}"
+            for route, body, key in (("/v1/load_lora_adapter", {"lora_name": name,
+                                      "lora_path": str(path)}, "loads"),
+                                     ("/v1/unload_lora_adapter", {"lora_name": name},
+                                      "unloads")):
+                response = await http.post(route, json=body)
+                counts[key if response.status_code == 200 else "errors"] += 1
+            await asyncio.sleep(0.2)
+    return counts
+
+
+async def _run(url: str, adapters: list[str], churn: list[Path], requests: int,
+               disconnect: float, max_tokens: int) -> dict:
+    rng = random.Random(0)
+    limits = httpx.Limits(max_connections=requests + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        stop = asyncio.Event()
+        churner = asyncio.create_task(_churn(http, churn, stop))
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*(
+            _client(http, rng.choice(adapters), rng.random() < disconnect, max_tokens)
+            for _ in range(requests)))
+        wall = time.perf_counter() - start
+        stop.set()
+        churned = await churner
+        await asyncio.sleep(1.0)  # cancellations land at the engine's next step
+        health = (await http.get("/health")).json()
+        listed = (await http.get("/v1/adapters")).json()["data"]
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return {"requests": requests, "outcomes": counts, "wall_s": round(wall, 1),
+            "adapter_churn": churned,
+            "after": {"running": health["running"], "waiting": health["waiting"],
+                      "slot_references": sum(a["running_requests"] for a in listed)}}
+
+
+def main(requests: int = 200, adapters: int = 16, disconnect: float = 0.2,
+         max_tokens: int = 32, json_path: Path | None = None) -> dict:
+    """Run the load test against a fresh daemon and print (and optionally save) JSON."""
+    folder = Path(tempfile.mkdtemp(prefix="lorag-load-"))
+    root, data = folder / "adapters", folder / "data"
+    data.mkdir(parents=True)
+    model, _ = load_base(MODEL, quantize="none", dtype="bfloat16")
+    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(adapters)}
+    paths = make_adapters(model, root, specs, seed=0)
+    churn = make_adapters(model, root, {f"extra{i}": AdapterSpec(rank=8) for i in range(4)},
+                          seed=1)
+    del model
+    process, url = _start_daemon(data, root, slots=adapters)
+    try:
+        for name, path in paths.items():
+            response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=60,
+                                  json={"lora_name": name, "lora_path": str(path)})
+            response.raise_for_status()
+        result = asyncio.run(_run(url, list(paths), list(churn.values()), requests,
+                                  disconnect, max_tokens))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    result = {"workload": {"model": MODEL, "quantize": "nf4", "adapters": adapters,
+                           "disconnect_fraction": disconnect, "max_tokens": max_tokens},
+              **result}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    return result

@@ -1,0 +1,79 @@
+"""`lorag serve`: one process with the engine, the HTTP API and the gRPC API.
+
+Start-up order: state (SQLite) and keys are checked first, so a bad flag fails in a second,
+not after the model has loaded; then the model, the engine, gRPC, and HTTP (uvicorn, in
+the main thread: it owns the signals). Shutdown runs in reverse.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from rich.console import Console
+from transformers.utils import logging as hf_logging
+
+from lorag.models import load_base
+from server.auth import ApiKeys
+from server.engine import Engine, EngineConfig
+from server.grpc_service import start_grpc
+from server.http import create_app
+from server.service import Service
+from server.state import StateStore
+
+log = logging.getLogger("lorag.daemon")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `lorag serve` takes (the engine's limits are in `engine`)."""
+
+    model: str
+    quantize: str
+    dtype: str
+    host: str
+    port: int
+    grpc_port: int
+    data_dir: Path
+    adapter_roots: list[Path] = field(default_factory=list)
+    api_keys: Path | None = None
+    engine: dict = field(default_factory=dict)
+
+
+def build_service(options: ServeOptions) -> Service:
+    """Keys, state, model and engine, ready to serve (the engine's loop started)."""
+    hf_logging.disable_progress_bar()  # a daemon's log is not a terminal
+    keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
+    store = StateStore(options.data_dir)
+    roots = options.adapter_roots or [options.data_dir / "adapters"]
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+    config = EngineConfig(**options.engine, adapter_roots=roots)
+    model, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype)
+    engine = Engine(model, tokenizer, config).start()
+    return Service(engine, store, keys, model_name=Path(options.model).name)
+
+
+def serve(options: ServeOptions, console: Console) -> None:
+    """Run until interrupted (Ctrl-C / SIGTERM)."""
+    service = build_service(options)
+    grpc_server = start_grpc(service, options.host, options.grpc_port)
+    config = service.engine.config
+    console.print(f"[bold]lorag[/] serving {service.model_name} "
+                  f"({options.quantize}, {service.engine.runner.dtype}) | "
+                  f"HTTP http://{options.host}:{options.port}/v1 | "
+                  f"gRPC {options.host}:{options.grpc_port} | "
+                  f"adapter roots {', '.join(str(r) for r in config.adapter_roots)} | "
+                  f"state {service.store.path} | {len(service.records)} adapters known")
+    if service.keys.open:
+        where = "loopback only" if options.host in ("127.0.0.1", "localhost", "::1") else \
+            f"{options.host}: ANYONE WHO CAN REACH IT"
+        console.print(f"[yellow]No API keys configured (--api-keys): the daemon is OPEN to "
+                      f"{where}; every caller is the admin of tenant 'default'.[/]")
+    try:
+        uvicorn.run(create_app(service), host=options.host, port=options.port,
+                    log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        grpc_server.stop(grace=2)
+        service.engine.shutdown()
+        service.store.close()

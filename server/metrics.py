@@ -1,0 +1,97 @@
+"""Prometheus metrics of the daemon, with per-adapter labels.
+
+Request metrics are observed as outputs flow to the client (`TrackedStream`); engine
+state (queue depth, residency, evictions) is read from the engine at scrape time, so it
+is never stale and costs nothing between scrapes. The registry is the daemon's own, not
+prometheus_client's global one: two daemons in one process (tests) do not collide.
+"""
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BASE_LABEL = "base"  # the adapter label of requests served by the base model alone
+
+
+class Metrics:
+    """Every metric the daemon exports; `engine_state()` is read at each scrape."""
+
+    def __init__(self, engine_state: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        labels = ["adapter"]
+        self.requests = Counter("lorag_requests", "Finished requests by adapter and reason.",
+                                ["adapter", "finish_reason"], registry=self.registry)
+        self.prompt_tokens = Counter("lorag_prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("lorag_generation_tokens", "Tokens generated.", labels,
+                                         registry=self.registry)
+        self.ttft = Histogram("lorag_time_to_first_token_seconds",
+                              "From submit to the first output.", labels,
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("lorag_inter_token_latency_seconds",
+                             "Between consecutive outputs of a stream.", labels,
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.adapter_load = Histogram("lorag_adapter_load_seconds",
+                                      "Reading and validating an adapter file.",
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine_state))
+
+
+class _EngineCollector:
+    """Engine state as gauges, computed when Prometheus scrapes."""
+
+    def __init__(self, engine_state: Callable[[], dict]):
+        self.engine_state = engine_state
+
+    def collect(self):
+        state = self.engine_state()
+        for name, help_text in (("waiting", "Requests waiting for a running slot."),
+                                ("running", "Sequences in the running batch."),
+                                ("kv_slots_free", "Free KV-cache sequence slots.")):
+            yield GaugeMetricFamily(f"lorag_{name}", help_text, value=state[name])
+        evictions = CounterMetricFamily("lorag_adapter_evictions",
+                                        "Adapters evicted from compute slots.")
+        evictions.add_metric([], state["evictions"])
+        yield evictions
+        resident = GaugeMetricFamily("lorag_adapter_resident",
+                                     "1 where the adapter is resident in that tier.",
+                                     labels=["adapter", "tier"])
+        for row in state["adapters"]:
+            resident.add_metric([row["name"], "ram"], float(row["in_ram"]))
+            resident.add_metric([row["name"], "active"], float(row["slot"] is not None))
+        yield resident
+
+
+class TrackedStream:
+    """A TokenStream that observes request metrics as it is read (sync or async)."""
+
+    def __init__(self, stream, metrics: Metrics, adapter: str | None):
+        self.stream = stream
+        self.request_id = stream.request_id
+        self.metrics = metrics
+        self.label = adapter or BASE_LABEL
+        self.start = self.last = time.perf_counter()
+        self.first = True
+
+    def _observe(self, output) -> None:
+        now = time.perf_counter()
+        histogram = self.metrics.ttft if self.first else self.metrics.itl
+        histogram.labels(self.label).observe(now - self.last)
+        self.first, self.last = False, now
+        if output.finish_reason is not None:
+            self.metrics.requests.labels(self.label, output.finish_reason).inc()
+            self.metrics.prompt_tokens.labels(self.label).inc(output.prompt_tokens)
+            self.metrics.generation_tokens.labels(self.label).inc(output.completion_tokens)
+
+    def __iter__(self):
+        for output in self.stream:
+            self._observe(output)
+            yield output
+
+    async def __aiter__(self):
+        async for output in self.stream:
+            self._observe(output)
+            yield output

@@ -1,0 +1,134 @@
+"""Request bodies of the HTTP API, validated by pydantic at the edge.
+
+OpenAI's field names and defaults; lorag's extensions are `adapters` (a weighted
+composition), `top_k` and `ignore_eos`. Fields OpenAI defines that lorag does not
+implement are refused when set to anything but their no-op value, never silently
+ignored; unknown fields are refused, so a typo is an error rather than a surprise.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.engine import SamplingParams
+
+MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterWeight(_Body):
+    """One adapter of a composition."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    """OpenAI's stream_options."""
+
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    ignore_eos: bool = False
+    adapters: list[AdapterWeight] | None = Field(default=None, min_length=1, max_length=8)
+    # OpenAI fields lorag does not implement: accepted only at their no-op values
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+    logprobs: Literal[False] | None = None
+
+    def composition(self) -> list[tuple[str, float]] | None:
+        """The `adapters` extension as (name, weight) pairs."""
+        return [(a.name, a.weight) for a in self.adapters] if self.adapters else None
+
+    def _params(self, max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
+                              ignore_eos=self.ignore_eos)
+
+
+class CompletionRequest(_Generation):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] = Field(min_length=1)
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+    def sampling(self) -> SamplingParams:
+        """Sampling parameters; max_tokens defaults to OpenAI's 16."""
+        return self._params(self.max_tokens or MAX_TOKENS_DEFAULT)
+
+
+class Message(_Body):
+    """One chat message; content is text or OpenAI's list of text parts."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        if isinstance(content, list):
+            if not all(p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError("content parts must be {'type': 'text', 'text': '...'}; "
+                                 "this model reads text only")
+            content = "".join(p["text"] for p in content)
+        return content
+
+
+class ChatRequest(_Generation):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def plain_messages(self) -> list[dict]:
+        """Messages as the chat template wants them."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def sampling(self, prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """Sampling parameters; without max_tokens, the rest of the context (as vLLM)."""
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self._params(max_tokens or max(1, max_model_len - prompt_tokens))
+
+
+class LoadLora(_Body):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLora(_Body):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+class AdapterLoad(_Body):
+    """POST /v1/adapters."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    shared: bool = False

@@ -1,0 +1,112 @@
+"""Bad input, one row each: a clear 4xx in OpenAI's error shape naming what was wrong,
+and a daemon that is still healthy (and still serves) afterwards."""
+
+import json
+import os
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.server.conftest import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
+from tests.server.engine.conftest import tiny_model
+
+pytestmark = pytest.mark.integration
+BASE = "smollm2-135m-instruct"
+CHAT = "/v1/chat/completions"
+LOAD = "/v1/load_lora_adapter"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(daemon_adapters, tmp_path_factory):
+    """Broken adapters inside the adapter root, and things outside it."""
+    from benchmarks.adapters import AdapterSpec, make_adapters
+
+    root, outside = daemon_adapters, tmp_path_factory.mktemp("outside")
+    good = root / "style"
+
+    def copy_of(name: str, edit=None):
+        folder = root / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+        tensors = load_file(good / "adapter_model.safetensors")
+        if edit:
+            tensors = edit(tensors)
+        if tensors is not None:
+            save_file(tensors, folder / "adapter_model.safetensors")
+        return folder
+
+    def nan(tensors):
+        key = next(iter(tensors))
+        tensors[key][0, 0] = float("nan")
+        return tensors
+
+    pickled = copy_of("pickled", lambda t: None)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04\x95 not really a pickle")
+    make_adapters(tiny_model(), root, {"other-base": AdapterSpec(rank=4, alpha=8)}, seed=0)
+    make_adapters(tiny_model(), outside, {"escaped": AdapterSpec(rank=4, alpha=8)}, seed=0)
+    os.symlink(outside / "escaped", root / "symlink-escape")
+    return {"nan": copy_of("nan", nan), "missing": copy_of("missing", lambda t: None),
+            "pickled": pickled, "other-base": root / "other-base",
+            "too-wide": root / "too-wide", "outside": outside / "escaped",
+            "dotdot": root / ".." / outside.name / "escaped",
+            "symlink": root / "symlink-escape"}
+
+
+def chat_body(**fields) -> dict:
+    return {"model": BASE, "messages": MESSAGES, "max_tokens": 4, **fields}
+
+
+CASES = [  # (id, path, body or raw bytes, status, fragment of the message)
+    ("malformed-json", CHAT, b'{"model": "x", "messages": [', 400, "not valid JSON"),
+    ("unknown-model", CHAT, chat_body(model="nope"), 404, "'nope' is neither"),
+    ("negative-max-tokens", CHAT, chat_body(max_tokens=-1), 400, "max_tokens"),
+    ("huge-max-tokens", CHAT, chat_body(max_tokens=10**9), 400, "max_tokens"),
+    ("prompt-too-long", "/v1/completions",
+     {"model": BASE, "prompt": "hello " * (MAX_MODEL_LEN + 10), "max_tokens": 1}, 400,
+     f"{MAX_MODEL_LEN}"),
+    ("empty-messages", CHAT, chat_body(messages=[]), 400, "messages"),
+    ("messages-not-a-list", CHAT, chat_body(messages="hi"), 400, "messages"),
+    ("temperature-a-string", CHAT, chat_body(temperature="hot"), 400, "temperature"),
+    ("unknown-role", CHAT, chat_body(messages=[{"role": "wizard", "content": "hi"}]), 400,
+     "role"),
+    ("n-above-one", CHAT, chat_body(n=2), 400, "n"),
+    ("unknown-field", CHAT, chat_body(temprature=0.5), 400, "temprature"),
+    ("composition-of-unknown", CHAT, chat_body(adapters=[{"name": "nope"}]), 404, "nope"),
+    ("pickled-adapter", LOAD, {"lora_name": "p", "lora_path": "pickled"}, 400, "pickle"),
+    ("other-base", LOAD, {"lora_name": "o", "lora_path": "other-base"}, 400,
+     "different base model"),
+    ("rank-above-limit", LOAD, {"lora_name": "w", "lora_path": "too-wide"}, 400,
+     f"{MAX_LORA_RANK}"),
+    ("outside-roots", LOAD, {"lora_name": "e", "lora_path": "outside"}, 400,
+     "outside the configured adapter roots"),
+    ("dotdot-escape", LOAD, {"lora_name": "e", "lora_path": "dotdot"}, 400,
+     "outside the configured adapter roots"),
+    ("symlink-escape", LOAD, {"lora_name": "e", "lora_path": "symlink"}, 400,
+     "outside the configured adapter roots"),
+    ("missing-safetensors", LOAD, {"lora_name": "m", "lora_path": "missing"}, 400,
+     "adapter_model.safetensors"),
+    ("nan-weights", LOAD, {"lora_name": "n", "lora_path": "nan"}, 400, "non-finite"),
+    ("bad-adapter-name", LOAD, {"lora_name": "../x", "lora_path": "nan"}, 400, "name"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapters, case):
+    _, path, body, status, fragment = case
+    if path == LOAD and body["lora_path"] in bad_adapters:
+        body = {**body, "lora_path": str(bad_adapters[body["lora_path"]])}
+    headers = {"Authorization": ALICE, "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{daemon.url}{path}", content=content, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"], error
+    assert error["type"] and error["code"] == status
+    assert daemon.health()["status"] == "ok"
+    listed = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE}).json()
+    assert not {"p", "o", "w", "e", "m", "n"} & {a["name"] for a in listed["data"]}
+    ok = httpx.post(f"{daemon.url}{CHAT}", json=chat_body(temperature=0), headers=headers,
+                    timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]

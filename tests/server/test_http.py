@@ -1,0 +1,193 @@
+"""The daemon over HTTP: the official `openai` client and raw HTTP, against a real
+`lorag serve` on 127.0.0.1 with the real default model (NF4) and real adapters."""
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import ALICE, ALICE_USER, BOB
+
+pytestmark = pytest.mark.integration
+BASE = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(daemon, key: str = ALICE) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=key.split()[1], max_retries=0)
+
+
+def post(daemon, path: str, body: dict, key: str = ALICE) -> httpx.Response:
+    return httpx.post(f"{daemon.url}{path}", json=body, headers={"Authorization": key},
+                      timeout=60)
+
+
+def load(daemon, name: str, path, key: str = ALICE) -> httpx.Response:
+    return post(daemon, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)},
+                key)
+
+
+def chat(daemon, model: str, key: str = ALICE, **extra) -> str:
+    response = client(daemon, key).chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=12, temperature=0, **extra)
+    return response.choices[0].message.content
+
+
+def test_base_chat_non_streaming_with_usage(daemon):
+    response = client(daemon).chat.completions.create(model=BASE, messages=QUESTION,
+                                                      max_tokens=12, temperature=0)
+    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 12 and response.usage.prompt_tokens > 5
+    assert response.model == BASE and response.id.startswith("chatcmpl-")
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(daemon):
+    whole = chat(daemon, BASE)
+    chunks = list(client(daemon).chat.completions.create(
+        model=BASE, messages=QUESTION, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
+
+
+def test_completions_with_stop_and_seed(daemon):
+    openai_client = client(daemon)
+    result = openai_client.completions.create(model=BASE, prompt="1, 2, 3, 4,", max_tokens=20,
+                                              temperature=0, stop=[" 7"])
+    assert result.choices[0].finish_reason == "stop" and "7" not in result.choices[0].text
+    sampled = [openai_client.completions.create(model=BASE, prompt="Once upon a time",
+                                                max_tokens=8, temperature=1.0, seed=11)
+               .choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_runtime_adapter_answers_differently_then_unload_gives_404(daemon, daemon_adapters):
+    response = load(daemon, "style", daemon_adapters / "style")
+    assert response.status_code == 200, response.text
+    assert load(daemon, "style", daemon_adapters / "style").status_code == 200  # idempotent
+    base, tuned = chat(daemon, BASE), chat(daemon, "style")
+    assert tuned != base
+    models = client(daemon).models.list().data
+    entry = next(m for m in models if m.id == "style")
+    assert entry.parent == BASE and entry.root == str(daemon_adapters / "style")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client(daemon).chat.completions
+                       .create(model="style", messages=QUESTION, max_tokens=12,
+                               temperature=0, stream=True))
+    assert streamed == tuned
+
+    assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": "style"}).status_code == 200
+    with pytest.raises(openai.NotFoundError) as error:
+        chat(daemon, "style")
+    assert "'style' is neither the base model" in str(error.value)
+    again = post(daemon, "/v1/unload_lora_adapter", {"lora_name": "style"})
+    assert again.status_code == 404 and again.json()["error"]["type"] == "not_found_error"
+    assert daemon.health()["status"] == "ok"
+
+
+def test_composition_extension(daemon, daemon_adapters):
+    for name in ("style", "other"):
+        assert load(daemon, name, daemon_adapters / name).status_code == 200
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 12, "temperature": 0,
+            "adapters": [{"name": "style", "weight": 0.5}, {"name": "other", "weight": 0.5}]}
+    response = post(daemon, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    mixed = response.json()["choices"][0]["message"]["content"]
+    assert mixed and mixed != chat(daemon, BASE)
+    body["model"] = "style"
+    conflict = post(daemon, "/v1/chat/completions", body)
+    assert conflict.status_code == 400 and conflict.json()["error"]["param"] == "adapters"
+
+
+def test_tenants_see_only_their_own_adapters(daemon, daemon_adapters):
+    assert load(daemon, "other", daemon_adapters / "other").status_code == 200  # alice's
+    with pytest.raises(openai.NotFoundError) as theirs:
+        chat(daemon, "other", key=BOB)
+    with pytest.raises(openai.NotFoundError) as nobody:
+        chat(daemon, "no-such-adapter", key=BOB)
+    # the same answer as for a name nobody has: nothing tells bob alice has one
+    assert str(theirs.value).replace("other", "X") == \
+        str(nobody.value).replace("no-such-adapter", "X")
+    assert "other" not in {m.id for m in client(daemon, BOB).models.list().data}
+    bob_list = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": BOB}).json()
+    assert all(a["owner"] == "bob" or a["shared"] for a in bob_list["data"])
+    assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": "other"}, BOB).status_code \
+        == 404
+    assert chat(daemon, "other", key=ALICE_USER)  # alice's non-admin key may use it...
+    denied = load(daemon, "x", daemon_adapters / "other", key=ALICE_USER)
+    assert denied.status_code == 403  # ...but not manage adapters
+    no_key = httpx.get(f"{daemon.url}/v1/models")
+    assert no_key.status_code == 401 and "Authorization: Bearer" in no_key.text
+    bad_key = httpx.get(f"{daemon.url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert bad_key.status_code == 401
+
+
+def test_shared_adapters_are_visible_to_every_tenant(daemon, daemon_adapters):
+    response = post(daemon, "/v1/adapters", {"name": "house-style", "path":
+                                             str(daemon_adapters / "style"), "shared": True})
+    assert response.status_code == 200 and response.json()["shared"] is True
+    assert chat(daemon, "house-style", key=BOB)
+    assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": "house-style"}, BOB) \
+        .status_code == 404  # bob may use it, not remove it
+    assert httpx.delete(f"{daemon.url}/v1/adapters/house-style",
+                        headers={"Authorization": ALICE}).status_code == 200
+
+
+def test_adapter_status_and_pinning(daemon, daemon_adapters):
+    assert load(daemon, "other", daemon_adapters / "other").status_code == 200
+    pinned = post(daemon, "/v1/adapters/other/pin", {})
+    assert pinned.status_code == 200 and pinned.json()["pinned"] and pinned.json()["active"]
+    listed = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE}).json()
+    row = next(a for a in listed["data"] if a["name"] == "other")
+    assert row["in_ram"] and row["active"] and row["pinned"] and row["running_requests"] == 0
+    unpinned = post(daemon, "/v1/adapters/other/unpin", {})
+    assert unpinned.status_code == 200 and not unpinned.json()["pinned"]
+    assert post(daemon, "/v1/adapters/nope/pin", {}).status_code == 404
+
+
+def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
+    assert load(daemon, "style", daemon_adapters / "style").status_code == 200
+    chat(daemon, "style")
+    text = httpx.get(f"{daemon.url}/metrics").text
+    assert 'lorag_requests_total{adapter="alice/style"' in text
+    assert 'lorag_generation_tokens_total{adapter="alice/style"}' in text
+    assert 'lorag_time_to_first_token_seconds_bucket{adapter="alice/style"' in text
+    assert "lorag_inter_token_latency_seconds_bucket" in text
+    assert 'lorag_adapter_resident{adapter="alice/style",tier="active"} 1.0' in text
+    for name in ("lorag_adapter_load_seconds_count", "lorag_waiting", "lorag_running",
+                 "lorag_adapter_evictions_total"):
+        assert name in text
+
+
+def test_client_disconnect_cancels_the_request(daemon):
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": ALICE}, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert daemon.health()["running"] == 1
+    deadline = time.monotonic() + 20
+    while daemon.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert daemon.health()["running"] == 0 and daemon.health()["waiting"] == 0
+
+
+def test_restart_keeps_the_registry(start_daemon, daemon_adapters, tmp_path):
+    first = start_daemon(tmp_path)
+    assert load(first, "style", daemon_adapters / "style").status_code == 200
+    before = chat(first, "style")
+    first.stop()
+    second = start_daemon(tmp_path)
+    listed = httpx.get(f"{second.url}/v1/adapters", headers={"Authorization": ALICE}).json()
+    row = next(a for a in listed["data"] if a["name"] == "style")
+    assert row["path"] == str(daemon_adapters / "style") and not row["in_ram"]  # lazy
+    assert chat(second, "style") == before
+    assert "style" not in {m.id for m in client(second, BOB).models.list().data}
+    second.stop()
+
