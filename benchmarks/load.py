@@ -108,11 +108,17 @@ async def _run(url: str, adapters: list[str], churn: list[Path], requests: int,
         await asyncio.sleep(1.0)  # cancellations land at the engine's next step
         health = (await http.get("/health")).json()
         listed = (await http.get("/v1/adapters")).json()["data"]
+        metrics = (await http.get("/metrics")).text
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome] = counts.get(outcome, 0) + 1
+    finished: dict[str, float] = {}  # the engine's own count, by finish reason
+    for line in metrics.splitlines():
+        if line.startswith("lorag_requests_total{"):
+            reason = line.split('finish_reason="')[1].split('"')[0]
+            finished[reason] = finished.get(reason, 0) + float(line.rsplit(" ", 1)[1])
     return {"requests": requests, "outcomes": counts, "wall_s": round(wall, 1),
-            "adapter_churn": churned,
+            "engine_finish_reasons": finished, "adapter_churn": churned,
             "after": {"running": health["running"], "waiting": health["waiting"],
                       "slot_references": sum(a["running_requests"] for a in listed)}}
 

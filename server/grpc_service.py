@@ -76,7 +76,7 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             [(a.name, a.weight) for a in request.adapters] or None,
             f"grpc-{uuid.uuid4().hex}")
         # runs when the RPC ends for any reason; after a normal end it finds nothing to stop
-        context.add_callback(lambda: self.service.cancel(stream.request_id))
+        context.add_callback(lambda: self.service.cancel(stream))
         return stream
 
 

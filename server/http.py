@@ -158,10 +158,10 @@ async def _respond(stream, body, request: Request, service: Service, chat: bool)
             async for last in stream:
                 parts.append(last.text)
                 if await request.is_disconnected():
-                    service.cancel(stream.request_id)
+                    service.cancel(stream)
         finally:
             if last is None or last.finish_reason is None:
-                service.cancel(stream.request_id)
+                service.cancel(stream)
         if last.error is not None:
             raise last.error
         text = "".join(parts)
@@ -193,7 +193,7 @@ async def _respond(stream, body, request: Request, service: Service, chat: bool)
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client disconnected (or the send failed)
-                service.cancel(stream.request_id)
+                service.cancel(stream)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -82,7 +82,8 @@ class TrackedStream:
         histogram.labels(self.label).observe(now - self.last)
         self.first, self.last = False, now
         if output.finish_reason is not None:
-            self.metrics.requests.labels(self.label, output.finish_reason).inc()
+            if output.finish_reason != "cancelled":  # counted by Service.cancel
+                self.metrics.requests.labels(self.label, output.finish_reason).inc()
             self.metrics.prompt_tokens.labels(self.label).inc(output.prompt_tokens)
             self.metrics.generation_tokens.labels(self.label).inc(output.completion_tokens)
 

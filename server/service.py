@@ -56,9 +56,10 @@ class Service:
         return TrackedStream(stream, self.metrics, adapter or ("+".join(k for k, _ in parts)
                                                                if parts else None))
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (its client went away)."""
-        self.engine.cancel(request_id)
+    def cancel(self, stream: TrackedStream) -> None:
+        """Stop a request whose client went away; counted if it was still running."""
+        if self.engine.cancel(stream.request_id):
+            self.metrics.requests.labels(stream.label, "cancelled").inc()
 
     def template(self, messages: list[dict]) -> list[int]:
         """Chat messages -> prompt token ids, with the base model's chat template."""

@@ -151,10 +151,11 @@ class Engine:
         return [stream.result() for stream in streams]
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a request; its KV cache and adapter slot are freed at the next step."""
+        """Cancel a request; its KV cache and adapter slot are freed at the next step.
+        Says whether it stopped something (False: unknown, finished or already cancelled)."""
         with self.wakeup:
             seq = self.by_id.get(request_id)
-            if seq is None:
+            if seq is None or seq.cancelled:
                 return False
             seq.cancelled = True
             self.wakeup.notify()

@@ -176,6 +176,8 @@ def test_client_disconnect_cancels_the_request(daemon):
     while daemon.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert daemon.health()["running"] == 0 and daemon.health()["waiting"] == 0
+    metrics = httpx.get(f"{daemon.url}/metrics").text
+    assert 'lorag_requests_total{adapter="base",finish_reason="cancelled"} 1.0' in metrics
 
 
 def test_restart_keeps_the_registry(start_daemon, daemon_adapters, tmp_path):
