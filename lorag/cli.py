@@ -133,6 +133,60 @@ def bench_serving(
     main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="JSONL: messages, prompt/completion, or text.")],
+    out: Annotated[Path, typer.Option(help="Folder for the adapter and training.json.")],
+    base: Annotated[str, typer.Option(help="Catalog name, HF folder, .gguf or hub id.")] =
+        catalog.DEFAULT_BASE_MODEL,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[str, typer.Option(
+        help="Comma-separated projections, or all-linear.")] = "q_proj,k_proj,v_proj,o_proj",
+    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")] = False,
+    dora: Annotated[bool, typer.Option(help="DoRA (trains; the daemon does not serve it).")]
+        = False,
+    quantize: Annotated[str, typer.Option(help="none, or nf4 for QLoRA.")] = "none",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 3.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (> 0).")] = -1,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Examples per device step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    max_seq_len: Annotated[int, typer.Option(help="Tokens per example (longer: cut).")] =
+        1024,
+    packing: Annotated[bool, typer.Option(help="Pack examples into full sequences.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")]
+        = False,
+    seed: Annotated[int, typer.Option(help="Seed for data order and init.")] = 0,
+    eval_split: Annotated[float | None, typer.Option(help="Hold out this fraction.")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="A separate JSONL to evaluate on.")]
+        = None,
+    train_on_prompt: Annotated[bool, typer.Option(
+        help="Loss on prompts too (default: completions / final assistant turn only).")] =
+        False,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Fine-tune a LoRA (or QLoRA) adapter with TRL; writes a PEFT adapter the daemon loads."""
+    from trainer.train import TrainOptions
+    from trainer.train import train as run
+
+    options = TrainOptions(
+        data=data, base=base, out=out, rank=rank, alpha=alpha, dropout=dropout,
+        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
+        rslora=rslora, dora=dora, quantize=quantize, dtype=dtype, epochs=epochs,
+        max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        max_seq_len=max_seq_len, packing=packing, gradient_checkpointing=gradient_checkpointing,
+        seed=seed, eval_split=eval_split, eval_data=eval_data, train_on_prompt=train_on_prompt,
+        save_steps=save_steps, resume=resume)
+    report = run(options, console)
+    console.print(f"adapter: {out} | steps {report['global_step']} | final loss "
+                  f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
+                  f"{report['peak_memory_mb']} MB | {report['wall_s']} s")
+
+
 @bench_app.command("load")
 def bench_load(
     requests: Annotated[int, typer.Option(min=1, help="Concurrent streaming clients.")] = 200,

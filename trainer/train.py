@@ -1,0 +1,236 @@
+"""`lorag train`: LoRA / QLoRA fine-tuning with TRL's SFTTrainer, saved as a PEFT adapter.
+
+TRL does the training loop, chat templating, completion-only loss and packing; PEFT the
+adapter. What is added here: options checked before anything loads, the data validated
+line by line (trainer/data.py), a progress bar with loss, tokens/s and ETA, and a
+`training.json` + `loss.png` beside the adapter recording what was trained on and how it
+went (per-step loss, eval loss, real tokens/s, peak memory, wall time).
+"""
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from lorag.adapters import TARGET_MODULES
+from lorag.errors import InvalidRequest
+from lorag.models import load_base
+from trainer.data import TrainingData, load_jsonl
+
+log = logging.getLogger("lorag.train")
+
+
+@dataclass
+class TrainOptions:
+    """What `lorag train` takes; checked on construction, each error naming its flag."""
+
+    data: Path
+    base: str
+    out: Path
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES[:4]))
+    rslora: bool = False
+    dora: bool = False
+    quantize: str = "none"  # nf4: QLoRA, the base frozen in 4-bit
+    dtype: str = "auto"
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_split: float | None = None
+    eval_data: Path | None = None
+    train_on_prompt: bool = False
+    save_steps: int = 50
+    resume: bool = False
+
+    def __post_init__(self):
+        positive = ("rank", "alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidRequest(f"--{name.replace('_', '-')} must be a positive integer, "
+                                     f"got {getattr(self, name)!r}", field=name)
+        checks = [
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("lr", 0 < self.lr < 1, "in (0, 1)"),
+            ("epochs", self.epochs > 0, "> 0"),
+            ("quantize", self.quantize in ("none", "nf4"), "none or nf4"),
+            ("eval_split", self.eval_split is None or 0 < self.eval_split < 1, "in (0, 1)"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise InvalidRequest(f"--{name.replace('_', '-')} must be {allowed}, got "
+                                     f"{getattr(self, name)!r}", field=name)
+        if self.target_modules != ["all-linear"]:
+            unknown = set(self.target_modules) - set(TARGET_MODULES)
+            if unknown or not self.target_modules:
+                raise InvalidRequest(f"--target-modules has {sorted(unknown)}; allowed: "
+                                     f"{', '.join(TARGET_MODULES)} or all-linear",
+                                     field="target_modules")
+        if self.eval_split is not None and self.eval_data is not None:
+            raise InvalidRequest("give --eval-split or --eval-data, not both", field="eval_split")
+
+
+def train(options: TrainOptions, console: Console | None = None) -> dict:
+    """Train, save the adapter and its records under `options.out`; returns training.json."""
+    console = console or Console(stderr=True)
+    datasets.disable_progress_bars()  # TRL's dataset preparation; ours is the training bar
+    data = load_jsonl(options.data)  # a bad line fails here, before the model loads
+    train_data, eval_data = data, None
+    if options.eval_data is not None:
+        eval_data = load_jsonl(options.eval_data)
+    elif options.eval_split is not None:
+        train_data, eval_data = data.split(options.eval_split, options.seed)
+    model, tokenizer = load_base(options.base, quantize=options.quantize, dtype=options.dtype)
+    truncated = _count_too_long(train_data, tokenizer, options.max_seq_len)
+    if truncated:
+        console.print(f"[yellow]warning:[/] {truncated} of {len(train_data.rows)} examples "
+                      f"are longer than --max-seq-len {options.max_seq_len} and will be "
+                      "truncated")
+    if options.quantize == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=options.gradient_checkpointing)
+    out = Path(options.out)
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, args=_sft_config(options, model, out),
+        train_dataset=train_data.dataset(),
+        eval_dataset=eval_data.dataset() if eval_data else None,
+        peft_config=LoraConfig(
+            r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+            target_modules=options.target_modules if options.target_modules != ["all-linear"]
+            else "all-linear", use_rslora=options.rslora, use_dora=options.dora,
+            task_type="CAUSAL_LM"))
+    recorder = _Recorder(console)
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
+    trainer.add_callback(recorder)
+    start = time.perf_counter()
+    with recorder.progress:
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out) if options.resume else None)
+    wall = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
+    trainer.model.save_pretrained(out)
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "data": {"path": str(options.data), "sha256": data.sha256, "format": data.format,
+                 "train_examples": len(train_data.rows),
+                 "eval_examples": len(eval_data.rows) if eval_data else 0,
+                 "truncated": truncated},
+        "steps": recorder.steps,
+        "final_loss": recorder.steps[-1]["loss"] if recorder.steps else None,
+        "eval_loss": eval_loss,
+        "global_step": trainer.state.global_step,
+        "tokens_per_s": round(recorder.tokens / wall, 1) if recorder.tokens else None,
+        "peak_memory_mb": _peak_memory_mb(),
+        "wall_s": round(wall, 1),
+    }
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(recorder.steps, eval_loss, out / "loss.png")
+    return report
+
+
+def _sft_config(options: TrainOptions, model, out: Path) -> SFTConfig:
+    bf16 = next(model.parameters()).dtype == torch.bfloat16 or (
+        options.quantize == "nf4" and options.dtype != "float32")
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"), num_train_epochs=options.epochs,
+        max_steps=options.max_steps, learning_rate=options.lr,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, max_length=options.max_seq_len,
+        packing=options.packing, gradient_checkpointing=options.gradient_checkpointing,
+        completion_only_loss=not options.train_on_prompt, seed=options.seed, bf16=bf16,
+        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_steps=options.save_steps,
+        save_total_limit=2, eval_strategy="no", report_to=[], disable_tqdm=True,
+        dataloader_num_workers=0)
+
+
+def _count_too_long(data: TrainingData, tokenizer, limit: int) -> int:
+    def length(row: dict) -> int:
+        if data.format == "text":
+            return len(tokenizer.encode(row["text"]))
+        if data.format == "pair":
+            return len(tokenizer.encode(row["prompt"] + row["completion"]))
+        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    return sum(length(row) > limit for row in data.rows)
+
+
+def _last_checkpoint(out: Path) -> str:
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"),
+                         key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise InvalidRequest(f"--resume: no checkpoint under {out / 'checkpoints'}",
+                             field="resume")
+    return str(checkpoints[-1])
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _plot(steps: list[dict], eval_loss: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss")
+    if eval_loss is not None and steps:
+        axes.axhline(eval_loss, color="tab:orange", linestyle="--", label="eval loss (end)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+class _Recorder(TrainerCallback):
+    """Per-step loss and real (non-padding) token counts, and the progress bar."""
+
+    def __init__(self, console: Console):
+        self.steps: list[dict] = []
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.progress = Progress(TextColumn("training"), BarColumn(),
+                                 TextColumn("step {task.completed}/{task.total}"),
+                                 TextColumn("loss {task.fields[loss]}"),
+                                 TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
+                                 console=console)
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self.task = self.progress.add_task("train", total=state.max_steps,
+                                           completed=state.global_step, loss="-", rate="-")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        # TRL counts the tokens it trained on (padding excluded) as num_tokens, cumulative
+        self.tokens = int(logs.get("num_tokens", self.tokens))
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.steps.append({"step": state.global_step, "loss": round(logs["loss"], 4),
+                           "learning_rate": logs.get("learning_rate"), "tokens": self.tokens})
+        self.progress.update(self.task, completed=state.global_step,
+                             loss=f"{logs['loss']:.3f}", rate=f"{rate:,.0f}")
