@@ -168,6 +168,12 @@ def train(
         False,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    serve: Annotated[str | None, typer.Option(
+        help="A running daemon's URL: hot-load the adapter there when training ends.")] = None,
+    serve_name: Annotated[str | None, typer.Option(
+        help="Name to serve it under (default: the --out folder's name).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Admin API key for --serve.", envvar="LORAG_API_KEY")] = None,
 ) -> None:
     """Fine-tune a LoRA (or QLoRA) adapter with TRL; writes a PEFT adapter the daemon loads."""
     from trainer.train import TrainOptions
@@ -185,6 +191,28 @@ def train(
     console.print(f"adapter: {out} | steps {report['global_step']} | final loss "
                   f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
                   f"{report['peak_memory_mb']} MB | {report['wall_s']} s")
+    if serve:
+        from trainer.publish import publish
+
+        name = serve_name or out.resolve().name
+        curl = publish(serve, name, out, api_key)
+        console.print(f"loaded into {serve} as {name!r}; try:")
+        print(curl)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="The PEFT adapter folder.")],
+    out: Annotated[Path, typer.Option(help="Where to write the merged model (new folder).")],
+    base: Annotated[str, typer.Option(help="The adapter's base model.")] =
+        catalog.DEFAULT_BASE_MODEL,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 for the saved weights.")] =
+        "float32",
+) -> None:
+    """Merge an adapter into its base: a standalone model transformers loads without PEFT."""
+    from trainer.export import export as run
+
+    console.print(f"merged model: {run(adapter, base, out, dtype)}")
 
 
 @bench_app.command("load")

@@ -7,6 +7,7 @@ line by line (trainer/data.py), a progress bar with loss, tokens/s and ETA, and 
 went (per-step loss, eval loss, real tokens/s, peak memory, wall time).
 """
 
+import ctypes
 import json
 import logging
 import resource
@@ -15,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import psutil
 import torch
-from peft import LoraConfig, prepare_model_for_kbit_training
+from peft import LoraConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
@@ -103,9 +105,13 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         console.print(f"[yellow]warning:[/] {truncated} of {len(train_data.rows)} examples "
                       f"are longer than --max-seq-len {options.max_seq_len} and will be "
                       "truncated")
-    if options.quantize == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=options.gradient_checkpointing)
+    if options.quantize == "nf4" and options.gradient_checkpointing:
+        # QLoRA: the 4-bit base stays frozen. PEFT's prepare_model_for_kbit_training would
+        # also upcast every non-quantized weight to fp32; with a 49k-token vocabulary the
+        # embedding alone then costs more than 4-bit saves, and bf16 autocast is stable
+        # for these sizes, so only the part checkpointing needs is done.
+        model.enable_input_require_grads()
+    _release_freed_memory()  # loading's transient buffers, back to the OS
     out = Path(options.out)
     trainer = SFTTrainer(
         model=model, processing_class=tokenizer, args=_sft_config(options, model, out),
@@ -117,11 +123,14 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
             else "all-linear", use_rslora=options.rslora, use_dora=options.dora,
             task_type="CAUSAL_LM"))
     recorder = _Recorder(console)
+    checkpoint = _last_checkpoint(out) if options.resume else None
+    if checkpoint is not None:  # the steps before the interruption stay in the record
+        recorder.steps = _logged_steps(checkpoint)
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the logs instead
     trainer.add_callback(recorder)
     start = time.perf_counter()
     with recorder.progress:
-        trainer.train(resume_from_checkpoint=_last_checkpoint(out) if options.resume else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
     trainer.model.save_pretrained(out)
@@ -136,7 +145,8 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         "eval_loss": eval_loss,
         "global_step": trainer.state.global_step,
         "tokens_per_s": round(recorder.tokens / wall, 1) if recorder.tokens else None,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": recorder.peak_mb,
+        "process_peak_rss_mb": _process_peak_mb(),
         "wall_s": round(wall, 1),
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -172,19 +182,34 @@ def _count_too_long(data: TrainingData, tokenizer, limit: int) -> int:
     return sum(length(row) > limit for row in data.rows)
 
 
-def _last_checkpoint(out: Path) -> str:
+def _last_checkpoint(out: Path) -> Path:
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"),
                          key=lambda p: int(p.name.split("-")[1]))
     if not checkpoints:
         raise InvalidRequest(f"--resume: no checkpoint under {out / 'checkpoints'}",
                              field="resume")
-    return str(checkpoints[-1])
+    return checkpoints[-1]
 
 
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+def _logged_steps(checkpoint: Path) -> list[dict]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [{"step": e["step"], "loss": round(e["loss"], 4),
+             "learning_rate": e.get("learning_rate"), "tokens": int(e.get("num_tokens", 0))}
+            for e in state["log_history"] if "loss" in e]
+
+
+def _release_freed_memory() -> None:
+    # glibc keeps freed heap pages mapped; without this, the transient of converting and
+    # quantizing weights at load time would show up as training memory
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
+def _process_peak_mb() -> float:
+    # the whole process's high-water mark, model loading included (KiB on Linux)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _plot(steps: list[dict], eval_loss: float | None, path: Path) -> None:
@@ -211,6 +236,7 @@ class _Recorder(TrainerCallback):
     def __init__(self, console: Console):
         self.steps: list[dict] = []
         self.tokens = 0
+        self.peak_mb = 0.0
         self.started = time.perf_counter()
         self.progress = Progress(TextColumn("training"), BarColumn(),
                                  TextColumn("step {task.completed}/{task.total}"),
@@ -221,8 +247,21 @@ class _Recorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
+        self._sample_memory()
         self.task = self.progress.add_task("train", total=state.max_steps,
                                            completed=state.global_step, loss="-", rate="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        # training's peak: GPU tensors where there is a GPU, else the process's resident
+        # memory sampled at every step (the transient of loading the model excluded)
+        if torch.cuda.is_available():
+            used = torch.cuda.max_memory_allocated()
+        else:
+            used = psutil.Process().memory_info().rss
+        self.peak_mb = max(self.peak_mb, round(used / 2**20, 1))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:

@@ -2,13 +2,22 @@
 and the adapter serves identically in PEFT and in the engine."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
+from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from server.engine import Engine, EngineConfig, SamplingParams
+from tests.server.conftest import Daemon
+from trainer.export import export
 from trainer.train import TrainOptions, train
 
 pytestmark = pytest.mark.integration
@@ -84,3 +93,85 @@ def test_the_format_is_learned_and_peft_and_the_engine_agree(trained, base_model
             generated = peft.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW,
                                       do_sample=False)
         assert generated[0, len(ids):].tolist() == out.token_ids
+
+
+def lorag_train(data, out, *flags) -> subprocess.Popen:
+    command = [sys.executable, "-m", "lorag", "train", "--data", str(data), "--out", str(out),
+               "--lr", "2e-3", "--batch-size", "4", *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(example(i, t)) for i, t in enumerate(THINGS)) + "\n")
+    return path
+
+
+def test_resume_continues_an_interrupted_run_and_serve_hot_loads_it(data_file, tmp_path):
+    out = tmp_path / "resumable"
+    first = lorag_train(data_file, out, "--max-steps", "8", "--save-steps", "2")
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "checkpoint-4").is_dir():
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first.kill()  # interrupted for real, mid-run
+    first.wait()
+    assert not (out / "training.json").exists()
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"trainer-admin-key-01": {"tenant": "ml", "admin": True}}))
+    daemon = Daemon(tmp_path / "daemon", tmp_path, keys, tmp_path / "daemon.log")
+    try:
+        second = lorag_train(data_file, out, "--max-steps", "8", "--save-steps", "2",
+                             "--resume", "--serve", daemon.url, "--serve-name", "verdict",
+                             "--api-key", "trainer-admin-key-01")
+        output, _ = second.communicate(timeout=600)
+        assert second.returncode == 0, output
+        report = json.loads((out / "training.json").read_text())
+        steps = [s["step"] for s in report["steps"]]
+        # steps 1-4 come from the checkpoint's log, 5-8 from the resumed run: a restart
+        # from scratch would log 1, 2, ... again
+        assert report["global_step"] == 8 and steps == list(range(1, 9)), steps
+        losses = [s["loss"] for s in report["steps"]]
+        assert losses[-1] < losses[0] and losses[4] < losses[0]  # continues, not restarted
+        assert "curl -s " + daemon.url in output and '"model": "verdict"' in output
+        reply = httpx.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                           headers={"Authorization": "Bearer trainer-admin-key-01"},
+                           json={"model": "verdict", "max_tokens": 8, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Is a cat alive?"}]})
+        assert reply.status_code == 200, reply.text
+    finally:
+        daemon.stop()
+
+
+def test_qlora_trains_in_less_memory_than_bf16_lora(data_file, tmp_path):
+    reports = {}
+    for quantize in ("nf4", "none"):
+        run = lorag_train(data_file, tmp_path / quantize, "--max-steps", "3", "--quantize",
+                          quantize, "--dtype", "bfloat16")
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output
+        reports[quantize] = json.loads((tmp_path / quantize / "training.json").read_text())
+    print({q: r["peak_memory_mb"] for q, r in reports.items()})
+    assert reports["nf4"]["global_step"] == 3 and reports["nf4"]["final_loss"] > 0
+    assert reports["nf4"]["peak_memory_mb"] < reports["none"]["peak_memory_mb"]
+
+
+def test_export_merges_into_a_standalone_model(trained, base_model_dir, tmp_path):
+    adapter, _, held_out = trained
+    merged_dir = export(adapter, str(base_model_dir), tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    model, tokenizer = load_base(str(base_model_dir), quantize="none", dtype="float32")
+    peft = PeftModel.from_pretrained(model, adapter).eval()
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(
+        held_out[0], tokenize=False, add_generation_prompt=True), add_special_tokens=False)])
+    with torch.inference_mode():
+        want = peft.generate(ids, max_new_tokens=MAX_NEW, do_sample=False)
+        got = merged.generate(ids, max_new_tokens=MAX_NEW, do_sample=False)
+    assert got.tolist() == want.tolist()
+    with pytest.raises(InvalidRequest, match="not empty"):
+        export(adapter, str(base_model_dir), merged_dir)
