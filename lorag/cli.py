@@ -215,6 +215,22 @@ def export(
     console.print(f"merged model: {run(adapter, base, out, dtype)}")
 
 
+@bench_app.command("training")
+def bench_training(
+    examples: Annotated[int, typer.Option(min=1, help="Chat examples generated.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for each system.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate for both.")] = 2e-4,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank (alpha = 2 rank).")] = 16,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON here.")] =
+        None,
+) -> None:
+    """Plain TRL SFTTrainer defaults vs `lorag train`: tokens/s, peak RSS, final loss."""
+    from benchmarks.training import main
+
+    main(examples, steps, batch_size, lr, rank, json_path)
+
+
 @bench_app.command("load")
 def bench_load(
     requests: Annotated[int, typer.Option(min=1, help="Concurrent streaming clients.")] = 200,
