@@ -100,11 +100,15 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
     elif options.eval_split is not None:
         train_data, eval_data = data.split(options.eval_split, options.seed)
     model, tokenizer = load_base(options.base, quantize=options.quantize, dtype=options.dtype)
-    truncated = _count_too_long(train_data, tokenizer, options.max_seq_len)
+    truncated, skipped = _over_length(train_data, tokenizer, options)
+    if skipped == len(train_data.rows):
+        raise InvalidRequest(f"every example's prompt is at least --max-seq-len "
+                             f"{options.max_seq_len} tokens long, leaving nothing to train on; "
+                             "raise --max-seq-len", field="max_seq_len")
     if truncated:
         console.print(f"[yellow]warning:[/] {truncated} of {len(train_data.rows)} examples "
                       f"are longer than --max-seq-len {options.max_seq_len} and will be "
-                      "truncated")
+                      f"truncated; {skipped} of them keep no completion token and are skipped")
     if options.quantize == "nf4" and options.gradient_checkpointing:
         # QLoRA: the 4-bit base stays frozen. PEFT's prepare_model_for_kbit_training would
         # also upcast every non-quantized weight to fp32; with a 49k-token vocabulary the
@@ -139,7 +143,7 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         "data": {"path": str(options.data), "sha256": data.sha256, "format": data.format,
                  "train_examples": len(train_data.rows),
                  "eval_examples": len(eval_data.rows) if eval_data else 0,
-                 "truncated": truncated},
+                 "truncated": truncated, "skipped": skipped},
         "steps": recorder.steps,
         "final_loss": recorder.steps[-1]["loss"] if recorder.steps else None,
         "eval_loss": eval_loss,
@@ -170,16 +174,27 @@ def _sft_config(options: TrainOptions, model, out: Path) -> SFTConfig:
         dataloader_num_workers=0)
 
 
-def _count_too_long(data: TrainingData, tokenizer, limit: int) -> int:
-    def length(row: dict) -> int:
+def _over_length(data: TrainingData, tokenizer, options: TrainOptions) -> tuple[int, int]:
+    """(examples longer than max_seq_len, examples whose completion would be cut away
+    entirely: with completion-only loss TRL drops those)."""
+    def lengths(row: dict) -> tuple[int, int]:
         if data.format == "text":
-            return len(tokenizer.encode(row["text"]))
+            return len(tokenizer.encode(row["text"])), 0
         if data.format == "pair":
-            return len(tokenizer.encode(row["prompt"] + row["completion"]))
-        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        return len(tokenizer.encode(text, add_special_tokens=False))
+            prompt = len(tokenizer.encode(row["prompt"]))
+            return len(tokenizer.encode(row["prompt"] + row["completion"])), prompt
+        encode = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        whole = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False,
+                                               add_generation_prompt=True)
+        return encode(whole), encode(prompt)
 
-    return sum(length(row) > limit for row in data.rows)
+    limit, truncated, skipped = options.max_seq_len, 0, 0
+    for row in data.rows:
+        total, prompt = lengths(row)
+        truncated += total > limit
+        skipped += not options.train_on_prompt and data.format != "text" and prompt >= limit
+    return truncated, skipped
 
 
 def _last_checkpoint(out: Path) -> Path:

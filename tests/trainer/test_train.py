@@ -175,3 +175,30 @@ def test_export_merges_into_a_standalone_model(trained, base_model_dir, tmp_path
     assert got.tolist() == want.tolist()
     with pytest.raises(InvalidRequest, match="not empty"):
         export(adapter, str(base_model_dir), merged_dir)
+
+
+def test_long_examples_are_truncated_with_a_warning(data_file, tmp_path):
+    # chat-templated examples here are 50-55 tokens, their prompts 35-39
+    run = lorag_train(data_file, tmp_path / "short", "--max-steps", "1", "--max-seq-len", "52")
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output
+    report = json.loads((tmp_path / "short" / "training.json").read_text())
+    assert report["data"]["truncated"] == 9 and report["data"]["skipped"] == 0
+    assert f"9 of {len(THINGS)} examples are longer than --max-seq-len 52" in \
+        " ".join(output.split())
+    nothing_left = lorag_train(data_file, tmp_path / "none", "--max-steps", "1",
+                               "--max-seq-len", "30")
+    output, _ = nothing_left.communicate(timeout=600)
+    assert nothing_left.returncode == 2
+    assert "leaving nothing to train on; raise --max-seq-len" in " ".join(output.split())
+
+
+def test_a_bad_line_stops_the_cli_before_the_model_loads(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(example(0, "owl")) + "\n{\"messages\": oops}\n")
+    start = time.monotonic()
+    run = lorag_train(data, tmp_path / "never", "--max-steps", "1")
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 2
+    assert f"{data}:2: not valid JSON" in " ".join(output.split())
+    assert not (tmp_path / "never").exists() and time.monotonic() - start < 60
