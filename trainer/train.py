@@ -198,12 +198,23 @@ def _over_length(data: TrainingData, tokenizer, options: TrainOptions) -> tuple[
 
 
 def _last_checkpoint(out: Path) -> Path:
+    # the newest COMPLETE one: a run killed while saving leaves a checkpoint folder
+    # without its trainer_state.json (the Trainer writes that file last)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"),
                          key=lambda p: int(p.name.split("-")[1]))
-    if not checkpoints:
-        raise InvalidRequest(f"--resume: no checkpoint under {out / 'checkpoints'}",
+    complete = [c for c in checkpoints if _readable_state(c)]
+    if not complete:
+        raise InvalidRequest(f"--resume: no complete checkpoint under {out / 'checkpoints'}",
                              field="resume")
-    return checkpoints[-1]
+    return complete[-1]
+
+
+def _readable_state(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / "adapter_model.safetensors").is_file()
 
 
 def _logged_steps(checkpoint: Path) -> list[dict]:
