@@ -202,3 +202,19 @@ def test_a_bad_line_stops_the_cli_before_the_model_loads(tmp_path):
     assert run.returncode == 2
     assert f"{data}:2: not valid JSON" in " ".join(output.split())
     assert not (tmp_path / "never").exists() and time.monotonic() - start < 60
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    from trainer.train import _last_checkpoint
+
+    for step, files in ((2, ("adapter_model.safetensors", "trainer_state.json")),
+                        (4, ("adapter_model.safetensors",)),  # killed before its state
+                        (6, ("adapter_model.safetensors", "trainer_state.json"))):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text('{"log_hi')
+    assert _last_checkpoint(tmp_path).name == "checkpoint-2"
+    with pytest.raises(InvalidRequest, match="no complete checkpoint"):
+        _last_checkpoint(tmp_path / "elsewhere")
