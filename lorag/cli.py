@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from lorag import catalog
-from lorag.errors import LoragError
+from lorag.errors import InvalidRequest, LoragError
 from lorag.provision import PULL_STAGES, ModelCache
 from lorag.settings import Settings
 
@@ -213,6 +213,73 @@ def export(
     from trainer.export import export as run
 
     console.print(f"merged model: {run(adapter, base, out, dtype)}")
+
+
+def _store(data_dir: Path | None):
+    from retrieval.embedder import Embedder
+    from retrieval.store import DocumentStore
+
+    folder = (data_dir or Settings().resolved_data_dir).expanduser() / "retrieval"
+    return DocumentStore(folder, Embedder())
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest.")],
+    namespace: Annotated[str, typer.Option(help="Namespace to ingest into.")],
+    data_dir: Annotated[Path | None, typer.Option(
+        help="State folder; default $LORAG_HOME/data.")] = None,
+) -> None:
+    """Chunk, embed and index documents (.txt, .md, .jsonl); unchanged ones are skipped."""
+    from retrieval.ingest import files_under
+    from retrieval.ingest import ingest as run
+
+    files = list(files_under(paths))
+    store = _store(data_dir)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("ingesting", total=len(files))
+        counts = run(store, namespace, paths,
+                     lambda path, outcome: progress.update(task, advance=1,
+                                                           description=path.name))
+    console.print(f"{namespace}: {counts['added']} added, {counts['updated']} updated, "
+                  f"{counts['unchanged']} unchanged, {len(counts['failed'])} failed")
+    for failure in counts["failed"]:
+        console.print(f"  [red]failed[/] {failure['file']}: {failure['reason']}")
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    namespace: Annotated[str, typer.Option(help="Namespace to search.")],
+    k: Annotated[int, typer.Option(min=1, max=100, help="How many hits.")] = 5,
+    filter_: Annotated[list[str] | None, typer.Option(
+        "--filter", help="key=value metadata filter (repeatable; same key twice = in).")] =
+        None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="State folder; default $LORAG_HOME/data.")] = None,
+) -> None:
+    """Search a namespace (vector search over the embedded chunks)."""
+    import json
+    from dataclasses import asdict
+
+    filters: dict[str, list[str]] = {}
+    for item in filter_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--filter {item!r} must be key=value", field="filter")
+        filters.setdefault(key, []).append(value)
+    hits = _store(data_dir).search(namespace, query, k, filters or None)
+    if as_json:
+        print(json.dumps([asdict(hit) for hit in hits], indent=2))
+        return
+    for hit in hits:
+        console.print(f"[bold]{hit.score:.3f}[/] {hit.document_id} #{hit.chunk_id}: "
+                      f"{hit.text[:160]}")
 
 
 @bench_app.command("training")

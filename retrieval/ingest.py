@@ -1,0 +1,100 @@
+"""Files -> documents -> the store, with per-file outcomes.
+
+Loaders are an ordered list of (suffixes, function), first match wins. A document's id is
+its path relative to the PATH argument it was found under; a lone file's id is its name;
+a .jsonl file holds one document per line with its own `id`.
+"""
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorag.errors import InvalidRequest
+from retrieval.store import DocumentStore, check_namespace
+
+
+@dataclass
+class Document:
+    """Text to index, under an id, with metadata filters can use."""
+
+    id: str
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _plain(path: Path, doc_id: str) -> list[Document]:
+    return [Document(doc_id, path.read_text(encoding="utf-8"),
+                     {"source": doc_id, "format": path.suffix.lstrip(".")})]
+
+
+def _jsonl(path: Path, doc_id: str) -> list[Document]:
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) \
+                or not isinstance(record.get("text"), str):
+            raise InvalidRequest(f"{path}:{number}: needs string 'id' and 'text'")
+        metadata = record.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise InvalidRequest(f"{path}:{number}: 'metadata' must be an object")
+        documents.append(Document(record["id"], record["text"],
+                                  {"source": doc_id, "format": "jsonl", **metadata}))
+    return documents
+
+
+LOADERS: list[tuple[tuple[str, ...], Callable[[Path, str], list[Document]]]] = [
+    ((".txt", ".md", ".markdown"), _plain),
+    ((".jsonl",), _jsonl),
+]
+SUFFIXES = {suffix for suffixes, _ in LOADERS for suffix in suffixes}
+
+
+def files_under(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+    """(file, document id) for every supported file under the given paths."""
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise InvalidRequest(f"{root} does not exist", field="paths")
+        if root.is_file():
+            yield root, root.name
+            continue
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            if path.suffix.lower() in SUFFIXES:
+                yield path, path.relative_to(root).as_posix()
+
+
+def load(path: Path, doc_id: str) -> list[Document]:
+    """The documents in one file; InvalidRequest says why a file cannot be read."""
+    for suffixes, loader in LOADERS:
+        if path.suffix.lower() in suffixes:
+            try:
+                return loader(path, doc_id)
+            except UnicodeDecodeError as e:
+                raise InvalidRequest(f"{path} is not UTF-8 text ({e.reason})") from e
+    raise InvalidRequest(f"{path}: unsupported file type {path.suffix!r}; supported: "
+                         f"{', '.join(sorted(SUFFIXES))}")
+
+
+def ingest(store: DocumentStore, namespace: str, paths: list[Path],
+           on_file: Callable[[Path, str], None] | None = None) -> dict:
+    """Ingest every supported file; returns counts and the failures with their reasons."""
+    check_namespace(namespace)
+    counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": []}
+    for path, doc_id in files_under(paths):
+        try:
+            for document in load(path, doc_id):
+                counts[store.upsert(namespace, document.id, document.text,
+                                    document.metadata)] += 1
+            outcome = "ok"
+        except InvalidRequest as e:
+            counts["failed"].append({"file": str(path), "reason": e.message})
+            outcome = "failed"
+        if on_file:
+            on_file(path, outcome)
+    return counts

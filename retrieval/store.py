@@ -1,0 +1,268 @@
+"""Namespaced document store: SQLite is the source of truth, FAISS a rebuildable index.
+
+Every chunk's text, metadata and embedding live in SQLite (`retrieval.db` under the data
+dir); one FAISS index per namespace (`IndexIDMap2` over inner product on unit vectors,
+ids = chunk row ids) is kept in memory and saved beside it with the namespace's write
+generation. A write is one SQLite transaction that also bumps the generation, then the
+index is updated and saved (temp file + rename). After a crash, an index file whose
+generation does not match the database is rebuilt from the stored embeddings: whatever
+an ingest committed is there after a restart, and the index never shows a chunk the
+database does not have.
+"""
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lorag.errors import InvalidRequest
+from retrieval.chunking import chunk_text
+from retrieval.embedder import Embedder
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    name TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS documents (
+    namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace TEXT NOT NULL,
+    document_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    FOREIGN KEY (namespace, document_id) REFERENCES documents(namespace, id)
+        ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(namespace, document_id);
+"""
+_NAMESPACE = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class Hit:
+    """One search result, shaped as `lorag search --json` prints it."""
+
+    document_id: str
+    chunk_id: int
+    score: float
+    text: str
+    metadata: dict
+
+
+class DocumentStore:
+    """Documents in namespaces: upsert, delete, search. Thread-safe."""
+
+    def __init__(self, data_dir: Path, embedder: Embedder, chunk_tokens: int = 200,
+                 overlap: int = 40):
+        self.folder = Path(data_dir)
+        (self.folder / "faiss").mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.folder / "retrieval.db", check_same_thread=False,
+                                  isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.embedder = embedder
+        self.chunk_tokens, self.overlap = min(chunk_tokens, embedder.max_tokens), overlap
+        self.indexes: dict[str, faiss.IndexIDMap2] = {}
+        self.lock = threading.RLock()
+
+    # ---- writes ----
+
+    def upsert(self, namespace: str, document_id: str, text: str,
+               metadata: dict | None = None) -> str:
+        """Add or replace one document; returns "added", "updated" or "unchanged"."""
+        check_namespace(namespace)
+        if not isinstance(document_id, str) or not document_id:
+            raise InvalidRequest("document id must be a non-empty string", field="id")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequest(f"document {document_id!r} has no text", field="text")
+        metadata = metadata or {}
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata must be a JSON object", field="metadata")
+        digest = hashlib.sha256(json.dumps([text, metadata], sort_keys=True).encode()).hexdigest()
+        with self.lock:
+            row = self.db.execute("SELECT sha256 FROM documents WHERE namespace=? AND id=?",
+                                  (namespace, document_id)).fetchone()
+        if row and row[0] == digest:
+            return "unchanged"
+        chunks = chunk_text(text, self.embedder.tokenizer, self.chunk_tokens, self.overlap)
+        vectors = self.embedder.encode([c.text for c in chunks])  # outside the lock
+        with self.lock:
+            index = self._index(namespace)
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, 0)", (namespace,))
+                old = self._chunk_ids(namespace, document_id)
+                self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
+                                (namespace, document_id))
+                self.db.execute("INSERT INTO documents VALUES (?, ?, ?, ?)",
+                                (namespace, document_id, digest, json.dumps(metadata)))
+                new = [self.db.execute(
+                    "INSERT INTO chunks (namespace, document_id, position, text, metadata, "
+                    "embedding) VALUES (?, ?, ?, ?, ?, ?)",
+                    (namespace, document_id, c.position, c.text,
+                     json.dumps({**metadata, **c.metadata}), vector.tobytes())).lastrowid
+                    for c, vector in zip(chunks, vectors, strict=True)]
+                generation = self._bump(namespace)
+            index.remove_ids(np.array(old, dtype=np.int64))
+            index.add_with_ids(vectors, np.array(new, dtype=np.int64))
+            self._save(namespace, index, generation)
+        return "updated" if row else "added"
+
+    def delete(self, namespace: str, document_id: str) -> bool:
+        """Remove a document and its chunks; says whether it existed."""
+        with self.lock:
+            if namespace not in self.namespaces():
+                return False
+            index = self._index(namespace)
+            with self.db:
+                self.db.execute("BEGIN")
+                old = self._chunk_ids(namespace, document_id)
+                gone = self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
+                                       (namespace, document_id)).rowcount
+                generation = self._bump(namespace)
+            index.remove_ids(np.array(old, dtype=np.int64))
+            self._save(namespace, index, generation)
+            return gone > 0
+
+    def drop_namespace(self, namespace: str) -> bool:
+        """Delete a namespace with all its documents; says whether it existed."""
+        with self.lock, self.db:
+            self.db.execute("BEGIN")
+            gone = self.db.execute("DELETE FROM namespaces WHERE name=?", (namespace,)).rowcount
+            self.indexes.pop(namespace, None)
+            for suffix in (".index", ".json"):
+                (self.folder / "faiss" / f"{namespace}{suffix}").unlink(missing_ok=True)
+            return gone > 0
+
+    # ---- reads ----
+
+    def search(self, namespace: str, query: str, k: int = 5,
+               filters: dict | None = None) -> list[Hit]:
+        """The k chunks nearest to `query`; `filters` ({key: value or [values]}) restrict
+        the candidates inside the FAISS search, before ranking."""
+        if not isinstance(k, int) or not 1 <= k <= 100:
+            raise InvalidRequest(f"k must be an integer in 1..100, got {k!r}", field="top_k")
+        with self.lock:
+            if namespace not in self.namespaces():
+                return []
+            index = self._index(namespace)
+            params = None
+            if filters:
+                allowed = self._filtered_ids(namespace, filters)
+                if not allowed:
+                    return []
+                params = faiss.SearchParameters(
+                    sel=faiss.IDSelectorBatch(np.array(allowed, dtype=np.int64)))
+            if index.ntotal == 0:
+                return []
+            scores, ids = index.search(self.embedder.encode([query]), min(k, index.ntotal),
+                                       params=params)
+            hits = []
+            for score, chunk_id in zip(scores[0], ids[0], strict=True):
+                if chunk_id < 0:
+                    continue
+                document_id, text, metadata = self.db.execute(
+                    "SELECT document_id, text, metadata FROM chunks WHERE id=?",
+                    (int(chunk_id),)).fetchone()
+                hits.append(Hit(document_id, int(chunk_id), float(score), text,
+                                json.loads(metadata)))
+            return hits
+
+    def namespaces(self) -> list[str]:
+        """Namespace names, sorted."""
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
+
+    def documents(self, namespace: str) -> list[str]:
+        """Document ids in a namespace, sorted."""
+        with self.lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT id FROM documents WHERE namespace=? ORDER BY id", (namespace,))]
+
+    # ---- internals ----
+
+    def _chunk_ids(self, namespace: str, document_id: str) -> list[int]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM chunks WHERE namespace=? AND document_id=?",
+            (namespace, document_id))]
+
+    def _bump(self, namespace: str) -> int:
+        self.db.execute("UPDATE namespaces SET generation = generation + 1 WHERE name=?",
+                        (namespace,))
+        return self._generation(namespace)
+
+    def _generation(self, namespace: str) -> int:
+        row = self.db.execute("SELECT generation FROM namespaces WHERE name=?",
+                              (namespace,)).fetchone()
+        return row[0] if row else 0
+
+    def _index(self, namespace: str) -> faiss.IndexIDMap2:
+        """The namespace's index: cached, else read from disk if current, else rebuilt."""
+        if namespace in self.indexes:
+            return self.indexes[namespace]
+        path = self.folder / "faiss" / f"{namespace}.index"
+        stamp = self.folder / "faiss" / f"{namespace}.json"
+        generation = self._generation(namespace)
+        index = None
+        if path.exists() and stamp.exists():
+            try:
+                if json.loads(stamp.read_text())["generation"] == generation:
+                    index = faiss.read_index(str(path))
+            except (ValueError, KeyError, RuntimeError):
+                index = None  # unreadable: rebuilt below
+        if index is None:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+            rows = self.db.execute("SELECT id, embedding FROM chunks WHERE namespace=?",
+                                   (namespace,)).fetchall()
+            if rows:
+                vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows])
+                index.add_with_ids(vectors, np.array([i for i, _ in rows], dtype=np.int64))
+            if generation:
+                self._save(namespace, index, generation)
+        self.indexes[namespace] = index
+        return index
+
+    def _save(self, namespace: str, index, generation: int) -> None:
+        folder = self.folder / "faiss"
+        for name, write in ((f"{namespace}.index", lambda p: faiss.write_index(index, str(p))),
+                            (f"{namespace}.json",
+                             lambda p: p.write_text(json.dumps({"generation": generation})))):
+            temporary = folder / f".{name}.tmp"
+            write(temporary)
+            os.replace(temporary, folder / name)
+
+    def _filtered_ids(self, namespace: str, filters: dict) -> list[int]:
+        clauses, values = [], [namespace]
+        for key, wanted in filters.items():
+            if not isinstance(key, str) or not key.replace("_", "").isalnum():
+                raise InvalidRequest(f"filter key {key!r} must be letters, digits or _",
+                                     field="filter")
+            options = wanted if isinstance(wanted, list) else [wanted]
+            clauses.append(f"json_extract(metadata, '$.{key}') IN "
+                           f"({', '.join('?' for _ in options)})")
+            values += options
+        sql = f"SELECT id FROM chunks WHERE namespace=? AND {' AND '.join(clauses)}"
+        return [r[0] for r in self.db.execute(sql, values)]
+
+
+def check_namespace(namespace: str) -> None:
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 characters of letters, "
+                             "digits and . _ - starting with a letter or digit",
+                             field="namespace")

@@ -1,0 +1,145 @@
+"""The document store on a small real corpus (tests/data/corpus) with the real embedder:
+ingest, incremental re-ingest, delete, filters inside the search, persistence, and a
+SIGKILL in the middle of an ingest."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorag.errors import InvalidRequest
+from retrieval.embedder import Embedder
+from retrieval.ingest import ingest
+from retrieval.store import DocumentStore
+
+pytestmark = pytest.mark.integration
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    return DocumentStore(tmp_path / "retrieval", embedder)
+
+
+def test_ingest_then_reingest_is_incremental(store, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS, corpus)
+    first = ingest(store, "kb", [corpus])
+    assert (first["added"], first["updated"], first["unchanged"], first["failed"]) == (6, 0, 0, [])
+    assert store.documents("kb") == ["faq-refunds", "faq-shipping", "faq-versand",
+                                     "guides/bakery.txt", "guides/handbook.md",
+                                     "guides/volcanoes.md"]
+    again = ingest(store, "kb", [corpus])
+    assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 6)
+
+    bakery = corpus / "guides" / "bakery.txt"
+    bakery.write_text(bakery.read_text().replace("6:40", "7:05"))
+    changed = ingest(store, "kb", [corpus])
+    assert (changed["updated"], changed["unchanged"]) == (1, 5)
+    hit = store.search("kb", "When does the bakery open on weekdays?", k=1)[0]
+    assert hit.document_id == "guides/bakery.txt" and "7:05" in hit.text and "6:40" not in \
+        " ".join(h.text for h in store.search("kb", "bakery opening time", k=10))
+
+    lone = ingest(store, "other", [bakery])
+    assert lone["added"] == 1 and store.documents("other") == ["bakery.txt"]
+
+
+def test_search_finds_the_right_passage_with_its_section(store):
+    ingest(store, "kb", [CORPUS])
+    hit = store.search("kb", "Which volcano lies under a glacier and causes floods?", k=1)[0]
+    assert hit.document_id == "guides/volcanoes.md" and "Katla" in hit.text
+    assert hit.metadata["section"] == "Volcanoes of the North Atlantic > Katla"
+    toll = store.search("kb", "How much is the toll for crossing with a cart?", k=3)
+    assert any("seven copper marks" in h.text for h in toll)
+    chunks = {h.chunk_id for h in store.search("kb", "ferry rule", k=50)
+              if h.document_id == "guides/handbook.md"}
+    assert len(chunks) > 3  # the long document was split into several chunks
+
+
+def test_filters_apply_inside_the_search(store):
+    ingest(store, "kb", [CORPUS])
+    german = store.search("kb", "how long does shipping take", k=3, filters={"lang": "de"})
+    assert [h.document_id for h in german] == ["faq-versand"]
+    either = store.search("kb", "shipping", k=10, filters={"topic": ["billing", "shipping"]})
+    assert {h.document_id for h in either} == {"faq-refunds", "faq-shipping", "faq-versand"}
+    assert store.search("kb", "shipping", k=3, filters={"topic": "nothing-has-this"}) == []
+    with pytest.raises(InvalidRequest, match="filter key"):
+        store.search("kb", "x", filters={"a'); DROP TABLE chunks; --": "x"})
+
+
+def test_delete_and_reopen(store, tmp_path, embedder):
+    ingest(store, "kb", [CORPUS])
+    assert store.delete("kb", "guides/volcanoes.md") is True
+    assert store.delete("kb", "guides/volcanoes.md") is False
+    assert all(h.document_id != "guides/volcanoes.md"
+               for h in store.search("kb", "Hekla volcano eruption", k=10))
+    reopened = DocumentStore(tmp_path / "retrieval", embedder)
+    assert "guides/volcanoes.md" not in reopened.documents("kb")
+    assert reopened.search("kb", "cardamom bun", k=1)[0].document_id == "guides/bakery.txt"
+    assert reopened.drop_namespace("kb") is True and reopened.namespaces() == []
+
+
+def test_bad_input_is_refused_clearly(store, tmp_path):
+    with pytest.raises(InvalidRequest, match="namespace"):
+        ingest(store, "../escape", [CORPUS])
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        ingest(store, "kb", [tmp_path / "missing"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": 3}\n')
+    (broken / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    counts = ingest(store, "kb", [broken])
+    reasons = sorted(f["reason"] for f in counts["failed"])
+    assert "bad.jsonl:2: needs string 'id' and 'text'" in reasons[0]
+    assert "is not UTF-8 text" in reasons[1]
+    with pytest.raises(InvalidRequest, match="k must be an integer in 1..100"):
+        store.search("kb", "x", k=0)
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from retrieval.embedder import Embedder
+from retrieval.store import DocumentStore
+store = DocumentStore(Path(sys.argv[1]), Embedder())
+for i in range(1000):
+    store.upsert("kb", f"doc-{i}", f"Document number {i} talks about topic {i % 7}. " * 40)
+    print(f"done doc-{i}", flush=True)
+"""
+
+
+def test_a_kill_during_ingest_loses_nothing_committed(tmp_path, embedder):
+    folder = tmp_path / "retrieval"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    done = []
+    deadline = time.monotonic() + 300
+    while len(done) < 8 and time.monotonic() < deadline:
+        line = writer.stdout.readline()
+        if line.startswith("done "):
+            done.append(line.split()[1])
+    time.sleep(0.05)  # land somewhere inside the next upsert
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert len(done) == 8
+
+    store = DocumentStore(folder, embedder)
+    documents = set(store.documents("kb"))
+    assert set(done) <= documents  # every upsert that returned is there
+    index = store._index("kb")
+    chunks = store.db.execute("SELECT COUNT(*) FROM chunks WHERE namespace='kb'").fetchone()[0]
+    assert index.ntotal == chunks  # index and database agree
+    hits = store.search("kb", "Document number 3 talks about topic 3", k=5)
+    assert {h.document_id for h in hits} <= documents
+    state = json.loads((folder / "faiss" / "kb.json").read_text())
+    assert state["generation"] == store._generation("kb")
