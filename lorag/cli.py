@@ -259,11 +259,13 @@ def search(
     filter_: Annotated[list[str] | None, typer.Option(
         "--filter", help="key=value metadata filter (repeatable; same key twice = in).")] =
         None,
+    mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid (fused by RRF).")] =
+        "hybrid",
     as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
     data_dir: Annotated[Path | None, typer.Option(
         help="State folder; default $LORAG_HOME/data.")] = None,
 ) -> None:
-    """Search a namespace (vector search over the embedded chunks)."""
+    """Search a namespace: BM25, vector, or both fused (the default)."""
     import json
     from dataclasses import asdict
 
@@ -273,7 +275,7 @@ def search(
         if not sep or not key:
             raise InvalidRequest(f"--filter {item!r} must be key=value", field="filter")
         filters.setdefault(key, []).append(value)
-    hits = _store(data_dir).search(namespace, query, k, filters or None)
+    hits = _store(data_dir).search(namespace, query, k, filters or None, mode)
     if as_json:
         print(json.dumps([asdict(hit) for hit in hits], indent=2))
         return

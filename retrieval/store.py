@@ -7,12 +7,14 @@ generation. A write is one SQLite transaction that also bumps the generation, th
 index is updated and saved (temp file + rename). After a crash, an index file whose
 generation does not match the database is rebuilt from the stored embeddings: whatever
 an ingest committed is there after a restart, and the index never shows a chunk the
-database does not have.
+database does not have. BM25 (retrieval/lexical.py) is derived the same way and fused with
+the vector ranking by reciprocal rank for hybrid search.
 """
 
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import numpy as np
 from lorag.errors import InvalidRequest
 from retrieval.chunking import chunk_text
 from retrieval.embedder import Embedder
+from retrieval.lexical import LexicalIndex, fuse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -50,7 +53,8 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(namespace, document_id);
 """
-_NAMESPACE = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODES = ("vector", "bm25", "hybrid")
 
 
 @dataclass
@@ -79,6 +83,7 @@ class DocumentStore:
         self.embedder = embedder
         self.chunk_tokens, self.overlap = min(chunk_tokens, embedder.max_tokens), overlap
         self.indexes: dict[str, faiss.IndexIDMap2] = {}
+        self.lexical: dict[str, tuple[int, LexicalIndex]] = {}  # by write generation
         self.lock = threading.RLock()
 
     # ---- writes ----
@@ -146,43 +151,40 @@ class DocumentStore:
             self.db.execute("BEGIN")
             gone = self.db.execute("DELETE FROM namespaces WHERE name=?", (namespace,)).rowcount
             self.indexes.pop(namespace, None)
+            self.lexical.pop(namespace, None)
             for suffix in (".index", ".json"):
                 (self.folder / "faiss" / f"{namespace}{suffix}").unlink(missing_ok=True)
             return gone > 0
 
     # ---- reads ----
 
-    def search(self, namespace: str, query: str, k: int = 5,
-               filters: dict | None = None) -> list[Hit]:
-        """The k chunks nearest to `query`; `filters` ({key: value or [values]}) restrict
-        the candidates inside the FAISS search, before ranking."""
+    def search(self, namespace: str, query: str, k: int = 5, filters: dict | None = None,
+               mode: str = "hybrid") -> list[Hit]:
+        """The k best chunks for `query`: "vector" (FAISS), "bm25", or "hybrid" (both,
+        fused by reciprocal rank). `filters` ({key: value or [values]}) restrict the
+        candidates inside each search, before ranking."""
         if not isinstance(k, int) or not 1 <= k <= 100:
             raise InvalidRequest(f"k must be an integer in 1..100, got {k!r}", field="top_k")
+        if mode not in MODES:
+            raise InvalidRequest(f"mode must be one of {', '.join(MODES)}, got {mode!r}",
+                                 field="mode")
         with self.lock:
             if namespace not in self.namespaces():
                 return []
-            index = self._index(namespace)
-            params = None
-            if filters:
-                allowed = self._filtered_ids(namespace, filters)
-                if not allowed:
-                    return []
-                params = faiss.SearchParameters(
-                    sel=faiss.IDSelectorBatch(np.array(allowed, dtype=np.int64)))
-            if index.ntotal == 0:
+            allowed = set(self._filtered_ids(namespace, filters)) if filters else None
+            if allowed is not None and not allowed:
                 return []
-            scores, ids = index.search(self.embedder.encode([query]), min(k, index.ntotal),
-                                       params=params)
-            hits = []
-            for score, chunk_id in zip(scores[0], ids[0], strict=True):
-                if chunk_id < 0:
-                    continue
-                document_id, text, metadata = self.db.execute(
-                    "SELECT document_id, text, metadata FROM chunks WHERE id=?",
-                    (int(chunk_id),)).fetchone()
-                hits.append(Hit(document_id, int(chunk_id), float(score), text,
-                                json.loads(metadata)))
-            return hits
+            depth = max(4 * k, 20) if mode == "hybrid" else k  # fusion needs candidates
+            rankings = []
+            if mode in ("vector", "hybrid"):
+                rankings.append(self._vector_search(namespace, query, depth, allowed))
+            if mode in ("bm25", "hybrid"):
+                rankings.append(self._lexical(namespace).search(query, depth, allowed))
+            if mode == "hybrid":
+                scored = fuse([[chunk_id for chunk_id, _ in r] for r in rankings], k)
+            else:
+                scored = rankings[0][:k]
+            return [self._hit(chunk_id, score) for chunk_id, score in scored]
 
     def namespaces(self) -> list[str]:
         """Namespace names, sorted."""
@@ -196,6 +198,33 @@ class DocumentStore:
                 "SELECT id FROM documents WHERE namespace=? ORDER BY id", (namespace,))]
 
     # ---- internals ----
+
+    def _vector_search(self, namespace: str, query: str, k: int,
+                       allowed: set[int] | None) -> list[tuple[int, float]]:
+        index = self._index(namespace)
+        if index.ntotal == 0:
+            return []
+        params = None
+        if allowed is not None:
+            params = faiss.SearchParameters(
+                sel=faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64)))
+        scores, ids = index.search(self.embedder.encode([query]), min(k, index.ntotal),
+                                   params=params)
+        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+    def _lexical(self, namespace: str) -> LexicalIndex:
+        generation = self._generation(namespace)
+        cached = self.lexical.get(namespace)
+        if cached is None or cached[0] != generation:
+            rows = self.db.execute("SELECT id, text FROM chunks WHERE namespace=? ORDER BY id",
+                                   (namespace,)).fetchall()
+            cached = self.lexical[namespace] = (generation, LexicalIndex(rows))
+        return cached[1]
+
+    def _hit(self, chunk_id: int, score: float) -> Hit:
+        document_id, text, metadata = self.db.execute(
+            "SELECT document_id, text, metadata FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+        return Hit(document_id, chunk_id, score, text, json.loads(metadata))
 
     def _chunk_ids(self, namespace: str, document_id: str) -> list[int]:
         return [r[0] for r in self.db.execute(

@@ -143,3 +143,33 @@ def test_a_kill_during_ingest_loses_nothing_committed(tmp_path, embedder):
     assert {h.document_id for h in hits} <= documents
     state = json.loads((folder / "faiss" / "kb.json").read_text())
     assert state["generation"] == store._generation("kb")
+
+
+FAULTS = ["the circulation pump overheated", "the inlet valve is stuck closed",
+          "the door latch did not engage", "the drain filter is blocked",
+          "the heating element failed", "the drum motor stalled",
+          "the water level sensor is faulty", "the detergent drawer is jammed"]
+
+
+def test_hybrid_beats_either_mode_alone(store):
+    ingest(store, "kb", [CORPUS])
+    codes = [f"E{1000 + 137 * i}" for i in range(48)]  # look-alike error codes
+    for i, code in enumerate(codes):
+        store.upsert("kb", f"err-{code}", f"Error {code} means {FAULTS[i % len(FAULTS)]}; "
+                                          "see the service manual.", {"topic": "errors"})
+    # exact identifiers (vector search blurs look-alike codes) and paraphrases that share
+    # no word with their answer (BM25 has nothing to match)
+    queries = [(f"what does error {codes[i]} mean on my washing machine", f"err-{codes[i]}")
+               for i in (3, 11, 19, 27, 35, 43)]
+    queries += [("When can I get my money back?", "faq-refunds"),
+                ("mountain that spews lava in Iceland", "guides/volcanoes.md"),
+                ("how fast will my parcel arrive", "faq-shipping"),
+                ("where can I buy fresh bread early in the morning", "guides/bakery.txt")]
+    found = {mode: sum(want in [h.document_id for h in store.search("kb", q, 1, mode=mode)]
+                       for q, want in queries)
+             for mode in ("vector", "bm25", "hybrid")}
+    print(f"hit@1 over {len(queries)} queries: {found}")
+    assert found["hybrid"] > found["vector"] and found["hybrid"] > found["bm25"]
+    assert found["hybrid"] == len(queries)
+    with pytest.raises(InvalidRequest, match="mode must be one of"):
+        store.search("kb", "x", mode="fuzzy")
