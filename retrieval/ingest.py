@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bs4 import BeautifulSoup
+from pypdf import PdfReader
+from pypdf.errors import PdfReadError
+
 from lorag.errors import InvalidRequest
 from retrieval.store import DocumentStore, check_namespace
 
@@ -48,9 +52,37 @@ def _jsonl(path: Path, doc_id: str) -> list[Document]:
     return documents
 
 
+def _html(path: Path, doc_id: str) -> list[Document]:
+    # headings become Markdown headings, so chunks keep their section path
+    soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    for tag in soup(["script", "style", "noscript"]):
+        tag.decompose()
+    for level in range(1, 7):
+        for heading in soup.find_all(f"h{level}"):
+            heading.replace_with(f"\n{'#' * level} {heading.get_text(' ', strip=True)}\n")
+    text = "\n".join(line.strip() for line in soup.get_text().splitlines() if line.strip())
+    title = soup.title.get_text(strip=True) if soup.title else ""
+    metadata = {"source": doc_id, "format": "html", **({"title": title} if title else {})}
+    return [Document(doc_id, text, metadata)]
+
+
+def _pdf(path: Path, doc_id: str) -> list[Document]:
+    try:
+        reader = PdfReader(path)
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except PdfReadError as e:
+        raise InvalidRequest(f"{path} is not a readable PDF: {e}") from e
+    text = "\n\n".join(pages).strip()
+    if not text:
+        raise InvalidRequest(f"{path} has no extractable text (a scan? OCR it first)")
+    return [Document(doc_id, text, {"source": doc_id, "format": "pdf", "pages": len(pages)})]
+
+
 LOADERS: list[tuple[tuple[str, ...], Callable[[Path, str], list[Document]]]] = [
     ((".txt", ".md", ".markdown"), _plain),
     ((".jsonl",), _jsonl),
+    ((".html", ".htm"), _html),
+    ((".pdf",), _pdf),
 ]
 SUFFIXES = {suffix for suffixes, _ in LOADERS for suffix in suffixes}
 

@@ -35,17 +35,18 @@ def test_ingest_then_reingest_is_incremental(store, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)
     first = ingest(store, "kb", [corpus])
-    assert (first["added"], first["updated"], first["unchanged"], first["failed"]) == (6, 0, 0, [])
+    assert (first["added"], first["updated"], first["unchanged"], first["failed"]) == (8, 0, 0, [])
     assert store.documents("kb") == ["faq-refunds", "faq-shipping", "faq-versand",
-                                     "guides/bakery.txt", "guides/handbook.md",
+                                     "guides/bakery.txt", "guides/glossary.html",
+                                     "guides/handbook.md", "guides/lighthouse.pdf",
                                      "guides/volcanoes.md"]
     again = ingest(store, "kb", [corpus])
-    assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 6)
+    assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 8)
 
     bakery = corpus / "guides" / "bakery.txt"
     bakery.write_text(bakery.read_text().replace("6:40", "7:05"))
     changed = ingest(store, "kb", [corpus])
-    assert (changed["updated"], changed["unchanged"]) == (1, 5)
+    assert (changed["updated"], changed["unchanged"]) == (1, 7)
     hit = store.search("kb", "When does the bakery open on weekdays?", k=1)[0]
     assert hit.document_id == "guides/bakery.txt" and "7:05" in hit.text and "6:40" not in \
         " ".join(h.text for h in store.search("kb", "bakery opening time", k=10))
@@ -59,6 +60,12 @@ def test_search_finds_the_right_passage_with_its_section(store):
     hit = store.search("kb", "Which volcano lies under a glacier and causes floods?", k=1)[0]
     assert hit.document_id == "guides/volcanoes.md" and "Katla" in hit.text
     assert hit.metadata["section"] == "Volcanoes of the North Atlantic > Katla"
+    knot = store.search("kb", "Which knot makes a loop that will not slip?", k=1)[0]
+    assert knot.document_id == "guides/glossary.html" and "bowline" in knot.text
+    assert knot.metadata["section"] == "Sailing glossary > Knots"
+    assert knot.metadata["title"] == "Sailing glossary" and "console.log" not in knot.text
+    light = store.search("kb", "When is the Skerryvore light lit?", k=1)[0]
+    assert light.document_id == "guides/lighthouse.pdf" and light.metadata["pages"] == 1
     toll = store.search("kb", "How much is the toll for crossing with a cart?", k=3)
     assert any("seven copper marks" in h.text for h in toll)
     chunks = {h.chunk_id for h in store.search("kb", "ferry rule", k=50)
@@ -98,10 +105,12 @@ def test_bad_input_is_refused_clearly(store, tmp_path):
     broken.mkdir()
     (broken / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": 3}\n')
     (broken / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (broken / "fake.pdf").write_bytes(b"this is not a pdf at all")
     counts = ingest(store, "kb", [broken])
     reasons = sorted(f["reason"] for f in counts["failed"])
     assert "bad.jsonl:2: needs string 'id' and 'text'" in reasons[0]
-    assert "is not UTF-8 text" in reasons[1]
+    assert "fake.pdf is not a readable PDF" in reasons[1]
+    assert "is not UTF-8 text" in reasons[2]
     with pytest.raises(InvalidRequest, match="k must be an integer in 1..100"):
         store.search("kb", "x", k=0)
 
