@@ -284,6 +284,36 @@ def search(
                       f"{hit.text[:160]}")
 
 
+namespaces_app = typer.Typer(help="Retrieval namespaces in the data dir.", no_args_is_help=True)
+app.add_typer(namespaces_app, name="namespaces")
+
+
+@namespaces_app.command("list")
+def namespaces_list(
+    data_dir: Annotated[Path | None, typer.Option(
+        help="State folder; default $LORAG_HOME/data.")] = None,
+) -> None:
+    """Namespaces with their document and chunk counts."""
+    store = _store(data_dir)
+    table = Table("namespace", "documents", "chunks")
+    for name in store.namespaces():
+        documents, chunks = store.counts(name)
+        table.add_row(name, str(documents), str(chunks))
+    Console().print(table)
+
+
+@namespaces_app.command("delete")
+def namespaces_delete(
+    namespace: Annotated[str, typer.Argument(help="The namespace to delete.")],
+    data_dir: Annotated[Path | None, typer.Option(
+        help="State folder; default $LORAG_HOME/data.")] = None,
+) -> None:
+    """Delete a namespace with all its documents and its index."""
+    if not _store(data_dir).drop_namespace(namespace):
+        raise InvalidRequest(f"namespace {namespace!r} does not exist", field="namespace")
+    console.print(f"deleted namespace {namespace}")
+
+
 @bench_app.command("training")
 def bench_training(
     examples: Annotated[int, typer.Option(min=1, help="Chat examples generated.")] = 64,

@@ -191,6 +191,15 @@ class DocumentStore:
         with self.lock:
             return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
 
+    def counts(self, namespace: str) -> tuple[int, int]:
+        """(documents, chunks) in a namespace."""
+        with self.lock:
+            documents = self.db.execute("SELECT COUNT(*) FROM documents WHERE namespace=?",
+                                        (namespace,)).fetchone()[0]
+            chunks = self.db.execute("SELECT COUNT(*) FROM chunks WHERE namespace=?",
+                                     (namespace,)).fetchone()[0]
+        return documents, chunks
+
     def documents(self, namespace: str) -> list[str]:
         """Document ids in a namespace, sorted."""
         with self.lock:
