@@ -1,7 +1,8 @@
 """Namespaced document store: SQLite is the source of truth, FAISS a rebuildable index.
 
 Every chunk's text, metadata and embedding live in SQLite (`retrieval.db` under the data
-dir); one FAISS index per namespace (`IndexIDMap2` over inner product on unit vectors,
+dir); one FAISS index per namespace (`IndexIDMap2` over exact inner product on unit
+vectors while small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`;
 ids = chunk row ids) is kept in memory and saved beside it with the namespace's write
 generation. A write is one SQLite transaction that also bumps the generation, then the
 index is updated and saved (temp file + rename). After a crash, an index file whose
@@ -72,7 +73,9 @@ class DocumentStore:
     """Documents in namespaces: upsert, delete, search. Thread-safe."""
 
     def __init__(self, data_dir: Path, embedder: Embedder, chunk_tokens: int = 200,
-                 overlap: int = 40):
+                 overlap: int = 40, ivf_threshold: int = 50_000, nprobe: int = 16):
+        """ivf_threshold: chunks in a namespace above which its index becomes IVF (trained
+        on the stored vectors) instead of exact flat search; nprobe: IVF lists searched."""
         self.folder = Path(data_dir)
         (self.folder / "faiss").mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.folder / "retrieval.db", check_same_thread=False,
@@ -82,7 +85,8 @@ class DocumentStore:
         self.db.executescript(SCHEMA)
         self.embedder = embedder
         self.chunk_tokens, self.overlap = min(chunk_tokens, embedder.max_tokens), overlap
-        self.indexes: dict[str, faiss.IndexIDMap2] = {}
+        self.ivf_threshold, self.nprobe = ivf_threshold, nprobe
+        self.indexes: dict[str, faiss.Index] = {}
         self.lexical: dict[str, tuple[int, LexicalIndex]] = {}  # by write generation
         self.lock = threading.RLock()
 
@@ -126,6 +130,8 @@ class DocumentStore:
                 generation = self._bump(namespace)
             index.remove_ids(np.array(old, dtype=np.int64))
             index.add_with_ids(vectors, np.array(new, dtype=np.int64))
+            if _is_flat(index) and index.ntotal >= self.ivf_threshold:
+                index = self.indexes[namespace] = self._build(namespace)  # grown: go IVF
             self._save(namespace, index, generation)
         return "updated" if row else "added"
 
@@ -213,10 +219,15 @@ class DocumentStore:
         index = self._index(namespace)
         if index.ntotal == 0:
             return []
-        params = None
+        selector = None
         if allowed is not None:
-            params = faiss.SearchParameters(
-                sel=faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64)))
+            selector = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64))
+        if _is_flat(index):
+            params = faiss.SearchParameters(sel=selector) if selector else None
+        else:
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+            if selector is not None:
+                params.sel = selector
         scores, ids = index.search(self.embedder.encode([query]), min(k, index.ntotal),
                                    params=params)
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
@@ -250,7 +261,7 @@ class DocumentStore:
                               (namespace,)).fetchone()
         return row[0] if row else 0
 
-    def _index(self, namespace: str) -> faiss.IndexIDMap2:
+    def _index(self, namespace: str) -> faiss.Index:
         """The namespace's index: cached, else read from disk if current, else rebuilt."""
         if namespace in self.indexes:
             return self.indexes[namespace]
@@ -265,15 +276,29 @@ class DocumentStore:
             except (ValueError, KeyError, RuntimeError):
                 index = None  # unreadable: rebuilt below
         if index is None:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
-            rows = self.db.execute("SELECT id, embedding FROM chunks WHERE namespace=?",
-                                   (namespace,)).fetchall()
-            if rows:
-                vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows])
-                index.add_with_ids(vectors, np.array([i for i, _ in rows], dtype=np.int64))
+            index = self._build(namespace)
             if generation:
                 self._save(namespace, index, generation)
         self.indexes[namespace] = index
+        return index
+
+    def _build(self, namespace: str) -> faiss.Index:
+        """A fresh index over every stored vector of the namespace: exact inner product
+        while small, IVF (inner product, trained on these vectors) from ivf_threshold."""
+        rows = self.db.execute("SELECT id, embedding FROM chunks WHERE namespace=?",
+                               (namespace,)).fetchall()
+        dim = self.embedder.dim
+        if len(rows) < self.ivf_threshold:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        else:  # ~4 sqrt(N) lists, with enough points per list to train (faiss wants 39)
+            lists = max(1, min(int(4 * np.sqrt(len(rows))), len(rows) // 39))
+            # the factory owns its coarse quantizer (a Python-side one could be freed)
+            index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        if rows:
+            vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows])
+            if not index.is_trained:
+                index.train(vectors)
+            index.add_with_ids(vectors, np.array([i for i, _ in rows], dtype=np.int64))
         return index
 
     def _save(self, namespace: str, index, generation: int) -> None:
@@ -297,6 +322,10 @@ class DocumentStore:
             values += options
         sql = f"SELECT id FROM chunks WHERE namespace=? AND {' AND '.join(clauses)}"
         return [r[0] for r in self.db.execute(sql, values)]
+
+
+def _is_flat(index: faiss.Index) -> bool:
+    return faiss.try_extract_index_ivf(index) is None
 
 
 def check_namespace(namespace: str) -> None:

@@ -182,3 +182,25 @@ def test_hybrid_beats_either_mode_alone(store):
     assert found["hybrid"] == len(queries)
     with pytest.raises(InvalidRequest, match="mode must be one of"):
         store.search("kb", "x", mode="fuzzy")
+
+
+def test_a_large_namespace_switches_to_ivf_and_stays_correct(tmp_path, embedder):
+    import faiss
+
+    store = DocumentStore(tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
+    colors = ["red", "green", "blue", "amber", "violet", "grey"]
+    places = ["harbor", "forest", "desert", "glacier", "meadow", "canyon", "island"]
+    for i in range(130):
+        store.upsert("big", f"fact-{i}", f"Fact {i}: the {colors[i % 6]} lantern hangs in "
+                                         f"the {places[i % 7]} number {i}.", {"n": i % 2})
+    index = store._index("big")
+    assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 130
+    hit = store.search("big", "Fact 77: the grey lantern in the harbor number 77", k=1)[0]
+    assert hit.document_id == "fact-77"
+    odd = store.search("big", "lantern", k=20, filters={"n": 1}, mode="vector")
+    assert len(odd) == 20 and all(h.metadata["n"] == 1 for h in odd)
+    assert store.delete("big", "fact-77")
+    reopened = DocumentStore(tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
+    assert faiss.try_extract_index_ivf(reopened._index("big")) is not None
+    assert reopened._index("big").ntotal == 129
+    assert all(h.document_id != "fact-77" for h in reopened.search("big", "Fact 77", k=5))
