@@ -9,12 +9,7 @@ many requests completed, disconnected, failed, and whether the engine is clean a
 
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,36 +17,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.adapters import AdapterSpec, make_adapters
+from benchmarks.daemon import DaemonProcess
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_daemon(data_dir: Path, root: Path, slots: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    command = [sys.executable, "-m", "lorag", "serve", "--port", str(port), "--grpc-port",
-               str(_free_port()), "--data-dir", str(data_dir), "--adapter-root", str(root),
-               "--max-active-adapters", str(slots), "--max-lora-rank", "16",
-               "--max-model-len", "512"]
-    log = (data_dir / "daemon.log").open("ab")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the daemon did not start; see {data_dir / 'daemon.log'}")
 
 
 async def _client(http: httpx.AsyncClient, adapter: str, disconnect: bool,
@@ -135,7 +104,10 @@ def main(requests: int = 200, adapters: int = 16, disconnect: float = 0.2,
     churn = make_adapters(model, root, {f"extra{i}": AdapterSpec(rank=8) for i in range(4)},
                           seed=1)
     del model
-    process, url = _start_daemon(data, root, slots=adapters)
+    daemon = DaemonProcess(data, ["--adapter-root", str(root), "--max-active-adapters",
+                                  str(adapters), "--max-lora-rank", "16", "--max-model-len",
+                                  "512"], data / "daemon.log")
+    url = daemon.url
     try:
         for name, path in paths.items():
             response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=60,
@@ -144,8 +116,7 @@ def main(requests: int = 200, adapters: int = 16, disconnect: float = 0.2,
         result = asyncio.run(_run(url, list(paths), list(churn.values()), requests,
                                   disconnect, max_tokens))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        daemon.stop()
     result = {"workload": {"model": MODEL, "quantize": "nf4", "adapters": adapters,
                            "disconnect_fraction": disconnect, "max_tokens": max_tokens},
               **result}

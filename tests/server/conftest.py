@@ -1,18 +1,13 @@
 """A real daemon (`lorag serve` in a subprocess) on 127.0.0.1, with real adapters."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from benchmarks.adapters import AdapterSpec, make_adapters
+from benchmarks.daemon import DaemonProcess
 from lorag.models import load_base
 
 KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},
@@ -23,52 +18,20 @@ MAX_MODEL_LEN = 512
 MAX_LORA_RANK = 32
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """`lorag serve` as a user runs it; stopped with SIGTERM like a service manager."""
+class Daemon(DaemonProcess):
+    """The daemon these tests run: API keys on, small limits so limits can be hit."""
 
     def __init__(self, data_dir: Path, root: Path, keys: Path, log: Path):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.log = log
-        command = [sys.executable, "-m", "lorag", "serve", "--port", str(self.port),
-                   "--grpc-port", str(self.grpc_port), "--data-dir", str(data_dir),
-                   "--adapter-root", str(root), "--api-keys", str(keys),
-                   "--max-model-len", str(MAX_MODEL_LEN), "--max-lora-rank", str(MAX_LORA_RANK),
-                   "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
-                   "--max-active-adapters", "4"]
-        self.process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"daemon did not start: {log.read_text()[-3000:]}")
+        super().__init__(data_dir, [
+            "--adapter-root", str(root), "--api-keys", str(keys),
+            "--max-model-len", str(MAX_MODEL_LEN), "--max-lora-rank", str(MAX_LORA_RANK),
+            "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+            "--max-active-adapters", "4"], log)
 
     def health(self) -> dict:
         response = httpx.get(f"{self.url}/health", timeout=10)
         assert response.status_code == 200, response.text
         return response.json()
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,54 @@
+"""`lorag serve` in a subprocess on free loopback ports, as the load test and the daemon's
+integration tests run it: started, waited for until /health answers, stopped with SIGTERM
+like a service manager would."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """A running `lorag serve --data-dir DATA_DIR FLAGS...`; its output goes to `log`."""
+
+    def __init__(self, data_dir: Path, flags: list[str], log: Path, timeout: float = 180):
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+        self.log = log
+        command = [sys.executable, "-m", "lorag", "serve", "--port", str(self.port),
+                   "--grpc-port", str(self.grpc_port), "--data-dir", str(data_dir), *flags]
+        self.process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the daemon exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the daemon did not start: {log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
