@@ -122,9 +122,9 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         alive = service.engine.thread is not None and service.engine.thread.is_alive()
-        state = service.engine_state()
+        stats = service.engine.stats()  # counters only: a probe need not list adapters
         body = {"status": "ok" if alive else "engine stopped", "model": service.model_name,
-                "running": state["running"], "waiting": state["waiting"]}
+                "running": stats["running"], "waiting": stats["waiting"]}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
