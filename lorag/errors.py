@@ -22,7 +22,11 @@ class InvalidRequest(LoragError):
     """The input is malformed or names something that cannot be used as given."""
 
 
-class AdapterNotFound(LoragError):
+class NotFound(LoragError):
+    """Nothing of that name is visible to the caller (another tenant's things included)."""
+
+
+class AdapterNotFound(NotFound):
     """No adapter of that name is visible to the caller."""
 
 

@@ -1,5 +1,7 @@
 """Sentence embeddings from the model cache (default all-MiniLM-L6-v2), normalised."""
 
+from functools import cached_property
+
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
@@ -9,17 +11,31 @@ from lorag.settings import Settings
 
 
 class Embedder:
-    """Texts -> unit vectors [n, dim] float32, so inner product is cosine similarity."""
+    """Texts -> unit vectors [n, dim] float32, so inner product is cosine similarity.
+
+    The model is read on first use, so a daemon that never retrieves never loads it."""
 
     def __init__(self, ref: str = catalog.DEFAULT_EMBEDDER, batch_size: int = 64):
-        entry = catalog.find(ref)
-        path = ModelCache(Settings().models_dir).pull(entry) if entry else ref
         self.name = ref
-        self.model = SentenceTransformer(str(path), device="cpu")
-        self.tokenizer = self.model.tokenizer
-        self.dim = self.model.get_embedding_dimension()
-        self.max_tokens = self.model.max_seq_length
         self.batch_size = batch_size
+
+    @cached_property
+    def model(self) -> SentenceTransformer:
+        entry = catalog.find(self.name)
+        path = ModelCache(Settings().models_dir).pull(entry) if entry else self.name
+        return SentenceTransformer(str(path), device="cpu")
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def dim(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.max_seq_length
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """texts: n strings -> [n, dim] float32, L2-normalised."""

@@ -15,7 +15,7 @@ from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from lorag.errors import InvalidRequest
-from retrieval.store import DocumentStore, check_namespace
+from retrieval.store import DocumentStore, check_stored
 
 
 @dataclass
@@ -116,7 +116,7 @@ def load(path: Path, doc_id: str) -> list[Document]:
 def ingest(store: DocumentStore, namespace: str, paths: list[Path],
            on_file: Callable[[Path, str], None] | None = None) -> dict:
     """Ingest every supported file; returns counts and the failures with their reasons."""
-    check_namespace(namespace)
+    check_stored(namespace)
     counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": []}
     for path, doc_id in files_under(paths):
         try:

@@ -4,7 +4,8 @@ Every chunk's text, metadata and embedding live in SQLite (`retrieval.db` under 
 dir); one FAISS index per namespace (`IndexIDMap2` over exact inner product on unit
 vectors while small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`;
 ids = chunk row ids) is kept in memory and saved beside it with the namespace's write
-generation. A write is one SQLite transaction that also bumps the generation, then the
+generation; a cached index whose generation falls behind the database's (another process
+wrote) is reloaded. A write is one SQLite transaction that also bumps the generation, then the
 index is updated and saved (temp file + rename). After a crash, an index file whose
 generation does not match the database is rebuilt from the stored embeddings: whatever
 an ingest committed is there after a restart, and the index never shows a chunk the
@@ -32,7 +33,8 @@ from retrieval.lexical import LexicalIndex, fuse
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
     name TEXT PRIMARY KEY,
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    shared INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS documents (
     namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
@@ -54,7 +56,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(namespace, document_id);
 """
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+_NAMESPACE = re.compile(f"^{_NAME}$")
+# as stored: "<tenant>.<name>" for a tenant's namespace (tenants have no dots), or a bare name
+_STORED = re.compile(f"^(?:[a-z0-9][a-z0-9_-]{{0,62}}\\.)?{_NAME}$")
 MODES = ("vector", "bm25", "hybrid")
 
 
@@ -83,10 +88,12 @@ class DocumentStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        if "shared" not in {row[1] for row in self.db.execute("PRAGMA table_info(namespaces)")}:
+            self.db.execute("ALTER TABLE namespaces ADD shared INTEGER NOT NULL DEFAULT 0")
         self.embedder = embedder
-        self.chunk_tokens, self.overlap = min(chunk_tokens, embedder.max_tokens), overlap
+        self.chunk_tokens, self.overlap = chunk_tokens, overlap
         self.ivf_threshold, self.nprobe = ivf_threshold, nprobe
-        self.indexes: dict[str, faiss.Index] = {}
+        self.indexes: dict[str, tuple[int, faiss.Index]] = {}  # by write generation
         self.lexical: dict[str, tuple[int, LexicalIndex]] = {}  # by write generation
         self.lock = threading.RLock()
 
@@ -95,7 +102,7 @@ class DocumentStore:
     def upsert(self, namespace: str, document_id: str, text: str,
                metadata: dict | None = None) -> str:
         """Add or replace one document; returns "added", "updated" or "unchanged"."""
-        check_namespace(namespace)
+        check_stored(namespace)
         if not isinstance(document_id, str) or not document_id:
             raise InvalidRequest("document id must be a non-empty string", field="id")
         if not isinstance(text, str) or not text.strip():
@@ -109,13 +116,15 @@ class DocumentStore:
                                   (namespace, document_id)).fetchone()
         if row and row[0] == digest:
             return "unchanged"
-        chunks = chunk_text(text, self.embedder.tokenizer, self.chunk_tokens, self.overlap)
+        chunks = chunk_text(text, self.embedder.tokenizer,
+                            min(self.chunk_tokens, self.embedder.max_tokens), self.overlap)
         vectors = self.embedder.encode([c.text for c in chunks])  # outside the lock
         with self.lock:
-            index = self._index(namespace)
             with self.db:
-                self.db.execute("BEGIN")
-                self.db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, 0)", (namespace,))
+                self.db.execute("BEGIN IMMEDIATE")  # the write lock now, not at first write
+                self.db.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)",
+                                (namespace,))
+                before = self._generation(namespace)
                 old = self._chunk_ids(namespace, document_id)
                 self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
                                 (namespace, document_id))
@@ -128,10 +137,15 @@ class DocumentStore:
                      json.dumps({**metadata, **c.metadata}), vector.tobytes())).lastrowid
                     for c, vector in zip(chunks, vectors, strict=True)]
                 generation = self._bump(namespace)
-            index.remove_ids(np.array(old, dtype=np.int64))
-            index.add_with_ids(vectors, np.array(new, dtype=np.int64))
-            if _is_flat(index) and index.ntotal >= self.ivf_threshold:
-                index = self.indexes[namespace] = self._build(namespace)  # grown: go IVF
+            index = self._current(namespace, before)
+            if index is None:  # not cached, or another process wrote since
+                index = self._build(namespace)
+            else:
+                index.remove_ids(np.array(old, dtype=np.int64))
+                index.add_with_ids(vectors, np.array(new, dtype=np.int64))
+                if _is_flat(index) and index.ntotal >= self.ivf_threshold:
+                    index = self._build(namespace)  # grown: go IVF
+            self.indexes[namespace] = (generation, index)
             self._save(namespace, index, generation)
         return "updated" if row else "added"
 
@@ -140,21 +154,26 @@ class DocumentStore:
         with self.lock:
             if namespace not in self.namespaces():
                 return False
-            index = self._index(namespace)
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
+                before = self._generation(namespace)
                 old = self._chunk_ids(namespace, document_id)
                 gone = self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
                                        (namespace, document_id)).rowcount
                 generation = self._bump(namespace)
-            index.remove_ids(np.array(old, dtype=np.int64))
+            index = self._current(namespace, before)
+            if index is None:
+                index = self._build(namespace)
+            else:
+                index.remove_ids(np.array(old, dtype=np.int64))
+            self.indexes[namespace] = (generation, index)
             self._save(namespace, index, generation)
             return gone > 0
 
     def drop_namespace(self, namespace: str) -> bool:
         """Delete a namespace with all its documents; says whether it existed."""
         with self.lock, self.db:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")
             gone = self.db.execute("DELETE FROM namespaces WHERE name=?", (namespace,)).rowcount
             self.indexes.pop(namespace, None)
             self.lexical.pop(namespace, None)
@@ -197,6 +216,23 @@ class DocumentStore:
         with self.lock:
             return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
 
+    def shared(self) -> list[str]:
+        """Names of the namespaces marked shared, sorted."""
+        with self.lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT name FROM namespaces WHERE shared=1 ORDER BY name")]
+
+    def create(self, namespace: str, shared: bool = False) -> bool:
+        """Create an empty namespace, or set whether an existing one is shared; True if new."""
+        check_stored(namespace)
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            new = self.db.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)",
+                                  (namespace,)).rowcount
+            self.db.execute("UPDATE namespaces SET shared=? WHERE name=?",
+                            (int(shared), namespace))
+            return new > 0
+
     def counts(self, namespace: str) -> tuple[int, int]:
         """(documents, chunks) in a namespace."""
         with self.lock:
@@ -211,6 +247,11 @@ class DocumentStore:
         with self.lock:
             return [r[0] for r in self.db.execute(
                 "SELECT id FROM documents WHERE namespace=? ORDER BY id", (namespace,))]
+
+    def close(self) -> None:
+        """Close the database (indexes are saved on every write)."""
+        with self.lock:
+            self.db.close()
 
     # ---- internals ----
 
@@ -261,14 +302,20 @@ class DocumentStore:
                               (namespace,)).fetchone()
         return row[0] if row else 0
 
+    def _current(self, namespace: str, generation: int) -> faiss.Index | None:
+        """The cached index if it reflects exactly `generation` of the database."""
+        cached = self.indexes.get(namespace)
+        return cached[1] if cached and cached[0] == generation else None
+
     def _index(self, namespace: str) -> faiss.Index:
-        """The namespace's index: cached, else read from disk if current, else rebuilt."""
-        if namespace in self.indexes:
-            return self.indexes[namespace]
+        """The namespace's index: cached if current, else read from disk if current, else
+        rebuilt from the stored vectors."""
+        generation = self._generation(namespace)
+        index = self._current(namespace, generation)
+        if index is not None:
+            return index
         path = self.folder / "faiss" / f"{namespace}.index"
         stamp = self.folder / "faiss" / f"{namespace}.json"
-        generation = self._generation(namespace)
-        index = None
         if path.exists() and stamp.exists():
             try:
                 if json.loads(stamp.read_text())["generation"] == generation:
@@ -279,7 +326,7 @@ class DocumentStore:
             index = self._build(namespace)
             if generation:
                 self._save(namespace, index, generation)
-        self.indexes[namespace] = index
+        self.indexes[namespace] = (generation, index)
         return index
 
     def _build(self, namespace: str) -> faiss.Index:
@@ -328,8 +375,31 @@ def _is_flat(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is None
 
 
-def check_namespace(namespace: str) -> None:
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
-        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 characters of letters, "
-                             "digits and . _ - starting with a letter or digit",
+def check_namespace(name: str) -> None:
+    """A namespace's name as its owner gives it."""
+    if not isinstance(name, str) or not _NAMESPACE.match(name):
+        raise InvalidRequest(f"namespace {name!r} must be 1-64 characters of letters, "
+                             "digits, _ and - starting with a letter or digit",
                              field="namespace")
+
+
+def check_stored(namespace: str) -> None:
+    """A namespace as stored: a bare name, or "<tenant>.<name>" (see `scoped`)."""
+    if not isinstance(namespace, str) or not _STORED.match(namespace):
+        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 characters of letters, "
+                             "digits, _ and - starting with a letter or digit (stored as "
+                             "<tenant>.<name> for a tenant's namespace)", field="namespace")
+
+
+def scoped(tenant: str, name: str) -> str:
+    """Tenant `tenant`'s namespace `name` as stored: "<tenant>.<name>". Tenants never
+    contain a dot and names never do, so the split is unambiguous; the daemon and the
+    CLI's data-dir mode name a tenant's namespaces the same way."""
+    check_namespace(name)
+    return f"{tenant}.{name}"
+
+
+def unscoped(namespace: str) -> tuple[str | None, str]:
+    """(tenant, name) of a stored namespace; tenant None for a bare name."""
+    tenant, _, name = namespace.rpartition(".")
+    return tenant or None, name

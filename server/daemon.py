@@ -14,6 +14,8 @@ from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from lorag.models import load_base
+from retrieval.embedder import Embedder
+from retrieval.store import DocumentStore
 from server.auth import ApiKeys
 from server.engine import Engine, EngineConfig
 from server.grpc_service import start_grpc
@@ -51,7 +53,9 @@ def build_service(options: ServeOptions) -> Service:
     config = EngineConfig(**options.engine, adapter_roots=roots)
     model, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype)
     engine = Engine(model, tokenizer, config).start()
-    return Service(engine, store, keys, model_name=Path(options.model).name)
+    documents = DocumentStore(options.data_dir / "retrieval", Embedder())  # embedder: lazy
+    return Service(engine, store, keys, model_name=Path(options.model).name,
+                   documents=documents)
 
 
 def serve(options: ServeOptions, console: Console) -> None:
@@ -77,3 +81,4 @@ def serve(options: ServeOptions, console: Console) -> None:
         grpc_server.stop(grace=2)
         service.engine.shutdown()
         service.store.close()
+        service.namespaces.store.close()

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import grpc
 
 from lorag.errors import (
-    AdapterNotFound,
     InvalidRequest,
     LoragError,
+    NotFound,
     Overloaded,
     PermissionDenied,
     Unauthenticated,
@@ -32,7 +32,7 @@ MAPPINGS: dict[type[LoragError], Mapping] = {
     InvalidRequest: Mapping(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
     Unauthenticated: Mapping(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: Mapping(403, "permission_error", grpc.StatusCode.PERMISSION_DENIED),
-    AdapterNotFound: Mapping(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
+    NotFound: Mapping(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
     Overloaded: Mapping(429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
 INTERNAL = Mapping(500, "internal_error", grpc.StatusCode.INTERNAL)

@@ -6,6 +6,7 @@ import uuid
 from concurrent import futures
 
 import grpc
+from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,6 +21,8 @@ log = logging.getLogger("lorag.grpc")
 SERVICE_NAME = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].full_name
 FINISH = {"stop": lorag_pb2.FINISH_REASON_STOP, "length": lorag_pb2.FINISH_REASON_LENGTH,
           "cancelled": lorag_pb2.FINISH_REASON_CANCELLED}
+MODES = {lorag_pb2.SEARCH_MODE_UNSPECIFIED: "hybrid", lorag_pb2.SEARCH_MODE_VECTOR: "vector",
+         lorag_pb2.SEARCH_MODE_BM25: "bm25", lorag_pb2.SEARCH_MODE_HYBRID: "hybrid"}
 
 
 class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
@@ -63,6 +66,16 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             active=r["active"], pinned=r["pinned"], running_requests=r["running_requests"])
             for r in rows])
 
+    def Search(self, request, context):
+        filters = {key: json_format.MessageToDict(value)
+                   for key, value in request.filter.items()} or None
+        hits = self.service.namespaces.search(
+            self._caller(context), request.namespace, request.query,
+            request.top_k if request.HasField("top_k") else 5, MODES[request.mode], filters)
+        return lorag_pb2.SearchResponse(hits=[lorag_pb2.SearchHit(
+            document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,
+            metadata=_struct(h.metadata)) for h in hits])
+
     def _caller(self, context) -> Caller:
         metadata = dict(context.invocation_metadata())
         return self.service.keys.caller(metadata.get("authorization"))
@@ -88,6 +101,12 @@ def _sampling(options) -> SamplingParams:
         top_p=options.top_p if has("top_p") else 1.0,
         top_k=options.top_k if has("top_k") else 0,
         seed=options.seed if has("seed") else None, stop=list(options.stop))
+
+
+def _struct(values: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
 
 
 def _usage(out) -> lorag_pb2.Usage:

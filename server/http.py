@@ -8,16 +8,27 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from lorag.errors import LoragError
 from server.auth import Caller
 from server.errors import INTERNAL, mapping, openai_error
-from server.openai_api import AdapterLoad, ChatRequest, CompletionRequest, LoadLora, UnloadLora
+from server.openai_api import (
+    AdapterLoad,
+    ChatRequest,
+    CompletionRequest,
+    DocumentsBody,
+    LoadLora,
+    NamespaceBody,
+    SearchBody,
+    UnloadLora,
+)
 from server.service import Service
 
 log = logging.getLogger("lorag.http")
@@ -61,11 +72,22 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         who = caller(request)
-        prompt = service.template(body.plain_messages())
+        messages, extra = body.plain_messages(), {}
+        if body.rag is not None:  # retrieval embeds the question: off the event loop
+            rag = body.rag
+            grounded = await run_in_threadpool(
+                service.rag_messages, who, messages, rag.namespace, rag.top_k, rag.mode,
+                rag.filter, body.max_completion_tokens or body.max_tokens)
+            messages = grounded["messages"]
+            extra = {"sources": grounded["sources"],
+                     "rag": {"namespace": rag.namespace, "retrieved": grounded["retrieved"],
+                             "used": len(grounded["sources"]),
+                             "dropped": grounded["dropped"]}}
+        prompt = service.template(messages)
         stream = service.generate(who, prompt, body.sampling(len(prompt),
                                   service.engine.config.max_model_len), body.model,
                                   body.composition(), f"chatcmpl-{uuid.uuid4().hex}")
-        return await _respond(stream, body, request, service, chat=True)
+        return await _respond(stream, body, request, service, chat=True, extra=extra)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -119,6 +141,38 @@ def create_app(service: Service) -> FastAPI:
         service.pin_adapter(who, name, pinned=False)
         return service.get_adapter(who, name)
 
+    # ---- retrieval namespaces (plain `def`: embedding runs in FastAPI's thread pool) ----
+
+    @app.get("/v1/namespaces")
+    def list_namespaces(request: Request):
+        return {"object": "list", "data": service.namespaces.list(caller(request))}
+
+    @app.put("/v1/namespaces/{namespace}")
+    def create_namespace(namespace: str, body: NamespaceBody, request: Request):
+        created = service.namespaces.create(caller(request), namespace, body.shared)
+        return {"name": namespace, "shared": body.shared, "created": created}
+
+    @app.delete("/v1/namespaces/{namespace}")
+    def delete_namespace(namespace: str, request: Request):
+        service.namespaces.drop(caller(request), namespace)
+        return {"name": namespace, "deleted": True}
+
+    @app.post("/v1/namespaces/{namespace}/documents")
+    def put_documents(namespace: str, body: DocumentsBody, request: Request):
+        results = service.namespaces.put(caller(request), namespace, body.items())
+        return {"namespace": namespace, "documents": results}
+
+    @app.delete("/v1/namespaces/{namespace}/documents/{document_id:path}")
+    def delete_document(namespace: str, document_id: str, request: Request):
+        service.namespaces.delete_document(caller(request), namespace, document_id)
+        return {"namespace": namespace, "id": document_id, "deleted": True}
+
+    @app.post("/v1/namespaces/{namespace}/search")
+    def search(namespace: str, body: SearchBody, request: Request):
+        hits = service.namespaces.search(caller(request), namespace, body.query, body.top_k,
+                                         body.mode, body.filter)
+        return {"object": "list", "data": [asdict(hit) for hit in hits]}
+
     @app.get("/health")
     async def health():
         alive = service.engine.thread is not None and service.engine.thread.is_alive()
@@ -135,9 +189,12 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def _respond(stream, body, request: Request, service: Service, chat: bool):
-    """A whole response, or SSE chunks when `stream` is set. A client that goes away
-    cancels its request in the engine."""
+async def _respond(stream, body, request: Request, service: Service, chat: bool,
+                   extra: dict | None = None):
+    """A whole response, or SSE chunks when `stream` is set; `extra` (RAG sources) goes
+    into the response, or the first chunk. A client that goes away cancels its request
+    in the engine."""
+    extra = extra or {}
     kind = "chat.completion" if chat else "text_completion"
     created = int(time.time())
     base = {"id": stream.request_id, "created": created, "model": body.model}
@@ -168,7 +225,7 @@ async def _respond(stream, body, request: Request, service: Service, chat: bool)
         result = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "logprobs": None, "finish_reason": FINISH[last.finish_reason]} if chat
                   else choice(text, FINISH[last.finish_reason]))
-        return {**base, "object": kind, "choices": [result], "usage": usage(last)}
+        return {**base, "object": kind, "choices": [result], "usage": usage(last), **extra}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -184,7 +241,8 @@ async def _respond(stream, body, request: Request, service: Service, chat: bool)
                 finish = FINISH[out.finish_reason] if out.finish_reason else None
                 if out.text or finish or first:
                     yield _sse({**base, "object": chunk_kind,
-                                "choices": [choice(out.text, finish, first)]})
+                                "choices": [choice(out.text, finish, first)],
+                                **(extra if first else {})})
                     first = False
                 if finish and include_usage:
                     yield _sse({**base, "object": chunk_kind, "choices": [],

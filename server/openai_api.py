@@ -1,18 +1,22 @@
 """Request bodies of the HTTP API, validated by pydantic at the edge.
 
 OpenAI's field names and defaults; lorag's extensions are `adapters` (a weighted
-composition), `top_k` and `ignore_eos`. Fields OpenAI defines that lorag does not
+composition), `rag` (retrieval from a namespace, chat only), `top_k` and `ignore_eos`.
+The retrieval routes' bodies are here too. Fields OpenAI defines that lorag does not
 implement are refused when set to anything but their no-op value, never silently
 ignored; unknown fields are refused, so a typo is an error rather than a surprise.
 """
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine import SamplingParams
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+Scalar = str | int | float | bool
+Filter = dict[str, Scalar | list[Scalar]]
+SearchMode = Literal["vector", "bm25", "hybrid"]
 
 
 class _Body(BaseModel):
@@ -96,11 +100,21 @@ class Message(_Body):
         return content
 
 
+class RagOptions(_Body):
+    """The `rag` extension: answer from passages retrieved out of a namespace."""
+
+    namespace: str = Field(min_length=1)
+    top_k: int = Field(default=4, ge=1, le=20)
+    mode: SearchMode = "hybrid"
+    filter: Filter | None = None
+
+
 class ChatRequest(_Generation):
     """POST /v1/chat/completions."""
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    rag: RagOptions | None = None
 
     def plain_messages(self) -> list[dict]:
         """Messages as the chat template wants them."""
@@ -131,4 +145,52 @@ class AdapterLoad(_Body):
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1)
+    shared: bool = False
+
+
+class Document(_Body):
+    """One document to index."""
+
+    id: str = Field(min_length=1, max_length=512)
+    text: str = Field(min_length=1)
+    metadata: dict = Field(default_factory=dict)
+
+
+class DocumentsBody(_Body):
+    """POST /v1/namespaces/{ns}/documents: one document, or {"documents": [...]}."""
+
+    id: str | None = Field(default=None, min_length=1, max_length=512)
+    text: str | None = Field(default=None, min_length=1)
+    metadata: dict | None = None
+    documents: list[Document] | None = Field(default=None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        single = self.id is not None or self.text is not None or self.metadata is not None
+        if self.documents is not None and single:
+            raise ValueError('give one document {"id", "text", "metadata"} or '
+                             '{"documents": [...]}, not both')
+        if self.documents is None and (self.id is None or self.text is None):
+            raise ValueError('a document needs "id" and "text" (or send {"documents": [...]})')
+        return self
+
+    def items(self) -> list[dict]:
+        """The documents as dicts."""
+        if self.documents is not None:
+            return [d.model_dump() for d in self.documents]
+        return [{"id": self.id, "text": self.text, "metadata": self.metadata or {}}]
+
+
+class SearchBody(_Body):
+    """POST /v1/namespaces/{ns}/search."""
+
+    query: str = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+    mode: SearchMode = "hybrid"
+    filter: Filter | None = None
+
+
+class NamespaceBody(_Body):
+    """PUT /v1/namespaces/{ns}."""
+
     shared: bool = False

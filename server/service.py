@@ -3,7 +3,8 @@
 Both HTTP and gRPC authenticate a caller, then call one method here; nothing here knows
 about either wire format. Tenancy is a naming rule: tenant T's adapter N is the engine's
 adapter "T/N"; a caller resolves names among its own adapters and the shared ones, so
-another tenant's adapter is simply not found (no existence leak).
+another tenant's adapter is simply not found (no existence leak). Retrieval namespaces
+follow the same rules (server/namespaces.py); `rag_messages` grounds a chat in one.
 """
 
 import re
@@ -11,19 +12,25 @@ import threading
 import time
 
 from lorag.errors import AdapterNotFound, InvalidRequest, PermissionDenied
+from retrieval.rag import augment
+from retrieval.store import DocumentStore
 from server.auth import ApiKeys, Caller
 from server.engine import Engine, SamplingParams
 from server.metrics import Metrics, TrackedStream
+from server.namespaces import Namespaces
 from server.state import AdapterRecord, StateStore
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG request gives no max_tokens
 
 
 class Service:
     """Tenant-scoped generation and adapter management over one engine."""
 
-    def __init__(self, engine: Engine, store: StateStore, keys: ApiKeys, model_name: str):
+    def __init__(self, engine: Engine, store: StateStore, keys: ApiKeys, model_name: str,
+                 documents: DocumentStore):
         self.engine = engine
+        self.namespaces = Namespaces(documents)
         self.store = store
         self.keys = keys
         self.model_name = model_name
@@ -67,6 +74,21 @@ class Service:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
+
+    def rag_messages(self, caller: Caller, messages: list[dict], namespace: str, top_k: int,
+                     mode: str, filters: dict | None, max_tokens: int | None) -> dict:
+        """Retrieve for the last user message and put the passages into the chat, as many
+        as fit in the context next to `max_tokens` of answer (256 when not given).
+        Returns {"messages", "sources", "retrieved", "dropped"}."""
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not question.strip():
+            raise InvalidRequest("rag needs a user message to search with", field="messages")
+        hits = self.namespaces.search(caller, namespace, question, top_k, mode, filters)
+        budget = self.engine.config.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
+        result = augment(messages, hits, lambda m: len(self.template(m)), budget)
+        return {"messages": result.messages, "retrieved": len(hits), "dropped": result.dropped,
+                "sources": [{"document_id": h.document_id, "chunk_id": h.chunk_id,
+                             "score": h.score, "metadata": h.metadata} for h in result.used]}
 
     # ---- adapters ----
 

@@ -16,6 +16,8 @@ BASE = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
 LOAD = "/v1/load_lora_adapter"
 MESSAGES = [{"role": "user", "content": "hi"}]
+DOCS = "/v1/namespaces/bad-kb/documents"
+SEARCH = "/v1/namespaces/bad-kb/search"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,14 @@ def bad_adapters(daemon_adapters, tmp_path_factory):
             "symlink": root / "symlink-escape"}
 
 
+@pytest.fixture(scope="module")
+def bad_kb(daemon):
+    """A namespace with one document, which no bad request may lose."""
+    response = httpx.post(f"{daemon.url}{DOCS}", json={"id": "keep", "text": "Keep me."},
+                          headers={"Authorization": ALICE}, timeout=60)
+    assert response.status_code == 200, response.text
+
+
 def chat_body(**fields) -> dict:
     return {"model": BASE, "messages": MESSAGES, "max_tokens": 4, **fields}
 
@@ -89,11 +99,44 @@ CASES = [  # (id, path, body or raw bytes, status, fragment of the message)
      "adapter_model.safetensors"),
     ("nan-weights", LOAD, {"lora_name": "n", "lora_path": "nan"}, 400, "non-finite"),
     ("bad-adapter-name", LOAD, {"lora_name": "../x", "lora_path": "nan"}, 400, "name"),
+    ("rag-unknown-namespace", CHAT, chat_body(rag={"namespace": "nowhere"}), 404,
+     "namespace 'nowhere' does not exist"),
+    ("rag-top-k-zero", CHAT, chat_body(rag={"namespace": "bad-kb", "top_k": 0}), 400,
+     "rag.top_k"),
+    ("rag-bad-mode", CHAT, chat_body(rag={"namespace": "bad-kb", "mode": "fuzzy"}), 400,
+     "rag.mode"),
+    ("rag-no-user-message", CHAT, chat_body(messages=[{"role": "system", "content": "x"}],
+                                            rag={"namespace": "bad-kb"}), 400,
+     "user message"),
+    ("rag-on-completions", "/v1/completions", {"model": BASE, "prompt": "hi",
+                                               "rag": {"namespace": "bad-kb"}}, 400, "rag"),
+    ("document-without-text", DOCS, {"id": "a"}, 400, '"text"'),
+    ("document-both-shapes", DOCS, {"id": "a", "text": "x",
+                                    "documents": [{"id": "b", "text": "y"}]}, 400, "not both"),
+    ("document-empty-batch", DOCS, {"documents": []}, 400, "documents"),
+    ("document-metadata-not-object", DOCS, {"id": "a", "text": "x", "metadata": [1]}, 400,
+     "metadata"),
+    ("document-blank-text", DOCS, {"id": "a", "text": "   "}, 400, "has no text"),
+    ("batch-with-one-bad-document", DOCS, {"documents": [{"id": "ok", "text": "fine"},
+                                                         {"id": "bad"}]}, 400,
+     "documents.1.text"),
+    ("namespace-with-a-dot", "/v1/namespaces/a.b/documents", {"id": "a", "text": "x"}, 400,
+     "namespace 'a.b'"),
+    ("search-unknown-namespace", "/v1/namespaces/nowhere/search", {"query": "x"}, 404,
+     "does not exist"),
+    ("search-bad-mode", SEARCH, {"query": "x", "mode": "fuzzy"}, 400, "mode"),
+    ("search-empty-query", SEARCH, {"query": ""}, 400, "query"),
+    ("search-top-k-too-big", SEARCH, {"query": "x", "top_k": 1000}, 400, "top_k"),
+    ("search-filter-nested", SEARCH, {"query": "x", "filter": {"a": {"b": 1}}}, 400,
+     "filter"),
+    ("search-filter-bad-key", SEARCH, {"query": "x", "filter": {"a') OR 1=1 --": "1"}}, 400,
+     "filter key"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapters, case):
+def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapters, bad_kb,
+                                                               case):
     _, path, body, status, fragment = case
     if path == LOAD and body["lora_path"] in bad_adapters:
         body = {**body, "lora_path": str(bad_adapters[body["lora_path"]])}
@@ -110,3 +153,6 @@ def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapt
     ok = httpx.post(f"{daemon.url}{CHAT}", json=chat_body(temperature=0), headers=headers,
                     timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    hits = httpx.post(f"{daemon.url}{SEARCH}", json={"query": "keep", "top_k": 10},
+                      headers=headers, timeout=60).json()["data"]
+    assert [h["document_id"] for h in hits] == ["keep"]

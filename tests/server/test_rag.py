@@ -1,0 +1,182 @@
+"""Retrieval through the daemon: documents, search and `rag` on chat completions, with
+namespaces owned by tenants exactly like adapters (HTTP and gRPC, real daemon)."""
+
+import json
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import struct_pb2
+
+from lorag.v1 import lorag_pb2, lorag_pb2_grpc
+from retrieval.ingest import files_under, load
+from tests.server.conftest import ALICE, ALICE_USER, BOB, MAX_MODEL_LEN
+
+pytestmark = pytest.mark.integration
+CORPUS = Path(__file__).parents[1] / "data" / "corpus"
+BASE = "smollm2-135m-instruct"
+QUESTION = "Who is the head baker at the Zephyr Street bakery?"
+
+
+def post(daemon, path: str, body: dict, key: str = ALICE) -> httpx.Response:
+    return httpx.post(f"{daemon.url}{path}", json=body, headers={"Authorization": key},
+                      timeout=120)
+
+
+def search(daemon, namespace: str, query: str, key: str = ALICE, **fields) -> list[dict]:
+    response = post(daemon, f"/v1/namespaces/{namespace}/search", {"query": query, **fields},
+                    key)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+@pytest.fixture(scope="module")
+def corpus(daemon) -> list[dict]:
+    """The test corpus, posted into alice's namespace "kb" in one request."""
+    documents = [{"id": doc.id, "text": doc.text, "metadata": doc.metadata}
+                 for path, doc_id in files_under([CORPUS]) for doc in load(path, doc_id)]
+    response = post(daemon, "/v1/namespaces/kb/documents", {"documents": documents})
+    assert response.status_code == 200, response.text
+    assert {d["status"] for d in response.json()["documents"]} == {"added"}
+    return documents
+
+
+def test_documents_search_replace_and_delete(daemon, corpus):
+    hits = search(daemon, "kb", QUESTION, top_k=3)
+    assert hits[0]["document_id"] == "guides/bakery.txt"
+    assert set(hits[0]) == {"document_id", "chunk_id", "score", "text", "metadata"}
+    shipping = search(daemon, "kb", "how long does delivery take", mode="vector",
+                      filter={"lang": "de"})
+    assert [h["document_id"] for h in shipping] == ["faq-versand"]
+
+    again = post(daemon, "/v1/namespaces/kb/documents", {"documents": corpus})
+    assert {d["status"] for d in again.json()["documents"]} == {"unchanged"}
+    # re-posting an id replaces the document: the old text is gone from search
+    replaced = post(daemon, "/v1/namespaces/kb/documents",
+                    {"id": "note", "text": "The vault code is 4471."})
+    assert replaced.json()["documents"] == [{"id": "note", "status": "added"}]
+    post(daemon, "/v1/namespaces/kb/documents", {"id": "note", "text": "The vault code is 9902.",
+                                                 "metadata": {"rev": 2}})
+    texts = [h["text"] for h in search(daemon, "kb", "vault code", top_k=20)]
+    assert any("9902" in t for t in texts) and not any("4471" in t for t in texts)
+
+    deleted = httpx.delete(f"{daemon.url}/v1/namespaces/kb/documents/note",
+                           headers={"Authorization": ALICE})
+    assert deleted.status_code == 200
+    assert "note" not in {h["document_id"] for h in search(daemon, "kb", "vault code",
+                                                           top_k=20)}
+    missing = httpx.delete(f"{daemon.url}/v1/namespaces/kb/documents/note",
+                           headers={"Authorization": ALICE})
+    assert missing.status_code == 404 and "no document 'note'" in missing.json()["error"][
+        "message"]
+
+
+def test_namespaces_belong_to_tenants(daemon, corpus):
+    # bob has no "kb": the same 404 as a name nobody has, whatever alice holds
+    for name in ("kb", "nobody-has-this"):
+        response = post(daemon, f"/v1/namespaces/{name}/search", {"query": "bakery"}, BOB)
+        assert response.status_code == 404
+        assert response.json()["error"]["message"].startswith(f"namespace {name!r} does not")
+    # bob's own "kb" is another namespace; neither search sees the other's chunks
+    post(daemon, "/v1/namespaces/kb/documents",
+         {"id": "bob-secret", "text": "The Zephyr Street bakery is owned by Bob."}, BOB)
+    assert {h["document_id"] for h in search(daemon, "kb", "Zephyr Street bakery", BOB,
+                                             top_k=20)} == {"bob-secret"}
+    assert "bob-secret" not in {h["document_id"] for h in search(
+        daemon, "kb", "Zephyr Street bakery owner", top_k=20)}
+    # bob cannot delete in alice's namespace: his DELETE means his own "kb"
+    response = httpx.delete(f"{daemon.url}/v1/namespaces/kb/documents/guides/bakery.txt",
+                            headers={"Authorization": BOB})
+    assert response.status_code == 404
+    assert search(daemon, "kb", QUESTION, top_k=1)[0]["document_id"] == "guides/bakery.txt"
+    # a non-admin key of alice's searches but does not write
+    assert search(daemon, "kb", QUESTION, ALICE_USER, top_k=1)
+    refused = post(daemon, "/v1/namespaces/kb/documents", {"id": "x", "text": "y"}, ALICE_USER)
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "authorization"
+    listed = httpx.get(f"{daemon.url}/v1/namespaces", headers={"Authorization": BOB}).json()
+    assert [(n["name"], n["owner"]) for n in listed["data"]] == [("kb", "bob")]
+
+    # a shared namespace: everyone reads it, only its owner writes or deletes it
+    shared = httpx.put(f"{daemon.url}/v1/namespaces/public", json={"shared": True},
+                       headers={"Authorization": BOB})
+    assert shared.status_code == 200 and shared.json()["created"] is True
+    post(daemon, "/v1/namespaces/public/documents",
+         {"id": "hours", "text": "The public library opens at 9:00."}, BOB)
+    assert search(daemon, "public", "library hours")[0]["document_id"] == "hours"
+    taken = httpx.put(f"{daemon.url}/v1/namespaces/public", json={"shared": True},
+                      headers={"Authorization": ALICE})
+    assert taken.status_code == 400 and "already exists" in taken.json()["error"]["message"]
+    gone = httpx.delete(f"{daemon.url}/v1/namespaces/public/documents/hours",
+                        headers={"Authorization": ALICE})
+    assert gone.status_code == 404
+    assert search(daemon, "public", "library hours")[0]["document_id"] == "hours"
+
+
+def test_rag_answers_what_the_base_model_cannot_know(daemon, corpus):
+    body = {"model": BASE, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 40, "temperature": 0}
+    plain = post(daemon, "/v1/chat/completions", body).json()
+    assert "Ottoline" not in plain["choices"][0]["message"]["content"]
+    assert "sources" not in plain
+
+    grounded = post(daemon, "/v1/chat/completions", {**body, "rag": {"namespace": "kb"}})
+    assert grounded.status_code == 200, grounded.text
+    answer = grounded.json()
+    assert "Ottoline Brandvold" in answer["choices"][0]["message"]["content"]
+    assert answer["sources"][0]["document_id"] == "guides/bakery.txt"
+    assert set(answer["sources"][0]) == {"document_id", "chunk_id", "score", "metadata"}
+    assert answer["rag"]["used"] == len(answer["sources"])
+
+    # streaming: the first chunk carries the sources, the text is the same
+    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", headers={
+            "Authorization": ALICE}, json={**body, "rag": {"namespace": "kb"}, "stream": True},
+            timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    assert chunks[0]["sources"] == answer["sources"]
+    assert "sources" not in chunks[1]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == answer["choices"][0]["message"]["content"]
+
+
+def test_rag_drops_the_lowest_ranked_passages_to_fit_the_context(daemon, corpus):
+    max_tokens = 200
+    body = {"model": BASE, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": "What does the handbook say about "
+                          "onboarding, expenses, security and leave?"}],
+            "rag": {"namespace": "kb", "top_k": 8}}
+    response = post(daemon, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    rag = answer["rag"]
+    assert rag["retrieved"] == 8 and rag["dropped"] > 0
+    assert rag["used"] + rag["dropped"] == rag["retrieved"] == len(answer["sources"]) + \
+        rag["dropped"]
+    assert answer["usage"]["prompt_tokens"] <= MAX_MODEL_LEN - max_tokens
+    ranked = [h["chunk_id"] for h in search(daemon, "kb", body["messages"][0]["content"],
+                                            top_k=8)]
+    assert [s["chunk_id"] for s in answer["sources"]] == ranked[:rag["used"]]
+
+
+def test_grpc_search_with_filters_and_tenancy(daemon, corpus):
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        stub = lorag_pb2_grpc.LoragServiceStub(channel)
+        metadata = [("authorization", ALICE)]
+        response = stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=QUESTION,
+                                                       top_k=2), metadata=metadata)
+        assert response.hits[0].document_id == "guides/bakery.txt"
+        assert len(response.hits) == 2
+        german = stub.Search(lorag_pb2.SearchRequest(
+            namespace="kb", query="delivery time", mode=lorag_pb2.SEARCH_MODE_VECTOR,
+            filter={"lang": struct_pb2.Value(string_value="de")}), metadata=metadata)
+        assert [h.document_id for h in german.hits] == ["faq-versand"]
+        assert german.hits[0].metadata["topic"] == "shipping"
+        post(daemon, "/v1/namespaces/alice-only/documents", {"id": "a", "text": "private"})
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Search(lorag_pb2.SearchRequest(namespace="alice-only", query="private"),
+                        metadata=[("authorization", BOB)])
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=""), metadata=metadata)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
