@@ -215,32 +215,41 @@ def export(
     console.print(f"merged model: {run(adapter, base, out, dtype)}")
 
 
-def _store(data_dir: Path | None):
-    from retrieval.embedder import Embedder
-    from retrieval.store import DocumentStore
+DataDir = Annotated[Path | None, typer.Option(
+    help="State folder (without --url); default $LORAG_HOME/data.")]
+Url = Annotated[str | None, typer.Option(
+    help="A running daemon's URL: work there instead of on the data dir.")]
+ApiKey = Annotated[str | None, typer.Option(help="API key for --url.", envvar="LORAG_API_KEY")]
+Tenant = Annotated[str, typer.Option(
+    help="Whose namespaces, without --url (a daemon without API keys serves 'default').")]
 
-    folder = (data_dir or Settings().resolved_data_dir).expanduser() / "retrieval"
-    return DocumentStore(folder, Embedder())
+
+def _namespaces(url: str | None, api_key: str | None, data_dir: Path | None, tenant: str):
+    from retrieval.client import open_namespaces
+
+    folder = (data_dir or Settings().resolved_data_dir).expanduser()
+    return open_namespaces(url, api_key, folder, tenant)
 
 
 @app.command()
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest.")],
     namespace: Annotated[str, typer.Option(help="Namespace to ingest into.")],
-    data_dir: Annotated[Path | None, typer.Option(
-        help="State folder; default $LORAG_HOME/data.")] = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
 ) -> None:
-    """Chunk, embed and index documents (.txt, .md, .jsonl); unchanged ones are skipped."""
+    """Chunk, embed and index documents (.txt .md .jsonl .html .pdf); unchanged ones are
+    skipped. A file's document id is its path relative to the PATH it was found under."""
     from retrieval.ingest import files_under
     from retrieval.ingest import ingest as run
 
     files = list(files_under(paths))
-    store = _store(data_dir)
+    target = _namespaces(url, api_key, data_dir, tenant)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("ingesting", total=len(files))
-        counts = run(store, namespace, paths,
+        counts = run(target, namespace, paths,
                      lambda path, outcome: progress.update(task, advance=1,
                                                            description=path.name))
     console.print(f"{namespace}: {counts['added']} added, {counts['updated']} updated, "
@@ -262,12 +271,11 @@ def search(
     mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid (fused by RRF).")] =
         "hybrid",
     as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
-    data_dir: Annotated[Path | None, typer.Option(
-        help="State folder; default $LORAG_HOME/data.")] = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
 ) -> None:
     """Search a namespace: BM25, vector, or both fused (the default)."""
     import json
-    from dataclasses import asdict
 
     filters: dict[str, list[str]] = {}
     for item in filter_ or []:
@@ -275,42 +283,40 @@ def search(
         if not sep or not key:
             raise InvalidRequest(f"--filter {item!r} must be key=value", field="filter")
         filters.setdefault(key, []).append(value)
-    hits = _store(data_dir).search(namespace, query, k, filters or None, mode)
+    hits = _namespaces(url, api_key, data_dir, tenant).search(namespace, query, k, mode,
+                                                              filters or None)
     if as_json:
-        print(json.dumps([asdict(hit) for hit in hits], indent=2))
+        print(json.dumps(hits, indent=2))
         return
     for hit in hits:
-        console.print(f"[bold]{hit.score:.3f}[/] {hit.document_id} #{hit.chunk_id}: "
-                      f"{hit.text[:160]}")
+        console.print(f"[bold]{hit['score']:.3f}[/] {hit['document_id']} "
+                      f"#{hit['chunk_id']}: {hit['text'][:160]}")
 
 
-namespaces_app = typer.Typer(help="Retrieval namespaces in the data dir.", no_args_is_help=True)
+namespaces_app = typer.Typer(help="Retrieval namespaces, in the data dir or on a daemon.",
+                             no_args_is_help=True)
 app.add_typer(namespaces_app, name="namespaces")
 
 
 @namespaces_app.command("list")
-def namespaces_list(
-    data_dir: Annotated[Path | None, typer.Option(
-        help="State folder; default $LORAG_HOME/data.")] = None,
-) -> None:
-    """Namespaces with their document and chunk counts."""
-    store = _store(data_dir)
-    table = Table("namespace", "documents", "chunks")
-    for name in store.namespaces():
-        documents, chunks = store.counts(name)
-        table.add_row(name, str(documents), str(chunks))
+def namespaces_list(url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None) -> None:
+    """Namespaces with their owner and document and chunk counts."""
+    rows = _namespaces(url, api_key, data_dir, "default").list()
+    table = Table("namespace", "owner", "shared", "documents", "chunks")
+    for row in rows:
+        table.add_row(row["name"], row["owner"], "yes" if row["shared"] else "",
+                      str(row["documents"]), str(row["chunks"]))
     Console().print(table)
 
 
 @namespaces_app.command("delete")
 def namespaces_delete(
     namespace: Annotated[str, typer.Argument(help="The namespace to delete.")],
-    data_dir: Annotated[Path | None, typer.Option(
-        help="State folder; default $LORAG_HOME/data.")] = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
 ) -> None:
     """Delete a namespace with all its documents and its index."""
-    if not _store(data_dir).drop_namespace(namespace):
-        raise InvalidRequest(f"namespace {namespace!r} does not exist", field="namespace")
+    _namespaces(url, api_key, data_dir, tenant).drop(namespace)
     console.print(f"deleted namespace {namespace}")
 
 

@@ -3,7 +3,6 @@
 from functools import cached_property
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
 from lorag import catalog
 from lorag.provision import ModelCache
@@ -20,7 +19,10 @@ class Embedder:
         self.batch_size = batch_size
 
     @cached_property
-    def model(self) -> SentenceTransformer:
+    def model(self):
+        """The SentenceTransformer (imported here: importing it takes seconds)."""
+        from sentence_transformers import SentenceTransformer
+
         entry = catalog.find(self.name)
         path = ModelCache(Settings().models_dir).pull(entry) if entry else self.name
         return SentenceTransformer(str(path), device="cpu")

@@ -15,7 +15,7 @@ from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from lorag.errors import InvalidRequest
-from retrieval.store import DocumentStore, check_stored
+from retrieval.store import check_stored
 
 
 @dataclass
@@ -113,16 +113,17 @@ def load(path: Path, doc_id: str) -> list[Document]:
                          f"{', '.join(sorted(SUFFIXES))}")
 
 
-def ingest(store: DocumentStore, namespace: str, paths: list[Path],
+def ingest(target, namespace: str, paths: list[Path],
            on_file: Callable[[Path, str], None] | None = None) -> dict:
-    """Ingest every supported file; returns counts and the failures with their reasons."""
+    """Ingest every supported file into `target` (a DocumentStore, or a tenant's namespaces
+    in retrieval/client.py: anything with `put(namespace, documents) -> outcomes`), one
+    file at a time; returns counts and the failures with their reasons."""
     check_stored(namespace)
     counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": []}
     for path, doc_id in files_under(paths):
         try:
-            for document in load(path, doc_id):
-                counts[store.upsert(namespace, document.id, document.text,
-                                    document.metadata)] += 1
+            for outcome in target.put(namespace, load(path, doc_id)):
+                counts[outcome] += 1
             outcome = "ok"
         except InvalidRequest as e:
             counts["failed"].append({"file": str(path), "reason": e.message})

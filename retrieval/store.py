@@ -149,6 +149,10 @@ class DocumentStore:
             self._save(namespace, index, generation)
         return "updated" if row else "added"
 
+    def put(self, namespace: str, documents: list) -> list[str]:
+        """Upsert documents (anything with .id, .text, .metadata); the outcome of each."""
+        return [self.upsert(namespace, d.id, d.text, d.metadata) for d in documents]
+
     def delete(self, namespace: str, document_id: str) -> bool:
         """Remove a document and its chunks; says whether it existed."""
         with self.lock:

@@ -180,3 +180,34 @@ def test_grpc_search_with_filters_and_tenancy(daemon, corpus):
         with pytest.raises(grpc.RpcError) as error:
             stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=""), metadata=metadata)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_works_on_a_daemon_with_url(daemon):
+    import os
+    import subprocess
+    import sys
+
+    def lorag(*args: str, key: str = ALICE) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAG_API_KEY": key.split()[1]}
+        return subprocess.run([sys.executable, "-m", "lorag", *args, "--url", daemon.url],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    first = lorag("ingest", "--namespace", "cli-kb", str(CORPUS))
+    assert first.returncode == 0, first.stderr
+    assert "cli-kb: 8 added, 0 updated, 0 unchanged, 0 failed" in " ".join(first.stderr.split())
+    again = lorag("ingest", "--namespace", "cli-kb", str(CORPUS))
+    assert "0 added, 0 updated, 8 unchanged" in " ".join(again.stderr.split())
+    hits = json.loads(lorag("search", "--namespace", "cli-kb", QUESTION, "--k", "1",
+                            "--json").stdout)
+    assert hits[0]["document_id"] == "guides/bakery.txt"
+    german = json.loads(lorag("search", "--namespace", "cli-kb", "Werktage", "--filter",
+                              "lang=de", "--mode", "bm25", "--json").stdout)
+    assert [h["document_id"] for h in german] == ["faq-versand"]
+    assert "cli-kb" in lorag("namespaces", "list").stdout
+    hidden = lorag("search", "--namespace", "cli-kb", "bakery", key=BOB)
+    assert hidden.returncode == 2 and "namespace 'cli-kb' does not exist" in hidden.stderr
+    refused = lorag("ingest", "--namespace", "cli-kb", str(CORPUS), key=ALICE_USER)
+    assert refused.returncode == 2 and "admin key" in refused.stderr
+    assert lorag("namespaces", "delete", "cli-kb").returncode == 0
+    gone = lorag("namespaces", "delete", "cli-kb")
+    assert gone.returncode == 2 and "does not exist" in gone.stderr

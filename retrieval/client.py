@@ -1,0 +1,111 @@
+"""One tenant's namespaces, wherever they live: in a data dir (`Local`) or behind a running
+daemon (`Remote`, over its HTTP API). The CLI's ingest, search, namespaces and eval
+commands take either, so each works with `--data-dir` and with `--url` alike.
+
+A data dir stores tenant T's namespace N as "T.N" (`retrieval.store.scoped`), the way the
+daemon does, so documents ingested for tenant "default" (the CLI's default) are what a
+daemon started without API keys serves.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from lorag.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from retrieval.ingest import Document
+from retrieval.store import DocumentStore, scoped, unscoped
+
+BATCH = 1000  # documents per request, the daemon's limit
+
+
+class Local:
+    """Namespaces of `tenant` in the document store under `data_dir/retrieval`."""
+
+    def __init__(self, data_dir: Path, tenant: str = "default"):
+        from retrieval.embedder import Embedder  # loads sentence-transformers
+
+        self.store = DocumentStore(Path(data_dir) / "retrieval", Embedder())
+        self.tenant = tenant
+
+    def put(self, namespace: str, documents: list[Document]) -> list[str]:
+        """Add or replace documents; "added", "updated" or "unchanged" for each."""
+        return self.store.put(scoped(self.tenant, namespace), documents)
+
+    def search(self, namespace: str, query: str, k: int = 5, mode: str = "hybrid",
+               filters: dict | None = None) -> list[dict]:
+        """Hits as dicts (document_id, chunk_id, score, text, metadata)."""
+        stored = scoped(self.tenant, namespace)
+        if stored not in self.store.namespaces():
+            raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
+        return [asdict(h) for h in self.store.search(stored, query, k, filters, mode)]
+
+    def list(self) -> list[dict]:
+        """Every namespace in the data dir (all tenants: this is the operator's view)."""
+        shared = set(self.store.shared())
+        rows = []
+        for stored in self.store.namespaces():
+            tenant, name = unscoped(stored)
+            documents, chunks = self.store.counts(stored)
+            rows.append({"name": name, "owner": tenant or "", "shared": stored in shared,
+                         "documents": documents, "chunks": chunks})
+        return rows
+
+    def drop(self, namespace: str) -> None:
+        """Delete a namespace and everything in it."""
+        if not self.store.drop_namespace(scoped(self.tenant, namespace)):
+            raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
+
+
+class Remote:
+    """The namespaces an API key sees on a running daemon."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def put(self, namespace: str, documents: list[Document]) -> list[str]:
+        statuses = []
+        for start in range(0, len(documents), BATCH):
+            body = {"documents": [asdict(d) for d in documents[start:start + BATCH]]}
+            answer = self._call("POST", f"/v1/namespaces/{namespace}/documents", body)
+            statuses += [d["status"] for d in answer["documents"]]
+        return statuses
+
+    def search(self, namespace: str, query: str, k: int = 5, mode: str = "hybrid",
+               filters: dict | None = None) -> list[dict]:
+        body = {"query": query, "top_k": k, "mode": mode, "filter": filters}
+        return self._call("POST", f"/v1/namespaces/{namespace}/search", body)["data"]
+
+    def list(self) -> list[dict]:
+        return self._call("GET", "/v1/namespaces")["data"]
+
+    def drop(self, namespace: str) -> None:
+        self._call("DELETE", f"/v1/namespaces/{namespace}")
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"cannot reach the daemon at {self.url}: {e}") from e
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            message, field = error["message"], error.get("param")
+        except (ValueError, KeyError, TypeError):
+            message, field = response.text, None
+        kind = {401: Unauthenticated, 403: PermissionDenied, 404: NotFound}.get(
+            response.status_code, InvalidRequest if response.status_code < 500 else None)
+        if kind is None:
+            raise RuntimeError(f"the daemon at {self.url} failed ({response.status_code}): "
+                               f"{message}")
+        raise kind(f"the daemon says: {message}", field=field)
+
+
+def open_namespaces(url: str | None, api_key: str | None, data_dir: Path,
+                    tenant: str) -> "Local | Remote":
+    """`Remote` when a daemon URL is given, else `Local` on the data dir."""
+    return Remote(url, api_key) if url else Local(data_dir, tenant)
+
