@@ -320,6 +320,50 @@ def namespaces_delete(
     console.print(f"deleted namespace {namespace}")
 
 
+eval_app = typer.Typer(help="Measure quality: retrieval against labelled queries.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    namespace: Annotated[str, typer.Option(help="Namespace to evaluate.")],
+    queries: Annotated[Path, typer.Option(
+        help='JSONL: {"query": "...", "relevant": ["document id", ...]} per line.')],
+    k: Annotated[int, typer.Option(min=1, max=100, help="Cut-off for recall@k.")] = 5,
+    mode: Annotated[list[str] | None, typer.Option(
+        help="vector, bm25, hybrid (repeatable; default: all three, side by side).")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the summary and per-query results here.")] = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
+) -> None:
+    """Recall@k, MRR@10 and nDCG@10 of each search mode on a labelled query set."""
+    import json
+
+    from retrieval.evaluate import evaluate, read_queries
+    from retrieval.store import MODES
+
+    labelled = read_queries(queries)
+    modes = mode or list(MODES)
+    for name in modes:
+        if name not in MODES:
+            raise InvalidRequest(f"--mode {name!r} must be one of {', '.join(MODES)}",
+                                 field="mode")
+    target = _namespaces(url, api_key, data_dir, tenant)
+    results = [evaluate(target, namespace, labelled, k, name) for name in modes]
+    table = Table("mode", f"recall@{k}", "MRR@10", "nDCG@10",
+                  title=f"{namespace}: {len(labelled)} queries")
+    for result in results:
+        table.add_row(result["mode"], f"{result[f'recall@{k}']:.3f}",
+                      f"{result['mrr@10']:.3f}", f"{result['ndcg@10']:.3f}")
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"namespace": namespace, "k": k, "results": results},
+                                        indent=2))
+        console.print(f"wrote {json_path}")
+
+
 @bench_app.command("training")
 def bench_training(
     examples: Annotated[int, typer.Option(min=1, help="Chat examples generated.")] = 64,

@@ -36,6 +36,17 @@ def test_ingest_search_and_namespaces(tmp_path):
     bad = lorag("search", "--namespace", "kb", "x", "--filter", "nokey", *data)
     assert bad.returncode == 2 and "--filter 'nokey' must be key=value" in bad.stderr
 
+    evaluated = lorag("eval", "retrieval", "--namespace", "kb", "--queries",
+                      str(CORPUS.parent / "queries.jsonl"), "--json", str(tmp_path / "e.json"),
+                      *data)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "recall@5" in evaluated.stdout and "nDCG@10" in evaluated.stdout
+    report = json.loads((tmp_path / "e.json").read_text())
+    by_mode = {r["mode"]: r for r in report["results"]}
+    assert set(by_mode) == {"vector", "bm25", "hybrid"}
+    assert all(r["queries"] == 10 and len(r["per_query"]) == 10 for r in by_mode.values())
+    assert by_mode["hybrid"]["mrr@10"] >= 0.9 and by_mode["hybrid"]["recall@5"] >= 0.8
+
     listed = lorag("namespaces", "list", *data)
     assert "kb" in listed.stdout and "8" in listed.stdout
     assert lorag("namespaces", "delete", "kb", *data).returncode == 0
