@@ -380,6 +380,30 @@ def bench_training(
     main(examples, steps, batch_size, lr, rank, json_path)
 
 
+@bench_app.command("retrieval")
+def bench_retrieval(
+    sizes: Annotated[str, typer.Option(help="Comma-separated index sizes (vectors).")] =
+        "100000,1000000",
+    documents: Annotated[int, typer.Option(min=1, help="Documents ingested for real.")] =
+        600,
+    queries: Annotated[int, typer.Option(min=1, help="Embedded questions searched.")] = 200,
+    nprobe: Annotated[str, typer.Option(help="Comma-separated IVF nprobe values.")] =
+        "4,16,64",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON here.")] =
+        None,
+) -> None:
+    """Ingest chunks/s through the store; flat vs IVF search p50/p99 and recall@10."""
+    from benchmarks.retrieval import main
+
+    try:
+        size_list = [int(s) for s in sizes.split(",")]
+        nprobes = [int(p) for p in nprobe.split(",")]
+    except ValueError as e:
+        raise InvalidRequest(f"--sizes and --nprobe take comma-separated integers ({e})",
+                             field="sizes") from e
+    main(size_list, documents, queries, nprobes, json_path)
+
+
 @bench_app.command("load")
 def bench_load(
     requests: Annotated[int, typer.Option(min=1, help="Concurrent streaming clients.")] = 200,

@@ -14,18 +14,25 @@ class Embedder:
 
     The model is read on first use, so a daemon that never retrieves never loads it."""
 
-    def __init__(self, ref: str = catalog.DEFAULT_EMBEDDER, batch_size: int = 64):
+    def __init__(self, ref: str = catalog.DEFAULT_EMBEDDER, batch_size: int = 64,
+                 dtype: str = "auto"):
+        """dtype: "auto" is bf16 where the CPU runs it natively (twice the fp32 rate here;
+        cosine to the fp32 vectors >= 0.998), else fp32."""
         self.name = ref
         self.batch_size = batch_size
+        self.dtype = dtype
 
     @cached_property
     def model(self):
         """The SentenceTransformer (imported here: importing it takes seconds)."""
         from sentence_transformers import SentenceTransformer
 
+        from lorag.models import resolve_dtype  # imports torch and transformers
+
         entry = catalog.find(self.name)
         path = ModelCache(Settings().models_dir).pull(entry) if entry else self.name
-        return SentenceTransformer(str(path), device="cpu")
+        model = SentenceTransformer(str(path), device="cpu")
+        return model.to(resolve_dtype(self.dtype))
 
     @property
     def tokenizer(self):
