@@ -28,8 +28,10 @@ def chunk_text(text: str, tokenizer, size: int = 200, overlap: int = 40) -> list
         raise ValueError(f"overlap must be in [0, size), got overlap={overlap} size={size}")
     chunks: list[Chunk] = []
     for title, body in _sections(text):
-        offsets = tokenizer(body, add_special_tokens=False,
-                            return_offsets_mapping=True)["offset_mapping"]
+        # the whole section at once (verbose=False: being longer than the model's window
+        # is the point here, the windows below are what gets embedded)
+        offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True,
+                            verbose=False)["offset_mapping"]
         if not offsets:
             continue
         for start in range(0, max(1, len(offsets) - overlap), size - overlap):
