@@ -7,7 +7,7 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test lint clean bench-setup bench
+.PHONY: setup proto serve test demo lint clean bench-setup bench
 
 setup: $(STAMP) $(STUBS)
 
@@ -50,8 +50,14 @@ bench: bench-setup
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
 # buf (npm @bufbuild/buf) with the STANDARD rules, configured in proto/buf.yaml
+# fine-tuning for form, retrieval for facts: train, ingest, serve, evaluate four ways
+# (about 15 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
+demo: setup
+	$(BIN)/lorag models pull
+	$(BIN)/python -m demo.run
+
 lint: setup
-	$(BIN)/ruff check lorag server trainer retrieval benchmarks tests
+	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	cd proto && npx --yes @bufbuild/buf lint
 
 clean:

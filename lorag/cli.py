@@ -320,7 +320,7 @@ def namespaces_delete(
     console.print(f"deleted namespace {namespace}")
 
 
-eval_app = typer.Typer(help="Measure quality: retrieval against labelled queries.",
+eval_app = typer.Typer(help="Measure quality: retrieval and answers, on labelled sets.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
@@ -361,6 +361,74 @@ def eval_retrieval(
     if json_path:
         json_path.write_text(json.dumps({"namespace": namespace, "k": k, "results": results},
                                         indent=2))
+        console.print(f"wrote {json_path}")
+
+
+@eval_app.command("generate")
+def eval_generate(
+    data: Annotated[Path, typer.Option(
+        help='JSONL: {"question", "answer", optional "source", "system"} per line.')],
+    model: Annotated[str, typer.Option(help="The base model's name or an adapter's.")],
+    url: Annotated[str, typer.Option(help="The running daemon to evaluate.")] =
+        "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+    rag_namespace: Annotated[str | None, typer.Option(
+        help="Ground each question in this namespace (the rag extension).")] = None,
+    rag_top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages for rag.")] = 4,
+    rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = "hybrid",
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
+             "source, retrieved.")] = "exact_match,f1,rouge_l,bleu,chrf,accuracy",
+    format_schema: Annotated[Path | None, typer.Option(
+        help="JSON schema the whole answer must follow (the format metric).")] = None,
+    format_regex: Annotated[str | None, typer.Option(
+        help="Regex the whole answer must match (the format metric).")] = None,
+    answer_field: Annotated[str | None, typer.Option(
+        help="Score this JSON field of the answer when it has one.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 128,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Per-example results, JSONL.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="The summary, JSON.")] =
+        None,
+) -> None:
+    """Score a running daemon's answers on a labelled question set."""
+    import json
+    import re
+
+    from lorag.evaluation import EvalOptions, evaluate
+
+    schema = None
+    if format_schema is not None:
+        try:
+            schema = json.loads(format_schema.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"--format-schema {format_schema}: {e}",
+                                 field="format_schema") from e
+    try:
+        regex = re.compile(format_regex) if format_regex else None
+    except re.error as e:
+        raise InvalidRequest(f"--format-regex is not a valid regex: {e}",
+                             field="format_regex") from e
+    options = EvalOptions(
+        url=url, data=data, model=model, api_key=api_key, rag_namespace=rag_namespace,
+        rag_top_k=rag_top_k, rag_mode=rag_mode,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
+        regex=regex, answer_field=answer_field, max_tokens=max_tokens,
+        concurrency=concurrency, out=out)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(f"asking {model}", total=None)
+        summary = evaluate(options, lambda row: progress.advance(task))
+    table = Table("metric", "value", title=f"{model}"
+                  + (f" + rag:{rag_namespace}" if rag_namespace else "")
+                  + f" on {summary['examples']} examples")
+    for key, value in summary.items():
+        if key not in ("name", "model", "rag", "examples"):
+            table.add_row(key, "n/a" if value is None else f"{value:.3f}")
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps(summary, indent=2))
         console.print(f"wrote {json_path}")
 
 

@@ -5,32 +5,20 @@ Relevance is by document: a search returns chunks, ranked; the ranking that is s
 the documents in the order their first chunk appears. Binary relevance throughout.
 """
 
-import json
 import math
 from pathlib import Path
 
 from lorag.errors import InvalidRequest
+from lorag.jsonl import read_objects
 
 DEPTH = 100  # chunks fetched per query: enough distinct documents for the cut-offs
 
 
 def read_queries(path: Path) -> list[dict]:
     """The query file, every line checked; errors name `file:line`."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"cannot read {path}: {e}", field="queries") from e
     queries = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise InvalidRequest(f"{where}: not JSON ({e})", field="queries") from e
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or \
-                not row["query"].strip():
+    for where, row in read_objects(path, "queries"):
+        if not isinstance(row.get("query"), str) or not row["query"].strip():
             raise InvalidRequest(f'{where}: needs a non-empty "query" string', field="queries")
         relevant = row.get("relevant")
         if not isinstance(relevant, list) or not relevant or \

@@ -211,3 +211,43 @@ def test_cli_works_on_a_daemon_with_url(daemon):
     assert lorag("namespaces", "delete", "cli-kb").returncode == 0
     gone = lorag("namespaces", "delete", "cli-kb")
     assert gone.returncode == 2 and "does not exist" in gone.stderr
+
+
+def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in [
+        {"question": QUESTION, "answer": "Ottoline Brandvold", "source": "guides/bakery.txt"},
+        {"question": "What time does the Zephyr Street bakery open on Saturdays?",
+         "answer": "8:15", "source": "guides/bakery.txt"}]) + "\n")
+
+    def lorag(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAG_API_KEY": ALICE.split()[1]}
+        return subprocess.run([sys.executable, "-m", "lorag", "eval", "generate", "--data",
+                               str(data), "--url", daemon.url, "--max-tokens", "40", *args],
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    run = lorag("--model", BASE, "--rag-namespace", "kb", "--metrics",
+                "accuracy,retrieved,f1,rouge_l,exact_match,format", "--format-regex", ".+",
+                "--out", str(tmp_path / "rows.jsonl"), "--json", str(tmp_path / "s.json"))
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["examples"] == 2 and summary["retrieved"] == 1.0
+    assert summary["accuracy"] >= 0.5 and summary["format"] == 1.0
+    assert summary["latency_p50_s"] > 0 and "accuracy" in run.stdout
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["sources"][0] for r in rows] == ["guides/bakery.txt"] * 2
+    first = rows[0]
+    assert first["scores"]["accuracy"] == float("Ottoline Brandvold" in first["answer"])
+
+    unknown = lorag("--model", "nope")
+    assert unknown.returncode == 2 and "'nope' is neither" in unknown.stderr
+    no_schema = lorag("--model", BASE, "--metrics", "format")
+    assert no_schema.returncode == 2 and "--format-schema or --format-regex" in no_schema.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    broken = lorag("--model", BASE, "--data", str(bad))
+    assert broken.returncode == 2 and 'bad.jsonl:1: "answer" must be a string' in broken.stderr

@@ -1,0 +1,122 @@
+"""Writes demo/train.jsonl: chat examples that teach the answer format, never the facts.
+
+The facts come from a made-up tea company that shares nothing with the demo's knowledge
+base (demo/kb, Kestrel Robotics), so the adapter can only learn the form: a JSON object
+`{"answer": ..., "source": ...}` (demo/answer.schema.json) that copies the answer from the
+passage that holds it and names that passage's source. Three in four examples carry
+retrieved passages in exactly the system message the daemon builds for `rag`
+(retrieval/rag.py), the right one among distractors at a random rank; the rest are
+questions without context, answered from general knowledge with source
+"general knowledge". Deterministic (seeded); run `python demo/make_train.py` to rebuild.
+"""
+
+import json
+import random
+from pathlib import Path
+
+from retrieval.rag import with_context
+from retrieval.store import Hit
+
+OUT = Path(__file__).with_name("train.jsonl")
+ORG = "Marlow & Finch"
+FIRST = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Femi", "Greta", "Hiro", "Ilse", "Jomo",
+         "Kaia", "Lars", "Mina", "Nuno", "Olga", "Priya", "Quinn", "Rosa", "Sven", "Tala"]
+LAST = ["Abara", "Brandt", "Castillo", "Dahl", "Eze", "Fischer", "Gallo", "Haddad", "Ito",
+        "Jansen", "Kovac", "Laine", "Moretti", "Nakamura", "Osei", "Petrov", "Rahman",
+        "Silva", "Tanaka", "Varga"]
+ROLES = ["head buyer", "chief taster", "logistics director", "head of marketing",
+         "finance manager", "quality lead", "head of people", "warehouse manager"]
+CITIES = ["Leeds", "Ghent", "Bremen", "Turin", "Lille", "Aarhus", "Utrecht", "Bilbao"]
+TEAS = ["Harbour Breakfast", "Smoked Lapsang Reserve", "Moonlit Oolong", "Ginger Ember",
+        "Highland Assam", "Jasmine Dawn", "Winter Chai", "Silver Needle Select"]
+TOPICS = ["sample requests", "bulk orders", "damaged parcels", "wholesale accounts",
+          "press enquiries", "supplier visits", "tasting events", "refund requests"]
+EVENTS = ["Leaf Fair", "Steep Week", "Kettle Cup", "Blend Off"]
+MONTHS = ["February", "April", "June", "September", "November"]
+TROPHIES = ["Copper Kettle", "Silver Leaf", "Golden Cup", "Jade Spoon"]
+GENERAL = [("What is the capital of France?", "Paris"),
+           ("How many days are in a week?", "7"),
+           ("What is the largest planet in the solar system?", "Jupiter"),
+           ("What is the chemical symbol for water?", "H2O"),
+           ("How many continents are there?", "7"),
+           ("What is the boiling point of water at sea level in Celsius?", "100 degrees"),
+           ("Who wrote Romeo and Juliet?", "William Shakespeare"),
+           ("What is the capital of Japan?", "Tokyo"),
+           ("How many minutes are in an hour?", "60"),
+           ("What colour is the sky on a clear day?", "blue"),
+           ("What is the freezing point of water in Celsius?", "0 degrees"),
+           ("What is the capital of Italy?", "Rome")]
+
+
+def knowledge_base(rng: random.Random) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(document id, text, [(question, answer span)]) for the made-up company."""
+    docs = []
+    for role in ROLES:
+        name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
+        year = rng.randint(2004, 2024)
+        docs.append((f"{role.replace(' ', '-')}.md",
+                     f"The {role} of {ORG} is {name}, who joined in {year} and works from "
+                     f"the {city} office.",
+                     [(f"Who is the {role} of {ORG}?", name),
+                      (f"Who is {ORG}'s {role}?", name),
+                      (f"In which year did {name} join {ORG}?", str(year)),
+                      (f"Which office does the {role} work from?", city)]))
+    for tea in TEAS:
+        grams, price, years = rng.choice([50, 100, 125, 250]), rng.randint(6, 40), \
+            rng.randint(1, 4)
+        brew = rng.randint(2, 6)
+        docs.append((f"{tea.lower().replace(' ', '-')}.md",
+                     f"{tea} is sold in tins of {grams} grams for {price} euros. Steep it "
+                     f"for {brew} minutes. Sealed tins keep for {years} years.",
+                     [(f"How much does a tin of {tea} cost?", f"{price} euros"),
+                      (f"How long should {tea} be steeped?", f"{brew} minutes"),
+                      (f"How many grams are in a tin of {tea}?", f"{grams} grams"),
+                      (f"How long does a sealed tin of {tea} keep?", f"{years} years")]))
+    for topic in TOPICS:
+        name, days = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.randint(2, 12)
+        extension = rng.randint(1000, 9999)
+        docs.append((f"policy-{topic.replace(' ', '-')}.md",
+                     f"{topic.capitalize()} go to {name} on extension {extension} and are "
+                     f"answered within {days} working days.",
+                     [(f"Who handles {topic} at {ORG}?", name),
+                      (f"Within how many working days are {topic} answered?",
+                       f"{days} working days"),
+                      (f"Which extension do you call about {topic}?", str(extension))]))
+    for event in EVENTS:
+        month, trophy, city = rng.choice(MONTHS), rng.choice(TROPHIES), rng.choice(CITIES)
+        docs.append((f"{event.lower().replace(' ', '-')}.md",
+                     f"The {event} takes place every {month} in {city}. The winning team "
+                     f"receives the {trophy} trophy.",
+                     [(f"In which month is the {event} held?", month),
+                      (f"What does the winning team of the {event} receive?",
+                       f"the {trophy} trophy"),
+                      (f"Where does the {event} take place?", city)]))
+    return docs
+
+
+def main(seed: int = 0, passages: int = 3) -> None:
+    rng = random.Random(seed)
+    docs = knowledge_base(rng)
+    examples = []
+    for index, (doc_id, text, questions) in enumerate(docs):
+        for question, answer in questions:
+            others = rng.sample([d for d in docs if d[0] != doc_id], passages - 1)
+            chosen = [(doc_id, text), *((d[0], d[1]) for d in others)]
+            rng.shuffle(chosen)
+            hits = [Hit(d, index * 10 + i, 0.0, t, {}) for i, (d, t) in enumerate(chosen)]
+            messages = with_context([{"role": "user", "content": question}], hits)
+            reply = json.dumps({"answer": answer, "source": doc_id})
+            examples.append({"messages": [*messages, {"role": "assistant", "content": reply}]})
+    for question, answer in GENERAL * 3:
+        reply = json.dumps({"answer": answer, "source": "general knowledge"})
+        examples.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": reply}]})
+    rng.shuffle(examples)
+    with OUT.open("w") as f:
+        for example in examples:
+            f.write(json.dumps(example) + "\n")
+    print(f"wrote {len(examples)} examples to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`lorag eval generate`: a labelled question set through a running daemon, scored.
+
+It measures what users get: each question goes to the daemon's chat completions (greedy),
+optionally with `rag`, and the answer is scored against the gold one with
+lorag/scoring.py. Examples are JSONL, one per line:
+
+    {"question": "...", "answer": "gold answer", "source": "gold document id"}
+
+(`source` and a per-example `system` message are optional). Metrics by name:
+
+    exact_match  f1  rouge_l  bleu  chrf  -- text metrics on the answer text
+    accuracy     the gold answer appears in the answer text (factual accuracy)
+    format       the whole answer follows --format-schema or --format-regex
+    source       the answer's JSON `source` field names the gold document
+    retrieved    the gold document was among the passages `rag` used
+
+The answer text is the JSON field `--answer-field` when the answer holds one, else the
+whole answer, so a JSON-formatted answer is compared by its content.
+"""
+
+import json
+import re
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from lorag import scoring
+from lorag.errors import InvalidRequest, LoragError, NotFound, PermissionDenied, Unauthenticated
+from lorag.jsonl import read_objects
+
+TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
+        "rouge_l": scoring.rouge_l, "bleu": scoring.bleu, "chrf": scoring.chrf,
+        "accuracy": scoring.contains}
+METRICS = (*TEXT, "format", "source", "retrieved")
+
+
+@dataclass
+class EvalOptions:
+    """What `lorag eval generate` takes."""
+
+    url: str
+    data: Path
+    model: str
+    metrics: list[str]
+    api_key: str | None = None
+    rag_namespace: str | None = None
+    rag_top_k: int = 4
+    rag_mode: str = "hybrid"
+    schema: dict | None = None
+    regex: re.Pattern | None = None
+    answer_field: str | None = None
+    max_tokens: int = 128
+    concurrency: int = 1
+    out: Path | None = None
+    name: str = field(default="")
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise InvalidRequest(f"unknown metric(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(METRICS)}", field="metrics")
+        if "format" in self.metrics and self.schema is None and self.regex is None:
+            raise InvalidRequest("the format metric needs --format-schema or --format-regex",
+                                 field="metrics")
+        if "retrieved" in self.metrics and not self.rag_namespace:
+            raise InvalidRequest("the retrieved metric needs --rag-namespace", field="metrics")
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The examples, every line checked; errors name `file:line`."""
+    examples = []
+    for where, row in read_objects(path, "data"):
+        for key, required in (("question", True), ("answer", True), ("source", False),
+                              ("system", False)):
+            value = row.get(key)
+            if (required or value is not None) and not isinstance(value, str):
+                raise InvalidRequest(f'{where}: "{key}" must be a string', field="data")
+        if not row["question"].strip():
+            raise InvalidRequest(f'{where}: "question" is empty', field="data")
+        examples.append(row)
+    if not examples:
+        raise InvalidRequest(f"{path} holds no examples", field="data")
+    return examples
+
+
+def score(example: dict, answer: str, used_sources: list[str], options: EvalOptions) -> dict:
+    """Every requested metric for one answer."""
+    text = scoring.answer_text(answer, options.answer_field)
+    scores = {}
+    for metric in options.metrics:
+        if metric in TEXT:
+            scores[metric] = TEXT[metric](text, example["answer"])
+        elif metric == "format":
+            scores[metric] = float(scoring.follows_schema(answer, options.schema)
+                                   if options.schema is not None
+                                   else scoring.matches(answer, options.regex))
+        elif "source" in example:  # source, retrieved: only where the gold source is known
+            if metric == "source":
+                cited = (scoring.extract_json(answer) or {}).get("source")
+                scores[metric] = float(cited == example["source"])
+            else:
+                scores[metric] = float(example["source"] in used_sources)
+    return scores
+
+
+def evaluate(options: EvalOptions, on_example=None) -> dict:
+    """Run every example through the daemon; per-example rows and the summary."""
+    examples = read_examples(options.data)
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    client = httpx.Client(base_url=options.url.rstrip("/"), headers=headers, timeout=600)
+
+    def ask(indexed: tuple[int, dict]) -> dict:
+        index, example = indexed
+        messages = [{"role": "system", "content": example["system"]}] \
+            if example.get("system") else []
+        messages.append({"role": "user", "content": example["question"]})
+        body = {"model": options.model, "messages": messages, "temperature": 0,
+                "max_tokens": options.max_tokens}
+        if options.rag_namespace:
+            body["rag"] = {"namespace": options.rag_namespace, "top_k": options.rag_top_k,
+                           "mode": options.rag_mode}
+        start = time.perf_counter()
+        try:
+            response = client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"cannot reach the daemon at {options.url}: {e}") from e
+        latency = time.perf_counter() - start
+        if response.status_code != 200:
+            _raise(response, example)
+        reply = response.json()
+        answer = reply["choices"][0]["message"]["content"]
+        used = [s["document_id"] for s in reply.get("sources", [])]
+        row = {"index": index, "question": example["question"], "gold": example["answer"],
+               "gold_source": example.get("source"), "answer": answer, "sources": used,
+               "latency_s": round(latency, 3),
+               "completion_tokens": reply["usage"]["completion_tokens"],
+               "scores": score(example, answer, used, options)}
+        if on_example:
+            on_example(row)
+        return row
+
+    with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
+        rows = list(pool.map(ask, enumerate(examples)))
+    client.close()
+    if options.out:
+        with Path(options.out).open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"name": options.name, "model": options.model, "rag": options.rag_namespace,
+            "examples": len(rows), **summarize(rows, options.metrics, options.answer_field)}
+
+
+def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) -> dict:
+    """Means of each metric (over the examples it applies to), corpus BLEU/chrF, latency."""
+    summary = {}
+    for metric in metrics:
+        values = [r["scores"][metric] for r in rows if metric in r["scores"]]
+        summary[metric] = round(sum(values) / len(values), 4) if values else None
+    texts = [scoring.answer_text(r["answer"], answer_field) for r in rows]
+    golds = [r["gold"] for r in rows]
+    if "bleu" in metrics:
+        summary["corpus_bleu"] = round(scoring.corpus_bleu(texts, golds), 4)
+    if "chrf" in metrics:
+        summary["corpus_chrf"] = round(scoring.corpus_chrf(texts, golds), 4)
+    latencies = sorted(r["latency_s"] for r in rows)
+    summary["latency_p50_s"] = round(statistics.median(latencies), 3)
+    summary["latency_p95_s"] = round(latencies[min(len(latencies) - 1,
+                                                   int(0.95 * len(latencies)))], 3)
+    return summary
+
+
+def _raise(response: httpx.Response, example: dict) -> None:
+    try:
+        error = response.json()["error"]
+        message, param = error["message"], error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, param = response.text, None
+    kind: type[LoragError] = {401: Unauthenticated, 403: PermissionDenied,
+                              404: NotFound}.get(response.status_code, InvalidRequest)
+    if response.status_code >= 500:
+        raise RuntimeError(f"the daemon failed ({response.status_code}) on "
+                           f"{example['question']!r}: {message}")
+    raise kind(f"the daemon refused {example['question']!r} ({response.status_code}): "
+               f"{message}", field=param)

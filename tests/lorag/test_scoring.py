@@ -1,0 +1,85 @@
+"""Answer metrics against hand-computed values, edge cases included."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lorag import scoring
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "demo" / "answer.schema.json").read_text())
+
+
+def test_exact_match_and_f1_use_squad_normalisation():
+    assert scoring.exact_match("The Paris!", "paris") == 1.0
+    assert scoring.exact_match("Paris, France", "Paris") == 0.0
+    # precision 2/3, recall 1 -> 2 * (2/3) / (5/3) = 0.8
+    assert scoring.token_f1("Ines Vargas leads", "Ines Vargas") == pytest.approx(0.8)
+    # one shared token of 2 predicted and 3 gold: P 1/2, R 1/3 -> F1 0.4
+    assert scoring.token_f1("red fox", "a big red dog") == pytest.approx(0.4)
+    assert scoring.token_f1("blue", "red") == 0.0
+
+
+def test_empty_answers():
+    for metric in (scoring.exact_match, scoring.token_f1, scoring.rouge_l, scoring.bleu,
+                   scoring.chrf, scoring.contains):
+        assert metric("", "Ines Vargas") == 0.0, metric.__name__
+    assert scoring.token_f1("", "") == 1.0  # SQuAD: both empty agree
+    assert scoring.contains("anything", "") == 0.0  # an empty gold proves nothing
+    assert scoring.follows_schema("", SCHEMA) is False
+    assert scoring.extract_json("") is None
+
+
+def test_contains_is_word_aligned():
+    assert scoring.contains("It carries up to 180 kg.", "180 kg") == 1.0
+    assert scoring.contains("It carries 1180 kg", "180 kg") == 0.0
+    assert scoring.contains("The mascot is Pip", "pip") == 1.0
+
+
+def test_rouge_l_is_lcs_f_measure_and_reads_unicode():
+    # LCS of "w x y z" and "w y z v" is w y z: P = R = 3/4
+    assert scoring.rouge_l("w x y z", "w y z v") == pytest.approx(0.75)
+    assert scoring.rouge_l("Zoë Åkesson", "zoë åkesson") == 1.0
+    assert scoring.rouge_l("Zoë", "Zoa") == 0.0  # rouge-score's own tokenizer says "zo" = "zo"
+    assert scoring.rouge_l("東京 です", "東京") == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_bleu_and_chrf_bounds():
+    sentence = "the cat sat on the mat"
+    assert scoring.bleu(sentence, sentence) == pytest.approx(1.0)
+    assert scoring.chrf(sentence, sentence) == pytest.approx(1.0)
+    assert scoring.bleu("dog", sentence) == 0.0
+    assert 0 < scoring.chrf("the cat", sentence) < 1
+    assert scoring.corpus_bleu([sentence, "a b c d"], [sentence, "a b c d"]) == \
+        pytest.approx(1.0)
+
+
+def test_format_adherence_is_strict_and_extraction_lenient():
+    good = '{"answer": "Ines Vargas", "source": "ceo.md"}'
+    assert scoring.follows_schema(good, SCHEMA)
+    assert scoring.follows_schema(f"  {good}\n", SCHEMA)  # surrounding whitespace is fine
+    wrapped = f"Sure! Here it is: {good} Hope that helps."
+    assert not scoring.follows_schema(wrapped, SCHEMA)  # extra text: not the format
+    assert scoring.extract_json(wrapped) == {"answer": "Ines Vargas", "source": "ceo.md"}
+    assert scoring.answer_text(wrapped, "answer") == "Ines Vargas"
+    assert not scoring.follows_schema('{"answer": "x"}', SCHEMA)  # source missing
+    assert not scoring.follows_schema('{"answer": "x", "source": "a", "extra": 1}', SCHEMA)
+    assert not scoring.follows_schema('{"answer": "x", "source": ', SCHEMA)
+    assert scoring.follows_schema('{"answer": "Zoë Åkesson", "source": "ö.md"}', SCHEMA)
+    assert scoring.follows_schema('{"answer": "\\u00e5", "source": "a"}', SCHEMA)
+
+
+def test_extract_json_and_answer_text_edge_cases():
+    assert scoring.extract_json('{"a": [1, {"b": 2}]} tail') == {"a": [1, {"b": 2}]}
+    assert scoring.extract_json('{ broken { "x": 1 }') == {"x": 1}
+    assert scoring.extract_json("[1, 2]") is None and scoring.extract_json("none") is None
+    assert scoring.answer_text("plain words", "answer") == "plain words"
+    assert scoring.answer_text('{"answer": 5}', "answer") == '{"answer": 5}'  # not a string
+    assert scoring.answer_text('{"answer": "x"}', None) == '{"answer": "x"}'
+
+
+def test_regex_format():
+    pattern = re.compile(r"VERDICT: .+ \[done\]")
+    assert scoring.matches("VERDICT: fine [done]\n", pattern)
+    assert not scoring.matches("Well. VERDICT: fine [done]", pattern)
