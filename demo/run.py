@@ -37,8 +37,8 @@ OUT = ROOT / "demo-results"
 BASE = "smollm2-135m-instruct"
 ADAPTER = "house-style"
 NAMESPACE = "kestrel"
-TRAIN = ["--max-steps", "40", "--batch-size", "8", "--lr", "3e-4", "--rank", "16",
-         "--alpha", "32", "--save-steps", "1000"]
+TRAIN = ["--max-steps", "30", "--batch-size", "8", "--lr", "1e-3", "--rank", "16",
+         "--alpha", "32", "--target-modules", "all-linear", "--save-steps", "1000"]
 CONFIGS = [("base", BASE, False), ("base+rag", BASE, True),
            ("adapter", ADAPTER, False), ("adapter+rag", ADAPTER, True)]
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),

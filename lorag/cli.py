@@ -395,8 +395,9 @@ def eval_generate(
     import json
     import re
 
-    from lorag.evaluation import EvalOptions, evaluate
+    from lorag.evaluation import EvalOptions, evaluate, read_examples
 
+    total = len(read_examples(data))  # every line checked before the first request
     schema = None
     if format_schema is not None:
         try:
@@ -418,7 +419,7 @@ def eval_generate(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console) as progress:
-        task = progress.add_task(f"asking {model}", total=None)
+        task = progress.add_task(f"asking {model}", total=total)
         summary = evaluate(options, lambda row: progress.advance(task))
     table = Table("metric", "value", title=f"{model}"
                   + (f" + rag:{rag_namespace}" if rag_namespace else "")

@@ -250,4 +250,5 @@ def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     broken = lorag("--model", BASE, "--data", str(bad))
-    assert broken.returncode == 2 and 'bad.jsonl:1: "answer" must be a string' in broken.stderr
+    assert broken.returncode == 2
+    assert 'bad.jsonl:1: "answer" must be a string' in "".join(broken.stderr.split("\n"))
