@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 
 from lorag import scoring
-from lorag.errors import InvalidRequest, LoragError, NotFound, PermissionDenied, Unauthenticated
+from lorag.daemon_errors import daemon_error
+from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
 
 TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
@@ -130,7 +131,7 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
             raise RuntimeError(f"cannot reach the daemon at {options.url}: {e}") from e
         latency = time.perf_counter() - start
         if response.status_code != 200:
-            _raise(response, example)
+            raise daemon_error(response, f"the daemon refused {example['question']!r}")
         reply = response.json()
         answer = reply["choices"][0]["message"]["content"]
         used = [s["document_id"] for s in reply.get("sources", [])]
@@ -171,18 +172,3 @@ def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) ->
     summary["latency_p95_s"] = round(latencies[min(len(latencies) - 1,
                                                    int(0.95 * len(latencies)))], 3)
     return summary
-
-
-def _raise(response: httpx.Response, example: dict) -> None:
-    try:
-        error = response.json()["error"]
-        message, param = error["message"], error.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, param = response.text, None
-    kind: type[LoragError] = {401: Unauthenticated, 403: PermissionDenied,
-                              404: NotFound}.get(response.status_code, InvalidRequest)
-    if response.status_code >= 500:
-        raise RuntimeError(f"the daemon failed ({response.status_code}) on "
-                           f"{example['question']!r}: {message}")
-    raise kind(f"the daemon refused {example['question']!r} ({response.status_code}): "
-               f"{message}", field=param)

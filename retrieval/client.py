@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 
-from lorag.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from lorag.daemon_errors import daemon_error
+from lorag.errors import NotFound
 from retrieval.ingest import Document
-from retrieval.store import DocumentStore, scoped, unscoped
+from retrieval.store import DocumentStore, scoped
 
 BATCH = 1000  # documents per request, the daemon's limit
 
@@ -42,14 +43,9 @@ class Local:
 
     def list(self) -> list[dict]:
         """Every namespace in the data dir (all tenants: this is the operator's view)."""
-        shared = set(self.store.shared())
-        rows = []
-        for stored in self.store.namespaces():
-            tenant, name = unscoped(stored)
-            documents, chunks = self.store.counts(stored)
-            rows.append({"name": name, "owner": tenant or "", "shared": stored in shared,
-                         "documents": documents, "chunks": chunks})
-        return rows
+        return [{"name": row["name"], "owner": row["owner"] or "", "shared": row["shared"],
+                 "documents": row["documents"], "chunks": row["chunks"]}
+                for row in self.store.overview()]
 
     def drop(self, namespace: str) -> None:
         """Delete a namespace and everything in it."""
@@ -89,19 +85,9 @@ class Remote:
             response = self.http.request(method, path, json=body)
         except httpx.HTTPError as e:
             raise RuntimeError(f"cannot reach the daemon at {self.url}: {e}") from e
-        if response.status_code == 200:
-            return response.json()
-        try:
-            error = response.json()["error"]
-            message, field = error["message"], error.get("param")
-        except (ValueError, KeyError, TypeError):
-            message, field = response.text, None
-        kind = {401: Unauthenticated, 403: PermissionDenied, 404: NotFound}.get(
-            response.status_code, InvalidRequest if response.status_code < 500 else None)
-        if kind is None:
-            raise RuntimeError(f"the daemon at {self.url} failed ({response.status_code}): "
-                               f"{message}")
-        raise kind(f"the daemon says: {message}", field=field)
+        if response.status_code != 200:
+            raise daemon_error(response, f"the daemon at {self.url} says")
+        return response.json()
 
 
 def open_namespaces(url: str | None, api_key: str | None, data_dir: Path,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import httpx
 
-from lorag.errors import InvalidRequest
+from lorag.daemon_errors import daemon_error
 
 
 def publish(url: str, name: str, adapter: Path, api_key: str | None = None) -> str:
@@ -18,12 +18,7 @@ def publish(url: str, name: str, adapter: Path, api_key: str | None = None) -> s
     except httpx.HTTPError as e:
         raise RuntimeError(f"cannot reach the daemon at {url}: {e}") from e
     if response.status_code != 200:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        raise InvalidRequest(f"the daemon at {url} refused the adapter "
-                             f"({response.status_code}): {message}", field="serve")
+        raise daemon_error(response, f"the daemon at {url} refused the adapter")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     return (f"curl -s {url.rstrip('/')}/v1/chat/completions -H 'Content-Type: "
             f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": "
