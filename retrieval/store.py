@@ -252,6 +252,22 @@ class DocumentStore:
                             (int(shared), namespace))
             return new > 0
 
+    def overview(self) -> list[dict]:
+        """Every namespace: its stored name, owner tenant (None for a bare name), name,
+        whether it is shared, and its document and chunk counts; sorted by stored name."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT n.name, n.shared, "
+                "(SELECT COUNT(*) FROM documents d WHERE d.namespace = n.name), "
+                "(SELECT COUNT(*) FROM chunks c WHERE c.namespace = n.name) "
+                "FROM namespaces n ORDER BY n.name").fetchall()
+        out = []
+        for stored, shared, documents, chunks in rows:
+            owner, name = unscoped(stored)
+            out.append({"namespace": stored, "owner": owner, "name": name,
+                        "shared": bool(shared), "documents": documents, "chunks": chunks})
+        return out
+
     def counts(self, namespace: str) -> tuple[int, int]:
         """(documents, chunks) in a namespace."""
         with self.lock:

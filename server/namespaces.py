@@ -57,15 +57,10 @@ class Namespaces:
 
     def list(self, caller: Caller) -> list[dict]:
         """The caller's namespaces and the shared ones, with document and chunk counts."""
-        shared = set(self.store.shared())
-        out = []
-        for namespace in self.store.namespaces():
-            tenant, name = unscoped(namespace)
-            if tenant is not None and (tenant == caller.tenant or namespace in shared):
-                documents, chunks = self.store.counts(namespace)
-                out.append({"name": name, "owner": tenant, "shared": namespace in shared,
-                            "documents": documents, "chunks": chunks})
-        return sorted(out, key=lambda row: (row["owner"] != caller.tenant, row["name"]))
+        rows = [{key: row[key] for key in ("name", "owner", "shared", "documents", "chunks")}
+                for row in self.store.overview()
+                if row["owner"] is not None and (row["owner"] == caller.tenant or row["shared"])]
+        return sorted(rows, key=lambda row: (row["owner"] != caller.tenant, row["name"]))
 
     def resolve(self, caller: Caller, name: str) -> str:
         """The stored namespace `name` means to this caller: its own, else a shared one."""
