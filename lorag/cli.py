@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -24,10 +25,11 @@ class _App(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except LoragError as e:  # the caller's mistake: say what and where
-            console.print(f"[red]error:[/red] {e.message}")
+            # one unwrapped line, and the message taken literally (no rich markup)
+            console.print("[red]error:[/red]", escape(e.message), soft_wrap=True)
             raise SystemExit(2) from None
         except RuntimeError as e:  # infrastructure: say what failed
-            console.print(f"[red]failed:[/red] {e}")
+            console.print("[red]failed:[/red]", escape(str(e)), soft_wrap=True)
             raise SystemExit(1) from None
 
 
