@@ -51,7 +51,7 @@ bench: bench-setup
 
 # buf (npm @bufbuild/buf) with the STANDARD rules, configured in proto/buf.yaml
 # fine-tuning for form, retrieval for facts: train, ingest, serve, evaluate four ways
-# (about 15 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
+# (about 14 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
 demo: setup
 	$(BIN)/lorag models pull
 	$(BIN)/python -m demo.run

@@ -44,6 +44,7 @@ CONFIGS = [("base", BASE, False), ("base+rag", BASE, True),
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),
            ("source", "cites gold source"), ("f1", "F1"), ("rouge_l", "ROUGE-L"),
            ("latency_p50_s", "latency p50 (s)")]
+SHORT = ["accuracy", "format", "source", "F1", "ROUGE-L", "p50 s"]  # an 80-column terminal
 console = Console(stderr=True)
 
 
@@ -103,8 +104,9 @@ def main() -> dict:
 
 
 def write(report: dict, training: dict) -> None:
-    table = Table(*["configuration"] + [label for _, label in COLUMNS],
-                  title="held-out questions about Kestrel Robotics (demo/questions.jsonl)")
+    table = Table("configuration", *SHORT,
+                  title="30 held-out questions about Kestrel Robotics (demo/questions.jsonl)")
+    table.columns[0].no_wrap = True
     rows = []
     for name, metrics in report.items():
         cells = [_cell(metrics[key], key) for key, _ in COLUMNS]
@@ -139,7 +141,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylim(0, 1)
     axis.set_ylabel("share of questions / score")
     axis.set_title("Fine-tuning teaches form, retrieval supplies facts")
-    axis.legend()
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(report))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
