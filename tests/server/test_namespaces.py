@@ -1,0 +1,22 @@
+"""The data dir and the daemon name a tenant's namespaces alike: what `lorag ingest`
+writes locally for tenant "default" is what an open daemon (no API keys) searches."""
+
+from pathlib import Path
+
+from retrieval.client import Local
+from retrieval.ingest import ingest
+from server.auth import OPEN_TENANT, Caller
+from server.namespaces import Namespaces
+
+BAKERY = Path(__file__).parents[1] / "data" / "corpus" / "guides" / "bakery.txt"
+
+
+def test_a_data_dir_namespace_is_the_open_daemons(tmp_path):
+    local = Local(tmp_path)  # the CLI's default tenant
+    assert ingest(local, "docs", [BAKERY])["added"] == 1
+    daemon = Namespaces(local.store)
+    hits = daemon.search(Caller(OPEN_TENANT, admin=True), "docs", "who is the head baker")
+    assert hits[0].document_id == "bakery.txt"
+    assert [row["name"] for row in daemon.list(Caller(OPEN_TENANT, admin=True))] == ["docs"]
+    assert daemon.list(Caller("alice", admin=True)) == []  # another tenant sees nothing
+    assert [(r["name"], r["owner"]) for r in local.list()] == [("docs", OPEN_TENANT)]
