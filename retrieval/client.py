@@ -37,7 +37,7 @@ class Local:
                filters: dict | None = None) -> list[dict]:
         """Hits as dicts (document_id, chunk_id, score, text, metadata)."""
         stored = scoped(self.tenant, namespace)
-        if stored not in self.store.namespaces():
+        if not self.store.exists(stored):
             raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
         return [asdict(h) for h in self.store.search(stored, query, k, filters, mode)]
 

@@ -171,7 +171,7 @@ class DocumentStore:
     def delete(self, namespace: str, document_id: str) -> bool:
         """Remove a document and its chunks; says whether it existed."""
         with self.lock:
-            if namespace not in self.namespaces():
+            if not self.exists(namespace):
                 return False
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -213,7 +213,7 @@ class DocumentStore:
             raise InvalidRequest(f"mode must be one of {', '.join(MODES)}, got {mode!r}",
                                  field="mode")
         with self.lock:
-            if namespace not in self.namespaces():
+            if not self.exists(namespace):
                 return []
             allowed = set(self._filtered_ids(namespace, filters)) if filters else None
             if allowed is not None and not allowed:
@@ -234,6 +234,12 @@ class DocumentStore:
         """Namespace names, sorted."""
         with self.lock:
             return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
+
+    def exists(self, namespace: str) -> bool:
+        """Whether the namespace exists (one indexed lookup, not a listing)."""
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM namespaces WHERE name=?",
+                                   (namespace,)).fetchone() is not None
 
     def shared(self) -> list[str]:
         """Names of the namespaces marked shared, sorted."""

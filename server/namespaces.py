@@ -65,7 +65,7 @@ class Namespaces:
     def resolve(self, caller: Caller, name: str) -> str:
         """The stored namespace `name` means to this caller: its own, else a shared one."""
         own = scoped(caller.tenant, name)
-        if own in self.store.namespaces():
+        if self.store.exists(own):
             return own
         for namespace in self.store.shared():
             if unscoped(namespace)[1] == name:
