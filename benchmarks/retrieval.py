@@ -82,9 +82,9 @@ def percentiles(seconds: list[float]) -> dict:
 def bench_ingest(documents: list[dict], questions: list[str]) -> tuple[dict, np.ndarray]:
     """The whole store: ingest rate, then search latency per mode. Returns the chunk
     embeddings too (the seed of the synthetic vectors at scale)."""
-    from retrieval.embedder import Embedder
-    from retrieval.ingest import Document
-    from retrieval.store import MODES, DocumentStore
+    from lorag.retrieval.embedder import Embedder
+    from lorag.retrieval.ingest import Document
+    from lorag.retrieval.store import MODES, DocumentStore
 
     embedder = Embedder()
     embedder.encode(["warm up"])
@@ -130,7 +130,7 @@ def synthetic_vectors(seed_vectors: np.ndarray, n: int, rng: np.random.Generator
 
 def timed_search(index, queries: np.ndarray, k: int, nprobe: int = 0) -> tuple[np.ndarray, list]:
     """One query at a time through the store's own search call, as a request runs it."""
-    from retrieval.store import search_index
+    from lorag.retrieval.store import search_index
 
     ids, times = [], []
     for query in queries:
@@ -148,7 +148,7 @@ def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
 
 def bench_scale(n: int, seed_vectors: np.ndarray, queries: np.ndarray,
                 nprobes: list[int]) -> dict:
-    from retrieval.store import build_index
+    from lorag.retrieval.store import build_index
 
     rng = np.random.default_rng(n)
     start = time.perf_counter()
@@ -183,7 +183,7 @@ def main(sizes: list[int], documents: int, queries: int, nprobes: list[int],
          json_path: Path | None = None) -> dict:
     docs, questions = make_documents(documents), make_questions(queries)
     ingest, seed_vectors = bench_ingest(docs, questions)
-    from retrieval.embedder import Embedder
+    from lorag.retrieval.embedder import Embedder
 
     query_vectors = Embedder().encode(questions)
     result = {"machine": {"faiss_threads": faiss.omp_get_max_threads(),

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
 from lorag.provision import ModelCache
 from lorag.settings import Settings
-from server.engine import Engine, EngineConfig, SamplingParams
 
 MODEL = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,8 +186,9 @@ def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
         json.dump(job, f)
         f.flush()
         env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache
-        done = subprocess.run([str(python), "-m", "benchmarks.vllm_cpu", f.name], cwd=ROOT,
-                              env=env, capture_output=True, text=True)
+        script = Path(__file__).with_name("vllm_cpu.py")  # run by path: lorag is not there
+        done = subprocess.run([str(python), str(script), f.name], env=env,
+                              capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 and not lines:
         return {"error": f"vLLM-CPU exited with {done.returncode}: {done.stderr[-2000:]}"}

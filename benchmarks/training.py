@@ -7,7 +7,7 @@ rate) and `use_cpu` where there is no GPU. Tokens/s counts real (non-padding) to
 from TRL's own `num_tokens`. The losses differ in definition: plain TRL on chat data
 trains on every token, `lorag train` on the final assistant turn. Prints JSON.
 
-Run as a module (`python -m benchmarks.training plain-trl JOB.json`) it is the plain-TRL
+Run as a module (`python -m lorag.benchmarks.training plain-trl JOB.json`) it is the plain-TRL
 side of the comparison.
 """
 
@@ -95,7 +95,7 @@ def main(examples: int = 64, steps: int = 16, batch: int = 8, lr: float = 2e-4,
            "steps": steps, "batch": batch, "lr": lr, "rank": rank}
     job_file = folder / "job.json"
     job_file.write_text(json.dumps(job))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.training", "plain-trl",
+    done = subprocess.run([sys.executable, "-m", "lorag.benchmarks.training", "plain-trl",
                            str(job_file)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so it lives in its own venv (`make bench-setup`)
 and this file imports nothing from lorag. The parent writes the workload as JSON, runs
-`.venv-vllm/bin/python -m benchmarks.vllm_cpu JOB.json`, and reads one JSON summary from
+`.venv-vllm/bin/python benchmarks/vllm_cpu.py JOB.json`, and reads one JSON summary from
 the last line of stdout. Requests are submitted at t=0 and read as streams (AsyncLLM),
 so tokens/s and time to first token are measured exactly as for the engine.
 

@@ -14,8 +14,8 @@ import json
 import random
 from pathlib import Path
 
-from retrieval.rag import with_context
-from retrieval.store import Hit
+from lorag.retrieval.rag import with_context
+from lorag.retrieval.store import Hit
 
 OUT = Path(__file__).with_name("train.jsonl")
 ORG = "Marlow & Finch"

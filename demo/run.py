@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from lorag.benchmarks.daemon import DaemonProcess
+from lorag.retrieval.client import Remote
+from lorag.retrieval.ingest import ingest
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.daemon import DaemonProcess
 from lorag.evaluation import EvalOptions, evaluate
-from retrieval.client import Remote
-from retrieval.ingest import ingest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

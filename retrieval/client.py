@@ -11,11 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
+from lorag.retrieval.ingest import Document
+from lorag.retrieval.store import DocumentStore, scoped
 
 from lorag.daemon_errors import daemon_error
 from lorag.errors import NotFound
-from retrieval.ingest import Document
-from retrieval.store import DocumentStore, scoped
 
 BATCH = 1000  # documents per request, the daemon's limit
 
@@ -24,7 +24,7 @@ class Local:
     """Namespaces of `tenant` in the document store under `data_dir/retrieval`."""
 
     def __init__(self, data_dir: Path, tenant: str = "default"):
-        from retrieval.embedder import Embedder  # loads sentence-transformers
+        from lorag.retrieval.embedder import Embedder  # loads sentence-transformers
 
         self.store = DocumentStore(Path(data_dir) / "retrieval", Embedder())
         self.tenant = tenant

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bs4 import BeautifulSoup
+from lorag.retrieval.store import check_stored
 from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from lorag.errors import InvalidRequest
-from retrieval.store import check_stored
 
 
 @dataclass

@@ -9,7 +9,7 @@ they read last."""
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from retrieval.store import Hit
+from lorag.retrieval.store import Hit
 
 INSTRUCTION = ("Answer the question using only the context below. Passages are numbered; "
                "each names its source.")

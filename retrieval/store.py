@@ -24,11 +24,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from lorag.retrieval.chunking import chunk_text
+from lorag.retrieval.embedder import Embedder
+from lorag.retrieval.lexical import LexicalIndex, fuse
 
 from lorag.errors import InvalidRequest
-from retrieval.chunking import chunk_text
-from retrieval.embedder import Embedder
-from retrieval.lexical import LexicalIndex, fuse
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (

@@ -10,18 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
+from lorag.retrieval.embedder import Embedder
+from lorag.retrieval.store import DocumentStore
+from lorag.server.auth import ApiKeys
+from lorag.server.engine import Engine, EngineConfig
+from lorag.server.grpc_service import start_grpc
+from lorag.server.http import create_app
+from lorag.server.service import Service
+from lorag.server.state import StateStore
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from lorag.models import load_base
-from retrieval.embedder import Embedder
-from retrieval.store import DocumentStore
-from server.auth import ApiKeys
-from server.engine import Engine, EngineConfig
-from server.grpc_service import start_grpc
-from server.http import create_app
-from server.service import Service
-from server.state import StateStore
 
 log = logging.getLogger("lorag.daemon")
 

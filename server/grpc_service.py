@@ -9,13 +9,13 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from lorag.server.auth import Caller
+from lorag.server.engine import SamplingParams
+from lorag.server.errors import INTERNAL, mapping
+from lorag.server.service import Service
 
 from lorag.errors import InvalidRequest, LoragError
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from server.auth import Caller
-from server.engine import SamplingParams
-from server.errors import INTERNAL, mapping
-from server.service import Service
 
 log = logging.getLogger("lorag.grpc")
 SERVICE_NAME = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].full_name

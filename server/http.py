@@ -13,13 +13,9 @@ from dataclasses import asdict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
-
-from lorag.errors import LoragError
-from server.auth import Caller
-from server.errors import INTERNAL, mapping, openai_error
-from server.openai_api import (
+from lorag.server.auth import Caller
+from lorag.server.errors import INTERNAL, mapping, openai_error
+from lorag.server.openai_api import (
     AdapterLoad,
     ChatRequest,
     CompletionRequest,
@@ -29,7 +25,11 @@ from server.openai_api import (
     SearchBody,
     UnloadLora,
 )
-from server.service import Service
+from lorag.server.service import Service
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from lorag.errors import LoragError
 
 log = logging.getLogger("lorag.http")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}

@@ -6,9 +6,10 @@ unique); it writes only its own, and only with an admin key. Another tenant's pr
 namespace is simply not found, with the same message as a name nobody has.
 """
 
+from lorag.retrieval.store import DocumentStore, Hit, scoped, unscoped
+from lorag.server.auth import Caller
+
 from lorag.errors import InvalidRequest, NotFound, PermissionDenied
-from retrieval.store import DocumentStore, Hit, scoped, unscoped
-from server.auth import Caller
 
 MAX_BATCH = 1000  # documents in one request
 

@@ -9,9 +9,8 @@ ignored; unknown fields are refused, so a typo is an error rather than a surpris
 
 from typing import Literal
 
+from lorag.server.engine import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from server.engine import SamplingParams
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 Scalar = str | int | float | bool

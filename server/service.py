@@ -11,14 +11,15 @@ import re
 import threading
 import time
 
+from lorag.retrieval.rag import augment
+from lorag.retrieval.store import DocumentStore
+from lorag.server.auth import ApiKeys, Caller
+from lorag.server.engine import Engine, SamplingParams
+from lorag.server.metrics import Metrics, TrackedStream
+from lorag.server.namespaces import Namespaces
+from lorag.server.state import AdapterRecord, StateStore
+
 from lorag.errors import AdapterNotFound, InvalidRequest, PermissionDenied
-from retrieval.rag import augment
-from retrieval.store import DocumentStore
-from server.auth import ApiKeys, Caller
-from server.engine import Engine, SamplingParams
-from server.metrics import Metrics, TrackedStream
-from server.namespaces import Namespaces
-from server.state import AdapterRecord, StateStore
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG request gives no max_tokens

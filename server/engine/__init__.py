@@ -4,8 +4,8 @@ Public face: `Engine` (submit, stream, cancel, load / unload / list adapters, st
 `EngineConfig`, `SamplingParams`.
 """
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.sampling import SamplingParams
+from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.engine import Engine
+from lorag.server.engine.sampling import SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "SamplingParams"]

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.pool import AdapterPool
+from lorag.server.engine.registry import AdapterRegistry
+from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
+from lorag.server.engine.sampling import SamplingParams, sample
+from lorag.server.engine.stream import Output, TokenStream
 
 from lorag.adapters import LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
-from server.engine.config import EngineConfig
-from server.engine.pool import AdapterPool
-from server.engine.registry import AdapterRegistry
-from server.engine.runner import ModelRunner, Prefill, StepInput
-from server.engine.sampling import SamplingParams, sample
-from server.engine.stream import Output, TokenStream
 
 # Homogeneous steps before a hot adapter is merged: a little hysteresis against flapping.
 # A merge costs ~160 ms here (W + BA per targeted projection, q/k/v/o); an unmerge is free.

@@ -3,9 +3,10 @@
 from collections import OrderedDict
 from collections.abc import Callable
 
+from lorag.server.engine.lora import MultiLoraLinear
+
 from lorag.adapters import LoraWeights
 from lorag.errors import InvalidRequest
-from server.engine.lora import MultiLoraLinear
 
 
 class AdapterPool:

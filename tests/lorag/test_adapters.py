@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from safetensors.torch import load_file, save_file
 
-from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.adapters import BaseShape, compose, load_lora
 from lorag.errors import InvalidRequest
 from tests.server.engine.conftest import tiny_model

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from lorag.retrieval.embedder import Embedder
+from lorag.retrieval.ingest import ingest
+from lorag.retrieval.store import DocumentStore
 
 from lorag.errors import InvalidRequest
-from retrieval.embedder import Embedder
-from retrieval.ingest import ingest
-from retrieval.store import DocumentStore
 
 pytestmark = pytest.mark.integration
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
@@ -118,8 +118,8 @@ def test_bad_input_is_refused_clearly(store, tmp_path):
 WRITER = """
 import sys
 from pathlib import Path
-from retrieval.embedder import Embedder
-from retrieval.store import DocumentStore
+from lorag.retrieval.embedder import Embedder
+from lorag.retrieval.store import DocumentStore
 store = DocumentStore(Path(sys.argv[1]), Embedder())
 for i in range(1000):
     store.upsert("kb", f"doc-{i}", f"Document number {i} talks about topic {i % 7}. " * 40)

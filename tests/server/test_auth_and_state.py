@@ -4,10 +4,10 @@ import json
 import sqlite3
 
 import pytest
+from lorag.server.auth import ApiKeys, Caller
+from lorag.server.state import AdapterRecord, StateStore
 
 from lorag.errors import InvalidRequest, Unauthenticated
-from server.auth import ApiKeys, Caller
-from server.state import AdapterRecord, StateStore
 
 
 def keys_file(tmp_path, data) -> ApiKeys:

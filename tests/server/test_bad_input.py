@@ -23,7 +23,7 @@ SEARCH = "/v1/namespaces/bad-kb/search"
 @pytest.fixture(scope="module")
 def bad_adapters(daemon_adapters, tmp_path_factory):
     """Broken adapters inside the adapter root, and things outside it."""
-    from benchmarks.adapters import AdapterSpec, make_adapters
+    from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 
     root, outside = daemon_adapters, tmp_path_factory.mktemp("outside")
     good = root / "style"

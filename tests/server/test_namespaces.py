@@ -3,10 +3,10 @@ writes locally for tenant "default" is what an open daemon (no API keys) searche
 
 from pathlib import Path
 
-from retrieval.client import Local
-from retrieval.ingest import ingest
-from server.auth import OPEN_TENANT, Caller
-from server.namespaces import Namespaces
+from lorag.retrieval.client import Local
+from lorag.retrieval.ingest import ingest
+from lorag.server.auth import OPEN_TENANT, Caller
+from lorag.server.namespaces import Namespaces
 
 BAKERY = Path(__file__).parents[1] / "data" / "corpus" / "guides" / "bakery.txt"
 

@@ -8,9 +8,9 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import struct_pb2
+from lorag.retrieval.ingest import files_under, load
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from retrieval.ingest import files_under, load
 from tests.server.conftest import ALICE, ALICE_USER, BOB, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.integration

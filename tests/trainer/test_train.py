@@ -10,15 +10,15 @@ import time
 import httpx
 import pytest
 import torch
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from lorag.trainer.export import export
+from lorag.trainer.train import TrainOptions, train
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
-from server.engine import Engine, EngineConfig, SamplingParams
 from tests.server.conftest import Daemon
-from trainer.export import export
-from trainer.train import TrainOptions, train
 
 pytestmark = pytest.mark.integration
 THINGS = ["apple", "carrot", "salmon", "granite", "oak tree", "bicycle", "violin", "tiger",
@@ -205,7 +205,7 @@ def test_a_bad_line_stops_the_cli_before_the_model_loads(tmp_path):
 
 
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
-    from trainer.train import _last_checkpoint
+    from lorag.trainer.train import _last_checkpoint
 
     for step, files in ((2, ("adapter_model.safetensors", "trainer_state.json")),
                         (4, ("adapter_model.safetensors",)),  # killed before its state

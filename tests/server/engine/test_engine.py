@@ -4,9 +4,9 @@ import asyncio
 import threading
 
 import pytest
+from lorag.server.engine import SamplingParams
 
 from lorag.errors import InvalidRequest, Overloaded
-from server.engine import SamplingParams
 
 PROMPT = [1, 2, 3, 4]
 
@@ -125,8 +125,8 @@ def test_async_streaming_from_an_event_loop(make_engine):
 
 def test_a_new_engine_on_the_same_model_replaces_the_old_wrapping(make_engine, tokenizer,
                                                                    adapter_root):
-    from server.engine import Engine
-    from server.engine.lora import MultiLoraLinear
+    from lorag.server.engine import Engine
+    from lorag.server.engine.lora import MultiLoraLinear
 
     first = make_engine()
     first.load_adapter("t0", str(adapter_root / "t0"))

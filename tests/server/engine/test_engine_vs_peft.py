@@ -8,11 +8,11 @@ weighted composition is checked against PEFT's add_weighted_adapter(combination_
 
 import pytest
 import torch
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from peft import PeftModel
 
-from benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
-from server.engine import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.integration
 MAX_NEW = 12

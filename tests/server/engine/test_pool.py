@@ -1,9 +1,9 @@
 """The adapter pool's exact slot map through loads, evictions, pins and unloads."""
 
 import pytest
+from lorag.server.engine import SamplingParams
 
 from lorag.errors import AdapterNotFound, InvalidRequest
-from server.engine import SamplingParams
 
 ONE = SamplingParams(max_tokens=1, ignore_eos=True)
 
