@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
+
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
-
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
 from lorag.provision import ModelCache
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from lorag.settings import Settings
 
 MODEL = "smollm2-135m-instruct"

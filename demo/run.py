@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from lorag.benchmarks.daemon import DaemonProcess
-from lorag.retrieval.client import Remote
-from lorag.retrieval.ingest import ingest
 from rich.console import Console
 from rich.table import Table
 
-from lorag.evaluation import EvalOptions, evaluate
+from lorag.benchmarks.daemon import DaemonProcess
+from lorag.client import DaemonClient
+from lorag.evaluation.generate import EvalOptions, evaluate
+from lorag.retrieval.ingest import ingest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -76,11 +76,10 @@ def main() -> dict:
     daemon = DaemonProcess(data_dir, ["--adapter-root", str(adapters),
                                       "--max-model-len", "2048"], OUT / "daemon.log")
     try:
-        counts = ingest(Remote(daemon.url), NAMESPACE, [HERE / "kb"])
+        client = DaemonClient(daemon.url)
+        counts = ingest(client, NAMESPACE, [HERE / "kb"])
         console.print(f"ingested demo/kb into {NAMESPACE!r}: {counts['added']} documents")
-        loaded = Remote(daemon.url).http.post("/v1/load_lora_adapter", json={
-            "lora_name": ADAPTER, "lora_path": str(adapters / ADAPTER)})
-        loaded.raise_for_status()
+        client.load_adapter(ADAPTER, str(adapters / ADAPTER))
         console.rule("3/3 four configurations on the held-out questions")
         results = {}
         for name, model, rag in CONFIGS:

@@ -48,6 +48,41 @@ class BaseShape:
         return cls(config.model_type, config.num_hidden_layers, shapes)
 
 
+MAX_COMPOSITION = 8  # adapters in one weighted composition
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A weighted sum of adapters served as one: `parts` is ((name, weight), ...).
+
+    Hashable, so the engine keys an adapter slot by it exactly as by a plain name; `str()`
+    is how it reads in stats and metrics ("a*0.5+b*0.5"). Checked once, here.
+    """
+
+    parts: tuple[tuple[str, float], ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.parts) <= MAX_COMPOSITION:
+            raise InvalidRequest(f"a composition takes 1-{MAX_COMPOSITION} adapters, got "
+                                 f"{len(self.parts)}", field="adapters")
+        for name, weight in self.parts:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                    or not math.isfinite(weight):
+                raise InvalidRequest(f"weight of adapter {name!r} must be a finite number, "
+                                     f"got {weight!r}", field="adapters")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The adapters it is made of."""
+        return tuple(name for name, _ in self.parts)
+
+    def __str__(self) -> str:
+        return "+".join(f"{name}*{weight:g}" for name, weight in self.parts)
+
+
+AdapterKey = str | Composition  # what the engine serves a request with
+
+
 @dataclass
 class LoraWeights:
     """A validated adapter in memory, its scaling folded into B.
@@ -57,7 +92,7 @@ class LoraWeights:
     `delta_y = b @ (a @ x)` with no further factor. Composition relies on that.
     """
 
-    name: str
+    name: AdapterKey
     rank: int
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
@@ -183,7 +218,8 @@ def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:
     return layer, module, which
 
 
-def compose(name: str, parts: list[tuple[LoraWeights, float]], max_rank: int) -> LoraWeights:
+def compose(name: AdapterKey, parts: list[tuple[LoraWeights, float]],
+            max_rank: int) -> LoraWeights:
     """A weighted linear merge of adapters, exact, as ONE adapter of concatenated rank.
 
     sum_i w_i B_i A_i = [w_1 B_1, ..., w_n B_n] @ [A_1; ...; A_n]. A module one part does

@@ -5,6 +5,7 @@ name (provisioned on first use), a local HF folder, a local `.gguf` file (conver
 into the model cache), then a hub id passed through to transformers.
 """
 
+import functools
 import logging
 from collections.abc import Callable
 from functools import cache
@@ -117,6 +118,7 @@ def resolve_model(ref: str, models: ModelCache) -> str:
     raise AssertionError("unreachable: lookup succeeds only for catalog names")
 
 
+@functools.cache  # once per process: loggers keep their filters
 def _quiet_bitsandbytes() -> None:
     """Drop two bitsandbytes log lines that are noise here, not news.
 

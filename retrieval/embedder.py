@@ -8,19 +8,16 @@ from lorag import catalog
 from lorag.provision import ModelCache
 from lorag.settings import Settings
 
+BATCH_SIZE = 64  # texts per forward pass
+
 
 class Embedder:
     """Texts -> unit vectors [n, dim] float32, so inner product is cosine similarity.
 
     The model is read on first use, so a daemon that never retrieves never loads it."""
 
-    def __init__(self, ref: str = catalog.DEFAULT_EMBEDDER, batch_size: int = 64,
-                 dtype: str = "auto"):
-        """dtype: "auto" is bf16 where the CPU runs it natively (twice the fp32 rate here;
-        cosine to the fp32 vectors >= 0.998), else fp32."""
+    def __init__(self, ref: str = catalog.DEFAULT_EMBEDDER):
         self.name = ref
-        self.batch_size = batch_size
-        self.dtype = dtype
 
     @cached_property
     def model(self):
@@ -32,7 +29,9 @@ class Embedder:
         entry = catalog.find(self.name)
         path = ModelCache(Settings().models_dir).pull(entry) if entry else self.name
         model = SentenceTransformer(str(path), device="cpu")
-        return model.to(resolve_dtype(self.dtype))
+        # bf16 where the CPU runs it natively: twice the fp32 rate here, and cosine to the
+        # fp32 vectors >= 0.998
+        return model.to(resolve_dtype("auto"))
 
     @property
     def tokenizer(self):
@@ -50,6 +49,6 @@ class Embedder:
         """texts: n strings -> [n, dim] float32, L2-normalised."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+        vectors = self.model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=True,
                                     convert_to_numpy=True, show_progress_bar=False)
         return vectors.astype(np.float32, copy=False)

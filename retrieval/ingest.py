@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bs4 import BeautifulSoup
-from lorag.retrieval.store import check_stored
 from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from lorag.errors import InvalidRequest
+from lorag.names import check_name
 
 
 @dataclass
@@ -115,14 +115,14 @@ def load(path: Path, doc_id: str) -> list[Document]:
 
 def ingest(target, namespace: str, paths: list[Path],
            on_file: Callable[[Path, str], None] | None = None) -> dict:
-    """Ingest every supported file into `target` (a DocumentStore, or a tenant's namespaces
-    in retrieval/client.py: anything with `put(namespace, documents) -> outcomes`), one
-    file at a time; returns counts and the failures with their reasons."""
-    check_stored(namespace)
+    """Ingest every supported file into `target` (a tenant's namespaces on a data dir or a
+    daemon: anything with `put_documents(namespace, documents) -> outcomes`), one file at
+    a time; returns counts and the failures with their reasons."""
+    check_name(namespace, "namespace", "namespace")
     counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": []}
     for path, doc_id in files_under(paths):
         try:
-            for outcome in target.put(namespace, load(path, doc_id)):
+            for outcome in target.put_documents(namespace, load(path, doc_id)):
                 counts[outcome] += 1
             outcome = "ok"
         except InvalidRequest as e:

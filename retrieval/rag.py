@@ -17,33 +17,42 @@ INSTRUCTION = ("Answer the question using only the context below. Passages are n
 
 @dataclass
 class Augmented:
-    """The messages to template, the passages they carry, and how many did not fit."""
+    """The rendered prompt, the passages it carries, and how many did not fit."""
 
-    messages: list[dict]
+    prompt_ids: list[int]
     used: list[Hit]
     dropped: int
 
 
-def augment(messages: list[dict], hits: list[Hit],
-            count_tokens: Callable[[list[dict]], int], budget: int) -> Augmented:
-    """Put `hits` (best first) into the chat as context, dropping the lowest-ranked ones
-    until the templated prompt is at most `budget` tokens. A caller's own system message
-    stays first; the context follows it. With no room for even one passage, the messages
-    come back unchanged and every hit counts as dropped."""
-    for n in range(len(hits), 0, -1):
-        candidate = with_context(messages, hits[:n])
-        if count_tokens(candidate) <= budget:
-            return Augmented(candidate, hits[:n], len(hits) - n)
-    return Augmented(messages, [], len(hits))
+def augment(messages: list[dict], hits: list[Hit], render: Callable[[list[dict]], list[int]],
+            count_tokens: Callable[[str], int], budget: int) -> Augmented:
+    """Put `hits` (best first) into the chat as context and render it (`render`: the chat
+    template, to token ids), dropping the lowest-ranked passages until the prompt is at
+    most `budget` tokens. Renders once when everything fits (the usual case); otherwise
+    drops as many passages as their own token counts say are too many and renders again.
+    A caller's own system message stays first; the context follows it. With no room for
+    even one passage, the chat is rendered without context and every hit is dropped."""
+    used = len(hits)
+    prompt = render(with_context(messages, hits))
+    while len(prompt) > budget and used > 0:
+        excess = len(prompt) - budget
+        while used > 0 and excess > 0:
+            used -= 1
+            excess -= count_tokens(_passage(used + 1, hits[used]))
+        prompt = render(with_context(messages, hits[:used]) if used else messages)
+    return Augmented(prompt, hits[:used], len(hits) - used)
 
 
 def with_context(messages: list[dict], hits: list[Hit]) -> list[dict]:
     """`messages` with a system message holding the numbered passages; `hits` come best
     first and are written best last."""
-    passages = "\n\n".join(f"[{i}] source: {hit.document_id}\n{hit.text}"
-                           for i, hit in enumerate(reversed(hits), 1))
+    passages = "\n\n".join(_passage(i, hit) for i, hit in enumerate(reversed(hits), 1))
     context = f"{INSTRUCTION}\n\n{passages}"
     if messages and messages[0]["role"] == "system":
         first = {"role": "system", "content": f"{messages[0]['content']}\n\n{context}"}
         return [first, *messages[1:]]
     return [{"role": "system", "content": context}, *messages]
+
+
+def _passage(number: int, hit: Hit) -> str:
+    return f"[{number}] source: {hit.document_id}\n{hit.text}"

@@ -10,13 +10,13 @@ index is updated and saved (temp file + rename). After a crash, an index file wh
 generation does not match the database is rebuilt from the stored embeddings: whatever
 an ingest committed is there after a restart, and the index never shows a chunk the
 database does not have. BM25 (retrieval/lexical.py) is derived the same way and fused with
-the vector ranking by reciprocal rank for hybrid search.
+the vector ranking by reciprocal rank for hybrid search. A namespace is an opaque name
+here: who owns it is the caller's business.
 """
 
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -24,11 +24,12 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from lorag.errors import InvalidRequest
+from lorag.names import MAX_KEY_LENGTH, check_name
 from lorag.retrieval.chunking import chunk_text
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.lexical import LexicalIndex, fuse
-
-from lorag.errors import InvalidRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -56,10 +57,6 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(namespace, document_id);
 """
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-_NAMESPACE = re.compile(f"^{_NAME}$")
-# as stored: "<tenant>.<name>" for a tenant's namespace (tenants have no dots), or a bare name
-_STORED = re.compile(f"^(?:[a-z0-9][a-z0-9_-]{{0,62}}\\.)?{_NAME}$")
 MODES = ("vector", "bm25", "hybrid")
 
 
@@ -79,8 +76,13 @@ class DocumentStore:
 
     def __init__(self, data_dir: Path, embedder: Embedder, chunk_tokens: int = 200,
                  overlap: int = 40, ivf_threshold: int = 50_000, nprobe: int = 16):
-        """ivf_threshold: chunks in a namespace above which its index becomes IVF (trained
-        on the stored vectors) instead of exact flat search; nprobe: IVF lists searched."""
+        """chunk_tokens, overlap: chunk size and the overlap of consecutive chunks, in the
+        embedder's tokens (capped at its input length), for documents written from now on;
+        ivf_threshold: chunks in a namespace above which its index becomes IVF (trained on
+        the stored vectors) instead of exact flat search; nprobe: IVF lists searched."""
+        if not 0 <= overlap < chunk_tokens:
+            raise InvalidRequest(f"chunk overlap must be in [0, chunk tokens), got overlap="
+                                 f"{overlap} chunk tokens={chunk_tokens}", field="chunk_overlap")
         self.folder = Path(data_dir)
         (self.folder / "faiss").mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.folder / "retrieval.db", check_same_thread=False,
@@ -102,14 +104,14 @@ class DocumentStore:
     def upsert(self, namespace: str, document_id: str, text: str,
                metadata: dict | None = None) -> str:
         """Add or replace one document; returns "added", "updated" or "unchanged"."""
-        return self.put(namespace, [_Doc(document_id, text, metadata)])[0]
+        return self.put_documents(namespace, [_Doc(document_id, text, metadata)])[0]
 
-    def put(self, namespace: str, documents: list) -> list[str]:
+    def put_documents(self, namespace: str, documents: list) -> list[str]:
         """Add or replace documents (anything with .id, .text, .metadata) in one
         transaction; "added", "updated" or "unchanged" for each. Every document is checked
         before anything is written, and the chunks of all changed ones are embedded in one
         batch."""
-        check_stored(namespace)
+        check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
         prepared = [_prepare(d.id, d.text, d.metadata) for d in documents]
         ids = [p[0] for p in prepared]
         if len(set(ids)) != len(ids):
@@ -207,6 +209,8 @@ class DocumentStore:
         """The k best chunks for `query`: "vector" (FAISS), "bm25", or "hybrid" (both,
         fused by reciprocal rank). `filters` ({key: value or [values]}) restrict the
         candidates inside each search, before ranking."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequest("query is empty", field="query")
         if not isinstance(k, int) or not 1 <= k <= 100:
             raise InvalidRequest(f"k must be an integer in 1..100, got {k!r}", field="top_k")
         if mode not in MODES:
@@ -249,7 +253,7 @@ class DocumentStore:
 
     def create(self, namespace: str, shared: bool = False) -> bool:
         """Create an empty namespace, or set whether an existing one is shared; True if new."""
-        check_stored(namespace)
+        check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
         with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             new = self.db.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)",
@@ -259,20 +263,16 @@ class DocumentStore:
             return new > 0
 
     def overview(self) -> list[dict]:
-        """Every namespace: its stored name, owner tenant (None for a bare name), name,
-        whether it is shared, and its document and chunk counts; sorted by stored name."""
+        """Every namespace: its name, whether it is shared, and its document and chunk
+        counts; sorted by name."""
         with self.lock:
             rows = self.db.execute(
                 "SELECT n.name, n.shared, "
                 "(SELECT COUNT(*) FROM documents d WHERE d.namespace = n.name), "
                 "(SELECT COUNT(*) FROM chunks c WHERE c.namespace = n.name) "
                 "FROM namespaces n ORDER BY n.name").fetchall()
-        out = []
-        for stored, shared, documents, chunks in rows:
-            owner, name = unscoped(stored)
-            out.append({"namespace": stored, "owner": owner, "name": name,
-                        "shared": bool(shared), "documents": documents, "chunks": chunks})
-        return out
+        return [{"namespace": name, "shared": bool(shared), "documents": documents,
+                 "chunks": chunks} for name, shared, documents, chunks in rows]
 
     def counts(self, namespace: str) -> tuple[int, int]:
         """(documents, chunks) in a namespace."""
@@ -459,33 +459,3 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 
 
 def _is_flat(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is None
-
-
-def check_namespace(name: str) -> None:
-    """A namespace's name as its owner gives it."""
-    if not isinstance(name, str) or not _NAMESPACE.match(name):
-        raise InvalidRequest(f"namespace {name!r} must be 1-64 characters of letters, "
-                             "digits, _ and - starting with a letter or digit",
-                             field="namespace")
-
-
-def check_stored(namespace: str) -> None:
-    """A namespace as stored: a bare name, or "<tenant>.<name>" (see `scoped`)."""
-    if not isinstance(namespace, str) or not _STORED.match(namespace):
-        raise InvalidRequest(f"namespace {namespace!r} must be 1-64 characters of letters, "
-                             "digits, _ and - starting with a letter or digit (stored as "
-                             "<tenant>.<name> for a tenant's namespace)", field="namespace")
-
-
-def scoped(tenant: str, name: str) -> str:
-    """Tenant `tenant`'s namespace `name` as stored: "<tenant>.<name>". Tenants never
-    contain a dot and names never do, so the split is unambiguous; the daemon and the
-    CLI's data-dir mode name a tenant's namespaces the same way."""
-    check_namespace(name)
-    return f"{tenant}.{name}"
-
-
-def unscoped(namespace: str) -> tuple[str | None, str]:
-    """(tenant, name) of a stored namespace; tenant None for a bare name."""
-    tenant, _, name = namespace.rpartition(".")
-    return tenant or None, name

@@ -8,22 +8,12 @@ Without a file the daemon runs open: every caller is the admin of the tenant "de
 
 import hmac
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorag.errors import InvalidRequest, Unauthenticated
+from lorag.server.tenancy import Caller, check_tenant
 
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 OPEN_TENANT = "default"
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is asking: their tenant, and whether they may manage adapters."""
-
-    tenant: str
-    admin: bool
 
 
 class ApiKeys:
@@ -55,9 +45,7 @@ class ApiKeys:
             if len(key) < 16:
                 raise InvalidRequest(f"{where}: keys must be at least 16 characters",
                                      field="api_keys")
-            if not isinstance(entry, dict) or not _TENANT.match(str(entry.get("tenant", ""))):
-                raise InvalidRequest(f"{where}: 'tenant' must be 1-63 characters of a-z, 0-9, "
-                                     "_ and - starting with a letter or digit", field="api_keys")
+            check_tenant(entry.get("tenant") if isinstance(entry, dict) else None, where)
             if not isinstance(entry.get("admin", False), bool):
                 raise InvalidRequest(f"{where}: 'admin' must be true or false",
                                      field="api_keys")

@@ -6,10 +6,14 @@ the main thread: it owns the signals). Shutdown runs in reverse.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
+from rich.console import Console
+from transformers.utils import logging as hf_logging
+
+from lorag.models import load_base
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
 from lorag.server.auth import ApiKeys
@@ -18,17 +22,14 @@ from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
 from lorag.server.service import Service
 from lorag.server.state import StateStore
-from rich.console import Console
-from transformers.utils import logging as hf_logging
-
-from lorag.models import load_base
 
 log = logging.getLogger("lorag.daemon")
 
 
 @dataclass
 class ServeOptions:
-    """Everything `lorag serve` takes (the engine's limits are in `engine`)."""
+    """Everything `lorag serve` takes. An engine config without adapter roots gets
+    `<data_dir>/adapters`."""
 
     model: str
     quantize: str
@@ -37,9 +38,10 @@ class ServeOptions:
     port: int
     grpc_port: int
     data_dir: Path
-    adapter_roots: list[Path] = field(default_factory=list)
+    engine: EngineConfig
     api_keys: Path | None = None
-    engine: dict = field(default_factory=dict)
+    chunk_tokens: int = 200
+    chunk_overlap: int = 40
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -47,13 +49,15 @@ def build_service(options: ServeOptions) -> Service:
     hf_logging.disable_progress_bar()  # a daemon's log is not a terminal
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
     store = StateStore(options.data_dir)
-    roots = options.adapter_roots or [options.data_dir / "adapters"]
-    for root in roots:
+    config = options.engine
+    if not config.adapter_roots:
+        config = replace(config, adapter_roots=[options.data_dir / "adapters"])
+    for root in config.adapter_roots:
         root.mkdir(parents=True, exist_ok=True)
-    config = EngineConfig(**options.engine, adapter_roots=roots)
+    documents = DocumentStore(options.data_dir / "retrieval", Embedder(),  # embedder: lazy
+                              options.chunk_tokens, options.chunk_overlap)
     model, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype)
     engine = Engine(model, tokenizer, config).start()
-    documents = DocumentStore(options.data_dir / "retrieval", Embedder())  # embedder: lazy
     return Service(engine, store, keys, model_name=Path(options.model).name,
                    documents=documents)
 

@@ -2,19 +2,20 @@
 standard health checking and server reflection."""
 
 import logging
-import uuid
 from concurrent import futures
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lorag.server.auth import Caller
-from lorag.server.engine import SamplingParams
-from lorag.server.errors import INTERNAL, mapping
-from lorag.server.service import Service
 
-from lorag.errors import InvalidRequest, LoragError
+from lorag.errors import LoragError
+from lorag.server import requests
+from lorag.server.engine.stream import Output
+from lorag.server.errors import INTERNAL, mapping
+from lorag.server.requests import Grounding, Reply
+from lorag.server.service import Service
+from lorag.server.tenancy import Caller
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 
 log = logging.getLogger("lorag.grpc")
@@ -32,23 +33,29 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         self.service = service
 
     def Generate(self, request, context):
-        stream = self._submit(request, context)
-        text, last = [], None
-        for last in stream:
-            text.append(last.text)
-        if last.error is not None:
-            raise last.error
-        return lorag_pb2.GenerateResponse(text="".join(text), finish_reason=FINISH[
-            last.finish_reason], usage=_usage(last))
+        text, last = _collect(self._complete(request, context))
+        return lorag_pb2.GenerateResponse(text=text, finish_reason=FINISH[last.finish_reason],
+                                          usage=_usage(last))
 
     def GenerateStream(self, request, context):
-        for out in self._submit(request, context):
-            if out.error is not None:
-                raise out.error
-            finish = FINISH.get(out.finish_reason, lorag_pb2.FINISH_REASON_UNSPECIFIED)
-            yield lorag_pb2.GenerateStreamResponse(
-                text=out.text, finish_reason=finish,
-                usage=_usage(out) if out.finish_reason else None)
+        for out, finish in _deltas(self._complete(request, context)):
+            yield lorag_pb2.GenerateStreamResponse(text=out.text, finish_reason=finish,
+                                                   usage=_usage(out) if finish else None)
+
+    def Chat(self, request, context):
+        reply = self._chat(request, context)
+        text, last = _collect(reply)
+        return lorag_pb2.ChatResponse(text=text, finish_reason=FINISH[last.finish_reason],
+                                      usage=_usage(last), grounding=_grounding(reply.grounding))
+
+    def ChatStream(self, request, context):
+        reply = self._chat(request, context)
+        grounding = _grounding(reply.grounding)
+        for out, finish in _deltas(reply):
+            yield lorag_pb2.ChatStreamResponse(text=out.text, finish_reason=finish,
+                                               usage=_usage(out) if finish else None,
+                                               grounding=grounding)
+            grounding = None  # the first message carries it
 
     def LoadAdapter(self, request, context):
         loaded = self.service.load_adapter(self._caller(context), request.name, request.path,
@@ -67,11 +74,10 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             for r in rows])
 
     def Search(self, request, context):
-        filters = {key: json_format.MessageToDict(value)
-                   for key, value in request.filter.items()} or None
         hits = self.service.namespaces.search(
             self._caller(context), request.namespace, request.query,
-            request.top_k if request.HasField("top_k") else 5, MODES[request.mode], filters)
+            request.top_k if request.HasField("top_k") else 5, MODES[request.mode],
+            _filter(request.filter))
         return lorag_pb2.SearchResponse(hits=[lorag_pb2.SearchHit(
             document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,
             metadata=_struct(h.metadata)) for h in hits])
@@ -80,27 +86,73 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         metadata = dict(context.invocation_metadata())
         return self.service.keys.caller(metadata.get("authorization"))
 
-    def _submit(self, request, context):
-        if not request.prompt:
-            raise InvalidRequest("prompt is empty", field="prompt")
-        stream = self.service.generate(
-            self._caller(context), request.prompt, _sampling(request.sampling),
-            request.adapter or self.service.model_name,
-            [(a.name, a.weight) for a in request.adapters] or None,
-            f"grpc-{uuid.uuid4().hex}")
+    def _complete(self, request, context) -> Reply:
+        reply = self.service.complete(self._caller(context), requests.CompletionRequest(
+            request.prompt, request.adapter or self.service.model_name,
+            _composition(request.adapters), _sampling(request.sampling)))
+        return self._cancel_at_end(reply, context)
+
+    def _chat(self, request, context) -> Reply:
+        reply = self.service.chat(self._caller(context), requests.ChatRequest(
+            [{"role": m.role, "content": m.content} for m in request.messages],
+            request.model or self.service.model_name, _composition(request.adapters),
+            _sampling(request.sampling), _rag(request.rag) if request.HasField("rag") else None))
+        return self._cancel_at_end(reply, context)
+
+    def _cancel_at_end(self, reply: Reply, context) -> Reply:
         # runs when the RPC ends for any reason; after a normal end it finds nothing to stop
-        context.add_callback(lambda: self.service.cancel(stream))
-        return stream
+        context.add_callback(lambda: self.service.cancel(reply.stream))
+        return reply
 
 
-def _sampling(options) -> SamplingParams:
-    has = options.HasField
-    return SamplingParams(
-        max_tokens=options.max_tokens if has("max_tokens") else 256,
-        temperature=options.temperature if has("temperature") else 1.0,
-        top_p=options.top_p if has("top_p") else 1.0,
-        top_k=options.top_k if has("top_k") else 0,
-        seed=options.seed if has("seed") else None, stop=list(options.stop))
+def _collect(reply: Reply) -> tuple[str, Output]:
+    """A whole answer: its text and its last output; an engine error is raised."""
+    text, last = [], None
+    for last in reply.stream:
+        text.append(last.text)
+    if last.error is not None:
+        raise last.error
+    return "".join(text), last
+
+
+def _deltas(reply: Reply):
+    """(output, finish reason enum) as the engine streams them; an error is raised."""
+    for out in reply.stream:
+        if out.error is not None:
+            raise out.error
+        yield out, FINISH.get(out.finish_reason, lorag_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+def _sampling(options) -> requests.Sampling:
+    def get(name: str):
+        return getattr(options, name) if options.HasField(name) else None
+
+    return requests.Sampling(get("max_tokens"), get("temperature"), get("top_p"),
+                             get("top_k"), get("seed"), list(options.stop))
+
+
+def _rag(options) -> requests.Rag:
+    top_k = {"top_k": options.top_k} if options.HasField("top_k") else {}  # else the default
+    return requests.Rag(options.namespace, mode=MODES[options.mode],
+                        filter=_filter(options.filter), **top_k)
+
+
+def _composition(adapters) -> list[tuple[str, float]] | None:
+    return [(a.name, a.weight) for a in adapters] or None
+
+
+def _filter(values) -> dict | None:
+    return {key: json_format.MessageToDict(value) for key, value in values.items()} or None
+
+
+def _grounding(grounding: Grounding | None) -> lorag_pb2.Grounding | None:
+    if grounding is None:
+        return None
+    return lorag_pb2.Grounding(
+        namespace=grounding.namespace, retrieved=grounding.retrieved,
+        dropped=grounding.dropped, sources=[lorag_pb2.Source(
+            document_id=s.document_id, chunk_id=s.chunk_id, score=s.score,
+            metadata=_struct(s.metadata)) for s in grounding.sources])
 
 
 def _struct(values: dict) -> struct_pb2.Struct:
@@ -109,7 +161,7 @@ def _struct(values: dict) -> struct_pb2.Struct:
     return message
 
 
-def _usage(out) -> lorag_pb2.Usage:
+def _usage(out: Output) -> lorag_pb2.Usage:
     return lorag_pb2.Usage(prompt_tokens=out.prompt_tokens,
                            completion_tokens=out.completion_tokens)
 

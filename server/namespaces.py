@@ -1,17 +1,14 @@
-"""Retrieval namespaces behind tenants: the same ownership rules as adapters.
+"""Retrieval namespaces behind tenants, by the rule in server/tenancy.py.
 
-Tenant T's namespace N is the document store's "T.N" (`retrieval.store.scoped`). A caller
-reads its own namespaces and the ones other tenants marked shared (shared names are
-unique); it writes only its own, and only with an admin key. Another tenant's private
-namespace is simply not found, with the same message as a name nobody has.
+A caller reads its own namespaces and shared ones; it writes only its own, and only with
+an admin key. Another tenant's private namespace is simply not found, with the same
+message as a name nobody has.
 """
 
-from lorag.retrieval.store import DocumentStore, Hit, scoped, unscoped
-from lorag.server.auth import Caller
-
-from lorag.errors import InvalidRequest, NotFound, PermissionDenied
-
-MAX_BATCH = 1000  # documents in one request
+from lorag.errors import NotFound
+from lorag.retrieval.store import DocumentStore, Hit
+from lorag.server import tenancy
+from lorag.server.tenancy import Caller
 
 
 class Namespaces:
@@ -36,19 +33,14 @@ class Namespaces:
     def search(self, caller: Caller, name: str, query: str, top_k: int = 5,
                mode: str = "hybrid", filters: dict | None = None) -> list[Hit]:
         """The best chunks of one of the caller's namespaces, or a shared one."""
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidRequest("query is empty", field="query")
         return self.store.search(self.resolve(caller, name), query, top_k, filters, mode)
 
     def create(self, caller: Caller, name: str, shared: bool = False) -> bool:
         """Create one of the caller's namespaces, or change whether it is shared."""
         namespace = self._own(caller, name, "create namespaces")
         if shared:
-            for other in self.store.shared():
-                if unscoped(other)[1] == name and other != namespace:
-                    raise InvalidRequest(f"a shared namespace named {name!r} already exists "
-                                         f"(tenant {unscoped(other)[0]!r}); choose another "
-                                         "name", field="namespace")
+            tenancy.check_shared_name(namespace, self.store.shared(), "namespace",
+                                      "namespace")
         return self.store.create(namespace, shared)
 
     def drop(self, caller: Caller, name: str) -> None:
@@ -58,25 +50,22 @@ class Namespaces:
 
     def list(self, caller: Caller) -> list[dict]:
         """The caller's namespaces and the shared ones, with document and chunk counts."""
-        rows = [{key: row[key] for key in ("name", "owner", "shared", "documents", "chunks")}
-                for row in self.store.overview()
-                if row["owner"] is not None and (row["owner"] == caller.tenant or row["shared"])]
+        rows = []
+        for row in self.store.overview():
+            owner, name = tenancy.split(row["namespace"])
+            if owner is not None and tenancy.visible(caller, row["namespace"], row["shared"]):
+                rows.append({"name": name, "owner": owner, "shared": row["shared"],
+                             "documents": row["documents"], "chunks": row["chunks"]})
         return sorted(rows, key=lambda row: (row["owner"] != caller.tenant, row["name"]))
 
     def resolve(self, caller: Caller, name: str) -> str:
         """The stored namespace `name` means to this caller: its own, else a shared one."""
-        own = scoped(caller.tenant, name)
-        if self.store.exists(own):
-            return own
-        for namespace in self.store.shared():
-            if unscoped(namespace)[1] == name:
-                return namespace
-        raise NotFound(f"namespace {name!r} does not exist; list yours at GET /v1/namespaces",
-                       field="namespace")
+        found = tenancy.resolve(caller, name, self.store.exists, self.store.shared())
+        if found is None:
+            raise NotFound(f"namespace {name!r} does not exist; list yours at GET "
+                           "/v1/namespaces", field="namespace")
+        return found
 
     @staticmethod
-    def _own(caller: Caller, name: str, what: str) -> str:
-        if not caller.admin:
-            raise PermissionDenied(f"this API key may not {what}; use an admin key",
-                                   field="authorization")
-        return scoped(caller.tenant, name)
+    def _own(caller: Caller, name: str, action: str) -> str:
+        return tenancy.own_key(caller, name, action, "namespace", "namespace")

@@ -9,10 +9,11 @@ ignored; unknown fields are refused, so a typo is an error rather than a surpris
 
 from typing import Literal
 
-from lorag.server.engine import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+from lorag.adapters import MAX_COMPOSITION
+from lorag.server import requests
+
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
 SearchMode = Literal["vector", "bm25", "hybrid"]
@@ -40,9 +41,9 @@ class _Generation(_Body):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -50,24 +51,29 @@ class _Generation(_Body):
     n: Literal[1] = 1
     user: str | None = None
     ignore_eos: bool = False
-    adapters: list[AdapterWeight] | None = Field(default=None, min_length=1, max_length=8)
+    adapters: list[AdapterWeight] | None = Field(default=None, min_length=1,
+                                                 max_length=MAX_COMPOSITION)
     # OpenAI fields lorag does not implement: accepted only at their no-op values
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
     logprobs: Literal[False] | None = None
 
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def composition(self) -> list[tuple[str, float]] | None:
         """The `adapters` extension as (name, weight) pairs."""
         return [(a.name, a.weight) for a in self.adapters] if self.adapters else None
 
-    def _params(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int | None) -> requests.Sampling:
+        """The sampling fields; what is not set takes the service's default."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=stop,
-                              ignore_eos=self.ignore_eos)
+        return requests.Sampling(max_tokens, self.temperature, self.top_p, self.top_k,
+                                 self.seed, stop, self.ignore_eos)
 
 
-class CompletionRequest(_Generation):
+class CompletionBody(_Generation):
     """POST /v1/completions."""
 
     prompt: str | list[int] = Field(min_length=1)
@@ -75,9 +81,10 @@ class CompletionRequest(_Generation):
     suffix: None = None
     best_of: Literal[1] | None = None
 
-    def sampling(self) -> SamplingParams:
-        """Sampling parameters; max_tokens defaults to OpenAI's 16."""
-        return self._params(self.max_tokens or MAX_TOKENS_DEFAULT)
+    def to_request(self) -> requests.CompletionRequest:
+        """The service's completion request."""
+        return requests.CompletionRequest(self.prompt, self.model, self.composition(),
+                                          self.sampling(self.max_tokens))
 
 
 class Message(_Body):
@@ -103,26 +110,26 @@ class RagOptions(_Body):
     """The `rag` extension: answer from passages retrieved out of a namespace."""
 
     namespace: str = Field(min_length=1)
-    top_k: int = Field(default=4, ge=1, le=20)
-    mode: SearchMode = "hybrid"
+    top_k: int | None = Field(default=None, ge=1, le=requests.RAG_MAX_TOP_K)
+    mode: SearchMode | None = None
     filter: Filter | None = None
 
 
-class ChatRequest(_Generation):
+class ChatBody(_Generation):
     """POST /v1/chat/completions."""
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     rag: RagOptions | None = None
 
-    def plain_messages(self) -> list[dict]:
-        """Messages as the chat template wants them."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
-
-    def sampling(self, prompt_tokens: int, max_model_len: int) -> SamplingParams:
-        """Sampling parameters; without max_tokens, the rest of the context (as vLLM)."""
-        max_tokens = self.max_completion_tokens or self.max_tokens
-        return self._params(max_tokens or max(1, max_model_len - prompt_tokens))
+    def to_request(self) -> requests.ChatRequest:
+        """The service's chat request (messages as the chat template wants them)."""
+        rag = None if self.rag is None else requests.Rag(**self.rag.model_dump(
+            exclude_none=True))
+        return requests.ChatRequest(
+            [{"role": m.role, "content": m.content} for m in self.messages], self.model,
+            self.composition(), self.sampling(self.max_completion_tokens or self.max_tokens),
+            rag)
 
 
 class LoadLora(_Body):

@@ -1,32 +1,41 @@
-"""What the transports call: the engine behind tenants, durable state and metrics.
+"""What the transports call: the engine behind tenants, retrieval, durable state and metrics.
 
-Both HTTP and gRPC authenticate a caller, then call one method here; nothing here knows
-about either wire format. Tenancy is a naming rule: tenant T's adapter N is the engine's
-adapter "T/N"; a caller resolves names among its own adapters and the shared ones, so
-another tenant's adapter is simply not found (no existence leak). Retrieval namespaces
-follow the same rules (server/namespaces.py); `rag_messages` grounds a chat in one.
+HTTP and gRPC authenticate a caller, unpack a request into server/requests.py's values and
+make ONE call here (`chat`, `complete`, an adapter or namespace operation); nothing here
+knows either wire format. A chat is built here for every transport alike: the adapter or
+composition resolved by the tenancy rule (server/tenancy.py), optional retrieval, the chat
+template rendered once, the sampling defaults.
 """
 
-import re
 import threading
 import time
+import uuid
 
+from lorag.adapters import AdapterKey, Composition
+from lorag.errors import AdapterNotFound, InvalidRequest
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import DocumentStore
-from lorag.server.auth import ApiKeys, Caller
-from lorag.server.engine import Engine, SamplingParams
+from lorag.server import tenancy
+from lorag.server.auth import ApiKeys
+from lorag.server.engine import Engine
 from lorag.server.metrics import Metrics, TrackedStream
 from lorag.server.namespaces import Namespaces
+from lorag.server.requests import (
+    COMPLETION_TOKENS,
+    RAG_ANSWER_TOKENS,
+    ChatRequest,
+    CompletionRequest,
+    Grounding,
+    Rag,
+    Reply,
+    Source,
+)
 from lorag.server.state import AdapterRecord, StateStore
-
-from lorag.errors import AdapterNotFound, InvalidRequest, PermissionDenied
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG request gives no max_tokens
+from lorag.server.tenancy import Caller
 
 
 class Service:
-    """Tenant-scoped generation and adapter management over one engine."""
+    """Tenant-scoped chat, completions, retrieval and adapter management over one engine."""
 
     def __init__(self, engine: Engine, store: StateStore, keys: ApiKeys, model_name: str,
                  documents: DocumentStore):
@@ -46,79 +55,97 @@ class Service:
 
     # ---- generation ----
 
-    def generate(self, caller: Caller, prompt: str | list[int], params: SamplingParams,
-                 model: str, adapters: list[tuple[str, float]] | None = None,
-                 request_id: str | None = None) -> TrackedStream:
-        """Submit a request on `model` (the base model's name or an adapter's), or on a
-        weighted composition of the caller's adapters. Returns a stream to read."""
-        adapter = None if model == self.model_name else self._key(caller, model, "model")
-        parts = None
-        if adapters:
-            if adapter is not None:
-                raise InvalidRequest("give either an adapter as `model` or `adapters`, not "
-                                     "both; with `adapters`, set `model` to the base model "
-                                     f"{self.model_name!r}", field="adapters")
-            parts = [(self._key(caller, name, "adapters"), weight) for name, weight in adapters]
-        stream = self.engine.submit(prompt, params, adapter=adapter, adapters=parts,
-                                    request_id=request_id)
-        return TrackedStream(stream, self.metrics, adapter or ("+".join(k for k, _ in parts)
-                                                               if parts else None))
+    def chat(self, caller: Caller, request: ChatRequest) -> Reply:
+        """Submit one chat turn: grounded in a namespace when `request.rag` is set, rendered
+        with the base model's chat template, on the requested adapter or composition.
+        Blocking (retrieval embeds the question): async callers run it in a thread."""
+        adapter = self._adapter(caller, request.model, request.adapters)
+        grounding = None
+        if request.rag is None:
+            prompt = self._render(request.messages)
+        else:
+            prompt, grounding = self._ground(caller, request.messages, request.rag,
+                                             request.sampling.max_tokens)
+        limit = self.engine.config.max_model_len
+        params = request.sampling.params(default_max_tokens=max(1, limit - len(prompt)))
+        return Reply(self._submit(prompt, params, adapter, "chatcmpl"), grounding)
+
+    def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
+        """Submit a raw completion: the prompt as is, no chat template."""
+        adapter = self._adapter(caller, request.model, request.adapters)
+        params = request.sampling.params(default_max_tokens=COMPLETION_TOKENS)
+        return Reply(self._submit(request.prompt, params, adapter, "cmpl"))
 
     def cancel(self, stream: TrackedStream) -> None:
         """Stop a request whose client went away; counted if it was still running."""
         if self.engine.cancel(stream.request_id):
             self.metrics.requests.labels(stream.label, "cancelled").inc()
 
-    def template(self, messages: list[dict]) -> list[int]:
+    def _submit(self, prompt, params, adapter: AdapterKey | None, kind: str) -> TrackedStream:
+        stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
+        return TrackedStream(stream, self.metrics, None if adapter is None else str(adapter))
+
+    def _adapter(self, caller: Caller, model: str,
+                 adapters: list[tuple[str, float]] | None) -> AdapterKey | None:
+        """The engine key a request runs on: None for the base model, the caller's
+        adapter named `model`, or a Composition of the caller's adapters."""
+        if not adapters:
+            return None if model == self.model_name else self._key(caller, model, "model")
+        if model != self.model_name:
+            raise InvalidRequest("give either an adapter as `model` or `adapters`, not both; "
+                                 f"with `adapters`, set `model` to the base model "
+                                 f"{self.model_name!r}", field="adapters")
+        return Composition(tuple((self._key(caller, name, "adapters"), weight)
+                                 for name, weight in adapters))
+
+    def _ground(self, caller: Caller, messages: list[dict], rag: Rag,
+                max_tokens: int | None) -> tuple[list[int], Grounding]:
+        """Retrieve for the last user message and render the chat with as many passages as
+        fit in the context next to the answer (`max_tokens`, else RAG_ANSWER_TOKENS)."""
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not question.strip():
+            raise InvalidRequest("rag needs a user message to search with", field="messages")
+        hits = self.namespaces.search(caller, rag.namespace, question, rag.top_k, rag.mode,
+                                      rag.filter)
+        budget = self.engine.config.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
+        tokenizer = self.engine.tokenizer
+        result = augment(messages, hits, self._render,
+                         lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                         budget)
+        sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata) for h in result.used]
+        return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped)
+
+    def _render(self, messages: list[dict]) -> list[int]:
         """Chat messages -> prompt token ids, with the base model's chat template."""
         tokenizer = self.engine.tokenizer
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def rag_messages(self, caller: Caller, messages: list[dict], namespace: str, top_k: int,
-                     mode: str, filters: dict | None, max_tokens: int | None) -> dict:
-        """Retrieve for the last user message and put the passages into the chat, as many
-        as fit in the context next to `max_tokens` of answer (256 when not given).
-        Returns {"messages", "sources", "retrieved", "dropped"}."""
-        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        if not question.strip():
-            raise InvalidRequest("rag needs a user message to search with", field="messages")
-        hits = self.namespaces.search(caller, namespace, question, top_k, mode, filters)
-        budget = self.engine.config.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
-        result = augment(messages, hits, lambda m: len(self.template(m)), budget)
-        return {"messages": result.messages, "retrieved": len(hits), "dropped": result.dropped,
-                "sources": [{"document_id": h.document_id, "chunk_id": h.chunk_id,
-                             "score": h.score, "metadata": h.metadata} for h in result.used]}
-
     # ---- adapters ----
 
     def load_adapter(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
         """Register `path` as the caller tenant's adapter `name`; True if newly loaded."""
-        self._require_admin(caller, "load adapters")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise InvalidRequest(f"adapter name {name!r} must be 1-128 characters of letters, "
-                                 "digits and . _ : - starting with a letter or digit",
-                                 field="lora_name")
+        key = tenancy.own_key(caller, name, "load adapters", "adapter name", "lora_name")
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
         record = AdapterRecord(caller.tenant, name, str(path), bool(shared))
         with self.lock:
             if shared:
-                self._check_shared_name(record)
+                tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
             start = time.perf_counter()
-            loaded = self.engine.load_adapter(record.key, str(path))  # reads + validates
+            loaded = self.engine.load_adapter(key, str(path))  # reads + validates
             self.metrics.adapter_load.observe(time.perf_counter() - start)
             # the row is written only after validation: a crash before this line leaves
             # no trace; after it, a complete record
             self.store.put_adapter(record)
-            self.records[record.key] = record
+            self.records[key] = record
         return loaded
 
     def unload_adapter(self, caller: Caller, name: str) -> None:
         """Forget the caller tenant's adapter `name` (running requests finish)."""
-        self._require_admin(caller, "unload adapters")
-        key = f"{caller.tenant}/{name}"
+        tenancy.require_admin(caller, "unload adapters")
+        key = tenancy.key(caller.tenant, name)
         with self.lock:
             if key not in self.records:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded", field="lora_name")
@@ -128,7 +155,7 @@ class Service:
 
     def pin_adapter(self, caller: Caller, name: str, pinned: bool) -> None:
         """Keep one of the caller's adapters in a compute slot, or let it go again."""
-        self._require_admin(caller, "pin adapters")
+        tenancy.require_admin(caller, "pin adapters")
         key = self._key(caller, name, "name")
         if pinned:
             self.engine.pin_adapter(key)
@@ -139,8 +166,10 @@ class Service:
         """The adapters the caller can use, with their status in the engine."""
         rows = {row["name"]: row for row in self.engine.list_adapters()}
         out = []
-        for record in sorted(self._visible(caller), key=lambda r: r.name):
-            row = rows.get(record.key, {})
+        for key, record in sorted(self.records.items(), key=lambda item: item[1].name):
+            if not tenancy.visible(caller, key, record.shared):
+                continue
+            row = rows.get(key, {})
             out.append({"name": record.name, "path": record.path, "shared": record.shared,
                         "owner": record.tenant, "in_ram": row.get("in_ram", False),
                         "active": row.get("slot") is not None,
@@ -155,39 +184,29 @@ class Service:
                 return row
         raise AdapterNotFound(f"adapter {name!r} is not loaded", field="name")
 
+    def _key(self, caller: Caller, name: str, field: str) -> str:
+        key = tenancy.resolve(caller, name, self.records.__contains__, self._shared())
+        if key is None:
+            raise AdapterNotFound(f"model {name!r} is neither the base model "
+                                  f"({self.model_name!r}) nor a loaded adapter; list them at "
+                                  "GET /v1/models", field=field)
+        return key
+
+    def _shared(self) -> list[str]:
+        return [key for key, record in self.records.items() if record.shared]
+
     # ---- state ----
 
+    def health(self) -> dict:
+        """Liveness: whether the engine's loop runs, and its queue (counters only)."""
+        stats = self.engine.stats()
+        return {"status": "ok" if self.engine.alive else "engine stopped",
+                "model": self.model_name, "running": stats["running"],
+                "waiting": stats["waiting"]}
+
     def engine_state(self) -> dict:
-        """What the metrics and /health read from the engine."""
+        """What the metrics read from the engine."""
         stats = self.engine.stats()
         return {"waiting": stats["waiting"], "running": stats["running"],
                 "kv_slots_free": stats["kv_slots_free"], "evictions": stats["evictions"],
                 "adapters": self.engine.list_adapters()}
-
-    def _visible(self, caller: Caller) -> list[AdapterRecord]:
-        return [r for r in self.records.values() if r.tenant == caller.tenant or r.shared]
-
-    def _key(self, caller: Caller, name: str, field: str) -> str:
-        # own adapters first, then shared ones; other tenants' are invisible
-        own = f"{caller.tenant}/{name}"
-        if own in self.records:
-            return own
-        for record in self.records.values():
-            if record.shared and record.name == name:
-                return record.key
-        raise AdapterNotFound(f"model {name!r} is neither the base model "
-                              f"({self.model_name!r}) nor a loaded adapter; list them at "
-                              "GET /v1/models", field=field)
-
-    def _check_shared_name(self, record: AdapterRecord) -> None:
-        for other in self.records.values():
-            if other.shared and other.name == record.name and other.key != record.key:
-                raise InvalidRequest(f"a shared adapter named {record.name!r} already exists "
-                                     f"(tenant {other.tenant!r}); choose another name",
-                                     field="lora_name")
-
-    @staticmethod
-    def _require_admin(caller: Caller, what: str) -> None:
-        if not caller.admin:
-            raise PermissionDenied(f"this API key may not {what}; use an admin key",
-                                   field="authorization")

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorag.server import tenancy
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -39,8 +41,8 @@ class AdapterRecord:
 
     @property
     def key(self) -> str:
-        """The engine's name for it: unique across tenants."""
-        return f"{self.tenant}/{self.name}"
+        """The engine's name for it: unique across tenants (server/tenancy.py)."""
+        return tenancy.key(self.tenant, self.name)
 
 
 class StateStore:

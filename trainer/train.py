@@ -18,7 +18,6 @@ from pathlib import Path
 import datasets
 import psutil
 import torch
-from lorag.trainer.data import TrainingData, load_jsonl
 from peft import LoraConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
+from lorag.trainer.data import TrainingData, load_jsonl
 
 log = logging.getLogger("lorag.train")
 

@@ -10,7 +10,6 @@ not race a step (slot changes) is queued and run between steps.
 
 import heapq
 import itertools
-import math
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -18,15 +17,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+
+from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
+from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
 from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
 from lorag.server.engine.sampling import SamplingParams, sample
 from lorag.server.engine.stream import Output, TokenStream
-
-from lorag.adapters import LoraWeights, compose
-from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
 
 # Homogeneous steps before a hot adapter is merged: a little hysteresis against flapping.
 # A merge costs ~160 ms here (W + BA per targeted projection, q/k/v/o); an unmerge is free.
@@ -40,8 +39,7 @@ class Sequence:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None  # pool key: an adapter name, or a composition's key
-    parts: list[tuple[str, float]]  # the adapters (with weights) behind `adapter`
+    adapter: AdapterKey | None  # the pool's key: an adapter name or a composition
     stream: TokenStream
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
@@ -99,6 +97,11 @@ class Engine:
         self.thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop is running."""
+        return self.thread is not None and self.thread.is_alive()
+
     def shutdown(self) -> None:
         """Stop the loop; requests still running end with finish_reason 'cancelled'."""
         with self.wakeup:
@@ -112,23 +115,22 @@ class Engine:
     # ---- requests ----
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               adapter: str | None = None, adapters: list[tuple[str, float]] | None = None,
-               request_id: str | None = None) -> TokenStream:
+               adapter: AdapterKey | None = None, request_id: str | None = None) -> TokenStream:
         """Queue a request; read its outputs from the returned stream.
 
         prompt: text (tokenized as is: apply a chat template first) or token ids.
-        adapter: one adapter by name; adapters: a weighted composition [(name, weight)].
+        adapter: an adapter's name, or a weighted Composition of several; None for the base.
         Raises InvalidRequest, AdapterNotFound, or Overloaded when the queue is full.
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_length(ids, params)
-        key, parts = self._adapter_key(adapter, adapters)
+        key = self._check_adapter(adapter)
         request_id = request_id or f"req-{next(self.ids)}"
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        seq = Sequence(request_id, ids, params, key, parts, TokenStream(request_id), generator)
+        seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator)
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
         with self.wakeup:
@@ -144,7 +146,7 @@ class Engine:
         return seq.stream
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
-                 adapters: list[str | None] | None = None) -> list[Output]:
+                 adapters: list[AdapterKey | None] | None = None) -> list[Output]:
         """Submit many requests at once and wait for all (a convenience for scripts)."""
         names = adapters or [None] * len(prompts)
         streams = [self.submit(p, params, adapter=a) for p, a in zip(prompts, names, strict=True)]
@@ -209,7 +211,7 @@ class Engine:
                 "kv_slots_free": len(self.free_kv), "adapter_slots": self.pool.slot_map(),
                 "adapter_refs": list(self.pool.refs), "evictions": self.pool.evictions,
                 "merged_adapter": None if self.merged_slot is None
-                else self.pool.names[self.merged_slot]}
+                else str(self.pool.names[self.merged_slot])}
 
     # ---- the step loop ----
 
@@ -361,16 +363,15 @@ class Engine:
     def _weights(self, seq: Sequence) -> LoraWeights:
         if seq.weights is not None:
             return seq.weights
-        if len(seq.parts) == 1 and seq.parts[0][1] == 1.0:
+        if not isinstance(seq.adapter, Composition):
             return self.registry.get(seq.adapter)
-        loras = [(self.registry.get(name), weight) for name, weight in seq.parts]
+        loras = [(self.registry.get(name), weight) for name, weight in seq.adapter.parts]
         return compose(seq.adapter, loras, self.config.max_lora_rank)
 
     def _discard(self, name: str) -> None:
-        # the adapter and every composition that includes it; a composition's key is
-        # "name*weight+name*weight" and names cannot contain '+' or '*'
+        # the adapter and every composition that includes it
         for key in list(self.pool.lru):
-            if name in (part.rsplit("*", 1)[0] for part in key.split("+")):
+            if key == name or isinstance(key, Composition) and name in key.names:
                 self.pool.discard(key)
 
     def _update_merge(self) -> None:
@@ -395,7 +396,7 @@ class Engine:
 
     def _between_steps(self, fn, *args):
         """Run `fn(*args)` on the step loop between two steps and return its result."""
-        if self.thread is None or not self.thread.is_alive():
+        if not self.alive:
             return fn(*args)
         future: Future = Future()
         with self.wakeup:
@@ -416,22 +417,18 @@ class Engine:
                 f"({len(ids) + params.max_tokens} in all). Shorten the prompt or lower "
                 "max_tokens", field="max_tokens" if len(ids) < limit else "prompt")
 
-    def _adapter_key(self, adapter, adapters) -> tuple[str | None, list[tuple[str, float]]]:
-        if adapter is not None and adapters:
-            raise InvalidRequest("give either an adapter or a composition, not both",
-                                 field="adapters")
-        parts = [(adapter, 1.0)] if adapter is not None else list(adapters or [])
-        for name, weight in parts:
-            if name not in self.registry:
-                raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise InvalidRequest(f"weight of adapter {name!r} must be a finite number, "
-                                     f"got {weight!r}", field="adapters")
-        if not parts:
-            return None, []
-        if len(parts) == 1 and parts[0][1] == 1.0:
-            return parts[0][0], parts
-        return "+".join(f"{name}*{weight:g}" for name, weight in parts), parts
+    def _check_adapter(self, adapter: AdapterKey | None) -> AdapterKey | None:
+        """Every adapter the request names is registered; a composition of one adapter at
+        weight 1 is that adapter (and shares its slot)."""
+        if isinstance(adapter, Composition):
+            for name in adapter.names:
+                if name not in self.registry:
+                    raise AdapterNotFound(f"adapter {name!r} is not loaded", field="adapters")
+            if len(adapter.parts) == 1 and adapter.parts[0][1] == 1:
+                return adapter.parts[0][0]
+        elif adapter is not None and adapter not in self.registry:
+            raise AdapterNotFound(f"adapter {adapter!r} is not loaded", field="model")
+        return adapter
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -3,10 +3,9 @@
 from collections import OrderedDict
 from collections.abc import Callable
 
-from lorag.server.engine.lora import MultiLoraLinear
-
-from lorag.adapters import LoraWeights
+from lorag.adapters import AdapterKey, LoraWeights
 from lorag.errors import InvalidRequest
+from lorag.server.engine.lora import MultiLoraLinear
 
 
 class AdapterPool:
@@ -19,23 +18,24 @@ class AdapterPool:
 
     def __init__(self, layers: dict[tuple[int, str], MultiLoraLinear], num_slots: int):
         self.layers = layers
-        self.names: list[str | None] = [None] * num_slots
+        self.names: list[AdapterKey | None] = [None] * num_slots
         self.ranks = [0] * num_slots
         self.refs = [0] * num_slots
-        self.pinned: set[str] = set()
-        self.doomed: set[str] = set()  # unloaded while in use: cleared at last release
-        self.lru: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self.pinned: set[AdapterKey] = set()
+        self.doomed: set[AdapterKey] = set()  # unloaded while in use: cleared at last release
+        # key -> slot, least recently used first
+        self.lru: OrderedDict[AdapterKey, int] = OrderedDict()
         self.evictions = 0
 
-    def slot_of(self, name: str) -> int | None:
+    def slot_of(self, name: AdapterKey) -> int | None:
         """The slot holding `name`, or None."""
         return self.lru.get(name)
 
     def slot_map(self) -> dict[int, str | None]:
-        """slot -> adapter name (None for a free slot)."""
-        return dict(enumerate(self.names))
+        """slot -> adapter name, or a composition as it reads (None for a free slot)."""
+        return {slot: None if key is None else str(key) for slot, key in enumerate(self.names)}
 
-    def acquire(self, name: str, load: Callable[[], LoraWeights]) -> int | None:
+    def acquire(self, name: AdapterKey, load: Callable[[], LoraWeights]) -> int | None:
         """Reference `name`'s slot, installing `load()` if it is not resident.
 
         Returns None when every slot is referenced or pinned (the caller waits).
@@ -58,7 +58,7 @@ class AdapterPool:
             self.doomed.discard(name)
             self._clear(slot)
 
-    def discard(self, name: str) -> bool:
+    def discard(self, name: AdapterKey) -> bool:
         """Remove `name` from its slot now, or at its last release if in use."""
         slot = self.slot_of(name)
         if slot is None:
@@ -70,7 +70,7 @@ class AdapterPool:
             self._clear(slot)
         return True
 
-    def pin(self, name: str, load: Callable[[], LoraWeights]) -> int:
+    def pin(self, name: AdapterKey, load: Callable[[], LoraWeights]) -> int:
         """Keep `name` resident until unpinned; one slot always stays unpinned."""
         if name not in self.pinned and len(self.pinned) + 1 >= len(self.names):
             raise InvalidRequest(f"cannot pin {name!r}: {len(self.pinned)} of "
@@ -83,7 +83,7 @@ class AdapterPool:
         self.pinned.add(name)
         return slot
 
-    def unpin(self, name: str) -> bool:
+    def unpin(self, name: AdapterKey) -> bool:
         """Let `name` be evicted again; says whether it was pinned."""
         was = name in self.pinned
         self.pinned.discard(name)

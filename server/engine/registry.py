@@ -1,6 +1,5 @@
 """AdapterRegistry: adapter names -> validated weights, with a RAM tier (LRU by bytes)."""
 
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -9,8 +8,7 @@ import torch
 
 from lorag.adapters import BaseShape, LoraWeights, load_lora
 from lorag.errors import AdapterNotFound, InvalidRequest
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+from lorag.names import MAX_KEY_LENGTH, check_name
 
 
 class AdapterRegistry:
@@ -35,10 +33,7 @@ class AdapterRegistry:
         Idempotent: the same name and path again refreshes its LRU position and returns
         False; a new adapter returns True. A name already taken by another path is refused.
         """
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise InvalidRequest(f"adapter name {name!r} must be 1-128 characters of letters, "
-                                 "digits and . _ : / - starting with a letter or digit",
-                                 field="lora_name")
+        check_name(name, "lora_name", "adapter name", MAX_KEY_LENGTH)
         resolved = Path(path).expanduser().resolve()
         with self.lock:
             known = self.paths.get(name)

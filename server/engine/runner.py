@@ -14,12 +14,12 @@ cache rows [0, highest used slot] wastes little on free rows.
 from dataclasses import dataclass
 
 import torch
-from lorag.server.engine.config import EngineConfig
-from lorag.server.engine.lora import LoraBatch, MultiLoraLinear
 from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorag.adapters import TARGET_MODULES, BaseShape
+from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.lora import LoraBatch, MultiLoraLinear
 
 
 @dataclass

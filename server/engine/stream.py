@@ -1,7 +1,8 @@
 """TokenStream: what a request's caller reads, from a thread or from asyncio."""
 
 import asyncio
-import queue
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -24,35 +25,46 @@ class Output:
 class TokenStream:
     """Outputs of one request, in order. Written by the step loop, read by the caller.
 
-    Created inside a running event loop, it is read with `async for`; otherwise with a
-    plain `for`. Either way the step loop never blocks on a slow reader.
+    Read it with a plain `for` in a thread or with `async for` in an event loop, whichever
+    thread created it; the step loop never blocks on a slow reader.
     """
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._queue: asyncio.Queue | queue.Queue = asyncio.Queue()
-        except RuntimeError:
-            self._loop, self._queue = None, queue.Queue()
+        self._outputs: deque[Output] = deque()
+        self._ready = threading.Condition()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def put(self, output: Output) -> None:
         """Called by the step loop's thread."""
-        if self._loop is None:
-            self._queue.put(output)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        with self._ready:
+            self._outputs.append(output)
+            self._ready.notify()
+            waiter = self._waiter
+        if waiter is not None and not waiter[0].is_closed():
+            waiter[0].call_soon_threadsafe(waiter[1].set)
 
     def __iter__(self):
         while True:
-            output = self._queue.get()
+            with self._ready:
+                self._ready.wait_for(lambda: self._outputs)
+                output = self._outputs.popleft()
             yield output
             if output.finish_reason is not None:
                 return
 
     async def __aiter__(self):
+        arrived = asyncio.Event()
+        with self._ready:
+            self._waiter = (asyncio.get_running_loop(), arrived)
         while True:
-            output = await self._queue.get()
+            with self._ready:
+                output = self._outputs.popleft() if self._outputs else None
+                if output is None:
+                    arrived.clear()  # under the lock: a put after this sets it again
+            if output is None:
+                await arrived.wait()
+                continue
             yield output
             if output.finish_reason is not None:
                 return

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from safetensors.torch import load_file, save_file
 
 from lorag.adapters import BaseShape, compose, load_lora
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest
 from tests.server.engine.conftest import tiny_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorag import scoring
+from lorag.evaluation import scoring
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "demo" / "answer.schema.json").read_text())
 

@@ -3,9 +3,9 @@
 import math
 
 import pytest
-from lorag.retrieval.evaluate import documents_in_order, mrr_at, ndcg_at, read_queries, recall_at
 
 from lorag.errors import InvalidRequest
+from lorag.evaluation.retrieval import documents_in_order, mrr_at, ndcg_at, read_queries, recall_at
 
 
 def test_metrics_match_hand_computed_values():

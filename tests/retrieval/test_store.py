@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from lorag.errors import InvalidRequest
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.ingest import ingest
 from lorag.retrieval.store import DocumentStore
-
-from lorag.errors import InvalidRequest
 
 pytestmark = pytest.mark.integration
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"

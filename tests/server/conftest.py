@@ -5,9 +5,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
-
 from lorag.models import load_base
 
 KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},

@@ -4,10 +4,11 @@ import json
 import sqlite3
 
 import pytest
-from lorag.server.auth import ApiKeys, Caller
-from lorag.server.state import AdapterRecord, StateStore
 
 from lorag.errors import InvalidRequest, Unauthenticated
+from lorag.server.auth import ApiKeys
+from lorag.server.state import AdapterRecord, StateStore
+from lorag.server.tenancy import Caller
 
 
 def keys_file(tmp_path, data) -> ApiKeys:
@@ -60,7 +61,7 @@ def test_adapter_records_survive_reopening(tmp_path):
     assert again.tenants() == ["acme", "beta"]
     assert again.delete_adapter("acme", "style") is True
     assert again.delete_adapter("acme", "style") is False
-    assert [r.key for r in again.adapters()] == ["beta/house"]
+    assert [r.key for r in again.adapters()] == ["beta.house"]
 
 
 def test_a_failed_write_leaves_no_partial_record(tmp_path):

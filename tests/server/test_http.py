@@ -153,11 +153,11 @@ def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
     assert load(daemon, "style", daemon_adapters / "style").status_code == 200
     chat(daemon, "style")
     text = httpx.get(f"{daemon.url}/metrics").text
-    assert 'lorag_requests_total{adapter="alice/style"' in text
-    assert 'lorag_generation_tokens_total{adapter="alice/style"}' in text
-    assert 'lorag_time_to_first_token_seconds_bucket{adapter="alice/style"' in text
+    assert 'lorag_requests_total{adapter="alice.style"' in text
+    assert 'lorag_generation_tokens_total{adapter="alice.style"}' in text
+    assert 'lorag_time_to_first_token_seconds_bucket{adapter="alice.style"' in text
     assert "lorag_inter_token_latency_seconds_bucket" in text
-    assert 'lorag_adapter_resident{adapter="alice/style",tier="active"} 1.0' in text
+    assert 'lorag_adapter_resident{adapter="alice.style",tier="active"} 1.0' in text
     for name in ("lorag_adapter_load_seconds_count", "lorag_waiting", "lorag_running",
                  "lorag_adapter_evictions_total"):
         assert name in text

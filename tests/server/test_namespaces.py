@@ -3,20 +3,21 @@ writes locally for tenant "default" is what an open daemon (no API keys) searche
 
 from pathlib import Path
 
-from lorag.retrieval.client import Local
+from lorag.cli.retrieval import DataDirNamespaces
 from lorag.retrieval.ingest import ingest
-from lorag.server.auth import OPEN_TENANT, Caller
+from lorag.server.auth import OPEN_TENANT
 from lorag.server.namespaces import Namespaces
+from lorag.server.tenancy import Caller
 
 BAKERY = Path(__file__).parents[1] / "data" / "corpus" / "guides" / "bakery.txt"
 
 
 def test_a_data_dir_namespace_is_the_open_daemons(tmp_path):
-    local = Local(tmp_path)  # the CLI's default tenant
+    local = DataDirNamespaces(tmp_path)  # the CLI's default tenant
     assert ingest(local, "docs", [BAKERY])["added"] == 1
     daemon = Namespaces(local.store)
     hits = daemon.search(Caller(OPEN_TENANT, admin=True), "docs", "who is the head baker")
     assert hits[0].document_id == "bakery.txt"
     assert [row["name"] for row in daemon.list(Caller(OPEN_TENANT, admin=True))] == ["docs"]
     assert daemon.list(Caller("alice", admin=True)) == []  # another tenant sees nothing
-    assert [(r["name"], r["owner"]) for r in local.list()] == [("docs", OPEN_TENANT)]
+    assert [(r["name"], r["owner"]) for r in local.namespaces()] == [("docs", OPEN_TENANT)]

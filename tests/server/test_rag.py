@@ -7,9 +7,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from google.protobuf import struct_pb2
-from lorag.retrieval.ingest import files_under, load
+from google.protobuf import json_format, struct_pb2
 
+from lorag.retrieval.ingest import files_under, load
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.server.conftest import ALICE, ALICE_USER, BOB, MAX_MODEL_LEN
 
@@ -180,6 +180,66 @@ def test_grpc_search_with_filters_and_tenancy(daemon, corpus):
         with pytest.raises(grpc.RpcError) as error:
             stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=""), metadata=metadata)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_chat_stream_with_rag_equals_http(daemon, corpus):
+    """One service call builds a chat for both transports: the same greedy question with
+    rag gives the same text and the same sources over HTTP and over gRPC."""
+    body = {"model": BASE, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 40, "temperature": 0, "rag": {"namespace": "kb", "top_k": 3}}
+    http = post(daemon, "/v1/chat/completions", body).json()
+    request = dict(messages=[lorag_pb2.ChatMessage(role="user", content=QUESTION)],
+                   sampling=lorag_pb2.SamplingOptions(max_tokens=40, temperature=0),
+                   rag=lorag_pb2.RagOptions(namespace="kb", top_k=3))
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        stub = lorag_pb2_grpc.LoragServiceStub(channel)
+        metadata = [("authorization", ALICE)]
+        pieces = list(stub.ChatStream(lorag_pb2.ChatStreamRequest(**request),
+                                      metadata=metadata, timeout=120))
+        whole = stub.Chat(lorag_pb2.ChatRequest(model=BASE, **request), metadata=metadata,
+                          timeout=120)
+        plain = stub.Chat(lorag_pb2.ChatRequest(model=BASE, messages=request["messages"],
+                                                sampling=request["sampling"]),
+                          metadata=metadata, timeout=120)
+    text = http["choices"][0]["message"]["content"]
+    assert "Ottoline Brandvold" in text
+    assert "".join(p.text for p in pieces) == whole.text == text
+    grounding = pieces[0].grounding
+    assert [(s.document_id, s.chunk_id, s.score, json_format.MessageToDict(s.metadata))
+            for s in grounding.sources] == \
+        [(s["document_id"], s["chunk_id"], s["score"], s["metadata"]) for s in http["sources"]]
+    assert (grounding.namespace, grounding.retrieved, grounding.dropped) == \
+        ("kb", http["rag"]["retrieved"], http["rag"]["dropped"])
+    assert not any(p.HasField("grounding") for p in pieces[1:])
+    assert whole.grounding == grounding and not plain.HasField("grounding")
+    assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens == \
+        http["usage"]["completion_tokens"]
+    assert pieces[-1].finish_reason == whole.finish_reason != \
+        lorag_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def test_grpc_chat_refusals_name_the_problem(daemon, corpus):
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        stub = lorag_pb2_grpc.LoragServiceStub(channel)
+        question = [lorag_pb2.ChatMessage(role="user", content=QUESTION)]
+        cases = [
+            (lorag_pb2.ChatRequest(messages=question, rag=lorag_pb2.RagOptions(
+                namespace="nowhere")), ALICE, grpc.StatusCode.NOT_FOUND, "nowhere"),
+            (lorag_pb2.ChatRequest(messages=question, rag=lorag_pb2.RagOptions(
+                namespace="kb", top_k=50)), ALICE, grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+            (lorag_pb2.ChatRequest(messages=[lorag_pb2.ChatMessage(role="robot", content="x")]),
+             ALICE, grpc.StatusCode.INVALID_ARGUMENT, "role"),
+            (lorag_pb2.ChatRequest(), ALICE, grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+            (lorag_pb2.ChatRequest(messages=question, model="nope"), ALICE,
+             grpc.StatusCode.NOT_FOUND, "nope"),
+            (lorag_pb2.ChatRequest(messages=question, rag=lorag_pb2.RagOptions(
+                namespace="kb")), "Bearer not-a-key-at-all-000", grpc.StatusCode.UNAUTHENTICATED,
+             "API key"),
+        ]
+        for request, key, code, word in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Chat(request, metadata=[("authorization", key)], timeout=60)
+            assert error.value.code() == code and word in error.value.details(), request
 
 
 def test_cli_works_on_a_daemon_with_url(daemon):

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from lorag.trainer.data import load_jsonl
 
 from lorag.errors import InvalidRequest
+from lorag.trainer.data import load_jsonl
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 

@@ -10,14 +10,14 @@ import time
 import httpx
 import pytest
 import torch
-from lorag.server.engine import Engine, EngineConfig, SamplingParams
-from lorag.trainer.export import export
-from lorag.trainer.train import TrainOptions, train
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from lorag.trainer.export import export
+from lorag.trainer.train import TrainOptions, train
 from tests.server.conftest import Daemon
 
 pytestmark = pytest.mark.integration

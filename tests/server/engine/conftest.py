@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.server.engine import Engine, EngineConfig
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

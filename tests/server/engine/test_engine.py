@@ -4,9 +4,9 @@ import asyncio
 import threading
 
 import pytest
-from lorag.server.engine import SamplingParams
 
 from lorag.errors import InvalidRequest, Overloaded
+from lorag.server.engine import SamplingParams
 
 PROMPT = [1, 2, 3, 4]
 

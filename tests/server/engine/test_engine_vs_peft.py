@@ -8,11 +8,12 @@ weighted composition is checked against PEFT's add_weighted_adapter(combination_
 
 import pytest
 import torch
-from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from peft import PeftModel
 
+from lorag.adapters import Composition
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.models import load_base
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.integration
 MAX_NEW = 12
@@ -99,7 +100,7 @@ def test_weighted_composition_matches_peft_cat(setup):
     want = peft_greedy(peft, tokenizer, prompts[0], "mix")
     stream = engine.submit(engine_prompt_ids(tokenizer, prompts[0]),
                            SamplingParams(max_tokens=MAX_NEW),
-                           adapters=[("a0", 0.7), ("a2", 1.3)])
+                           adapter=Composition((("a0", 0.7), ("a2", 1.3))))
     assert stream.result().token_ids == want
     assert want != peft_greedy(peft, tokenizer, prompts[0], "a0")
 

@@ -1,9 +1,10 @@
 """The adapter pool's exact slot map through loads, evictions, pins and unloads."""
 
 import pytest
-from lorag.server.engine import SamplingParams
 
+from lorag.adapters import Composition
 from lorag.errors import AdapterNotFound, InvalidRequest
+from lorag.server.engine import SamplingParams
 
 ONE = SamplingParams(max_tokens=1, ignore_eos=True)
 
@@ -101,8 +102,8 @@ def test_unload_discards_exactly_the_compositions_that_use_the_adapter(make_engi
     engine = make_engine()
     for name, folder in (("t0", "t0"), ("xt0", "t0"), ("u", "t1")):
         engine.load_adapter(name, str(adapter_root / folder))
-    engine.submit([1, 2, 3], ONE, adapters=[("xt0", 0.5), ("u", 1.0)]).result()
-    engine.submit([1, 2, 3], ONE, adapters=[("t0", 0.5), ("u", 1.0)]).result()
+    engine.submit([1, 2, 3], ONE, Composition((("xt0", 0.5), ("u", 1.0)))).result()
+    engine.submit([1, 2, 3], ONE, Composition((("t0", 0.5), ("u", 1.0)))).result()
     assert engine.stats()["adapter_slots"] == {0: "xt0*0.5+u*1", 1: "t0*0.5+u*1"}
     engine.unload_adapter("t0")  # "xt0" merely ends in "t0": its composition stays
     assert engine.stats()["adapter_slots"] == {0: "xt0*0.5+u*1", 1: None}

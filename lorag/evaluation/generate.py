@@ -2,7 +2,7 @@
 
 It measures what users get: each question goes to the daemon's chat completions (greedy),
 optionally with `rag`, and the answer is scored against the gold one with
-lorag/scoring.py. Examples are JSONL, one per line:
+lorag/evaluation/scoring.py. Examples are JSONL, one per line:
 
     {"question": "...", "answer": "gold answer", "source": "gold document id"}
 
@@ -26,11 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from lorag import scoring
-from lorag.daemon_errors import daemon_error
+from lorag.client import DaemonClient
 from lorag.errors import InvalidRequest
+from lorag.evaluation import scoring
 from lorag.jsonl import read_objects
 
 TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
@@ -111,8 +109,7 @@ def score(example: dict, answer: str, used_sources: list[str], options: EvalOpti
 def evaluate(options: EvalOptions, on_example=None) -> dict:
     """Run every example through the daemon; per-example rows and the summary."""
     examples = read_examples(options.data)
-    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    client = httpx.Client(base_url=options.url.rstrip("/"), headers=headers, timeout=600)
+    client = DaemonClient(options.url, options.api_key)
 
     def ask(indexed: tuple[int, dict]) -> dict:
         index, example = indexed
@@ -125,14 +122,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
             body["rag"] = {"namespace": options.rag_namespace, "top_k": options.rag_top_k,
                            "mode": options.rag_mode}
         start = time.perf_counter()
-        try:
-            response = client.post("/v1/chat/completions", json=body)
-        except httpx.HTTPError as e:
-            raise RuntimeError(f"cannot reach the daemon at {options.url}: {e}") from e
+        reply = client.chat(body)
         latency = time.perf_counter() - start
-        if response.status_code != 200:
-            raise daemon_error(response, f"the daemon refused {example['question']!r}")
-        reply = response.json()
         answer = reply["choices"][0]["message"]["content"]
         used = [s["document_id"] for s in reply.get("sources", [])]
         row = {"index": index, "question": example["question"], "gold": example["answer"],
@@ -146,7 +137,6 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
 
     with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
         rows = list(pool.map(ask, enumerate(examples)))
-    client.close()
     if options.out:
         with Path(options.out).open("w") as f:
             for row in rows:

@@ -63,8 +63,8 @@ def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
 
 def evaluate(namespaces, namespace: str, queries: list[dict], k: int = 5,
              mode: str = "hybrid") -> dict:
-    """Run every query through `namespaces.search` (retrieval/client.py: a data dir or a
-    daemon); per-query rows and the means."""
+    """Run every query through `namespaces.search` (a data dir's namespaces or a
+    DaemonClient); per-query rows and the means."""
     rows = []
     for query in queries:
         hits = namespaces.search(namespace, query["query"], DEPTH, mode)

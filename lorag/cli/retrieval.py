@@ -1,0 +1,166 @@
+"""`lorag ingest`, `lorag search`, `lorag namespaces`: retrieval on a data dir or a daemon.
+
+Each command works on the data dir (`--data-dir`, as tenant `--tenant`) or, with `--url`,
+on a running daemon as the holder of `--api-key`: both are namespaces with one face
+(`put_documents`, `search`, `namespaces`, `drop_namespace`).
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lorag.cli.common import ApiKey, DataDir, Tenant, Url, console, data_dir_or_default, group
+from lorag.client import DaemonClient
+from lorag.errors import InvalidRequest, NotFound
+from lorag.names import check_name
+from lorag.server import tenancy
+
+namespaces_app = group("Retrieval namespaces, in the data dir or on a daemon.")
+
+
+class DataDirNamespaces:
+    """One tenant's namespaces in a data dir's document store, keyed as the daemon keys
+    them (server/tenancy.py): what is ingested here for tenant "default" is what a daemon
+    started without API keys serves."""
+
+    def __init__(self, data_dir: Path, tenant: str = "default", chunk_tokens: int = 200,
+                 chunk_overlap: int = 40):
+        from lorag.retrieval.embedder import Embedder  # loads sentence-transformers
+        from lorag.retrieval.store import DocumentStore
+
+        self.store = DocumentStore(Path(data_dir) / "retrieval", Embedder(), chunk_tokens,
+                                   chunk_overlap)
+        self.tenant = tenant
+
+    def put_documents(self, namespace: str, documents: list) -> list[str]:
+        """Add or replace documents; "added", "updated" or "unchanged" for each."""
+        return self.store.put_documents(self._key(namespace), documents)
+
+    def search(self, namespace: str, query: str, k: int = 5, mode: str = "hybrid",
+               filters: dict | None = None) -> list[dict]:
+        """Hits as dicts (document_id, chunk_id, score, text, metadata)."""
+        if not self.store.exists(self._key(namespace)):
+            raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
+        return [asdict(h) for h in self.store.search(self._key(namespace), query, k, filters,
+                                                     mode)]
+
+    def namespaces(self) -> list[dict]:
+        """Every namespace in the data dir, all tenants': this is the operator's view."""
+        return [{"name": tenancy.split(row["namespace"])[1],
+                 "owner": tenancy.split(row["namespace"])[0] or "", "shared": row["shared"],
+                 "documents": row["documents"], "chunks": row["chunks"]}
+                for row in self.store.overview()]
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Delete a namespace and everything in it."""
+        if not self.store.drop_namespace(self._key(namespace)):
+            raise NotFound(f"namespace {namespace!r} does not exist", field="namespace")
+
+    def _key(self, namespace: str) -> str:
+        return tenancy.key(self.tenant, check_name(namespace, "namespace", "namespace"))
+
+
+def namespaces_at(url: str | None, api_key: str | None, data_dir: Path | None, tenant: str,
+                  **chunking) -> "DaemonClient | DataDirNamespaces":
+    """The daemon at `url` when given, else the data dir's namespaces of `tenant`."""
+    if url:
+        return DaemonClient(url, api_key)
+    return DataDirNamespaces(data_dir_or_default(data_dir), tenant, **chunking)
+
+
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest.")],
+    namespace: Annotated[str, typer.Option(help="Namespace to ingest into.")],
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
+    chunk_tokens: Annotated[int | None, typer.Option(
+        min=16, help="Chunk size in the embedder's tokens (data dir; default 200).")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(
+        min=0, help="Tokens consecutive chunks share (data dir; default 40).")] = None,
+) -> None:
+    """Chunk, embed and index documents (.txt .md .jsonl .html .pdf); unchanged ones are
+    skipped. A file's document id is its path relative to the PATH it was found under."""
+    from lorag.retrieval.ingest import files_under
+    from lorag.retrieval.ingest import ingest as run
+
+    chunking = {key: value for key, value in (("chunk_tokens", chunk_tokens),
+                                              ("chunk_overlap", chunk_overlap))
+                if value is not None}
+    if url and chunking:
+        raise InvalidRequest("--chunk-tokens and --chunk-overlap apply to a data dir; a "
+                             "daemon chunks as its `lorag serve --chunk-tokens` says",
+                             field="chunk_tokens")
+    files = list(files_under(paths))
+    target = namespaces_at(url, api_key, data_dir, tenant, **chunking)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("ingesting", total=len(files))
+        counts = run(target, namespace, paths,
+                     lambda path, outcome: progress.update(task, advance=1,
+                                                           description=path.name))
+    console.print(f"{namespace}: {counts['added']} added, {counts['updated']} updated, "
+                  f"{counts['unchanged']} unchanged, {len(counts['failed'])} failed")
+    for failure in counts["failed"]:
+        console.print(f"  [red]failed[/] {failure['file']}: {failure['reason']}")
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    namespace: Annotated[str, typer.Option(help="Namespace to search.")],
+    k: Annotated[int, typer.Option(min=1, max=100, help="How many hits.")] = 5,
+    filter_: Annotated[list[str] | None, typer.Option(
+        "--filter", help="key=value metadata filter (repeatable; same key twice = in).")] =
+        None,
+    mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid (fused by RRF).")] =
+        "hybrid",
+    as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
+) -> None:
+    """Search a namespace: BM25, vector, or both fused (the default)."""
+    import json
+
+    filters: dict[str, list[str]] = {}
+    for item in filter_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--filter {item!r} must be key=value", field="filter")
+        filters.setdefault(key, []).append(value)
+    hits = namespaces_at(url, api_key, data_dir, tenant).search(namespace, query, k, mode,
+                                                                filters or None)
+    if as_json:
+        print(json.dumps(hits, indent=2))
+        return
+    for hit in hits:
+        console.print(f"[bold]{hit['score']:.3f}[/] {hit['document_id']} "
+                      f"#{hit['chunk_id']}: {hit['text'][:160]}")
+
+
+@namespaces_app.command("list")
+def namespaces_list(url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None) -> None:
+    """Namespaces with their owner and document and chunk counts."""
+    rows = namespaces_at(url, api_key, data_dir, "default").namespaces()
+    table = Table("namespace", "owner", "shared", "documents", "chunks")
+    for row in rows:
+        table.add_row(row["name"], row["owner"], "yes" if row["shared"] else "",
+                      str(row["documents"]), str(row["chunks"]))
+    Console().print(table)
+
+
+@namespaces_app.command("delete")
+def namespaces_delete(
+    namespace: Annotated[str, typer.Argument(help="The namespace to delete.")],
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    tenant: Tenant = "default",
+) -> None:
+    """Delete a namespace with all its documents and its index."""
+    namespaces_at(url, api_key, data_dir, tenant).drop_namespace(namespace)
+    console.print(f"deleted namespace {namespace}")

@@ -1,0 +1,123 @@
+"""What a transport hands the service, and what it gets back: plain values, no wire format.
+
+HTTP (server/openai_api.py) and gRPC (server/grpc_service.py) unpack their messages into
+these; the service fills in the defaults, here and nowhere else, and returns a `Reply`
+that each transport packs its own way (JSON, SSE, gRPC messages).
+"""
+
+from dataclasses import dataclass, field
+
+from lorag.errors import InvalidRequest
+from lorag.server.engine import SamplingParams
+from lorag.server.metrics import TrackedStream
+
+COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's default)
+RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
+RAG_MAX_TOP_K = 20  # passages one chat may retrieve
+ROLES = ("system", "user", "assistant")
+# Without max_tokens, a chat may use the rest of the context (as vLLM does).
+
+
+@dataclass
+class Sampling:
+    """How to sample, OpenAI's meanings; None takes the default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None  # default 1.0; 0 is greedy
+    top_p: float | None = None  # default 1.0
+    top_k: int | None = None  # default 0: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's parameters, defaults filled in (SamplingParams checks ranges)."""
+        def pick(value, default):
+            return default if value is None else value
+
+        return SamplingParams(max_tokens=pick(self.max_tokens, default_max_tokens),
+                              temperature=pick(self.temperature, 1.0),
+                              top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
+                              seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos)
+
+
+@dataclass
+class Rag:
+    """Ground a chat in passages retrieved from one of the caller's namespaces."""
+
+    namespace: str
+    top_k: int = 4
+    mode: str = "hybrid"
+    filter: dict | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= RAG_MAX_TOP_K:
+            raise InvalidRequest(f"rag.top_k must be an integer in 1..{RAG_MAX_TOP_K}, got "
+                                 f"{self.top_k!r}", field="rag.top_k")
+
+
+@dataclass
+class ChatRequest:
+    """A chat turn. `model` is the base model's name or an adapter's; `adapters`, a
+    weighted composition [(name, weight)], goes with `model` = the base model's name."""
+
+    messages: list[dict]  # {"role", "content"} with text content
+    model: str
+    adapters: list[tuple[str, float]] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    rag: Rag | None = None
+
+    def __post_init__(self):
+        if not self.messages:
+            raise InvalidRequest("messages is empty: a chat needs at least one message",
+                                 field="messages")
+        for i, message in enumerate(self.messages):
+            if message.get("role") not in ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
+                                     f"got {message.get('role')!r}", field=f"messages.{i}.role")
+            if not isinstance(message.get("content"), str):
+                raise InvalidRequest(f"messages[{i}].content must be text",
+                                     field=f"messages.{i}.content")
+
+
+@dataclass
+class CompletionRequest:
+    """A raw completion: the prompt is used as is, no chat template."""
+
+    prompt: str | list[int]
+    model: str
+    adapters: list[tuple[str, float]] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class Source:
+    """A passage the answer was grounded in."""
+
+    document_id: str
+    chunk_id: int
+    score: float
+    metadata: dict
+
+
+@dataclass
+class Grounding:
+    """What retrieval put into a chat: the passages used, best first, and counts."""
+
+    namespace: str
+    sources: list[Source]
+    retrieved: int
+    dropped: int
+
+
+@dataclass
+class Reply:
+    """A submitted request: its token stream, and its grounding when it used `rag`."""
+
+    stream: TrackedStream
+    grounding: Grounding | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The engine's id of this request."""
+        return self.stream.request_id
