@@ -111,9 +111,9 @@ def data_file(tmp_path_factory):
 
 def test_resume_continues_an_interrupted_run_and_serve_hot_loads_it(data_file, tmp_path):
     out = tmp_path / "resumable"
-    first = lorag_train(data_file, out, "--max-steps", "8", "--save-steps", "2")
+    first = lorag_train(data_file, out, "--max-steps", "4", "--save-steps", "1")
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "checkpoint-4").is_dir():
+    while not (out / "checkpoints" / "checkpoint-2").is_dir():
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -125,18 +125,18 @@ def test_resume_continues_an_interrupted_run_and_serve_hot_loads_it(data_file, t
     keys.write_text(json.dumps({"trainer-admin-key-01": {"tenant": "ml", "admin": True}}))
     daemon = Daemon(tmp_path / "daemon", tmp_path, keys, tmp_path / "daemon.log")
     try:
-        second = lorag_train(data_file, out, "--max-steps", "8", "--save-steps", "2",
+        second = lorag_train(data_file, out, "--max-steps", "4", "--save-steps", "1",
                              "--resume", "--serve", daemon.url, "--serve-name", "verdict",
                              "--api-key", "trainer-admin-key-01")
         output, _ = second.communicate(timeout=600)
         assert second.returncode == 0, output
         report = json.loads((out / "training.json").read_text())
         steps = [s["step"] for s in report["steps"]]
-        # steps 1-4 come from the checkpoint's log, 5-8 from the resumed run: a restart
-        # from scratch would log 1, 2, ... again
-        assert report["global_step"] == 8 and steps == list(range(1, 9)), steps
+        # steps 1-2 (or more, if the kill came late) come from the checkpoint's log, the
+        # rest from the resumed run: a restart from scratch would log 1, 2, ... again
+        assert report["global_step"] == 4 and steps == list(range(1, 5)), steps
         losses = [s["loss"] for s in report["steps"]]
-        assert losses[-1] < losses[0] and losses[4] < losses[0]  # continues, not restarted
+        assert losses[-1] < losses[0] and losses[2] < losses[0]  # continues, not restarted
         assert "curl -s " + daemon.url in output and '"model": "verdict"' in output
         reply = httpx.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                            headers={"Authorization": "Bearer trainer-admin-key-01"},
@@ -150,13 +150,13 @@ def test_resume_continues_an_interrupted_run_and_serve_hot_loads_it(data_file, t
 def test_qlora_trains_in_less_memory_than_bf16_lora(data_file, tmp_path):
     reports = {}
     for quantize in ("nf4", "none"):
-        run = lorag_train(data_file, tmp_path / quantize, "--max-steps", "3", "--quantize",
+        run = lorag_train(data_file, tmp_path / quantize, "--max-steps", "1", "--quantize",
                           quantize, "--dtype", "bfloat16")
         output, _ = run.communicate(timeout=600)
         assert run.returncode == 0, output
         reports[quantize] = json.loads((tmp_path / quantize / "training.json").read_text())
     print({q: r["peak_memory_mb"] for q, r in reports.items()})
-    assert reports["nf4"]["global_step"] == 3 and reports["nf4"]["final_loss"] > 0
+    assert reports["nf4"]["global_step"] == 1 and reports["nf4"]["final_loss"] > 0
     assert reports["nf4"]["peak_memory_mb"] < reports["none"]["peak_memory_mb"]
 
 
