@@ -7,7 +7,7 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test test-fast lint-imports demo lint clean bench-setup bench
+.PHONY: setup proto serve test lint-imports demo lint clean bench-setup bench
 
 setup: $(STAMP) $(STUBS)
 
@@ -29,15 +29,10 @@ serve: setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag serve
 
-# Both lanes: the in-process one (tiny models, TestClient, CliRunner) and the end-to-end
-# one (the real default model in a daemon subprocess on loopback), after the layer rules.
+# The layer rules and lint first (seconds), then the whole suite.
 test: setup lint-imports
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	$(BIN)/pytest -q
-
-# The in-process lane alone (under 2 minutes): no daemon subprocess, no real model weights.
-test-fast: setup lint-imports
-	$(BIN)/pytest -q -m "not e2e"
 
 # import-linter reads packages from disk, so it checks an installed tree, where
 # lorag.server really is lorag/server/ (the editable install maps it to server/).
