@@ -91,7 +91,8 @@ def bench_ingest(documents: list[dict], questions: list[str]) -> tuple[dict, np.
     with tempfile.TemporaryDirectory() as folder:
         store = DocumentStore(Path(folder), embedder)
         start = time.perf_counter()
-        store.put_documents("bench", [Document(d["id"], d["text"], d["metadata"]) for d in documents])
+        store.put_documents("bench", [Document(d["id"], d["text"], d["metadata"])
+                                      for d in documents])
         wall = time.perf_counter() - start
         _, chunks = store.counts("bench")
         texts = [row[0] for row in store.db.execute("SELECT text FROM chunks")]

@@ -21,8 +21,9 @@ def read_objects(path: Path, field: str) -> Iterator[tuple[str, dict]]:
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
-        except ValueError as e:
-            raise InvalidRequest(f"{where}: not JSON ({e})", field=field) from e
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
+                                 field=field) from e
         if not isinstance(row, dict):
             raise InvalidRequest(f"{where}: each line must be a JSON object", field=field)
         yield where, row

@@ -5,7 +5,6 @@ its path relative to the PATH argument it was found under; a lone file's id is i
 a .jsonl file holds one document per line with its own `id`.
 """
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from lorag.errors import InvalidRequest
+from lorag.jsonl import read_objects
 from lorag.names import check_name
 
 
@@ -34,19 +34,12 @@ def _plain(path: Path, doc_id: str) -> list[Document]:
 
 def _jsonl(path: Path, doc_id: str) -> list[Document]:
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidRequest(f"{path}:{number}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) \
-                or not isinstance(record.get("text"), str):
-            raise InvalidRequest(f"{path}:{number}: needs string 'id' and 'text'")
+    for where, record in read_objects(path, "path"):
+        if not isinstance(record.get("id"), str) or not isinstance(record.get("text"), str):
+            raise InvalidRequest(f"{where}: needs string 'id' and 'text'")
         metadata = record.get("metadata", {})
         if not isinstance(metadata, dict):
-            raise InvalidRequest(f"{path}:{number}: 'metadata' must be an object")
+            raise InvalidRequest(f"{where}: 'metadata' must be an object")
         documents.append(Document(record["id"], record["text"],
                                   {"source": doc_id, "format": "jsonl", **metadata}))
     return documents

@@ -11,15 +11,14 @@ stops everything before the model is even loaded, naming the file, the line and 
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
 
 from lorag.errors import InvalidRequest
+from lorag.jsonl import read_objects
 
-FORMATS = ("chat", "pair", "text")
 ROLES = ("system", "user", "assistant")
 
 
@@ -54,17 +53,8 @@ def load_jsonl(path: str | Path) -> TrainingData:
     path = Path(path)
     if not path.is_file():
         raise InvalidRequest(f"training data {path} does not exist", field="data")
-    raw = path.read_bytes()
     rows, fmt = [], None
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidRequest(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
-                                 field="data") from e
+    for where, record in read_objects(path, "data"):
         line_format = _format_of(record, where)
         if fmt is not None and line_format != fmt:
             raise InvalidRequest(f"{where}: a {line_format} example in a {fmt} dataset; every "
@@ -73,12 +63,10 @@ def load_jsonl(path: str | Path) -> TrainingData:
         rows.append(_to_trl(record, fmt, where))
     if not rows:
         raise InvalidRequest(f"{path} has no examples", field="data")
-    return TrainingData(fmt, rows, hashlib.sha256(raw).hexdigest())
+    return TrainingData(fmt, rows, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def _format_of(record, where: str) -> str:
-    if not isinstance(record, dict):
-        raise InvalidRequest(f"{where}: each line must be a JSON object", field="data")
+def _format_of(record: dict, where: str) -> str:
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:

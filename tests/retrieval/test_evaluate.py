@@ -37,7 +37,7 @@ def test_chunks_rank_their_documents_once_in_order_of_their_best_chunk():
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
-    ('{"query": "q", "relevant": ["a"]}\n{"query": "q2"', "q.jsonl:2: not JSON"),
+    ('{"query": "q", "relevant": ["a"]}\n{"query": "q2"', "q.jsonl:2: not valid JSON"),
     ('{"query": "q"}', 'q.jsonl:1: "relevant" must be a non-empty list'),
     ('{"query": "q", "relevant": []}', '"relevant" must be a non-empty list'),
     ('{"query": " ", "relevant": ["a"]}', 'needs a non-empty "query"'),
