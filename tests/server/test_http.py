@@ -193,3 +193,32 @@ def test_restart_keeps_the_registry(start_daemon, daemon_adapters, tmp_path):
     assert "style" not in {m.id for m in client(second, BOB).models.list().data}
     second.stop()
 
+
+def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):
+    from typer.testing import CliRunner
+
+    from lorag.cli import app
+    from lorag.errors import NotFound, PermissionDenied
+
+    def lorag(*args: str, key: str = ALICE):
+        result = CliRunner().invoke(app, ["adapters", *args, "--url", daemon.url,
+                                          "--api-key", key.split()[1]])
+        return result, " ".join(result.output.split())
+
+    result, out = lorag("load", "cli-style", str(daemon_adapters / "style"))
+    assert result.exit_code == 0 and "cli-style: loaded" in out and "in RAM" in out
+    result, out = lorag("pin", "cli-style")
+    assert result.exit_code == 0 and "in a slot" in out and "yes" in out
+    result, out = lorag("list")
+    assert result.exit_code == 0 and "cli-style" in out
+    result, out = lorag("unpin", "cli-style")
+    assert result.exit_code == 0 and "cli-style" in out
+    result, out = lorag("list", key=BOB)
+    assert result.exit_code == 0 and "cli-style" not in out  # not bob's adapter
+    result, _ = lorag("unload", "cli-style", key=ALICE_USER)
+    assert isinstance(result.exception, PermissionDenied)
+    assert "(403)" in result.exception.message and "admin key" in result.exception.message
+    result, out = lorag("unload", "cli-style")
+    assert result.exit_code == 0 and "cli-style: unloaded" in out
+    result, _ = lorag("unload", "cli-style")
+    assert isinstance(result.exception, NotFound) and "(404)" in result.exception.message
