@@ -1,5 +1,5 @@
 """`lorag serve` in a subprocess on free loopback ports, as the load test and the daemon's
-integration tests run it: started, waited for until /health answers, stopped with SIGTERM
+e2e tests run it: started, waited for until /health answers, stopped with SIGTERM
 like a service manager would."""
 
 import os
@@ -28,21 +28,32 @@ class DaemonProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = log
-        command = [sys.executable, "-m", "lorag", "serve", "--port", str(self.port),
-                   "--grpc-port", str(self.grpc_port), "--data-dir", str(data_dir), *flags]
-        self.process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        self.timeout = timeout
+        self.command = [sys.executable, "-m", "lorag", "serve", "--port", str(self.port),
+                        "--grpc-port", str(self.grpc_port), "--data-dir", str(data_dir), *flags]
+        self.start()
+
+    def start(self) -> None:
+        """Start the process and wait until /health answers."""
+        self.process = subprocess.Popen(self.command, stdout=self.log.open("ab"),
+                                        stderr=subprocess.STDOUT,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {log.read_text()[-3000:]}")
+                raise RuntimeError(f"the daemon exited: {self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"the daemon did not start: {log.read_text()[-3000:]}")
+        raise RuntimeError(f"the daemon did not start: {self.log.read_text()[-3000:]}")
+
+    def restart(self) -> None:
+        """Stop, then start again on the same data dir and ports (a redeploy)."""
+        self.stop()
+        self.start()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within 30 s."""

@@ -83,6 +83,4 @@ def serve(options: ServeOptions, console: Console) -> None:
                     log_level="warning", timeout_graceful_shutdown=5)
     finally:
         grpc_server.stop(grace=2)
-        service.engine.shutdown()
-        service.store.close()
-        service.namespaces.store.close()
+        service.close()

@@ -210,3 +210,9 @@ class Service:
         return {"waiting": stats["waiting"], "running": stats["running"],
                 "kv_slots_free": stats["kv_slots_free"], "evictions": stats["evictions"],
                 "adapters": self.engine.list_adapters()}
+
+    def close(self) -> None:
+        """Stop the engine (running requests end as cancelled) and close both stores."""
+        self.engine.shutdown()
+        self.store.close()
+        self.namespaces.store.close()
