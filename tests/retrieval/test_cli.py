@@ -1,29 +1,28 @@
-"""`lorag ingest`, `lorag search` and `lorag namespaces` on a data dir, as a user runs them."""
+"""`lorag ingest`, `lorag search`, `lorag eval retrieval` and `lorag namespaces` on a data
+dir, run in this process by Typer's runner (test_cli_errors.py runs the real command)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from typer.testing import CliRunner
 
-pytestmark = pytest.mark.integration
+from lorag.cli import app
+from lorag.errors import InvalidRequest, NotFound
+
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 
 
-def lorag(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorag", *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def lorag(*args: str):
+    return CliRunner().invoke(app, list(args))
 
 
 def test_ingest_search_and_namespaces(tmp_path):
     data = ["--data-dir", str(tmp_path)]
     first = lorag("ingest", "--namespace", "kb", str(CORPUS), *data)
-    assert first.returncode == 0, first.stderr
-    assert "kb: 8 added, 0 updated, 0 unchanged, 0 failed" in " ".join(first.stderr.split())
+    assert first.exit_code == 0, first.output
+    assert "kb: 8 added, 0 updated, 0 unchanged, 0 failed" in " ".join(first.output.split())
     again = lorag("ingest", "--namespace", "kb", str(CORPUS), *data)
-    assert "0 added, 0 updated, 8 unchanged" in " ".join(again.stderr.split())
+    assert "0 added, 0 updated, 8 unchanged" in " ".join(again.output.split())
 
     found = lorag("search", "--namespace", "kb", "when does the bakery open", "--k", "2",
                   "--json", *data)
@@ -34,12 +33,13 @@ def test_ingest_search_and_namespaces(tmp_path):
                               "--mode", "bm25", "--json", *data).stdout)
     assert [h["document_id"] for h in german] == ["faq-versand"]
     bad = lorag("search", "--namespace", "kb", "x", "--filter", "nokey", *data)
-    assert bad.returncode == 2 and "--filter 'nokey' must be key=value" in bad.stderr
+    assert isinstance(bad.exception, InvalidRequest)
+    assert "--filter 'nokey' must be key=value" in bad.exception.message
 
     evaluated = lorag("eval", "retrieval", "--namespace", "kb", "--queries",
                       str(CORPUS.parent / "queries.jsonl"), "--json", str(tmp_path / "e.json"),
                       *data)
-    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.exit_code == 0, evaluated.output
     assert "recall@5" in evaluated.stdout and "nDCG@10" in evaluated.stdout
     report = json.loads((tmp_path / "e.json").read_text())
     by_mode = {r["mode"]: r for r in report["results"]}
@@ -49,6 +49,6 @@ def test_ingest_search_and_namespaces(tmp_path):
 
     listed = lorag("namespaces", "list", *data)
     assert "kb" in listed.stdout and "8" in listed.stdout
-    assert lorag("namespaces", "delete", "kb", *data).returncode == 0
+    assert lorag("namespaces", "delete", "kb", *data).exit_code == 0
     gone = lorag("namespaces", "delete", "kb", *data)
-    assert gone.returncode == 2 and "does not exist" in gone.stderr
+    assert isinstance(gone.exception, NotFound) and "does not exist" in gone.exception.message

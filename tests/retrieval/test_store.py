@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from lorag.errors import InvalidRequest
-from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.ingest import ingest
 from lorag.retrieval.store import DocumentStore
 
-pytestmark = pytest.mark.integration
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
 
 
 @pytest.fixture

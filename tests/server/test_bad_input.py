@@ -1,5 +1,6 @@
 """Bad input, one row each: a clear 4xx in OpenAI's error shape naming what was wrong,
-and a daemon that is still healthy (and still serves) afterwards."""
+and a daemon that is still healthy (and still serves) afterwards (the fast lane's
+daemon, tests/daemons.py)."""
 
 import json
 import os
@@ -8,11 +9,11 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.server.conftest import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
-from tests.server.engine.conftest import tiny_model
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from tests.daemons import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
+from tests.tiny import TINY_NAME as BASE
+from tests.tiny import tiny_model
 
-pytestmark = pytest.mark.integration
-BASE = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
 LOAD = "/v1/load_lora_adapter"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -23,8 +24,6 @@ SEARCH = "/v1/namespaces/bad-kb/search"
 @pytest.fixture(scope="module")
 def bad_adapters(daemon_adapters, tmp_path_factory):
     """Broken adapters inside the adapter root, and things outside it."""
-    from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-
     root, outside = daemon_adapters, tmp_path_factory.mktemp("outside")
     good = root / "style"
 
@@ -46,7 +45,8 @@ def bad_adapters(daemon_adapters, tmp_path_factory):
 
     pickled = copy_of("pickled", lambda t: None)
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04\x95 not really a pickle")
-    make_adapters(tiny_model(), root, {"other-base": AdapterSpec(rank=4, alpha=8)}, seed=0)
+    narrower = tiny_model(hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    make_adapters(narrower, root, {"other-base": AdapterSpec(rank=4, alpha=8)}, seed=0)
     make_adapters(tiny_model(), outside, {"escaped": AdapterSpec(rank=4, alpha=8)}, seed=0)
     os.symlink(outside / "escaped", root / "symlink-escape")
     return {"nan": copy_of("nan", nan), "missing": copy_of("missing", lambda t: None),

@@ -1,5 +1,5 @@
 """The daemon over gRPC: a client built from proto/lorag/v1, health checking, reflection,
-and the status codes of the error mapping."""
+and the status codes of the error mapping (the fast lane's daemon, tests/daemons.py)."""
 
 import grpc
 import pytest
@@ -7,9 +7,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.server.conftest import ALICE, BOB
+from tests.daemons import ALICE, ALICE_USER, BOB
 
-pytestmark = pytest.mark.integration
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = lorag_pb2.SamplingOptions(max_tokens=12, temperature=0)
 
@@ -27,7 +26,7 @@ def call(method, request, key: str = ALICE):
 def test_generate_and_stream_on_base_and_runtime_adapter(channel, daemon_adapters):
     stub = lorag_pb2_grpc.LoragServiceStub(channel)
     base = call(stub.Generate, lorag_pb2.GenerateRequest(prompt=PROMPT, sampling=GREEDY))
-    assert "Paris" in base.text and base.usage.completion_tokens <= 12
+    assert base.text and base.usage.completion_tokens <= 12
     assert base.finish_reason in (lorag_pb2.FINISH_REASON_STOP, lorag_pb2.FINISH_REASON_LENGTH)
 
     loaded = call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(
@@ -75,7 +74,7 @@ def test_load_errors_and_permissions(channel, daemon_adapters, tmp_path):
     assert "outside the configured adapter roots" in outside.value.details()
     with pytest.raises(grpc.RpcError) as denied:
         call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(
-            name="x", path=str(daemon_adapters / "style")), "Bearer alice-user-key-00001")
+            name="x", path=str(daemon_adapters / "style")), ALICE_USER)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -1,16 +1,13 @@
-"""The daemon over HTTP: the official `openai` client and raw HTTP, against a real
-`lorag serve` on 127.0.0.1 with the real default model (NF4) and real adapters."""
-
-import time
+"""The daemon over HTTP: the official `openai` client and raw HTTP, against the fast
+lane's daemon (tests/daemons.py) on 127.0.0.1 with adapters for its tiny model."""
 
 import httpx
 import openai
 import pytest
 
-from tests.server.conftest import ALICE, ALICE_USER, BOB
+from tests.daemons import ALICE, ALICE_USER, BOB
+from tests.tiny import TINY_NAME as BASE
 
-pytestmark = pytest.mark.integration
-BASE = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -37,7 +34,7 @@ def chat(daemon, model: str, key: str = ALICE, **extra) -> str:
 def test_base_chat_non_streaming_with_usage(daemon):
     response = client(daemon).chat.completions.create(model=BASE, messages=QUESTION,
                                                       max_tokens=12, temperature=0)
-    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].message.content
     assert response.choices[0].finish_reason in ("stop", "length")
     assert response.usage.completion_tokens <= 12 and response.usage.prompt_tokens > 5
     assert response.model == BASE and response.id.startswith("chatcmpl-")
@@ -57,13 +54,24 @@ def test_streaming_equals_non_streaming_and_reports_usage(daemon):
 
 def test_completions_with_stop_and_seed(daemon):
     openai_client = client(daemon)
-    result = openai_client.completions.create(model=BASE, prompt="1, 2, 3, 4,", max_tokens=20,
-                                              temperature=0, stop=[" 7"])
-    assert result.choices[0].finish_reason == "stop" and "7" not in result.choices[0].text
+    whole = openai_client.completions.create(model=BASE, prompt="1, 2, 3, 4,", max_tokens=20,
+                                             temperature=0, extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    assert whole.choices[0].finish_reason == "length" and len(text) > 8
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # whatever it says, cut where it says it
+    cut = openai_client.completions.create(model=BASE, prompt="1, 2, 3, 4,", max_tokens=20,
+                                           temperature=0, stop=[stop],
+                                           extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.index(stop)]
     sampled = [openai_client.completions.create(model=BASE, prompt="Once upon a time",
                                                 max_tokens=8, temperature=1.0, seed=11)
                .choices[0].text for _ in range(2)]
-    assert sampled[0] == sampled[1]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable...
+    unseeded = {openai_client.completions.create(model=BASE, prompt="Once upon a time",
+                                                 max_tokens=8, temperature=1.0).choices[0].text
+                for _ in range(3)}
+    assert len(unseeded) > 1  # ...and without one it is not
 
 
 def test_runtime_adapter_answers_differently_then_unload_gives_404(daemon, daemon_adapters):
@@ -161,37 +169,6 @@ def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
     for name in ("lorag_adapter_load_seconds_count", "lorag_waiting", "lorag_running",
                  "lorag_adapter_evictions_total"):
         assert name in text
-
-
-def test_client_disconnect_cancels_the_request(daemon):
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 400, "ignore_eos": True,
-            "stream": True}
-    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body,
-                      headers={"Authorization": ALICE}, timeout=60) as response:
-        lines = response.iter_lines()
-        for _ in range(3):
-            next(lines)
-        assert daemon.health()["running"] == 1
-    deadline = time.monotonic() + 20
-    while daemon.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert daemon.health()["running"] == 0 and daemon.health()["waiting"] == 0
-    metrics = httpx.get(f"{daemon.url}/metrics").text
-    assert 'lorag_requests_total{adapter="base",finish_reason="cancelled"} 1.0' in metrics
-
-
-def test_restart_keeps_the_registry(start_daemon, daemon_adapters, tmp_path):
-    first = start_daemon(tmp_path)
-    assert load(first, "style", daemon_adapters / "style").status_code == 200
-    before = chat(first, "style")
-    first.stop()
-    second = start_daemon(tmp_path)
-    listed = httpx.get(f"{second.url}/v1/adapters", headers={"Authorization": ALICE}).json()
-    row = next(a for a in listed["data"] if a["name"] == "style")
-    assert row["path"] == str(daemon_adapters / "style") and not row["in_ram"]  # lazy
-    assert chat(second, "style") == before
-    assert "style" not in {m.id for m in client(second, BOB).models.list().data}
-    second.stop()
 
 
 def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):

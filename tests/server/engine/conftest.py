@@ -1,26 +1,10 @@
-"""A tiny random-weight Llama with the real tokenizer: fast engine unit tests."""
+"""Engines on the tiny random-weight Llama with the real tokenizer: fast unit tests."""
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.server.engine import Engine, EngineConfig
-
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True)
-
-
-def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A random Llama small enough to build in milliseconds; float32, eval mode."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
-
-
-@pytest.fixture(scope="session")
-def tokenizer(base_model_dir):
-    return AutoTokenizer.from_pretrained(base_model_dir)
+from tests.tiny import tiny_model
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
-"""The engine's greedy outputs equal HF + PEFT's, token for token, in fp32.
+"""The engine's greedy outputs equal HF + PEFT's, token for token, in fp32, on the tiny
+Llama with the real tokenizer (test_train_e2e.py checks a trained adapter on the real
+model against PEFT the same way).
 
-Real default model, unquantized, float32. Eight adapters of different ranks, targets
-and scalings run in ONE mixed batch (with chunked prefill mixing into decode steps); a
-weighted composition is checked against PEFT's add_weighted_adapter(combination_type=
-"cat"); and outputs survive an automatic merge / unmerge cycle unchanged.
+Eight adapters of different ranks, targets and scalings run in ONE mixed batch (with
+chunked prefill mixing into decode steps); a weighted composition is checked against
+PEFT's add_weighted_adapter(combination_type="cat"); and outputs survive an automatic
+merge / unmerge cycle unchanged.
 """
 
 import pytest
@@ -12,10 +14,9 @@ from peft import PeftModel
 
 from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.models import load_base
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.tiny import tiny_model
 
-pytestmark = pytest.mark.integration
 MAX_NEW = 12
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2+2?",
              "Write a haiku about rain.", "Who wrote Hamlet?", "Say hello in Spanish.",
@@ -34,18 +35,18 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def setup(base_model_dir, tmp_path_factory):
+def tiny(tokenizer, tmp_path_factory):
+    """An engine and PEFT over two copies of the tiny model, with the same 8 adapters."""
     root = tmp_path_factory.mktemp("adapters")
-    reference, tokenizer = load_base(str(base_model_dir), quantize="none", dtype="float32")
+    reference = tiny_model()
     paths = make_adapters(reference, root, SPECS, seed=1)
     peft = PeftModel.from_pretrained(reference, paths["a0"], adapter_name="a0")
     for name in list(SPECS)[1:]:
         peft.load_adapter(paths[name], adapter_name=name)
     peft.eval()
-    served, _ = load_base(str(base_model_dir), quantize="none", dtype="float32")
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=32, max_active_adapters=10, adapter_roots=[root])
-    engine = Engine(served, tokenizer, config).start()
+    engine = Engine(tiny_model(), tokenizer, config).start()
     for name, path in paths.items():
         assert engine.load_adapter(name, str(path)) is True
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
@@ -71,8 +72,8 @@ def engine_prompt_ids(tokenizer, prompt):
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def test_mixed_batch_of_eight_adapters_matches_peft(setup):
-    engine, peft, tokenizer, prompts = setup
+def test_mixed_batch_of_eight_adapters_matches_peft(tiny):
+    engine, peft, tokenizer, prompts = tiny
     names = [*SPECS, None]  # 8 adapters and the base, all in one batch
     params = SamplingParams(max_tokens=MAX_NEW)  # stops at end-of-sequence, as HF does
     streams = [engine.submit(engine_prompt_ids(tokenizer, p), params, adapter=name)
@@ -85,8 +86,8 @@ def test_mixed_batch_of_eight_adapters_matches_peft(setup):
     assert engine.stats()["running"] == 0 and engine.stats()["adapter_refs"] == [0] * 10
 
 
-def test_every_adapter_changes_the_answer(setup):
-    engine, _, tokenizer, prompts = setup
+def test_every_adapter_changes_the_answer(tiny):
+    engine, _, tokenizer, prompts = tiny
     ids = engine_prompt_ids(tokenizer, prompts[1])
     params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
     streams = [engine.submit(ids, params, adapter=name) for name in [None, *SPECS]]
@@ -94,8 +95,8 @@ def test_every_adapter_changes_the_answer(setup):
     assert len(set(outputs)) == len(outputs), f"base and all 8 adapters must differ: {outputs}"
 
 
-def test_weighted_composition_matches_peft_cat(setup):
-    engine, peft, tokenizer, prompts = setup
+def test_weighted_composition_matches_peft_cat(tiny):
+    engine, peft, tokenizer, prompts = tiny
     peft.add_weighted_adapter(["a0", "a2"], [0.7, 1.3], "mix", combination_type="cat")
     want = peft_greedy(peft, tokenizer, prompts[0], "mix")
     stream = engine.submit(engine_prompt_ids(tokenizer, prompts[0]),
@@ -105,8 +106,8 @@ def test_weighted_composition_matches_peft_cat(setup):
     assert want != peft_greedy(peft, tokenizer, prompts[0], "a0")
 
 
-def test_outputs_survive_an_automatic_merge_unmerge_cycle(setup):
-    engine, peft, tokenizer, prompts = setup
+def test_outputs_survive_an_automatic_merge_unmerge_cycle(tiny):
+    engine, peft, tokenizer, prompts = tiny
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     ids = [engine_prompt_ids(tokenizer, p) for p in prompts[:3]]
     before = [engine.submit(i, params, adapter="a3").result().token_ids for i in ids]

@@ -1,0 +1,77 @@
+"""The daemons the tests talk to, both on 127.0.0.1 with API keys and small limits:
+
+- `LocalDaemon` (the fast lane): `build_service` in this process on the tiny Llama, its
+  HTTP app under uvicorn in a thread and its gRPC server. Every part but the model's
+  weights is what `lorag serve` runs, so the official `openai` client, a gRPC stub and
+  `lorag --url` commands reach it over real sockets.
+- `Daemon` (the e2e lane): `lorag serve` in a subprocess on the real default model.
+"""
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from lorag.benchmarks.daemon import DaemonProcess, free_port
+from lorag.server.daemon import ServeOptions, build_service
+from lorag.server.engine import EngineConfig
+from lorag.server.grpc_service import start_grpc
+from lorag.server.http import create_app
+
+KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},
+        "alice-user-key-00001": {"tenant": "alice", "admin": False},
+        "bob-admin-key-000001": {"tenant": "bob", "admin": True}}
+ALICE, ALICE_USER, BOB = (f"Bearer {key}" for key in KEYS)
+MAX_MODEL_LEN = 512
+MAX_LORA_RANK = 32
+LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK, "max_num_seqs": 16,
+          "max_num_batched_tokens": 256, "max_active_adapters": 4}
+
+
+class _Health:
+    url: str
+
+    def health(self) -> dict:
+        response = httpx.get(f"{self.url}/health", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+class LocalDaemon(_Health):
+    """The daemon's parts in this process, serving `model` (a model folder)."""
+
+    def __init__(self, model: Path, data_dir: Path, root: Path, keys: Path):
+        options = ServeOptions(model=str(model), quantize="none", dtype="float32",
+                               host="127.0.0.1", port=free_port(), grpc_port=free_port(),
+                               data_dir=data_dir, api_keys=keys,
+                               engine=EngineConfig(adapter_roots=[root], **LIMITS))
+        self.service = build_service(options)
+        self.grpc = start_grpc(self.service, options.host, options.grpc_port)
+        self.server = uvicorn.Server(uvicorn.Config(
+            create_app(self.service), host=options.host, port=options.port,
+            log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn failed"
+            time.sleep(0.01)
+        self.url = f"http://{options.host}:{options.port}"
+        self.grpc_target = f"{options.host}:{options.grpc_port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.grpc.stop(grace=None)
+        self.service.close()
+
+
+class Daemon(DaemonProcess, _Health):
+    """`lorag serve` on the real default model (NF4, the daemon's default)."""
+
+    def __init__(self, data_dir: Path, root: Path, keys: Path, log: Path):
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items()]
+        super().__init__(data_dir, ["--adapter-root", str(root), "--api-keys", str(keys),
+                                    *flags], log)

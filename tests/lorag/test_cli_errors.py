@@ -1,0 +1,38 @@
+"""How the `lorag` command reports a mistake: one line naming the option and what is
+allowed, exit code 2 (1 when something it needs failed), before anything slow runs. In
+this process through the app's own error handling, and once as the installed command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorag.cli import app
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["generate", "--prompt", "hi", "--quantize", "gptq"], 2,
+     "error: quantize must be one of nf4, int8, none, got 'gptq'"),
+    (["serve", "--api-keys", "/nonexistent/keys.json"], 2,
+     "error: cannot read API keys from /nonexistent/keys.json"),
+    (["models", "pull", "no-such-model"], 2, "error: unknown model 'no-such-model'"),
+    (["eval", "generate", "--data", "/nonexistent/qa.jsonl", "--model", "m"], 2,
+     "/nonexistent/qa.jsonl"),
+    (["adapters", "list", "--url", "http://127.0.0.1:9"], 1,
+     "failed: cannot reach the daemon at http://127.0.0.1:9"),
+], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon"])
+def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        app(args, prog_name="lorag")
+    assert exit_.value.code == code
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_installed_command_reports_a_mistake(tmp_path):
+    command = [str(Path(sys.executable).parent / "lorag"), "search", "--namespace", "kb", "x",
+               "--filter", "nokey", "--data-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --filter 'nokey' must be key=value"
