@@ -7,7 +7,7 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test lint-imports demo lint clean bench-setup bench
+.PHONY: setup proto serve test test-fast lint-imports demo lint clean bench-setup bench
 
 setup: $(STAMP) $(STUBS)
 
@@ -29,10 +29,14 @@ serve: setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag serve
 
-# The layer rules and lint first (seconds), then the whole suite.
+# The layer rules and lint first (seconds), then the whole suite: both lanes (README).
 test: setup lint-imports
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	$(BIN)/pytest -q
+
+# The fast lane alone: the tiny model, no e2e tests.
+test-fast: setup
+	$(BIN)/pytest -q -m "not e2e"
 
 # import-linter reads packages from disk, so it checks an installed tree, where
 # lorag.server really is lorag/server/ (the editable install maps it to server/); it puts
