@@ -70,7 +70,8 @@ def keys_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_adapters(base_model_dir, tmp_path_factory):
-    """Adapters for the real base model, strong enough to change greedy answers."""
+    """An adapter root with "style", an adapter for the real base model strong enough to
+    change its greedy answers."""
     root = tmp_path_factory.mktemp("real-adapters")
     model, _ = load_base(str(base_model_dir), quantize="none", dtype="float32")
     make_adapters(model, root, {"style": AdapterSpec(rank=16, alpha=32, scale=0.1)}, seed=5)

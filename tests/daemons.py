@@ -31,6 +31,8 @@ LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK, "max_n
 
 
 class _Health:
+    """GET /health of the daemon at `self.url`: 200, and its JSON."""
+
     url: str
 
     def health(self) -> dict:
