@@ -66,12 +66,12 @@ def serve(options: ServeOptions, console: Console) -> None:
     """Run until interrupted (Ctrl-C / SIGTERM)."""
     service = build_service(options)
     grpc_server = start_grpc(service, options.host, options.grpc_port)
-    config = service.engine.config
+    limits = service.engine.limits
     console.print(f"[bold]lorag[/] serving {service.model_name} "
-                  f"({options.quantize}, {service.engine.runner.dtype}) | "
+                  f"({options.quantize}; {service.engine.describe()}) | "
                   f"HTTP http://{options.host}:{options.port}/v1 | "
                   f"gRPC {options.host}:{options.grpc_port} | "
-                  f"adapter roots {', '.join(str(r) for r in config.adapter_roots)} | "
+                  f"adapter roots {', '.join(str(r) for r in limits.adapter_roots)} | "
                   f"state {service.store.path} | {len(service.records)} adapters known")
     if service.keys.open:
         where = "loopback only" if options.host in ("127.0.0.1", "localhost", "::1") else \

@@ -17,7 +17,7 @@ from lorag.retrieval.rag import augment
 from lorag.retrieval.store import DocumentStore
 from lorag.server import tenancy
 from lorag.server.auth import ApiKeys
-from lorag.server.engine import Engine
+from lorag.server.backend import Backend
 from lorag.server.metrics import Metrics, TrackedStream
 from lorag.server.namespaces import Namespaces
 from lorag.server.requests import (
@@ -37,7 +37,7 @@ from lorag.server.tenancy import Caller
 class Service:
     """Tenant-scoped chat, completions, retrieval and adapter management over one engine."""
 
-    def __init__(self, engine: Engine, store: StateStore, keys: ApiKeys, model_name: str,
+    def __init__(self, engine: Backend, store: StateStore, keys: ApiKeys, model_name: str,
                  documents: DocumentStore):
         self.engine = engine
         self.namespaces = Namespaces(documents)
@@ -66,7 +66,7 @@ class Service:
         else:
             prompt, grounding = self._ground(caller, request.messages, request.rag,
                                              request.sampling.max_tokens)
-        limit = self.engine.config.max_model_len
+        limit = self.engine.limits.max_model_len
         params = request.sampling.params(default_max_tokens=max(1, limit - len(prompt)))
         return Reply(self._submit(prompt, params, adapter, "chatcmpl"), grounding)
 
@@ -107,7 +107,7 @@ class Service:
             raise InvalidRequest("rag needs a user message to search with", field="messages")
         hits = self.namespaces.search(caller, rag.namespace, question, rag.top_k, rag.mode,
                                       rag.filter)
-        budget = self.engine.config.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
+        budget = self.engine.limits.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
         tokenizer = self.engine.tokenizer
         result = augment(messages, hits, self._render,
                          lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
@@ -199,17 +199,14 @@ class Service:
 
     def health(self) -> dict:
         """Liveness: whether the engine's loop runs, and its queue (counters only)."""
-        stats = self.engine.stats()
+        occupancy = self.engine.occupancy()
         return {"status": "ok" if self.engine.alive else "engine stopped",
-                "model": self.model_name, "running": stats["running"],
-                "waiting": stats["waiting"]}
+                "model": self.model_name, "running": occupancy["running"],
+                "waiting": occupancy["waiting"]}
 
     def engine_state(self) -> dict:
         """What the metrics read from the engine."""
-        stats = self.engine.stats()
-        return {"waiting": stats["waiting"], "running": stats["running"],
-                "kv_slots_free": stats["kv_slots_free"], "evictions": stats["evictions"],
-                "adapters": self.engine.list_adapters()}
+        return {**self.engine.occupancy(), "adapters": self.engine.list_adapters()}
 
     def close(self) -> None:
         """Stop the engine (running requests end as cancelled) and close both stores."""

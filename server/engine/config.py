@@ -7,6 +7,17 @@ from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Sizes an engine (of any backend) was started with, which requests and adapters
+    must fit."""
+
+    max_model_len: int  # prompt + output, in tokens
+    max_lora_rank: int
+    max_active_adapters: int  # adapters in compute slots at once
+    adapter_roots: tuple[Path, ...]  # the only folders adapters load from
+
+
 @dataclass
 class EngineConfig:
     """Sizes fixed at start-up: every buffer is allocated once from these.

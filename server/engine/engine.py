@@ -20,7 +20,7 @@ import torch
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
-from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
@@ -204,6 +204,22 @@ class Engine:
                          "pinned": name in self.pool.pinned,
                          "running_requests": self.pool.refs[slot] if slot is not None else 0})
         return rows
+
+    @property
+    def limits(self) -> Limits:
+        """The sizes requests and adapters must fit."""
+        c = self.config
+        return Limits(c.max_model_len, c.max_lora_rank, c.max_active_adapters,
+                      tuple(c.adapter_roots))
+
+    def describe(self) -> str:
+        """For the start-up banner."""
+        return f"native engine on {self.runner.device}, {self.runner.dtype}"
+
+    def occupancy(self) -> dict:
+        """Queue and occupancy (the backend interface's `Occupancy`)."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_slots_free": len(self.free_kv), "evictions": self.pool.evictions}
 
     def stats(self) -> dict:
         """Counters and occupancy, for metrics and tests."""

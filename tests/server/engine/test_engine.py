@@ -6,9 +6,21 @@ import threading
 import pytest
 
 from lorag.errors import InvalidRequest, Overloaded
+from lorag.server.backend import Backend
 from lorag.server.engine import SamplingParams
+from lorag.server.engine.config import Limits
 
 PROMPT = [1, 2, 3, 4]
+
+
+def test_the_native_engine_is_a_backend(make_engine, adapter_root):
+    engine = make_engine()
+    assert isinstance(engine, Backend)  # every method of the interface is there
+    assert engine.limits == Limits(max_model_len=128, max_lora_rank=16, max_active_adapters=2,
+                                   adapter_roots=(adapter_root.resolve(),))
+    assert engine.occupancy() == {"running": 0, "waiting": 0, "kv_slots_free": 8,
+                                  "evictions": 0}
+    assert engine.describe() == "native engine on cpu, torch.float32"
 
 
 def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, adapter_root):

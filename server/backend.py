@@ -1,0 +1,91 @@
+"""What the service needs of an engine: the one interface every backend implements.
+
+The native engine (server/engine: continuous batching with per-token LoRA slots, CPU or
+CUDA) is the default and the embedded path. Everything lorag adds on top (tenants, the
+adapter registry, retrieval, metrics, HTTP and gRPC) talks to an engine only through
+this, so a backend on another engine serves the same API unchanged.
+
+Prompts arrive as token ids the service rendered with the base model's chat template, so
+every backend sees the same prompt. Adapter keys are engine keys (`tenant.name`, or a
+weighted `Composition` of them); tenancy is resolved before a backend sees a request. The
+values passed across (Limits, SamplingParams, TokenStream) are the native engine's, which
+every backend shares.
+"""
+
+from typing import Protocol, TypedDict, runtime_checkable
+
+from transformers import PreTrainedTokenizerBase
+
+from lorag.adapters import AdapterKey
+from lorag.server.engine.config import Limits
+from lorag.server.engine.sampling import SamplingParams
+from lorag.server.engine.stream import TokenStream
+
+
+class AdapterStatus(TypedDict):
+    """Where a registered adapter is: on disk only, in RAM, in a compute slot."""
+
+    name: str
+    path: str
+    in_ram: bool
+    slot: int | None
+    pinned: bool
+    running_requests: int
+
+
+class Occupancy(TypedDict):
+    """Queue and occupancy, read for /health and at every metrics scrape."""
+
+    running: int
+    waiting: int
+    kv_slots_free: int
+    evictions: int  # adapters moved out of a compute slot, since start
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine serving one base model with many LoRA adapters."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def alive(self) -> bool:
+        """Whether it still serves (its loop runs, its workers answer)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the start-up banner: which engine, on what, in which dtype."""
+        ...
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: AdapterKey | None,
+               request_id: str) -> TokenStream:
+        """Queue a request; raises InvalidRequest, AdapterNotFound or Overloaded."""
+        ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request; whether it was still running."""
+        ...
+
+    def load_adapter(self, key: str, path: str, lazy: bool = False) -> bool:
+        """Validate and register an adapter (lazy: remember the path, read it on first
+        use); True if new, False if it was already registered."""
+        ...
+
+    def unload_adapter(self, key: str) -> bool: ...
+
+    def pin_adapter(self, key: str) -> int:
+        """Keep an adapter in a compute slot; returns the slot."""
+        ...
+
+    def unpin_adapter(self, key: str) -> bool: ...
+
+    def list_adapters(self) -> list[AdapterStatus]: ...
+
+    def occupancy(self) -> Occupancy: ...
+
+    def shutdown(self) -> None:
+        """Stop serving; requests still running end with finish_reason "cancelled"."""
+        ...
