@@ -222,10 +222,10 @@ class Engine:
                 "kv_slots_free": len(self.free_kv), "evictions": self.pool.evictions}
 
     def stats(self) -> dict:
-        """Counters and occupancy, for metrics and tests."""
-        return {**self.counters, "running": len(self.running), "waiting": len(self.waiting),
-                "kv_slots_free": len(self.free_kv), "adapter_slots": self.pool.slot_map(),
-                "adapter_refs": list(self.pool.refs), "evictions": self.pool.evictions,
+        """Occupancy plus the step counters, slot map and merge state: for benchmarks and
+        tests."""
+        return {**self.counters, **self.occupancy(), "adapter_slots": self.pool.slot_map(),
+                "adapter_refs": list(self.pool.refs),
                 "merged_adapter": None if self.merged_slot is None
                 else str(self.pool.names[self.merged_slot])}
 
