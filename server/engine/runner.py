@@ -78,11 +78,6 @@ class ModelRunner:
         self.lora_batch = LoraBatch()
         self.lora_layers = self._wrap_projections()
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        """Bytes held by the preallocated K and V caches together."""
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
-
     def _wrap_projections(self) -> dict[tuple[int, str], MultiLoraLinear]:
         wrapped = {}
         for index, layer in enumerate(self.layers):
