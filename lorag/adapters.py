@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorag.errors import InvalidRequest
 
 # The projections of a Llama-family decoder layer that adapters may target.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+_MLP = ("gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -241,3 +242,22 @@ def compose(name: AdapterKey, parts: list[tuple[LoraWeights, float]],
         b[key] = torch.cat([lora.b[key] * weight if key in lora.b
                             else torch.zeros(out_f, lora.rank) for lora, weight in parts], dim=1)
     return LoraWeights(name, rank, a, b, frozenset(module for _, module in keys))
+
+
+def save_lora(lora: LoraWeights, folder: Path) -> Path:
+    """Write `lora` as a PEFT adapter folder (float32, scaling already in B, so alpha = r):
+    the inverse of `load_lora`. For engines that read adapters from disk themselves (the
+    vLLM backend), so they only ever see weights lorag has validated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (layer, module), a in lora.a.items():
+        block = "mlp" if module in _MLP else "self_attn"
+        prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = lora.b[(layer, module)].float().contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+              "lora_alpha": lora.rank, "target_modules": sorted(lora.target_modules),
+              "lora_dropout": 0.0, "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -12,8 +12,10 @@ values passed across (Limits, SamplingParams, TokenStream) are the native engine
 every backend shares.
 """
 
+from collections.abc import Iterable
 from typing import Protocol, TypedDict, runtime_checkable
 
+from prometheus_client import Metric
 from transformers import PreTrainedTokenizerBase
 
 from lorag.adapters import AdapterKey
@@ -39,7 +41,7 @@ class Occupancy(TypedDict):
     running: int
     waiting: int
     kv_slots_free: int
-    evictions: int  # adapters moved out of a compute slot, since start
+    evictions: int | None  # adapters moved out of a compute slot since start; None: unknown
 
 
 @runtime_checkable
@@ -76,8 +78,8 @@ class Backend(Protocol):
 
     def unload_adapter(self, key: str) -> bool: ...
 
-    def pin_adapter(self, key: str) -> int:
-        """Keep an adapter in a compute slot; returns the slot."""
+    def pin_adapter(self, key: str) -> object:
+        """Keep an adapter in a compute slot (the native engine returns which)."""
         ...
 
     def unpin_adapter(self, key: str) -> bool: ...
@@ -85,6 +87,11 @@ class Backend(Protocol):
     def list_adapters(self) -> list[AdapterStatus]: ...
 
     def occupancy(self) -> Occupancy: ...
+
+    def metric_families(self) -> Iterable[Metric]:
+        """The engine's own Prometheus families, exposed on /metrics beside lorag's
+        (vLLM's `vllm:*`, which existing routers and dashboards read)."""
+        ...
 
     def shutdown(self) -> None:
         """Stop serving; requests still running end with finish_reason "cancelled"."""

@@ -8,20 +8,28 @@ the main thread: it owns the signals). Shutdown runs in reverse.
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from lorag.models import load_base
+from lorag.errors import InvalidRequest
+from lorag.models import load_base, resolve_dtype, resolve_model
+from lorag.provision import ModelCache
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
 from lorag.server.auth import ApiKeys
+from lorag.server.backend import Backend
 from lorag.server.engine import Engine, EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
 from lorag.server.service import Service
 from lorag.server.state import StateStore
+from lorag.settings import Settings
+
+if TYPE_CHECKING:
+    from lorag.server.vllm_backend import VllmOptions
 
 log = logging.getLogger("lorag.daemon")
 
@@ -42,6 +50,8 @@ class ServeOptions:
     api_keys: Path | None = None
     chunk_tokens: int = 200
     chunk_overlap: int = 40
+    backend: str = "native"  # or "vllm", with `vllm`'s options
+    vllm: "VllmOptions | None" = None
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -56,10 +66,25 @@ def build_service(options: ServeOptions) -> Service:
         root.mkdir(parents=True, exist_ok=True)
     documents = DocumentStore(options.data_dir / "retrieval", Embedder(),  # embedder: lazy
                               options.chunk_tokens, options.chunk_overlap)
-    model, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype)
-    engine = Engine(model, tokenizer, config).start()
+    engine = start_backend(options, config)
     return Service(engine, store, keys, model_name=Path(options.model).name,
                    documents=documents)
+
+
+def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
+    """The engine `options.backend` names, loaded and serving."""
+    if options.backend == "vllm":
+        from lorag.server.vllm_backend import VllmBackend, VllmOptions
+
+        folder = resolve_model(options.model, ModelCache(Settings().models_dir))
+        dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
+        return VllmBackend(folder, dtype, options.quantize, config,
+                           options.vllm or VllmOptions(), options.data_dir / "vllm-adapters")
+    if options.backend != "native":
+        raise InvalidRequest(f"backend must be native or vllm, got {options.backend!r}",
+                             field="backend")
+    model, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype)
+    return Engine(model, tokenizer, config).start()
 
 
 def serve(options: ServeOptions, console: Console) -> None:

@@ -52,10 +52,11 @@ class _EngineCollector:
                                 ("running", "Sequences in the running batch."),
                                 ("kv_slots_free", "Free KV-cache sequence slots.")):
             yield GaugeMetricFamily(f"lorag_{name}", help_text, value=state[name])
-        evictions = CounterMetricFamily("lorag_adapter_evictions",
-                                        "Adapters evicted from compute slots.")
-        evictions.add_metric([], state["evictions"])
-        yield evictions
+        if state["evictions"] is not None:  # None: the backend does not say
+            evictions = CounterMetricFamily("lorag_adapter_evictions",
+                                            "Adapters evicted from compute slots.")
+            evictions.add_metric([], state["evictions"])
+            yield evictions
         resident = GaugeMetricFamily("lorag_adapter_resident",
                                      "1 where the adapter is resident in that tier.",
                                      labels=["adapter", "tier"])
@@ -63,6 +64,7 @@ class _EngineCollector:
             resident.add_metric([row["name"], "ram"], float(row["in_ram"]))
             resident.add_metric([row["name"], "active"], float(row["slot"] is not None))
         yield resident
+        yield from state["engine_families"]
 
 
 class TrackedStream:

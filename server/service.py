@@ -74,7 +74,10 @@ class Service:
         """Submit a raw completion: the prompt as is, no chat template."""
         adapter = self._adapter(caller, request.model, request.adapters)
         params = request.sampling.params(default_max_tokens=COMPLETION_TOKENS)
-        return Reply(self._submit(request.prompt, params, adapter, "cmpl"))
+        prompt = request.prompt
+        if isinstance(prompt, str):  # as is: special tokens (BOS) the tokenizer adds
+            prompt = self.engine.tokenizer.encode(prompt)
+        return Reply(self._submit(prompt, params, adapter, "cmpl"))
 
     def cancel(self, stream: TrackedStream) -> None:
         """Stop a request whose client went away; counted if it was still running."""
@@ -206,7 +209,8 @@ class Service:
 
     def engine_state(self) -> dict:
         """What the metrics read from the engine."""
-        return {**self.engine.occupancy(), "adapters": self.engine.list_adapters()}
+        return {**self.engine.occupancy(), "adapters": self.engine.list_adapters(),
+                "engine_families": self.engine.metric_families()}
 
     def close(self) -> None:
         """Stop the engine (running requests end as cancelled) and close both stores."""

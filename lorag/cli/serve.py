@@ -1,5 +1,11 @@
-"""`lorag serve`: the daemon, with the engine's limits as flags."""
+"""`lorag serve`: the daemon, with the engine's limits as flags.
 
+Two backends serve the same API: `native` (lorag's engine, the default) and `vllm` (vLLM's
+engine, `pip install 'lorag[vllm]'`). A flag that only one backend has is refused, by
+name, when given to the other: it would otherwise be silently ignored.
+"""
+
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -7,12 +13,32 @@ import typer
 
 from lorag import catalog
 from lorag.cli.common import DataDir, console, data_dir_or_default
+from lorag.errors import InvalidRequest
+
+
+class BackendName(StrEnum):
+    native = "native"
+    vllm = "vllm"
+
+
+class Executor(StrEnum):
+    mp = "mp"
+    ray = "ray"
+
+
+DEFAULT_QUANTIZE = {"native": "nf4", "vllm": "none"}
+NATIVE = "native backend"
+VLLM = "vLLM backend"
 
 
 def serve(
     model: Annotated[str, typer.Option(
         help="Catalog name, HF folder, .gguf file or hub id.")] = catalog.DEFAULT_BASE_MODEL,
-    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    backend: Annotated[BackendName, typer.Option(
+        help="native: lorag's engine (CPU or CUDA). vllm: vLLM's engine (pip install "
+             "'lorag[vllm]').")] = BackendName.native,
+    quantize: Annotated[str | None, typer.Option(
+        help="nf4, int8 or none; default nf4 on native, none on vllm.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
@@ -29,12 +55,33 @@ def serve(
     max_num_batched_tokens: Annotated[int, typer.Option(min=1, help="Tokens per step.")] =
         1024,
     max_waiting: Annotated[int, typer.Option(min=1, help="Queue bound (then 429).")] = 1024,
-    max_lora_rank: Annotated[int, typer.Option(min=1, help="Highest adapter rank.")] = 64,
-    max_active_adapters: Annotated[int, typer.Option(min=1, help="Compute slots.")] = 16,
-    max_cpu_adapters_mb: Annotated[int, typer.Option(min=1, help="RAM tier budget.")] = 2048,
-    auto_merge: Annotated[bool, typer.Option(
-        help="Fold an adapter into the base weights while it is all the traffic "
-             "(unquantized bases only).")] = True,
+    max_lora_rank: Annotated[int, typer.Option(
+        min=1, help="Highest adapter rank (vllm: 1, 8, 16, 32, 64, 128, 256, 320 or 512).")]
+        = 64,
+    max_active_adapters: Annotated[int | None, typer.Option(
+        min=1, help="[native] Compute slots (default 16).")] = None,
+    max_cpu_adapters_mb: Annotated[int | None, typer.Option(
+        min=1, help="[native] RAM tier budget (default 2048).")] = None,
+    auto_merge: Annotated[bool | None, typer.Option(
+        help="[native] Fold an adapter into the base weights while it is all the traffic "
+             "(unquantized bases only; default on).")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(
+        min=1, help="[vllm] GPUs each layer is split over.")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option(
+        min=1, help="[vllm] Pipeline stages (GPUs or nodes) the layers are split over.")]
+        = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        min=0.01, max=1.0, help="[vllm, GPU] Share of GPU memory vLLM may take.")] = None,
+    max_loras: Annotated[int | None, typer.Option(
+        min=1, help="[vllm] Adapters in one batch (default 8).")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(
+        min=1, help="[vllm] Adapters cached in host memory.")] = None,
+    enable_prefix_caching: Annotated[bool | None, typer.Option(
+        help="[vllm] Reuse the KV cache of shared prompt prefixes.")] = None,
+    distributed_executor_backend: Annotated[Executor | None, typer.Option(
+        help="[vllm] mp (one node) or ray (across nodes).")] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        help="[vllm] No torch.compile / CUDA graphs: faster start-up, slower steps.")] = None,
     chunk_tokens: Annotated[int, typer.Option(
         min=16, help="Retrieval chunk size for documents posted to the daemon, in tokens.")]
         = 200,
@@ -46,12 +93,41 @@ def serve(
     from lorag.server.daemon import serve as run
     from lorag.server.engine import EngineConfig
 
+    native_only = {"max_active_adapters": max_active_adapters,
+                   "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge}
+    vllm_only = {"tensor_parallel_size": tensor_parallel_size,
+                 "pipeline_parallel_size": pipeline_parallel_size,
+                 "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
+                 "max_cpu_loras": max_cpu_loras, "enable_prefix_caching": enable_prefix_caching,
+                 "distributed_executor_backend": distributed_executor_backend,
+                 "enforce_eager": enforce_eager}
+    given, meaning = (native_only, NATIVE) if backend is BackendName.vllm else \
+        (vllm_only, VLLM)
+    refuse_flags(given, f"--backend {backend.value}", meaning)
     engine = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
-        max_lora_rank=max_lora_rank, max_active_adapters=max_active_adapters,
-        max_cpu_adapter_bytes=max_cpu_adapters_mb << 20, auto_merge=auto_merge,
+        max_lora_rank=max_lora_rank,
+        **{name: value for name, value in (("max_active_adapters", max_active_adapters),
+                                           ("auto_merge", auto_merge)) if value is not None},
+        **({} if max_cpu_adapters_mb is None
+           else {"max_cpu_adapter_bytes": max_cpu_adapters_mb << 20}),
         adapter_roots=[root.expanduser() for root in adapter_root or []])
-    run(ServeOptions(model, quantize, dtype, host, port, grpc_port,
-                     data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
-                     chunk_overlap), console)
+    vllm = None
+    if backend is BackendName.vllm:
+        from lorag.server.vllm_backend import VllmOptions
+
+        if distributed_executor_backend is not None:
+            vllm_only["distributed_executor_backend"] = distributed_executor_backend.value
+        vllm = VllmOptions(**{k: v for k, v in vllm_only.items() if v is not None})
+    run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
+                     grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
+                     chunk_overlap, backend=backend.value, vllm=vllm), console)
+
+
+def refuse_flags(flags: dict[str, object], backend: str, meaning: str) -> None:
+    """Refuse any of `flags` that was given: it means nothing on this backend."""
+    for name, value in flags.items():
+        if value is not None:
+            raise InvalidRequest(f"--{name.replace('_', '-')} applies to the {meaning} "
+                                 f"only; it means nothing with {backend}", field=name)

@@ -17,6 +17,18 @@ class Limits:
     max_active_adapters: int  # adapters in compute slots at once
     adapter_roots: tuple[Path, ...]  # the only folders adapters load from
 
+    def check_length(self, prompt: list[int], max_tokens: int) -> None:
+        """Refuse an empty prompt, or one that cannot fit `max_tokens` more tokens."""
+        limit = self.max_model_len
+        if not prompt:
+            raise InvalidRequest("prompt is empty", field="prompt")
+        if len(prompt) + max_tokens > limit:
+            raise InvalidRequest(
+                f"this model's maximum context length is {limit} tokens; the request has "
+                f"{len(prompt)} prompt tokens and asks for {max_tokens} more "
+                f"({len(prompt) + max_tokens} in all). Shorten the prompt or lower "
+                "max_tokens", field="max_tokens" if len(prompt) < limit else "prompt")
+
 
 @dataclass
 class EngineConfig:

@@ -124,7 +124,7 @@ class Engine:
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_length(ids, params)
+        self.limits.check_length(ids, params.max_tokens)
         key = self._check_adapter(adapter)
         request_id = request_id or f"req-{next(self.ids)}"
         generator = None
@@ -220,6 +220,10 @@ class Engine:
         """Queue and occupancy (the backend interface's `Occupancy`)."""
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_slots_free": len(self.free_kv), "evictions": self.pool.evictions}
+
+    def metric_families(self) -> list:
+        """None of its own: lorag's metrics are this engine's."""
+        return []
 
     def stats(self) -> dict:
         """Occupancy plus the step counters, slot map and merge state: for benchmarks and
@@ -421,17 +425,6 @@ class Engine:
         return future.result()
 
     # ---- validation ----
-
-    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
-        limit = self.config.max_model_len
-        if not ids:
-            raise InvalidRequest("prompt is empty", field="prompt")
-        if len(ids) + params.max_tokens > limit:
-            raise InvalidRequest(
-                f"this model's maximum context length is {limit} tokens; the request has "
-                f"{len(ids)} prompt tokens and asks for {params.max_tokens} more "
-                f"({len(ids) + params.max_tokens} in all). Shorten the prompt or lower "
-                "max_tokens", field="max_tokens" if len(ids) < limit else "prompt")
 
     def _check_adapter(self, adapter: AdapterKey | None) -> AdapterKey | None:
         """Every adapter the request names is registered; a composition of one adapter at

@@ -1,0 +1,495 @@
+"""The vLLM backend: the daemon's `Backend` (server/backend.py) on vLLM's `AsyncLLM`.
+
+Everything lorag adds (tenants, the adapter registry, retrieval, metrics, HTTP and gRPC)
+stays in the service; this file only translates the interface to vLLM's engine, which
+brings CUDA kernels, paged attention, prefix caching and tensor / pipeline parallelism.
+
+- **Its own event loop.** `AsyncLLM` lives on an asyncio loop in a thread of its own, so
+  the interface stays what the native engine offers: `submit` from any thread returns a
+  `TokenStream`, which the HTTP loop or a gRPC worker thread reads.
+- **Prompts are token ids** rendered by the service with lorag's chat template, so both
+  backends see the same prompt; vLLM's own template and detokenising of prompts are unused.
+- **Adapters vLLM sees are written by lorag.** A file is validated by lorag exactly as for
+  the native engine (`lorag.adapters.load_lora`: adapter roots, safetensors only, rank,
+  base shapes, finite values), then written back as a PEFT folder under `adapter_dir`
+  (`save_lora`); vLLM reads only that copy. A file changed on disk after validation is
+  never served, even when vLLM's LRU evicts and re-reads an adapter.
+- **A weighted composition is one adapter of concatenated rank** (`lorag.adapters.compose`,
+  exact: sum of w_i B_i A_i), written once, cached by its parts and weights, and removed
+  with any part. vLLM serves one adapter per request; this keeps compositions working on
+  both backends, at the cost of a rank up to the sum of the parts' (bounded by
+  max_lora_rank).
+- **Queue bound.** vLLM queues without limit; lorag refuses a request (429) once
+  max_num_seqs + max_waiting are in flight, as the native engine does.
+"""
+
+import asyncio
+import importlib.util
+import itertools
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+from transformers import AutoConfig, AutoTokenizer
+
+from lorag.adapters import BaseShape, Composition, LoraWeights, compose, load_lora, save_lora
+from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded
+from lorag.names import MAX_KEY_LENGTH, check_name
+from lorag.server.backend import AdapterStatus, Occupancy
+from lorag.server.engine.config import EngineConfig, Limits
+from lorag.server.engine.sampling import SamplingParams
+from lorag.server.engine.stream import Output, TokenStream
+
+log = logging.getLogger("lorag.vllm")
+
+# the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+EXECUTORS = ("mp", "ray")
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """vLLM's own knobs (`lorag serve --backend vllm`), passed to its AsyncEngineArgs.
+
+    None leaves vLLM's default. gpu_memory_utilization applies on GPUs only; on the CPU
+    build vLLM sizes its KV cache from the VLLM_CPU_KVCACHE_SPACE environment variable.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_loras: int = 8  # adapters in one batch (vLLM's GPU slots)
+    max_cpu_loras: int | None = None  # adapters vLLM caches in host memory
+    enable_prefix_caching: bool | None = None
+    distributed_executor_backend: str | None = None  # mp or ray
+    enforce_eager: bool = False  # skip torch.compile / CUDA graphs: faster start-up
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"--{_flag(name)} must be >= 1", field=name)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise InvalidRequest(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= "
+                                 f"--max-loras ({self.max_loras})", field="max_cpu_loras")
+        utilization = self.gpu_memory_utilization
+        if utilization is not None and not 0 < utilization <= 1:
+            raise InvalidRequest(f"--gpu-memory-utilization must be in (0, 1], got "
+                                 f"{utilization}", field="gpu_memory_utilization")
+        executor = self.distributed_executor_backend
+        if executor is not None and executor not in EXECUTORS:
+            raise InvalidRequest(f"--distributed-executor-backend must be one of "
+                                 f"{', '.join(EXECUTORS)}, got {executor!r}",
+                                 field="distributed_executor_backend")
+
+
+@dataclass
+class _Adapter:
+    """A registered adapter: the user's path, and vLLM's copy once validated."""
+
+    path: Path
+    lora_id: int
+    folder: Path | None = None  # the validated copy vLLM reads; None until first use
+    pinned: bool = False
+
+
+class VllmBackend:
+    """Serves one base model with many LoRA adapters on vLLM's engine."""
+
+    def __init__(self, model: str, dtype: str, quantize: str, config: EngineConfig,
+                 options: VllmOptions, adapter_dir: Path):
+        """model: an HF model folder; dtype: "bfloat16" / "float32" / ...; quantize: lorag's
+        name (none, nf4, int8), refused where vLLM cannot serve it on this device."""
+        from vllm.platforms import current_platform
+
+        self.config, self.options = config, options
+        self.device = current_platform.device_type
+        self.quantization = vllm_quantization(quantize, self.device)
+        _check_lora_rank(config.max_lora_rank)
+        _check_for_device(options, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.base = BaseShape.from_config(AutoConfig.from_pretrained(model))
+        self.adapter_dir = adapter_dir
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
+        adapter_dir.mkdir(parents=True)
+        self.adapters: dict[str, _Adapter] = {}
+        self.compositions: dict[Composition, _Adapter] = {}
+        self.in_flight: dict[str, _Request] = {}
+        self.tasks: dict[str, asyncio.Task] = {}  # touched on the loop only
+        self.retired: dict[int, Path] = {}  # copies to delete once their requests finish
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+        self.scheduler = _SchedulerStats()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="lorag-vllm",
+                                       daemon=True)
+        self.thread.start()
+        try:
+            self.llm = self._call(self._start(model, dtype))
+        except Exception:
+            self._stop_loop()
+            raise
+        self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
+
+    async def _start(self, model: str, dtype: str):
+        # created on its own loop, so vLLM's output handler runs there
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c, o = self.config, self.options
+        args = AsyncEngineArgs(
+            model=model, dtype=dtype, quantization=self.quantization,
+            max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens, enable_lora=True,
+            max_lora_rank=c.max_lora_rank, max_loras=o.max_loras,
+            max_cpu_loras=o.max_cpu_loras, enable_prefix_caching=o.enable_prefix_caching,
+            tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size,
+            distributed_executor_backend=o.distributed_executor_backend,
+            enforce_eager=o.enforce_eager, disable_log_stats=False,
+            **({} if o.gpu_memory_utilization is None
+               else {"gpu_memory_utilization": o.gpu_memory_utilization}))
+        try:
+            return AsyncLLM.from_engine_args(args, stat_loggers=[self.scheduler.factory])
+        except (ValueError, TypeError) as e:  # vLLM's verdict on the configuration
+            raise InvalidRequest(f"vLLM refused the engine configuration: {e}",
+                                 field="backend") from e
+
+    # ---- the Backend interface ----
+
+    @property
+    def limits(self) -> Limits:
+        c = self.config
+        return Limits(c.max_model_len, c.max_lora_rank, self.options.max_loras,
+                      tuple(c.adapter_roots))
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.llm.errored
+
+    def describe(self) -> str:
+        from vllm import __version__
+
+        quantization = f", {self.quantization}" if self.quantization else ""
+        return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}"
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
+               ) -> TokenStream:
+        self.limits.check_length(prompt, params.max_tokens)
+        lora = None if adapter is None else self._lora(adapter)
+        request = _Request(TokenStream(request_id), list(prompt), params, lora)
+        with self.lock:
+            limit = self.config.max_num_seqs + self.config.max_waiting
+            if len(self.in_flight) >= limit:
+                raise Overloaded(f"the engine's queue is full ({limit} requests in flight); "
+                                 "retry later")
+            if request_id in self.in_flight:
+                raise InvalidRequest(f"request id {request_id!r} is already in use",
+                                     field="request_id")
+            self.in_flight[request_id] = request
+        self.loop.call_soon_threadsafe(self._start_request, request)
+        return request.stream
+
+    def cancel(self, request_id: str) -> bool:
+        with self.lock:
+            running = request_id in self.in_flight
+        if running:
+            self.loop.call_soon_threadsafe(self._cancel_request, request_id)
+        return running
+
+    def load_adapter(self, key: str, path: str, lazy: bool = False) -> bool:
+        check_name(key, "lora_name", "adapter name", MAX_KEY_LENGTH)
+        resolved = Path(path).expanduser().resolve()
+        with self.lock:
+            known = self.adapters.get(key)
+        if known is not None:
+            if known.path != resolved:
+                raise InvalidRequest(f"adapter {key!r} is already registered from "
+                                     f"{known.path}; unload it first", field="lora_name")
+            return False
+        entry = _Adapter(resolved, next(self.ids))
+        if not lazy:  # validate now; a restored record is validated on first use
+            self._add(key, entry, self._read(key, resolved))
+        with self.lock:
+            self.adapters[key] = entry
+        return True
+
+    def unload_adapter(self, key: str) -> bool:
+        with self.lock:
+            entry = self.adapters.pop(key, None)
+            if entry is None:
+                raise AdapterNotFound(f"adapter {key!r} is not loaded", field="lora_name")
+            doomed = [entry] + [self.compositions.pop(c) for c in list(self.compositions)
+                                if key in c.names]
+        for gone in doomed:
+            self._remove(gone)
+        return True
+
+    def pin_adapter(self, key: str) -> None:
+        entry = self._entry(key)
+        self._ensure_added(key, entry)
+        self._call(self.llm.pin_lora(entry.lora_id))
+        entry.pinned = True
+
+    def unpin_adapter(self, key: str) -> bool:
+        """vLLM has no unpin: the adapter is removed and added again, unpinned (running
+        requests keep it: vLLM reloads an adapter a running request needs)."""
+        entry = self._entry(key)
+        if not entry.pinned:
+            return False
+        entry.pinned = False
+        self._call(self.llm.remove_lora(entry.lora_id))
+        self._call(self.llm.add_lora(self._request(key, entry)))
+        return True
+
+    def list_adapters(self) -> list[AdapterStatus]:
+        loaded = self._call(self.llm.list_loras())
+        with self.lock:
+            running: dict[int, int] = {}
+            for request in self.in_flight.values():
+                running[request.lora_id] = running.get(request.lora_id, 0) + 1
+            return [AdapterStatus(name=key, path=str(entry.path),
+                                  in_ram=entry.lora_id in loaded, slot=None,
+                                  pinned=entry.pinned,
+                                  running_requests=running.get(entry.lora_id, 0))
+                    for key, entry in sorted(self.adapters.items())]
+
+    def occupancy(self) -> Occupancy:
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        return Occupancy(running=running, waiting=waiting,
+                         kv_slots_free=max(0, self.config.max_num_seqs - running),
+                         evictions=None)
+
+    def metric_families(self):
+        """vLLM's own Prometheus families (`vllm:*`), for /metrics beside lorag's."""
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+    def shutdown(self) -> None:
+        with self.lock:
+            running = list(self.in_flight)
+        for request_id in running:
+            self.cancel(request_id)
+        deadline = time.monotonic() + 10
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._call(self._shutdown())
+        self._stop_loop()
+        shutil.rmtree(self.adapter_dir, ignore_errors=True)
+
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()  # on its loop, where its output handler runs
+
+    # ---- requests, on the loop ----
+
+    def _start_request(self, request: "_Request") -> None:
+        task = self.loop.create_task(self._generate(request))
+        self.tasks[request.stream.request_id] = task
+        task.add_done_callback(lambda _: self._settle(request, task))
+
+    def _cancel_request(self, request_id: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # vLLM aborts the request as its generator closes
+
+    async def _generate(self, request: "_Request") -> None:
+        async for out in self.llm.generate({"prompt_token_ids": request.prompt},
+                                           _sampling(request.params),
+                                           request.stream.request_id,
+                                           lora_request=request.lora):
+            completion = out.outputs[0]
+            request.produced += len(completion.token_ids)
+            reason = None
+            if out.finished:
+                reason = FINISH_REASONS.get(completion.finish_reason, "stop")
+                request.finished = True
+            request.stream.put(Output(completion.text, list(completion.token_ids), reason,
+                                      len(request.prompt), request.produced))
+
+    def _settle(self, request: "_Request", task: asyncio.Task) -> None:
+        """A request's task ended: finish its stream if vLLM did not, and forget it."""
+        request_id = request.stream.request_id
+        self.tasks.pop(request_id, None)
+        if not request.finished:
+            error = None if task.cancelled() else task.exception()
+            reason = "cancelled" if error is None else "error"
+            if error is not None:
+                error = RuntimeError(f"vLLM failed the request: {error}")
+            request.stream.put(Output("", [], reason, len(request.prompt), request.produced,
+                                      error))
+        lora_id = request.lora_id
+        with self.lock:
+            self.in_flight.pop(request_id, None)
+            still_used = {r.lora_id for r in self.in_flight.values()}
+            folder = self.retired.pop(lora_id) if lora_id in self.retired and \
+                lora_id not in still_used else None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- adapters ----
+
+    def _lora(self, adapter):
+        """The LoRARequest a request runs with: validated and written on first use."""
+        if isinstance(adapter, Composition):
+            if len(adapter.parts) == 1 and adapter.parts[0][1] == 1:
+                return self._lora(adapter.parts[0][0])
+            return self._composition(adapter)
+        entry = self._entry(adapter)
+        self._ensure_added(adapter, entry)
+        return self._request(adapter, entry)
+
+    def _composition(self, key: Composition):
+        with self.lock:
+            entry = self.compositions.get(key)
+        if entry is None:
+            parts = []
+            for name, weight in key.parts:
+                part = self._entry(name, field="adapters")
+                parts.append((self._read(name, part.path), weight))
+            entry = _Adapter(self.adapter_dir, next(self.ids))
+            self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
+            with self.lock:
+                self.compositions[key] = entry
+        return self._request(str(key), entry)
+
+    def _entry(self, key: str, field: str = "model") -> _Adapter:
+        with self.lock:
+            entry = self.adapters.get(key)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {key!r} is not loaded", field=field)
+        return entry
+
+    def _ensure_added(self, key: str, entry: _Adapter) -> None:
+        if entry.folder is None:
+            self._add(key, entry, self._read(key, entry.path))
+
+    def _read(self, key: str, path: Path) -> LoraWeights:
+        c = self.config
+        return load_lora(key, path, self.base, c.adapter_roots, c.max_lora_rank)
+
+    def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:
+        """Write the validated weights where vLLM reads them, and load them into vLLM."""
+        entry.folder = save_lora(lora, self.adapter_dir / str(entry.lora_id))
+        self._call(self.llm.add_lora(self._request(key, entry)))
+
+    def _remove(self, entry: _Adapter) -> None:
+        self._call(self.llm.remove_lora(entry.lora_id))
+        if entry.folder is None:
+            return
+        with self.lock:
+            used = any(r.lora_id == entry.lora_id for r in self.in_flight.values())
+            if used:  # a running request may need vLLM to read it again
+                self.retired[entry.lora_id] = entry.folder
+        if not used:
+            shutil.rmtree(entry.folder, ignore_errors=True)
+
+    @staticmethod
+    def _request(key: str, entry: _Adapter):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(key, entry.lora_id, str(entry.folder))
+
+    # ---- the loop ----
+
+    def _call(self, coroutine):
+        """Run `coroutine` on vLLM's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class _Request:
+    """A request in flight: what it asked, and how far it got."""
+
+    stream: TokenStream
+    prompt: list[int]
+    params: SamplingParams
+    lora: object | None  # vLLM's LoRARequest
+    produced: int = 0  # tokens so far
+    finished: bool = False  # vLLM sent the last output
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora is None else self.lora.lora_int_id
+
+
+class _SchedulerStats:
+    """The latest running / waiting counts, from vLLM's stat-logger hook."""
+
+    def __init__(self):
+        self.running = self.waiting = 0
+
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.running = scheduler_stats.num_running_reqs
+                    stats.waiting = scheduler_stats.num_waiting_reqs
+
+            def log_engine_initialized(self):
+                pass
+
+        return Recorder()
+
+
+def vllm_quantization(quantize: str, device: str) -> str | None:
+    """lorag's --quantize as vLLM's `quantization`, or a refusal: a backend never serves
+    another precision than the one asked for."""
+    if quantize == "none":
+        return None
+    if quantize == "nf4" and device == "cuda":
+        return "bitsandbytes"  # vLLM quantizes in flight to bitsandbytes NF4
+    if quantize == "nf4":
+        raise InvalidRequest(
+            f"--quantize nf4: vLLM has no bitsandbytes kernels on {device}; on vLLM's CPU "
+            "build serve --quantize none (bfloat16 or float32), or nf4 on --backend native",
+            field="quantize")
+    raise InvalidRequest(
+        f"--quantize {quantize}: vLLM quantizes in flight to bitsandbytes 4-bit only; use "
+        "--quantize nf4 (CUDA) or none, or int8 on --backend native", field="quantize")
+
+
+def _check_lora_rank(rank: int) -> None:
+    if rank not in VLLM_LORA_RANKS:
+        raise InvalidRequest(f"--max-lora-rank {rank}: vLLM's LoRA kernels take one of "
+                             f"{', '.join(map(str, VLLM_LORA_RANKS))}", field="max_lora_rank")
+
+
+def _check_for_device(options: VllmOptions, device: str) -> None:
+    if device == "cpu" and options.gpu_memory_utilization is not None:
+        raise InvalidRequest("--gpu-memory-utilization applies to GPUs; vLLM's CPU build "
+                             "sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB)",
+                             field="gpu_memory_utilization")
+    if options.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise InvalidRequest("--distributed-executor-backend ray: ray is not installed "
+                             "(pip install ray)", field="distributed_executor_backend")
+
+
+def _sampling(params: SamplingParams):
+    from vllm import SamplingParams as VllmSampling
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
+                        top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                        stop=list(params.stop), ignore_eos=params.ignore_eos,
+                        output_kind=RequestOutputKind.DELTA)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
