@@ -30,7 +30,8 @@ class AdapterStatus(TypedDict):
     name: str
     path: str
     in_ram: bool
-    slot: int | None
+    active: bool  # in a compute slot now
+    slot: int | None  # which one, where the engine says
     pinned: bool
     running_requests: int
 

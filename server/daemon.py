@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from lorag.errors import InvalidRequest
 from lorag.models import load_base, resolve_dtype, resolve_model
+from lorag.names import check_name
 from lorag.provision import ModelCache
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
@@ -50,6 +51,7 @@ class ServeOptions:
     api_keys: Path | None = None
     chunk_tokens: int = 200
     chunk_overlap: int = 40
+    served_model_name: str | None = None  # default: the model folder's name
     backend: str = "native"  # or "vllm", with `vllm`'s options
     vllm: "VllmOptions | None" = None
 
@@ -57,6 +59,8 @@ class ServeOptions:
 def build_service(options: ServeOptions) -> Service:
     """Keys, state, model and engine, ready to serve (the engine's loop started)."""
     hf_logging.disable_progress_bar()  # a daemon's log is not a terminal
+    name = check_name(options.served_model_name or Path(options.model).name,
+                      "served_model_name", "served model name")
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
     store = StateStore(options.data_dir)
     config = options.engine
@@ -67,8 +71,7 @@ def build_service(options: ServeOptions) -> Service:
     documents = DocumentStore(options.data_dir / "retrieval", Embedder(),  # embedder: lazy
                               options.chunk_tokens, options.chunk_overlap)
     engine = start_backend(options, config)
-    return Service(engine, store, keys, model_name=Path(options.model).name,
-                   documents=documents)
+    return Service(engine, store, keys, model_name=name, documents=documents)
 
 
 def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:

@@ -62,7 +62,7 @@ class _EngineCollector:
                                      labels=["adapter", "tier"])
         for row in state["adapters"]:
             resident.add_metric([row["name"], "ram"], float(row["in_ram"]))
-            resident.add_metric([row["name"], "active"], float(row["slot"] is not None))
+            resident.add_metric([row["name"], "active"], float(row["active"]))
         yield resident
         yield from state["engine_families"]
 

@@ -175,7 +175,7 @@ class Service:
             row = rows.get(key, {})
             out.append({"name": record.name, "path": record.path, "shared": record.shared,
                         "owner": record.tenant, "in_ram": row.get("in_ram", False),
-                        "active": row.get("slot") is not None,
+                        "active": row.get("active", False),
                         "pinned": row.get("pinned", False),
                         "running_requests": row.get("running_requests", 0)})
         return out

@@ -169,7 +169,7 @@ class VllmBackend:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.llm.errored
+        return self.llm is not None and self.thread.is_alive() and not self.llm.errored
 
     def describe(self) -> str:
         from vllm import __version__
@@ -252,8 +252,11 @@ class VllmBackend:
             running: dict[int, int] = {}
             for request in self.in_flight.values():
                 running[request.lora_id] = running.get(request.lora_id, 0) + 1
+            # vLLM does not say which adapters hold its GPU slots; a pinned one or one
+            # with running requests certainly does
             return [AdapterStatus(name=key, path=str(entry.path),
-                                  in_ram=entry.lora_id in loaded, slot=None,
+                                  in_ram=entry.lora_id in loaded,
+                                  active=entry.pinned or entry.lora_id in running, slot=None,
                                   pinned=entry.pinned,
                                   running_requests=running.get(entry.lora_id, 0))
                     for key, entry in sorted(self.adapters.items())]
@@ -280,6 +283,7 @@ class VllmBackend:
             time.sleep(0.01)
         self._call(self._shutdown())
         self._stop_loop()
+        self.llm = None  # its finalizer runs now, not at interpreter exit
         shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
     async def _shutdown(self) -> None:

@@ -1,9 +1,10 @@
 """The daemons the tests talk to, both on 127.0.0.1 with API keys and small limits:
 
-- `LocalDaemon` (the fast lane): `build_service` in this process on the tiny Llama, its
-  HTTP app under uvicorn in a thread and its gRPC server. Every part but the model's
-  weights is what `lorag serve` runs, so the official `openai` client, a gRPC stub and
-  `lorag --url` commands reach it over real sockets.
+- `LocalDaemon`: `build_service` in this process, its HTTP app under uvicorn in a thread
+  and its gRPC server, on either backend (the native one on the tiny Llama is the fast
+  lane). Every part is what `lorag serve` runs, so the official `openai` client, a gRPC
+  stub and `lorag --url` commands reach it over real sockets. Both backends serve their
+  base model as BASE.
 - `Daemon` (the e2e lane): `lorag serve` in a subprocess on the real default model.
 """
 
@@ -19,11 +20,13 @@ from lorag.server.daemon import ServeOptions, build_service
 from lorag.server.engine import EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
+from lorag.server.vllm_backend import VllmOptions
 
 KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},
         "alice-user-key-00001": {"tenant": "alice", "admin": False},
         "bob-admin-key-000001": {"tenant": "bob", "admin": True}}
 ALICE, ALICE_USER, BOB = (f"Bearer {key}" for key in KEYS)
+BASE = "test-base"  # the base model's name in the API, on every test daemon
 MAX_MODEL_LEN = 512
 MAX_LORA_RANK = 32
 LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK, "max_num_seqs": 16,
@@ -44,11 +47,15 @@ class _Health:
 class LocalDaemon(_Health):
     """The daemon's parts in this process, serving `model` (a model folder)."""
 
-    def __init__(self, model: Path, data_dir: Path, root: Path, keys: Path):
+    def __init__(self, model: Path, data_dir: Path, root: Path, keys: Path,
+                 backend: str = "native"):
         options = ServeOptions(model=str(model), quantize="none", dtype="float32",
                                host="127.0.0.1", port=free_port(), grpc_port=free_port(),
                                data_dir=data_dir, api_keys=keys,
-                               engine=EngineConfig(adapter_roots=[root], **LIMITS))
+                               engine=EngineConfig(adapter_roots=[root], **LIMITS),
+                               served_model_name=BASE, backend=backend,
+                               vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)
+        self.backend, self.adapters = backend, root
         self.service = build_service(options)
         self.grpc = start_grpc(self.service, options.host, options.grpc_port)
         self.server = uvicorn.Server(uvicorn.Config(

@@ -34,6 +34,8 @@ VLLM = "vLLM backend"
 def serve(
     model: Annotated[str, typer.Option(
         help="Catalog name, HF folder, .gguf file or hub id.")] = catalog.DEFAULT_BASE_MODEL,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The base model's name in the API (default: the model's folder name).")] = None,
     backend: Annotated[BackendName, typer.Option(
         help="native: lorag's engine (CPU or CUDA). vllm: vLLM's engine (pip install "
              "'lorag[vllm]').")] = BackendName.native,
@@ -122,7 +124,7 @@ def serve(
         vllm = VllmOptions(**{k: v for k, v in vllm_only.items() if v is not None})
     run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
-                     chunk_overlap, backend=backend.value, vllm=vllm), console)
+                     chunk_overlap, served_model_name, backend.value, vllm), console)
 
 
 def refuse_flags(flags: dict[str, object], backend: str, meaning: str) -> None:

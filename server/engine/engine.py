@@ -200,7 +200,8 @@ class Engine:
         for name in self.registry.names():
             slot = self.pool.slot_of(name)
             rows.append({"name": name, "path": str(self.registry.paths.get(name, "")),
-                         "in_ram": self.registry.in_ram(name), "slot": slot,
+                         "in_ram": self.registry.in_ram(name), "active": slot is not None,
+                         "slot": slot,
                          "pinned": name in self.pool.pinned,
                          "running_requests": self.pool.refs[slot] if slot is not None else 0})
         return rows

@@ -1,28 +1,48 @@
-"""The fast lane's daemon: one `LocalDaemon` (tests/daemons.py) on the tiny Llama, shared
-by the server tests, with adapters for it under its adapter root."""
+"""The daemon of the contract tests, on each backend: every test that takes `daemon` runs
+once per backend, from this one suite.
+
+- `native`: a `LocalDaemon` (tests/daemons.py) on the tiny Llama (the fast lane).
+- `vllm`: a `LocalDaemon` on vLLM-CPU with the real default model in float32 (e2e: it
+  needs the real weights, and vLLM's kernels do not take the tiny model's 16-wide heads).
+  Started once per session.
+
+Each has its own adapter root with adapters made for its base model: "style" and "other"
+strong enough to change greedy answers, "too-wide" above the daemon's rank limit.
+"""
 
 import pytest
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.models import load_base
 from tests.daemons import LocalDaemon
 from tests.tiny import tiny_model
 
 
-@pytest.fixture(scope="session")
-def daemon_adapters(tmp_path_factory):
-    """Adapters for the tiny model, strong enough to change its greedy answers; "too-wide"
-    is above the daemon's rank limit."""
-    root = tmp_path_factory.mktemp("adapter-root")
-    make_adapters(tiny_model(), root, {"style": AdapterSpec(rank=16, alpha=32, scale=0.3),
-                                       "other": AdapterSpec(rank=8, alpha=16, scale=0.3)},
-                  seed=5)
-    make_adapters(tiny_model(), root, {"too-wide": AdapterSpec(rank=48, alpha=32)}, seed=6)
+def adapters_for(model, root, scale: float):
+    make_adapters(model, root, {"style": AdapterSpec(rank=16, alpha=32, scale=scale),
+                                "other": AdapterSpec(rank=8, alpha=16, scale=scale)}, seed=5)
+    make_adapters(model, root, {"too-wide": AdapterSpec(rank=48, alpha=32)}, seed=6)
     return root
 
 
-@pytest.fixture(scope="session")
-def daemon(tiny_base, daemon_adapters, keys_file, tmp_path_factory):
-    """One daemon shared by the server tests."""
-    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"), daemon_adapters, keys_file)
+@pytest.fixture(scope="session",
+                params=["native", pytest.param("vllm", marks=pytest.mark.e2e)])
+def daemon(request, keys_file, tmp_path_factory):
+    """One daemon per backend, shared by the server tests."""
+    root = tmp_path_factory.mktemp(f"adapter-root-{request.param}")
+    if request.param == "native":
+        model = request.getfixturevalue("tiny_base")
+        adapters_for(tiny_model(), root, scale=0.3)
+    else:
+        model = request.getfixturevalue("base_model_dir")
+        adapters_for(load_base(str(model), quantize="none", dtype="float32")[0], root, 0.1)
+    local = LocalDaemon(model, tmp_path_factory.mktemp("data"), root, keys_file,
+                        backend=request.param)
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def daemon_adapters(daemon):
+    """The adapter root of the daemon under test."""
+    return daemon.adapters

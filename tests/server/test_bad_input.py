@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from tests.daemons import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
-from tests.tiny import TINY_NAME as BASE
+from tests.daemons import BASE
 from tests.tiny import tiny_model
 
 CHAT = "/v1/chat/completions"
