@@ -10,8 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from tests.daemons import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
-from tests.daemons import BASE
+from tests.daemons import ALICE, BASE, MAX_LORA_RANK, MAX_MODEL_LEN
 from tests.tiny import tiny_model
 
 CHAT = "/v1/chat/completions"

@@ -5,8 +5,7 @@ import httpx
 import openai
 import pytest
 
-from tests.daemons import ALICE, ALICE_USER, BOB
-from tests.daemons import BASE
+from tests.daemons import ALICE, ALICE_USER, BASE, BOB
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -15,8 +15,7 @@ from lorag.cli import app
 from lorag.errors import NotFound, PermissionDenied
 from lorag.retrieval.ingest import files_under, load
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, ALICE_USER, BOB, MAX_MODEL_LEN
-from tests.daemons import BASE
+from tests.daemons import ALICE, ALICE_USER, BASE, BOB, MAX_MODEL_LEN
 
 CORPUS = Path(__file__).parents[1] / "data" / "corpus"
 QUESTION = "Who is the head baker at the Zephyr Street bakery?"
