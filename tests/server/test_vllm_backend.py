@@ -1,0 +1,66 @@
+"""The vLLM backend against the native engine, token for token (e2e: the real default
+model in float32, on the session's vLLM daemon; the contract tests run on both backends
+from the same suite, tests/server/conftest.py)."""
+
+import pytest
+
+from lorag.adapters import Composition
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.models import load_base
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.daemons import MAX_LORA_RANK, MAX_MODEL_LEN
+
+# different ranks, targets, scalings: every path of vLLM's LoRA kernels and lorag's copy
+SPECS = {
+    "attn-r8": AdapterSpec(rank=8, alpha=16, scale=0.1),
+    "mlp-r16": AdapterSpec(rank=16, alpha=16, targets=("gate_proj", "up_proj", "down_proj"),
+                           scale=0.1),
+    "all-r4": AdapterSpec(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"),
+                          scale=0.1),
+    "qv-r32-rslora": AdapterSpec(rank=32, alpha=16, targets=("q_proj", "v_proj"),
+                                 rslora=True, scale=0.1),
+    "o-down-r12": AdapterSpec(rank=12, alpha=24, targets=("o_proj", "down_proj"), scale=0.1),
+}
+QUESTIONS = ["What is the capital of France?", "Name three colours.",
+             "Write one sentence about the sea.", "What is 12 times 7?",
+             "Who wrote Hamlet?", "Describe a cat.", "Say hello in Spanish."]
+
+
+@pytest.mark.parametrize("daemon", ["vllm"], indirect=True)
+def test_vllm_greedy_tokens_equal_the_native_engine(daemon, base_model_dir):
+    """5 adapters, a composition of two and the base model, in one mixed batch of 12: the
+    same 16 greedy tokens per request from vLLM as from lorag's engine, in float32."""
+    vllm = daemon.service.engine
+    root = daemon.adapters / "agreement"
+    model, tokenizer = load_base(str(base_model_dir), quantize="none", dtype="float32")
+    paths = make_adapters(model, root, SPECS, seed=21)
+    native = Engine(model, tokenizer, EngineConfig(
+        max_model_len=MAX_MODEL_LEN, max_lora_rank=MAX_LORA_RANK, max_active_adapters=8,
+        adapter_roots=[daemon.adapters])).start()
+    keys = [f"agree.{name}" for name in SPECS]
+    for backend in (vllm, native):
+        for key, path in zip(keys, paths.values(), strict=True):
+            backend.load_adapter(key, str(path))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=False)
+               for q in QUESTIONS]
+    # each adapter's question once more on the base model, in the same batch
+    adapters = [*keys, Composition(((keys[0], 0.7), (keys[1], 0.3))), None, *[None] * 5]
+    prompts += prompts[:5]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    try:
+        results = {}
+        for name, backend in (("vllm", vllm), ("native", native)):
+            streams = [backend.submit(ids, params, adapter, f"agree-{name}-{i}")
+                       for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True))]
+            results[name] = [stream.result().token_ids for stream in streams]
+    finally:
+        native.shutdown()
+        for key in keys:
+            vllm.unload_adapter(key)
+    for adapter, ours, theirs in zip(adapters, results["native"], results["vllm"],
+                                     strict=True):
+        assert len(ours) == 16 and theirs == ours, f"{adapter}: {theirs} != {ours}"
+    for tuned, base in zip(results["vllm"][:5], results["vllm"][7:], strict=True):
+        assert tuned != base  # each adapter changes the answer: they are really applied
