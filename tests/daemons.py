@@ -55,7 +55,14 @@ class LocalDaemon(_Health):
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
                                served_model_name=BASE, backend=backend,
                                vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)
-        self.backend, self.adapters = backend, root
+        self.options, self.backend, self.adapters = options, backend, root
+        self.url = f"http://{options.host}:{options.port}"
+        self.grpc_target = f"{options.host}:{options.grpc_port}"
+        self.start()
+
+    def start(self) -> None:
+        """Build the service and serve it (HTTP and gRPC) on this daemon's ports."""
+        options = self.options
         self.service = build_service(options)
         self.grpc = start_grpc(self.service, options.host, options.grpc_port)
         self.server = uvicorn.Server(uvicorn.Config(
@@ -67,14 +74,17 @@ class LocalDaemon(_Health):
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn failed"
             time.sleep(0.01)
-        self.url = f"http://{options.host}:{options.port}"
-        self.grpc_target = f"{options.host}:{options.grpc_port}"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.grpc.stop(grace=None)
         self.service.close()
+
+    def restart(self) -> None:
+        """Stop, then start again on the same data dir and ports (a redeploy)."""
+        self.stop()
+        self.start()
 
 
 class Daemon(DaemonProcess, _Health):
