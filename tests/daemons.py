@@ -29,8 +29,10 @@ ALICE, ALICE_USER, BOB = (f"Bearer {key}" for key in KEYS)
 BASE = "test-base"  # the base model's name in the API, on every test daemon
 MAX_MODEL_LEN = 512
 MAX_LORA_RANK = 32
-LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK, "max_num_seqs": 16,
-          "max_num_batched_tokens": 256, "max_active_adapters": 4}
+MAX_NUM_SEQS, MAX_WAITING = 16, 8
+LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK,
+          "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": 256,
+          "max_active_adapters": 4, "max_waiting": MAX_WAITING}
 
 
 class _Health:

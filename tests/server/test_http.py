@@ -1,11 +1,15 @@
 """The daemon over HTTP: the official `openai` client and raw HTTP, against the daemon on
 each backend (tests/server/conftest.py) on 127.0.0.1 with adapters for its base model."""
 
+import asyncio
+import re
+import time
+
 import httpx
 import openai
 import pytest
 
-from tests.daemons import ALICE, ALICE_USER, BASE, BOB
+from tests.daemons import ALICE, ALICE_USER, BASE, BOB, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_WAITING
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -203,3 +207,52 @@ def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):
     assert result.exit_code == 0 and "cli-style: unloaded" in out
     result, _ = lorag("unload", "cli-style")
     assert isinstance(result.exception, NotFound) and "(404)" in result.exception.message
+
+
+def cancelled_count(daemon) -> float:
+    text = httpx.get(f"{daemon.url}/metrics").text
+    found = re.search(r'lorag_requests_total\{adapter="base",finish_reason="cancelled"\} (\S+)',
+                      text)
+    return float(found[1]) if found else 0.0
+
+
+def test_a_full_queue_answers_429_and_clients_that_leave_cancel(daemon):
+    """More streams at once than running + waiting slots: the rest get a 429 in OpenAI's
+    shape; the accepted ones are cancelled when their clients disconnect, and the engine
+    is empty again afterwards."""
+    flood, before = MAX_NUM_SEQS + MAX_WAITING + 8, cancelled_count(daemon)
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": MAX_MODEL_LEN - 64,
+            "ignore_eos": True, "stream": True}
+
+    async def run() -> list[tuple[int, dict | None]]:
+        answered, everyone = [], asyncio.Event()
+        limits = httpx.Limits(max_connections=flood)
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=60, limits=limits,
+                                     headers={"Authorization": ALICE}) as http:
+            async def one() -> tuple[int, dict | None]:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    error = (await response.aread()) if response.status_code != 200 else None
+                    answered.append(response.status_code)
+                    if len(answered) == flood:
+                        everyone.set()
+                    await everyone.wait()  # hold every accepted stream open until then
+                    return response.status_code, error and httpx.Response(
+                        response.status_code, content=error).json()["error"]
+            return await asyncio.gather(*(one() for _ in range(flood)))
+
+    results = asyncio.run(run())
+    refused = [error for status, error in results if status == 429]
+    accepted = [status for status, _ in results if status == 200]
+    assert len(refused) + len(accepted) == flood and len(refused) >= 8, results
+    assert all(e["type"] == "rate_limit_error" and "queue is full" in e["message"]
+               for e in refused)
+    deadline = time.monotonic() + 60
+    while daemon.health()["running"] + daemon.health()["waiting"] and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert daemon.health()["running"] == daemon.health()["waiting"] == 0
+    deadline = time.monotonic() + 10
+    while cancelled_count(daemon) < before + len(accepted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled_count(daemon) == before + len(accepted)
+    assert chat(daemon, BASE)  # and it serves again
