@@ -29,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
@@ -250,10 +251,21 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int) -> dict:
     return summary(len(jobs) * max_new, wall, ttfts)
 
 
+SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered", "hot_load",
+           "lorag_nf4", "peft_mixed", "peft_sequential", "vllm_cpu", "lorag_vllm")
+
+
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
          dtype: str = "bfloat16", quantize: str = "none", registered: int = 0,
-         json_path: Path | None = None, peft_sample: int = 16) -> dict:
-    """Run every system on the same workload and print (and optionally save) JSON."""
+         json_path: Path | None = None, peft_sample: int = 16,
+         only: list[str] | None = None) -> dict:
+    """Run every system (or those in `only`) on the same workload and print (and
+    optionally save) JSON."""
+    unknown = set(only or []) - set(SYSTEMS)
+    if unknown:
+        raise InvalidRequest(f"--only has {sorted(unknown)}; systems: {', '.join(SYSTEMS)}",
+                             field="only")
+    want = set(only or SYSTEMS).__contains__
     torch.manual_seed(0)
     model, tokenizer = load_base(MODEL, quantize=quantize, dtype=dtype)
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-"))
@@ -263,54 +275,64 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     jobs = workload(requests, adapters)
     used = {f"ad{i}": paths[f"ad{i}"] for i in range(adapters)}  # all but --registered
     slots = min(64, adapters)
-    systems = {
-        "lorag": run_engine(model, tokenizer, jobs, used, max_new_tokens, slots),
-        "lorag_no_adapters": run_engine(model, tokenizer, [(ids, None) for ids, _ in jobs],
-                                        used, max_new_tokens, slots),
+    engine_jobs = {
+        "lorag": (jobs, used, slots),
+        "lorag_no_adapters": ([(ids, None) for ids, _ in jobs], used, slots),
         # every request on one adapter: the engine merges it into the base weights
-        "lorag_merged": run_engine(model, tokenizer, [(ids, "ad0") for ids, _ in jobs],
-                                   used, max_new_tokens, slots),
+        "lorag_merged": ([(ids, "ad0") for ids, _ in jobs], used, slots),
     }
     if registered:
-        spread = workload(requests, registered, seed=1)
-        systems[f"lorag_{registered}_registered"] = run_engine(
-            model, tokenizer, spread, {f"ad{i}": paths[f"ad{i}"] for i in range(registered)},
-            max_new_tokens, 64)
-    fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
-    hot_load = run_hot_load(model, tokenizer, used, fresh)
+        engine_jobs["lorag_registered"] = (
+            workload(requests, registered, seed=1),
+            {f"ad{i}": paths[f"ad{i}"] for i in range(registered)}, 64)
+    systems, hot_load = {}, None
+    for name, (these, registry, n) in engine_jobs.items():
+        if want(name):
+            systems[name] = run_engine(model, tokenizer, these, registry, max_new_tokens, n)
+    if want("hot_load"):
+        fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
+        hot_load = run_hot_load(model, tokenizer, used, fresh)
     del model
-    nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
-    systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, slots)
-    del nf4
-    base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
-    systems["peft_mixed"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 32, None)
-    systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 1,
-                                          peft_sample)
-    del base
-    folder = ModelCache(Settings().models_dir).path(MODEL)
+    if want("lorag_nf4"):
+        nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
+        systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, slots)
+        del nf4
+    if want("peft_mixed") or want("peft_sequential"):
+        base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
+        if want("peft_mixed"):
+            systems["peft_mixed"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 32,
+                                             None)
+        if want("peft_sequential"):
+            systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens,
+                                                  1, peft_sample)
+        del base
+    model_folder = ModelCache(Settings().models_dir).path(MODEL)
     missing = vllm_missing() or (None if quantize == "none" else
                                  f"vLLM-CPU does not run a {quantize} base here")
     for name, run in (("vllm_cpu", run_vllm), ("lorag_vllm", run_lorag_vllm)):
-        systems[name] = {"skipped": missing} if missing else \
-            run(folder, dtype, jobs, used, max_new_tokens)
-    ours = systems["lorag"]["tokens_per_s"]
-    on_vllm = [systems[name].get("tokens_per_s") for name in ("lorag_vllm", "vllm_cpu")]
-    no_adapters = systems["lorag_no_adapters"]["tokens_per_s"]
+        if want(name):
+            systems[name] = {"skipped": missing} if missing else \
+                run(model_folder, dtype, jobs, used, max_new_tokens)
     result = {
         "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
                      "adapters": adapters, "requests": requests,
                      "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
                      "registered": registered, "torch_threads": torch.get_num_threads()},
         "systems": systems,
-        "ratios": {name: round(ours / s["tokens_per_s"], 2)
-                   for name, s in systems.items() if "tokens_per_s" in s and name != "lorag"},
-        "merged_vs_no_adapters": round(systems["lorag_merged"]["tokens_per_s"] / no_adapters, 2),
-        "hot_load": hot_load,
+        "ratios": {name: ratio(systems, "lorag", name) for name in systems if name != "lorag"},
+        "merged_vs_no_adapters": ratio(systems, "lorag_merged", "lorag_no_adapters"),
         # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
-        "lorag_vllm_vs_vllm_cpu": round(on_vllm[0] / on_vllm[1], 3) if all(on_vllm) else None,
+        "lorag_vllm_vs_vllm_cpu": ratio(systems, "lorag_vllm", "vllm_cpu", digits=3),
+        "hot_load": hot_load,
     }
     text = json.dumps(result, indent=2)
     print(text)
     if json_path:
         Path(json_path).write_text(text + "\n")
     return result
+
+
+def ratio(systems: dict, ours: str, theirs: str, digits: int = 2) -> float | None:
+    """Throughput of `ours` over `theirs`, where both ran."""
+    a, b = (systems.get(name, {}).get("tokens_per_s") for name in (ours, theirs))
+    return round(a / b, digits) if a and b else None

