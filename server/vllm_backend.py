@@ -211,6 +211,8 @@ class VllmBackend:
             if known.path != resolved:
                 raise InvalidRequest(f"adapter {key!r} is already registered from "
                                      f"{known.path}; unload it first", field="lora_name")
+            if not lazy:
+                self._ensure_added(key, known)  # validated now if only remembered so far
             return False
         entry = _Adapter(resolved, next(self.ids))
         if not lazy:  # validate now; a restored record is validated on first use

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorag.adapters import BaseShape, compose, load_lora
+from lorag.adapters import BaseShape, compose, load_lora, save_lora
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest
 from tests.tiny import tiny_model
@@ -144,3 +144,19 @@ def test_compose_concatenates_ranks_and_weights_b(root):
     assert torch.allclose(x @ mixed.a[key].T @ mixed.b[key].T, expected, atol=1e-5)
     with pytest.raises(InvalidRequest, match="composed rank 8 exceeds max_lora_rank 6"):
         compose("mix", [(good, 0.5), (good, 2.0)], max_rank=6)
+
+
+def test_save_lora_writes_what_load_lora_reads_back(root):
+    """The vLLM backend serves lorag's own copy of a validated adapter: written by
+    save_lora (scaling already in B, so alpha = r), a PEFT folder load_lora reads back
+    unchanged; a composition of attention and MLP adapters too."""
+    make_adapters(tiny_model(), root, {"mlp": AdapterSpec(
+        rank=2, alpha=8, targets=("gate_proj", "up_proj", "down_proj"))}, seed=1)
+    good, mlp = load(root / "good", root), load(root / "mlp", root)
+    for lora in (good, compose("mix", [(good, 0.5), (mlp, 2.0)], max_rank=16)):
+        again = load(save_lora(lora, root / f"copy-{lora.rank}"), root)
+        assert again.rank == lora.rank and again.target_modules == lora.target_modules
+        assert again.a.keys() == lora.a.keys()
+        for key in lora.a:
+            assert torch.equal(again.a[key], lora.a[key])
+            assert torch.equal(again.b[key], lora.b[key])

@@ -21,8 +21,19 @@ from lorag.cli import app
      "/nonexistent/qa.jsonl"),
     (["adapters", "list", "--url", "http://127.0.0.1:9"], 1,
      "failed: cannot reach the daemon at http://127.0.0.1:9"),
-], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon"])
-def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys):
+    (["serve", "--max-loras", "4"], 2, "error: --max-loras applies to the vLLM backend "
+     "only; it means nothing with --backend native"),
+    (["serve", "--backend", "vllm", "--no-auto-merge"], 2, "error: --auto-merge applies to "
+     "the native backend only; it means nothing with --backend vllm"),
+    (["serve", "--backend", "vllm", "--max-lora-rank", "20"], 2, "error: --max-lora-rank 20: "
+     "vLLM's LoRA kernels take one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
+    (["serve", "--backend", "vllm", "--quantize", "nf4"], 2, "error: --quantize nf4: vLLM "
+     "has no bitsandbytes kernels on cpu"),
+], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon",
+        "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4"])
+def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys, tmp_path):
+    if args[0] == "serve":
+        args = [*args, "--data-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_:
         app(args, prog_name="lorag")
     assert exit_.value.code == code
