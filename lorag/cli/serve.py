@@ -101,30 +101,33 @@ def serve(
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
                  "max_cpu_loras": max_cpu_loras, "enable_prefix_caching": enable_prefix_caching,
-                 "distributed_executor_backend": distributed_executor_backend,
+                 "distributed_executor_backend":
+                     distributed_executor_backend and distributed_executor_backend.value,
                  "enforce_eager": enforce_eager}
     given, meaning = (native_only, NATIVE) if backend is BackendName.vllm else \
         (vllm_only, VLLM)
     refuse_flags(given, f"--backend {backend.value}", meaning)
+    memory = None if max_cpu_adapters_mb is None else max_cpu_adapters_mb << 20
     engine = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
         max_lora_rank=max_lora_rank,
-        **{name: value for name, value in (("max_active_adapters", max_active_adapters),
-                                           ("auto_merge", auto_merge)) if value is not None},
-        **({} if max_cpu_adapters_mb is None
-           else {"max_cpu_adapter_bytes": max_cpu_adapters_mb << 20}),
-        adapter_roots=[root.expanduser() for root in adapter_root or []])
+        adapter_roots=[root.expanduser() for root in adapter_root or []],
+        **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
+                      "max_cpu_adapter_bytes": memory}))
     vllm = None
     if backend is BackendName.vllm:
         from lorag.server.vllm_backend import VllmOptions
 
-        if distributed_executor_backend is not None:
-            vllm_only["distributed_executor_backend"] = distributed_executor_backend.value
-        vllm = VllmOptions(**{k: v for k, v in vllm_only.items() if v is not None})
+        vllm = VllmOptions(**given_only(vllm_only))
     run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
                      chunk_overlap, served_model_name, backend.value, vllm), console)
+
+
+def given_only(options: dict[str, object]) -> dict[str, object]:
+    """The options given on the command line (None: left to the default)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def refuse_flags(flags: dict[str, object], backend: str, meaning: str) -> None:
