@@ -26,7 +26,6 @@ brings CUDA kernels, paged attention, prefix caching and tensor / pipeline paral
 import asyncio
 import importlib.util
 import itertools
-import logging
 import shutil
 import threading
 import time
@@ -43,8 +42,6 @@ from lorag.server.backend import AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenStream
-
-log = logging.getLogger("lorag.vllm")
 
 # the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,7 +69,7 @@ class VllmOptions:
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
             if getattr(self, name) < 1:
-                raise InvalidRequest(f"--{_flag(name)} must be >= 1", field=name)
+                raise InvalidRequest(f"--{name.replace('_', '-')} must be >= 1", field=name)
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise InvalidRequest(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= "
                                  f"--max-loras ({self.max_loras})", field="max_cpu_loras")
@@ -357,7 +354,7 @@ class VllmBackend:
             if entry is None:
                 parts = [(self._read(name, self._entry(name, field="adapters").path), weight)
                          for name, weight in key.parts]
-                entry = _Adapter(self.adapter_dir, next(self.ids))
+                entry = _Adapter(self.adapter_dir, next(self.ids))  # no file of the user's
                 self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
                 with self.lock:
                     self.compositions[key] = entry
@@ -497,6 +494,3 @@ def _sampling(params: SamplingParams):
                         stop=list(params.stop), ignore_eos=params.ignore_eos,
                         output_kind=RequestOutputKind.DELTA)
 
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
