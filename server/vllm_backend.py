@@ -32,14 +32,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prometheus_client import REGISTRY
 from transformers import AutoConfig, AutoTokenizer
 
-from lorag.adapters import BaseShape, Composition, LoraWeights, compose, load_lora, save_lora
+from lorag.adapters import BaseShape, Composition, LoraWeights, compose, save_lora
 from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded
-from lorag.names import MAX_KEY_LENGTH, check_name
 from lorag.server.backend import AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
+from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenStream
 
@@ -86,9 +87,8 @@ class VllmOptions:
 
 @dataclass
 class _Adapter:
-    """A registered adapter: the user's path, and vLLM's copy once validated."""
+    """What vLLM knows of an adapter or composition: its id, and lorag's copy once written."""
 
-    path: Path
     lora_id: int
     folder: Path | None = None  # the validated copy vLLM reads; None until first use
     pinned: bool = False
@@ -113,6 +113,10 @@ class VllmBackend:
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
+        # names, paths and validated weights: the native engine's registry (its RAM tier
+        # feeds compositions and copies); vLLM's side of each adapter in self.adapters
+        self.registry = AdapterRegistry(self.base, config.adapter_roots, config.max_lora_rank,
+                                        config.max_cpu_adapter_bytes, torch.float32)
         self.adapters: dict[str, _Adapter] = {}
         self.compositions: dict[Composition, _Adapter] = {}
         self.in_flight: dict[str, _Request] = {}
@@ -200,33 +204,22 @@ class VllmBackend:
         return running
 
     def load_adapter(self, key: str, path: str, lazy: bool = False) -> bool:
-        check_name(key, "lora_name", "adapter name", MAX_KEY_LENGTH)
-        resolved = Path(path).expanduser().resolve()
-        with self.lock:
-            known = self.adapters.get(key)
-        if known is not None:
-            if known.path != resolved:
-                raise InvalidRequest(f"adapter {key!r} is already registered from "
-                                     f"{known.path}; unload it first", field="lora_name")
-            if not lazy:
-                self._ensure_added(key, known)  # validated now if only remembered so far
-            return False
-        entry = _Adapter(resolved, next(self.ids))
-        if not lazy:  # validate now; a restored record is validated on first use
-            self._add(key, entry, self._read(key, resolved))
-        with self.lock:
-            self.adapters[key] = entry
-        return True
+        if lazy:  # a restored record: validated on first use
+            self.registry.remember(key, path)
+            return True
+        new = self.registry.register(key, path)  # validates, or refuses another path
+        self._ensure_added(key, self._entry(key))
+        return new
 
     def unload_adapter(self, key: str) -> bool:
+        if not self.registry.unregister(key):
+            raise AdapterNotFound(f"adapter {key!r} is not loaded", field="lora_name")
         with self.lock:
-            entry = self.adapters.pop(key, None)
-            if entry is None:
-                raise AdapterNotFound(f"adapter {key!r} is not loaded", field="lora_name")
-            doomed = [entry] + [self.compositions.pop(c) for c in list(self.compositions)
-                                if key in c.names]
+            doomed = [self.adapters.pop(key, None)] + [
+                self.compositions.pop(c) for c in list(self.compositions) if key in c.names]
         for gone in doomed:
-            self._remove(gone)
+            if gone is not None:
+                self._remove(gone)
         return True
 
     def pin_adapter(self, key: str) -> None:
@@ -254,12 +247,15 @@ class VllmBackend:
                 running[request.lora_id] = running.get(request.lora_id, 0) + 1
             # vLLM does not say which adapters hold its GPU slots; a pinned one or one
             # with running requests certainly does
-            return [AdapterStatus(name=key, path=str(entry.path),
-                                  in_ram=entry.lora_id in loaded,
-                                  active=entry.pinned or entry.lora_id in running, slot=None,
-                                  pinned=entry.pinned,
-                                  running_requests=running.get(entry.lora_id, 0))
-                    for key, entry in sorted(self.adapters.items())]
+            entries = {key: self.adapters.get(key) for key in self.registry.names()}
+        return [AdapterStatus(name=key, path=str(self.registry.paths.get(key, "")),
+                              in_ram=entry is not None and entry.lora_id in loaded,
+                              active=entry is not None and (entry.pinned
+                                                            or entry.lora_id in running),
+                              slot=None, pinned=entry is not None and entry.pinned,
+                              running_requests=0 if entry is None
+                              else running.get(entry.lora_id, 0))
+                for key, entry in entries.items()]
 
     def occupancy(self) -> Occupancy:
         running, waiting = self.scheduler.running, self.scheduler.waiting
@@ -352,29 +348,30 @@ class VllmBackend:
             with self.lock:
                 entry = self.compositions.get(key)
             if entry is None:
-                parts = [(self._read(name, self._entry(name, field="adapters").path), weight)
-                         for name, weight in key.parts]
-                entry = _Adapter(self.adapter_dir, next(self.ids))  # no file of the user's
+                parts = [(self._weights(name, "adapters"), weight) for name, weight in key.parts]
+                entry = _Adapter(next(self.ids))
                 self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
                 with self.lock:
                     self.compositions[key] = entry
         return self._request(str(key), entry)
 
     def _entry(self, key: str, field: str = "model") -> _Adapter:
-        with self.lock:
-            entry = self.adapters.get(key)
-        if entry is None:
+        """vLLM's side of a registered adapter (an id now, a copy on first use)."""
+        if key not in self.registry:
             raise AdapterNotFound(f"adapter {key!r} is not loaded", field=field)
-        return entry
+        with self.lock:
+            return self.adapters.setdefault(key, _Adapter(next(self.ids)))
 
     def _ensure_added(self, key: str, entry: _Adapter) -> None:
         with self.writing:
             if entry.folder is None:
-                self._add(key, entry, self._read(key, entry.path))
+                self._add(key, entry, self._weights(key))
 
-    def _read(self, key: str, path: Path) -> LoraWeights:
-        c = self.config
-        return load_lora(key, path, self.base, c.adapter_roots, c.max_lora_rank)
+    def _weights(self, key: str, field: str = "model") -> LoraWeights:
+        """Validated weights: from the registry's RAM tier, else read and checked again."""
+        if key not in self.registry:
+            raise AdapterNotFound(f"adapter {key!r} is not loaded", field=field)
+        return self.registry.get(key)
 
     def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:
         """Write the validated weights where vLLM reads them, and load them into vLLM."""
