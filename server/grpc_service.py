@@ -11,7 +11,8 @@ from grpc_reflection.v1alpha import reflection
 
 from lorag.errors import LoragError
 from lorag.server import requests
-from lorag.server.engine.stream import Output
+from lorag.server.engine.stream import Output, joined
+from lorag.server.engine.structured import Constraint
 from lorag.server.errors import INTERNAL, mapping
 from lorag.server.requests import Grounding, Reply
 from lorag.server.service import Service
@@ -33,20 +34,22 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         self.service = service
 
     def Generate(self, request, context):
-        text, last = _collect(self._complete(request, context))
-        return lorag_pb2.GenerateResponse(text=text, finish_reason=FINISH[last.finish_reason],
-                                          usage=_usage(last))
+        out = _collect(self._complete(request, context))
+        return lorag_pb2.GenerateResponse(text=out.text, finish_reason=FINISH[out.finish_reason],
+                                          usage=_usage(out), logprobs=self._logprobs(out))
 
     def GenerateStream(self, request, context):
         for out, finish in _deltas(self._complete(request, context)):
             yield lorag_pb2.GenerateStreamResponse(text=out.text, finish_reason=finish,
-                                                   usage=_usage(out) if finish else None)
+                                                   usage=_usage(out) if finish else None,
+                                                   logprobs=self._logprobs(out))
 
     def Chat(self, request, context):
         reply = self._chat(request, context)
-        text, last = _collect(reply)
-        return lorag_pb2.ChatResponse(text=text, finish_reason=FINISH[last.finish_reason],
-                                      usage=_usage(last), grounding=_grounding(reply.grounding))
+        out = _collect(reply)
+        return lorag_pb2.ChatResponse(text=out.text, finish_reason=FINISH[out.finish_reason],
+                                      usage=_usage(out), grounding=_grounding(reply.grounding),
+                                      logprobs=self._logprobs(out))
 
     def ChatStream(self, request, context):
         reply = self._chat(request, context)
@@ -54,7 +57,8 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         for out, finish in _deltas(reply):
             yield lorag_pb2.ChatStreamResponse(text=out.text, finish_reason=finish,
                                                usage=_usage(out) if finish else None,
-                                               grounding=grounding)
+                                               grounding=grounding,
+                                               logprobs=self._logprobs(out))
             grounding = None  # the first message carries it
 
     def LoadAdapter(self, request, context):
@@ -82,6 +86,16 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,
             metadata=_struct(h.metadata)) for h in hits])
 
+    def _logprobs(self, out: Output) -> list[lorag_pb2.TokenLogprob]:
+        def message(kind, entry: dict):
+            return kind(token=entry["token"], token_bytes=bytes(entry["bytes"]),
+                        logprob=entry["logprob"])
+
+        return [lorag_pb2.TokenLogprob(
+            token=e["token"], token_bytes=bytes(e["bytes"]), logprob=e["logprob"],
+            top_logprobs=[message(lorag_pb2.TopLogprob, top) for top in e["top_logprobs"]])
+            for e in self.service.logprobs(out.logprobs or [])]
+
     def _caller(self, context) -> Caller:
         metadata = dict(context.invocation_metadata())
         return self.service.keys.caller(metadata.get("authorization"))
@@ -94,7 +108,8 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
 
     def _chat(self, request, context) -> Reply:
         reply = self.service.chat(self._caller(context), requests.ChatRequest(
-            [{"role": m.role, "content": m.content} for m in request.messages],
+            [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+             for m in request.messages],
             request.model or self.service.model_name, _composition(request.adapters),
             _sampling(request.sampling), _rag(request.rag) if request.HasField("rag") else None))
         return self._cancel_at_end(reply, context)
@@ -105,14 +120,12 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         return reply
 
 
-def _collect(reply: Reply) -> tuple[str, Output]:
-    """A whole answer: its text and its last output; an engine error is raised."""
-    text, last = [], None
-    for last in reply.stream:
-        text.append(last.text)
-    if last.error is not None:
-        raise last.error
-    return "".join(text), last
+def _collect(reply: Reply) -> Output:
+    """A whole answer as one output; an engine error is raised."""
+    out = joined(list(reply.stream))
+    if out.error is not None:
+        raise out.error
+    return out
 
 
 def _deltas(reply: Reply):
@@ -128,7 +141,19 @@ def _sampling(options) -> requests.Sampling:
         return getattr(options, name) if options.HasField(name) else None
 
     return requests.Sampling(get("max_tokens"), get("temperature"), get("top_p"),
-                             get("top_k"), get("seed"), list(options.stop))
+                             get("top_k"), get("seed"), list(options.stop),
+                             presence_penalty=get("presence_penalty"),
+                             frequency_penalty=get("frequency_penalty"),
+                             repetition_penalty=get("repetition_penalty"),
+                             logprobs=get("logprobs"),
+                             constraint=_constraint(options.response_format))
+
+
+def _constraint(response_format) -> Constraint | None:
+    kind = response_format.WhichOneof("format")
+    if kind is None or kind == "json_object" and not response_format.json_object:
+        return None
+    return Constraint(kind, "" if kind == "json_object" else getattr(response_format, kind))
 
 
 def _rag(options) -> requests.Rag:

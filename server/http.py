@@ -72,8 +72,12 @@ async def lorag_error(request: Request, error: LoragError) -> JSONResponse:
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """A body pydantic refused: 400 naming the first field at fault."""
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
-    message = f"{where}: {first['msg']}" if first["type"] != "json_invalid" else \
+    loc = [str(part) for part in first["loc"] if part != "body"]
+    if first["type"] == "unknown_field":  # raised by the body that holds the field
+        loc.append(first["ctx"]["field"])
+    where = ".".join(loc) or "body"
+    message = f"{where}: {first['msg'].removeprefix('Value error, ')}" \
+        if first["type"] != "json_invalid" else \
         f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
     return JSONResponse(openai_error(message, "invalid_request_error", 400, where),
                         status_code=400)
@@ -94,7 +98,7 @@ generation = APIRouter()
 @generation.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request, service: ServiceDep,
                            caller: CallerDep):
-    reply = await run_in_threadpool(service.chat, caller, body.to_request())  # may embed
+    reply = await run_in_threadpool(service.chat, caller, body.to_request())  # embeds, compiles
     if body.stream:
         return streamed(reply, body.model, True, body.include_usage(), service)
     return await collected(reply, body.model, True, request, service)
@@ -103,7 +107,7 @@ async def chat_completions(body: ChatBody, request: Request, service: ServiceDep
 @generation.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request, service: ServiceDep,
                       caller: CallerDep):
-    reply = service.complete(caller, body.to_request())
+    reply = await run_in_threadpool(service.complete, caller, body.to_request())  # compiles
     if body.stream:
         return streamed(reply, body.model, False, body.include_usage(), service)
     return await collected(reply, body.model, False, request, service)

@@ -1,18 +1,24 @@
 """Request bodies of the HTTP API, validated by pydantic at the edge.
 
 OpenAI's field names and defaults; lorag's extensions are `adapters` (a weighted
-composition), `rag` (retrieval from a namespace, chat only), `top_k` and `ignore_eos`.
-The retrieval routes' bodies are here too. Fields OpenAI defines that lorag does not
+composition), `rag` (retrieval from a namespace, chat only), `structured_outputs` (a
+regex or a grammar, vLLM's field), `top_k`, `repetition_penalty` and `ignore_eos`. The
+retrieval routes' bodies are here too. Fields OpenAI defines that lorag does not
 implement are refused when set to anything but their no-op value, never silently
-ignored; unknown fields are refused, so a typo is an error rather than a surprise.
+ignored; unknown fields are refused with the list of those accepted, so a typo is an
+error rather than a surprise.
 """
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION
 from lorag.server import requests
+from lorag.server.engine.sampling import MAX_LOGPROBS
+from lorag.server.engine.structured import Constraint
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
@@ -21,6 +27,18 @@ SearchMode = Literal["vector", "bm25", "hybrid"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        if isinstance(data, dict):
+            accepted = [field.alias or name for name, field in cls.model_fields.items()]
+            unknown = [key for key in data if key not in accepted]
+            if unknown:
+                raise PydanticCustomError(
+                    "unknown_field", "unknown field '{field}'; accepted here: {accepted}",
+                    {"field": unknown[0], "accepted": ", ".join(sorted(accepted))})
+        return data
 
 
 class AdapterWeight(_Body):
@@ -34,6 +52,58 @@ class StreamOptions(_Body):
     """OpenAI's stream_options."""
 
     include_usage: bool = False
+
+
+class JsonSchema(_Body):
+    """OpenAI's response_format.json_schema. Decoding is always constrained to the schema
+    (`strict` or not), so the output always parses and validates unless cut by max_tokens."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text (unconstrained), json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('"json_schema" {"name", "schema", "strict"} goes with type '
+                             '"json_schema", and only with it')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        """What the output must match; None for text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Constraint("json_object")
+        return Constraint("json_schema", json.dumps(self.json_schema.schema_))
+
+
+class StructuredOutputs(_Body):
+    """The `structured_outputs` extension (vLLM's name): a regex, or a grammar in EBNF
+    (xgrammar's dialect, which reads llama.cpp's GBNF; the start rule is `root`)."""
+
+    regex: str | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.regex is None) == (self.grammar is None):
+            raise ValueError('give exactly one of "regex" and "grammar"')
+        return self
+
+    def constraint(self) -> Constraint:
+        """What the output must match."""
+        if self.regex is not None:
+            return Constraint("regex", self.regex)
+        return Constraint("grammar", self.grammar)
 
 
 class _Generation(_Body):
@@ -53,10 +123,18 @@ class _Generation(_Body):
     ignore_eos: bool = False
     adapters: list[AdapterWeight] | None = Field(default=None, min_length=1,
                                                  max_length=MAX_COMPOSITION)
-    # OpenAI fields lorag does not implement: accepted only at their no-op values
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
-    logprobs: Literal[False] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
 
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
@@ -66,17 +144,22 @@ class _Generation(_Body):
         """The `adapters` extension as (name, weight) pairs."""
         return [(a.name, a.weight) for a in self.adapters] if self.adapters else None
 
-    def sampling(self, max_tokens: int | None) -> requests.Sampling:
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> requests.Sampling:
         """The sampling fields; what is not set takes the service's default."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        constraint = (self.structured_outputs or self.response_format)
         return requests.Sampling(max_tokens, self.temperature, self.top_p, self.top_k,
-                                 self.seed, stop, self.ignore_eos)
+                                 self.seed, stop, self.ignore_eos, self.presence_penalty,
+                                 self.frequency_penalty, self.repetition_penalty, logprobs,
+                                 constraint and constraint.constraint())
 
 
 class CompletionBody(_Generation):
     """POST /v1/completions."""
 
     prompt: str | list[int] = Field(min_length=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI fields lorag does not implement: accepted only at their no-op values
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
@@ -84,15 +167,15 @@ class CompletionBody(_Generation):
     def to_request(self) -> requests.CompletionRequest:
         """The service's completion request."""
         return requests.CompletionRequest(self.prompt, self.model, self.composition(),
-                                          self.sampling(self.max_tokens))
+                                          self.sampling(self.max_tokens, self.logprobs))
 
 
 class Message(_Body):
     """One chat message; content is text or OpenAI's list of text parts."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict]
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1)
 
     @field_validator("content")
     @classmethod
@@ -120,16 +203,38 @@ class ChatBody(_Generation):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     rag: RagOptions | None = None
+    # tool calling is refused with a message that says so, not as an unknown field
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _no_tools(cls, value, info):
+        if value and value != "none":
+            raise ValueError("tool calling is not supported by this base model (it was not "
+                             "trained to call tools); send the request without "
+                             f"{info.field_name}, or use response_format json_schema for "
+                             "structured replies")
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def to_request(self) -> requests.ChatRequest:
         """The service's chat request (messages as the chat template wants them)."""
         rag = None if self.rag is None else requests.Rag(**self.rag.model_dump(
             exclude_none=True))
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return requests.ChatRequest(
-            [{"role": m.role, "content": m.content} for m in self.messages], self.model,
-            self.composition(), self.sampling(self.max_completion_tokens or self.max_tokens),
-            rag)
+            [m.model_dump(include={"role", "content", "name"}, exclude_none=True)
+             for m in self.messages], self.model, self.composition(),
+            self.sampling(self.max_completion_tokens or self.max_tokens, logprobs), rag)
 
 
 class LoadLora(_Body):

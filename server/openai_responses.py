@@ -2,7 +2,9 @@
 
 Both paths cancel the request in the engine when the client goes away before the end,
 and both carry a RAG reply's grounding (`sources`, `rag`): in the object, or in the
-first chunk of the stream.
+first chunk of the stream. Logprobs, when asked, come in OpenAI's two shapes: a chat's
+`{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}` and a completion's
+`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, per chunk when streamed.
 """
 
 import json
@@ -12,7 +14,7 @@ from dataclasses import asdict
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from lorag.server.engine.stream import Output
+from lorag.server.engine.stream import Output, TokenLogprob, joined
 from lorag.server.errors import mapping, openai_error
 from lorag.server.requests import Grounding, Reply
 from lorag.server.service import Service
@@ -23,24 +25,25 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "sto
 async def collected(reply: Reply, model: str, chat: bool, request: Request,
                     service: Service) -> dict:
     """The whole completion as one `chat.completion` / `text_completion` object."""
-    parts, last = [], None
+    outputs = []
     try:
-        async for last in reply.stream:
-            parts.append(last.text)
+        async for out in reply.stream:
+            outputs.append(out)
             if await request.is_disconnected():
                 service.cancel(reply.stream)
     finally:
-        if last is None or last.finish_reason is None:
+        if not outputs or outputs[-1].finish_reason is None:
             service.cancel(reply.stream)
-    if last.error is not None:
-        raise last.error
-    text, finish = "".join(parts), FINISH[last.finish_reason]
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-               "logprobs": None, "finish_reason": finish} if chat else
-              {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+    whole = joined(outputs)
+    if whole.error is not None:
+        raise whole.error
+    finish, logprobs = FINISH[whole.finish_reason], _Logprobs(service, chat)(whole.logprobs)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": whole.text},
+               "logprobs": logprobs, "finish_reason": finish} if chat else
+              {"index": 0, "text": whole.text, "logprobs": logprobs, "finish_reason": finish})
     return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(last), **grounding_fields(reply.grounding)}
+            "usage": _usage(whole), **grounding_fields(reply.grounding)}
 
 
 def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
@@ -52,7 +55,7 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
             "model": model}
 
     async def events():
-        first, finished = True, False
+        first, finished, shape = True, False, _Logprobs(service, chat)
         try:
             async for out in reply.stream:
                 if out.error is not None:
@@ -60,9 +63,10 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
                     yield _sse(openai_error(str(out.error), m.openai_type, m.http_status))
                     break
                 finish = FINISH[out.finish_reason] if out.finish_reason else None
-                if out.text or finish or first:
+                if out.text or out.logprobs or finish or first:
                     extra = grounding_fields(reply.grounding) if first else {}
-                    yield _sse({**head, "choices": [_delta(out, finish, chat, first)], **extra})
+                    delta = _delta(out, finish, chat, first, shape(out.logprobs))
+                    yield _sse({**head, "choices": [delta], **extra})
                     first = False
                 if finish and include_usage:
                     yield _sse({**head, "choices": [], "usage": _usage(out)})
@@ -84,11 +88,36 @@ def grounding_fields(grounding: Grounding | None) -> dict:
                     "used": len(grounding.sources), "dropped": grounding.dropped}}
 
 
-def _delta(out: Output, finish: str | None, chat: bool, first: bool) -> dict:
+class _Logprobs:
+    """Token logprobs in a chat's or a completion's shape; a completion's text offsets
+    count on across the chunks of one stream."""
+
+    def __init__(self, service: Service, chat: bool):
+        self.service, self.chat, self.offset = service, chat, 0
+
+    def __call__(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+        tokens = self.service.logprobs(entries)
+        if self.chat:
+            return {"content": tokens, "refusal": None}
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token["token"])
+        return {"tokens": [t["token"] for t in tokens],
+                "token_logprobs": [t["logprob"] for t in tokens],
+                "top_logprobs": [{top["token"]: top["logprob"] for top in t["top_logprobs"]}
+                                 for t in tokens],
+                "text_offset": offsets}
+
+
+def _delta(out: Output, finish: str | None, chat: bool, first: bool,
+           logprobs: dict | None) -> dict:
     if not chat:
-        return {"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
     delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _usage(out: Output) -> dict:

@@ -9,18 +9,23 @@ from dataclasses import dataclass, field
 
 from lorag.errors import InvalidRequest
 from lorag.server.engine import SamplingParams
+from lorag.server.engine.structured import Constraint
 from lorag.server.metrics import TrackedStream
 
 COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's default)
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
 RAG_MAX_TOP_K = 20  # passages one chat may retrieve
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
 
 
 @dataclass
 class Sampling:
-    """How to sample, OpenAI's meanings; None takes the default."""
+    """How to sample, OpenAI's meanings; None takes the default.
+
+    logprobs: None for none, n for the sampled token's and the n most likely tokens'.
+    constraint: what the output must match (`response_format`, `structured_outputs`).
+    """
 
     max_tokens: int | None = None
     temperature: float | None = None  # default 1.0; 0 is greedy
@@ -29,6 +34,11 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float | None = None  # default 0
+    frequency_penalty: float | None = None  # default 0
+    repetition_penalty: float | None = None  # default 1: off
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters, defaults filled in (SamplingParams checks ranges)."""
@@ -38,7 +48,11 @@ class Sampling:
         return SamplingParams(max_tokens=pick(self.max_tokens, default_max_tokens),
                               temperature=pick(self.temperature, 1.0),
                               top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
-                              seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos)
+                              seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos,
+                              presence_penalty=pick(self.presence_penalty, 0.0),
+                              frequency_penalty=pick(self.frequency_penalty, 0.0),
+                              repetition_penalty=pick(self.repetition_penalty, 1.0),
+                              logprobs=self.logprobs, constraint=self.constraint)
 
 
 @dataclass
@@ -59,9 +73,10 @@ class Rag:
 @dataclass
 class ChatRequest:
     """A chat turn. `model` is the base model's name or an adapter's; `adapters`, a
-    weighted composition [(name, weight)], goes with `model` = the base model's name."""
+    weighted composition [(name, weight)], goes with `model` = the base model's name.
+    A developer message is a system message (OpenAI renamed the role)."""
 
-    messages: list[dict]  # {"role", "content"} with text content
+    messages: list[dict]  # {"role", "content", optional "name"} with text content
     model: str
     adapters: list[tuple[str, float]] | None = None
     sampling: Sampling = field(default_factory=Sampling)
@@ -78,6 +93,8 @@ class ChatRequest:
             if not isinstance(message.get("content"), str):
                 raise InvalidRequest(f"messages[{i}].content must be text",
                                      field=f"messages.{i}.content")
+            if message["role"] == "developer":
+                self.messages[i] = {**message, "role": "system"}
 
 
 @dataclass

@@ -18,6 +18,8 @@ from lorag.retrieval.store import DocumentStore
 from lorag.server import tenancy
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
+from lorag.server.engine.stream import TokenLogprob
+from lorag.server.engine.structured import token_bytes
 from lorag.server.metrics import Metrics, TrackedStream
 from lorag.server.namespaces import Namespaces
 from lorag.server.requests import (
@@ -45,6 +47,7 @@ class Service:
         self.keys = keys
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
+        self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
         self.records: dict[str, AdapterRecord] = {}  # engine key -> record
         self.lock = threading.Lock()  # orders loads/unloads with their records
         for record in store.adapters():  # a restart: known again, read on first use
@@ -83,6 +86,18 @@ class Service:
         """Stop a request whose client went away; counted if it was still running."""
         if self.engine.cancel(stream.request_id):
             self.metrics.requests.labels(stream.label, "cancelled").inc()
+
+    def logprobs(self, entries: list[TokenLogprob]) -> list[dict]:
+        """Token log-probabilities for a reply, each as OpenAI's chat shape: {"token",
+        "bytes", "logprob", "top_logprobs": [{"token", "bytes", "logprob"}]}."""
+        def piece(token_id: int, logprob: float) -> dict:
+            raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
+            return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw),
+                    "logprob": logprob}
+
+        return [{**piece(e.token_id, e.logprob),
+                 "top_logprobs": [piece(token_id, logprob) for token_id, logprob in e.top]}
+                for e in entries]
 
     def _submit(self, prompt, params, adapter: AdapterKey | None, kind: str) -> TrackedStream:
         stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")

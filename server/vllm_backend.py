@@ -21,6 +21,12 @@ brings CUDA kernels, paged attention, prefix caching and tensor / pipeline paral
   max_lora_rank).
 - **Queue bound.** vLLM queues without limit; lorag refuses a request (429) once
   max_num_seqs + max_waiting are in flight, as the native engine does.
+- **Structured outputs, penalties, logprobs** go to vLLM's own (its xgrammar backend, with
+  `disable_any_whitespace`: the grammar the native engine compiles). A constraint is
+  compiled here first, by lorag's `Grammars`, so one that cannot compile is the same 400
+  on both backends rather than an error from inside vLLM's engine. Logprobs are vLLM's
+  default, `raw_logprobs`: after the grammar mask, before penalties and temperature, as on
+  native.
 """
 
 import asyncio
@@ -42,7 +48,8 @@ from lorag.server.backend import AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
-from lorag.server.engine.stream import Output, TokenStream
+from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
+from lorag.server.engine.structured import Grammars
 
 # the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -109,7 +116,10 @@ class VllmBackend:
         _check_lora_rank(config.max_lora_rank)
         _check_for_device(options, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.base = BaseShape.from_config(AutoConfig.from_pretrained(model))
+        hf_config = AutoConfig.from_pretrained(model)
+        self.base = BaseShape.from_config(hf_config)
+        self.grammars = Grammars(self.tokenizer, hf_config.vocab_size,
+                                 {self.tokenizer.eos_token_id})  # to check constraints
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
@@ -139,6 +149,7 @@ class VllmBackend:
 
     async def _start(self, model: str, dtype: str):
         # created on its own loop, so vLLM's output handler runs there
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -153,6 +164,8 @@ class VllmBackend:
             pipeline_parallel_size=o.pipeline_parallel_size,
             distributed_executor_backend=o.distributed_executor_backend,
             enforce_eager=o.enforce_eager, disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
+                                                              disable_any_whitespace=True),
             **({} if o.gpu_memory_utilization is None
                else {"gpu_memory_utilization": o.gpu_memory_utilization}))
         try:
@@ -182,6 +195,8 @@ class VllmBackend:
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
                ) -> TokenStream:
         self.limits.check_length(prompt, params.max_tokens)
+        if params.constraint is not None:
+            self.grammars.compile(params.constraint)  # a clear 400 if it cannot compile
         lora = None if adapter is None else self._lora(adapter)
         request = _Request(TokenStream(request_id), list(prompt), params, lora)
         with self.lock:
@@ -308,8 +323,13 @@ class VllmBackend:
             if out.finished:
                 reason = FINISH_REASONS.get(completion.finish_reason, "stop")
                 request.finished = True
+            logprobs = None if completion.logprobs is None else [
+                _logprob(token, entries, request.params.logprobs)
+                for token, entries in zip(completion.token_ids, completion.logprobs,
+                                          strict=True)]
             request.stream.put(Output(completion.text, list(completion.token_ids), reason,
-                                      len(request.prompt), request.produced))
+                                      len(request.prompt), request.produced,
+                                      logprobs=logprobs))
 
     def _settle(self, request: "_Request", task: asyncio.Task) -> None:
         """A request's task ended: finish its stream if vLLM did not, and forget it."""
@@ -484,10 +504,29 @@ def _check_for_device(options: VllmOptions, device: str) -> None:
 
 def _sampling(params: SamplingParams):
     from vllm import SamplingParams as VllmSampling
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    structured = None
+    constraint = params.constraint
+    if constraint is not None:
+        kind = "json" if constraint.kind.startswith("json") else constraint.kind
+        spec = constraint.json_schema() if kind == "json" else constraint.spec
+        structured = StructuredOutputsParams(**{kind: spec})
     return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                         stop=list(params.stop), ignore_eos=params.ignore_eos,
+                        presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty,
+                        repetition_penalty=params.repetition_penalty,
+                        logprobs=params.logprobs, structured_outputs=structured,
                         output_kind=RequestOutputKind.DELTA)
+
+
+def _logprob(token: int, entries: dict, wanted: int) -> TokenLogprob:
+    """vLLM's logprobs at one position ({token id: Logprob}: the sampled token and the
+    `wanted` most likely, ranked) as the engine's."""
+    top = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in entries.items()
+                 if entry.rank <= wanted and entry.logprob > float("-inf"))
+    return TokenLogprob(token, entries[token].logprob,
+                        [(token_id, logprob) for _, token_id, logprob in top])
 

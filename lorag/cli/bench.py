@@ -21,10 +21,14 @@ def bench_serving(
         "none",
     registered: Annotated[int, typer.Option(
         min=0, help="Also run with this many adapters registered (64 slots).")] = 0,
+    constrained_share: Annotated[float, typer.Option(
+        min=0, max=1, help="Also run the workload with this share of the requests under a "
+                           "JSON schema (lorag_constrained).")] = 0.0,
     json_path: JsonOut = None,
     only: Annotated[str | None, typer.Option(
         help="Comma-separated systems to run (default all): lorag, lorag_no_adapters, "
-             "lorag_merged, lorag_registered, hot_load, lorag_nf4, peft_mixed, "
+             "lorag_merged, lorag_registered, lorag_constrained, hot_load, lorag_nf4, "
+             "peft_mixed, "
              "peft_sequential, vllm_cpu, lorag_vllm.")] = None,
 ) -> None:
     """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
@@ -32,7 +36,7 @@ def bench_serving(
 
     systems = [name.strip() for name in only.split(",") if name.strip()] if only else None
     main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path,
-         only=systems)
+         only=systems, constrained_share=constrained_share)
 
 
 @app.command("training")

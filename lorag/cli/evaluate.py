@@ -83,6 +83,10 @@ def eval_generate(
         help="Regex the whole answer must match (the format metric).")] = None,
     answer_field: Annotated[str | None, typer.Option(
         help="Score this JSON field of the answer when it has one.")] = None,
+    response_format: Annotated[Path | None, typer.Option(
+        help='JSON file with an OpenAI response_format, sent with every question: '
+             '{"type": "json_schema", "json_schema": {"name", "schema"}} or '
+             '{"type": "json_object"} (constrained decoding).')] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 128,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Per-example results, JSONL.")] = None,
@@ -96,13 +100,12 @@ def eval_generate(
     from lorag.evaluation.generate import EvalOptions, evaluate, read_examples
 
     total = len(read_examples(data))  # every line checked before the first request
-    schema = None
-    if format_schema is not None:
-        try:
-            schema = json.loads(format_schema.read_text())
-        except (OSError, ValueError) as e:
-            raise InvalidRequest(f"--format-schema {format_schema}: {e}",
-                                 field="format_schema") from e
+    schema = _json_file(format_schema, "format_schema")
+    constrained = _json_file(response_format, "response_format")
+    if constrained is not None and not isinstance(constrained, dict):
+        raise InvalidRequest(f"--response-format {response_format}: must hold a JSON object "
+                             '({"type": ...}), got ' + type(constrained).__name__,
+                             field="response_format")
     try:
         regex = re.compile(format_regex) if format_regex else None
     except re.error as e:
@@ -112,7 +115,8 @@ def eval_generate(
         url=url, data=data, model=model, api_key=api_key, rag_namespace=rag_namespace,
         rag_top_k=rag_top_k, rag_mode=rag_mode,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
-        regex=regex, answer_field=answer_field, max_tokens=max_tokens,
+        regex=regex, answer_field=answer_field, response_format=constrained,
+        max_tokens=max_tokens,
         concurrency=concurrency, out=out)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
@@ -129,3 +133,15 @@ def eval_generate(
     if json_path:
         json_path.write_text(json.dumps(summary, indent=2))
         console.print(f"wrote {json_path}")
+
+
+def _json_file(path: Path | None, option: str):
+    """The JSON in the file an option names; None when not given."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"--{option.replace('_', '-')} {path}: {e}", field=option) from e

@@ -15,7 +15,9 @@ lorag/evaluation/scoring.py. Examples are JSONL, one per line:
     retrieved    the gold document was among the passages `rag` used
 
 The answer text is the JSON field `--answer-field` when the answer holds one, else the
-whole answer, so a JSON-formatted answer is compared by its content.
+whole answer, so a JSON-formatted answer is compared by its content. `--response-format`
+sends an OpenAI `response_format` with every question (constrained decoding), so the
+format a grammar guarantees can be told apart from the one an adapter learned.
 """
 
 import json
@@ -52,6 +54,7 @@ class EvalOptions:
     schema: dict | None = None
     regex: re.Pattern | None = None
     answer_field: str | None = None
+    response_format: dict | None = None  # sent as is: the daemon validates it
     max_tokens: int = 128
     concurrency: int = 1
     out: Path | None = None
@@ -121,6 +124,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
         if options.rag_namespace:
             body["rag"] = {"namespace": options.rag_namespace, "top_k": options.rag_top_k,
                            "mode": options.rag_mode}
+        if options.response_format:
+            body["response_format"] = options.response_format
         start = time.perf_counter()
         reply = client.chat(body)
         latency = time.perf_counter() - start
@@ -130,6 +135,7 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
                "gold_source": example.get("source"), "answer": answer, "sources": used,
                "latency_s": round(latency, 3),
                "completion_tokens": reply["usage"]["completion_tokens"],
+               "finish_reason": reply["choices"][0]["finish_reason"],
                "scores": score(example, answer, used, options)}
         if on_example:
             on_example(row)
@@ -146,7 +152,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
 
 
 def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) -> dict:
-    """Means of each metric (over the examples it applies to), corpus BLEU/chrF, latency."""
+    """Means of each metric (over the examples it applies to), corpus BLEU/chrF, the share
+    of answers that ended by themselves (not cut by max_tokens), latency."""
     summary = {}
     for metric in metrics:
         values = [r["scores"][metric] for r in rows if metric in r["scores"]]
@@ -157,6 +164,7 @@ def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) ->
         summary["corpus_bleu"] = round(scoring.corpus_bleu(texts, golds), 4)
     if "chrf" in metrics:
         summary["corpus_chrf"] = round(scoring.corpus_chrf(texts, golds), 4)
+    summary["stopped"] = round(sum(r["finish_reason"] == "stop" for r in rows) / len(rows), 4)
     latencies = sorted(r["latency_s"] for r in rows)
     summary["latency_p50_s"] = round(statistics.median(latencies), 3)
     summary["latency_p95_s"] = round(latencies[min(len(latencies) - 1,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
@@ -24,8 +25,9 @@ from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
-from lorag.server.engine.sampling import SamplingParams, sample
-from lorag.server.engine.stream import Output, TokenStream
+from lorag.server.engine.sampling import Logprobs, SamplingParams, penalize, sample
+from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
+from lorag.server.engine.structured import Grammars, mask_logits
 
 # Homogeneous steps before a hot adapter is merged: a little hysteresis against flapping.
 # A merge costs ~160 ms here (W + BA per targeted projection, q/k/v/o); an unmerge is free.
@@ -49,6 +51,7 @@ class Sequence:
     sent: int = 0  # characters of output text already streamed
     cancelled: bool = False
     weights: LoraWeights | None = None  # read at submit when not in a slot; dropped once in
+    matcher: GrammarMatcher | None = None  # the output's grammar state, when constrained
 
     @property
     def prefilling(self) -> bool:
@@ -75,6 +78,8 @@ class Engine:
                                         self.config.max_cpu_adapter_bytes, self.runner.dtype)
         self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
+        self.bitmask = self.grammars.bitmask(self.config.max_num_seqs)  # one row per sample
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_kv = list(range(self.config.max_num_seqs))  # a heap: lowest slot first
@@ -120,7 +125,8 @@ class Engine:
 
         prompt: text (tokenized as is: apply a chat template first) or token ids.
         adapter: an adapter's name, or a weighted Composition of several; None for the base.
-        Raises InvalidRequest, AdapterNotFound, or Overloaded when the queue is full.
+        Raises InvalidRequest (a constraint that does not compile among others),
+        AdapterNotFound, or Overloaded when the queue is full.
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -131,6 +137,8 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator)
+        if params.constraint is not None:  # compiled here (or found cached), not on the loop
+            seq.matcher = self.grammars.matcher(params.constraint)
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
         with self.wakeup:
@@ -262,7 +270,7 @@ class Engine:
         step, sampled = self._schedule()
         try:
             logits = self.runner.forward(step)
-            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+            tokens, logprobs = self._sample(logits, sampled)
         except Exception as e:  # a broken step fails its requests, not the daemon
             for seq in list(self.running):
                 self._finish(seq, "error", RuntimeError(f"engine step failed: {e}"))
@@ -270,8 +278,20 @@ class Engine:
         self.counters["steps"] += 1
         for chunk in step.prefills:
             self.counters["prompt_tokens"] += chunk.length
-        for seq, token in zip(sampled, tokens, strict=True):
-            self._append(seq, token)
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's next token from `logits` [rows, vocab]: the grammar masks first (a
+        constrained row only), then the logprobs are read, then penalties and sampling."""
+        mask_logits(logits, self.bitmask, [seq.matcher for seq in seqs])
+        params = [seq.params for seq in seqs]
+        logprobs = Logprobs(logits, params)
+        penalize(logits, params, [(seq.prompt_ids, seq.output_ids) for seq in seqs])
+        tokens = sample(logits, params, [seq.generator for seq in seqs])
+        return tokens, [logprobs.of(row, token) for row, token in enumerate(tokens)]
 
     def _admit(self) -> None:
         while self.waiting and self.free_kv:
@@ -328,11 +348,14 @@ class Engine:
         # tokens of the merged adapter go through the merged base weight, not a slot
         return -1 if seq.lora_slot == self.merged_slot else seq.lora_slot
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
         self.counters["generated_tokens"] += 1
+        if seq.matcher is not None:
+            seq.matcher.accept_token(token)
         reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        if token in self.eos_ids and not seq.params.ignore_eos or \
+                seq.matcher is not None and seq.matcher.is_terminated():
             reason = "stop"
         elif len(seq.output_ids) >= seq.params.max_tokens or \
                 seq.length >= self.config.max_model_len:
@@ -340,10 +363,11 @@ class Engine:
         text, hit_stop = self._new_text(seq, final=reason is not None)
         if hit_stop:
             reason = "stop"
+        logprobs = None if logprob is None else [logprob]
         if reason is None:
-            seq.stream.put(Output(text, [token]))
+            seq.stream.put(Output(text, [token], logprobs=logprobs))
         else:
-            self._finish(seq, reason, text=text, last=[token])
+            self._finish(seq, reason, text=text, last=[token], logprobs=logprobs)
 
     def _new_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:
         """The output text not yet streamed; holds back what may still become a stop
@@ -368,7 +392,8 @@ class Engine:
         return text, False
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,
-                text: str = "", last: list[int] | None = None) -> None:
+                text: str = "", last: list[int] | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> None:
         if seq in self.running:
             self.running.remove(seq)
             heapq.heappush(self.free_kv, seq.kv_slot)
@@ -377,7 +402,7 @@ class Engine:
         with self.wakeup:
             self.by_id.pop(seq.id, None)
         seq.stream.put(Output(text, last or [], reason, len(seq.prompt_ids),
-                              len(seq.output_ids), error))
+                              len(seq.output_ids), error, logprobs))
 
     # ---- adapters, on the step loop ----
 

@@ -7,6 +7,16 @@ from dataclasses import dataclass
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens' at its position
+    (best first; as many as asked, fewer where a grammar allowed fewer)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Output:
     """One piece of a request's output. The last one has `finish_reason` set.
 
@@ -20,6 +30,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
 
 
 class TokenStream:
@@ -71,11 +82,18 @@ class TokenStream:
 
     def result(self) -> Output:
         """Block until the request ends; everything it produced as one Output."""
-        text, ids, last = [], [], None
-        for last in self:
-            text.append(last.text)
-            ids.extend(last.token_ids)
-        if last.error is not None:
-            raise last.error
-        return Output("".join(text), ids, last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens)
+        whole = joined(list(self))
+        if whole.error is not None:
+            raise whole.error
+        return whole
+
+
+def joined(outputs: list[Output]) -> Output:
+    """A request's outputs, in order, as one: all the text, tokens and logprobs, and the
+    last one's finish reason, counts and error."""
+    last, logprobs = outputs[-1], None
+    if any(out.logprobs is not None for out in outputs):
+        logprobs = [entry for out in outputs for entry in out.logprobs or []]
+    return Output("".join(out.text for out in outputs),
+                  [token for out in outputs for token in out.token_ids], last.finish_reason,
+                  last.prompt_tokens, last.completion_tokens, last.error, logprobs)

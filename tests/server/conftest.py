@@ -6,8 +6,9 @@ once per backend, from this one suite.
   needs the real weights, and vLLM's kernels do not take the tiny model's 16-wide heads).
   Started once per session.
 
-Each has its own adapter root with adapters made for its base model: "style" and "other"
-strong enough to change greedy answers, "too-wide" above the daemon's rank limit.
+Each has its own adapter root with adapters made for its base model: "style", "other",
+"third" and "fourth" strong enough to change greedy answers, "too-wide" above the daemon's
+rank limit.
 """
 
 import pytest
@@ -20,7 +21,9 @@ from tests.tiny import tiny_model
 
 def adapters_for(model, root, scale: float):
     make_adapters(model, root, {"style": AdapterSpec(rank=16, alpha=32, scale=scale),
-                                "other": AdapterSpec(rank=8, alpha=16, scale=scale)}, seed=5)
+                                "other": AdapterSpec(rank=8, alpha=16, scale=scale),
+                                "third": AdapterSpec(rank=16, alpha=16, scale=scale),
+                                "fourth": AdapterSpec(rank=8, alpha=8, scale=scale)}, seed=5)
     make_adapters(model, root, {"too-wide": AdapterSpec(rank=48, alpha=32)}, seed=6)
     return root
 

@@ -12,10 +12,11 @@ from google.protobuf import struct_pb2
 from typer.testing import CliRunner
 
 from lorag.cli import app
-from lorag.errors import NotFound, PermissionDenied
+from lorag.errors import InvalidRequest, NotFound, PermissionDenied
 from lorag.retrieval.ingest import files_under, load
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, ALICE_USER, BASE, BOB, MAX_MODEL_LEN
+from tests.schemas import SCHEMAS
 
 CORPUS = Path(__file__).parents[1] / "data" / "corpus"
 QUESTION = "Who is the head baker at the Zephyr Street bakery?"
@@ -280,6 +281,28 @@ def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
         assert summary[metric] == sum(r["scores"][metric] for r in rows) / 2, metric
     first = rows[0]
     assert first["scores"]["accuracy"] == float("Ottoline Brandvold" in first["answer"])
+
+    schema = tmp_path / "verdict.schema.json"
+    schema.write_text(json.dumps(SCHEMAS["verdict"]))
+    constrained = tmp_path / "response_format.json"
+    constrained.write_text(json.dumps({"type": "json_schema", "json_schema": {
+        "name": "verdict", "schema": SCHEMAS["verdict"]}}))
+    run = evaluate("--model", BASE, "--metrics", "format", "--format-schema", str(schema),
+                   "--response-format", str(constrained), "--max-tokens", "150", "--out",
+                   str(tmp_path / "constrained.jsonl"), "--json", str(tmp_path / "c.json"))
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "c.json").read_text())["format"] == 1.0
+    rows = [json.loads(line) for line in
+            (tmp_path / "constrained.jsonl").read_text().splitlines()]
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop"]
+    constrained.write_text(json.dumps({"type": "json_schema", "json_schema": {
+        "name": "broken", "schema": {"type": "wat"}}}))
+    refused = evaluate("--model", BASE, "--response-format", str(constrained))
+    assert isinstance(refused.exception, InvalidRequest)
+    assert 'Unsupported type "wat"' in refused.exception.message
+    constrained.write_text("[1, 2]")
+    refused = evaluate("--model", BASE, "--response-format", str(constrained))
+    assert "must hold a JSON object" in refused.exception.message
 
     unknown = evaluate("--model", "nope")
     assert isinstance(unknown.exception, NotFound)

@@ -1,0 +1,148 @@
+"""Structured outputs: constrain a request's tokens to a JSON schema, a regex or a grammar.
+
+xgrammar does the work (it is what vLLM uses, and it runs on the CPU): a constraint is
+compiled once into a grammar over this tokenizer's vocabulary, cached by its text (LRU,
+bounded in bytes: xgrammar's own compiler cache), and each request gets its own matcher,
+which says after every token which tokens may come next. Each step, the engine writes the
+next-token bitmask of every constrained request into one preallocated buffer and applies
+it to those requests' rows of the logits only, so constrained and free requests, on
+different adapters, share one step.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import xgrammar as xgr
+
+from lorag.errors import InvalidRequest
+
+KINDS = ("json_object", "json_schema", "regex", "grammar")
+GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept; least recently used leave first
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: Check failed: (...) is false:"
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match.
+
+    kind: json_object (any JSON object), json_schema (`spec` is the schema as JSON text),
+    regex (`spec` is the pattern), grammar (`spec` is EBNF in xgrammar's dialect, which
+    reads llama.cpp's GBNF; the start rule is `root`).
+    """
+
+    kind: Literal["json_object", "json_schema", "regex", "grammar"]
+    spec: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InvalidRequest(f"response_format type must be one of {', '.join(KINDS)}, "
+                                 f"got {self.kind!r}", field="response_format")
+        if self.kind != "json_object" and not self.spec.strip():
+            raise InvalidRequest(f"response_format: the {self.kind} is empty",
+                                 field="response_format")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as e:
+                raise InvalidRequest(f"response_format: the json_schema is not valid JSON: "
+                                     f"{e}", field="response_format") from e
+            if not isinstance(schema, dict):
+                raise InvalidRequest("response_format: the json_schema must be a JSON object, "
+                                     f"got {self.spec[:40]!r}", field="response_format")
+
+    def json_schema(self) -> dict:
+        """The JSON schema to compile (json_object: any object), with length-bounded strings
+        written as patterns (see `_bounded_strings`)."""
+        if self.kind == "json_object":
+            return {"type": "object"}
+        return _bounded_strings(json.loads(self.spec))
+
+
+# A JSON string's characters: no quote, no backslash, no control character (JSON forbids
+# them raw). xgrammar 0.2.8 compiles minLength / maxLength to a character class that lets
+# control characters through (`[^"\\\r\n]`), so a model could write invalid JSON; a
+# pattern with the right class and the same bounds compiles correctly.
+_STRING_CHARACTER = r'[^"\\\x00-\x1f]'
+
+
+def _bounded_strings(node):
+    """`node` with every plain string schema that has minLength / maxLength (and no
+    pattern, format, enum or const) rewritten as the equivalent pattern."""
+    if isinstance(node, list):
+        return [_bounded_strings(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _bounded_strings(value) for key, value in node.items()}
+    bounds = ("minLength", "maxLength")
+    if node.get("type") == "string" and any(b in node for b in bounds) and not any(
+            key in node for key in ("pattern", "format", "enum", "const")):
+        low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+        node["pattern"] = f"^{_STRING_CHARACTER}{{{low},{high}}}$"
+    return node
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer and hands out per-request matchers.
+
+    JSON is generated without free whitespace: a grammar that allows any lets a small
+    model wander into blank lines until max_tokens. The call is vLLM's with its
+    `disable_any_whitespace` (which the vLLM backend turns on), so both backends constrain
+    to the same grammar (xgrammar 0.2.8 still puts a space after a comma).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int],
+                 cache_bytes: int = GRAMMAR_CACHE_BYTES):
+        self.vocab_size = vocab_size  # the logits' width (the model's, not the tokenizer's)
+        self.stop_ids = sorted(stop_ids)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=self.stop_ids)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_bytes)
+
+    def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        """The constraint's grammar (cached); InvalidRequest naming why it cannot compile."""
+        try:
+            if constraint.kind == "regex":
+                return self.compiler.compile_regex(constraint.spec)
+            if constraint.kind == "grammar":
+                return self.compiler.compile_grammar(constraint.spec)
+            schema = json.dumps(constraint.json_schema())
+            return self.compiler.compile_json_schema(schema, any_whitespace=False,
+                                                     separators=(",", ":"))
+        except RuntimeError as e:  # xgrammar's parse and conversion errors
+            reason = _LOCATION.sub("", str(e).strip().splitlines()[0])
+            raise InvalidRequest(f"response_format: the {constraint.kind} cannot be used: "
+                                 f"{reason}", field="response_format") from e
+
+    def matcher(self, constraint: Constraint) -> xgr.GrammarMatcher:
+        """A fresh matcher for one request (compiling the constraint if it is new)."""
+        return xgr.GrammarMatcher(self.compile(constraint), override_stop_tokens=self.stop_ids)
+
+    def bitmask(self, rows: int) -> torch.Tensor:
+        """A next-token bitmask buffer for `rows` requests: int32 [rows, vocab / 32]."""
+        return xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token id's bytes as it adds them to the text (a piece of a UTF-8 character for
+    some byte-level tokens; a special token's own text)."""
+    return xgr.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
+
+
+def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor,
+                matchers: list[xgr.GrammarMatcher | None]) -> None:
+    """Set the logits of tokens a row's grammar forbids to -inf, in place.
+
+    logits: [rows, vocab] float32; matchers: one per row, None for a free row (its logits
+    are untouched); bitmask: a buffer with at least `rows` rows.
+    """
+    rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+    if not rows:
+        return
+    for row in rows:
+        matchers[row].fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask[:len(matchers)].to(logits.device),
+                                    indices=rows)
