@@ -12,7 +12,7 @@ error rather than a surprise.
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION
@@ -147,7 +147,7 @@ class _Generation(_Body):
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> requests.Sampling:
         """The sampling fields; what is not set takes the service's default."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        constraint = (self.structured_outputs or self.response_format)
+        constraint = self.structured_outputs or self.response_format
         return requests.Sampling(max_tokens, self.temperature, self.top_p, self.top_k,
                                  self.seed, stop, self.ignore_eos, self.presence_penalty,
                                  self.frequency_penalty, self.repetition_penalty, logprobs,
@@ -158,11 +158,16 @@ class CompletionBody(_Generation):
     """POST /v1/completions."""
 
     prompt: str | list[int] = Field(min_length=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # OpenAI fields lorag does not implement: accepted only at their no-op values
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value):
+        return None if value is False else value  # some clients send false for "none"
 
     def to_request(self) -> requests.CompletionRequest:
         """The service's completion request."""
@@ -203,7 +208,7 @@ class ChatBody(_Generation):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     rag: RagOptions | None = None
     # tool calling is refused with a message that says so, not as an unknown field
