@@ -21,10 +21,10 @@ brings CUDA kernels, paged attention, prefix caching and tensor / pipeline paral
   max_lora_rank).
 - **Queue bound.** vLLM queues without limit; lorag refuses a request (429) once
   max_num_seqs + max_waiting are in flight, as the native engine does.
-- **Structured outputs, penalties, logprobs** go to vLLM's own (its xgrammar backend, with
-  `disable_any_whitespace`: the grammar the native engine compiles). A constraint is
-  compiled here first, by lorag's `Grammars`, so one that cannot compile is the same 400
-  on both backends rather than an error from inside vLLM's engine. Logprobs are vLLM's
+- **Structured outputs, penalties, logprobs** go to vLLM's own. A constraint goes as the
+  grammar the native engine compiles (`structured.ebnf`, to vLLM's xgrammar backend), so
+  both constrain alike, and one that cannot compile is the same 400 on both backends
+  rather than an error from inside vLLM's engine. Logprobs are vLLM's
   default, `raw_logprobs`: after the grammar mask, before penalties and temperature, as on
   native.
 """
@@ -49,7 +49,7 @@ from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
-from lorag.server.engine.structured import Grammars
+from lorag.server.engine.structured import ebnf
 
 # the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -116,10 +116,7 @@ class VllmBackend:
         _check_lora_rank(config.max_lora_rank)
         _check_for_device(options, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        hf_config = AutoConfig.from_pretrained(model)
-        self.base = BaseShape.from_config(hf_config)
-        self.grammars = Grammars(self.tokenizer, hf_config.vocab_size,
-                                 {self.tokenizer.eos_token_id})  # to check constraints
+        self.base = BaseShape.from_config(AutoConfig.from_pretrained(model))
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
@@ -164,8 +161,7 @@ class VllmBackend:
             pipeline_parallel_size=o.pipeline_parallel_size,
             distributed_executor_backend=o.distributed_executor_backend,
             enforce_eager=o.enforce_eager, disable_log_stats=False,
-            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
-                                                              disable_any_whitespace=True),
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
             **({} if o.gpu_memory_utilization is None
                else {"gpu_memory_utilization": o.gpu_memory_utilization}))
         try:
@@ -195,10 +191,9 @@ class VllmBackend:
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
                ) -> TokenStream:
         self.limits.check_length(prompt, params.max_tokens)
-        if params.constraint is not None:
-            self.grammars.compile(params.constraint)  # a clear 400 if it cannot compile
+        grammar = None if params.constraint is None else ebnf(params.constraint)  # or a 400
         lora = None if adapter is None else self._lora(adapter)
-        request = _Request(TokenStream(request_id), list(prompt), params, lora)
+        request = _Request(TokenStream(request_id), list(prompt), params, lora, grammar)
         with self.lock:
             limit = self.config.max_num_seqs + self.config.max_waiting
             if len(self.in_flight) >= limit:
@@ -314,7 +309,7 @@ class VllmBackend:
 
     async def _generate(self, request: "_Request") -> None:
         async for out in self.llm.generate({"prompt_token_ids": request.prompt},
-                                           _sampling(request.params),
+                                           _sampling(request.params, request.grammar),
                                            request.stream.request_id,
                                            lora_request=request.lora):
             completion = out.outputs[0]
@@ -434,6 +429,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     lora: object | None  # vLLM's LoRARequest
+    grammar: str | None  # the constraint in xgrammar's EBNF
     produced: int = 0  # tokens so far
     finished: bool = False  # vLLM sent the last output
 
@@ -502,16 +498,11 @@ def _check_for_device(options: VllmOptions, device: str) -> None:
                              "(pip install ray)", field="distributed_executor_backend")
 
 
-def _sampling(params: SamplingParams):
+def _sampling(params: SamplingParams, grammar: str | None):
     from vllm import SamplingParams as VllmSampling
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    structured = None
-    constraint = params.constraint
-    if constraint is not None:
-        kind = "json" if constraint.kind.startswith("json") else constraint.kind
-        spec = constraint.json_schema() if kind == "json" else constraint.spec
-        structured = StructuredOutputsParams(**{kind: spec})
+    structured = None if grammar is None else StructuredOutputsParams(grammar=grammar)
     return VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature,
                         top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                         stop=list(params.stop), ignore_eos=params.ignore_eos,

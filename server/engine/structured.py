@@ -1,8 +1,10 @@
 """Structured outputs: constrain a request's tokens to a JSON schema, a regex or a grammar.
 
 xgrammar does the work (it is what vLLM uses, and it runs on the CPU): a constraint is
-compiled once into a grammar over this tokenizer's vocabulary, cached by its text (LRU,
-bounded in bytes: xgrammar's own compiler cache), and each request gets its own matcher,
+written as one grammar in xgrammar's EBNF (`ebnf`, which the vLLM backend hands
+to vLLM, so both backends constrain to the same grammar), compiled once over this
+tokenizer's vocabulary, cached by its text (LRU, bounded in bytes: xgrammar's own
+compiler cache), and each request gets its own matcher,
 which says after every token which tokens may come next. Each step, the engine writes the
 next-token bitmask of every constrained request into one preallocated buffer and applies
 it to those requests' rows of the logits only, so constrained and free requests, on
@@ -85,14 +87,33 @@ def _bounded_strings(node):
     return node
 
 
-class Grammars:
-    """Compiles constraints for one tokenizer and hands out per-request matchers.
+def ebnf(constraint: Constraint) -> str:
+    """The constraint as a grammar in xgrammar's EBNF (under a millisecond); an
+    InvalidRequest naming why when it cannot be one.
 
-    JSON is generated without free whitespace: a grammar that allows any lets a small
-    model wander into blank lines until max_tokens. The call is vLLM's with its
-    `disable_any_whitespace` (which the vLLM backend turns on), so both backends constrain
-    to the same grammar (xgrammar 0.2.8 still puts a space after a comma).
+    JSON is written as `json.dumps` writes it: `", "` and `": "` between items, no other
+    whitespace. Free whitespace lets a small model wander into blank lines until
+    max_tokens; compact separators (vLLM's `disable_any_whitespace`) force token
+    boundaries an adapter trained on ordinary JSON never saw, and the demo measured such
+    an adapter's accuracy falling from 80% to 30% under them.
     """
+    try:
+        if constraint.kind == "regex":
+            grammar = xgr.Grammar.from_regex(constraint.spec)
+        elif constraint.kind == "grammar":
+            grammar = xgr.Grammar.from_ebnf(constraint.spec)
+        else:
+            grammar = xgr.Grammar.from_json_schema(json.dumps(constraint.json_schema()),
+                                                   any_whitespace=False)
+    except RuntimeError as e:  # xgrammar's parse and conversion errors
+        reason = _LOCATION.sub("", str(e).strip().splitlines()[0])
+        raise InvalidRequest(f"response_format: the {constraint.kind} cannot be used: "
+                             f"{reason}", field="response_format") from e
+    return str(grammar)
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer and hands out per-request matchers."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int],
                  cache_bytes: int = GRAMMAR_CACHE_BYTES):
@@ -103,19 +124,8 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_bytes)
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
-        """The constraint's grammar (cached); InvalidRequest naming why it cannot compile."""
-        try:
-            if constraint.kind == "regex":
-                return self.compiler.compile_regex(constraint.spec)
-            if constraint.kind == "grammar":
-                return self.compiler.compile_grammar(constraint.spec)
-            schema = json.dumps(constraint.json_schema())
-            return self.compiler.compile_json_schema(schema, any_whitespace=False,
-                                                     separators=(",", ":"))
-        except RuntimeError as e:  # xgrammar's parse and conversion errors
-            reason = _LOCATION.sub("", str(e).strip().splitlines()[0])
-            raise InvalidRequest(f"response_format: the {constraint.kind} cannot be used: "
-                                 f"{reason}", field="response_format") from e
+        """The constraint's grammar, compiled for this vocabulary (cached by its text)."""
+        return self.compiler.compile_grammar(ebnf(constraint))
 
     def matcher(self, constraint: Constraint) -> xgr.GrammarMatcher:
         """A fresh matcher for one request (compiling the constraint if it is new)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorag.models import load_base
-from lorag.server.engine.structured import Constraint
+from lorag.server.engine.structured import Constraint, Grammars
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE
 from tests.schemas import SCHEMAS, validate
@@ -79,7 +79,8 @@ def test_json_object_regex_and_grammar(daemon):
     if reply.finish_reason == "stop":
         assert isinstance(json.loads(reply.message.content), dict)
     else:  # any object may be long (the tiny model's keys are): a prefix of one
-        matcher = daemon.service.engine.grammars.matcher(Constraint("json_object"))
+        tokenizer = daemon.service.engine.tokenizer
+        matcher = Grammars(tokenizer, len(tokenizer), {2}).matcher(Constraint("json_object"))
         assert reply.message.content.startswith("{") and \
             matcher.accept_string(reply.message.content)
     pattern = r"(19|20)\d{2}-(0[1-9]|1[0-2])-[0-2]\d"
