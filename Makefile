@@ -61,8 +61,8 @@ bench: setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
-# fine-tuning for form, retrieval for facts: train, ingest, serve, evaluate four ways
-# (about 14 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
+# fine-tuning for form, retrieval for facts: train, ingest, serve, evaluate six ways
+# (20-30 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
 demo: setup
 	$(BIN)/lorag models pull
 	$(BIN)/python -m demo.run
