@@ -87,13 +87,12 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             metadata=_struct(h.metadata)) for h in hits])
 
     def _logprobs(self, out: Output) -> list[lorag_pb2.TokenLogprob]:
-        def message(kind, entry: dict):
-            return kind(token=entry["token"], token_bytes=bytes(entry["bytes"]),
-                        logprob=entry["logprob"])
+        def fields(entry: dict) -> dict:
+            return {"token": entry["token"], "token_bytes": bytes(entry["bytes"]),
+                    "logprob": entry["logprob"]}
 
-        return [lorag_pb2.TokenLogprob(
-            token=e["token"], token_bytes=bytes(e["bytes"]), logprob=e["logprob"],
-            top_logprobs=[message(lorag_pb2.TopLogprob, top) for top in e["top_logprobs"]])
+        return [lorag_pb2.TokenLogprob(**fields(e), top_logprobs=[
+            lorag_pb2.TopLogprob(**fields(top)) for top in e["top_logprobs"]])
             for e in self.service.logprobs(out.logprobs or [])]
 
     def _caller(self, context) -> Caller:
