@@ -1,16 +1,21 @@
-"""A restart on the same data dir, on each backend: adapters come back from the SQLite
-registry (read and validated again on first use, never trusted from before), namespaces
-from their FAISS files, and answers are the same."""
+"""A restart on the same data dir: adapters come back from the SQLite registry (read and
+validated again on first use, never trusted from before), namespaces from their FAISS
+files, and answers are the same. On the native daemon: what a restart restores goes
+through the Backend interface (`load_adapter(..., lazy=True)`), which the vLLM backend's
+own test exercises without paying for a second vLLM start-up
+(tests/server/test_vllm_backend.py)."""
 
 import shutil
 
 import httpx
+import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.daemons import ALICE, BOB
 from tests.server.test_http import chat, load, post
 
 
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_restart_keeps_adapters_and_namespaces_and_revalidates(daemon, daemon_adapters):
     fragile = daemon_adapters / "fragile"
     shutil.copytree(daemon_adapters / "other", fragile)

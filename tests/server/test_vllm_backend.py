@@ -2,10 +2,14 @@
 model in float32, on the session's vLLM daemon; the contract tests run on both backends
 from the same suite, tests/server/conftest.py)."""
 
+import shutil
+
 import pytest
+from safetensors.torch import load_file, save_file
 
 from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from tests.daemons import MAX_LORA_RANK, MAX_MODEL_LEN
@@ -64,3 +68,33 @@ def test_vllm_greedy_tokens_equal_the_native_engine(daemon, base_model_dir):
         assert len(ours) == 16 and theirs == ours, f"{adapter}: {theirs} != {ours}"
     for tuned, base in zip(results["vllm"][:5], results["vllm"][7:], strict=True):
         assert tuned != base  # each adapter changes the answer: they are really applied
+
+
+@pytest.mark.parametrize("daemon", ["vllm"], indirect=True)
+def test_a_restored_adapter_is_read_and_validated_on_first_use(daemon):
+    """What a restart does with each stored record (`load_adapter(key, path, lazy=True)`):
+    nothing is read until a request needs it, then it is validated like a fresh load. An
+    intact adapter answers as it did loaded eagerly; one whose file went bad is refused."""
+    vllm = daemon.service.engine
+    fragile = daemon.adapters / "fragile-vllm"
+    shutil.copytree(daemon.adapters / "other", fragile)
+    tensors = load_file(fragile / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("inf")
+    save_file(tensors, fragile / "adapter_model.safetensors")
+    prompt = vllm.tokenizer.encode("Name three colours.")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    vllm.load_adapter("restore.eager", str(daemon.adapters / "style"))
+    for key, path in (("restore.lazy", daemon.adapters / "style"), ("restore.bad", fragile)):
+        assert vllm.load_adapter(key, str(path), lazy=True)
+    try:
+        rows = {row["name"]: row for row in vllm.list_adapters()}
+        assert not rows["restore.lazy"]["in_ram"] and not rows["restore.bad"]["in_ram"]
+        eager, lazy = (vllm.submit(prompt, params, key, f"restore-{key}").result().token_ids
+                       for key in ("restore.eager", "restore.lazy"))
+        assert lazy == eager
+        with pytest.raises(InvalidRequest, match="non-finite"):
+            vllm.submit(prompt, params, "restore.bad", "restore-bad")
+        assert vllm.alive
+    finally:
+        for key in ("restore.eager", "restore.lazy", "restore.bad"):
+            vllm.unload_adapter(key)
