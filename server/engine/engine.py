@@ -89,6 +89,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.merged_slot: int | None = None
+        self.merged_install = 0  # the merged slot's pool.installs when it was merged
         self.homogeneous_steps = 0
         self.ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0,
@@ -427,7 +428,9 @@ class Engine:
         slots = {s.lora_slot for s in self.running}
         hot = slots.pop() if len(slots) == 1 else None
         hot = None if hot == -1 else hot
-        if self.merged_slot is not None and self.merged_slot != hot:
+        if self.merged_slot is not None and (
+                self.merged_slot != hot or  # mixed traffic, or another adapter's
+                self.pool.installs[self.merged_slot] != self.merged_install):  # rewritten
             for layer in self.runner.lora_layers.values():
                 layer.unmerge()
             self.merged_slot = None
@@ -437,7 +440,7 @@ class Engine:
                 self.homogeneous_steps >= MERGE_AFTER_STEPS:
             for layer in self.runner.lora_layers.values():
                 layer.merge(hot)
-            self.merged_slot = hot
+            self.merged_slot, self.merged_install = hot, self.pool.installs[hot]
             self.counters["merges"] += 1
 
     def _between_steps(self, fn, *args):

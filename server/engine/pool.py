@@ -26,6 +26,9 @@ class AdapterPool:
         # key -> slot, least recently used first
         self.lru: OrderedDict[AdapterKey, int] = OrderedDict()
         self.evictions = 0
+        # per slot, how many times its weights were written: a weight derived from a slot
+        # (the engine's merged weight) is stale once this moves, whatever the name
+        self.installs = [0] * num_slots
 
     def slot_of(self, name: AdapterKey) -> int | None:
         """The slot holding `name`, or None."""
@@ -104,12 +107,14 @@ class AdapterPool:
             layer.install(slot, lora.a.get(key), lora.b.get(key))
         self.names[slot], self.ranks[slot] = lora.name, lora.rank
         self.lru[lora.name] = slot
+        self.installs[slot] += 1
 
     def _clear(self, slot: int) -> None:
         # Zeroing is not needed for correctness (a free slot is never routed to) but keeps
         # an unloaded adapter's weights from lingering in memory.
         for layer in self.layers.values():
             layer.install(slot, None, None)
+        self.installs[slot] += 1
         self._forget(slot)
 
     def _forget(self, slot: int) -> None:

@@ -122,3 +122,30 @@ def test_outputs_survive_an_automatic_merge_unmerge_cycle(tiny):
     for prompt, got in zip(prompts[:3], before, strict=True):
         want = peft_greedy(peft, tokenizer, prompt, "a3")
         assert got[:len(want)] == want
+
+
+
+def test_other_weights_under_a_merged_name_are_served_not_the_merged_old_ones(tiny):
+    """A merged weight belongs to what was in the slot, not to the name: unload a merged
+    adapter, register other weights under its name (they land in the same slot), and the
+    new weights serve, token for token as PEFT has them."""
+    _, peft, tokenizer, prompts = tiny
+    root = tiny[0].config.adapter_roots[0]
+    engine = Engine(tiny_model(), tokenizer, EngineConfig(
+        max_model_len=256, max_lora_rank=32, max_active_adapters=2,
+        adapter_roots=[root])).start()
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        ids = engine_prompt_ids(tokenizer, prompts[0])
+        engine.load_adapter("moving", str(root / "a5"))
+        engine.submit(ids, params, adapter="moving").result()
+        assert engine.stats()["merged_adapter"] == "moving"
+        slot = engine.pool.slot_of("moving")
+        engine.unload_adapter("moving")
+        engine.load_adapter("moving", str(root / "a6"))
+        got = engine.submit(ids, params, adapter="moving").result().token_ids
+        assert engine.pool.slot_of("moving") == slot
+    finally:
+        engine.shutdown()
+    want = peft_greedy(peft, tokenizer, prompts[0], "a6")
+    assert got[:len(want)] == want
