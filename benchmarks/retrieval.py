@@ -11,16 +11,24 @@ recall of the FAISS indexes at scale. Prints JSON.
   embedded questions. Exact (flat) search is the reference; IVF is built by the store's
   own `build_index`, searched at several nprobe. Single-query latency p50/p99 (as a
   request sees it), recall@10 against exact, build time.
+- state (with `--state URL`): the same documents through two replicas of the store on one
+  state database, the given one (PostgreSQL, say) beside a temporary SQLite file:
+  replica A ingests in batches of 50 while replica B follows (notifications where the
+  database has them, else polls); ingest rate, B's catch-up lag after A's last commit
+  returned, then B's search p50.
 """
 
 import json
 import random
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
+from sqlalchemy import select
 
 NAMES = ["Ada Varga", "Bram Okafor", "Cleo Lindqvist", "Dario Mensah", "Elin Takeda",
          "Farid Novak", "Greta Ocampo", "Hugo Brennan", "Ines Kowalski", "Jonas Adeyemi",
@@ -85,17 +93,21 @@ def bench_ingest(documents: list[dict], questions: list[str]) -> tuple[dict, np.
     from lorag.retrieval.embedder import Embedder
     from lorag.retrieval.ingest import Document
     from lorag.retrieval.store import MODES, DocumentStore
+    from lorag.state import Database
+    from lorag.state.schema import chunks as chunk_table
 
     embedder = Embedder()
     embedder.encode(["warm up"])
     with tempfile.TemporaryDirectory() as folder:
-        store = DocumentStore(Path(folder), embedder)
+        db = Database(f"sqlite:///{folder}/state.db")
+        store = DocumentStore(db, Path(folder), embedder)
         start = time.perf_counter()
         store.put_documents("bench", [Document(d["id"], d["text"], d["metadata"])
                                       for d in documents])
         wall = time.perf_counter() - start
         _, chunks = store.counts("bench")
-        texts = [row[0] for row in store.db.execute("SELECT text FROM chunks")]
+        with db.read() as connection:
+            texts = list(connection.scalars(select(chunk_table.c.text)))
         start = time.perf_counter()
         vectors = embedder.encode(texts)
         embed_wall = time.perf_counter() - start
@@ -109,10 +121,55 @@ def bench_ingest(documents: list[dict], questions: list[str]) -> tuple[dict, np.
                 times.append(time.perf_counter() - t)
             search[mode] = percentiles(times)
         store.close()
+        db.close()
     return {"documents": len(documents), "chunks": chunks, "wall_s": round(wall, 2),
             "chunks_per_s": round(chunks / wall, 1),
             "embedding_only_chunks_per_s": round(len(texts) / embed_wall, 1),
             "store_search_top10": search}, vectors
+
+
+def bench_state(state: str, documents: list[dict], questions: list[str],
+                poll_s: float = 2.0) -> dict:
+    """Two replicas on the state database at `state`: A ingests, B follows and searches."""
+    from lorag.retrieval.embedder import Embedder
+    from lorag.retrieval.ingest import Document
+    from lorag.retrieval.store import DocumentStore
+    from lorag.state import Database
+
+    embedder = Embedder()
+    embedder.encode(["warm up"])
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as folder:
+        a = DocumentStore(Database(state), Path(folder) / "a", embedder)
+        b = DocumentStore(Database(state), Path(folder) / "b", embedder)
+        a.create(namespace)
+        b.search(namespace, "warm up", 1)  # B holds the namespace: it follows it
+        follower = b.db.follow(lambda topic, name: b.refresh(name), poll_s)
+        try:
+            start = time.perf_counter()
+            for at in range(0, len(documents), 50):
+                a.put_documents(namespace, [Document(d["id"], d["text"], d["metadata"])
+                                            for d in documents[at:at + 50]])
+            committed = time.perf_counter()
+            target = a.generation(namespace)
+            while b.generation(namespace) != target:
+                time.sleep(0.001)
+            lag = time.perf_counter() - committed
+            times = []
+            for question in questions[:100]:
+                t = time.perf_counter()
+                b.search(namespace, question, 10)
+                times.append(time.perf_counter() - t)
+            _, chunks = a.counts(namespace)
+        finally:
+            follower.stop()
+            a.drop_namespace(namespace)
+            for store in (a, b):
+                store.db.close()
+    return {"state": a.db.dialect, "documents": len(documents), "chunks": chunks,
+            "ingest_chunks_per_s": round(chunks / (committed - start), 1),
+            "catch_up_lag_ms": round(lag * 1e3, 1), "follower_poll_s": poll_s,
+            "replica_b_hybrid_search_top10": percentiles(times)}
 
 
 def synthetic_vectors(seed_vectors: np.ndarray, n: int, rng: np.random.Generator,
@@ -181,15 +238,21 @@ def bench_scale(n: int, seed_vectors: np.ndarray, queries: np.ndarray,
 
 
 def main(sizes: list[int], documents: int, queries: int, nprobes: list[int],
-         json_path: Path | None = None) -> dict:
+         json_path: Path | None = None, state: str | None = None) -> dict:
     docs, questions = make_documents(documents), make_questions(queries)
+    states = []
+    if state:  # the given database beside SQLite, each peer in the same run
+        with tempfile.TemporaryDirectory() as folder:
+            for url in (f"sqlite:///{folder}/state.db", state):
+                states.append(bench_state(url, docs, questions))
+                print(json.dumps(states[-1]), file=sys.stderr, flush=True)
     ingest, seed_vectors = bench_ingest(docs, questions)
     from lorag.retrieval.embedder import Embedder
 
     query_vectors = Embedder().encode(questions)
     result = {"machine": {"faiss_threads": faiss.omp_get_max_threads(),
                           "faiss": faiss.__version__},
-              "ingest": ingest,
+              "ingest": ingest, **({"state": states} if states else {}),
               "scale": [bench_scale(n, seed_vectors, query_vectors, nprobes) for n in sizes]}
     text = json.dumps(result, indent=2)
     print(text)

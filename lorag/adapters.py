@@ -7,6 +7,7 @@ unreadable safetensors file, a rank above the limit, target modules the engine d
 serve, shapes that do not fit the base model, and non-finite values.
 """
 
+import hashlib
 import json
 import math
 import re
@@ -114,6 +115,21 @@ def confine(path: str | Path, roots: list[Path]) -> Path:
             f"adapter path {path} is outside the configured adapter roots ({allowed})",
             field="lora_path")
     return resolved
+
+
+def content_version(path: str | Path, roots: list[Path]) -> str:
+    """The sha256 of an adapter's config and weights files: what a registration records,
+    so every replica can tell the weights it holds under a name from newer ones."""
+    folder = confine(path, roots)
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            with open(folder / name, "rb") as file:
+                digest.update(hashlib.file_digest(file, "sha256").digest())
+        except OSError as e:
+            raise InvalidRequest(f"adapter path {path} has no readable {name}",
+                                 field="lora_path") from e
+    return digest.hexdigest()
 
 
 def read_config(folder: Path, max_rank: int) -> dict:

@@ -40,3 +40,8 @@ class PermissionDenied(LoragError):
 
 class Unauthenticated(LoragError):
     """No API key, or one the daemon does not know, where keys are required."""
+
+
+class Unavailable(LoragError):
+    """Something the request needs (the state database) cannot be reached now; the daemon
+    reconnects by itself, and retrying later may succeed."""

@@ -1,63 +1,60 @@
-"""Namespaced document store: SQLite is the source of truth, FAISS a rebuildable index.
+"""Namespaced document store: the state database is the source of truth, FAISS and BM25
+indexes are derived per replica and catch up on changes.
 
-Every chunk's text, metadata and embedding live in SQLite (`retrieval.db` under the data
-dir); one FAISS index per namespace (`IndexIDMap2` over exact inner product on unit
-vectors while small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`;
-ids = chunk row ids) is kept in memory and saved beside it with the namespace's write
-generation; a cached index whose generation falls behind the database's (another process
-wrote) is reloaded. A write is one SQLite transaction that also bumps the generation, then the
-index is updated and saved (temp file + rename). After a crash, an index file whose
-generation does not match the database is rebuilt from the stored embeddings: whatever
-an ingest committed is there after a restart, and the index never shows a chunk the
-database does not have. BM25 (retrieval/lexical.py) is derived the same way and fused with
-the vector ranking by reciprocal rank for hybrid search. A namespace is an opaque name
-here: who owns it is the caller's business.
+Every chunk's text, metadata and embedding live in the state database (lorag/state:
+SQLite for one box, PostgreSQL for a fleet). A namespace's `generation` is its change
+sequence: each committed write bumps it once, its new chunks carry it (`seq`), and each
+chunk it removed leaves a tombstone at it. Each replica keeps, per namespace it has
+searched, a FAISS index (`IndexIDMap2` over exact inner product on unit vectors while
+small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`; ids = chunk ids)
+and the chunk texts for BM25, at some generation; before a search it reads the
+namespace's generation (one primary-key lookup) and, if behind, applies the chunks added
+and removed since (not a rebuild). So a search never returns a chunk whose delete has
+committed, whichever replica wrote it. A replica behind the namespace's tombstone floor,
+or one that sees another incarnation of the name, rebuilds from the stored vectors.
+
+The indexes are saved under the cache folder, stamped with the namespace's incarnation
+and generation, when the store closes and after a rebuild; a restart (or a crash) loads
+the snapshot and catches up from its generation. BM25 (retrieval/lexical.py) is rebuilt
+from the texts in memory when a search needs it after a change, and fused with the
+vector ranking by reciprocal rank for hybrid search. A namespace is an opaque name here:
+who owns it is the caller's business.
 """
 
 import hashlib
 import json
 import os
-import sqlite3
 import threading
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 
 from lorag.errors import InvalidRequest
 from lorag.names import MAX_KEY_LENGTH, check_name
 from lorag.retrieval.chunking import chunk_text
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.lexical import LexicalIndex, fuse
+from lorag.state import Database
+from lorag.state.schema import chunks, documents, namespaces, removed_chunks
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS namespaces (
-    name TEXT PRIMARY KEY,
-    generation INTEGER NOT NULL DEFAULT 0,
-    shared INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS documents (
-    namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
-    id TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    PRIMARY KEY (namespace, id)
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT NOT NULL,
-    document_id TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    embedding BLOB NOT NULL,
-    FOREIGN KEY (namespace, document_id) REFERENCES documents(namespace, id)
-        ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(namespace, document_id);
-"""
 MODES = ("vector", "bm25", "hybrid")
+KEPT_GENERATIONS = 16  # tombstones of the last 16 writes outlive a prune
+TOMBSTONES_BEFORE_PRUNE = 10_000  # ... and are pruned once above this and the live chunks
 
 
 @dataclass
@@ -71,32 +68,39 @@ class Hit:
     metadata: dict
 
 
+@dataclass
+class _Derived:
+    """One namespace's indexes on this replica, exactly at `generation`."""
+
+    incarnation: str
+    generation: int
+    index: faiss.Index
+    texts: dict[int, str]  # chunk id -> text, for BM25
+    lexical: LexicalIndex | None = None  # built from texts on demand; None: stale
+    saved: bool = field(default=False)  # the snapshot on disk is at this generation
+
+
 class DocumentStore:
     """Documents in namespaces: upsert, delete, search. Thread-safe."""
 
-    def __init__(self, data_dir: Path, embedder: Embedder, chunk_tokens: int = 200,
-                 overlap: int = 40, ivf_threshold: int = 50_000, nprobe: int = 16):
-        """chunk_tokens, overlap: chunk size and the overlap of consecutive chunks, in the
+    def __init__(self, db: Database, cache_dir: Path, embedder: Embedder,
+                 chunk_tokens: int = 200, overlap: int = 40, ivf_threshold: int = 50_000,
+                 nprobe: int = 16):
+        """db: the state database; cache_dir: where this replica keeps its index snapshots;
+        chunk_tokens, overlap: chunk size and the overlap of consecutive chunks, in the
         embedder's tokens (capped at its input length), for documents written from now on;
         ivf_threshold: chunks in a namespace above which its index becomes IVF (trained on
         the stored vectors) instead of exact flat search; nprobe: IVF lists searched."""
         if not 0 <= overlap < chunk_tokens:
             raise InvalidRequest(f"chunk overlap must be in [0, chunk tokens), got overlap="
                                  f"{overlap} chunk tokens={chunk_tokens}", field="chunk_overlap")
-        self.folder = Path(data_dir)
-        (self.folder / "faiss").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.folder / "retrieval.db", check_same_thread=False,
-                                  isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        if "shared" not in {row[1] for row in self.db.execute("PRAGMA table_info(namespaces)")}:
-            self.db.execute("ALTER TABLE namespaces ADD shared INTEGER NOT NULL DEFAULT 0")
+        self.db = db
+        self.folder = Path(cache_dir) / "faiss"
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self.chunk_tokens, self.overlap = chunk_tokens, overlap
         self.ivf_threshold, self.nprobe = ivf_threshold, nprobe
-        self.indexes: dict[str, tuple[int, faiss.Index]] = {}  # by write generation
-        self.lexical: dict[str, tuple[int, LexicalIndex]] = {}  # by write generation
+        self.derived: dict[str, _Derived] = {}
         self.lock = threading.RLock()
 
     # ---- writes ----
@@ -106,101 +110,80 @@ class DocumentStore:
         """Add or replace one document; returns "added", "updated" or "unchanged"."""
         return self.put_documents(namespace, [_Doc(document_id, text, metadata)])[0]
 
-    def put_documents(self, namespace: str, documents: list) -> list[str]:
+    def put_documents(self, namespace: str, documents_: list) -> list[str]:
         """Add or replace documents (anything with .id, .text, .metadata) in one
         transaction; "added", "updated" or "unchanged" for each. Every document is checked
         before anything is written, and the chunks of all changed ones are embedded in one
-        batch."""
+        batch, before the transaction."""
         check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
-        prepared = [_prepare(d.id, d.text, d.metadata) for d in documents]
+        prepared = [_prepare(d.id, d.text, d.metadata) for d in documents_]
         ids = [p[0] for p in prepared]
         if len(set(ids)) != len(ids):
             twice = next(i for i in ids if ids.count(i) > 1)
             raise InvalidRequest(f"document id {twice!r} appears twice in one batch",
                                  field="id")
-        with self.lock:
-            known = {p[0]: self.db.execute(
-                "SELECT sha256 FROM documents WHERE namespace=? AND id=?",
-                (namespace, p[0])).fetchone() for p in prepared}
+        with self.db.read() as connection:
+            known = dict(connection.execute(
+                select(documents.c.id, documents.c.sha256).where(
+                    documents.c.namespace == namespace, documents.c.id.in_(ids))).all())
         outcomes, changed = [], []
         for document_id, text, metadata, digest in prepared:
-            row = known[document_id]
-            if row and row[0] == digest:
+            if known.get(document_id) == digest:
                 outcomes.append("unchanged")
                 continue
-            outcomes.append("updated" if row else "added")
+            outcomes.append("updated" if document_id in known else "added")
             changed.append((document_id, metadata, digest, chunk_text(
                 text, self.embedder.tokenizer, min(self.chunk_tokens, self.embedder.max_tokens),
                 self.overlap)))
         if not changed:
             return outcomes
-        # embedded outside the lock: searches go on meanwhile
-        vectors = self.embedder.encode([c.text for *_, chunks in changed for c in chunks])
-        with self.lock:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")  # the write lock now, not at first write
-                self.db.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)",
-                                (namespace,))
-                before = self._generation(namespace)
-                old, new, at = [], [], 0
-                for document_id, metadata, digest, chunks in changed:
-                    old += self._chunk_ids(namespace, document_id)
-                    self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
-                                    (namespace, document_id))
-                    self.db.execute("INSERT INTO documents VALUES (?, ?, ?, ?)",
-                                    (namespace, document_id, digest, json.dumps(metadata)))
-                    for chunk in chunks:
-                        new.append(self.db.execute(
-                            "INSERT INTO chunks (namespace, document_id, position, text, "
-                            "metadata, embedding) VALUES (?, ?, ?, ?, ?, ?)",
-                            (namespace, document_id, chunk.position, chunk.text,
-                             json.dumps({**metadata, **chunk.metadata}),
-                             vectors[at].tobytes())).lastrowid)
-                        at += 1
-                generation = self._bump(namespace)
-            index = self._current(namespace, before)
-            if index is None:  # not cached, or another process wrote since
-                index = self._build(namespace)
-            else:
-                index.remove_ids(np.array(old, dtype=np.int64))
-                index.add_with_ids(vectors, np.array(new, dtype=np.int64))
-                if _is_flat(index) and index.ntotal >= self.ivf_threshold:
-                    index = self._build(namespace)  # grown: go IVF
-            self.indexes[namespace] = (generation, index)
-            self._save(namespace, index, generation)
+        vectors = self.embedder.encode([c.text for *_, chunks_ in changed for c in chunks_])
+        rows, at = [], 0
+        for document_id, metadata, _, chunks_ in changed:
+            for chunk in chunks_:
+                rows.append({"namespace": namespace, "document_id": document_id,
+                             "position": chunk.position, "text": chunk.text,
+                             "metadata": {**metadata, **chunk.metadata},
+                             "embedding": vectors[at].tobytes()})
+                at += 1
+        with self.db.write() as connection:
+            self._ensure(connection, namespace)
+            generation = self._bump(connection, namespace)  # locks the namespace's row
+            changed_ids = [document_id for document_id, *_ in changed]
+            old = self._remove_documents(connection, namespace, changed_ids, generation)
+            connection.execute(insert(documents), [
+                {"namespace": namespace, "id": document_id, "sha256": digest,
+                 "metadata": metadata} for document_id, metadata, digest, _ in changed])
+            connection.execute(insert(chunks), [{**row, "seq": generation} for row in rows])
+            if old:
+                self._prune(connection, namespace, generation)
+            self.db.notify(connection, "documents", namespace)
+        self._catch_up(namespace)
         return outcomes
 
     def delete(self, namespace: str, document_id: str) -> bool:
         """Remove a document and its chunks; says whether it existed."""
-        with self.lock:
-            if not self.exists(namespace):
+        with self.db.write() as connection:
+            exists = connection.execute(select(documents.c.id).where(
+                documents.c.namespace == namespace, documents.c.id == document_id)).first()
+            if exists is None:
                 return False
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                before = self._generation(namespace)
-                old = self._chunk_ids(namespace, document_id)
-                gone = self.db.execute("DELETE FROM documents WHERE namespace=? AND id=?",
-                                       (namespace, document_id)).rowcount
-                generation = self._bump(namespace)
-            index = self._current(namespace, before)
-            if index is None:
-                index = self._build(namespace)
-            else:
-                index.remove_ids(np.array(old, dtype=np.int64))
-            self.indexes[namespace] = (generation, index)
-            self._save(namespace, index, generation)
-            return gone > 0
+            generation = self._bump(connection, namespace)
+            self._remove_documents(connection, namespace, [document_id], generation)
+            self._prune(connection, namespace, generation)
+            self.db.notify(connection, "documents", namespace)
+        self._catch_up(namespace)
+        return True
 
     def drop_namespace(self, namespace: str) -> bool:
         """Delete a namespace with all its documents; says whether it existed."""
-        with self.lock, self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            gone = self.db.execute("DELETE FROM namespaces WHERE name=?", (namespace,)).rowcount
-            self.indexes.pop(namespace, None)
-            self.lexical.pop(namespace, None)
-            for suffix in (".index", ".json"):
-                (self.folder / "faiss" / f"{namespace}{suffix}").unlink(missing_ok=True)
-            return gone > 0
+        with self.db.write() as connection:
+            gone = connection.execute(
+                delete(namespaces).where(namespaces.c.name == namespace)).rowcount
+            self.db.notify(connection, "documents", namespace)
+        with self.lock:
+            self._forget(namespace)
+        return gone > 0
 
     # ---- reads ----
 
@@ -216,89 +199,266 @@ class DocumentStore:
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {', '.join(MODES)}, got {mode!r}",
                                  field="mode")
+        allowed = set(self._filtered_ids(namespace, filters)) if filters else None
+        if allowed is not None and not allowed:
+            return []
         with self.lock:
-            if not self.exists(namespace):
-                return []
-            allowed = set(self._filtered_ids(namespace, filters)) if filters else None
-            if allowed is not None and not allowed:
+            derived = self._catch_up(namespace)
+            if derived is None:
                 return []
             depth = max(4 * k, 20) if mode == "hybrid" else k  # fusion needs candidates
             rankings = []
             if mode in ("vector", "hybrid"):
-                rankings.append(self._vector_search(namespace, query, depth, allowed))
+                rankings.append(self._vector_search(derived, query, depth, allowed))
             if mode in ("bm25", "hybrid"):
-                rankings.append(self._lexical(namespace).search(query, depth, allowed))
-            if mode == "hybrid":
-                scored = fuse([[chunk_id for chunk_id, _ in r] for r in rankings], k)
-            else:
-                scored = rankings[0][:k]
-            return [self._hit(chunk_id, score) for chunk_id, score in scored]
+                if derived.lexical is None:
+                    derived.lexical = LexicalIndex(sorted(derived.texts.items()))
+                rankings.append(derived.lexical.search(query, depth, allowed))
+        if mode == "hybrid":
+            scored = fuse([[chunk_id for chunk_id, _ in r] for r in rankings], k)
+        else:
+            scored = rankings[0][:k]
+        return self._hits(scored)
 
     def namespaces(self) -> list[str]:
         """Namespace names, sorted."""
-        with self.lock:
-            return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
+        with self.db.read() as connection:
+            return list(connection.scalars(select(namespaces.c.name).order_by(
+                namespaces.c.name)))
 
     def exists(self, namespace: str) -> bool:
         """Whether the namespace exists (one indexed lookup, not a listing)."""
-        with self.lock:
-            return self.db.execute("SELECT 1 FROM namespaces WHERE name=?",
-                                   (namespace,)).fetchone() is not None
+        with self.db.read() as connection:
+            return connection.execute(select(namespaces.c.name).where(
+                namespaces.c.name == namespace)).first() is not None
 
     def shared(self) -> list[str]:
         """Names of the namespaces marked shared, sorted."""
-        with self.lock:
-            return [r[0] for r in self.db.execute(
-                "SELECT name FROM namespaces WHERE shared=1 ORDER BY name")]
+        with self.db.read() as connection:
+            return list(connection.scalars(select(namespaces.c.name).where(
+                namespaces.c.shared).order_by(namespaces.c.name)))
 
     def create(self, namespace: str, shared: bool = False) -> bool:
         """Create an empty namespace, or set whether an existing one is shared; True if new."""
         check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
-        with self.lock, self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            new = self.db.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)",
-                                  (namespace,)).rowcount
-            self.db.execute("UPDATE namespaces SET shared=? WHERE name=?",
-                            (int(shared), namespace))
-            return new > 0
+        with self.db.write() as connection:
+            new = self._ensure(connection, namespace)
+            connection.execute(update(namespaces).where(namespaces.c.name == namespace)
+                               .values(shared=bool(shared)))
+            return new
 
     def overview(self) -> list[dict]:
         """Every namespace: its name, whether it is shared, and its document and chunk
         counts; sorted by name."""
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT n.name, n.shared, "
-                "(SELECT COUNT(*) FROM documents d WHERE d.namespace = n.name), "
-                "(SELECT COUNT(*) FROM chunks c WHERE c.namespace = n.name) "
-                "FROM namespaces n ORDER BY n.name").fetchall()
-        return [{"namespace": name, "shared": bool(shared), "documents": documents,
-                 "chunks": chunks} for name, shared, documents, chunks in rows]
+        document_count = select(func.count()).where(
+            documents.c.namespace == namespaces.c.name).scalar_subquery()
+        chunk_count = select(func.count()).where(
+            chunks.c.namespace == namespaces.c.name).scalar_subquery()
+        with self.db.read() as connection:
+            rows = connection.execute(select(
+                namespaces.c.name, namespaces.c.shared, document_count, chunk_count)
+                .order_by(namespaces.c.name)).all()
+        return [{"namespace": name, "shared": bool(shared), "documents": n_documents,
+                 "chunks": n_chunks} for name, shared, n_documents, n_chunks in rows]
 
     def counts(self, namespace: str) -> tuple[int, int]:
         """(documents, chunks) in a namespace."""
-        with self.lock:
-            documents = self.db.execute("SELECT COUNT(*) FROM documents WHERE namespace=?",
-                                        (namespace,)).fetchone()[0]
-            chunks = self.db.execute("SELECT COUNT(*) FROM chunks WHERE namespace=?",
-                                     (namespace,)).fetchone()[0]
-        return documents, chunks
+        with self.db.read() as connection:
+            n_documents = connection.scalar(select(func.count()).where(
+                documents.c.namespace == namespace))
+            n_chunks = connection.scalar(select(func.count()).where(
+                chunks.c.namespace == namespace))
+        return n_documents, n_chunks
 
     def documents(self, namespace: str) -> list[str]:
         """Document ids in a namespace, sorted."""
+        with self.db.read() as connection:
+            return list(connection.scalars(select(documents.c.id).where(
+                documents.c.namespace == namespace).order_by(documents.c.id)))
+
+    def generation(self, namespace: str) -> int | None:
+        """The generation this replica's indexes of `namespace` are at (None: not held)."""
         with self.lock:
-            return [r[0] for r in self.db.execute(
-                "SELECT id FROM documents WHERE namespace=? ORDER BY id", (namespace,))]
+            derived = self.derived.get(namespace)
+            return None if derived is None else derived.generation
+
+    def refresh(self, namespace: str | None = None) -> None:
+        """Catch up `namespace` if this replica holds it, or every namespace it holds
+        (None): what a change notification or a poll calls, so that searches find the
+        indexes current instead of catching up themselves."""
+        with self.lock:
+            for held in [namespace] if namespace is not None else list(self.derived):
+                if held in self.derived:
+                    self._catch_up(held)
 
     def close(self) -> None:
-        """Close the database (indexes are saved on every write)."""
+        """Save the indexes that changed since their last snapshot (the state database
+        belongs to the caller)."""
         with self.lock:
-            self.db.close()
+            for namespace, derived in self.derived.items():
+                if not derived.saved:
+                    self._save(namespace, derived)
+
+    # ---- catching up ----
+
+    def _catch_up(self, namespace: str) -> _Derived | None:
+        """This replica's indexes of `namespace`, brought to the committed generation:
+        incrementally from the changes since the held one, else from the snapshot on
+        disk, else rebuilt. None if the namespace does not exist."""
+        with self.lock, self.db.read() as connection:
+            row = connection.execute(select(
+                namespaces.c.incarnation, namespaces.c.generation, namespaces.c.floor)
+                .where(namespaces.c.name == namespace)).first()
+            if row is None:
+                self._forget(namespace)
+                return None
+            incarnation, generation, floor = row
+            derived = self.derived.get(namespace)
+            if derived is None or derived.incarnation != incarnation:
+                derived = self._load(namespace, connection, incarnation)
+            if derived is None or derived.generation < floor:
+                derived = self._rebuild(namespace, connection, incarnation, generation)
+            elif derived.generation < generation:
+                self._apply_changes(namespace, connection, derived, generation)
+            self.derived[namespace] = derived
+            return derived
+
+    def _apply_changes(self, namespace: str, connection: Connection, derived: _Derived,
+                       generation: int) -> None:
+        """Apply the writes in (derived.generation, generation] to the derived indexes."""
+        since = derived.generation
+        gone = list(connection.scalars(select(removed_chunks.c.chunk_id).where(
+            removed_chunks.c.namespace == namespace, removed_chunks.c.seq > since,
+            removed_chunks.c.seq <= generation)))
+        added = connection.execute(select(chunks.c.id, chunks.c.embedding, chunks.c.text)
+                                   .where(chunks.c.namespace == namespace,
+                                          chunks.c.seq > since, chunks.c.seq <= generation)
+                                   ).all()
+        if gone:
+            derived.index.remove_ids(np.array(gone, dtype=np.int64))
+            for chunk_id in gone:
+                derived.texts.pop(chunk_id, None)
+        if added:
+            derived.index.add_with_ids(_vectors(added, self.embedder.dim),
+                                       np.array([r[0] for r in added], dtype=np.int64))
+            derived.texts.update((r[0], r[2]) for r in added)
+        derived.generation, derived.lexical, derived.saved = generation, None, False
+        if _is_flat(derived.index) and derived.index.ntotal >= self.ivf_threshold:
+            derived.index = self._build(connection, namespace, generation)  # grown: go IVF
+            self._save(namespace, derived)  # the training is worth keeping
+
+    def _rebuild(self, namespace: str, connection: Connection, incarnation: str,
+                 generation: int) -> _Derived:
+        texts = dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
+            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
+        derived = _Derived(incarnation, generation,
+                           self._build(connection, namespace, generation), texts)
+        self._save(namespace, derived)
+        return derived
+
+    def _build(self, connection: Connection, namespace: str, generation: int) -> faiss.Index:
+        """A fresh index over every stored vector of the namespace up to `generation`."""
+        rows = connection.execute(select(chunks.c.id, chunks.c.embedding).where(
+            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all()
+        return build_index(_vectors(rows, self.embedder.dim),
+                           np.array([r[0] for r in rows], dtype=np.int64), self.ivf_threshold)
+
+    def _load(self, namespace: str, connection: Connection,
+              incarnation: str) -> _Derived | None:
+        """The snapshot on disk, if it is of this incarnation (None otherwise)."""
+        path, stamp = self._paths(namespace)
+        try:
+            saved = json.loads(stamp.read_text())
+            if saved["incarnation"] != incarnation:
+                return None
+            index = faiss.read_index(str(path))
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None  # missing or unreadable: rebuilt
+        generation = saved["generation"]
+        texts = dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
+            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
+        return _Derived(incarnation, generation, index, texts, saved=True)
+
+    def _save(self, namespace: str, derived: _Derived) -> None:
+        """Write the snapshot (temp file + rename, the stamp last)."""
+        path, stamp = self._paths(namespace)
+        stamp.unlink(missing_ok=True)  # no stamp: a half-written pair is never trusted
+        for target, write in ((path, lambda p: faiss.write_index(derived.index, str(p))),
+                              (stamp, lambda p: p.write_text(json.dumps({
+                                  "incarnation": derived.incarnation,
+                                  "generation": derived.generation})))):
+            temporary = target.with_name(f".{target.name}.tmp")
+            write(temporary)
+            os.replace(temporary, target)
+        derived.saved = True
+
+    def _forget(self, namespace: str) -> None:
+        self.derived.pop(namespace, None)
+        for path in self._paths(namespace):
+            path.unlink(missing_ok=True)
+
+    def _paths(self, namespace: str) -> tuple[Path, Path]:
+        return self.folder / f"{namespace}.index", self.folder / f"{namespace}.json"
 
     # ---- internals ----
 
-    def _vector_search(self, namespace: str, query: str, k: int,
+    def _matches(self, key: str, value) -> ColumnElement:
+        """A chunk's metadata[key] equals `value`, JSON types respected."""
+        if not isinstance(value, str | int | float | bool):
+            raise InvalidRequest(f"filter {key!r}: values must be strings, numbers or "
+                                 f"booleans, got {value!r}", field="filter")
+        if self.db.dialect == "postgresql":
+            return type_coerce(chunks.c.metadata, JSONB()).contains({key: value})  # @>
+        return func.json_extract(chunks.c.metadata, f'$."{key}"') == value
+
+    def _ensure(self, connection: Connection, namespace: str) -> bool:
+        """Create the namespace's row if missing; whether it was created."""
+        return connection.execute(self.db.insert_ignore(namespaces).values(
+            name=namespace, generation=0, shared=False, incarnation=uuid.uuid4().hex,
+            floor=0)).rowcount > 0
+
+    @staticmethod
+    def _bump(connection: Connection, namespace: str) -> int:
+        """The namespace's next generation. On PostgreSQL the UPDATE holds the row's lock
+        until commit: writers to one namespace take turns, so generations commit in order."""
+        return connection.execute(update(namespaces).where(namespaces.c.name == namespace)
+                                  .values(generation=namespaces.c.generation + 1)
+                                  .returning(namespaces.c.generation)).scalar_one()
+
+    @staticmethod
+    def _remove_documents(connection: Connection, namespace: str, ids: list[str],
+                          generation: int) -> list[int]:
+        """Delete documents (their chunks cascade) and tombstone the chunks at
+        `generation`; the removed chunk ids."""
+        old = list(connection.scalars(select(chunks.c.id).where(
+            chunks.c.namespace == namespace, chunks.c.document_id.in_(ids))))
+        connection.execute(delete(documents).where(documents.c.namespace == namespace,
+                                                   documents.c.id.in_(ids)))
+        if old:
+            connection.execute(insert(removed_chunks), [
+                {"namespace": namespace, "chunk_id": chunk_id, "seq": generation}
+                for chunk_id in old])
+        return old
+
+    @staticmethod
+    def _prune(connection: Connection, namespace: str, generation: int) -> None:
+        """Drop old tombstones once they outnumber the live chunks (and a floor): a
+        replica more than KEPT_GENERATIONS writes behind then rebuilds, which reads no
+        more than catching up would."""
+        tombstones = connection.scalar(select(func.count()).where(
+            removed_chunks.c.namespace == namespace))
+        live = connection.scalar(select(func.count()).where(chunks.c.namespace == namespace))
+        if tombstones <= max(live, TOMBSTONES_BEFORE_PRUNE):
+            return
+        floor = generation - KEPT_GENERATIONS
+        connection.execute(delete(removed_chunks).where(
+            removed_chunks.c.namespace == namespace, removed_chunks.c.seq <= floor))
+        connection.execute(update(namespaces).where(namespaces.c.name == namespace)
+                           .values(floor=floor))
+
+    def _vector_search(self, derived: _Derived, query: str, k: int,
                        allowed: set[int] | None) -> list[tuple[int, float]]:
-        index = self._index(namespace)
+        index = derived.index
         if index.ntotal == 0:
             return []
         selector = None
@@ -308,92 +468,29 @@ class DocumentStore:
                                    self.nprobe, selector)
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
-    def _lexical(self, namespace: str) -> LexicalIndex:
-        generation = self._generation(namespace)
-        cached = self.lexical.get(namespace)
-        if cached is None or cached[0] != generation:
-            rows = self.db.execute("SELECT id, text FROM chunks WHERE namespace=? ORDER BY id",
-                                   (namespace,)).fetchall()
-            cached = self.lexical[namespace] = (generation, LexicalIndex(rows))
-        return cached[1]
-
-    def _hit(self, chunk_id: int, score: float) -> Hit:
-        document_id, text, metadata = self.db.execute(
-            "SELECT document_id, text, metadata FROM chunks WHERE id=?", (chunk_id,)).fetchone()
-        return Hit(document_id, chunk_id, score, text, json.loads(metadata))
-
-    def _chunk_ids(self, namespace: str, document_id: str) -> list[int]:
-        return [r[0] for r in self.db.execute(
-            "SELECT id FROM chunks WHERE namespace=? AND document_id=?",
-            (namespace, document_id))]
-
-    def _bump(self, namespace: str) -> int:
-        self.db.execute("UPDATE namespaces SET generation = generation + 1 WHERE name=?",
-                        (namespace,))
-        return self._generation(namespace)
-
-    def _generation(self, namespace: str) -> int:
-        row = self.db.execute("SELECT generation FROM namespaces WHERE name=?",
-                              (namespace,)).fetchone()
-        return row[0] if row else 0
-
-    def _current(self, namespace: str, generation: int) -> faiss.Index | None:
-        """The cached index if it reflects exactly `generation` of the database."""
-        cached = self.indexes.get(namespace)
-        return cached[1] if cached and cached[0] == generation else None
-
-    def _index(self, namespace: str) -> faiss.Index:
-        """The namespace's index: cached if current, else read from disk if current, else
-        rebuilt from the stored vectors."""
-        generation = self._generation(namespace)
-        index = self._current(namespace, generation)
-        if index is not None:
-            return index
-        path = self.folder / "faiss" / f"{namespace}.index"
-        stamp = self.folder / "faiss" / f"{namespace}.json"
-        if path.exists() and stamp.exists():
-            try:
-                if json.loads(stamp.read_text())["generation"] == generation:
-                    index = faiss.read_index(str(path))
-            except (ValueError, KeyError, RuntimeError):
-                index = None  # unreadable: rebuilt below
-        if index is None:
-            index = self._build(namespace)
-            if generation:
-                self._save(namespace, index, generation)
-        self.indexes[namespace] = (generation, index)
-        return index
-
-    def _build(self, namespace: str) -> faiss.Index:
-        """A fresh index over every stored vector of the namespace."""
-        rows = self.db.execute("SELECT id, embedding FROM chunks WHERE namespace=?",
-                               (namespace,)).fetchall()
-        vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows]) \
-            if rows else np.zeros((0, self.embedder.dim), dtype=np.float32)
-        return build_index(vectors, np.array([i for i, _ in rows], dtype=np.int64),
-                           self.ivf_threshold)
-
-    def _save(self, namespace: str, index, generation: int) -> None:
-        folder = self.folder / "faiss"
-        for name, write in ((f"{namespace}.index", lambda p: faiss.write_index(index, str(p))),
-                            (f"{namespace}.json",
-                             lambda p: p.write_text(json.dumps({"generation": generation})))):
-            temporary = folder / f".{name}.tmp"
-            write(temporary)
-            os.replace(temporary, folder / name)
+    def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        """Hits in `scored`'s order; a chunk deleted since the indexes caught up is left
+        out (the database is the truth)."""
+        if not scored:
+            return []
+        with self.db.read() as connection:
+            rows = {row[0]: row[1:] for row in connection.execute(
+                select(chunks.c.id, chunks.c.document_id, chunks.c.text, chunks.c.metadata)
+                .where(chunks.c.id.in_([chunk_id for chunk_id, _ in scored])))}
+        return [Hit(rows[chunk_id][0], chunk_id, score, rows[chunk_id][1], rows[chunk_id][2])
+                for chunk_id, score in scored if chunk_id in rows]
 
     def _filtered_ids(self, namespace: str, filters: dict) -> list[int]:
-        clauses, values = [], [namespace]
+        """Chunk ids whose metadata matches every filter (a value, or any of a list)."""
+        clauses = [chunks.c.namespace == namespace]
         for key, wanted in filters.items():
             if not isinstance(key, str) or not key.replace("_", "").isalnum():
                 raise InvalidRequest(f"filter key {key!r} must be letters, digits or _",
                                      field="filter")
             options = wanted if isinstance(wanted, list) else [wanted]
-            clauses.append(f"json_extract(metadata, '$.{key}') IN "
-                           f"({', '.join('?' for _ in options)})")
-            values += options
-        sql = f"SELECT id FROM chunks WHERE namespace=? AND {' AND '.join(clauses)}"
-        return [r[0] for r in self.db.execute(sql, values)]
+            clauses.append(or_(*(self._matches(key, value) for value in options)))
+        with self.db.read() as connection:
+            return list(connection.scalars(select(chunks.c.id).where(*clauses)))
 
 
 @dataclass
@@ -455,6 +552,13 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 
         return index.search(queries, k, params=params)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _vectors(rows, dim: int) -> np.ndarray:
+    """[n, dim] float32 from rows whose second field is an embedding's bytes."""
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
 
 
 def _is_flat(index: faiss.Index) -> bool:

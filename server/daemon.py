@@ -1,8 +1,10 @@
 """`lorag serve`: one process with the engine, the HTTP API and the gRPC API.
 
-Start-up order: state (SQLite) and keys are checked first, so a bad flag fails in a second,
-not after the model has loaded; then the model, the engine, gRPC, and HTTP (uvicorn, in
-the main thread: it owns the signals). Shutdown runs in reverse.
+Start-up order: keys and the state database (SQLite under the data dir, or a fleet's
+PostgreSQL: migrated, or refused with a clear error) are checked first, so a bad flag or
+an unreachable database fails in seconds, not after the model has loaded; then the model,
+the engine, gRPC, and HTTP (uvicorn, in the main thread: it owns the signals). Shutdown
+runs in reverse.
 """
 
 import logging
@@ -28,6 +30,7 @@ from lorag.server.http import create_app
 from lorag.server.service import Service
 from lorag.server.state import StateStore
 from lorag.settings import Settings
+from lorag.state import Database, state_url
 
 if TYPE_CHECKING:
     from lorag.server.vllm_backend import VllmOptions
@@ -52,6 +55,8 @@ class ServeOptions:
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     served_model_name: str | None = None  # default: the model folder's name
+    state: str | None = None  # the state database's URL; default SQLite in data_dir
+    state_poll_s: float = 2.0  # how often other replicas' writes are polled for
     backend: str = "native"  # or "vllm", with `vllm`'s options
     vllm: "VllmOptions | None" = None
 
@@ -62,16 +67,22 @@ def build_service(options: ServeOptions) -> Service:
     name = check_name(options.served_model_name or Path(options.model).name,
                       "served_model_name", "served model name")
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
-    store = StateStore(options.data_dir)
-    config = options.engine
-    if not config.adapter_roots:
-        config = replace(config, adapter_roots=[options.data_dir / "adapters"])
-    for root in config.adapter_roots:
-        root.mkdir(parents=True, exist_ok=True)
-    documents = DocumentStore(options.data_dir / "retrieval", Embedder(),  # embedder: lazy
-                              options.chunk_tokens, options.chunk_overlap)
-    engine = start_backend(options, config)
-    return Service(engine, store, keys, model_name=name, documents=documents)
+    db = Database(state_url(options.state, options.data_dir))
+    try:
+        config = options.engine
+        if not config.adapter_roots:
+            config = replace(config, adapter_roots=[options.data_dir / "adapters"])
+        for root in config.adapter_roots:
+            root.mkdir(parents=True, exist_ok=True)
+        documents = DocumentStore(db, options.data_dir / "retrieval", Embedder(),  # lazy
+                                  options.chunk_tokens, options.chunk_overlap)
+        engine = start_backend(options, config)
+    except BaseException:
+        db.close()
+        raise
+    service = Service(engine, StateStore(db), keys, model_name=name, documents=documents)
+    service.follow_state(options.state_poll_s)
+    return service
 
 
 def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
@@ -100,7 +111,7 @@ def serve(options: ServeOptions, console: Console) -> None:
                   f"HTTP http://{options.host}:{options.port}/v1 | "
                   f"gRPC {options.host}:{options.grpc_port} | "
                   f"adapter roots {', '.join(str(r) for r in limits.adapter_roots)} | "
-                  f"state {service.store.path} | {len(service.records)} adapters known")
+                  f"state {service.store.db.name} | {len(service.records)} adapters known")
     if service.keys.open:
         where = "loopback only" if options.host in ("127.0.0.1", "localhost", "::1") else \
             f"{options.host}: ANYONE WHO CAN REACH IT"

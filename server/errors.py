@@ -16,6 +16,7 @@ from lorag.errors import (
     Overloaded,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
 
 
@@ -34,6 +35,7 @@ MAPPINGS: dict[type[LoragError], Mapping] = {
     PermissionDenied: Mapping(403, "permission_error", grpc.StatusCode.PERMISSION_DENIED),
     NotFound: Mapping(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
     Overloaded: Mapping(429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Unavailable: Mapping(503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE),
 }
 INTERNAL = Mapping(500, "internal_error", grpc.StatusCode.INTERNAL)
 

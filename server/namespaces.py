@@ -6,6 +6,7 @@ message as a name nobody has.
 """
 
 from lorag.errors import NotFound
+from lorag.retrieval.ingest import Document
 from lorag.retrieval.store import DocumentStore, Hit
 from lorag.server import tenancy
 from lorag.server.tenancy import Caller
@@ -18,11 +19,13 @@ class Namespaces:
         self.store = store
 
     def put(self, caller: Caller, name: str, documents: list[dict]) -> list[dict]:
-        """Add or replace documents ({id, text, metadata}); each one's outcome."""
+        """Add or replace documents ({id, text, metadata}) in one transaction; each
+        one's outcome."""
         namespace = self._own(caller, name, "write documents")
-        return [{"id": d["id"], "status": self.store.upsert(namespace, d["id"], d["text"],
-                                                            d.get("metadata"))}
-                for d in documents]
+        outcomes = self.store.put_documents(namespace, [
+            Document(d["id"], d["text"], d.get("metadata") or {}) for d in documents])
+        return [{"id": d["id"], "status": status}
+                for d, status in zip(documents, outcomes, strict=True)]
 
     def delete_document(self, caller: Caller, name: str, document_id: str) -> None:
         """Remove one document and its chunks; NotFound if there is no such document."""

@@ -11,8 +11,8 @@ import threading
 import time
 import uuid
 
-from lorag.adapters import AdapterKey, Composition
-from lorag.errors import AdapterNotFound, InvalidRequest
+from lorag.adapters import AdapterKey, Composition, content_version
+from lorag.errors import AdapterNotFound, InvalidRequest, Unavailable
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import DocumentStore
 from lorag.server import tenancy
@@ -48,11 +48,13 @@ class Service:
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
-        self.records: dict[str, AdapterRecord] = {}  # engine key -> record
+        # engine key -> the record the engine serves under it; the state database is the
+        # truth, and every request brings this replica's engine to it (`_record`)
+        self.records: dict[str, AdapterRecord] = {}
         self.lock = threading.Lock()  # orders loads/unloads with their records
+        self.follower = None  # follow_state's thread
         for record in store.adapters():  # a restart: known again, read on first use
-            engine.load_adapter(record.key, record.path, lazy=True)
-            self.records[record.key] = record
+            self._install(record, lazy=True)
         for caller in keys.keys.values():
             store.ensure_tenant(caller.tenant)
 
@@ -143,33 +145,32 @@ class Service:
     # ---- adapters ----
 
     def load_adapter(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
-        """Register `path` as the caller tenant's adapter `name`; True if newly loaded."""
+        """Register `path` as the caller tenant's adapter `name` (again: other weights
+        replace the ones served under that name, on every replica); True if newly loaded."""
         key = tenancy.own_key(caller, name, "load adapters", "adapter name", "lora_name")
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
-        record = AdapterRecord(caller.tenant, name, str(path), bool(shared))
+        version = content_version(path, list(self.engine.limits.adapter_roots))
+        record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
         with self.lock:
             if shared:
                 tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
             start = time.perf_counter()
-            loaded = self.engine.load_adapter(key, str(path))  # reads + validates
+            loaded = self._install(record, lazy=False)  # reads + validates
             self.metrics.adapter_load.observe(time.perf_counter() - start)
             # the row is written only after validation: a crash before this line leaves
             # no trace; after it, a complete record
             self.store.put_adapter(record)
-            self.records[key] = record
         return loaded
 
     def unload_adapter(self, caller: Caller, name: str) -> None:
-        """Forget the caller tenant's adapter `name` (running requests finish)."""
+        """Forget the caller tenant's adapter `name` (running requests finish). Once this
+        returns, no replica admits another request on it: each checks the record first."""
         tenancy.require_admin(caller, "unload adapters")
-        key = tenancy.key(caller.tenant, name)
         with self.lock:
-            if key not in self.records:
+            if not self.store.delete_adapter(caller.tenant, name):
                 raise AdapterNotFound(f"adapter {name!r} is not loaded", field="lora_name")
-            self.store.delete_adapter(caller.tenant, name)
-            del self.records[key]
-            self.engine.unload_adapter(key)
+            self._forget(tenancy.key(caller.tenant, name))
 
     def pin_adapter(self, caller: Caller, name: str, pinned: bool) -> None:
         """Keep one of the caller's adapters in a compute slot, or let it go again."""
@@ -181,13 +182,14 @@ class Service:
             self.engine.unpin_adapter(key)
 
     def list_adapters(self, caller: Caller) -> list[dict]:
-        """The adapters the caller can use, with their status in the engine."""
+        """The adapters the caller can use, with their status in this replica's engine."""
         rows = {row["name"]: row for row in self.engine.list_adapters()}
         out = []
-        for key, record in sorted(self.records.items(), key=lambda item: item[1].name):
-            if not tenancy.visible(caller, key, record.shared):
+        for record in sorted(self.store.adapters(), key=lambda record: record.name):
+            if not tenancy.visible(caller, record.key, record.shared):
                 continue
-            row = rows.get(key, {})
+            held = self.records.get(record.key) == record
+            row = rows.get(record.key, {}) if held else {}
             out.append({"name": record.name, "path": record.path, "shared": record.shared,
                         "owner": record.tenant, "in_ram": row.get("in_ram", False),
                         "active": row.get("active", False),
@@ -203,14 +205,78 @@ class Service:
         raise AdapterNotFound(f"adapter {name!r} is not loaded", field="name")
 
     def _key(self, caller: Caller, name: str, field: str) -> str:
-        key = tenancy.resolve(caller, name, self.records.__contains__, self._shared())
-        if key is None:
+        record = self._record(caller, name)
+        if record is None:
             raise AdapterNotFound(f"model {name!r} is neither the base model "
                                   f"({self.model_name!r}) nor a loaded adapter; list them at "
                                   "GET /v1/models", field=field)
-        return key
+        return record.key
+
+    def _record(self, caller: Caller, name: str) -> AdapterRecord | None:
+        """The adapter `name` means to the caller, as the state database has it now, with
+        this replica's engine brought to it: a registration made elsewhere is installed
+        (read on first use), a re-registration replaces the weights, an unload forgets
+        them. While the database cannot be reached, the records last seen here serve: no
+        unload can commit meanwhile."""
+        try:
+            record = self.store.visible_adapter(caller.tenant, name)
+        except Unavailable:
+            key = tenancy.resolve(caller, name, self.records.__contains__, self._held_shared())
+            return None if key is None else self.records[key]
+        with self.lock:
+            if record is None:  # unloaded (maybe elsewhere): whatever was held goes
+                key = tenancy.resolve(caller, name, self.records.__contains__,
+                                      self._held_shared())
+                if key is not None:
+                    self._forget(key)
+                return None
+            if self.records.get(record.key) != record:
+                self._install(record, lazy=True)
+        return record
+
+    def _install(self, record: AdapterRecord, lazy: bool) -> bool:
+        """Serve `record` under its key, replacing other weights held there (caller holds
+        the lock, or is the constructor)."""
+        known = self.records.pop(record.key, None)
+        if known is not None and (known.path, known.version) != (record.path, record.version):
+            self.engine.unload_adapter(record.key)
+            known = None
+        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy)
+        self.records[record.key] = record
+        return loaded
+
+    def _forget(self, key: str) -> None:
+        """Stop serving `key` on this replica (caller holds the lock)."""
+        if self.records.pop(key, None) is not None:
+            self.engine.unload_adapter(key)
+
+    def sync_adapters(self) -> None:
+        """Bring this replica's engine to every record in the state database: the same
+        as `_record` does per request, for all of them at once (a notification or a poll),
+        so that unloaded weights leave memory without waiting for a request."""
+        records = {record.key: record for record in self.store.adapters()}
+        with self.lock:
+            for key in [key for key in self.records if key not in records]:
+                self._forget(key)
+            for key, record in records.items():
+                if self.records.get(key) != record:
+                    self._install(record, lazy=True)
+
+    def follow_state(self, interval: float) -> None:
+        """Apply the changes other replicas commit (adapters, documents) as they are
+        notified, and poll every `interval` seconds."""
+        def on_change(topic: str | None, name: str | None) -> None:
+            if topic in (None, "adapters"):
+                self.sync_adapters()
+            if topic in (None, "documents"):
+                self.namespaces.store.refresh(name)
+
+        self.follower = self.store.db.follow(on_change, interval)
 
     def _shared(self) -> list[str]:
+        return [record.key for record in self.store.adapters() if record.shared]
+
+    def _held_shared(self) -> list[str]:
         return [key for key, record in self.records.items() if record.shared]
 
     # ---- state ----
@@ -228,7 +294,10 @@ class Service:
                 "engine_families": self.engine.metric_families()}
 
     def close(self) -> None:
-        """Stop the engine (running requests end as cancelled) and close both stores."""
+        """Stop the engine (running requests end as cancelled), save the derived indexes
+        and close the state database."""
+        if self.follower is not None:
+            self.follower.stop()
         self.engine.shutdown()
-        self.store.close()
         self.namespaces.store.close()
+        self.store.db.close()

@@ -1,43 +1,32 @@
-"""The daemon's durable state in SQLite: tenants and the adapters they registered.
+"""Tenants and the adapters they registered, in the state database (lorag/state).
 
-One file under the data dir (`lorag.db`). A row is written only after the engine has read
-and validated the adapter, in one transaction, so a crash in the middle of a load leaves
-either no row (the load never happened) or a complete one (it is known after a restart
-and read again lazily on first use).
+A row is written only after the engine has read and validated the adapter, in one
+transaction, so a crash in the middle of a load leaves either no row (the load never
+happened) or a complete one (it is known after a restart and read again lazily on first
+use). Every replica on one database sees the same rows: `version` (the adapter's content
+digest at registration) tells a replica holding other weights under that name to reload.
 """
 
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from sqlalchemy import delete, or_, select, update
 
 from lorag.server import tenancy
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    name TEXT PRIMARY KEY,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapters (
-    tenant TEXT NOT NULL REFERENCES tenants(name),
-    name TEXT NOT NULL,
-    path TEXT NOT NULL,
-    shared INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    PRIMARY KEY (tenant, name)
-);
-"""
+from lorag.state import Database
+from lorag.state.schema import adapters, tenants
 
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """A registered adapter: who owns it, what the owner calls it, where it lives."""
+    """A registered adapter: who owns it, what the owner calls it, where it lives, and
+    which content it had when registered."""
 
     tenant: str
     name: str
     path: str
     shared: bool
+    version: str = ""
 
     @property
     def key(self) -> str:
@@ -45,53 +34,63 @@ class AdapterRecord:
         return tenancy.key(self.tenant, self.name)
 
 
-class StateStore:
-    """Tenants and adapter records in SQLite; safe to call from any thread."""
+COLUMNS = (adapters.c.tenant, adapters.c.name, adapters.c.path, adapters.c.shared,
+           adapters.c.version)
 
-    def __init__(self, data_dir: Path):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "lorag.db"
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+
+class StateStore:
+    """Tenants and adapter records; safe to call from any thread."""
+
+    def __init__(self, db: Database):
+        self.db = db
 
     def ensure_tenant(self, name: str) -> None:
         """Record a tenant (idempotent)."""
-        with self.lock:
-            self.db.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?)", (name, time.time()))
+        with self.db.write() as connection:
+            connection.execute(self.db.insert_ignore(tenants).values(name=name,
+                                                                    created=time.time()))
 
     def tenants(self) -> list[str]:
         """Every tenant ever seen, sorted."""
-        with self.lock:
-            return [row[0] for row in self.db.execute("SELECT name FROM tenants ORDER BY name")]
+        with self.db.read() as connection:
+            return list(connection.scalars(select(tenants.c.name).order_by(tenants.c.name)))
 
     def put_adapter(self, record: AdapterRecord) -> None:
-        """Insert or replace one adapter record, atomically."""
-        with self.lock, self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?)",
-                            (record.tenant, time.time()))
-            self.db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?)",
-                            (record.tenant, record.name, record.path, int(record.shared),
-                             time.time()))
+        """Insert or replace one adapter record, atomically, and tell the other replicas."""
+        values = {"path": record.path, "shared": record.shared, "version": record.version,
+                  "created": time.time()}
+        with self.db.write() as connection:
+            connection.execute(self.db.insert_ignore(tenants).values(name=record.tenant,
+                                                                    created=time.time()))
+            replaced = connection.execute(update(adapters).where(
+                adapters.c.tenant == record.tenant, adapters.c.name == record.name)
+                .values(**values)).rowcount
+            if not replaced:
+                connection.execute(adapters.insert().values(tenant=record.tenant,
+                                                            name=record.name, **values))
+            self.db.notify(connection, "adapters", record.key)
 
     def delete_adapter(self, tenant: str, name: str) -> bool:
         """Remove a record; says whether there was one."""
-        with self.lock:
-            cursor = self.db.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?",
-                                     (tenant, name))
-            return cursor.rowcount > 0
+        with self.db.write() as connection:
+            gone = connection.execute(delete(adapters).where(
+                adapters.c.tenant == tenant, adapters.c.name == name)).rowcount
+            self.db.notify(connection, "adapters", tenancy.key(tenant, name))
+            return gone > 0
 
     def adapters(self) -> list[AdapterRecord]:
         """Every adapter record, by tenant then name."""
-        with self.lock:
-            rows = self.db.execute("SELECT tenant, name, path, shared FROM adapters "
-                                   "ORDER BY tenant, name").fetchall()
-        return [AdapterRecord(t, n, p, bool(s)) for t, n, p, s in rows]
+        with self.db.read() as connection:
+            rows = connection.execute(select(*COLUMNS).order_by(adapters.c.tenant,
+                                                                adapters.c.name)).all()
+        return [AdapterRecord(*row) for row in rows]
 
-    def close(self) -> None:
-        """Close the database file."""
-        with self.lock:
-            self.db.close()
+    def visible_adapter(self, tenant: str, name: str) -> AdapterRecord | None:
+        """The record `name` means to `tenant`: its own, else the one shared under that
+        name (server/tenancy.py's rule), else None."""
+        with self.db.read() as connection:
+            rows = connection.execute(select(*COLUMNS).where(
+                adapters.c.name == name,
+                or_(adapters.c.tenant == tenant, adapters.c.shared))).all()
+        records = [AdapterRecord(*row) for row in rows]
+        return next((r for r in records if r.tenant == tenant), records[0] if records else None)

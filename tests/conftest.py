@@ -23,6 +23,7 @@ from lorag.provision import ModelCache  # noqa: E402
 from lorag.retrieval.embedder import Embedder  # noqa: E402
 from lorag.settings import Settings  # noqa: E402
 from tests.daemons import KEYS, Daemon  # noqa: E402
+from tests.postgres import PostgresServer  # noqa: E402
 from tests.tiny import TINY_NAME, tiny_model  # noqa: E402
 
 
@@ -87,3 +88,20 @@ def real_daemon(real_adapters, keys_file, tmp_path_factory):
     yield daemon
     if daemon.process.poll() is None:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session (tests/postgres.py)."""
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request, tmp_path) -> str:
+    """A fresh, empty state database's URL on each backend: a test that takes it runs
+    once on SQLite (the embedded default) and once on PostgreSQL (a fleet's)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lorag.db'}"
+    return request.getfixturevalue("postgres").new_database()

@@ -50,10 +50,11 @@ class LocalDaemon(_Health):
     """The daemon's parts in this process, serving `model` (a model folder)."""
 
     def __init__(self, model: Path, data_dir: Path, root: Path, keys: Path,
-                 backend: str = "native"):
+                 backend: str = "native", state: str | None = None):
         options = ServeOptions(model=str(model), quantize="none", dtype="float32",
                                host="127.0.0.1", port=free_port(), grpc_port=free_port(),
-                               data_dir=data_dir, api_keys=keys,
+                               data_dir=data_dir, api_keys=keys, state=state,
+                               state_poll_s=0.5,
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
                                served_model_name=BASE, backend=backend,
                                vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)

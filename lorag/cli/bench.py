@@ -63,9 +63,13 @@ def bench_retrieval(
     queries: Annotated[int, typer.Option(min=1, help="Embedded questions searched.")] = 200,
     nprobe: Annotated[str, typer.Option(help="Comma-separated IVF nprobe values.")] =
         "4,16,64",
+    state: Annotated[str | None, typer.Option(
+        help="Also measure two replicas on this state database (postgresql://...) beside "
+             "SQLite: ingest rate, catch-up lag, search p50.")] = None,
     json_path: JsonOut = None,
 ) -> None:
-    """Ingest chunks/s through the store; flat vs IVF search p50/p99 and recall@10."""
+    """Ingest chunks/s through the store; flat vs IVF search p50/p99 and recall@10; with
+    --state, replicas on a shared state database."""
     from lorag.benchmarks.retrieval import main
 
     try:
@@ -74,7 +78,7 @@ def bench_retrieval(
     except ValueError as e:
         raise InvalidRequest(f"--sizes and --nprobe take comma-separated integers ({e})",
                              field="sizes") from e
-    main(size_list, documents, queries, nprobes, json_path)
+    main(size_list, documents, queries, nprobes, json_path, state)
 
 
 @app.command("load")

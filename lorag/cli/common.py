@@ -35,6 +35,10 @@ def group(help_text: str) -> typer.Typer:
 
 DataDir = Annotated[Path | None, typer.Option(
     help="State folder (without --url); default $LORAG_HOME/data.")]
+State = Annotated[str | None, typer.Option(
+    envvar="LORAG_STATE",
+    help="State database: sqlite:///PATH (default <data-dir>/lorag.db), or "
+         "postgresql://USER@HOST/DB to share tenants, adapters and documents with a fleet.")]
 Url = Annotated[str | None, typer.Option(
     help="A running daemon's URL: work there instead of on the data dir.")]
 DaemonUrl = Annotated[str, typer.Option("--url", help="The running daemon's URL.")]

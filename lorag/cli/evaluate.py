@@ -13,6 +13,7 @@ from lorag.cli.common import (
     ApiKey,
     DaemonUrl,
     DataDir,
+    State,
     Tenant,
     Url,
     console,
@@ -34,7 +35,7 @@ def eval_retrieval(
         help="vector, bm25, hybrid (repeatable; default: all three, side by side).")] = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the summary and per-query results here.")] = None,
-    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
     """Recall@k, MRR@10 and nDCG@10 of each search mode on a labelled query set."""
@@ -49,7 +50,7 @@ def eval_retrieval(
         if name not in MODES:
             raise InvalidRequest(f"--mode {name!r} must be one of {', '.join(MODES)}",
                                  field="mode")
-    target = namespaces_at(url, api_key, data_dir, tenant)
+    target = namespaces_at(url, api_key, data_dir, state, tenant)
     results = [evaluate(target, namespace, labelled, k, name) for name in modes]
     table = Table("mode", f"recall@{k}", "MRR@10", "nDCG@10",
                   title=f"{namespace}: {len(labelled)} queries")

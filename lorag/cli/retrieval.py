@@ -1,8 +1,10 @@
-"""`lorag ingest`, `lorag search`, `lorag namespaces`: retrieval on a data dir or a daemon.
+"""`lorag ingest`, `lorag search`, `lorag namespaces`: retrieval on the state or a daemon.
 
-Each command works on the data dir (`--data-dir`, as tenant `--tenant`) or, with `--url`,
-on a running daemon as the holder of `--api-key`: both are namespaces with one face
-(`put_documents`, `search`, `namespaces`, `drop_namespace`).
+Each command works on the state database directly (`--state`, default the data dir's
+SQLite file; a fleet's PostgreSQL, so a batch ingest can run as a job beside the
+replicas; as tenant `--tenant`) or, with `--url`, on a running daemon as the holder of
+`--api-key`: both are namespaces with one face (`put_documents`, `search`, `namespaces`,
+`drop_namespace`).
 """
 
 from dataclasses import asdict
@@ -14,7 +16,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorag.cli.common import ApiKey, DataDir, Tenant, Url, console, data_dir_or_default, group
+from lorag.cli.common import (
+    ApiKey,
+    DataDir,
+    State,
+    Tenant,
+    Url,
+    console,
+    data_dir_or_default,
+    group,
+)
 from lorag.client import DaemonClient
 from lorag.errors import InvalidRequest, NotFound
 from lorag.names import check_name
@@ -23,17 +34,18 @@ from lorag.server import tenancy
 namespaces_app = group("Retrieval namespaces, in the data dir or on a daemon.")
 
 
-class DataDirNamespaces:
-    """One tenant's namespaces in a data dir's document store, keyed as the daemon keys
-    them (server/tenancy.py): what is ingested here for tenant "default" is what a daemon
-    started without API keys serves."""
+class StoreNamespaces:
+    """One tenant's namespaces in the state database's document store, keyed as the
+    daemon keys them (server/tenancy.py): what is ingested here for tenant "default" is
+    what a daemon started without API keys on the same state serves."""
 
-    def __init__(self, data_dir: Path, tenant: str = "default", chunk_tokens: int = 200,
-                 chunk_overlap: int = 40):
+    def __init__(self, state: str, cache_dir: Path, tenant: str = "default",
+                 chunk_tokens: int = 200, chunk_overlap: int = 40):
         from lorag.retrieval.embedder import Embedder  # loads sentence-transformers
         from lorag.retrieval.store import DocumentStore
+        from lorag.state import Database
 
-        self.store = DocumentStore(Path(data_dir) / "retrieval", Embedder(), chunk_tokens,
+        self.store = DocumentStore(Database(state), cache_dir, Embedder(), chunk_tokens,
                                    chunk_overlap)
         self.tenant = tenant
 
@@ -50,7 +62,7 @@ class DataDirNamespaces:
                                                      mode)]
 
     def namespaces(self) -> list[dict]:
-        """Every namespace in the data dir, all tenants': this is the operator's view."""
+        """Every namespace in the state, all tenants': this is the operator's view."""
         return [{"name": tenancy.split(row["namespace"])[1],
                  "owner": tenancy.split(row["namespace"])[0] or "", "shared": row["shared"],
                  "documents": row["documents"], "chunks": row["chunks"]}
@@ -65,23 +77,27 @@ class DataDirNamespaces:
         return tenancy.key(self.tenant, check_name(namespace, "namespace", "namespace"))
 
 
-def namespaces_at(url: str | None, api_key: str | None, data_dir: Path | None, tenant: str,
-                  **chunking) -> "DaemonClient | DataDirNamespaces":
-    """The daemon at `url` when given, else the data dir's namespaces of `tenant`."""
+def namespaces_at(url: str | None, api_key: str | None, data_dir: Path | None,
+                  state: str | None, tenant: str, **chunking) -> "DaemonClient | StoreNamespaces":
+    """The daemon at `url` when given, else `tenant`'s namespaces in the state database
+    (`state`, default the data dir's SQLite file; index snapshots in the data dir)."""
+    from lorag.state import state_url
+
     if url:
         return DaemonClient(url, api_key)
-    return DataDirNamespaces(data_dir_or_default(data_dir), tenant, **chunking)
+    folder = data_dir_or_default(data_dir)
+    return StoreNamespaces(state_url(state, folder), folder / "retrieval", tenant, **chunking)
 
 
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest.")],
     namespace: Annotated[str, typer.Option(help="Namespace to ingest into.")],
-    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
     chunk_tokens: Annotated[int | None, typer.Option(
-        min=16, help="Chunk size in the embedder's tokens (data dir; default 200).")] = None,
+        min=16, help="Chunk size in the embedder's tokens (without --url; default 200).")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(
-        min=0, help="Tokens consecutive chunks share (data dir; default 40).")] = None,
+        min=0, help="Tokens consecutive chunks share (without --url; default 40).")] = None,
 ) -> None:
     """Chunk, embed and index documents (.txt .md .jsonl .html .pdf); unchanged ones are
     skipped. A file's document id is its path relative to the PATH it was found under."""
@@ -92,11 +108,11 @@ def ingest(
                                               ("chunk_overlap", chunk_overlap))
                 if value is not None}
     if url and chunking:
-        raise InvalidRequest("--chunk-tokens and --chunk-overlap apply to a data dir; a "
+        raise InvalidRequest("--chunk-tokens and --chunk-overlap apply without --url; a "
                              "daemon chunks as its `lorag serve --chunk-tokens` says",
                              field="chunk_tokens")
     files = list(files_under(paths))
-    target = namespaces_at(url, api_key, data_dir, tenant, **chunking)
+    target = namespaces_at(url, api_key, data_dir, state, tenant, **chunking)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
                   console=console) as progress:
@@ -122,7 +138,7 @@ def search(
     mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid (fused by RRF).")] =
         "hybrid",
     as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
-    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
     """Search a namespace: BM25, vector, or both fused (the default)."""
@@ -134,7 +150,7 @@ def search(
         if not sep or not key:
             raise InvalidRequest(f"--filter {item!r} must be key=value", field="filter")
         filters.setdefault(key, []).append(value)
-    hits = namespaces_at(url, api_key, data_dir, tenant).search(namespace, query, k, mode,
+    hits = namespaces_at(url, api_key, data_dir, state, tenant).search(namespace, query, k, mode,
                                                                 filters or None)
     if as_json:
         print(json.dumps(hits, indent=2))
@@ -145,9 +161,10 @@ def search(
 
 
 @namespaces_app.command("list")
-def namespaces_list(url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None) -> None:
+def namespaces_list(url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+                    state: State = None) -> None:
     """Namespaces with their owner and document and chunk counts."""
-    rows = namespaces_at(url, api_key, data_dir, "default").namespaces()
+    rows = namespaces_at(url, api_key, data_dir, state, "default").namespaces()
     table = Table("namespace", "owner", "shared", "documents", "chunks")
     for row in rows:
         table.add_row(row["name"], row["owner"], "yes" if row["shared"] else "",
@@ -158,9 +175,9 @@ def namespaces_list(url: Url = None, api_key: ApiKey = None, data_dir: DataDir =
 @namespaces_app.command("delete")
 def namespaces_delete(
     namespace: Annotated[str, typer.Argument(help="The namespace to delete.")],
-    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None,
+    url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
     """Delete a namespace with all its documents and its index."""
-    namespaces_at(url, api_key, data_dir, tenant).drop_namespace(namespace)
+    namespaces_at(url, api_key, data_dir, state, tenant).drop_namespace(namespace)
     console.print(f"deleted namespace {namespace}")

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from lorag import catalog
-from lorag.cli.common import DataDir, console, data_dir_or_default
+from lorag.cli.common import DataDir, State, console, data_dir_or_default
 from lorag.errors import InvalidRequest
 
 
@@ -49,6 +49,10 @@ def serve(
         help="Folder adapters may be loaded from (repeatable); default <data-dir>/adapters.")]
         = None,
     data_dir: DataDir = None,
+    state: State = None,
+    state_poll_interval: Annotated[float, typer.Option(
+        min=0.1, help="Seconds between polls for other replicas' writes to the state (on "
+                      "PostgreSQL, notifications come sooner).")] = 2.0,
     api_keys: Annotated[Path | None, typer.Option(
         help='JSON {"<key>": {"tenant": "<name>", "admin": false}}; without it, open.')]
         = None,
@@ -122,7 +126,9 @@ def serve(
         vllm = VllmOptions(**given_only(vllm_only))
     run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
-                     chunk_overlap, served_model_name, backend.value, vllm), console)
+                     chunk_overlap, served_model_name, state=state,
+                     state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm),
+        console)
 
 
 def given_only(options: dict[str, object]) -> dict[str, object]:

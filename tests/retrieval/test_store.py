@@ -1,6 +1,7 @@
 """The document store on a small real corpus (tests/data/corpus) with the real embedder:
 ingest, incremental re-ingest, delete, filters inside the search, persistence, and a
-SIGKILL in the middle of an ingest."""
+SIGKILL in the middle of an ingest. Every test runs on both state backends (the `state`
+fixture: SQLite and a real PostgreSQL)."""
 
 import json
 import shutil
@@ -15,13 +16,23 @@ import pytest
 from lorag.errors import InvalidRequest
 from lorag.retrieval.ingest import ingest
 from lorag.retrieval.store import DocumentStore
+from lorag.state import Database
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 
 
+def open_store(state: str, folder: Path, embedder, **options) -> DocumentStore:
+    """A document store on the state database at `state`, its index snapshots in
+    `folder` (a replica's own)."""
+    return DocumentStore(Database(state), folder, embedder, **options)
+
+
 @pytest.fixture
-def store(tmp_path, embedder):
-    return DocumentStore(tmp_path / "retrieval", embedder)
+def store(state, tmp_path, embedder):
+    opened = open_store(state, tmp_path / "retrieval", embedder)
+    yield opened
+    opened.close()
+    opened.db.close()
 
 
 def test_ingest_then_reingest_is_incremental(store, tmp_path):
@@ -77,13 +88,13 @@ def test_filters_apply_inside_the_search(store):
         store.search("kb", "x", filters={"a'); DROP TABLE chunks; --": "x"})
 
 
-def test_delete_and_reopen(store, tmp_path, embedder):
+def test_delete_and_reopen(store, state, tmp_path, embedder):
     ingest(store, "kb", [CORPUS])
     assert store.delete("kb", "guides/volcanoes.md") is True
     assert store.delete("kb", "guides/volcanoes.md") is False
     assert all(h.document_id != "guides/volcanoes.md"
                for h in store.search("kb", "Hekla volcano eruption", k=10))
-    reopened = DocumentStore(tmp_path / "retrieval", embedder)
+    reopened = open_store(state, tmp_path / "retrieval", embedder)
     assert "guides/volcanoes.md" not in reopened.documents("kb")
     assert reopened.search("kb", "cardamom bun", k=1)[0].document_id == "guides/bakery.txt"
     assert reopened.drop_namespace("kb") is True and reopened.namespaces() == []
@@ -113,16 +124,17 @@ import sys
 from pathlib import Path
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
-store = DocumentStore(Path(sys.argv[1]), Embedder())
+from lorag.state import Database
+store = DocumentStore(Database(sys.argv[1]), Path(sys.argv[2]), Embedder())
 for i in range(1000):
     store.upsert("kb", f"doc-{i}", f"Document number {i} talks about topic {i % 7}. " * 40)
     print(f"done doc-{i}", flush=True)
 """
 
 
-def test_a_kill_during_ingest_loses_nothing_committed(tmp_path, embedder):
+def test_a_kill_during_ingest_loses_nothing_committed(state, tmp_path, embedder):
     folder = tmp_path / "retrieval"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, state, str(folder)],
                               stdout=subprocess.PIPE, text=True)
     done = []
     deadline = time.monotonic() + 300
@@ -135,16 +147,16 @@ def test_a_kill_during_ingest_loses_nothing_committed(tmp_path, embedder):
     writer.wait()
     assert len(done) == 8
 
-    store = DocumentStore(folder, embedder)
+    store = open_store(state, folder, embedder)
     documents = set(store.documents("kb"))
     assert set(done) <= documents  # every upsert that returned is there
-    index = store._index("kb")
-    chunks = store.db.execute("SELECT COUNT(*) FROM chunks WHERE namespace='kb'").fetchone()[0]
-    assert index.ntotal == chunks  # index and database agree
+    # the snapshot the writer left (its first rebuild) caught up to the database
+    stamp = json.loads((folder / "faiss" / "kb.json").read_text())
+    derived = store._catch_up("kb")
+    assert stamp["generation"] < derived.generation
+    assert derived.index.ntotal == len(derived.texts) == store.counts("kb")[1]
     hits = store.search("kb", "Document number 3 talks about topic 3", k=5)
     assert {h.document_id for h in hits} <= documents
-    state = json.loads((folder / "faiss" / "kb.json").read_text())
-    assert state["generation"] == store._generation("kb")
 
 
 FAULTS = ["the circulation pump overheated", "the inlet valve is stuck closed",
@@ -177,23 +189,23 @@ def test_hybrid_beats_either_mode_alone(store):
         store.search("kb", "x", mode="fuzzy")
 
 
-def test_a_large_namespace_switches_to_ivf_and_stays_correct(tmp_path, embedder):
+def test_a_large_namespace_switches_to_ivf_and_stays_correct(state, tmp_path, embedder):
     import faiss
 
-    store = DocumentStore(tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
+    store = open_store(state, tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
     colors = ["red", "green", "blue", "amber", "violet", "grey"]
     places = ["harbor", "forest", "desert", "glacier", "meadow", "canyon", "island"]
     for i in range(130):
         store.upsert("big", f"fact-{i}", f"Fact {i}: the {colors[i % 6]} lantern hangs in "
                                          f"the {places[i % 7]} number {i}.", {"n": i % 2})
-    index = store._index("big")
+    index = store._catch_up("big").index
     assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 130
     hit = store.search("big", "Fact 77: the grey lantern in the harbor number 77", k=1)[0]
     assert hit.document_id == "fact-77"
     odd = store.search("big", "lantern", k=20, filters={"n": 1}, mode="vector")
     assert len(odd) == 20 and all(h.metadata["n"] == 1 for h in odd)
     assert store.delete("big", "fact-77")
-    reopened = DocumentStore(tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
-    assert faiss.try_extract_index_ivf(reopened._index("big")) is not None
-    assert reopened._index("big").ntotal == 129
+    reopened = open_store(state, tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
+    index = reopened._catch_up("big").index
+    assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 129
     assert all(h.document_id != "fact-77" for h in reopened.search("big", "Fact 77", k=5))

@@ -1,14 +1,16 @@
-"""API keys and the SQLite state store, without a model."""
+"""API keys, and tenants and adapter records in the state database (both backends),
+without a model."""
 
 import json
-import sqlite3
 
 import pytest
+from sqlalchemy import exc, text
 
 from lorag.errors import InvalidRequest, Unauthenticated
 from lorag.server.auth import ApiKeys
 from lorag.server.state import AdapterRecord, StateStore
 from lorag.server.tenancy import Caller
+from lorag.state import Database
 
 
 def keys_file(tmp_path, data) -> ApiKeys:
@@ -49,25 +51,42 @@ def test_bad_key_files_say_what_is_wrong(tmp_path, data, problem):
     assert error.value.field == "api_keys"
 
 
-def test_adapter_records_survive_reopening(tmp_path):
-    store = StateStore(tmp_path)
+def test_adapter_records_survive_reopening(state):
+    store = StateStore(Database(state))
     store.put_adapter(AdapterRecord("acme", "style", "/a/style", shared=False))
     store.put_adapter(AdapterRecord("beta", "house", "/a/house", shared=True))
-    store.put_adapter(AdapterRecord("acme", "style", "/a/style-v2", shared=False))  # replace
-    store.close()
-    again = StateStore(tmp_path)
-    assert again.adapters() == [AdapterRecord("acme", "style", "/a/style-v2", False),
+    store.put_adapter(AdapterRecord("acme", "style", "/a/style-v2", False, "v2"))  # replace
+    store.db.close()
+    again = StateStore(Database(state))
+    assert again.adapters() == [AdapterRecord("acme", "style", "/a/style-v2", False, "v2"),
                                 AdapterRecord("beta", "house", "/a/house", True)]
     assert again.tenants() == ["acme", "beta"]
+    # the tenancy rule: one's own first, then a shared one; another's private never
+    assert again.visible_adapter("acme", "style").path == "/a/style-v2"
+    assert again.visible_adapter("acme", "house").tenant == "beta"
+    assert again.visible_adapter("beta", "style") is None
     assert again.delete_adapter("acme", "style") is True
     assert again.delete_adapter("acme", "style") is False
     assert [r.key for r in again.adapters()] == ["beta.house"]
+    again.db.close()
 
 
-def test_a_failed_write_leaves_no_partial_record(tmp_path):
-    store = StateStore(tmp_path)
-    store.db.execute("CREATE TRIGGER fail BEFORE INSERT ON adapters "
-                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+FAILING_INSERT = {
+    "sqlite": ["CREATE TRIGGER fail BEFORE INSERT ON adapters "
+               "BEGIN SELECT RAISE(ABORT, 'disk full'); END"],
+    "postgresql": ["CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS "
+                   "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$",
+                   "CREATE TRIGGER fail BEFORE INSERT ON adapters FOR EACH ROW "
+                   "EXECUTE FUNCTION fail()"],
+}
+
+
+def test_a_failed_write_leaves_no_partial_record(state):
+    store = StateStore(Database(state))
+    with store.db.write() as connection:
+        for statement in FAILING_INSERT[store.db.dialect]:
+            connection.execute(text(statement))
+    with pytest.raises(exc.DBAPIError, match="disk full"):
         store.put_adapter(AdapterRecord("newco", "style", "/a/style", shared=False))
     assert store.adapters() == [] and store.tenants() == []  # the tenant row rolled back too
+    store.db.close()
