@@ -223,14 +223,16 @@ class Service:
         except Unavailable:
             key = tenancy.resolve(caller, name, self.records.__contains__, self._held_shared())
             return None if key is None else self.records[key]
-        with self.lock:
+        if record is not None and self.records.get(record.key) == record:
+            return record  # the common case: no lock, one primary-key read
+        with self.lock:  # read again under the lock: a load may have committed meanwhile
+            record = self.store.visible_adapter(caller.tenant, name)
             if record is None:  # unloaded (maybe elsewhere): whatever was held goes
                 key = tenancy.resolve(caller, name, self.records.__contains__,
                                       self._held_shared())
                 if key is not None:
                     self._forget(key)
-                return None
-            if self.records.get(record.key) != record:
+            elif self.records.get(record.key) != record:
                 self._install(record, lazy=True)
         return record
 
@@ -254,8 +256,8 @@ class Service:
         """Bring this replica's engine to every record in the state database: the same
         as `_record` does per request, for all of them at once (a notification or a poll),
         so that unloaded weights leave memory without waiting for a request."""
-        records = {record.key: record for record in self.store.adapters()}
-        with self.lock:
+        with self.lock:  # read under the lock: a load's commit is never half seen
+            records = {record.key: record for record in self.store.adapters()}
             for key in [key for key in self.records if key not in records]:
                 self._forget(key)
             for key, record in records.items():
