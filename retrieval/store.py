@@ -110,13 +110,13 @@ class DocumentStore:
         """Add or replace one document; returns "added", "updated" or "unchanged"."""
         return self.put_documents(namespace, [_Doc(document_id, text, metadata)])[0]
 
-    def put_documents(self, namespace: str, documents_: list) -> list[str]:
+    def put_documents(self, namespace: str, batch: list) -> list[str]:
         """Add or replace documents (anything with .id, .text, .metadata) in one
         transaction; "added", "updated" or "unchanged" for each. Every document is checked
         before anything is written, and the chunks of all changed ones are embedded in one
         batch, before the transaction."""
         check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
-        prepared = [_prepare(d.id, d.text, d.metadata) for d in documents_]
+        prepared = [_prepare(d.id, d.text, d.metadata) for d in batch]
         ids = [p[0] for p in prepared]
         if len(set(ids)) != len(ids):
             twice = next(i for i in ids if ids.count(i) > 1)
@@ -126,34 +126,22 @@ class DocumentStore:
             known = dict(connection.execute(
                 select(documents.c.id, documents.c.sha256).where(
                     documents.c.namespace == namespace, documents.c.id.in_(ids))).all())
-        outcomes, changed = [], []
-        for document_id, text, metadata, digest in prepared:
-            if known.get(document_id) == digest:
-                outcomes.append("unchanged")
-                continue
-            outcomes.append("updated" if document_id in known else "added")
-            changed.append((document_id, metadata, digest, chunk_text(
-                text, self.embedder.tokenizer, min(self.chunk_tokens, self.embedder.max_tokens),
-                self.overlap)))
+        outcomes = ["unchanged" if known.get(document_id) == digest else
+                    "updated" if document_id in known else "added"
+                    for document_id, *_, digest in prepared]
+        changed = [p for p, outcome in zip(prepared, outcomes, strict=True)
+                   if outcome != "unchanged"]
         if not changed:
             return outcomes
-        vectors = self.embedder.encode([c.text for *_, chunks_ in changed for c in chunks_])
-        rows, at = [], 0
-        for document_id, metadata, _, chunks_ in changed:
-            for chunk in chunks_:
-                rows.append({"namespace": namespace, "document_id": document_id,
-                             "position": chunk.position, "text": chunk.text,
-                             "metadata": {**metadata, **chunk.metadata},
-                             "embedding": vectors[at].tobytes()})
-                at += 1
+        rows = self._chunk_rows(namespace, changed)
         with self.db.write() as connection:
             self._ensure(connection, namespace)
             generation = self._bump(connection, namespace)  # locks the namespace's row
-            changed_ids = [document_id for document_id, *_ in changed]
-            old = self._remove_documents(connection, namespace, changed_ids, generation)
+            old = self._remove_documents(connection, namespace, [c[0] for c in changed],
+                                         generation)
             connection.execute(insert(documents), [
                 {"namespace": namespace, "id": document_id, "sha256": digest,
-                 "metadata": metadata} for document_id, metadata, digest, _ in changed])
+                 "metadata": metadata} for document_id, _, metadata, digest in changed])
             connection.execute(insert(chunks), [{**row, "seq": generation} for row in rows])
             if old:
                 self._prune(connection, namespace, generation)
@@ -410,6 +398,20 @@ class DocumentStore:
         if self.db.dialect == "postgresql":
             return type_coerce(chunks.c.metadata, JSONB()).contains({key: value})  # @>
         return func.json_extract(chunks.c.metadata, f'$."{key}"') == value
+
+    def _chunk_rows(self, namespace: str, prepared: list[tuple]) -> list[dict]:
+        """The chunk rows of prepared documents (id, text, metadata, digest), embedded in
+        one batch."""
+        limit = min(self.chunk_tokens, self.embedder.max_tokens)
+        pieces = [(document_id, metadata, chunk)
+                  for document_id, text, metadata, _ in prepared
+                  for chunk in chunk_text(text, self.embedder.tokenizer, limit, self.overlap)]
+        vectors = self.embedder.encode([chunk.text for *_, chunk in pieces])
+        return [{"namespace": namespace, "document_id": document_id,
+                 "position": chunk.position, "text": chunk.text,
+                 "metadata": {**metadata, **chunk.metadata}, "embedding": vector.tobytes()}
+                for (document_id, metadata, chunk), vector in zip(pieces, vectors,
+                                                                   strict=True)]
 
     def _ensure(self, connection: Connection, namespace: str) -> bool:
         """Create the namespace's row if missing; whether it was created."""

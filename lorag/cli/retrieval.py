@@ -7,6 +7,7 @@ replicas; as tenant `--tenant`) or, with `--url`, on a running daemon as the hol
 `drop_namespace`).
 """
 
+import atexit
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +49,12 @@ class StoreNamespaces:
         self.store = DocumentStore(Database(state), cache_dir, Embedder(), chunk_tokens,
                                    chunk_overlap)
         self.tenant = tenant
+        atexit.register(self.close)  # a command's indexes outlive it as snapshots
+
+    def close(self) -> None:
+        """Save the index snapshots this process changed; close the database."""
+        self.store.close()
+        self.store.db.close()
 
     def put_documents(self, namespace: str, documents: list) -> list[str]:
         """Add or replace documents; "added", "updated" or "unchanged" for each."""
