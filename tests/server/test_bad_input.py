@@ -172,6 +172,14 @@ CASES = [  # (id, path, body or raw bytes, status, fragment of the message)
 ]
 
 
+# the rows the engine backend itself refuses (lengths, grammars) besides adapter loads;
+# the others are refused by the HTTP layer or the service, the same code on both
+# backends, so on vLLM (5x slower here) they skip the generation that shows the engine
+# still answers
+REACHES_THE_ENGINE = {"prompt-too-long", "huge-max-tokens", "schema-that-cannot-compile",
+                      "regex-that-cannot-compile", "grammar-that-cannot-compile"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapters, bad_kb,
                                                                case):
@@ -188,9 +196,10 @@ def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapt
     assert daemon.health()["status"] == "ok"
     listed = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE}).json()
     assert not {"p", "o", "w", "e", "m", "n"} & {a["name"] for a in listed["data"]}
-    ok = httpx.post(f"{daemon.url}{CHAT}", json=chat_body(temperature=0), headers=headers,
-                    timeout=60)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    if daemon.backend == "native" or path == LOAD or case[0] in REACHES_THE_ENGINE:
+        ok = httpx.post(f"{daemon.url}{CHAT}", json=chat_body(temperature=0),
+                        headers=headers, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
     hits = httpx.post(f"{daemon.url}{SEARCH}", json={"query": "keep", "top_k": 10},
                       headers=headers, timeout=60).json()["data"]
     assert [h["document_id"] for h in hits] == ["keep"]

@@ -116,6 +116,9 @@ def test_namespaces_belong_to_tenants(daemon, corpus):
     assert search(daemon, "public", "library hours")[0]["document_id"] == "hours"
 
 
+# the service's context budget, the same on both backends (vLLM's lane runs the RAG
+# round trip above)
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_rag_drops_the_lowest_ranked_passages_to_fit_the_context(daemon, corpus):
     max_tokens = 200  # reserved in the context; the answer itself may stop early
     body = {"model": BASE, "max_tokens": max_tokens, "temperature": 0, "stop": [".", "\n"],
@@ -254,6 +257,8 @@ def test_cli_works_on_a_daemon_with_url(daemon):
     assert isinstance(gone.exception, NotFound) and "does not exist" in gone.exception.message
 
 
+# the CLI's pipeline around a daemon: which engine answers is not what it tests
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
     """The pipeline of `lorag eval generate` (each question through the daemon, scored,
     written out); how well the real model answers is the e2e lane's and the demo's."""
