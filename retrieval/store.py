@@ -337,12 +337,17 @@ class DocumentStore:
 
     def _rebuild(self, namespace: str, connection: Connection, incarnation: str,
                  generation: int) -> _Derived:
-        texts = dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
-            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
+        texts = self._texts(connection, namespace, generation)
         derived = _Derived(incarnation, generation,
                            self._build(connection, namespace, generation), texts)
         self._save(namespace, derived)
         return derived
+
+    @staticmethod
+    def _texts(connection: Connection, namespace: str, generation: int) -> dict[int, str]:
+        """chunk id -> text of the namespace's chunks up to `generation` (for BM25)."""
+        return dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
+            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
 
     def _build(self, connection: Connection, namespace: str, generation: int) -> faiss.Index:
         """A fresh index over every stored vector of the namespace up to `generation`."""
@@ -363,8 +368,7 @@ class DocumentStore:
         except (OSError, ValueError, KeyError, RuntimeError):
             return None  # missing or unreadable: rebuilt
         generation = saved["generation"]
-        texts = dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
-            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
+        texts = self._texts(connection, namespace, generation)
         return _Derived(incarnation, generation, index, texts, saved=True)
 
     def _save(self, namespace: str, derived: _Derived) -> None:

@@ -221,15 +221,14 @@ class Service:
         try:
             record = self.store.visible_adapter(caller.tenant, name)
         except Unavailable:
-            key = tenancy.resolve(caller, name, self.records.__contains__, self._held_shared())
+            key = self._held_key(caller, name)
             return None if key is None else self.records[key]
         if record is not None and self.records.get(record.key) == record:
             return record  # the common case: no lock, one primary-key read
         with self.lock:  # read again under the lock: a load may have committed meanwhile
             record = self.store.visible_adapter(caller.tenant, name)
             if record is None:  # unloaded (maybe elsewhere): whatever was held goes
-                key = tenancy.resolve(caller, name, self.records.__contains__,
-                                      self._held_shared())
+                key = self._held_key(caller, name)
                 if key is not None:
                     self._forget(key)
             elif self.records.get(record.key) != record:
@@ -278,8 +277,10 @@ class Service:
     def _shared(self) -> list[str]:
         return [record.key for record in self.store.adapters() if record.shared]
 
-    def _held_shared(self) -> list[str]:
-        return [key for key, record in self.records.items() if record.shared]
+    def _held_key(self, caller: Caller, name: str) -> str | None:
+        """The key `name` means to the caller among the records this replica holds."""
+        shared = [key for key, record in self.records.items() if record.shared]
+        return tenancy.resolve(caller, name, self.records.__contains__, shared)
 
     # ---- state ----
 
