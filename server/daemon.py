@@ -3,11 +3,16 @@
 Start-up order: keys and the state database (SQLite under the data dir, or a fleet's
 PostgreSQL: migrated, or refused with a clear error) are checked first, so a bad flag or
 an unreachable database fails in seconds, not after the model has loaded; then the model,
-the engine, gRPC, and HTTP (uvicorn, in the main thread: it owns the signals). Shutdown
-runs in reverse.
+the engine, gRPC, and HTTP (uvicorn, in the main thread: it owns the signals).
+
+Shutdown drains first (SIGTERM or Ctrl-C): readiness fails and new requests get 503 /
+UNAVAILABLE at once, while the requests in flight run to their end for up to
+`--shutdown-timeout` seconds (the rest end with an error event); then HTTP, gRPC and the
+engine stop, in reverse order, and the process exits 0. A second signal stops at once.
 """
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +64,7 @@ class ServeOptions:
     state_poll_s: float = 2.0  # how often other replicas' writes are polled for
     backend: str = "native"  # or "vllm", with `vllm`'s options
     vllm: "VllmOptions | None" = None
+    shutdown_timeout_s: float = 30.0  # how long requests in flight may finish on SIGTERM
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -117,9 +123,41 @@ def serve(options: ServeOptions, console: Console) -> None:
             f"{options.host}: ANYONE WHO CAN REACH IT"
         console.print(f"[yellow]No API keys configured (--api-keys): the daemon is OPEN to "
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
+    config = uvicorn.Config(create_app(service), host=options.host, port=options.port,
+                            log_level="warning", timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(create_app(service), host=options.host, port=options.port,
-                    log_level="warning", timeout_graceful_shutdown=5)
+        DrainingServer(config, service, options.shutdown_timeout_s, console).run()
     finally:
         grpc_server.stop(grace=2)
         service.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM / SIGINT drains the service (`Service.drain`, in a
+    thread: the event loop keeps answering, with 503s) before the server exits; a second
+    signal exits at once, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, timeout: float,
+                 console: Console):
+        super().__init__(config)
+        self.service, self.timeout, self.console = service, timeout, console
+        self.drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.drainer is not None:
+            super().handle_exit(sig, frame)
+            return
+        # not uvicorn's: it would re-raise the signal at the end, and the exit status
+        # of a drained daemon is 0
+        self.drainer = threading.Thread(target=self._drain, name="lorag-drain", daemon=True)
+        self.drainer.start()
+
+    def _drain(self) -> None:
+        running = len(self.service.in_flight)
+        self.console.print(f"draining: no new requests; {running} in flight may finish "
+                           f"within {self.timeout:g} s")
+        cut = self.service.drain(self.timeout)
+        if cut:
+            self.console.print(f"[yellow]{cut} requests still running after "
+                               f"{self.timeout:g} s were ended with an error[/]")
+        self.should_exit = True

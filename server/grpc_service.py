@@ -97,7 +97,7 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
 
     def _caller(self, context) -> Caller:
         metadata = dict(context.invocation_metadata())
-        return self.service.keys.caller(metadata.get("authorization"))
+        return self.service.caller(metadata.get("authorization"))
 
     def _complete(self, request, context) -> Reply:
         reply = self.service.complete(self._caller(context), requests.CompletionRequest(
@@ -237,6 +237,7 @@ def start_grpc(service: Service, host: str, port: int, workers: int = 32) -> grp
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service.on_drain.append(health_servicer.enter_graceful_shutdown)  # all NOT_SERVING
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:

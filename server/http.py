@@ -53,7 +53,7 @@ def _service(request: Request) -> Service:
 
 
 def _caller(request: Request) -> Caller:
-    return _service(request).keys.caller(request.headers.get("authorization"))
+    return _service(request).caller(request.headers.get("authorization"))
 
 
 ServiceDep = Annotated[Service, Depends(_service)]
@@ -219,14 +219,24 @@ def search(namespace: str, body: SearchBody, service: ServiceDep, caller: Caller
     return {"object": "list", "data": [asdict(hit) for hit in hits]}
 
 
-# ---- operations: no API key needed ----
+# ---- operations: no API key needed (probes and scrapers have none) ----
 
 operations = APIRouter()
 
 
 @operations.get("/health")
 async def health(service: ServiceDep):
+    """Liveness: 200 while the engine runs, draining or not."""
     body = service.health()
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@operations.get("/health/ready")
+async def ready(service: ServiceDep):
+    """Readiness: 200 while this replica takes requests; 503 from the moment it drains."""
+    body = service.health()
+    if body["status"] == "ok" and body["draining"]:
+        body["status"] = "draining"
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 

@@ -4,6 +4,12 @@ Request metrics are observed as outputs flow to the client (`TrackedStream`); en
 state (queue depth, residency, evictions) is read from the engine at scrape time, so it
 is never stale and costs nothing between scrapes. The registry is the daemon's own, not
 prometheus_client's global one: two daemons in one process (tests) do not collide.
+
+Beside lorag's own families, the few that existing routers read from vLLM servers are
+written under vLLM's names and meaning, for both backends alike (`ROUTER_FAMILIES`): the
+Gateway API Inference Extension's endpoint picker (llm-d's router, its
+lora-affinity-scorer) and vLLM's production-stack router route on them, so they route a
+lorag fleet with no router of lorag's own.
 """
 
 import time
@@ -12,6 +18,12 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lorag.server.engine.stream import Output
+
+# vLLM's names, written here for both backends (the vLLM backend drops vLLM's own)
+ROUTER_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
+                             "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                             "vllm:lora_requests_info"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BASE_LABEL = "base"  # the adapter label of requests served by the base model alone
 
@@ -64,19 +76,52 @@ class _EngineCollector:
             resident.add_metric([row["name"], "ram"], float(row["in_ram"]))
             resident.add_metric([row["name"], "active"], float(row["active"]))
         yield resident
+        yield from _router_families(state)
         yield from state["engine_families"]
 
 
-class TrackedStream:
-    """A TokenStream that observes request metrics as it is read (sync or async)."""
+def _router_families(state: dict):
+    """vLLM's queue, KV-cache and LoRA gauges, with vLLM's meaning. lora_requests_info
+    is one sample: the adapters of running and waiting requests as their requests name
+    them (comma-separated, empty when none), the adapter slots, and as its value the Unix
+    time they were read (now: routers take the newest sample)."""
+    model = [state["model"]]
+    for name, help_text, value in (
+            ("vllm:num_requests_running", "Requests in the running batch.", state["running"]),
+            ("vllm:num_requests_waiting", "Requests waiting to run.", state["waiting"]),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1.", state["kv_cache_usage"]),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage, 0-1 (the older name).",
+             state["kv_cache_usage"])):
+        family = GaugeMetricFamily(name, help_text, labels=["model_name"])
+        family.add_metric(model, value)
+        yield family
+    lora = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of running and waiting "
+                             "requests; the value is when they were read.",
+                             labels=["max_lora", "running_lora_adapters",
+                                     "waiting_lora_adapters"])
+    lora.add_metric([str(state["max_lora"]), ",".join(state["running_names"]),
+                     ",".join(state["waiting_names"])], time.time())
+    yield lora
 
-    def __init__(self, stream, metrics: Metrics, adapter: str | None):
+
+class TrackedStream:
+    """A TokenStream that observes request metrics as it is read (sync or async), and
+    calls `on_end(self)` when its last output has been read."""
+
+    def __init__(self, stream, metrics: Metrics, adapter: str | None,
+                 on_end: Callable[["TrackedStream"], None] = lambda stream: None):
         self.stream = stream
         self.request_id = stream.request_id
         self.metrics = metrics
         self.label = adapter or BASE_LABEL
+        self.on_end = on_end
         self.start = self.last = time.perf_counter()
         self.first = True
+
+    def fail(self, error: Exception) -> None:
+        """End the stream for its reader now, with `error` as its last output (the
+        engine's own last output, if one follows, is never read)."""
+        self.stream.put(Output("", [], "error", error=error))
 
     def _observe(self, output) -> None:
         now = time.perf_counter()
@@ -88,6 +133,7 @@ class TrackedStream:
                 self.metrics.requests.labels(self.label, output.finish_reason).inc()
             self.metrics.prompt_tokens.labels(self.label).inc(output.prompt_tokens)
             self.metrics.generation_tokens.labels(self.label).inc(output.completion_tokens)
+            self.on_end(self)
 
     def __iter__(self):
         for output in self.stream:

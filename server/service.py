@@ -10,6 +10,7 @@ template rendered once, the sampling defaults.
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from lorag.adapters import AdapterKey, Composition, content_version
 from lorag.errors import AdapterNotFound, InvalidRequest, Unavailable
@@ -53,10 +54,23 @@ class Service:
         self.records: dict[str, AdapterRecord] = {}
         self.lock = threading.Lock()  # orders loads/unloads with their records
         self.follower = None  # follow_state's thread
+        # requests whose streams have not ended, for a graceful drain
+        self.in_flight: dict[str, TrackedStream] = {}
+        self.idle = threading.Condition()  # guards in_flight; notified when it empties
+        self.draining = False
+        self.on_drain: list[Callable[[], None]] = []  # transports' hooks (gRPC health)
         for record in store.adapters():  # a restart: known again, read on first use
             self._install(record, lazy=True)
         for caller in keys.keys.values():
             store.ensure_tenant(caller.tenant)
+
+    def caller(self, authorization: str | None) -> Caller:
+        """Who sends a request, from its Authorization header (both transports ask this
+        first): Unauthenticated for a missing or unknown key, Unavailable while draining."""
+        if self.draining:
+            raise Unavailable("this replica is shutting down and takes no new requests; "
+                              "retry: the load balancer sends it to another replica")
+        return self.keys.caller(authorization)
 
     # ---- generation ----
 
@@ -86,6 +100,7 @@ class Service:
 
     def cancel(self, stream: TrackedStream) -> None:
         """Stop a request whose client went away; counted if it was still running."""
+        self._ended(stream)
         if self.engine.cancel(stream.request_id):
             self.metrics.requests.labels(stream.label, "cancelled").inc()
 
@@ -103,7 +118,16 @@ class Service:
 
     def _submit(self, prompt, params, adapter: AdapterKey | None, kind: str) -> TrackedStream:
         stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
-        return TrackedStream(stream, self.metrics, None if adapter is None else str(adapter))
+        tracked = TrackedStream(stream, self.metrics, None if adapter is None else str(adapter),
+                                on_end=self._ended)
+        with self.idle:
+            self.in_flight[tracked.request_id] = tracked
+        return tracked
+
+    def _ended(self, stream: TrackedStream) -> None:
+        with self.idle:
+            if self.in_flight.pop(stream.request_id, None) is not None and not self.in_flight:
+                self.idle.notify_all()
 
     def _adapter(self, caller: Caller, model: str,
                  adapters: list[tuple[str, float]] | None) -> AdapterKey | None:
@@ -285,15 +309,39 @@ class Service:
     # ---- state ----
 
     def health(self) -> dict:
-        """Liveness: whether the engine's loop runs, and its queue (counters only)."""
+        """Liveness: whether the engine's loop runs, and its queue (counters only).
+        Readiness is the same and not draining (`ready`)."""
         occupancy = self.engine.occupancy()
         return {"status": "ok" if self.engine.alive else "engine stopped",
                 "model": self.model_name, "running": occupancy["running"],
-                "waiting": occupancy["waiting"]}
+                "waiting": occupancy["waiting"], "draining": self.draining}
+
+    def drain(self, timeout: float) -> int:
+        """Stop taking requests (readiness fails, new requests get Unavailable), let the
+        ones in flight finish for up to `timeout` seconds, then end the rest with an
+        Unavailable error as their last output. Returns how many were cut short."""
+        self.draining = True
+        for hook in self.on_drain:
+            hook()
+        with self.idle:
+            self.idle.wait_for(lambda: not self.in_flight, timeout)
+            left = list(self.in_flight.values())
+        error = Unavailable(f"this replica shut down before the request finished (it "
+                            f"waited --shutdown-timeout {timeout:g} s); retry it")
+        for stream in left:
+            stream.fail(error)  # read as the stream's end: counted as an "error" finish
+            self.engine.cancel(stream.request_id)
+        return len(left)
 
     def engine_state(self) -> dict:
-        """What the metrics read from the engine."""
-        return {**self.engine.occupancy(), "adapters": self.engine.list_adapters(),
+        """What the metrics read from the engine; adapters of running and waiting requests
+        by the names requests give them (a composition by its parts'), each once."""
+        occupancy = self.engine.occupancy()
+        return {**occupancy, "model": self.model_name,
+                "max_lora": self.engine.limits.max_active_adapters,
+                "running_names": _request_names(occupancy["running_adapters"]),
+                "waiting_names": _request_names(occupancy["waiting_adapters"]),
+                "adapters": self.engine.list_adapters(),
                 "engine_families": self.engine.metric_families()}
 
     def close(self) -> None:
@@ -304,3 +352,12 @@ class Service:
         self.engine.shutdown()
         self.namespaces.store.close()
         self.store.db.close()
+
+
+def _request_names(keys: list[AdapterKey]) -> list[str]:
+    """Engine keys as a request's `model` (or `adapters`) names them, each once, sorted."""
+    names = set()
+    for key in keys:
+        parts = key.names if isinstance(key, Composition) else (key,)
+        names.update(tenancy.split(part)[1] for part in parts)
+    return sorted(names)

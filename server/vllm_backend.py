@@ -50,6 +50,7 @@ from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
 from lorag.server.engine.structured import ebnf
+from lorag.server.metrics import ROUTER_FAMILIES
 
 # the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -268,15 +269,20 @@ class VllmBackend:
                 for key, entry in entries.items()]
 
     def occupancy(self) -> Occupancy:
-        running, waiting = self.scheduler.running, self.scheduler.waiting
-        return Occupancy(running=running, waiting=waiting,
-                         kv_slots_free=max(0, self.config.max_num_seqs - running),
-                         evictions=None)
+        stats = self.scheduler
+        with self.lock:  # vLLM names a request's adapter by str(key)
+            keys = {str(key): key for key in [*self.adapters, *self.compositions]}
+        return Occupancy(running=stats.running, waiting=stats.waiting,
+                         kv_slots_free=max(0, self.config.max_num_seqs - stats.running),
+                         kv_cache_usage=stats.kv_cache_usage, evictions=None,
+                         running_adapters=[keys[n] for n in stats.running_loras if n in keys],
+                         waiting_adapters=[keys[n] for n in stats.waiting_loras if n in keys])
 
     def metric_families(self):
-        """vLLM's own Prometheus families (`vllm:*`), for /metrics beside lorag's."""
+        """vLLM's own Prometheus families (`vllm:*`), for /metrics beside lorag's; less
+        the ones the routers read, which the service writes for both backends alike."""
         for family in REGISTRY.collect():
-            if family.name.startswith("vllm:"):
+            if family.name.startswith("vllm:") and family.name not in ROUTER_FAMILIES:
                 yield family
 
     def shutdown(self) -> None:
@@ -439,10 +445,14 @@ class _Request:
 
 
 class _SchedulerStats:
-    """The latest running / waiting counts, from vLLM's stat-logger hook."""
+    """The latest scheduler figures, from vLLM's stat-logger hook: running / waiting
+    counts, KV-cache usage (0-1), and the adapters (vLLM's lora_name) of each."""
 
     def __init__(self):
         self.running = self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.running_loras: list[str] = []
+        self.waiting_loras: list[str] = []
 
     def factory(self, vllm_config, engine_index: int = 0):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -458,6 +468,14 @@ class _SchedulerStats:
                 if scheduler_stats is not None:
                     stats.running = scheduler_stats.num_running_reqs
                     stats.waiting = scheduler_stats.num_waiting_reqs
+                    stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    # vLLM keeps an adapter with running requests only in both maps
+                    stats.running_loras = [name for name, count in
+                                           scheduler_stats.running_lora_adapters.items()
+                                           if count]
+                    stats.waiting_loras = [name for name, count in
+                                           scheduler_stats.waiting_lora_adapters.items()
+                                           if count]
 
             def log_engine_initialized(self):
                 pass

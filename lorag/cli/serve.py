@@ -93,6 +93,9 @@ def serve(
         = 200,
     chunk_overlap: Annotated[int, typer.Option(
         min=0, help="Tokens consecutive chunks share.")] = 40,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
+                    "ones get 503 at once); then they end with an error.")] = 30.0,
 ) -> None:
     """Start the daemon: OpenAI-compatible HTTP, gRPC, adapters, metrics, in one process."""
     from lorag.server.daemon import ServeOptions
@@ -127,7 +130,8 @@ def serve(
     run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
                      chunk_overlap, served_model_name, state=state,
-                     state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm),
+                     state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm,
+                     shutdown_timeout_s=shutdown_timeout),
         console)
 
 

@@ -227,9 +227,17 @@ class Engine:
         return f"native engine on {self.runner.device}, {self.runner.dtype}"
 
     def occupancy(self) -> dict:
-        """Queue and occupancy (the backend interface's `Occupancy`)."""
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_slots_free": len(self.free_kv), "evictions": self.pool.evictions}
+        """Queue and occupancy (the backend interface's `Occupancy`). The KV cache is
+        reserved per sequence slot, so its usage is the share of slots taken. Read from
+        other threads: copies of the lists, never the lists being stepped."""
+        running, waiting = list(self.running), list(self.waiting)
+        slots = self.config.max_num_seqs
+        return {"running": len(running), "waiting": len(waiting),
+                "kv_slots_free": len(self.free_kv),
+                "kv_cache_usage": (slots - len(self.free_kv)) / slots,
+                "evictions": self.pool.evictions,
+                "running_adapters": _distinct_adapters(running),
+                "waiting_adapters": _distinct_adapters(waiting)}
 
     def metric_families(self) -> list:
         """None of its own: lorag's metrics are this engine's."""
@@ -467,6 +475,11 @@ class Engine:
         elif adapter is not None and adapter not in self.registry:
             raise AdapterNotFound(f"adapter {adapter!r} is not loaded", field="model")
         return adapter
+
+
+def _distinct_adapters(sequences: list[Sequence]) -> list[AdapterKey]:
+    """The adapters `sequences` run on, each once, in order of first appearance."""
+    return list(dict.fromkeys(seq.adapter for seq in sequences if seq.adapter is not None))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

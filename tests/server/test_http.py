@@ -4,12 +4,23 @@ each backend (tests/server/conftest.py) on 127.0.0.1 with adapters for its base 
 import asyncio
 import re
 import time
+from contextlib import ExitStack
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemons import ALICE, ALICE_USER, BASE, BOB, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_WAITING
+from tests.daemons import (
+    ALICE,
+    ALICE_USER,
+    BASE,
+    BOB,
+    LIMITS,
+    MAX_MODEL_LEN,
+    MAX_NUM_SEQS,
+    MAX_WAITING,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -176,7 +187,56 @@ def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
         assert "lorag_adapter_evictions_total" in text
     else:  # vLLM's own families beside lorag's, by vLLM's names
         assert 'vllm:generation_tokens_total{engine="0"' in text
-        assert "vllm:num_requests_running" in text and "vllm:lora_requests_info" in text
+        assert "vllm:prompt_tokens_total" in text
+
+
+def router_gauges(daemon) -> dict:
+    """The families routers read from /metrics (no API key), parsed."""
+    response = httpx.get(f"{daemon.url}/metrics", timeout=10)
+    assert response.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    gauges = {name: families[name].samples for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc", "vllm:lora_requests_info")}
+    for name, samples in gauges.items():
+        assert len(samples) == 1, f"{name}: one sample, not {samples}"  # not vLLM's too
+    return {name: samples[0] for name, samples in gauges.items()}
+
+
+def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
+    """What the endpoint picker's lora-affinity-scorer and production-stack read: the
+    adapters of running requests by the name the request gave, the adapter slots, queue
+    and KV-cache usage; the same on both backends."""
+    for name in ("style", "other"):
+        assert load(daemon, name, daemon_adapters / name).status_code == 200
+    body = {"messages": QUESTION, "max_tokens": MAX_MODEL_LEN - 64, "ignore_eos": True,
+            "stream": True}  # long enough to be running at the scrapes
+    with httpx.Client(base_url=daemon.url, headers={"Authorization": ALICE},
+                      timeout=120) as http, ExitStack() as streams:
+        readers = []  # kept: a reader collected closes its stream
+        for name in ("style", "other"):  # both running once each has its first chunk
+            readers.append(streams.enter_context(http.stream(
+                "POST", "/v1/chat/completions", json={**body, "model": name})).iter_lines())
+            next(line for line in readers[-1] if line.startswith("data:"))
+        deadline = time.monotonic() + 30
+        while (busy := router_gauges(daemon))["vllm:num_requests_running"].value < 2:
+            assert time.monotonic() < deadline, busy
+            time.sleep(0.1)  # vLLM's figures arrive with its next step's stats
+        info = busy["vllm:lora_requests_info"]
+        assert info.labels["running_lora_adapters"] == "other,style"  # not alice.style
+        assert info.labels["max_lora"] == str(LIMITS["max_active_adapters"]
+                                              if daemon.backend == "native" else 8)
+        assert 0 < busy["vllm:kv_cache_usage_perc"].value <= 1
+        assert busy["vllm:kv_cache_usage_perc"].labels == {"model_name": BASE}
+        assert busy["vllm:gpu_cache_usage_perc"].value == busy["vllm:kv_cache_usage_perc"].value
+    deadline = time.monotonic() + 30  # the clients left: their requests are cancelled
+    while (idle := router_gauges(daemon))["vllm:num_requests_running"].value:
+        assert time.monotonic() < deadline, idle
+        time.sleep(0.1)
+    info = idle["vllm:lora_requests_info"]
+    assert info.labels["running_lora_adapters"] == info.labels["waiting_lora_adapters"] == ""
+    assert abs(info.value - time.time()) < 60  # the Unix time of the reading
+    assert idle["vllm:num_requests_waiting"].value == 0
 
 
 def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):

@@ -19,8 +19,26 @@ def test_the_native_engine_is_a_backend(make_engine, adapter_root):
     assert engine.limits == Limits(max_model_len=128, max_lora_rank=16, max_active_adapters=2,
                                    adapter_roots=(adapter_root.resolve(),))
     assert engine.occupancy() == {"running": 0, "waiting": 0, "kv_slots_free": 8,
-                                  "evictions": 0}
+                                  "kv_cache_usage": 0.0, "evictions": 0,
+                                  "running_adapters": [], "waiting_adapters": []}
     assert engine.describe() == "native engine on cpu, torch.float32"
+
+
+def test_occupancy_names_the_adapters_of_running_and_waiting_requests(make_engine):
+    """Three adapters on two adapter slots: two run, the third waits for a slot; the KV
+    cache is used by the running sequences' slots."""
+    engine = make_engine(start=False)
+    for name in ("t0", "t1", "t2"):
+        engine.load_adapter(name, str(engine.config.adapter_roots[0] / name))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for name in ("t0", "t1", "t0", None, "t2"):
+        engine.submit(PROMPT, params, adapter=name)
+    engine.step()
+    occupancy = engine.occupancy()
+    assert occupancy["running_adapters"] == ["t0", "t1"]  # each once
+    assert occupancy["waiting_adapters"] == ["t2"]  # no slot free for it
+    assert occupancy["running"] == 4 and occupancy["waiting"] == 1
+    assert occupancy["kv_cache_usage"] == 4 / 8
 
 
 def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, adapter_root):
