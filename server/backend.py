@@ -45,6 +45,7 @@ class Occupancy(TypedDict):
     kv_slots_free: int
     kv_cache_usage: float  # 0-1: the share of the KV cache held by requests
     evictions: int | None  # adapters moved out of a compute slot since start; None: unknown
+    slot_loads: int | None  # adapters written into a compute slot since start; None: unknown
     running_adapters: list[AdapterKey]  # the adapters of running requests, each once
     waiting_adapters: list[AdapterKey]  # ... and of requests waiting to run
 

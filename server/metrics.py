@@ -64,11 +64,11 @@ class _EngineCollector:
                                 ("running", "Sequences in the running batch."),
                                 ("kv_slots_free", "Free KV-cache sequence slots.")):
             yield GaugeMetricFamily(f"lorag_{name}", help_text, value=state[name])
-        if state["evictions"] is not None:  # None: the backend does not say
-            evictions = CounterMetricFamily("lorag_adapter_evictions",
-                                            "Adapters evicted from compute slots.")
-            evictions.add_metric([], state["evictions"])
-            yield evictions
+        for name, help_text in (("evictions", "Adapters evicted from compute slots."),
+                                ("slot_loads", "Adapters written into compute slots.")):
+            if state[name] is not None:  # None: the backend does not say
+                yield CounterMetricFamily(f"lorag_adapter_{name}", help_text,
+                                          value=state[name])
         resident = GaugeMetricFamily("lorag_adapter_resident",
                                      "1 where the adapter is resident in that tier.",
                                      labels=["adapter", "tier"])

@@ -275,6 +275,7 @@ class VllmBackend:
         return Occupancy(running=stats.running, waiting=stats.waiting,
                          kv_slots_free=max(0, self.config.max_num_seqs - stats.running),
                          kv_cache_usage=stats.kv_cache_usage, evictions=None,
+                         slot_loads=None,
                          running_adapters=[keys[n] for n in stats.running_loras if n in keys],
                          waiting_adapters=[keys[n] for n in stats.waiting_loras if n in keys])
 

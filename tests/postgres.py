@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from lorag.benchmarks.daemon import free_port
+from tests.system import apt_install
 
 SUPERUSER = "lorag"
 
@@ -33,11 +34,8 @@ def _binaries() -> Path | None:
 def postgres_binaries() -> Path:
     """The folder with initdb and pg_ctl; installs Debian's postgresql if none is there."""
     folder = _binaries()
-    if folder is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "postgresql"], env=env, capture_output=True)
+    if folder is None:
+        apt_install("postgresql")
         folder = _binaries()
     if folder is None:
         raise RuntimeError("PostgreSQL's server binaries (initdb, pg_ctl) are not installed "

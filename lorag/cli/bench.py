@@ -1,4 +1,4 @@
-"""`lorag bench serving|training|retrieval|load`: every peer measured in one run, JSON out."""
+"""`lorag bench serving|training|retrieval|load|fleet`: every peer measured in one run, JSON out."""
 
 from typing import Annotated
 
@@ -94,3 +94,19 @@ def bench_load(
     from lorag.benchmarks.load import main
 
     main(requests, adapters, disconnect, max_tokens, json_path)
+
+
+@app.command("fleet")
+def bench_fleet(
+    adapters: Annotated[int, typer.Option(min=1, help="Adapters in the traffic.")] = 24,
+    per_adapter: Annotated[int, typer.Option(min=1, help="Requests per adapter.")] = 8,
+    slots: Annotated[int, typer.Option(
+        min=1, help="Adapter compute slots per replica (--max-active-adapters).")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests at once.")] = 6,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 16,
+    json_path: JsonOut = None,
+) -> None:
+    """Three replicas behind HAProxy: adapter affinity (deploy/haproxy) vs round-robin."""
+    from lorag.benchmarks.fleet import main
+
+    main(adapters, per_adapter, slots, concurrency, max_tokens, json_path)

@@ -235,7 +235,7 @@ class Engine:
         return {"running": len(running), "waiting": len(waiting),
                 "kv_slots_free": len(self.free_kv),
                 "kv_cache_usage": (slots - len(self.free_kv)) / slots,
-                "evictions": self.pool.evictions,
+                "evictions": self.pool.evictions, "slot_loads": sum(self.pool.installs),
                 "running_adapters": _distinct_adapters(running),
                 "waiting_adapters": _distinct_adapters(waiting)}
 

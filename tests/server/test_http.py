@@ -185,6 +185,7 @@ def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
     if daemon.backend == "native":  # it knows its slots and counts its evictions
         assert 'lorag_adapter_resident{adapter="alice.style",tier="active"} 1.0' in text
         assert "lorag_adapter_evictions_total" in text
+        assert "lorag_adapter_slot_loads_total" in text
     else:  # vLLM's own families beside lorag's, by vLLM's names
         assert 'vllm:generation_tokens_total{engine="0"' in text
         assert "vllm:prompt_tokens_total" in text

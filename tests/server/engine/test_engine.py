@@ -19,7 +19,7 @@ def test_the_native_engine_is_a_backend(make_engine, adapter_root):
     assert engine.limits == Limits(max_model_len=128, max_lora_rank=16, max_active_adapters=2,
                                    adapter_roots=(adapter_root.resolve(),))
     assert engine.occupancy() == {"running": 0, "waiting": 0, "kv_slots_free": 8,
-                                  "kv_cache_usage": 0.0, "evictions": 0,
+                                  "kv_cache_usage": 0.0, "evictions": 0, "slot_loads": 0,
                                   "running_adapters": [], "waiting_adapters": []}
     assert engine.describe() == "native engine on cpu, torch.float32"
 
