@@ -73,8 +73,9 @@ class Haproxy:
                                  field="haproxy")
         config = HAPROXY_CONFIG.read_text()
         if balance is not None:
-            config = re.sub(r"(?m)^    balance .*\n    hash-type .*$", f"    balance {balance}",
-                            config)
+            config, found = re.subn(r"(?m)^    balance .*$", f"    balance {balance}", config)
+            config = re.sub(r"(?m)^    hash-type .*\n", "", config)
+            assert found == 1, f"{HAPROXY_CONFIG} has no single `balance` line"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "haproxy.cfg"
         path.write_text(config)
@@ -243,9 +244,10 @@ def _run_peer(name: str, balance: str | None, folder: Path, flags: list[str],
             "requests_per_replica": [int(sum(s.values())) for s in served]}
 
 
-def main(adapters: int = 24, per_adapter: int = 8, slots: int = 4, concurrency: int = 6,
+def main(adapters: int = 24, per_adapter: int = 8, slots: int = 8, concurrency: int = 6,
          max_tokens: int = 16, json_path: Path | None = None) -> dict:
-    """Affinity vs round-robin on the default model (NF4), each on a fresh fleet."""
+    """Affinity vs round-robin on the default model (float32: this CPU has no fast bf16),
+    each on a fresh fleet."""
     from lorag.benchmarks.adapters import AdapterSpec, make_adapters
     from lorag.models import load_base
 
@@ -255,13 +257,14 @@ def main(adapters: int = 24, per_adapter: int = 8, slots: int = 4, concurrency: 
     paths = make_adapters(model, folder / "adapters",
                           {name: AdapterSpec(rank=16, alpha=32, scale=0.02) for name in names})
     del model
-    flags = ["--model", MODEL, "--adapter-root", str(folder / "adapters"),
+    flags = ["--model", MODEL, "--quantize", "none", "--dtype", "float32",
+             "--adapter-root", str(folder / "adapters"),
              "--max-active-adapters", str(slots), "--max-lora-rank", "16",
              "--max-model-len", "512", "--max-num-seqs", "8"]
     requests = plan(names, per_adapter)
     peers = [_run_peer(name, balance, folder, flags, paths, requests, concurrency, max_tokens)
              for name, balance in (("affinity", None), ("round-robin", "roundrobin"))]
-    result = {"workload": {"model": MODEL, "quantize": "nf4", "replicas": REPLICAS,
+    result = {"workload": {"model": MODEL, "dtype": "float32", "replicas": REPLICAS,
                            "adapters": adapters, "requests": len(requests),
                            "slots_per_replica": slots, "concurrency": concurrency,
                            "max_tokens": max_tokens, "router": "haproxy " + _haproxy_version()},

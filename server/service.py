@@ -323,15 +323,24 @@ class Service:
         self.draining = True
         for hook in self.on_drain:
             hook()
+        deadline = time.monotonic() + timeout
         with self.idle:
-            self.idle.wait_for(lambda: not self.in_flight, timeout)
-            left = list(self.in_flight.values())
+            # done when every stream was read to its end, or the engine has nothing left
+            # to run (a stream whose client never read it would otherwise count forever)
+            while self.in_flight and not self._engine_idle() \
+                    and (wait := deadline - time.monotonic()) > 0:
+                self.idle.wait(min(wait, 0.1))
+            left = [] if self._engine_idle() else list(self.in_flight.values())
         error = Unavailable(f"this replica shut down before the request finished (it "
                             f"waited --shutdown-timeout {timeout:g} s); retry it")
         for stream in left:
             stream.fail(error)  # read as the stream's end: counted as an "error" finish
             self.engine.cancel(stream.request_id)
         return len(left)
+
+    def _engine_idle(self) -> bool:
+        occupancy = self.engine.occupancy()
+        return occupancy["running"] == occupancy["waiting"] == 0
 
     def engine_state(self) -> dict:
         """What the metrics read from the engine; adapters of running and waiting requests

@@ -101,7 +101,7 @@ def bench_fleet(
     adapters: Annotated[int, typer.Option(min=1, help="Adapters in the traffic.")] = 24,
     per_adapter: Annotated[int, typer.Option(min=1, help="Requests per adapter.")] = 8,
     slots: Annotated[int, typer.Option(
-        min=1, help="Adapter compute slots per replica (--max-active-adapters).")] = 4,
+        min=1, help="Adapter compute slots per replica (--max-active-adapters).")] = 8,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests at once.")] = 6,
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 16,
     json_path: JsonOut = None,

@@ -1,9 +1,9 @@
 """Adapter affinity on this machine: three `lorag serve` replicas on one PostgreSQL behind
 HAProxy (Debian's; installed if missing) running deploy/haproxy/haproxy.cfg, as compose
-does. Mixed traffic over 12 adapters: each adapter's requests are all served by one
-replica, and only that replica puts it into a compute slot or reads it into RAM (but for
-the replica that registered it: loading validates) (read from each replica's /metrics). Killing a replica moves its adapters, each to one survivor, and no
-other adapter moves."""
+does. Mixed traffic over 12 adapters, read back from each replica's /metrics: each
+adapter's requests are all served by one replica, and only that replica puts it into a
+compute slot or reads it into RAM (but the replica that registered them all: loading
+validates). Killing a replica moves its adapters, each to one survivor, and no other."""
 
 import signal
 

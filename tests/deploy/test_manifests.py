@@ -4,6 +4,7 @@ timing, the state URL from a Secret, the router's selector and port), the flags 
 `lorag serve` exist, and both Dockerfiles are hadolint-clean."""
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -124,3 +125,24 @@ def test_the_images_are_hadolint_clean(dockerfile):
     text = (DEPLOY / "docker" / dockerfile).read_text()
     assert re.search(r"^USER 10001$", text, re.M)  # not root
     assert text.count("FROM ") == 2  # multi-stage: build tools stay behind
+
+
+def test_compose_wires_replicas_router_prometheus_and_grafana():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    replicas = sorted(name for name in services if re.fullmatch(r"lorag-\d+", name))
+    haproxy = services["haproxy"]["environment"]
+    assert sorted(v.split(":")[0] for k, v in haproxy.items()
+                  if k.startswith("LORAG_REPLICA_")) == replicas
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert config.count('server lorag-') == len(replicas)
+    assert "balance hash req.body,json_query('$.model')" in config
+    assert "hash-type consistent" in config
+    for name in replicas:
+        assert services[name]["environment"]["LORAG_STATE"].startswith("postgresql://")
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]}
+    assert {f"{name}:8000" for name in replicas} <= targets
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "lorag.json").read_text())
+    assert dashboard["panels"] and (DEPLOY / "grafana" / "provisioning").is_dir()

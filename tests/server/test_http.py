@@ -2,9 +2,11 @@
 each backend (tests/server/conftest.py) on 127.0.0.1 with adapters for its base model."""
 
 import asyncio
+import json
 import re
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,6 +24,7 @@ from tests.daemons import (
     MAX_WAITING,
 )
 
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -238,6 +241,24 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
     assert info.labels["running_lora_adapters"] == info.labels["waiting_lora_adapters"] == ""
     assert abs(info.value - time.time()) < 60  # the Unix time of the reading
     assert idle["vllm:num_requests_waiting"].value == 0
+
+
+def test_the_fleet_dashboard_reads_metrics_the_daemon_writes(daemon):
+    """deploy/grafana's dashboard and the HPA's queue metric name only families /metrics
+    has (a renamed metric would leave a panel empty, or the autoscaler blind)."""
+    text = httpx.get(f"{daemon.url}/metrics").text
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "lorag.json").read_text())
+    names = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"\b(?:lorag_|vllm:)[a-z_:]+", target["expr"])}
+    names.add(re.search(r"name: (lorag_\w+)",
+                        (DEPLOY / "k8s" / "base" / "hpa.yaml").read_text())[1])
+    assert len(names) >= 9
+    for name in sorted(names):
+        if daemon.backend == "vllm" and name in ("lorag_adapter_slot_loads_total",
+                                                 "lorag_adapter_evictions_total"):
+            continue  # vLLM does not say (README)
+        family = name.removesuffix("_bucket")  # a histogram's TYPE line names its family
+        assert re.search(rf"^(# TYPE )?{re.escape(family)}[{{ ]", text, re.M), name
 
 
 def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):
