@@ -24,6 +24,12 @@ from lorag.server.engine.config import Limits
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import TokenStream
 
+# vLLM's families that routers read (queue, KV cache, LoRA): the service writes them from
+# `occupancy()` for every backend alike, so `metric_families()` leaves them out
+ROUTER_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
+                             "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                             "vllm:lora_requests_info"})
+
 
 class AdapterStatus(TypedDict):
     """Where a registered adapter is: on disk only, in RAM, in a compute slot."""
@@ -96,7 +102,7 @@ class Backend(Protocol):
 
     def metric_families(self) -> Iterable[Metric]:
         """The engine's own Prometheus families, exposed on /metrics beside lorag's
-        (vLLM's `vllm:*`, which existing routers and dashboards read)."""
+        (vLLM's `vllm:*`, which dashboards read), less `ROUTER_FAMILIES`."""
         ...
 
     def shutdown(self) -> None:

@@ -5,11 +5,11 @@ state (queue depth, residency, evictions) is read from the engine at scrape time
 is never stale and costs nothing between scrapes. The registry is the daemon's own, not
 prometheus_client's global one: two daemons in one process (tests) do not collide.
 
-Beside lorag's own families, the few that existing routers read from vLLM servers are
-written under vLLM's names and meaning, for both backends alike (`ROUTER_FAMILIES`): the
-Gateway API Inference Extension's endpoint picker (llm-d's router, its
-lora-affinity-scorer) and vLLM's production-stack router route on them, so they route a
-lorag fleet with no router of lorag's own.
+Beside lorag's own families, the few that existing routers read from vLLM servers
+(server/backend.py's `ROUTER_FAMILIES`) are written under vLLM's names and meaning, for
+both backends alike: the Gateway API Inference Extension's endpoint picker (llm-d's
+router, its lora-affinity-scorer) and vLLM's production-stack router route on them, so
+they route a lorag fleet with no router of lorag's own.
 """
 
 import time
@@ -20,10 +20,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lorag.server.engine.stream import Output
 
-# vLLM's names, written here for both backends (the vLLM backend drops vLLM's own)
-ROUTER_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
-                             "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                             "vllm:lora_requests_info"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BASE_LABEL = "base"  # the adapter label of requests served by the base model alone
 
@@ -81,7 +77,8 @@ class _EngineCollector:
 
 
 def _router_families(state: dict):
-    """vLLM's queue, KV-cache and LoRA gauges, with vLLM's meaning. lora_requests_info
+    """vLLM's queue, KV-cache and LoRA gauges (`ROUTER_FAMILIES`), with vLLM's meaning,
+    for every backend. lora_requests_info
     is one sample: the adapters of running and waiting requests as their requests name
     them (comma-separated, empty when none), the adapter slots, and as its value the Unix
     time they were read (now: routers take the newest sample)."""

@@ -44,13 +44,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from lorag.adapters import BaseShape, Composition, LoraWeights, compose, save_lora
 from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded
-from lorag.server.backend import AdapterStatus, Occupancy
+from lorag.server.backend import ROUTER_FAMILIES, AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
 from lorag.server.engine.structured import ebnf
-from lorag.server.metrics import ROUTER_FAMILIES
 
 # the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
