@@ -25,6 +25,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.benchmarks.daemon import DaemonProcess, free_port
+from lorag.benchmarks.retrieval import percentiles
 from lorag.errors import InvalidRequest
 
 HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -158,10 +159,9 @@ def counter(metrics: dict[str, list], family: str) -> float:
     return sum(s.value for s in metrics.get(family, []) if s.name.endswith("_total"))
 
 
-async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int,
-                   api_key: str | None) -> list[dict]:
+async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int
+                   ) -> list[dict]:
     """Stream each request of `plan` (adapter names), `concurrency` at once."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     queue: asyncio.Queue = asyncio.Queue()
     for index, adapter in enumerate(plan):
         queue.put_nowait((index, adapter))
@@ -183,16 +183,15 @@ async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int,
                         first = time.perf_counter()
             results.append({"adapter": adapter, "ttft": (first or time.perf_counter()) - start})
 
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     return results
 
 
-def send(url: str, plan: list[str], concurrency: int = 4, max_tokens: int = 4,
-         api_key: str | None = None) -> list[dict]:
+def send(url: str, plan: list[str], concurrency: int = 4, max_tokens: int = 4) -> list[dict]:
     """Send `plan` (one streamed chat per adapter name, `max_tokens` each: ignore_eos)
     through `url`; per request: the adapter and its time to first token."""
-    return asyncio.run(_traffic(url, plan, concurrency, max_tokens, api_key))
+    return asyncio.run(_traffic(url, plan, concurrency, max_tokens))
 
 
 def plan(adapters: list[str], per_adapter: int, seed: int = 0) -> list[str]:
@@ -200,11 +199,6 @@ def plan(adapters: list[str], per_adapter: int, seed: int = 0) -> list[str]:
     requests = [name for name in adapters for _ in range(per_adapter)]
     random.Random(seed).shuffle(requests)
     return requests
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _run_peer(name: str, balance: str | None, folder: Path, flags: list[str],
@@ -227,21 +221,28 @@ def _run_peer(name: str, balance: str | None, folder: Path, flags: list[str],
         if proxy is not None:
             proxy.stop()
         fleet.stop()
+    return {"routing": name, **_summary(results, elapsed, metrics, list(adapters),
+                                         max_tokens)}
+
+
+def _summary(results: list[dict], elapsed: float, metrics: list[dict], adapters: list[str],
+             max_tokens: int) -> dict:
+    """A peer's figures: from the clients (throughput, TTFT) and from each replica's
+    /metrics (slot loads, evictions, RAM reads, where each adapter was served)."""
     served = [requests_by_adapter(m) for m in metrics]
-    ttft = [r["ttft"] for r in results]
-    return {"routing": name, "requests": len(results),
+    ttft = percentiles([r["ttft"] for r in results])
+    spread = [sum(1 for replica in served if replica.get(f"default.{name}"))
+              for name in adapters]
+    return {"requests": len(results),
             "throughput_tok_s": round(len(results) * max_tokens / elapsed, 1),
-            "ttft_p50_ms": round(1000 * _percentile(ttft, 0.5), 1),
-            "ttft_p99_ms": round(1000 * _percentile(ttft, 0.99), 1),
+            "ttft_p50_ms": round(ttft["p50_ms"], 1), "ttft_p99_ms": round(ttft["p99_ms"], 1),
             "adapter_slot_loads": int(sum(counter(m, "lorag_adapter_slot_loads")
                                           for m in metrics)),
             "adapter_evictions": int(sum(counter(m, "lorag_adapter_evictions")
                                          for m in metrics)),
             "adapters_read_into_ram": sum(len(resident(m, "ram")) for m in metrics),
-            "replicas_per_adapter": round(sum(
-                sum(1 for s in served if s.get(f"default.{a}")) for a in adapters)
-                / len(adapters), 2),
-            "requests_per_replica": [int(sum(s.values())) for s in served]}
+            "replicas_per_adapter": round(sum(spread) / len(adapters), 2),
+            "requests_per_replica": [int(sum(replica.values())) for replica in served]}
 
 
 def main(adapters: int = 24, per_adapter: int = 8, slots: int = 8, concurrency: int = 6,
