@@ -13,6 +13,15 @@ from pathlib import Path
 import httpx
 
 
+def register_adapters(url: str, adapters: dict[str, Path]) -> None:
+    """Load each adapter (name -> folder) into the daemon at `url`, vLLM's route; on a
+    fleet, every replica then finds it in the shared state."""
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for name, path in adapters.items():
+            http.post("/v1/load_lora_adapter",
+                      json={"lora_name": name, "lora_path": str(path)}).raise_for_status()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on right now."""
     with socket.socket() as s:

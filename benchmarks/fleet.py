@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorag.benchmarks.daemon import DaemonProcess, free_port
+from lorag.benchmarks.daemon import DaemonProcess, free_port, register_adapters
 from lorag.benchmarks.retrieval import percentiles
 from lorag.errors import InvalidRequest
 
@@ -126,13 +126,6 @@ class Haproxy:
         self.process.wait(timeout=10)
 
 
-def register(url: str, adapters: dict[str, Path]) -> None:
-    """Load each adapter on the replica at `url`: every replica sees it in the state."""
-    for name, path in adapters.items():
-        httpx.post(f"{url}/v1/load_lora_adapter", timeout=60,
-                   json={"lora_name": name, "lora_path": str(path)}).raise_for_status()
-
-
 def scrape(url: str) -> dict[str, list]:
     """A replica's /metrics: family name -> samples."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -210,7 +203,7 @@ def _run_peer(name: str, balance: str | None, folder: Path, flags: list[str],
     fleet = Fleet(folder / name, flags, state)
     proxy = None
     try:
-        register(fleet.urls[0], adapters)
+        register_adapters(fleet.urls[0], adapters)
         proxy = Haproxy([url.removeprefix("http://") for url in fleet.urls], folder / name,
                         balance)
         start = time.perf_counter()

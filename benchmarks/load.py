@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.benchmarks.daemon import DaemonProcess
+from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
@@ -109,10 +109,7 @@ def main(requests: int = 200, adapters: int = 16, disconnect: float = 0.2,
                                   "512"], data / "daemon.log")
     url = daemon.url
     try:
-        for name, path in paths.items():
-            response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=60,
-                                  json={"lora_name": name, "lora_path": str(path)})
-            response.raise_for_status()
+        register_adapters(url, paths)
         result = asyncio.run(_run(url, list(paths), list(churn.values()), requests,
                                   disconnect, max_tokens))
     finally:

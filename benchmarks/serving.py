@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.benchmarks.daemon import DaemonProcess
+from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
@@ -246,10 +246,7 @@ def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) ->
              "--adapter-root", str(next(iter(paths.values())).parent)]
     daemon = DaemonProcess(folder, flags, folder / "daemon.log", env=VLLM_ENV)
     try:
-        with httpx.Client(base_url=daemon.url, timeout=120) as http:
-            for name, path in paths.items():
-                http.post("/v1/load_lora_adapter",
-                          json={"lora_name": name, "lora_path": str(path)}).raise_for_status()
+        register_adapters(daemon.url, paths)
         return asyncio.run(_stream_all(daemon.url, jobs, list(paths), max_new))
     finally:
         daemon.stop()

@@ -10,11 +10,11 @@ import signal
 import pytest
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.daemon import register_adapters
 from lorag.benchmarks.fleet import (
     Fleet,
     Haproxy,
     plan,
-    register,
     requests_by_adapter,
     resident,
     scrape,
@@ -39,7 +39,7 @@ def fleet(tmp_path_factory, tiny_base, postgres):
                            "--max-lora-rank", "16"], postgres.new_database())
     proxy = None
     try:
-        register(fleet.urls[0], paths)  # once, on one replica: the others read the state
+        register_adapters(fleet.urls[0], paths)  # once, on one replica: the others read the state
         proxy = Haproxy([url.removeprefix("http://") for url in fleet.urls], folder)
         yield fleet, proxy
     finally:
