@@ -14,7 +14,7 @@ import torch
 from lorag.models import load_base
 from lorag.server.engine.structured import Constraint, Grammars
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, BASE
+from tests.daemons import ALICE, BASE, MAX_WAITING
 from tests.schemas import SCHEMAS, validate
 
 ADAPTERS = ["json-style", "json-other", "json-third", "json-fourth"]
@@ -64,7 +64,9 @@ def test_schema_requests_across_adapters_validate_and_free_neighbours_are_unchan
     # and every model; the second half samples (seeded) instead of greedy
     jobs = [(MODELS[(i + i // 5) % 5], names[i % 5], 0.0 if i < 25 else 0.8, i)
             for i in range(REQUESTS[daemon.backend])]
-    with ThreadPoolExecutor(12) as pool:  # within the daemon's 16 running sequences
+    # at most MAX_WAITING in flight with the free ones: requests queued behind an adapter
+    # waiting for a slot never fill the queue (a 429 was seen under load)
+    with ThreadPoolExecutor(MAX_WAITING - len(MODELS)) as pool:
         constrained = [pool.submit(schema_chat, daemon, *job) for job in jobs]
         free = {model: pool.submit(free_chat, daemon, model) for model in MODELS}
         replies = [future.result() for future in constrained]
