@@ -30,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.benchmarks.progress import BenchProgress, Report, Tracker
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
@@ -38,6 +39,7 @@ from lorag.server.engine.structured import Constraint
 from lorag.settings import Settings
 
 MODEL = "smollm2-135m-instruct"
+PROGRESS = "PROGRESS "  # vllm_cpu.py's progress lines: "PROGRESS start" / "PROGRESS done"
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}  # GiB of KV cache, for both
 # The constrained requests' schema: nested objects, an enum, numbers, arrays, strings; at
 # least 100 records, so that no reply can end before the workload's output length and
@@ -72,16 +74,35 @@ def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
                           max_lora_rank=16, max_active_adapters=slots,
                           adapter_roots=[next(iter(paths.values())).parent])
     engine = Engine(model, tokenizer, config).start()
-    for name, path in paths.items():
-        engine.load_adapter(name, str(path))
+    try:
+        for name, path in paths.items():
+            engine.load_adapter(name, str(path))
+    except BaseException:
+        engine.shutdown()
+        raise
     return engine
 
 
 def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
-               constrained_share: float = 0.0) -> dict:
+               constrained_share: float = 0.0, tracker: Tracker | None = None) -> dict:
     """jobs: (prompt ids, adapter name or None); all submitted at t=0. A share of them
     (drawn with a fixed seed) constrained to the RECORDS schema."""
-    engine = bench_engine(model, tokenizer, paths, slots)
+    with bench_engine(model, tokenizer, paths, slots) as engine:
+        results, wall = _run_jobs(engine, jobs, max_new, constrained_share, tracker)
+        merges = engine.stats()["merges"]
+    tokens = sum(count for _, count in results)
+    if tokens != len(jobs) * max_new:  # every request must be as long, or rates mislead
+        raise RuntimeError(f"{len(jobs) * max_new - tokens} tokens short: a request ended "
+                           "before its output length")
+    chosen = round(constrained_share * len(jobs))
+    return {**summary(tokens, wall, [first for first, _ in results]),
+            **({"merges": merges} if merges else {}),
+            **({"constrained_requests": chosen} if chosen else {})}
+
+
+def _run_jobs(engine: Engine, jobs, max_new: int, constrained_share: float,
+              tracker: Tracker | None) -> tuple[list[tuple[float, int]], float]:
+    """(time to first token, tokens) per job, and the wall time, after a warm-up."""
     params = SamplingParams(max_tokens=max_new, ignore_eos=True)
     constrained = SamplingParams(max_tokens=max_new, ignore_eos=True, constraint=RECORDS)
     chosen = set(random.Random(1).sample(range(len(jobs)), round(constrained_share * len(jobs))))
@@ -89,6 +110,8 @@ def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
                for i, (ids, _) in enumerate(jobs[:4])]  # and the schema compiled
     for stream in warm_up:
         stream.result()
+    if tracker:
+        tracker.restart()
     start = time.perf_counter()
 
     async def first_token_after_start(stream) -> tuple[float, int]:
@@ -96,6 +119,10 @@ def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
         async for out in stream:  # read every stream at once, as concurrent clients would
             first = first or time.perf_counter() - start
             tokens += len(out.token_ids)
+            if tracker:
+                tracker.tokens(len(out.token_ids))
+        if tracker:
+            tracker.done()
         return first, tokens
 
     async def run_all() -> list[tuple[float, int]]:
@@ -104,24 +131,30 @@ def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
         return await asyncio.gather(*(first_token_after_start(s) for s in streams))
 
     results = asyncio.run(run_all())
-    wall = time.perf_counter() - start
-    merges = engine.stats()["merges"]
-    engine.shutdown()
-    tokens = sum(count for _, count in results)
-    if tokens != len(jobs) * max_new:  # every request must be as long, or rates mislead
-        raise RuntimeError(f"{len(jobs) * max_new - tokens} tokens short: a request ended "
-                           "before its output length")
-    return {**summary(tokens, wall, [first for first, _ in results]),
-            **({"merges": merges} if merges else {}),
-            **({"constrained_requests": len(chosen)} if chosen else {})}
+    return results, time.perf_counter() - start
 
 
-def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8) -> dict:
+def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8,
+                 tracker: Tracker | None = None) -> dict:
     """Register never-seen adapters while `background` streams decode, and time each
     from the load call to its request's first token; beside it, the same request on an
-    adapter already in a slot, and the background streams' gaps between tokens."""
-    engine = bench_engine(model, tokenizer, paths, 64)
-    resident = list(paths)[:background]
+    adapter already in a slot, and the background streams' gaps between tokens. With
+    fewer adapters than streams, streams share adapters."""
+    with bench_engine(model, tokenizer, paths, 64) as engine:
+        cold, warm, gaps = _hot_load(engine, list(paths), fresh, background)
+    ms = lambda values: round(1000 * statistics.median(values), 1)  # noqa: E731
+    return {"adapters_loaded": len(fresh), "background_streams": background,
+            "load_ms_p50": ms([load for load, _ in cold]),
+            "load_to_first_token_ms_p50": ms([total for _, total in cold]),
+            "resident_first_token_ms_p50": ms([total for _, total in warm]),
+            "background_gap_ms_p50": ms(gaps),
+            "background_gap_ms_max": round(1000 * max(gaps), 1)}
+
+
+def _hot_load(engine: Engine, names: list[str], fresh: dict, background: int):
+    """(load s, load-to-first-token s) per fresh adapter, the same for resident ones, and
+    the background streams' gaps between tokens."""
+    resident = [names[i % len(names)] for i in range(background)]
     prompt = list(range(1000, 1032))
     gaps: list[float] = []
 
@@ -134,8 +167,8 @@ def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8) -> d
             last = now
 
     long = SamplingParams(max_tokens=200, ignore_eos=True)
-    threads = [threading.Thread(target=watch, args=(engine.submit(prompt, long, adapter=n),))
-               for n in resident]
+    threads = [threading.Thread(target=watch, args=(engine.submit(prompt, long, adapter=n),),
+                                daemon=True) for n in resident]
     for thread in threads:
         thread.start()
     time.sleep(1.0)  # the background batch is decoding
@@ -153,14 +186,7 @@ def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8) -> d
     warm = [first_token(resident[i % background]) for i in range(len(fresh))]
     for thread in threads:
         thread.join()
-    engine.shutdown()
-    ms = lambda values: round(1000 * statistics.median(values), 1)  # noqa: E731
-    return {"adapters_loaded": len(fresh), "background_streams": background,
-            "load_ms_p50": ms([load for load, _ in cold]),
-            "load_to_first_token_ms_p50": ms([total for _, total in cold]),
-            "resident_first_token_ms_p50": ms([total for _, total in warm]),
-            "background_gap_ms_p50": ms(gaps),
-            "background_gap_ms_max": round(1000 * max(gaps), 1)}
+    return cold, warm, gaps
 
 
 class _FirstToken(LogitsProcessor):
@@ -174,7 +200,8 @@ class _FirstToken(LogitsProcessor):
         return scores
 
 
-def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: int | None):
+def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: int | None,
+             tracker: Tracker | None = None):
     """HF + PEFT. batch > 1: mixed batches with `adapter_names`; batch 1 with a sample of
     requests, one at a time with set_adapter, scaled to the whole workload."""
     from peft import PeftModel
@@ -186,6 +213,9 @@ def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: in
     peft.eval()
     tokenizer.padding_side = "left"
     todo = jobs[:sample] if sample else jobs
+    if tracker:
+        tracker.total = len(todo)
+        tracker.restart()
     start, ttfts = time.perf_counter(), []
     for i in range(0, len(todo), batch):
         group = todo[i:i + batch]
@@ -201,6 +231,8 @@ def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: in
                           pad_token_id=tokenizer.pad_token_id, **kwargs)
         # sequential: a request's TTFT excludes the wait for earlier ones (a lower bound)
         ttfts += [first.at - (request_start if batch == 1 else start)] * len(group)
+        for _ in group if tracker else ():
+            tracker.done(max_new)
     wall = time.perf_counter() - start
     result = summary(len(todo) * max_new, wall, ttfts)
     if sample:
@@ -216,9 +248,11 @@ def vllm_missing() -> str | None:
     return None
 
 
-def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
+def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int,
+             tracker: Tracker | None = None) -> dict:
     """Plain vLLM with LoRA (AsyncLLM, no lorag) on the same jobs, in a process of its own
-    (benchmarks/vllm_cpu.py, run by path: it imports nothing from lorag)."""
+    (benchmarks/vllm_cpu.py, run by path: it imports nothing from lorag). It reports each
+    finished request on a PROGRESS line of its stdout."""
     job = {"model": str(model_folder), "dtype": dtype, "max_new_tokens": max_new,
            "max_loras": len(paths), "jobs": jobs,
            "adapters": {name: str(path) for name, path in paths.items()}}
@@ -226,15 +260,27 @@ def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
         json.dump(job, f)
         f.flush()
         script = Path(__file__).with_name("vllm_cpu.py")
-        done = subprocess.run([sys.executable, str(script), f.name], env=VLLM_ENV,
-                              capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 and not lines:
-        return {"error": f"vLLM-CPU exited with {done.returncode}: {done.stderr[-2000:]}"}
+        with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+                [sys.executable, str(script), f.name], env=VLLM_ENV, text=True,
+                stdout=subprocess.PIPE, stderr=errors) as child:
+            lines = []
+            for line in child.stdout:
+                if line.startswith(PROGRESS):
+                    if tracker:
+                        tracker.restart() if line.split()[1] == "start" else \
+                            tracker.done(max_new)
+                elif line.startswith("{"):
+                    lines.append(line)
+            child.wait()
+            errors.seek(0)
+            if child.returncode != 0 and not lines:
+                return {"error": f"vLLM-CPU exited with {child.returncode}: "
+                                 f"{errors.read()[-2000:]}"}
     return json.loads(lines[-1])
 
 
-def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) -> dict:
+def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int,
+                   tracker: Tracker | None = None) -> dict:
     """`lorag serve --backend vllm`, configured as the plain vLLM run, through its own
     OpenAI API: adapters registered over HTTP, every job a streamed /v1/completions
     request with the prompt's token ids, all sent at t=0."""
@@ -247,12 +293,13 @@ def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int) ->
     daemon = DaemonProcess(folder, flags, folder / "daemon.log", env=VLLM_ENV)
     try:
         register_adapters(daemon.url, paths)
-        return asyncio.run(_stream_all(daemon.url, jobs, list(paths), max_new))
+        return asyncio.run(_stream_all(daemon.url, jobs, list(paths), max_new, tracker))
     finally:
         daemon.stop()
 
 
-async def _stream_all(url: str, jobs, names: list[str], max_new: int) -> dict:
+async def _stream_all(url: str, jobs, names: list[str], max_new: int,
+                      tracker: Tracker | None) -> dict:
     limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = 0.0
@@ -266,10 +313,14 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int) -> dict:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
                         first = first or time.perf_counter() - start
+            if tracker and start:
+                tracker.done(max_new)
             return first
 
         # warm-up, as the plain vLLM run: every adapter once
         await asyncio.gather(*(one(jobs[0][0], name) for name in names))
+        if tracker:
+            tracker.restart()
         start = time.perf_counter()
         ttfts = await asyncio.gather(*(one(ids, name) for ids, name in jobs))
         wall = time.perf_counter() - start
@@ -286,12 +337,19 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
          json_path: Path | None = None, peft_sample: int = 16,
          only: list[str] | None = None, constrained_share: float = 0.0) -> dict:
     """Run every system (or those in `only`) on the same workload and print (and
-    optionally save) JSON. lorag_constrained runs when constrained_share > 0."""
+    optionally save, after each system) JSON. lorag_constrained runs when
+    constrained_share > 0. Progress goes to stderr."""
     unknown = set(only or []) - set(SYSTEMS)
     if unknown:
         raise InvalidRequest(f"--only has {sorted(unknown)}; systems: {', '.join(SYSTEMS)}",
                              field="only")
     want = set(only or SYSTEMS).__contains__
+    workload_row = {"model": MODEL, "dtype": dtype, "quantize": quantize,
+                    "adapters": adapters, "requests": requests,
+                    "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
+                    "registered": registered, "constrained_share": constrained_share,
+                    "torch_threads": torch.get_num_threads()}
+    report = Report(json_path, lambda systems: _result(workload_row, systems))
     torch.manual_seed(0)
     model, tokenizer = load_base(MODEL, quantize=quantize, dtype=dtype)
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-"))
@@ -313,42 +371,47 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
             {f"ad{i}": paths[f"ad{i}"] for i in range(registered)}, 64)
     if constrained_share:  # the lorag workload, a share of it under a JSON schema
         engine_jobs["lorag_constrained"] = (jobs, used, slots)
-    systems, hot_load = {}, None
-    for name, (these, registry, n) in engine_jobs.items():
-        if want(name):
+    with BenchProgress() as progress:
+        def measure(name: str, run, *args, total: int | None = requests) -> None:
+            if want(name):
+                with progress.system(name, total) as tracker:
+                    report.add(name, run(*args, tracker=tracker))
+
+        for name, (these, registry, n) in engine_jobs.items():
             share = constrained_share if name == "lorag_constrained" else 0.0
-            systems[name] = run_engine(model, tokenizer, these, registry, max_new_tokens, n,
-                                       share)
-    if want("hot_load"):
+            measure(name, run_engine, model, tokenizer, these, registry, max_new_tokens, n,
+                    share)
         fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
-        hot_load = run_hot_load(model, tokenizer, used, fresh)
-    del model
-    if want("lorag_nf4"):
-        nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
-        systems["lorag_nf4"] = run_engine(nf4, tokenizer, jobs, used, max_new_tokens, slots)
-        del nf4
-    if want("peft_mixed") or want("peft_sequential"):
-        base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
-        if want("peft_mixed"):
-            systems["peft_mixed"] = run_peft(base, tokenizer, jobs, used, max_new_tokens, 32,
-                                             None)
-        if want("peft_sequential"):
-            systems["peft_sequential"] = run_peft(base, tokenizer, jobs, used, max_new_tokens,
-                                                  1, peft_sample)
-        del base
-    model_folder = ModelCache(Settings().models_dir).path(MODEL)
-    missing = vllm_missing() or (None if quantize == "none" else
-                                 f"vLLM-CPU does not run a {quantize} base here")
-    for name, run in (("vllm_cpu", run_vllm), ("lorag_vllm", run_lorag_vllm)):
-        if want(name):
-            systems[name] = {"skipped": missing} if missing else \
-                run(model_folder, dtype, jobs, used, max_new_tokens)
-    result = {
-        "workload": {"model": MODEL, "dtype": dtype, "quantize": quantize,
-                     "adapters": adapters, "requests": requests,
-                     "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
-                     "registered": registered, "constrained_share": constrained_share,
-                     "torch_threads": torch.get_num_threads()},
+        measure("hot_load", run_hot_load, model, tokenizer, used, fresh, total=None)
+        del model
+        if want("lorag_nf4"):
+            nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
+            measure("lorag_nf4", run_engine, nf4, tokenizer, jobs, used, max_new_tokens,
+                    slots)
+            del nf4
+        if want("peft_mixed") or want("peft_sequential"):
+            base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
+            measure("peft_mixed", run_peft, base, tokenizer, jobs, used, max_new_tokens, 32,
+                    None)
+            measure("peft_sequential", run_peft, base, tokenizer, jobs, used,
+                    max_new_tokens, 1, peft_sample)
+            del base
+        model_folder = ModelCache(Settings().models_dir).path(MODEL)
+        missing = vllm_missing() or (None if quantize == "none" else
+                                     f"vLLM-CPU does not run a {quantize} base here")
+        for name, run in (("vllm_cpu", run_vllm), ("lorag_vllm", run_lorag_vllm)):
+            if missing and want(name):
+                report.add(name, {"skipped": missing})
+            elif not missing:
+                measure(name, run, model_folder, dtype, jobs, used, max_new_tokens)
+    return report.finish()
+
+
+def _result(workload_row: dict, measured: dict) -> dict:
+    """The benchmark's JSON from the systems measured so far."""
+    systems = {name: row for name, row in measured.items() if name != "hot_load"}
+    return {
+        "workload": workload_row,
         "systems": systems,
         "ratios": {name: ratio(systems, "lorag", name) for name in systems if name != "lorag"},
         "merged_vs_no_adapters": ratio(systems, "lorag_merged", "lorag_no_adapters"),
@@ -356,13 +419,8 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
         "constrained_vs_free": ratio(systems, "lorag_constrained", "lorag", digits=3),
         # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
         "lorag_vllm_vs_vllm_cpu": ratio(systems, "lorag_vllm", "vllm_cpu", digits=3),
-        "hot_load": hot_load,
+        "hot_load": measured.get("hot_load"),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
-    return result
 
 
 def ratio(systems: dict, ours: str, theirs: str, digits: int = 2) -> float | None:

@@ -1,10 +1,11 @@
-"""The vLLM-CPU peer of `lorag bench serving`, run by `.venv-vllm`'s Python.
+"""The vLLM-CPU peer of `lorag bench serving`, in a process of its own.
 
-vLLM pins its own torch and transformers, so it lives in its own venv (`make bench-setup`)
-and this file imports nothing from lorag. The parent writes the workload as JSON, runs
-`.venv-vllm/bin/python benchmarks/vllm_cpu.py JOB.json`, and reads one JSON summary from
-the last line of stdout. Requests are submitted at t=0 and read as streams (AsyncLLM),
-so tokens/s and time to first token are measured exactly as for the engine.
+vLLM starts engine processes and keeps global state, so it runs apart from the engine
+being compared, and this file imports nothing from lorag. The parent writes the workload
+as JSON, runs `python benchmarks/vllm_cpu.py JOB.json`, follows the "PROGRESS start"
+(warm-up over) and "PROGRESS done" (a request finished) lines, and reads one JSON summary
+from the last line of stdout. Requests are submitted at t=0 and read as streams
+(AsyncLLM), so tokens/s and time to first token are measured exactly as for the engine.
 
 Job keys: model (HF folder), dtype, max_new_tokens, max_loras, jobs ([prompt ids,
 adapter name or null]), adapters ({name: folder}).
@@ -46,12 +47,15 @@ async def run(job: dict) -> dict:
         async for _ in engine.generate({"prompt_token_ids": ids}, params, f"r{index}",
                                        lora_request=lora.get(adapter)):
             first = first or time.perf_counter() - start
+        if index >= 0:
+            print("PROGRESS done", flush=True)
         return first
 
     jobs = job["jobs"]
     # warm-up: compiles the model and touches every adapter once
     warm = [one(-i - 1, jobs[0][0], name) for i, name in enumerate(names or [None])]
     await asyncio.gather(*warm)
+    print("PROGRESS start", flush=True)
     start = time.perf_counter()
     ttfts = await asyncio.gather(*(one(i, ids, name) for i, (ids, name) in enumerate(jobs)))
     wall = time.perf_counter() - start

@@ -86,8 +86,13 @@ def build_service(options: ServeOptions) -> Service:
     except BaseException:
         db.close()
         raise
-    service = Service(engine, StateStore(db), keys, model_name=name, documents=documents)
-    service.follow_state(options.state_poll_s)
+    try:
+        service = Service(engine, StateStore(db), keys, model_name=name, documents=documents)
+        service.follow_state(options.state_poll_s)
+    except BaseException:  # the engine's loop is running: it must not outlive this
+        engine.shutdown()
+        db.close()
+        raise
     return service
 
 
@@ -110,7 +115,18 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
 def serve(options: ServeOptions, console: Console) -> None:
     """Run until interrupted (Ctrl-C / SIGTERM)."""
     service = build_service(options)
-    grpc_server = start_grpc(service, options.host, options.grpc_port)
+    grpc_server = None
+    try:  # however serving ends (a port in use included), the engine stops with it
+        grpc_server = start_grpc(service, options.host, options.grpc_port)
+        _serve(service, options, console)
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=2)
+        service.close()
+
+
+def _serve(service: Service, options: ServeOptions, console: Console) -> None:
+    """The banner, then HTTP until a signal ends it."""
     limits = service.engine.limits
     console.print(f"[bold]lorag[/] serving {service.model_name} "
                   f"({options.quantize}; {service.engine.describe()}) | "
@@ -125,11 +141,7 @@ def serve(options: ServeOptions, console: Console) -> None:
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
     config = uvicorn.Config(create_app(service), host=options.host, port=options.port,
                             log_level="warning", timeout_graceful_shutdown=5)
-    try:
-        DrainingServer(config, service, options.shutdown_timeout_s, console).run()
-    finally:
-        grpc_server.stop(grace=2)
-        service.close()
+    DrainingServer(config, service, options.shutdown_timeout_s, console).run()
 
 
 class DrainingServer(uvicorn.Server):

@@ -240,7 +240,12 @@ def start_grpc(service: Service, host: str, port: int, workers: int = 32) -> grp
     service.on_drain.append(health_servicer.enter_graceful_shutdown)  # all NOT_SERVING
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise RuntimeError(f"cannot listen for gRPC on {host}:{port} (in use?)")
+    try:  # grpcio raises on a port in use; older releases returned 0
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise RuntimeError(f"cannot listen for gRPC on {host}:{port}: the address is in use "
+                           "or not this machine's; choose another with --grpc-port")
     server.start()
     return server

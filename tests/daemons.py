@@ -67,7 +67,11 @@ class LocalDaemon(_Health):
         """Build the service and serve it (HTTP and gRPC) on this daemon's ports."""
         options = self.options
         self.service = build_service(options)
-        self.grpc = start_grpc(self.service, options.host, options.grpc_port)
+        try:
+            self.grpc = start_grpc(self.service, options.host, options.grpc_port)
+        except BaseException:
+            self.service.close()
+            raise
         self.server = uvicorn.Server(uvicorn.Config(
             create_app(self.service), host=options.host, port=options.port,
             log_level="warning"))

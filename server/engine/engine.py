@@ -20,7 +20,7 @@ import torch
 from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
-from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded
+from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded, Unavailable
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
@@ -108,14 +108,24 @@ class Engine:
         """Whether the step loop is running."""
         return self.thread is not None and self.thread.is_alive()
 
+    def __enter__(self) -> "Engine":
+        """`with Engine(...) as engine:` runs the loop for the block and stops it however
+        the block ends: an exception in the owner must not leave a thread stepping."""
+        return self if self.alive else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def shutdown(self) -> None:
-        """Stop the loop; requests still running end with finish_reason 'cancelled'."""
+        """Stop the loop; requests still running end with finish_reason 'cancelled'.
+        Safe to call more than once."""
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join()
-        for seq in [*self.running, *self.waiting]:
+        waiting, self.waiting = list(self.waiting), deque()
+        for seq in [*self.running, *waiting]:
             self._finish(seq, "cancelled")
 
     # ---- requests ----
@@ -127,7 +137,7 @@ class Engine:
         prompt: text (tokenized as is: apply a chat template first) or token ids.
         adapter: an adapter's name, or a weighted Composition of several; None for the base.
         Raises InvalidRequest (a constraint that does not compile among others),
-        AdapterNotFound, or Overloaded when the queue is full.
+        AdapterNotFound, Overloaded when the queue is full, or Unavailable after shutdown.
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -143,6 +153,8 @@ class Engine:
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
         with self.wakeup:
+            if self.stopping:
+                raise Unavailable("the engine is shut down and takes no new requests")
             if len(self.waiting) >= self.config.max_waiting:
                 raise Overloaded(f"the engine's queue is full ({self.config.max_waiting} "
                                  "requests waiting); retry later")

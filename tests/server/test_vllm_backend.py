@@ -39,13 +39,7 @@ def test_vllm_greedy_tokens_equal_the_native_engine(daemon, base_model_dir):
     root = daemon.adapters / "agreement"
     model, tokenizer = load_base(str(base_model_dir), quantize="none", dtype="float32")
     paths = make_adapters(model, root, SPECS, seed=21)
-    native = Engine(model, tokenizer, EngineConfig(
-        max_model_len=MAX_MODEL_LEN, max_lora_rank=MAX_LORA_RANK, max_active_adapters=8,
-        adapter_roots=[daemon.adapters])).start()
     keys = [f"agree.{name}" for name in SPECS]
-    for backend in (vllm, native):
-        for key, path in zip(keys, paths.values(), strict=True):
-            backend.load_adapter(key, str(path))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
                                              add_generation_prompt=True, return_dict=False)
                for q in QUESTIONS]
@@ -53,16 +47,23 @@ def test_vllm_greedy_tokens_equal_the_native_engine(daemon, base_model_dir):
     adapters = [*keys, Composition(((keys[0], 0.7), (keys[1], 0.3))), None, *[None] * 5]
     prompts += prompts[:5]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    try:
-        results = {}
-        for name, backend in (("vllm", vllm), ("native", native)):
-            streams = [backend.submit(ids, params, adapter, f"agree-{name}-{i}")
-                       for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True))]
-            results[name] = [stream.result().token_ids for stream in streams]
-    finally:
-        native.shutdown()
-        for key in keys:
-            vllm.unload_adapter(key)
+    results = {}
+    with Engine(model, tokenizer, EngineConfig(
+            max_model_len=MAX_MODEL_LEN, max_lora_rank=MAX_LORA_RANK, max_active_adapters=8,
+            adapter_roots=[daemon.adapters])) as native:
+        try:
+            for backend in (vllm, native):
+                for key, path in zip(keys, paths.values(), strict=True):
+                    backend.load_adapter(key, str(path))
+            for name, backend in (("vllm", vllm), ("native", native)):
+                streams = [backend.submit(ids, params, adapter, f"agree-{name}-{i}")
+                           for i, (ids, adapter) in enumerate(zip(prompts, adapters,
+                                                                  strict=True))]
+                results[name] = [stream.result().token_ids for stream in streams]
+        finally:
+            for key in keys:
+                if key in [row["name"] for row in vllm.list_adapters()]:
+                    vllm.unload_adapter(key)
     for adapter, ours, theirs in zip(adapters, results["native"], results["vllm"],
                                      strict=True):
         assert len(ours) == 16 and theirs == ours, f"{adapter}: {theirs} != {ours}"

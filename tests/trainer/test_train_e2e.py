@@ -91,15 +91,12 @@ def test_the_format_is_learned_and_peft_and_the_engine_agree(trained, base_model
     model, tokenizer = load_base(str(base_model_dir), quantize="none", dtype="float32")
     prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True)["input_ids"]
                for m in held_out]
-    engine = Engine(model, tokenizer, EngineConfig(max_lora_rank=16,
-                                                   adapter_roots=[adapter.parent])).start()
-    try:
+    with Engine(model, tokenizer, EngineConfig(max_lora_rank=16,
+                                               adapter_roots=[adapter.parent])) as engine:
         engine.load_adapter("verdict", str(adapter))
         params = SamplingParams(max_tokens=MAX_NEW)
         base = [o.text for o in engine.generate(prompts, params)]
         tuned = engine.generate(prompts, params, adapters=["verdict"] * len(prompts))
-    finally:
-        engine.shutdown()
     base_rate = sum(t.startswith("VERDICT:") for t in base) / len(base)
     tuned_rate = sum(o.text.startswith("VERDICT:") for o in tuned) / len(tuned)
     print(f"format followed: base {base_rate:.0%}, adapter {tuned_rate:.0%}")

@@ -163,13 +163,10 @@ def test_a_new_engine_on_the_same_model_replaces_the_old_wrapping(make_engine, t
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     want = first.submit(PROMPT, params, adapter="t0").result().token_ids
     first.shutdown()
-    second = Engine(first.runner.model, tokenizer, first.config).start()
-    try:
+    with Engine(first.runner.model, tokenizer, first.config) as second:
         q_proj = second.runner.model.model.layers[0].self_attn.q_proj
         assert isinstance(q_proj, MultiLoraLinear)
         assert not isinstance(q_proj.base, MultiLoraLinear)
         second.load_adapter("t0", str(adapter_root / "t0"))
         assert second.submit(PROMPT, params).result().token_ids
         assert second.submit(PROMPT, params, adapter="t0").result().token_ids == want
-    finally:
-        second.shutdown()

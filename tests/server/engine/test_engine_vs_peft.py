@@ -46,14 +46,13 @@ def tiny(tokenizer, tmp_path_factory):
     peft.eval()
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=32, max_active_adapters=10, adapter_roots=[root])
-    engine = Engine(tiny_model(), tokenizer, config).start()
-    for name, path in paths.items():
-        assert engine.load_adapter(name, str(path)) is True
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                              add_generation_prompt=True, tokenize=False)
                for q in QUESTIONS]
-    yield engine, peft, tokenizer, prompts
-    engine.shutdown()
+    with Engine(tiny_model(), tokenizer, config) as engine:
+        for name, path in paths.items():
+            assert engine.load_adapter(name, str(path)) is True
+        yield engine, peft, tokenizer, prompts
 
 
 def peft_greedy(peft, tokenizer, prompt: str, adapter: str | None) -> list[int]:
@@ -131,10 +130,9 @@ def test_other_weights_under_a_merged_name_are_served_not_the_merged_old_ones(ti
     new weights serve, token for token as PEFT has them."""
     _, peft, tokenizer, prompts = tiny
     root = tiny[0].config.adapter_roots[0]
-    engine = Engine(tiny_model(), tokenizer, EngineConfig(
-        max_model_len=256, max_lora_rank=32, max_active_adapters=2,
-        adapter_roots=[root])).start()
-    try:
+    with Engine(tiny_model(), tokenizer, EngineConfig(
+            max_model_len=256, max_lora_rank=32, max_active_adapters=2,
+            adapter_roots=[root])) as engine:
         params = SamplingParams(max_tokens=24, ignore_eos=True)
         ids = engine_prompt_ids(tokenizer, prompts[0])
         engine.load_adapter("moving", str(root / "a5"))
@@ -145,7 +143,5 @@ def test_other_weights_under_a_merged_name_are_served_not_the_merged_old_ones(ti
         engine.load_adapter("moving", str(root / "a6"))
         got = engine.submit(ids, params, adapter="moving").result().token_ids
         assert engine.pool.slot_of("moving") == slot
-    finally:
-        engine.shutdown()
     want = peft_greedy(peft, tokenizer, prompts[0], "a6")
     assert got[:len(want)] == want
