@@ -451,14 +451,14 @@ class Engine:
         if self.merged_slot is not None and (
                 self.merged_slot != hot or  # mixed traffic, or another adapter's
                 self.pool.installs[self.merged_slot] != self.merged_install):  # rewritten
-            for layer in self.runner.lora_layers.values():
+            for layer in self.runner.lora_layers:
                 layer.unmerge()
             self.merged_slot = None
             self.counters["unmerges"] += 1
         self.homogeneous_steps = self.homogeneous_steps + 1 if hot is not None else 0
         if hot is not None and self.merged_slot is None and \
                 self.homogeneous_steps >= MERGE_AFTER_STEPS:
-            for layer in self.runner.lora_layers.values():
+            for layer in self.runner.lora_layers:
                 layer.merge(hot)
             self.merged_slot, self.merged_install = hot, self.pool.installs[hot]
             self.counters["merges"] += 1

@@ -1,16 +1,23 @@
-"""Multi-LoRA linear layers: one base projection, many adapters, per-token slots.
+"""Multi-LoRA linear layers over fused projections: one base matmul, many adapters,
+per-token slots.
 
-Every LoRA-wrapped projection owns two stacked buffers allocated once:
-    a: [slots, max_rank, in_features]    b: [slots, out_features, max_rank]
+Projections that read the same input can run as one (the runner fuses q/k/v), on
+weights concatenated once at start-up (`fuse`). Their LoRA runs fused too, as vLLM's
+merged-QKV LoRA layers do: the A matrices of the parts are stacked, so the shrink
+`A x` of q, k and v is one grouped matmul; the expand `B (A x)` is split by output part.
+Every LoRA layer owns stacked buffers allocated once:
+    a: [slots, max_rank, parts, in_features]    b[part]: [slots, out_features, max_rank]
 Installing an adapter copies into a slot; the layers only ever see per-token slot indices.
+(The rank is the outer dimension of `a` so that the ranks in use, `a[:, :rank]`, are one
+view [slots, rank * parts, in] with no copy.)
 
 Per step, `LoraBatch.route` groups the tokens ONCE; every layer then pads them into
-[groups, tokens_per_group, in] and runs two batched matmuls, so each active adapter's A
+[groups, tokens_per_group, in] and runs batched matmuls, so each active adapter's A
 and B are read once per step (the SGMV idea of Punica / S-LoRA, as dense bmm: CPU has no
 segmented-GEMM kernel to call). Measured here (bf16, 576x576, 64 r16 slots, 128 decode
 tokens): the grouped path costs ~0.45 ms per projection beside 0.3 ms for the base
 matmul; a loop of small matmuls per prompt chunk cost as much as the base, padded into
-one bmm it costs about half.
+one bmm it costs about half. Fusing q/k/v pads the tokens once instead of three times.
 
 Merging (dLoRA): while every running token uses one adapter, its delta can be folded
 into the base weight, `W' = W + B A`, and the LoRA path skipped. The layer keeps W
@@ -20,6 +27,8 @@ the same order as the LoRA delta itself (an NF4 step is ~1/8 of a block's absmax
 dequantize + quantize per matrix on every switch, and would change outputs versus the
 unmerged path; there the LoRA path simply stays on.
 """
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -74,46 +83,118 @@ class _Groups:
         position = torch.arange(len(group)) - torch.repeat_interleave(starts, counts)
         return cls(tokens, group, position, int(ids[-1]) + 1, int(counts.max()))
 
-    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, in]; a: [size, rank, in]; b: [size, out, rank] -> [routed, out]."""
-        xg = x.new_zeros(self.size, self.longest, x.shape[1])
-        xg[self.group, self.position] = x[self.tokens]
-        xg = xg.to(a.dtype)
-        out = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))
-        return out[self.group, self.position]
+    def pad(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x: [tokens, in] -> [size, longest, in], the routed tokens in their groups."""
+        xg = x.new_zeros(self.size, self.longest, x.shape[1], dtype=dtype)
+        xg[self.group, self.position] = x[self.tokens].to(dtype)
+        return xg
+
+    def unpad(self, yg: torch.Tensor) -> torch.Tensor:
+        """[size, longest, out] -> [routed, out], in the order of `tokens`."""
+        return yg[self.group, self.position]
+
+
+class Part(NamedTuple):
+    """One projection of a fused layer: its adapter key, where its output sits in the
+    fused output, and how wide it is."""
+
+    key: tuple[int, str]  # (layer index, module name), as LoraWeights keys it
+    offset: int
+    out_features: int
+
+
+class Concatenated(nn.Module):
+    """Several projections of one input, their outputs side by side: the fallback fusion
+    for bases whose weights cannot be concatenated as they are (bitsandbytes NF4 / int8:
+    see `fuse`). One output buffer, so the LoRA path and the callers see one layer."""
+
+    def __init__(self, modules: list[nn.Module], outs: list[int]):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.outs = outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([module(x) for module in self.parts], dim=-1)
+
+
+def fuse(modules: list[nn.Module], outs: list[int]) -> nn.Module:
+    """One layer computing `modules`' outputs side by side.
+
+    Plain nn.Linear: one Linear over the concatenated weights, and the original modules'
+    weights become views of it, so the model stays usable (and no weight is held twice).
+    bitsandbytes bases are called one by one into one output: an NF4 weight's
+    double-quantized absmax groups (256 blocks of 64) straddle the projections'
+    boundaries, so the packed weights cannot be joined as they are, and re-quantizing
+    would change the served weights. (int8's row-wise scales could be joined; one path
+    serves both quantized kinds, as fusing measured within noise on this CPU.)
+    """
+    if len(modules) == 1:
+        return modules[0]
+    if not all(type(m) is nn.Linear for m in modules):
+        return Concatenated(modules, outs)
+    first = modules[0]
+    weight = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else weight.new_zeros(out)
+         for b, out in zip(biases, outs, strict=True)])
+    fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    offset = 0
+    for module, out in zip(modules, outs, strict=True):
+        module.weight = nn.Parameter(weight[offset:offset + out], requires_grad=False)
+        if module.bias is not None:
+            module.bias = nn.Parameter(bias[offset:offset + out], requires_grad=False)
+        offset += out
+    return fused
 
 
 class MultiLoraLinear(nn.Module):
-    """`base(x) + B[s] (A[s] x)` for each token's slot s, grouped by slot."""
+    """`base(x) + B[s] (A[s] x)` for each token's slot s, grouped by slot; for a fused
+    base, each part's delta lands in its columns of the output."""
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, slots: int,
+    def __init__(self, base: nn.Module, in_features: int, parts: list[Part], slots: int,
                  max_rank: int, dtype: torch.dtype, batch: LoraBatch):
         super().__init__()
         self.base = base
         self.batch = batch
+        self.parts = parts
+        self.keys = [part.key for part in parts]
         device = next(base.parameters()).device
-        self.a = torch.zeros(slots, max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(slots, out_features, max_rank, dtype=dtype, device=device)
+        self.a = torch.zeros(slots, max_rank, len(parts), in_features, dtype=dtype,
+                             device=device)
+        self.b = [torch.zeros(slots, part.out_features, max_rank, dtype=dtype, device=device)
+                  for part in parts]
         self.merged: torch.Tensor | None = None  # W + B A of the merged slot, if any
-        self.filled: set[int] = set()  # slots whose adapter targets this projection
+        self.filled: set[int] = set()  # slots whose adapter targets one of the parts
 
-    def install(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Copy an adapter into `slot` (zero-padded to max_rank); None clears the slot."""
+    def install(self, slot: int, a: list[torch.Tensor | None],
+                b: list[torch.Tensor | None]) -> None:
+        """Copy an adapter into `slot` (zero-padded to max_rank), a and b per part (None:
+        the adapter does not target that part); all None clears the slot."""
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        for stack in self.b:
+            stack[slot].zero_()
         self.filled.discard(slot)
-        if a is not None:
-            self.filled.add(slot)
-            rank = a.shape[0]
-            self.a[slot, :rank].copy_(a)
-            self.b[slot, :, :rank].copy_(b)
+        for j, (a_j, b_j) in enumerate(zip(a, b, strict=True)):
+            if a_j is not None:
+                self.filled.add(slot)
+                rank = a_j.shape[0]
+                self.a[slot, :rank, j].copy_(a_j)
+                self.b[j][slot, :, :rank].copy_(b_j)
 
     def merge(self, slot: int) -> None:
         """Serve `slot` through a merged weight (unquantized base only)."""
         if slot not in self.filled:
             return  # the adapter does not target this projection: the base serves it
-        # W + B A in one fused call, in the weight's dtype (accumulated in fp32 inside)
-        self.merged = torch.addmm(self.base.weight, self.b[slot], self.a[slot])
+        merged = self.base.weight.clone()
+        for j, part in enumerate(self.parts):  # W + B A per part, accumulated in fp32
+            rows = merged[part.offset:part.offset + part.out_features]
+            rows.addmm_(self.b[j][slot], self.a[slot, :, j])
+        self.merged = merged
 
     def unmerge(self) -> None:
         """Back to the untouched base weight; exact, nothing was modified."""
@@ -130,10 +211,27 @@ class MultiLoraLinear(nn.Module):
             return y  # no adapter in this step targets this projection
         rank = batch.rank
         if batch.decode is not None:  # group g is slot g: a view of the stacks
-            groups = batch.decode
-            a, b = self.a[:groups.size, :rank], self.b[:groups.size, :, :rank]
-            y.index_add_(0, groups.tokens, groups.delta(x, a, b).to(y.dtype))
+            size = batch.decode.size
+            self._add_delta(y, x, batch.decode, self.a[:size, :rank],
+                            [b[:size, :, :rank] for b in self.b])
         if batch.chunks is not None:  # one group per prompt chunk: gather its slot
-            a, b = self.a[batch.chunk_slots, :rank], self.b[batch.chunk_slots, :, :rank]
-            y.index_add_(0, batch.chunks.tokens, batch.chunks.delta(x, a, b).to(y.dtype))
+            slots = batch.chunk_slots
+            self._add_delta(y, x, batch.chunks, self.a[slots, :rank],
+                            [b[slots, :, :rank] for b in self.b])
         return y
+
+    def _add_delta(self, y, x, groups: _Groups, a: torch.Tensor,
+                   b: list[torch.Tensor]) -> None:
+        """y[tokens, part's columns] += B_part (A_part x) for the groups' tokens. a: [size,
+        rank, parts, in]; b[part]: [size, out, rank]. The shrink is one bmm over every
+        part; the expand one per part."""
+        size, rank, parts, _ = a.shape
+        shrunk = torch.bmm(groups.pad(x, a.dtype), a.flatten(1, 2).transpose(1, 2))
+        if parts > 1:  # part-major, so that each part's expand reads a contiguous batch
+            shrunk = shrunk.view(size, -1, rank, parts).permute(3, 0, 1, 2).contiguous()
+        else:  # (bmm loops over the batch, copying each matrix, on a strided one)
+            shrunk = shrunk.unsqueeze(0)
+        for j, part in enumerate(self.parts):
+            delta = groups.unpad(torch.bmm(shrunk[j], b[j].transpose(1, 2)))
+            columns = y[:, part.offset:part.offset + part.out_features]
+            columns.index_add_(0, groups.tokens, delta.to(y.dtype))

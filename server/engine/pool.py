@@ -16,7 +16,7 @@ class AdapterPool:
     lock is needed; installs happen between steps.
     """
 
-    def __init__(self, layers: dict[tuple[int, str], MultiLoraLinear], num_slots: int):
+    def __init__(self, layers: list[MultiLoraLinear], num_slots: int):
         self.layers = layers
         self.names: list[AdapterKey | None] = [None] * num_slots
         self.ranks = [0] * num_slots
@@ -103,8 +103,9 @@ class AdapterPool:
         return None
 
     def _install(self, slot: int, lora: LoraWeights) -> None:
-        for key, layer in self.layers.items():
-            layer.install(slot, lora.a.get(key), lora.b.get(key))
+        for layer in self.layers:
+            layer.install(slot, [lora.a.get(key) for key in layer.keys],
+                          [lora.b.get(key) for key in layer.keys])
         self.names[slot], self.ranks[slot] = lora.name, lora.rank
         self.lru[lora.name] = slot
         self.installs[slot] += 1
@@ -112,8 +113,8 @@ class AdapterPool:
     def _clear(self, slot: int) -> None:
         # Zeroing is not needed for correctness (a free slot is never routed to) but keeps
         # an unloaded adapter's weights from lingering in memory.
-        for layer in self.layers.values():
-            layer.install(slot, None, None)
+        for layer in self.layers:
+            layer.install(slot, [None] * len(layer.keys), [None] * len(layer.keys))
         self.installs[slot] += 1
         self._forget(slot)
 

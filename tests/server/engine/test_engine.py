@@ -153,20 +153,34 @@ def test_async_streaming_from_an_event_loop(make_engine):
     assert outputs[-1].completion_tokens == 8 and outputs[-1].prompt_tokens == 4
 
 
-def test_a_new_engine_on_the_same_model_replaces_the_old_wrapping(make_engine, tokenizer,
-                                                                   adapter_root):
-    from lorag.server.engine import Engine
-    from lorag.server.engine.lora import MultiLoraLinear
+def test_the_model_stays_a_working_model_and_a_second_engine_serves_it(make_engine,
+                                                                        tokenizer,
+                                                                        adapter_root):
+    """The engine fuses q/k/v and gate/up without wrapping the model's modules: they stay
+    plain Linear layers whose weights are views of the fused weight (held once), the model
+    computes what it did, and a new engine on it serves the same tokens."""
+    import torch
+    from torch import nn
 
-    first = make_engine()
+    from lorag.server.engine import Engine
+
+    first = make_engine(start=False)
+    model = first.runner.model
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        before = model(ids).logits
+    first.start()
     first.load_adapter("t0", str(adapter_root / "t0"))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     want = first.submit(PROMPT, params, adapter="t0").result().token_ids
     first.shutdown()
-    with Engine(first.runner.model, tokenizer, first.config) as second:
-        q_proj = second.runner.model.model.layers[0].self_attn.q_proj
-        assert isinstance(q_proj, MultiLoraLinear)
-        assert not isinstance(q_proj.base, MultiLoraLinear)
+    with Engine(model, tokenizer, first.config) as second:
+        attention = model.model.layers[0].self_attn
+        assert type(attention.q_proj) is nn.Linear and type(attention.v_proj) is nn.Linear
+        fused = second.runner.projections[0]["qkv"].base
+        assert attention.q_proj.weight.data_ptr() == fused.weight.data_ptr()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(ids).logits, before)
         second.load_adapter("t0", str(adapter_root / "t0"))
         assert second.submit(PROMPT, params).result().token_ids
         assert second.submit(PROMPT, params, adapter="t0").result().token_ids == want
