@@ -99,11 +99,30 @@ class LoraWeights:
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
     target_modules: frozenset[str] = field(default_factory=frozenset)
+    # a digest of the served tensors: what the KV prefix cache keys the adapter by, never
+    # the name (a name re-registered with other weights must not hit the old entries)
+    version: str = ""
+
+    def __post_init__(self):
+        if not self.version:
+            self.version = weights_digest(self.a, self.b)
 
     @property
     def nbytes(self) -> int:
         """Bytes held in RAM by this adapter's tensors."""
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+
+def weights_digest(a: dict, b: dict) -> str:
+    """A digest of LoRA tensors (keys, dtypes, shapes and bytes): equal exactly when the
+    served weights are equal."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensors in (a, b):
+        for key in sorted(tensors):
+            tensor = tensors[key].detach().contiguous().cpu()
+            digest.update(f"{key}{tensor.dtype}{list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def confine(path: str | Path, roots: list[Path]) -> Path:

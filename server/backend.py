@@ -24,11 +24,13 @@ from lorag.server.engine.config import Limits
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import TokenStream
 
-# vLLM's families that routers read (queue, KV cache, LoRA): the service writes them from
-# `occupancy()` for every backend alike, so `metric_families()` leaves them out
-ROUTER_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
-                             "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                             "vllm:lora_requests_info"})
+# vLLM's families that the service writes from `occupancy()` for every backend alike, so
+# `metric_families()` leaves them out: those routers read (queue, KV cache, LoRA) and the
+# prefix cache's counters
+SERVICE_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
+                              "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                              "vllm:lora_requests_info", "vllm:prefix_cache_queries",
+                              "vllm:prefix_cache_hits"})
 
 
 class AdapterStatus(TypedDict):
@@ -52,6 +54,8 @@ class Occupancy(TypedDict):
     kv_cache_usage: float  # 0-1: the share of the KV cache held by requests
     evictions: int | None  # adapters moved out of a compute slot since start; None: unknown
     slot_loads: int | None  # adapters written into a compute slot since start; None: unknown
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache since start
+    prefix_cache_hits: int  # ... of which found: KV reused, not computed
     running_adapters: list[AdapterKey]  # the adapters of running requests, each once
     waiting_adapters: list[AdapterKey]  # ... and of requests waiting to run
 
@@ -102,7 +106,7 @@ class Backend(Protocol):
 
     def metric_families(self) -> Iterable[Metric]:
         """The engine's own Prometheus families, exposed on /metrics beside lorag's
-        (vLLM's `vllm:*`, which dashboards read), less `ROUTER_FAMILIES`."""
+        (vLLM's `vllm:*`, which dashboards read), less `SERVICE_FAMILIES`."""
         ...
 
     def shutdown(self) -> None:

@@ -5,11 +5,12 @@ state (queue depth, residency, evictions) is read from the engine at scrape time
 is never stale and costs nothing between scrapes. The registry is the daemon's own, not
 prometheus_client's global one: two daemons in one process (tests) do not collide.
 
-Beside lorag's own families, the few that existing routers read from vLLM servers
-(server/backend.py's `ROUTER_FAMILIES`) are written under vLLM's names and meaning, for
-both backends alike: the Gateway API Inference Extension's endpoint picker (llm-d's
-router, its lora-affinity-scorer) and vLLM's production-stack router route on them, so
-they route a lorag fleet with no router of lorag's own.
+Beside lorag's own families, the few that existing routers read from vLLM servers, and
+the prefix cache's counters (server/backend.py's `SERVICE_FAMILIES`), are written under
+vLLM's names and meaning, for both backends alike: the Gateway API Inference
+Extension's endpoint picker (llm-d's router, its lora-affinity-scorer) and vLLM's
+production-stack router route on them, so they route a lorag fleet with no router of
+lorag's own.
 """
 
 import time
@@ -77,8 +78,8 @@ class _EngineCollector:
 
 
 def _router_families(state: dict):
-    """vLLM's queue, KV-cache and LoRA gauges (`ROUTER_FAMILIES`), with vLLM's meaning,
-    for every backend. lora_requests_info
+    """vLLM's queue, KV-cache and LoRA gauges and prefix-cache counters
+    (`SERVICE_FAMILIES`), with vLLM's meaning, for every backend. lora_requests_info
     is one sample: the adapters of running and waiting requests as their requests name
     them (comma-separated, empty when none), the adapter slots, and as its value the Unix
     time they were read (now: routers take the newest sample)."""
@@ -99,6 +100,14 @@ def _router_families(state: dict):
     lora.add_metric([str(state["max_lora"]), ",".join(state["running_names"]),
                      ",".join(state["waiting_names"])], time.time())
     yield lora
+    for name, help_text, value in (
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             state["prefix_cache_queries"]),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             state["prefix_cache_hits"])):
+        family = CounterMetricFamily(name, help_text, labels=["model_name"])
+        family.add_metric(model, value)
+        yield family
 
 
 class TrackedStream:

