@@ -139,7 +139,8 @@ def run_hot_load(model, tokenizer, paths, fresh: dict, background: int = 8,
     """Register never-seen adapters while `background` streams decode, and time each
     from the load call to its request's first token; beside it, the same request on an
     adapter already in a slot, and the background streams' gaps between tokens. With
-    fewer adapters than streams, streams share adapters."""
+    fewer adapters than streams, streams share adapters. (`tracker` is taken as by every
+    runner; its line only shows the time, as there is no request count to show.)"""
     with bench_engine(model, tokenizer, paths, 64) as engine:
         cold, warm, gaps = _hot_load(engine, list(paths), fresh, background)
     ms = lambda values: round(1000 * statistics.median(values), 1)  # noqa: E731
@@ -231,8 +232,9 @@ def run_peft(model, tokenizer, jobs, paths, max_new: int, batch: int, sample: in
                           pad_token_id=tokenizer.pad_token_id, **kwargs)
         # sequential: a request's TTFT excludes the wait for earlier ones (a lower bound)
         ttfts += [first.at - (request_start if batch == 1 else start)] * len(group)
-        for _ in group if tracker else ():
-            tracker.done(max_new)
+        if tracker:
+            for _ in group:
+                tracker.done(max_new)
     wall = time.perf_counter() - start
     result = summary(len(todo) * max_new, wall, ttfts)
     if sample:
@@ -266,9 +268,10 @@ def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int,
             lines = []
             for line in child.stdout:
                 if line.startswith(PROGRESS):
-                    if tracker:
-                        tracker.restart() if line.split()[1] == "start" else \
-                            tracker.done(max_new)
+                    if tracker and line.split()[1] == "start":
+                        tracker.restart()
+                    elif tracker:
+                        tracker.done(max_new)
                 elif line.startswith("{"):
                     lines.append(line)
             child.wait()
