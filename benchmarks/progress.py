@@ -2,8 +2,10 @@
 
 A serving run takes many minutes per system; stdout carries only the final JSON (so it
 can be piped), so progress goes to stderr through rich: one line per system with the
-requests done, tokens/s so far and an ETA. `Report` rewrites the JSON file after every
-system, so a run cut short still leaves what it measured (marked `"partial": true`).
+requests done, tokens/s so far and an ETA, redrawn in place on a terminal and written as
+a plain line every LOG_EVERY_S seconds to a file or pipe (a CI log, `2> bench.log`).
+`Report` rewrites the JSON file after every system, so a run cut short still leaves what
+it measured (marked `"partial": true`).
 """
 
 import json
@@ -22,15 +24,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+LOG_EVERY_S = 10.0
+
 
 class Tracker:
     """One system's counters, fed by the system's runner: `done(tokens)` per finished
     request, `tokens(n)` as tokens stream (optional)."""
 
-    def __init__(self, progress: Progress, task, total: int):
-        self.progress, self.task, self.total = progress, task, total
+    def __init__(self, progress: Progress, task, total: int | None, name: str):
+        self.progress, self.task, self.total, self.name = progress, task, total, name
         self.requests = self.generated = 0
-        self.start = time.perf_counter()
+        self.start = self.logged = time.perf_counter()
 
     def restart(self) -> None:
         """Zero the clock and counters: the warm-up is over, the measured part begins."""
@@ -48,8 +52,18 @@ class Tracker:
         self._show()
 
     def _show(self) -> None:
-        rate = self.generated / max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        rate = self.generated / max(now - self.start, 1e-9)
         self.progress.update(self.task, completed=self.requests, rate=f"{rate:7.1f} tok/s")
+        console = self.progress.console
+        if not console.is_terminal and now - self.logged >= LOG_EVERY_S:
+            self.logged = now
+            left = ""
+            if self.total and self.requests:
+                eta = (now - self.start) / self.requests * (self.total - self.requests)
+                left = f", ETA {eta:.0f} s"
+            console.print(f"{self.name}: {self.requests}/{self.total or '?'} requests, "
+                          f"{rate:.1f} tok/s{left}", highlight=False)
 
 
 class BenchProgress:
@@ -72,7 +86,7 @@ class BenchProgress:
     def system(self, name: str, total: int | None) -> Iterator[Tracker]:
         """A line for `name`; total None: no count to show (a bar that pulses)."""
         task = self.progress.add_task(name, total=total, rate="")
-        tracker = Tracker(self.progress, task, total)
+        tracker = Tracker(self.progress, task, total, name)
         try:
             yield tracker
         finally:

@@ -1,4 +1,4 @@
-"""`lorag bench serving|training|retrieval|load|fleet`: every peer measured in one run, JSON out."""
+"""`lorag bench serving|training|retrieval|load|fleet|rag`: every peer in one run, JSON."""
 
 from typing import Annotated
 
@@ -110,3 +110,31 @@ def bench_fleet(
     from lorag.benchmarks.fleet import main
 
     main(adapters, per_adapter, slots, concurrency, max_tokens, json_path)
+
+
+@app.command("rag")
+def bench_rag(
+    adapters: Annotated[int, typer.Option(min=1, help="Adapters (note i uses i mod N).")] = 16,
+    documents: Annotated[int, typer.Option(min=2, help="Notes in the namespace.")] = 200,
+    questions: Annotated[int, typer.Option(min=1, help="Questions asked.")] = 400,
+    hot: Annotated[int, typer.Option(min=1, help="Notes that draw most questions.")] = 20,
+    hot_share: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of the questions about the hot notes.")] = 0.8,
+    clients: Annotated[int, typer.Option(min=1, help="Questions in flight at once.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 16,
+    top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages per question.")] = 4,
+    model: Annotated[str, typer.Option(help="Base model (name or folder).")] =
+        "smollm2-135m-instruct",
+    kv_blocks: Annotated[int, typer.Option(
+        min=32, help="KV-cache blocks of 32 tokens for both daemons (2048: 65k tokens, "
+                     "3 GB in fp32 for the default model).")] = 2048,
+    json_path: JsonOut = None,
+) -> None:
+    """RAG chat through the daemon, prefix caching on vs off: tok/s, TTFT, prefill saved."""
+    from lorag.benchmarks.rag import main
+
+    if hot >= documents:
+        raise InvalidRequest(f"--hot must be below --documents ({documents}), got {hot}",
+                             field="hot")
+    main(adapters, documents, questions, hot, hot_share, clients, max_tokens, top_k,
+         json_path, model, kv_blocks)

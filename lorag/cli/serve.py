@@ -68,6 +68,9 @@ def serve(
         min=1, help="[native] Compute slots (default 16).")] = None,
     max_cpu_adapters_mb: Annotated[int | None, typer.Option(
         min=1, help="[native] RAM tier budget (default 2048).")] = None,
+    num_kv_blocks: Annotated[int | None, typer.Option(
+        min=1, help="[native] KV-cache blocks of 32 tokens (default: max-num-seqs full "
+                    "sequences); more keeps more prompt prefixes cached.")] = None,
     auto_merge: Annotated[bool | None, typer.Option(
         help="[native] Fold an adapter into the base weights while it is all the traffic "
              "(unquantized bases only; default on).")] = None,
@@ -103,7 +106,8 @@ def serve(
     from lorag.server.engine import EngineConfig
 
     native_only = {"max_active_adapters": max_active_adapters,
-                   "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge}
+                   "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge,
+                   "num_kv_blocks": num_kv_blocks}
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
@@ -121,7 +125,7 @@ def serve(
         max_lora_rank=max_lora_rank,
         adapter_roots=[root.expanduser() for root in adapter_root or []],
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
-                      "max_cpu_adapter_bytes": memory,
+                      "max_cpu_adapter_bytes": memory, "num_kv_blocks": num_kv_blocks,
                       "enable_prefix_caching": enable_prefix_caching}))
     vllm = None
     if backend is BackendName.vllm:

@@ -45,3 +45,20 @@ def test_a_daemon_that_cannot_serve_stops_its_engine(tiny_base, tmp_path):
         with pytest.raises(RuntimeError, match="cannot listen for gRPC"):
             serve(options, Console(quiet=True))
     assert len(engine_threads()) == before
+
+
+def test_the_loop_uses_the_intra_op_threads_its_creator_set(make_engine):
+    """OpenMP keeps the thread count per thread: the loop takes the creator's."""
+    import torch
+
+    def omp_threads() -> str:
+        info = torch.__config__.parallel_info()
+        return next(line for line in info.splitlines() if "omp_get_max_threads" in line)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = make_engine()
+        assert engine._between_steps(omp_threads).endswith(": 1")
+    finally:
+        torch.set_num_threads(before)
