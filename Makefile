@@ -7,7 +7,8 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test test-fast lint-imports demo lint clean bench
+.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench \
+	bench-setup
 
 setup: $(STAMP) $(STUBS)
 
@@ -57,7 +58,18 @@ lint-imports: setup
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps --no-build-isolation --target $(LINT_TREE) .
 	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
-bench: setup
+# llama.cpp as a benchmark peer and as the judge of `lorag export --gguf`: its source
+# from the llama-cpp-python sdist on PyPI, llama-server built with cmake, the default base
+# converted to GGUF by llama.cpp's own script (a few minutes of compiling, once).
+bench-setup: setup
+	$(BIN)/lorag models pull
+	$(BIN)/python -m lorag.benchmarks.llamacpp
+
+# `lorag export --gguf` checked by llama-server itself (the second CI target).
+test-llamacpp: bench-setup
+	$(BIN)/pytest -q --llamacpp tests/llamacpp
+
+bench: setup bench-setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 

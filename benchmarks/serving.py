@@ -8,7 +8,10 @@ plain (AsyncLLM, benchmarks/vllm_cpu.py) and as lorag's vLLM backend through the
 HTTP API, which prices lorag's layer on top of vLLM. Also measured: the engine with every
 request on one adapter (auto-merged), hot-loading never-seen adapters under traffic, and
 (`--constrained-share S`) the same workload with a share S of the requests constrained to
-a JSON schema, which prices the grammar masks against free decoding. Prints JSON.
+a JSON schema, which prices the grammar masks against free decoding. llama.cpp's server
+runs it too (after `make bench-setup`): the same adapters as GGUF LoRAs chosen per
+request, in the run's precision (bf16 for bfloat16, f32) and in its own Q4_0, and without
+adapters. Prints JSON.
 """
 
 import asyncio
@@ -30,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.benchmarks.llamacpp import LlamaCpp, LlamaServer, completion_body
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
@@ -37,6 +41,7 @@ from lorag.provision import ModelCache
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from lorag.server.engine.structured import Constraint
 from lorag.settings import Settings
+from lorag.trainer.gguf import export_gguf
 
 MODEL = "smollm2-135m-instruct"
 PROGRESS = "PROGRESS "  # vllm_cpu.py's progress lines: "PROGRESS start" / "PROGRESS done"
@@ -330,9 +335,63 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int,
     return summary(len(jobs) * max_new, wall, ttfts)
 
 
+def run_llamacpp(model_folder: Path, fmt: str, jobs, paths, max_new: int,
+                 tracker: Tracker | None = None) -> dict:
+    """llama.cpp's server on the same jobs: the base in GGUF `fmt` (from `make
+    bench-setup`), every adapter written with `lorag export --gguf` and preloaded, each
+    job a streamed /completion with its adapter applied through the request's `lora`
+    field, as many parallel slots as the engine has sequences, all sent at t=0."""
+    llama = LlamaCpp()
+    missing = llama.missing(MODEL)
+    if missing:
+        return {"skipped": missing}
+    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-llamacpp-"))
+    names = sorted({name for _, name in jobs if name}, key=lambda n: int(n.removeprefix("ad")))
+    lora_dtype = "float32" if fmt == "f32" else "float16"
+    files = [export_gguf(paths[name], model_folder, folder / f"{name}.gguf", lora_dtype)
+             for name in names]
+    index = {name: i for i, name in enumerate(names)}
+    server = LlamaServer(llama, llama.model(MODEL, fmt), files, parallel=128, slot_tokens=256,
+                         threads=torch.get_num_threads(), log=folder / "llama-server.log")
+    with server:
+        return asyncio.run(_llamacpp_all(server.url, jobs, index, max_new, tracker))
+
+
+async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
+                        tracker: Tracker | None) -> dict:
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
+        start = 0.0
+
+        async def one(ids: list[int], adapter: str | None) -> float:
+            body = {**completion_body(ids, max_new, index.get(adapter), len(index)),
+                    "stream": True}
+            first, tokens = None, 0
+            async with http.stream("POST", "/completion", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        first = first or time.perf_counter() - start
+                        tokens += len(json.loads(line[6:]).get("tokens") or [0])
+            if tokens < max_new:
+                raise RuntimeError(f"llama-server gave {tokens} of {max_new} tokens")
+            if tracker and start:
+                tracker.done(max_new)
+            return first
+
+        # warm-up: every adapter once, and the base
+        await asyncio.gather(*(one(jobs[0][0], name) for name in [None, *index]))
+        if tracker:
+            tracker.restart()
+        start = time.perf_counter()
+        ttfts = await asyncio.gather(*(one(ids, name) for ids, name in jobs))
+        wall = time.perf_counter() - start
+    return summary(len(jobs) * max_new, wall, ttfts)
+
+
 SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
            "lorag_constrained", "hot_load", "lorag_nf4", "peft_mixed", "peft_sequential",
-           "vllm_cpu", "lorag_vllm")
+           "vllm_cpu", "lorag_vllm", "llamacpp", "llamacpp_no_adapters", "llamacpp_q4_0")
 
 
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
@@ -407,6 +466,13 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
                 report.add(name, {"skipped": missing})
             elif not missing:
                 measure(name, run, model_folder, dtype, jobs, used, max_new_tokens)
+        # llama.cpp in the precision of the run (bf16 for bfloat16), and in its own 4-bit
+        fmt = "f32" if dtype == "float32" else "bf16"
+        no_adapters = [(ids, None) for ids, _ in jobs]
+        for name, these, this_fmt in (("llamacpp", jobs, fmt),
+                                      ("llamacpp_no_adapters", no_adapters, fmt),
+                                      ("llamacpp_q4_0", jobs, "q4_0")):
+            measure(name, run_llamacpp, model_folder, this_fmt, these, used, max_new_tokens)
     return report.finish()
 
 
@@ -422,6 +488,8 @@ def _result(workload_row: dict, measured: dict) -> dict:
         "constrained_vs_free": ratio(systems, "lorag_constrained", "lorag", digits=3),
         # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
         "lorag_vllm_vs_vllm_cpu": ratio(systems, "lorag_vllm", "vllm_cpu", digits=3),
+        # both engines without adapters: the kernels alone, no LoRA
+        "no_adapters_vs_llamacpp": ratio(systems, "lorag_no_adapters", "llamacpp_no_adapters"),
         "hot_load": measured.get("hot_load"),
     }
 

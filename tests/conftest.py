@@ -105,3 +105,19 @@ def state(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'lorag.db'}"
     return request.getfixturevalue("postgres").new_database()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--llamacpp", action="store_true",
+                     help="run the tests against llama.cpp's own server (needs `make "
+                          "bench-setup`; `make test-llamacpp` runs both)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The llamacpp lane runs with --llamacpp only (deselected, and counted so, without)."""
+    if config.getoption("--llamacpp"):
+        return
+    chosen = [item for item in items if "llamacpp" not in item.keywords]
+    if len(chosen) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "llamacpp" in i.keywords])
+        items[:] = chosen

@@ -78,13 +78,27 @@ def train(
 
 def export(
     adapter: Annotated[Path, typer.Option(help="The PEFT adapter folder.")],
-    out: Annotated[Path, typer.Option(help="Where to write the merged model (new folder).")],
+    out: Annotated[Path, typer.Option(
+        help="Where to write: the merged model (new folder), or with --gguf the .gguf file.")],
     base: Annotated[str, typer.Option(help="The adapter's base model.")] =
         catalog.DEFAULT_BASE_MODEL,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 for the saved weights.")] =
-        "float32",
+    gguf: Annotated[bool, typer.Option(
+        "--gguf", help="Write the adapter as a llama.cpp LoRA file (llama-server --lora) "
+                       "instead of merging it.")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="float32 or bfloat16 for the saved weights (--gguf: float16 too).")] = "float32",
 ) -> None:
-    """Merge an adapter into its base: a standalone model transformers loads without PEFT."""
+    """Merge an adapter into its base (a model transformers loads without PEFT), or with
+    --gguf write it as a LoRA for llama.cpp."""
+    if gguf:
+        from lorag.models import resolve_model
+        from lorag.provision import ModelCache
+        from lorag.settings import Settings
+        from lorag.trainer.gguf import export_gguf
+
+        folder = resolve_model(base, ModelCache(Settings().models_dir))
+        console.print(f"llama.cpp LoRA: {export_gguf(adapter, folder, out, dtype)}")
+        return
     from lorag.trainer.export import export as run
 
     console.print(f"merged model: {run(adapter, base, out, dtype)}")
