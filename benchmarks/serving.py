@@ -366,15 +366,18 @@ async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
         async def one(ids: list[int], adapter: str | None) -> float:
             body = {**completion_body(ids, max_new, index.get(adapter), len(index)),
                     "stream": True}
-            first, tokens = None, 0
+            first, last = None, {}
             async with http.stream("POST", "/completion", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {") and '"content"' in line:
-                        first = first or time.perf_counter() - start
-                        tokens += len(json.loads(line[6:]).get("tokens") or [0])
-            if tokens < max_new:
-                raise RuntimeError(f"llama-server gave {tokens} of {max_new} tokens")
+                    if line.startswith("data: {"):
+                        last = json.loads(line[6:])
+                        if last.get("tokens"):
+                            first = first or time.perf_counter() - start
+            if last.get("tokens_predicted") != max_new:  # the last event sums it up
+                raise RuntimeError(f"llama-server ended a request after "
+                                   f"{last.get('tokens_predicted')} of {max_new} tokens: "
+                                   f"{ {k: v for k, v in last.items() if k != 'content'} }")
             if tracker and start:
                 tracker.done(max_new)
             return first
