@@ -176,7 +176,7 @@ def _grounding(grounding: Grounding | None) -> lorag_pb2.Grounding | None:
         namespace=grounding.namespace, retrieved=grounding.retrieved,
         dropped=grounding.dropped, sources=[lorag_pb2.Source(
             document_id=s.document_id, chunk_id=s.chunk_id, score=s.score,
-            metadata=_struct(s.metadata)) for s in grounding.sources])
+            metadata=_struct(s.metadata), text=s.text) for s in grounding.sources])
 
 
 def _struct(values: dict) -> struct_pb2.Struct:

@@ -9,15 +9,17 @@ in its thread pool, so embedding never blocks the event loop.
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from lorag.errors import LoragError
+from lorag.errors import InvalidRequest, LoragError
 from lorag.server.errors import INTERNAL, mapping, openai_error
 from lorag.server.openai_api import (
     AdapterLoad,
@@ -43,8 +45,9 @@ def create_app(service: Service) -> FastAPI:
     app.add_exception_handler(LoragError, lorag_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
-    for router in (generation, adapters, retrieval, operations):
+    for router in (generation, adapters, retrieval, operations, playground):
         app.include_router(router)
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
     return app
 
 
@@ -121,6 +124,12 @@ async def models(service: ServiceDep, caller: CallerDep):
     data += [{"id": a["name"], "object": "model", "created": now, "owned_by": a["owner"],
               "root": a["path"], "parent": base} for a in service.list_adapters(caller)]
     return {"object": "list", "data": data}
+
+
+@generation.get("/v1/server")
+async def server_info(service: ServiceDep, caller: CallerDep):
+    """The model, request defaults, limits and the caller's rights (a client's form)."""
+    return service.info(caller)
 
 
 # ---- adapters: vLLM's routes and lorag's own ----
@@ -205,6 +214,28 @@ def put_documents(namespace: str, body: DocumentsBody, service: ServiceDep,
     return {"namespace": namespace, "documents": results}
 
 
+MAX_UPLOAD_FILES = 32
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
+
+
+@retrieval.post("/v1/namespaces/{namespace}/files")
+def upload_files(namespace: str, files: Annotated[list[UploadFile], File()],
+                 service: ServiceDep, caller: CallerDep):
+    """Files (multipart `files`) read as `lorag ingest` reads them; an outcome per file."""
+    if len(files) > MAX_UPLOAD_FILES:
+        raise InvalidRequest(f"at most {MAX_UPLOAD_FILES} files per upload, got "
+                             f"{len(files)}", field="files")
+    contents = []
+    for upload in files:
+        data = upload.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InvalidRequest(f"{upload.filename} is over {MAX_UPLOAD_BYTES >> 20} MiB, the "
+                                 "largest file an upload takes", field="files")
+        contents.append((upload.filename, data))
+    return {"namespace": namespace,
+            "files": service.namespaces.ingest_files(caller, namespace, contents)}
+
+
 @retrieval.delete("/v1/namespaces/{namespace}/documents/{document_id:path}")
 def delete_document(namespace: str, document_id: str, service: ServiceDep,
                     caller: CallerDep):
@@ -244,3 +275,20 @@ async def ready(service: ServiceDep):
 async def metrics(service: ServiceDep):
     return PlainTextResponse(generate_latest(service.metrics.registry),
                              media_type=CONTENT_TYPE_LATEST)
+
+
+# ---- the playground: static files, no key needed to load them (it asks for one) ----
+
+PLAYGROUND = Path(__file__).with_name("playground")
+# nothing but this origin: no CDN, no inline script, no framing
+PLAYGROUND_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                     "form-action 'none'; frame-ancestors 'none'")
+playground = APIRouter()
+
+
+@playground.get("/", include_in_schema=False)
+async def playground_page():
+    return FileResponse(PLAYGROUND / "index.html",
+                        headers={"Content-Security-Policy": PLAYGROUND_POLICY,
+                                 "Cache-Control": "no-cache"})

@@ -5,8 +5,11 @@ an admin key. Another tenant's private namespace is simply not found, with the s
 message as a name nobody has.
 """
 
-from lorag.errors import NotFound
-from lorag.retrieval.ingest import Document
+import tempfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from lorag.errors import InvalidRequest, NotFound
+from lorag.retrieval.ingest import SUFFIXES, Document, load
 from lorag.retrieval.store import DocumentStore, Hit
 from lorag.server import tenancy
 from lorag.server.tenancy import Caller
@@ -26,6 +29,34 @@ class Namespaces:
             Document(d["id"], d["text"], d.get("metadata") or {}) for d in documents])
         return [{"id": d["id"], "status": status}
                 for d, status in zip(documents, outcomes, strict=True)]
+
+    def ingest_files(self, caller: Caller, name: str,
+                     files: list[tuple[str, bytes]]) -> list[dict]:
+        """Documents from uploaded files ((file name, bytes)), read by the loaders `lorag
+        ingest` uses; a file's document id is its name. Each file succeeds or fails on
+        its own: {"file", "documents": [{id, status}]} or {"file", "error"}."""
+        self._own(caller, name, "write documents")
+        results = []
+        with tempfile.TemporaryDirectory(prefix="lorag-upload-") as work:
+            for index, (filename, data) in enumerate(files):
+                # a browser sends a base name; anything else keeps only its last part
+                base = PureWindowsPath(PurePosixPath(filename or "").name).name
+                folder = Path(work) / str(index)
+                folder.mkdir()
+                try:
+                    if Path(base).suffix.lower() not in SUFFIXES:
+                        raise InvalidRequest(
+                            f"unsupported file type {Path(base).suffix or '(none)'!r}; "
+                            f"supported: {', '.join(sorted(SUFFIXES))}", field="files")
+                    (folder / base).write_bytes(data)
+                    documents = [{"id": d.id, "text": d.text, "metadata": d.metadata}
+                                 for d in load(folder / base, base)]
+                    results.append({"file": base,
+                                    "documents": self.put(caller, name, documents)})
+                except InvalidRequest as e:  # the loaders name the file by its path
+                    results.append({"file": base,
+                                    "error": e.message.replace(f"{folder}/", "")})
+        return results
 
     def delete_document(self, caller: Caller, name: str, document_id: str) -> None:
         """Remove one document and its chunks; NotFound if there is no such document."""

@@ -17,6 +17,9 @@ RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max
 RAG_MAX_TOP_K = 20  # passages one chat may retrieve
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
+# What a request gets for a sampling field it leaves out (OpenAI's and vLLM's defaults).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0,
+                     "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -42,17 +45,13 @@ class Sampling:
 
     def params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters, defaults filled in (SamplingParams checks ranges)."""
-        def pick(value, default):
-            return default if value is None else value
-
-        return SamplingParams(max_tokens=pick(self.max_tokens, default_max_tokens),
-                              temperature=pick(self.temperature, 1.0),
-                              top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
-                              seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos,
-                              presence_penalty=pick(self.presence_penalty, 0.0),
-                              frequency_penalty=pick(self.frequency_penalty, 0.0),
-                              repetition_penalty=pick(self.repetition_penalty, 1.0),
-                              logprobs=self.logprobs, constraint=self.constraint)
+        given = {name: getattr(self, name) for name in SAMPLING_DEFAULTS}
+        filled = {name: SAMPLING_DEFAULTS[name] if value is None else value
+                  for name, value in given.items()}
+        return SamplingParams(
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs, constraint=self.constraint, **filled)
 
 
 @dataclass
@@ -115,6 +114,7 @@ class Source:
     chunk_id: int
     score: float
     metadata: dict
+    text: str  # the passage as the prompt carried it
 
 
 @dataclass

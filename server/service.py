@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from lorag.adapters import AdapterKey, Composition, content_version
+from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, content_version
 from lorag.errors import AdapterNotFound, InvalidRequest, Unavailable
+from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
-from lorag.retrieval.store import DocumentStore
+from lorag.retrieval.store import MODES, DocumentStore
 from lorag.server import tenancy
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
@@ -26,6 +27,8 @@ from lorag.server.namespaces import Namespaces
 from lorag.server.requests import (
     COMPLETION_TOKENS,
     RAG_ANSWER_TOKENS,
+    RAG_MAX_TOP_K,
+    SAMPLING_DEFAULTS,
     ChatRequest,
     CompletionRequest,
     Grounding,
@@ -156,7 +159,8 @@ class Service:
         result = augment(messages, hits, self._render,
                          lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
                          budget)
-        sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata) for h in result.used]
+        sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata, h.text)
+                   for h in result.used]
         return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped)
 
     def _render(self, messages: list[dict]) -> list[int]:
@@ -307,6 +311,21 @@ class Service:
         return tenancy.resolve(caller, name, self.records.__contains__, shared)
 
     # ---- state ----
+
+    def info(self, caller: Caller) -> dict:
+        """What a client needs to build a request form: the model, the value each sampling
+        field takes when a request leaves it out, the limits, and the caller's rights."""
+        limits = self.engine.limits
+        return {"model": self.model_name, "engine": self.engine.describe(),
+                "max_model_len": limits.max_model_len,
+                # max_tokens left out: a chat may use the rest of the context
+                "defaults": {**SAMPLING_DEFAULTS, "max_tokens": None, "seed": None},
+                "structured_outputs": ["json_schema", "json_object", "regex", "grammar"],
+                "max_composition": MAX_COMPOSITION,
+                "rag": {"top_k": Rag.top_k, "max_top_k": RAG_MAX_TOP_K, "mode": Rag.mode,
+                        "modes": list(MODES)},
+                "ingest_file_types": sorted(SUFFIXES),
+                "caller": {"tenant": caller.tenant, "admin": caller.admin}}
 
     def health(self) -> dict:
         """Liveness: whether the engine's loop runs, and its queue (counters only).

@@ -112,9 +112,10 @@ def test_rag_grounds_the_answer_and_grpc_equals_http(real_daemon, corpus):
             timeout=120))
     assert "".join(p.text for p in pieces) == text
     grounding = pieces[0].grounding
-    assert [(s.document_id, s.chunk_id, s.score, json_format.MessageToDict(s.metadata))
-            for s in grounding.sources] == \
-        [(s["document_id"], s["chunk_id"], s["score"], s["metadata"]) for s in http["sources"]]
+    assert [(s.document_id, s.chunk_id, s.score, json_format.MessageToDict(s.metadata),
+             s.text) for s in grounding.sources] == \
+        [(s["document_id"], s["chunk_id"], s["score"], s["metadata"], s["text"])
+         for s in http["sources"]]
     assert (grounding.namespace, grounding.retrieved, grounding.dropped) == \
         ("kb", http["rag"]["retrieved"], http["rag"]["dropped"])
     assert pieces[-1].usage.completion_tokens == http["usage"]["completion_tokens"]

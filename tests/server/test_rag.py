@@ -133,9 +133,9 @@ def test_rag_drops_the_lowest_ranked_passages_to_fit_the_context(daemon, corpus)
     assert rag["used"] + rag["dropped"] == rag["retrieved"] == len(answer["sources"]) + \
         rag["dropped"]
     assert answer["usage"]["prompt_tokens"] <= MAX_MODEL_LEN - max_tokens
-    ranked = [h["chunk_id"] for h in search(daemon, "kb", body["messages"][0]["content"],
-                                            top_k=8)]
-    assert [s["chunk_id"] for s in answer["sources"]] == ranked[:rag["used"]]
+    ranked = [(h["chunk_id"], h["text"]) for h in search(
+        daemon, "kb", body["messages"][0]["content"], top_k=8)]
+    assert [(s["chunk_id"], s["text"]) for s in answer["sources"]] == ranked[:rag["used"]]
 
 
 def test_grpc_search_with_filters_and_tenancy(daemon, corpus):
