@@ -345,16 +345,18 @@ def run_llamacpp(model_folder: Path, fmt: str, jobs, paths, max_new: int,
     missing = llama.missing(MODEL)
     if missing:
         return {"skipped": missing}
-    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-llamacpp-"))
     names = sorted({name for _, name in jobs if name}, key=lambda n: int(n.removeprefix("ad")))
     lora_dtype = "float32" if fmt == "f32" else "float16"
-    files = [export_gguf(paths[name], model_folder, folder / f"{name}.gguf", lora_dtype)
-             for name in names]
-    index = {name: i for i, name in enumerate(names)}
-    server = LlamaServer(llama, llama.model(MODEL, fmt), files, parallel=128, slot_tokens=256,
-                         threads=torch.get_num_threads(), log=folder / "llama-server.log")
-    with server:
-        return asyncio.run(_llamacpp_all(server.url, jobs, index, max_new, tracker))
+    with tempfile.TemporaryDirectory(prefix="lorag-bench-llamacpp-") as work:
+        folder = Path(work)
+        files = [export_gguf(paths[name], model_folder, folder / f"{name}.gguf", lora_dtype)
+                 for name in names]
+        index = {name: i for i, name in enumerate(names)}
+        server = LlamaServer(llama, llama.model(MODEL, fmt), files, parallel=128,
+                             slot_tokens=256, threads=torch.get_num_threads(),
+                             log=folder / "llama-server.log")
+        with server:
+            return asyncio.run(_llamacpp_all(server.url, jobs, index, max_new, tracker))
 
 
 async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,

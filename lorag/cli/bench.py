@@ -28,10 +28,11 @@ def bench_serving(
     only: Annotated[str | None, typer.Option(
         help="Comma-separated systems to run (default all): lorag, lorag_no_adapters, "
              "lorag_merged, lorag_registered, lorag_constrained, hot_load, lorag_nf4, "
-             "peft_mixed, "
-             "peft_sequential, vllm_cpu, lorag_vllm.")] = None,
+             "peft_mixed, peft_sequential, vllm_cpu, lorag_vllm, llamacpp, "
+             "llamacpp_no_adapters, llamacpp_q4_0 (after make bench-setup).")] = None,
 ) -> None:
-    """The engine vs HF + PEFT (mixed batch, sequential) vs vLLM-CPU on one workload."""
+    """The engine vs HF + PEFT (mixed batch, sequential), vLLM-CPU and llama.cpp on one
+    workload."""
     from lorag.benchmarks.serving import main  # imports torch and the engine: on demand
 
     systems = [name.strip() for name in only.split(",") if name.strip()] if only else None

@@ -17,9 +17,10 @@ from tests.system import program
 
 pytestmark = pytest.mark.e2e
 
-ADMIN, USER = list(KEYS)[:2]
+ADMIN, USER, BOB = list(KEYS)
 SHOTS = Path(__file__).parents[2] / "test-artifacts" / "playground"
 ADAPTER = "playground-style"
+SHARED = "playground-shared"  # bob's, shared with every tenant
 NAMESPACE = "playground-notes"
 NOTES = ("# Opening hours\n\nThe Tartu reading room of the Lumen library opens at 7:40 "
          "on weekdays and closes at 19:15. On Saturdays it opens at 10:05.\n")
@@ -55,6 +56,9 @@ def adapter(real_daemon, real_adapters):
     body = {"name": ADAPTER, "path": str(real_adapters / "style")}
     httpx.post(f"{real_daemon.url}/v1/adapters", json=body, timeout=120,
                headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    shared = {"name": SHARED, "path": str(real_adapters / "style"), "shared": True}
+    httpx.post(f"{real_daemon.url}/v1/adapters", json=shared, timeout=120,
+               headers={"Authorization": f"Bearer {BOB}"}).raise_for_status()
     return ADAPTER
 
 
@@ -114,7 +118,8 @@ def test_chat_streams_an_adapters_answer_with_the_servers_defaults(page, real_da
                          headers={"Authorization": f"Bearer {ADMIN}"}).json()["defaults"]
     assert float(page.get_by_label("Temperature").input_value()) == defaults["temperature"]
     models = page.locator("#chat-model option").all_text_contents()
-    assert any("(base)" in m for m in models) and any(m.startswith(ADAPTER) for m in models)
+    assert f"{real_daemon.health()['model']} (base)" in models
+    assert f"{ADAPTER} (adapter)" in models and f"{SHARED} (adapter, shared by bob)" in models
     page.locator("#chat-model").select_option(ADAPTER)
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max tokens").fill("24")
@@ -135,15 +140,18 @@ def test_chat_streams_an_adapters_answer_with_the_servers_defaults(page, real_da
         "completion tokens")
 
 
-def test_retrieval_ingests_dropped_files_and_shows_the_sources(page, tmp_path):
+def test_retrieval_ingests_dropped_files_and_shows_the_sources(page):
     connect(page)
     tab(page, "Knowledge")
-    notes, broken = tmp_path / "hours.md", tmp_path / "scan.pdf"
-    notes.write_text(NOTES)
-    broken.write_bytes(b"%PDF-1.4 not really")
     page.get_by_label("Namespace (an existing one, or a new name)").fill(NAMESPACE)
-    page.get_by_label("Files").set_input_files([notes, broken])
-    page.get_by_role("button", name="Upload").click()
+    # a real drop event, carrying files as a desktop's file manager would
+    page.locator("#drop-zone").evaluate("""(zone, files) => {
+        const transfer = new DataTransfer();
+        for (const [name, text] of Object.entries(files)) {
+            transfer.items.add(new File([text], name));
+        }
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    }""", {"hours.md": NOTES, "scan.pdf": "%PDF-1.4 not really"})
     rows = page.locator("#ingest-results tr")
     expect(rows).to_have_count(2)
     expect(rows.nth(0)).to_contain_text("hours.md: added")
