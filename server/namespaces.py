@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from lorag.errors import InvalidRequest, NotFound
-from lorag.retrieval.ingest import SUFFIXES, Document, load
+from lorag.retrieval.ingest import Document, load
 from lorag.retrieval.store import DocumentStore, Hit
 from lorag.server import tenancy
 from lorag.server.tenancy import Caller
@@ -41,14 +41,11 @@ class Namespaces:
             for index, (filename, data) in enumerate(files):
                 # a browser sends a base name; anything else keeps only its last part
                 base = PureWindowsPath(PurePosixPath(filename or "").name).name
+                base = "unnamed" if base in ("", ".", "..") else base
                 folder = Path(work) / str(index)
                 folder.mkdir()
+                (folder / base).write_bytes(data)
                 try:
-                    if Path(base).suffix.lower() not in SUFFIXES:
-                        raise InvalidRequest(
-                            f"unsupported file type {Path(base).suffix or '(none)'!r}; "
-                            f"supported: {', '.join(sorted(SUFFIXES))}", field="files")
-                    (folder / base).write_bytes(data)
                     documents = [{"id": d.id, "text": d.text, "metadata": d.metadata}
                                  for d in load(folder / base, base)]
                     results.append({"file": base,

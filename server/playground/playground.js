@@ -91,6 +91,8 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+const NOT_CONNECTED = new ApiError("not connected: enter an API key and press Connect");
+
 function showError(error) {
   const box = $("error");
   if (!error) { box.hidden = true; box.textContent = ""; return; }
@@ -115,6 +117,7 @@ async function connect() {
   try {
     state.server = await api("/v1/server");
   } catch (error) {
+    state.server = null;
     $("whoami").textContent = "Not connected.";
     showError(error);
     return false;
@@ -259,6 +262,7 @@ async function sendChat(event) {
   event.preventDefault();
   const text = $("chat-input").value.trim();
   if (!text || state.controller) return;
+  if (!state.server) { showError(NOT_CONNECTED); return; }
   showError(null);
   let body;
   try {
@@ -340,6 +344,7 @@ async function runCompare(event) {
   event.preventDefault();
   const question = $("compare-question").value.trim();
   if (!question || state.controller) return;
+  if (!state.server) { showError(NOT_CONNECTED); return; }
   showError(null);
   let bodies;
   try {
@@ -404,6 +409,7 @@ function status(row) {
 }
 
 async function loadAdapters() {
+  if (!state.server) { showError(NOT_CONNECTED); return; }
   showError(null);
   try {
     const {data} = await api("/v1/adapters");

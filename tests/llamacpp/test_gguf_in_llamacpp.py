@@ -59,8 +59,8 @@ def lorag_tokens(adapter, prompts) -> dict[str | None, list[list[int]]]:
                        for ids in prompts] for name in (None, "style")}
 
 
-def llamacpp_tokens(llama, fmt, adapter, prompts, tmp_path) -> dict:
-    lora = export_gguf(adapter, _model_folder(), tmp_path / f"style-{fmt}.gguf",
+def llamacpp_tokens(llama, fmt, base_model_dir, adapter, prompts, tmp_path) -> dict:
+    lora = export_gguf(adapter, base_model_dir, tmp_path / f"style-{fmt}.gguf",
                        "float32" if fmt == "f32" else "float16")
     with LlamaServer(llama, llama.model(MODEL, fmt), [lora], parallel=1, slot_tokens=256,
                      threads=torch.get_num_threads(), log=tmp_path / "server.log") as server:
@@ -73,20 +73,13 @@ def llamacpp_tokens(llama, fmt, adapter, prompts, tmp_path) -> dict:
         return {None: run(None), "style": run(0)}
 
 
-def _model_folder():
-    from lorag.provision import ModelCache
-    from lorag.settings import Settings
-
-    return ModelCache(Settings().models_dir).path(MODEL)
-
-
 @pytest.mark.parametrize("fmt", ["f32", "f16"])
-def test_llamacpp_gives_lorags_greedy_tokens(llama, adapter, prompts, lorag_tokens, fmt,
-                                             tmp_path):
+def test_llamacpp_gives_lorags_greedy_tokens(llama, base_model_dir, adapter, prompts,
+                                             lorag_tokens, fmt, tmp_path):
     """Base and adapter both as GGUF in `fmt`, against lorag's engine in float32: the
     same greedy tokens, up to 16 or the end of the answer. In f16 a near tie between two
     tokens could flip after rounding; for these prompts none does."""
-    theirs = llamacpp_tokens(llama, fmt, adapter, prompts, tmp_path)
+    theirs = llamacpp_tokens(llama, fmt, base_model_dir, adapter, prompts, tmp_path)
     assert lorag_tokens["style"] != lorag_tokens[None]  # the adapter changes the answers
     assert theirs[None] == lorag_tokens[None]
     assert theirs["style"] == lorag_tokens["style"]

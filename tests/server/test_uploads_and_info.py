@@ -31,7 +31,8 @@ def test_each_file_is_read_as_lorag_ingest_reads_it_and_fails_alone(daemon):
     response = upload(daemon, "uploads", [
         ("hours.md", HOURS), ("ferry.html", PAGE), ("records.jsonl", records),
         ("scan.pdf", b"%PDF-1.4 broken"), ("tool.exe", b"MZ"), ("latin.txt", b"caf\xe9"),
-        ("../../escape.txt", b"Escaped names keep their last part only.")])
+        ("../../escape.txt", b"Escaped names keep their last part only."),
+        ("..", b"no name at all")])
     assert response.status_code == 200, response.text
     files = {row["file"]: row for row in response.json()["files"]}
     assert files["hours.md"]["documents"] == [{"id": "hours.md", "status": "added"}]
@@ -40,8 +41,9 @@ def test_each_file_is_read_as_lorag_ingest_reads_it_and_fails_alone(daemon):
     assert files["escape.txt"]["documents"] == [{"id": "escape.txt", "status": "added"}]
     assert files["scan.pdf"]["error"].startswith("scan.pdf is not a readable PDF")
     assert files["tool.exe"]["error"] == (
-        f"unsupported file type '.exe'; supported: {', '.join(sorted(SUFFIXES))}")
+        f"tool.exe: unsupported file type '.exe'; supported: {', '.join(sorted(SUFFIXES))}")
     assert files["latin.txt"]["error"].startswith("latin.txt is not UTF-8 text")
+    assert files["unnamed"]["error"].startswith("unnamed: unsupported file type ''")
     assert "/tmp" not in response.text  # no server paths in what the client sees
 
     hit = search(daemon, "uploads", "When does the Osaka depot open?")[0]
