@@ -35,6 +35,7 @@ from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.benchmarks.llamacpp import LlamaCpp, LlamaServer, completion_body
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
+from lorag.benchmarks.roofline import matmul_roofline
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
@@ -310,28 +311,35 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int,
                       tracker: Tracker | None) -> dict:
     limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        start = 0.0
 
-        async def one(ids: list[int], adapter: str) -> float:
+        async def one(ids: list[int], adapter: str, start: float | None) -> float | None:
             body = {"model": adapter, "prompt": ids, "max_tokens": max_new, "temperature": 0,
                     "ignore_eos": True, "stream": True}
             first = None
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        first = first or time.perf_counter() - start
-            if tracker and start:
+                    if line.startswith("data: {") and first is None and start is not None:
+                        first = time.perf_counter() - start
+            if tracker and start is not None:
                 tracker.done(max_new)
             return first
 
         # warm-up, as the plain vLLM run: every adapter once
-        await asyncio.gather(*(one(jobs[0][0], name) for name in names))
-        if tracker:
-            tracker.restart()
-        start = time.perf_counter()
-        ttfts = await asyncio.gather(*(one(ids, name) for ids, name in jobs))
-        wall = time.perf_counter() - start
+        return await _timed(one, [(jobs[0][0], name) for name in names], jobs, max_new,
+                            tracker)
+
+
+async def _timed(one, warm_up: list, jobs, max_new: int, tracker: Tracker | None) -> dict:
+    """`one(ids, adapter, start)` streams a request and returns its time to first token
+    after `start` (None: a warm-up, not timed). The warm-up requests first, then every job
+    at once from t=0."""
+    await asyncio.gather(*(one(ids, name, None) for ids, name in warm_up))
+    if tracker:
+        tracker.restart()
+    start = time.perf_counter()
+    ttfts = await asyncio.gather(*(one(ids, name, start) for ids, name in jobs))
+    wall = time.perf_counter() - start
     return summary(len(jobs) * max_new, wall, ttfts)
 
 
@@ -363,9 +371,9 @@ async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
                         tracker: Tracker | None) -> dict:
     limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
-        start = 0.0
 
-        async def one(ids: list[int], adapter: str | None) -> float:
+        async def one(ids: list[int], adapter: str | None,
+                      start: float | None) -> float | None:
             body = {**completion_body(ids, max_new, index.get(adapter), len(index)),
                     "stream": True}
             first, last = None, {}
@@ -374,24 +382,19 @@ async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
                         last = json.loads(line[6:])
-                        if last.get("tokens"):
-                            first = first or time.perf_counter() - start
+                        if last.get("tokens") and first is None and start is not None:
+                            first = time.perf_counter() - start
             if last.get("tokens_predicted") != max_new:  # the last event sums it up
                 raise RuntimeError(f"llama-server ended a request after "
                                    f"{last.get('tokens_predicted')} of {max_new} tokens: "
                                    f"{ {k: v for k, v in last.items() if k != 'content'} }")
-            if tracker and start:
+            if tracker and start is not None:
                 tracker.done(max_new)
             return first
 
         # warm-up: every adapter once, and the base
-        await asyncio.gather(*(one(jobs[0][0], name) for name in [None, *index]))
-        if tracker:
-            tracker.restart()
-        start = time.perf_counter()
-        ttfts = await asyncio.gather(*(one(ids, name) for ids, name in jobs))
-        wall = time.perf_counter() - start
-    return summary(len(jobs) * max_new, wall, ttfts)
+        return await _timed(one, [(jobs[0][0], name) for name in [None, *index]], jobs,
+                            max_new, tracker)
 
 
 SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
@@ -424,6 +427,7 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count + 16)}
     paths = make_adapters(model, folder, specs, seed=0)
     jobs = workload(requests, adapters)
+    report.add("roofline", matmul_roofline(model, jobs, max_new_tokens))
     used = {f"ad{i}": paths[f"ad{i}"] for i in range(adapters)}  # all but --registered
     slots = min(64, adapters)
     engine_jobs = {
@@ -483,7 +487,8 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
 
 def _result(workload_row: dict, measured: dict) -> dict:
     """The benchmark's JSON from the systems measured so far."""
-    systems = {name: row for name, row in measured.items() if name != "hot_load"}
+    systems = {name: row for name, row in measured.items()
+               if name not in ("hot_load", "roofline")}
     return {
         "workload": workload_row,
         "systems": systems,
@@ -496,6 +501,9 @@ def _result(workload_row: dict, measured: dict) -> dict:
         # both engines without adapters: the kernels alone, no LoRA
         "no_adapters_vs_llamacpp": ratio(systems, "lorag_no_adapters", "llamacpp_no_adapters"),
         "hot_load": measured.get("hot_load"),
+        # the base model's matmul FLOPs alone at this machine's best rate (roofline.py)
+        "roofline": measured.get("roofline"),
+        "lorag_vs_roofline": ratio(measured, "lorag", "roofline"),
     }
 
 

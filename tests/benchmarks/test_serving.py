@@ -4,8 +4,11 @@ engine when they fail."""
 import threading
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.roofline import matmul_roofline, workload_flops
 from lorag.benchmarks.serving import run_hot_load
 from lorag.errors import LoragError
 from tests.tiny import tiny_model
@@ -36,3 +39,23 @@ def test_a_failing_benchmark_leaves_no_engine_running(adapters, tokenizer, tmp_p
         run_hot_load(tiny_model(), tokenizer, {"ad0": adapters["ad0"]},
                      {"gone": adapters["ad0"].parent / "no-such-adapter"}, background=2)
     assert engine_threads() == before
+
+
+def test_the_roofline_counts_the_flops_a_forward_pass_does():
+    """workload_flops against torch's own FLOP counter over real prefill and decode steps
+    (the linear layers' mm/addmm; attention's matmuls are not part of the roofline)."""
+    model = tiny_model()
+    jobs, max_new = [([5, 6, 7, 8, 9], "a"), ([10, 11], None)], 3
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        for ids, _ in jobs:
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            for _ in range(max_new - 1):
+                out = model(torch.tensor([[1]]), past_key_values=out.past_key_values,
+                            use_cache=True, logits_to_keep=1)
+    counts = counter.get_flop_counts()["Global"]
+    linear = sum(count for op, count in counts.items()
+                 if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+    assert linear > 0 and workload_flops(model, jobs, max_new) == linear
+    roofline = matmul_roofline(model, jobs, max_new, rows=8)
+    assert roofline["tokens_per_s"] > 0 and roofline["matmul_gflop_per_s"] > 0
