@@ -1,4 +1,4 @@
-"""`lorag bench serving|training|retrieval|load|fleet|rag`: every peer in one run, JSON."""
+"""`lorag bench serving|training|retrieval|load|fleet|rag|compile`: every peer in one run, JSON."""
 
 from typing import Annotated
 
@@ -139,3 +139,22 @@ def bench_rag(
                              field="hot")
     main(adapters, documents, questions, hot, hot_share, clients, max_tokens, top_k,
          json_path, model, kv_blocks)
+
+
+@app.command("compile")
+def bench_compile(
+    sizes: Annotated[str, typer.Option(help="Comma-separated step sizes (tokens).")] =
+        "8,16,64,128,512",
+    json_path: JsonOut = None,
+) -> None:
+    """torch.compile vs eager on a step's elementwise work and its LoRA delta."""
+    from lorag.benchmarks.compile import main
+
+    try:
+        counts = [int(size) for size in sizes.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise InvalidRequest(f"--sizes takes positive token counts like 8,64,128; got "
+                             f"{sizes!r}", field="sizes")
+    main(counts, json_path=json_path)
