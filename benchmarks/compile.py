@@ -35,6 +35,7 @@ def main(sizes: list[int], slots: int = 64, rank: int = 16,
     torch.manual_seed(0)
     result = {"model": MODEL, "torch_threads": torch.get_num_threads(),
               "elementwise": _elementwise(config, sizes),
+              # decode tokens: at most one per running sequence (the engine's 128)
               "lora_delta": _lora_delta(config, [n for n in sizes if n <= 128], slots, rank)}
     print(json.dumps(result, indent=2))
     if json_path is not None:
