@@ -128,13 +128,14 @@ async def _ask_all(url: str, asks: list[tuple[str, str]], clients: int, max_toke
 
 def run_peer(caching: bool, folder: Path, adapters: dict[str, Path], documents: list[dict],
              asks: list[tuple[str, str]], clients: int, max_tokens: int, top_k: int,
-             model: str, kv_blocks: int, tracker: Tracker | None = None) -> dict:
+             model: str, kv_blocks: int, max_num_batched_tokens: int,
+             tracker: Tracker | None = None) -> dict:
     """One fresh daemon, prefix caching on or off; the workload through its HTTP API."""
     data = folder / ("cached" if caching else "uncached")
     data.mkdir()
     flags = ["--model", model, "--quantize", "none", "--dtype", "float32",
              "--max-model-len", "1024", "--max-num-seqs", "16",
-             "--max-num-batched-tokens", "512", "--max-lora-rank", "16",
+             "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-lora-rank", "16",
              "--max-active-adapters", str(min(16, len(adapters))),
              "--num-kv-blocks", str(kv_blocks),
              "--adapter-root", str(next(iter(adapters.values())).parent),
@@ -168,7 +169,8 @@ def run_peer(caching: bool, folder: Path, adapters: dict[str, Path], documents: 
 
 def main(adapters: int = 16, documents: int = 200, questions_count: int = 400, hot: int = 20,
          hot_share: float = 0.8, clients: int = 8, max_tokens: int = 16, top_k: int = 4,
-         json_path: Path | None = None, model: str = MODEL, kv_blocks: int = 2048) -> dict:
+         json_path: Path | None = None, model: str = MODEL, kv_blocks: int = 2048,
+         max_num_batched_tokens: int = 512) -> dict:
     """Both peers on the same workload; prints (and saves after each peer) the JSON."""
     base, _ = load_base(model, quantize="none", dtype="float32")
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-rag-"))
@@ -180,7 +182,8 @@ def main(adapters: int = 16, documents: int = 200, questions_count: int = 400, h
     workload = {"model": model, "dtype": "float32", "adapters": adapters,
                 "documents": documents, "questions": questions_count, "hot_documents": hot,
                 "hot_share": hot_share, "clients": clients, "max_tokens": max_tokens,
-                "top_k": top_k, "kv_blocks": kv_blocks}
+                "top_k": top_k, "kv_blocks": kv_blocks,
+                "max_num_batched_tokens": max_num_batched_tokens}
 
     def build(systems: dict) -> dict:
         on, off = systems.get("prefix_caching"), systems.get("no_prefix_caching")
@@ -196,5 +199,6 @@ def main(adapters: int = 16, documents: int = 200, questions_count: int = 400, h
         for name, caching in (("prefix_caching", True), ("no_prefix_caching", False)):
             with progress.system(name, questions_count) as tracker:
                 report.add(name, run_peer(caching, folder, paths, docs, asks, clients,
-                                          max_tokens, top_k, model, kv_blocks, tracker))
+                                          max_tokens, top_k, model, kv_blocks,
+                                          max_num_batched_tokens, tracker))
     return report.finish()

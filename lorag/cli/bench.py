@@ -129,6 +129,9 @@ def bench_rag(
     kv_blocks: Annotated[int, typer.Option(
         min=32, help="KV-cache blocks of 32 tokens for both daemons (2048: 65k tokens, "
                      "3 GB in fp32 for the default model).")] = 2048,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        min=16, help="Tokens per engine step for both daemons: a step carrying a prompt "
+                     "chunk this long delays every answer in it.")] = 512,
     json_path: JsonOut = None,
 ) -> None:
     """RAG chat through the daemon, prefix caching on vs off: tok/s, TTFT, prefill saved."""
@@ -138,7 +141,7 @@ def bench_rag(
         raise InvalidRequest(f"--hot must be below --documents ({documents}), got {hot}",
                              field="hot")
     main(adapters, documents, questions, hot, hot_share, clients, max_tokens, top_k,
-         json_path, model, kv_blocks)
+         json_path, model, kv_blocks, max_num_batched_tokens)
 
 
 @app.command("compile")
