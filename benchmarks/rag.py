@@ -10,11 +10,11 @@ ahead of the question (README: "RAG prompts are laid out to share a prefix"), so
 questions that retrieve the same passages under the same adapter share every full KV
 block up to the question.
 
-Each peer runs on a fresh `lorag serve` (float32, this CPU has no fast bf16) with
-`kv_blocks` KV blocks: a cache of a few prompts' worth thrashes, since the hot prompts
-alone need their blocks kept (measured: the default 512 blocks, 17 cached prompts here,
-saved 24.5% of the prompt tokens). Reported:
-generated tokens/s and requests/s over the wall time, time to first token p50 / p99
+Each peer runs on a fresh `lorag serve` (float32 unless told: the README's figures come
+from a CPU without fast bf16) with `kv_blocks` KV blocks: a cache of a few prompts' worth
+thrashes, since the hot prompts alone need their blocks kept (measured: the default 512
+blocks, 17 cached prompts here, saved 24.5% of the prompt tokens). Reported: generated
+tokens/s and requests/s over the wall time, time to first token p50 / p99
 (from each request's send), and the prompt tokens the prefix cache served (read from
 /metrics, vllm:prefix_cache_*). Prints JSON.
 """
@@ -25,6 +25,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,24 @@ PHRASINGS = ["How long does the battery of model {code} last?",
              "How much does model {code} weigh?",
              "Where does model {code} ship from?",
              "Which extension reaches support for model {code}?"]
+
+
+@dataclass(frozen=True)
+class RagWorkload:
+    """What both daemons are given: the namespace, the questions and the engine's sizes."""
+
+    adapters: int = 16
+    documents: int = 200
+    questions: int = 400
+    hot: int = 20  # notes that draw `hot_share` of the questions
+    hot_share: float = 0.8
+    clients: int = 8
+    max_tokens: int = 16
+    top_k: int = 4
+    model: str = MODEL
+    dtype: str = "float32"
+    kv_blocks: int = 2048
+    max_num_batched_tokens: int = 512
 
 
 def notes(count: int, seed: int = 0) -> list[dict]:
@@ -126,18 +145,18 @@ async def _ask_all(url: str, asks: list[tuple[str, str]], clients: int, max_toke
         return ttfts, time.perf_counter() - start, tokens
 
 
-def run_peer(caching: bool, folder: Path, adapters: dict[str, Path], documents: list[dict],
-             asks: list[tuple[str, str]], clients: int, max_tokens: int, top_k: int,
-             model: str, kv_blocks: int, max_num_batched_tokens: int,
+def run_peer(caching: bool, workload: RagWorkload, folder: Path, adapters: dict[str, Path],
+             documents: list[dict], asks: list[tuple[str, str]],
              tracker: Tracker | None = None) -> dict:
     """One fresh daemon, prefix caching on or off; the workload through its HTTP API."""
     data = folder / ("cached" if caching else "uncached")
     data.mkdir()
-    flags = ["--model", model, "--quantize", "none", "--dtype", "float32",
+    flags = ["--model", workload.model, "--quantize", "none", "--dtype", workload.dtype,
              "--max-model-len", "1024", "--max-num-seqs", "16",
-             "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-lora-rank", "16",
+             "--max-num-batched-tokens", str(workload.max_num_batched_tokens),
+             "--max-lora-rank", "16",
              "--max-active-adapters", str(min(16, len(adapters))),
-             "--num-kv-blocks", str(kv_blocks),
+             "--num-kv-blocks", str(workload.kv_blocks),
              "--adapter-root", str(next(iter(adapters.values())).parent),
              "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
     daemon = DaemonProcess(data, flags, data / "daemon.log")
@@ -150,8 +169,8 @@ def run_peer(caching: bool, folder: Path, adapters: dict[str, Path], documents: 
         before = prefix_counters(daemon.url)
         if tracker:
             tracker.restart()
-        ttfts, wall, tokens = asyncio.run(_ask_all(daemon.url, asks, clients, max_tokens,
-                                                   top_k, tracker))
+        ttfts, wall, tokens = asyncio.run(_ask_all(
+            daemon.url, asks, workload.clients, workload.max_tokens, workload.top_k, tracker))
         after = prefix_counters(daemon.url)
     finally:
         daemon.stop()
@@ -167,28 +186,22 @@ def run_peer(caching: bool, folder: Path, adapters: dict[str, Path], documents: 
             "saved_share": round(hit / prompt, 3)}
 
 
-def main(adapters: int = 16, documents: int = 200, questions_count: int = 400, hot: int = 20,
-         hot_share: float = 0.8, clients: int = 8, max_tokens: int = 16, top_k: int = 4,
-         json_path: Path | None = None, model: str = MODEL, kv_blocks: int = 2048,
-         max_num_batched_tokens: int = 512) -> dict:
+def main(workload: RagWorkload = RagWorkload(), json_path: Path | None = None) -> dict:
     """Both peers on the same workload; prints (and saves after each peer) the JSON."""
-    base, _ = load_base(model, quantize="none", dtype="float32")
+    base, _ = load_base(workload.model, quantize="none", dtype=workload.dtype)
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-rag-"))
-    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(adapters)}
+    specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02)
+             for i in range(workload.adapters)}
     paths = make_adapters(base, folder / "adapters", specs, seed=0)
     del base
-    docs = notes(documents)
-    asks = questions(docs, questions_count, min(hot, documents), hot_share, adapters)
-    workload = {"model": model, "dtype": "float32", "adapters": adapters,
-                "documents": documents, "questions": questions_count, "hot_documents": hot,
-                "hot_share": hot_share, "clients": clients, "max_tokens": max_tokens,
-                "top_k": top_k, "kv_blocks": kv_blocks,
-                "max_num_batched_tokens": max_num_batched_tokens}
+    docs = notes(workload.documents)
+    asks = questions(docs, workload.questions, workload.hot, workload.hot_share,
+                     workload.adapters)
 
     def build(systems: dict) -> dict:
         on, off = systems.get("prefix_caching"), systems.get("no_prefix_caching")
         both = on and off
-        return {"workload": workload, "systems": systems,
+        return {"workload": asdict(workload), "systems": systems,
                 "throughput_ratio": round(on["tokens_per_s"] / off["tokens_per_s"], 2)
                 if both else None,
                 "ttft_p50_ratio": round(off["ttft_ms_p50"] / on["ttft_ms_p50"], 2)
@@ -197,8 +210,7 @@ def main(adapters: int = 16, documents: int = 200, questions_count: int = 400, h
     report = Report(json_path, build)
     with BenchProgress() as progress:
         for name, caching in (("prefix_caching", True), ("no_prefix_caching", False)):
-            with progress.system(name, questions_count) as tracker:
-                report.add(name, run_peer(caching, folder, paths, docs, asks, clients,
-                                          max_tokens, top_k, model, kv_blocks,
-                                          max_num_batched_tokens, tracker))
+            with progress.system(name, workload.questions) as tracker:
+                report.add(name, run_peer(caching, workload, folder, paths, docs, asks,
+                                          tracker))
     return report.finish()

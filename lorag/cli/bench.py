@@ -132,16 +132,21 @@ def bench_rag(
     max_num_batched_tokens: Annotated[int, typer.Option(
         min=16, help="Tokens per engine step for both daemons: a step carrying a prompt "
                      "chunk this long delays every answer in it.")] = 512,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16, for both daemons.")] =
+        "float32",
     json_path: JsonOut = None,
 ) -> None:
     """RAG chat through the daemon, prefix caching on vs off: tok/s, TTFT, prefill saved."""
-    from lorag.benchmarks.rag import main
+    from lorag.benchmarks.rag import RagWorkload, main
 
     if hot >= documents:
         raise InvalidRequest(f"--hot must be below --documents ({documents}), got {hot}",
                              field="hot")
-    main(adapters, documents, questions, hot, hot_share, clients, max_tokens, top_k,
-         json_path, model, kv_blocks, max_num_batched_tokens)
+    if dtype not in ("float32", "bfloat16"):
+        raise InvalidRequest(f"--dtype must be float32 or bfloat16, got {dtype!r}",
+                             field="dtype")
+    main(RagWorkload(adapters, documents, questions, hot, hot_share, clients, max_tokens,
+                     top_k, model, dtype, kv_blocks, max_num_batched_tokens), json_path)
 
 
 @app.command("compile")

@@ -3,7 +3,7 @@ the prefix cache serving prompt tokens only where it is on."""
 
 import json
 
-from lorag.benchmarks.rag import main, notes, questions
+from lorag.benchmarks.rag import RagWorkload, main, notes, questions
 
 
 def test_questions_go_through_their_notes_adapter_and_favour_the_hot_notes():
@@ -19,8 +19,9 @@ def test_questions_go_through_their_notes_adapter_and_favour_the_hot_notes():
 
 def test_bench_rag_saves_prefill_only_with_prefix_caching(tiny_base, tmp_path):
     out = tmp_path / "rag.json"
-    result = main(adapters=2, documents=6, questions_count=10, hot=2, hot_share=0.8,
-                  clients=2, max_tokens=4, top_k=2, json_path=out, model=str(tiny_base))
+    workload = RagWorkload(adapters=2, documents=6, questions=10, hot=2, hot_share=0.8,
+                           clients=2, max_tokens=4, top_k=2, model=str(tiny_base))
+    result = main(workload, json_path=out)
     on, off = result["systems"]["prefix_caching"], result["systems"]["no_prefix_caching"]
     assert on["prompt_tokens"] == off["prompt_tokens"] > 0  # the same prompts
     assert 0 < on["prefill_tokens_saved"] < on["prompt_tokens"]
