@@ -34,6 +34,7 @@ def layer_with_adapters(rank: int):
 
 
 def reference(layer, adapters, x, slot_of_token):
+    """The base output plus each token's own adapter, one token and one part at a time."""
     y = layer.base(x).clone()
     for token, slot in enumerate(slot_of_token):
         if slot < 0:
