@@ -60,11 +60,13 @@ class LoraBatch:
         self.decode = _Groups.of(tokens, decode_slots[tokens]) if len(tokens) else None
         self.chunks = None
         if chunks:
-            tokens = torch.cat([torch.arange(start, end) for start, end, _ in chunks])
-            group = torch.repeat_interleave(torch.arange(len(chunks)),
-                                            torch.tensor([end - start for start, end, _ in chunks]))
+            device = decode_slots.device  # every index on the step's device
+            tokens = torch.cat([torch.arange(start, end, device=device)
+                                for start, end, _ in chunks])
+            lengths = torch.tensor([end - start for start, end, _ in chunks], device=device)
+            group = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
             self.chunks = _Groups.of(tokens, group)  # chunks come in token order
-            self.chunk_slots = torch.tensor([slot for _, _, slot in chunks])
+            self.chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
 
 
 class _Groups:
@@ -96,7 +98,8 @@ class _Groups:
         starts = torch.cumsum(counts, 0) - counts
         longest = int(counts.max())
         position = torch.empty_like(order)
-        position[order] = torch.arange(len(order)) - torch.repeat_interleave(starts, counts)
+        position[order] = (torch.arange(len(order), device=order.device)
+                           - torch.repeat_interleave(starts, counts))
         return cls(tokens, group * longest + position, int(ids[-1]) + 1, longest)
 
     def pad(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
