@@ -145,8 +145,11 @@ def bench_rag(
     if dtype not in ("float32", "bfloat16"):
         raise InvalidRequest(f"--dtype must be float32 or bfloat16, got {dtype!r}",
                              field="dtype")
-    main(RagWorkload(adapters, documents, questions, hot, hot_share, clients, max_tokens,
-                     top_k, model, dtype, kv_blocks, max_num_batched_tokens), json_path)
+    workload = RagWorkload(
+        adapters=adapters, documents=documents, questions=questions, hot=hot,
+        hot_share=hot_share, clients=clients, max_tokens=max_tokens, top_k=top_k, model=model,
+        dtype=dtype, kv_blocks=kv_blocks, max_num_batched_tokens=max_num_batched_tokens)
+    main(workload, json_path)
 
 
 @app.command("compile")
