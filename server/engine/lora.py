@@ -12,13 +12,18 @@ Installing an adapter copies into a slot; the layers only ever see per-token slo
 view [slots, rank * parts, in] with no copy; `b` is stored as B transposed, so the
 expand reads contiguous [rank, out] matrices: 20% faster than bmm on B's transpose.)
 
-Per step, `LoraBatch.route` groups the tokens ONCE; every layer then pads them into
-[groups, tokens_per_group, in] and runs batched matmuls, so each active adapter's A
-and B are read once per step (the SGMV idea of Punica / S-LoRA, as dense bmm: CPU has no
-segmented-GEMM kernel to call). Measured here (bf16, 576x576, 64 r16 slots, 128 decode
-tokens): the grouped path costs ~0.45 ms per projection beside 0.3 ms for the base
-matmul; a loop of small matmuls per prompt chunk cost as much as the base, padded into
-one bmm it costs about half. Fusing q/k/v pads the tokens once instead of three times.
+Per step, `LoraBatch.route` groups the tokens ONCE by adapter; every layer then reads
+each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
+- decode tokens, a few per adapter, by the engine's own SGMV kernel on CPU
+  (csrc/sgmv.cpp, server/engine/kernels.py). Measured here (bf16, 128 decode tokens over
+  64 r16 slots, fused q/k/v; best of 15): 0.19 ms beside 0.38 ms for the base matmul,
+  against 0.47 ms padded into batched matmuls, most of that padding and oneDNN reading
+  small matrices at a third of memory speed;
+- prompt chunks (a run of tokens of one adapter each), and decode tokens off CPU or
+  where the kernel did not build: padded into [groups, tokens_per_group, in] for batched
+  matmuls. At 128 tokens a chunk is a real GEMM, which oneDNN does 2-3x faster than the
+  kernel's loops.
+Fusing q/k/v shares the shrink's input reads in both.
 
 Merging (dLoRA): while every running token uses one adapter, its delta can be folded
 into the base weight, `W' = W + B A`, and the LoRA path skipped. The layer keeps W
@@ -39,15 +44,17 @@ from torch.nn import functional as F
 class LoraBatch:
     """Token -> slot routing for one step, shared by every LoRA layer of the model.
 
-    Both kinds of token are padded into groups for two batched matmuls per layer:
-    decode tokens (one per sequence, first in the step) are grouped by slot, and group g
-    IS slot g, so the layers read the slot stack as a view (gathering 64 slots' A and B
-    costs more than the matmuls); prompt chunks, a contiguous run of one slot each, are
-    one group per chunk (their few slots are gathered).
+    With the SGMV kernel (`use_kernel`: the runner's choice, on CPU where it built),
+    decode tokens (one per sequence, first in the step) become `segments`, one per slot.
+    Otherwise they are padded into groups for batched matmuls, and group g IS slot g, so
+    the layers read the slot stack as a view (gathering 64 slots' A and B costs more than
+    the matmuls). Prompt chunks, a contiguous run of one slot each, are always one group
+    per chunk (their few slots are gathered).
     """
 
-    def __init__(self):
+    def __init__(self, use_kernel: bool):
         self.active = False
+        self.use_kernel = use_kernel
 
     def route(self, decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
               rank: int) -> None:
@@ -56,9 +63,14 @@ class LoraBatch:
         self.rank = rank
         self.slot_set = {slot for _, _, slot in chunks} | set(decode_slots.tolist()) - {-1}
         self.active = bool(self.slot_set)
+        self.segments = self.decode = self.chunks = None
+        if not self.active:
+            return
         tokens = (decode_slots >= 0).nonzero().squeeze(1)
-        self.decode = _Groups.of(tokens, decode_slots[tokens]) if len(tokens) else None
-        self.chunks = None
+        if len(tokens) and self.use_kernel:
+            self.segments = _Segments(tokens, decode_slots[tokens])
+        elif len(tokens):
+            self.decode = _Groups.of(tokens, decode_slots[tokens])
         if chunks:
             device = decode_slots.device  # every index on the step's device
             tokens = torch.cat([torch.arange(start, end, device=device)
@@ -67,6 +79,18 @@ class LoraBatch:
             group = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
             self.chunks = _Groups.of(tokens, group)  # chunks come in token order
             self.chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
+
+
+class _Segments:
+    """Tokens grouped by slot as the SGMV kernel takes them: segment s is the tokens
+    `tokens[starts[s]:starts[s + 1]]`, all with the adapter in slot `slots[s]`."""
+
+    def __init__(self, tokens: torch.Tensor, slots: torch.Tensor):
+        """tokens: routed token indices; slots: each one's slot."""
+        order = torch.argsort(slots, stable=True)
+        self.slots, counts = torch.unique_consecutive(slots[order], return_counts=True)
+        self.tokens = tokens[order]
+        self.starts = F.pad(torch.cumsum(counts, 0), (1, 0))
 
 
 class _Groups:
@@ -231,6 +255,8 @@ class MultiLoraLinear(nn.Module):
         if not batch.active or self.filled.isdisjoint(batch.slot_set):
             return y  # no adapter in this step targets this projection
         rank = batch.rank
+        if batch.segments is not None:  # decode tokens by the SGMV kernel
+            self._add_delta_sgmv(y, x, batch.segments, rank)
         if batch.decode is not None:  # group g is slot g: a view of the stacks
             size = batch.decode.size
             self._add_delta(y, x, batch.decode, self.a[:size, :rank],
@@ -255,3 +281,15 @@ class MultiLoraLinear(nn.Module):
         for j, part in enumerate(self.parts):
             groups.add(y[:, part.offset:part.offset + part.out_features],
                        torch.bmm(shrunk[j], b[j]))
+
+    def _add_delta_sgmv(self, y, x, segments: _Segments, rank: int) -> None:
+        """The same delta by the SGMV kernel: one shrink over every part (fp32 [routed,
+        rank * parts], columns ordered (rank, part) as `a` is), one expand per part
+        added in place into the part's columns of y."""
+        a = self.a[:, :rank].flatten(1, 2)  # [slots, rank * parts, in], a view
+        route = segments.tokens, segments.starts, segments.slots
+        shrunk = torch.ops.lorag.lora_shrink(x.to(a.dtype), a, *route)
+        parts = len(self.parts)
+        for j, part in enumerate(self.parts):
+            torch.ops.lorag.lora_expand(y[:, part.offset:part.offset + part.out_features],
+                                        shrunk[:, j::parts], self.b[j][:, :rank], *route)

@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorag.adapters import BaseShape
 from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.kernels import sgmv_available
 from lorag.server.engine.kv import AttentionInput, attention_backend
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 
@@ -96,7 +97,8 @@ class ModelRunner:
         self.attention = attention_backend(config.attention_backend, self.device, self.dtype,
                                            self.num_heads, self.num_kv_heads, self.head_dim,
                                            size)
-        self.lora_batch = LoraBatch()
+        # the SGMV kernel on CPU (built at `make setup`; compiled here if not, ~15 s)
+        self.lora_batch = LoraBatch(self.device.type == "cpu" and sgmv_available())
         # per layer, FUSED's group -> its layer; those with LoRA slots also listed apart
         self.projections: list[dict[str, nn.Module]] = []
         self.lora_layers: list[MultiLoraLinear] = []

@@ -1,31 +1,42 @@
 """The grouped multi-LoRA layer against a per-token loop of `W x + B_s (A_s x)`, for the
 routings a step can have: every decode token on an adapter (one contiguous run), decode
 tokens without one between them, prompt chunks with and without adapters, a rank below
-the slots' maximum."""
+the slots' maximum. Both ways of computing decode tokens' deltas: the SGMV CPU kernel
+(fp32, and bf16 by AVX512-BF16 where the CPU has it) and batched matmuls. The widths
+leave partial vector blocks in the kernel (40 inputs: 32 + 8; 136 outputs: 128 + 8)."""
 
 import pytest
 import torch
 from torch import nn
 
+from lorag.server.engine.kernels import sgmv_available
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 
-IN, OUTS, SLOTS, MAX_RANK = 24, [24, 8, 8], 6, 8
+IN, OUTS, SLOTS, MAX_RANK = 40, [136, 8, 8], 6, 8
+PATHS = [pytest.param(True, torch.float32, id="sgmv-fp32"),
+         pytest.param(True, torch.bfloat16, id="sgmv-bf16"),
+         pytest.param(False, torch.float32, id="bmm-fp32"),
+         pytest.param(False, torch.bfloat16, id="bmm-bf16")]
 
 
-def layer_with_adapters(rank: int):
+def test_the_sgmv_kernel_builds_here():
+    """The suite must exercise the kernel, not quietly fall back to batched matmuls."""
+    assert sgmv_available(), "the SGMV CPU kernel did not build: see the warning logged"
+
+
+def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32):
     """A fused q/k/v-shaped layer with random adapters in slots 0-4 (slot 3 targets only
     the first part), and the adapters as a dict slot -> (a, b) per part."""
     torch.manual_seed(0)
-    modules = [nn.Linear(IN, out, bias=False) for out in OUTS]
+    modules = [nn.Linear(IN, out, bias=False, dtype=dtype) for out in OUTS]
     parts = [Part((0, name), sum(OUTS[:j]), out)
              for j, (name, out) in enumerate(zip(["q", "k", "v"], OUTS, strict=True))]
-    batch = LoraBatch()
-    layer = MultiLoraLinear(fuse(modules, OUTS), IN, parts, SLOTS, MAX_RANK, torch.float32,
-                            batch)
+    batch = LoraBatch(use_kernel=use_kernel)
+    layer = MultiLoraLinear(fuse(modules, OUTS), IN, parts, SLOTS, MAX_RANK, dtype, batch)
     adapters = {}
     for slot in range(5):
-        a = [torch.randn(rank, IN) for _ in OUTS]
-        b = [torch.randn(out, rank) for out in OUTS]
+        a = [torch.randn(rank, IN, dtype=dtype) for _ in OUTS]
+        b = [torch.randn(out, rank, dtype=dtype) for out in OUTS]
         if slot == 3:
             a[1:], b[1:] = [None, None], [None, None]
         layer.install(slot, a, b)
@@ -34,18 +45,30 @@ def layer_with_adapters(rank: int):
 
 
 def reference(layer, adapters, x, slot_of_token):
-    """The base output plus each token's own adapter, one token and one part at a time."""
-    y = layer.base(x).clone()
+    """The base output plus each token's own adapter, one token and one part at a time,
+    the delta in fp32."""
+    y = layer.base(x).float()
     for token, slot in enumerate(slot_of_token):
         if slot < 0:
             continue
         a_parts, b_parts = adapters[slot]
         for part, a, b in zip(layer.parts, a_parts, b_parts, strict=True):
             if a is not None:
-                y[token, part.offset:part.offset + part.out_features] += b @ (a @ x[token])
+                y[token, part.offset:part.offset + part.out_features] += (
+                    b.float() @ (a.float() @ x[token].float()))
     return y
 
 
+def assert_close(got, expected):
+    """Within rounding of the delta, which is ~20 here (a wrong slot or token is off by
+    about that): 1e-4 in fp32; in bf16 1% (the batched-matmul path rounds `A x` to bf16
+    before the expand, so near-cancelling outputs carry an error ~0.1)."""
+    bf16 = got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2 if bf16 else 1.3e-6,
+                               atol=0.25 if bf16 else 1e-4)
+
+
+@pytest.mark.parametrize("use_kernel, dtype", PATHS)
 @pytest.mark.parametrize("rank", [MAX_RANK, 4])
 @pytest.mark.parametrize("decode_slots, chunks", [
     ([2, 0, 2, 4, 1], []),  # every decode token routed: one contiguous run
@@ -53,21 +76,25 @@ def reference(layer, adapters, x, slot_of_token):
     ([], [(0, 5, 1), (5, 9, 3)]),  # prompt chunks only
     ([0, -1, 4], [(3, 7, 1), (9, 12, 2)]),  # tokens 7-8: a chunk without an adapter
 ])
-def test_grouped_delta_matches_a_per_token_loop(rank, decode_slots, chunks):
-    layer, batch, adapters = layer_with_adapters(rank)
+def test_grouped_delta_matches_a_per_token_loop(use_kernel, dtype, rank, decode_slots,
+                                                chunks):
+    layer, batch, adapters = layer_with_adapters(rank, use_kernel, dtype)
     tokens = max([len(decode_slots), *(end for _, end, _ in chunks)])
-    x = torch.randn(tokens, IN)
+    x = torch.randn(tokens, IN, dtype=dtype)
     slot_of_token = [*decode_slots, *([-1] * (tokens - len(decode_slots)))]
     for start, end, slot in chunks:
         slot_of_token[start:end] = [slot] * (end - start)
     batch.route(torch.tensor(decode_slots, dtype=torch.long), chunks, rank)
     with torch.inference_mode():
         got = layer(x)
-    torch.testing.assert_close(got, reference(layer, adapters, x, slot_of_token))
+    if any(slot >= 0 for slot in decode_slots):  # the path asked for ran
+        assert (batch.segments is not None) == use_kernel
+    assert_close(got, reference(layer, adapters, x, slot_of_token))
 
 
-def test_merged_weight_serves_what_the_lora_path_does():
-    layer, batch, _ = layer_with_adapters(MAX_RANK)
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_merged_weight_serves_what_the_lora_path_does(use_kernel):
+    layer, batch, _ = layer_with_adapters(MAX_RANK, use_kernel)
     x = torch.randn(4, IN)
     batch.route(torch.tensor([1, 1, 1, 1]), [], MAX_RANK)
     with torch.inference_mode():
@@ -76,3 +103,16 @@ def test_merged_weight_serves_what_the_lora_path_does():
         batch.route(torch.tensor([-1, -1, -1, -1]), [], MAX_RANK)  # merged: no LoRA path
         merged = layer(x)
     torch.testing.assert_close(merged, unmerged)
+
+
+def test_the_kernel_refuses_mismatched_inputs_by_name():
+    x, a = torch.randn(3, IN), torch.randn(2, 4, IN, dtype=torch.bfloat16)
+    route = (torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="x is Float but a is BFloat16"):
+        torch.ops.lorag.lora_shrink(x, a, *route)
+    with pytest.raises(RuntimeError, match="starts needs one more entry than slots"):
+        torch.ops.lorag.lora_shrink(x, a.float(), route[0], route[1], torch.tensor([1, 0]))
+    with pytest.raises(RuntimeError, match="slot 2 outside the 2 slots"):
+        torch.ops.lorag.lora_shrink(x, a.float(), route[0], route[1], torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="token 3 outside the 3 rows"):
+        torch.ops.lorag.lora_shrink(x, a.float(), torch.tensor([0, 1, 3]), *route[1:])

@@ -1,0 +1,59 @@
+"""The engine's own CPU kernel: segmented LoRA matmuls (csrc/sgmv.cpp), built on first use.
+
+torch has no segmented GEMM for CPU, and the batched-matmul path around one
+(server/engine/lora.py) spends most of its time padding tokens and reading small
+matrices slowly. The C++ kernel reads each active adapter once per call at close to
+memory speed. It is compiled for this machine's CPU (`-march=native`, AVX512-BF16 dot
+products where the CPU has them) by torch's extension builder into torch's extension
+cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which
+`make setup` pays; later loads take milliseconds. The build name carries a hash of the
+CPU's feature flags, so a cache shared between different machines never hands one a
+binary with instructions it lacks.
+
+When the build fails (no C++ compiler), the engine says why once and runs LoRA as
+batched matmuls, the path accelerators use anyway.
+"""
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for uses torch's
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+@functools.cache
+def sgmv_available() -> bool:
+    """Build (first time) and load the kernel; its ops are then torch.ops.lorag.lora_shrink
+    and torch.ops.lorag.lora_expand. False, after one warning, when it cannot be built."""
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(name=f"lorag_sgmv_{_cpu_tag()}", sources=[str(SOURCE)],
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except (RuntimeError, OSError, ImportError) as error:  # no compiler, or it failed
+        last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        logger.warning("the SGMV CPU kernel could not be built (%s); LoRA runs as batched "
+                       "matmuls, slower on CPU", last_line)
+        return False
+    return True
+
+
+if __name__ == "__main__":  # `make setup` builds it ahead of the first engine start
+    logging.basicConfig(level=logging.INFO)
+    print("SGMV CPU kernel:", "ready" if sgmv_available() else "unavailable (see above)")
