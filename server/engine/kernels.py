@@ -1,17 +1,17 @@
 """The engine's own CPU kernel: segmented LoRA matmuls (csrc/sgmv.cpp), built on first use.
 
-torch has no segmented GEMM for CPU, and the batched-matmul path around one
-(server/engine/lora.py) spends most of its time padding tokens and reading small
-matrices slowly. The C++ kernel reads each active adapter once per call at close to
-memory speed. It is compiled for this machine's CPU (`-march=native`, AVX512-BF16 dot
-products where the CPU has them) by torch's extension builder into torch's extension
-cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which
-`make setup` pays; later loads take milliseconds. The build name carries a hash of the
+torch has no segmented GEMM for CPU, and the batched matmuls that stand in for one
+(server/engine/lora.py) spend most of their time padding tokens and reading small
+matrices slowly. The C++ kernel reads each active adapter once per call, unpadded. It is
+compiled for this machine's CPU (`-march=native`, AVX512-BF16 dot products where the
+CPU has them) by torch's extension builder into torch's extension cache
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which `make
+setup` pays; later starts only find it there. The build name carries a hash of the
 CPU's feature flags, so a cache shared between different machines never hands one a
 binary with instructions it lacks.
 
-When the build fails (no C++ compiler), the engine says why once and runs LoRA as
-batched matmuls, the path accelerators use anyway.
+When the build fails (no C++ compiler), the engine says why once and runs decode
+tokens' LoRA as batched matmuls, the path accelerators use anyway.
 """
 
 import functools
@@ -23,7 +23,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for uses torch's
+# -fopenmp: at::parallel_for is inline OpenMP in torch's headers; it runs on the libgomp
+# that torch has already loaded (same soname), so one thread pool serves both
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def _cpu_tag() -> str:

@@ -67,10 +67,12 @@ class LoraBatch:
         if not self.active:
             return
         tokens = (decode_slots >= 0).nonzero().squeeze(1)
-        if len(tokens) and self.use_kernel:
-            self.segments = _Segments(tokens, decode_slots[tokens])
-        elif len(tokens):
-            self.decode = _Groups.of(tokens, decode_slots[tokens])
+        if len(tokens):
+            slots = decode_slots[tokens]
+            if self.use_kernel:
+                self.segments = _Segments(tokens, slots)
+            else:
+                self.decode = _Groups.of(tokens, slots)
         if chunks:
             device = decode_slots.device  # every index on the step's device
             tokens = torch.cat([torch.arange(start, end, device=device)
