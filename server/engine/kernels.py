@@ -55,7 +55,3 @@ def sgmv_available() -> bool:
         return False
     return True
 
-
-if __name__ == "__main__":  # `make setup` builds it ahead of the first engine start
-    logging.basicConfig(level=logging.INFO)
-    print("SGMV CPU kernel:", "ready" if sgmv_available() else "unavailable (see above)")
