@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import platform
+import subprocess
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def sgmv_available() -> bool:
         cpp_extension.load(name=f"lorag_sgmv_{_cpu_tag()}", sources=[str(SOURCE)],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False)
-    except (RuntimeError, OSError, ImportError) as error:  # no compiler, or it failed
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
+        # no compiler, a compiler that fails, or a build that does
         last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         logger.warning("the SGMV CPU kernel could not be built (%s); LoRA runs as batched "
                        "matmuls, slower on CPU", last_line)

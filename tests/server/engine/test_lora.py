@@ -24,6 +24,17 @@ def test_the_sgmv_kernel_builds_here():
     assert sgmv_available(), "the SGMV CPU kernel did not build: see the warning logged"
 
 
+def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails
+    sgmv_available.cache_clear()
+    try:
+        assert not sgmv_available()
+    finally:
+        sgmv_available.cache_clear()  # the next caller loads the real build again
+    assert "the SGMV CPU kernel could not be built" in caplog.text
+
+
 def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32):
     """A fused q/k/v-shaped layer with random adapters in slots 0-4 (slot 3 targets only
     the first part), and the adapters as a dict slot -> (a, b) per part."""
