@@ -8,7 +8,7 @@ CPU has them) by torch's extension builder into torch's extension cache
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which `make
 setup` pays; later starts only find it there. The build name carries a hash of the
 CPU's feature flags, so a cache shared between different machines never hands one a
-binary with instructions it lacks.
+binary with instructions it lacks, and of the checkout's path.
 
 When the build fails (no C++ compiler), the engine says why once and runs decode
 tokens' LoRA as batched matmuls, the path accelerators use anyway.
@@ -29,14 +29,16 @@ SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's model and feature flags (what -march=native compiles for)."""
+def _build_tag() -> str:
+    """A short hash of the CPU's feature flags (what -march=native compiles for) and of
+    the source's path (two checkouts would otherwise rebuild over each other's build)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
         flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    key = f"{platform.machine()} {flags} {SOURCE}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @functools.cache
@@ -46,7 +48,7 @@ def sgmv_available() -> bool:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load(name=f"lorag_sgmv_{_cpu_tag()}", sources=[str(SOURCE)],
+        cpp_extension.load(name=f"lorag_sgmv_{_build_tag()}", sources=[str(SOURCE)],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
