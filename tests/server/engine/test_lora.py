@@ -117,6 +117,7 @@ def test_merged_weight_serves_what_the_lora_path_does(use_kernel):
 
 
 def test_the_kernel_refuses_mismatched_inputs_by_name():
+    assert sgmv_available()  # loads the ops
     x, a = torch.randn(3, IN), torch.randn(2, 4, IN, dtype=torch.bfloat16)
     route = (torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.tensor([1]))
     with pytest.raises(RuntimeError, match="x is Float but a is BFloat16"):
