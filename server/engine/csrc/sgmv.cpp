@@ -34,14 +34,12 @@
 
 namespace {
 
-// A call's routing, checked (every index is dereferenced unchecked in the loops), and
-// each routed token's slot.
+// A call's routing, checked (every index is dereferenced unchecked in the loops).
 struct Route {
   const int64_t* tok;
   const int64_t* start;
   const int64_t* slot;
   int64_t segments;
-  std::vector<int64_t> slot_of;
 
   // num_tokens: rows of the tokens' tensor (x or out); num_slots: adapter slots.
   Route(const at::Tensor& tokens, const at::Tensor& starts, const at::Tensor& slots,
@@ -60,17 +58,24 @@ struct Route {
     const int64_t n = tokens.numel();
     TORCH_CHECK(start[0] == 0 && start[segments] == n,
                 "lorag sgmv: starts must run from 0 to the number of tokens, ", n);
-    slot_of.resize(n);
     for (int64_t s = 0; s < segments; ++s) {
       TORCH_CHECK(start[s] <= start[s + 1], "lorag sgmv: starts must not decrease");
       TORCH_CHECK(slot[s] >= 0 && slot[s] < num_slots, "lorag sgmv: slot ", slot[s],
                   " outside the ", num_slots, " slots");
-      std::fill(slot_of.begin() + start[s], slot_of.begin() + start[s + 1], slot[s]);
     }
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(tok[i] >= 0 && tok[i] < num_tokens, "lorag sgmv: token ", tok[i],
                   " outside the ", num_tokens, " rows");
     }
+  }
+
+  // Each routed token's slot (the expand walks tokens, not segments).
+  std::vector<int64_t> token_slots() const {
+    std::vector<int64_t> slot_of(start[segments]);
+    for (int64_t s = 0; s < segments; ++s) {
+      std::fill(slot_of.begin() + start[s], slot_of.begin() + start[s + 1], slot[s]);
+    }
+    return slot_of;
   }
 };
 
@@ -119,7 +124,7 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const at::Tensor& b,
                    const Route& route) {
   const int64_t n = y.size(0), rows = b.size(1), width = b.size(2);
   const int64_t* tok = route.tok;
-  const std::vector<int64_t>& slot_of = route.slot_of;
+  const std::vector<int64_t> slot_of = route.token_slots();
   const float* yp = y.data_ptr<float>();
   const scalar_t* bp = b.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -215,7 +220,7 @@ void expand_kernel<at::BFloat16>(at::Tensor& out, const at::Tensor& y, const at:
   constexpr int64_t kWidth = 128;  // outputs per pass: 4 loads of 32 bf16, 8 accumulators
   const int64_t n = y.size(0), rows = b.size(1), width = b.size(2);
   const int64_t* tok = route.tok;
-  const std::vector<int64_t>& slot_of = route.slot_of;
+  const std::vector<int64_t> slot_of = route.token_slots();
   const float* yp = y.data_ptr<float>();
   const auto* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
