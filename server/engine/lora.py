@@ -16,8 +16,8 @@ Per step, `LoraBatch.route` groups the tokens ONCE by adapter; every layer then 
 each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
 - decode tokens, a few per adapter, by the engine's own SGMV kernel on CPU
   (csrc/sgmv.cpp, server/engine/kernels.py). Measured here (bf16, 128 decode tokens over
-  64 r16 slots, fused q/k/v; best of 15): 0.19 ms beside 0.38 ms for the base matmul,
-  against 0.47 ms padded into batched matmuls, most of that padding and oneDNN reading
+  64 r16 slots, fused q/k/v; best of 15): 0.17 ms beside 0.38 ms for the base matmul,
+  against 0.58 ms padded into batched matmuls, most of that padding and oneDNN reading
   small matrices at a third of memory speed;
 - prompt chunks (a run of tokens of one adapter each), and decode tokens off CPU or
   where the kernel did not build: padded into [groups, tokens_per_group, in] for batched
@@ -286,12 +286,10 @@ class MultiLoraLinear(nn.Module):
 
     def _add_delta_sgmv(self, y, x, segments: _Segments, rank: int) -> None:
         """The same delta by the SGMV kernel: one shrink over every part (fp32 [routed,
-        rank * parts], columns ordered (rank, part) as `a` is), one expand per part
-        added in place into the part's columns of y."""
+        rank * parts], columns ordered (rank, part) as `a` is), one expand that adds
+        each part's delta in place into its columns of y."""
         a = self.a[:, :rank].flatten(1, 2)  # [slots, rank * parts, in], a view
         route = segments.tokens, segments.starts, segments.slots
         shrunk = torch.ops.lorag.lora_shrink(x.to(a.dtype), a, *route)
-        parts = len(self.parts)
-        for j, part in enumerate(self.parts):
-            torch.ops.lorag.lora_expand(y[:, part.offset:part.offset + part.out_features],
-                                        shrunk[:, j::parts], self.b[j][:, :rank], *route)
+        torch.ops.lorag.lora_expand(y, shrunk, [b[:, :rank] for b in self.b],
+                                    [part.offset for part in self.parts], *route)

@@ -2,11 +2,13 @@
 // multiplied by its own adapter's A and B, tokens of one adapter grouped into a segment
 // so that each adapter's matrices are read from memory once per call.
 //
-//   shrink: y[i, :]         = A[slot(i)] x[tokens[i]]          A: [slots, rows, in]
-//   expand: out[tokens[i]] += B[slot(i)] y[i, :]               B: [slots, rows, out]
+//   shrink: y[i, :]          = A[slot(i)] x[tokens[i]]         A: [slots, rows, in]
+//   expand: out[tokens[i], offset_j:offset_j + width_j]
+//                           += B_j[slot(i)] y[i, j::parts]     B_j: [slots, rows, width_j]
 //                                                              (B stored transposed)
 // where token i (an index into `tokens`) belongs to segment s when
-// starts[s] <= i < starts[s + 1], and slot(i) = slots[s].
+// starts[s] <= i < starts[s + 1], and slot(i) = slots[s]. One expand call writes every
+// part j of a fused layer (q, k, v), whose A rows the shrink computed together.
 //
 // torch has no such kernel for CPU: padded into batched matmuls, oneDNN reads small A
 // and B matrices at a third of the memory bandwidth, and the padding and unpadding
@@ -14,11 +16,11 @@
 // segment, each B row scaled into an fp32 accumulator per token; fp32 accumulation
 // throughout, and `y` is fp32.
 //
-// It is made for short segments: decode tokens, a few per adapter, where it is 2-2.5x
-// faster than batched matmuls (bf16, 128 tokens over 64 adapters, q/k/v: 0.19 ms against
-// 0.47). On long ones (prompt chunks of 128 tokens) oneDNN's GEMM is 2-3x faster than
-// these loops, so the engine runs prompt chunks as batched matmuls; calling oneDNN per
-// segment from here costs ~25 us a call, more than it saves.
+// It is made for short segments: decode tokens, a few per adapter, where it is ~3x
+// faster than batched matmuls (bf16, 128 tokens over 64 adapters, q/k/v: 0.17 ms against
+// 0.58). On long ones (prompt chunks of 128 tokens) oneDNN's GEMM is faster than these
+// loops, so the engine runs prompt chunks as batched matmuls; calling oneDNN per segment
+// from here costs ~25 us a call, more than it saves.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -68,15 +70,6 @@ struct Route {
                   " outside the ", num_tokens, " rows");
     }
   }
-
-  // Each routed token's slot (the expand walks tokens, not segments).
-  std::vector<int64_t> token_slots() const {
-    std::vector<int64_t> slot_of(start[segments]);
-    for (int64_t s = 0; s < segments; ++s) {
-      std::fill(slot_of.begin() + start[s], slot_of.begin() + start[s + 1], slot[s]);
-    }
-    return slot_of;
-  }
 };
 
 template <typename scalar_t>
@@ -119,62 +112,130 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& a, const Route& route,
   });
 }
 
-template <typename scalar_t>
-void expand_kernel(at::Tensor& out, const at::Tensor& y, const at::Tensor& b,
-                   const Route& route) {
-  const int64_t n = y.size(0), rows = b.size(1), width = b.size(2);
-  const int64_t* tok = route.tok;
-  const std::vector<int64_t> slot_of = route.token_slots();
-  const float* yp = y.data_ptr<float>();
-  const scalar_t* bp = b.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t y_row = y.stride(0), y_col = y.stride(1);
-  const int64_t b_slot = b.stride(0), b_row = b.stride(1), out_stride = out.stride(0);
+// The parts of a fused layer (q, k, v) that one expand writes: part j adds
+// B_j[slot] y[:, j::parts] into out's columns [offset_j, offset_j + width_j).
+struct Parts {
+  std::vector<const void*> b;
+  std::vector<int64_t> slot_stride, row_stride, width, offset;
+  int64_t rows = 0, count = 0;
 
-  // Tokens in parallel: each writes its own output row; neighbours share a slot, so a
-  // thread's run of tokens reads each B from cache after the first.
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(width);
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* bs = bp + slot_of[i] * b_slot;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float yr = yp[i * y_row + r * y_col];
-        const scalar_t* br = bs + r * b_row;
+  Parts(const at::TensorList& bs, const at::IntArrayRef& offsets) : count(bs.size()) {
+    for (int64_t j = 0; j < count; ++j) {
+      b.push_back(bs[j].data_ptr());
+      slot_stride.push_back(bs[j].stride(0));
+      row_stride.push_back(bs[j].stride(1));
+      width.push_back(bs[j].size(2));
+      offset.push_back(offsets[j]);
+    }
+    rows = bs[0].size(1);
+  }
+};
+
+template <typename scalar_t>
+void expand_kernel(at::Tensor& out, const at::Tensor& y, const Parts& parts,
+                   const Route& route) {
+  const int64_t segments = route.segments, count = parts.count, rows = parts.rows;
+  const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
+  const float* yp = y.data_ptr<float>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t y_row = y.stride(0), out_stride = out.stride(0);
+
+  // One work item per (segment, part): B is read once for the segment's tokens.
+  at::parallel_for(0, segments * count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / count, j = item % count, width = parts.width[j];
+      const scalar_t* bs = static_cast<const scalar_t*>(parts.b[j]) +
+                           slot[s] * parts.slot_stride[j];
+      acc.resize(width);
+      for (int64_t i = start[s]; i < start[s + 1]; ++i) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float yr = yp[i * y_row + r * count + j];
+          const scalar_t* br = bs + r * parts.row_stride[j];
 #pragma omp simd
-        for (int64_t o = 0; o < width; ++o) acc[o] += yr * static_cast<float>(br[o]);
-      }
-      scalar_t* dst = op + tok[i] * out_stride;
+          for (int64_t o = 0; o < width; ++o) acc[o] += yr * static_cast<float>(br[o]);
+        }
+        scalar_t* dst = op + tok[i] * out_stride + parts.offset[j];
 #pragma omp simd
-      for (int64_t o = 0; o < width; ++o) {
-        dst[o] = static_cast<scalar_t>(static_cast<float>(dst[o]) + acc[o]);
+        for (int64_t o = 0; o < width; ++o) {
+          dst[o] = static_cast<scalar_t>(static_cast<float>(dst[o]) + acc[o]);
+        }
       }
     }
   });
 }
 
 #ifdef LORAG_AVX512_BF16
-// bf16 on CPUs with AVX512-BF16: dot products by vdpbf16ps (pairs of bf16 products
-// summed into fp32 lanes, no conversion), four A rows at once so that four independent
-// accumulator chains hide the FMA latency; B rows widened to fp32 in registers, 128
-// outputs per pass held in eight accumulators. Lanes past a row's end are masked off.
-// The next A rows and the next slot's B are prefetched while the current ones compute:
-// adapters come from DRAM in a real step (30 layers of 64 adapters do not stay cached),
-// and this took a q/k/v layer from ~0.40 to ~0.26 ms there (80 tokens, 49 slots).
+// bf16 on CPUs with AVX512-BF16. Both kernels work on tiles of up to four tokens of a
+// segment, so that each adapter value loaded from memory serves four tokens:
+// - shrink: a tile of 4 tokens x 4 A rows, dot products by vdpbf16ps (pairs of bf16
+//   products summed into fp32 lanes, no conversion) into 16 accumulators, reduced four
+//   at a time;
+// - expand: a tile of 4 tokens x 64 outputs; each B row is widened to fp32 once, in
+//   registers, for the four tokens.
+// Lanes past a row's end are masked off. The next work item's adapter rows are
+// prefetched while the current ones compute: in a real step adapters come from DRAM (30
+// layers of 64 adapters do not stay cached).
+
+constexpr int64_t kTile = 4;  // tokens per tile
 
 inline __mmask32 mask32(int64_t remaining) {
-  return remaining >= 32 ? ~__mmask32(0) : (__mmask32(1) << remaining) - 1;
+  return remaining >= 32 ? ~__mmask32(0)
+                         : (__mmask32(1) << std::max<int64_t>(remaining, 0)) - 1;
 }
 
 inline __m512 widen(__m256i bf16) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's high half)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
 
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+// The sums of four vectors' lanes, as one 4-lane vector (a, b, c, d).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                        _mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// y[i, r0:r0+4] = rows . x[token i] for NT tokens i = i0.. of one segment.
+template <int NT>
+inline void shrink_tile(const uint16_t* const* row, const uint16_t* xp, int64_t x_stride,
+                        const int64_t* tok, int64_t i0, int64_t in, float* yp, int64_t rows,
+                        int64_t r0, __mmask8 out_mask) {
+  __m512 acc[NT][kTile];
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < kTile; ++q) acc[t][q] = _mm512_setzero_ps();
+  const uint16_t* x[NT];
+  for (int t = 0; t < NT; ++t) x[t] = xp + tok[i0 + t] * x_stride;
+  for (int64_t k = 0; k < in; k += 32) {
+    const __mmask32 m = mask32(in - k);
+    __m512bh a[kTile];
+    for (int q = 0; q < kTile; ++q) a[q] = (__m512bh)_mm512_maskz_loadu_epi16(m, row[q] + k);
+    for (int t = 0; t < NT; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + k);
+      for (int q = 0; q < kTile; ++q) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], a[q], xv);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm_mask_storeu_ps(yp + (i0 + t) * rows + r0, out_mask,
+                       reduce4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]));
+  }
+}
+
 template <>
 void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
                                  const Route& route, at::Tensor& y) {
-  constexpr int64_t kRows = 4;
-  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kRows - 1) / kRows;
+  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kTile - 1) / kTile;
   const int64_t segments = route.segments;
   const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -182,85 +243,109 @@ void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
   float* yp = y.data_ptr<float>();
 
+  // One work item per (segment, block of 4 A rows): the rows are read once.
   at::parallel_for(0, segments * blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / blocks, r0 = (item % blocks) * kRows;
-      const int64_t count = std::min(kRows, rows - r0);
-      const uint16_t* row[kRows];
-      for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
+      const int64_t s = item / blocks, r0 = (item % blocks) * kTile;
+      const int64_t count = std::min(kTile, rows - r0);
+      const uint16_t* row[kTile];
+      for (int64_t q = 0; q < kTile; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      if (item + 1 < end) {  // the next item's rows, while this one computes
-        const int64_t sn = (item + 1) / blocks, rn = ((item + 1) % blocks) * kRows;
-        const char* next = reinterpret_cast<const char*>(ap + slot[sn] * a_slot + rn * a_row);
-        const int64_t bytes = std::min(kRows, rows - rn) * a_row * 2;
-        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      if (item + 1 < end) {
+        const int64_t sn = (item + 1) / blocks, rn = ((item + 1) % blocks) * kTile;
+        prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kTile, rows - rn) * a_row * 2);
       }
-      for (int64_t i = start[s]; i < start[s + 1]; ++i) {
-        const uint16_t* xi = xp + tok[i] * x_stride;
-        __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(),
-                             _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < in; k += 32) {
-          const __mmask32 m = mask32(in - k);
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xi + k);
-          for (int64_t q = 0; q < kRows; ++q) {
-            acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_maskz_loadu_epi16(m, row[q] + k),
-                                      xv);
-          }
-        }
-        for (int64_t q = 0; q < count; ++q) yp[i * rows + r0 + q] = _mm512_reduce_add_ps(acc[q]);
+      const __mmask8 out_mask = (1 << count) - 1;
+      int64_t i = start[s];
+      for (; i + kTile <= start[s + 1]; i += kTile) {
+        shrink_tile<4>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask);
+      }
+      switch (start[s + 1] - i) {
+        case 3: shrink_tile<3>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
+        case 2: shrink_tile<2>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
+        case 1: shrink_tile<1>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
+        default: break;
       }
     }
   });
 }
 
-template <>
-void expand_kernel<at::BFloat16>(at::Tensor& out, const at::Tensor& y, const at::Tensor& b,
-                                 const Route& route) {
-  constexpr int64_t kWidth = 128;  // outputs per pass: 4 loads of 32 bf16, 8 accumulators
-  const int64_t n = y.size(0), rows = b.size(1), width = b.size(2);
-  const int64_t* tok = route.tok;
-  const std::vector<int64_t> slot_of = route.token_slots();
-  const float* yp = y.data_ptr<float>();
-  const auto* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t y_row = y.stride(0), y_col = y.stride(1);
-  const int64_t b_slot = b.stride(0), b_row = b.stride(1), out_stride = out.stride(0);
+// out[token i, 0:64] += B rows (64 wide, from `b`) . y[i, column(r)] for NT tokens.
+template <int NT>
+inline void expand_tile(const uint16_t* b, int64_t b_row, int64_t rows, const float* y,
+                        int64_t y_row, int64_t y_col, const int64_t* tok, int64_t i0,
+                        uint16_t* op, int64_t out_stride, __mmask32 m0, __mmask32 m1) {
+  __m512 acc[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512i v0 = _mm512_maskz_loadu_epi16(m0, b + r * b_row);
+    const __m512i v1 = _mm512_maskz_loadu_epi16(m1, b + r * b_row + 32);
+    const __m512 w[4] = {widen(_mm512_castsi512_si256(v0)),
+                         widen(_mm512_extracti64x4_epi64(v0, 1)),
+                         widen(_mm512_castsi512_si256(v1)),
+                         widen(_mm512_extracti64x4_epi64(v1, 1))};
+    for (int t = 0; t < NT; ++t) {
+      const __m512 yr = _mm512_set1_ps(y[(i0 + t) * y_row + r * y_col]);
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_fmadd_ps(yr, w[q], acc[t][q]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    uint16_t* dst = op + tok[i0 + t] * out_stride;
+    const __mmask32 m[2] = {m0, m1};
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_maskz_loadu_epi16(m[h], dst + 32 * h);
+      const __m512 lo = _mm512_add_ps(widen(_mm512_castsi512_si256(v)), acc[t][2 * h]);
+      const __m512 hi = _mm512_add_ps(widen(_mm512_extracti64x4_epi64(v, 1)), acc[t][2 * h + 1]);
+      _mm512_mask_storeu_epi16(dst + 32 * h, m[h], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
 
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {  // as the generic one
-    for (int64_t i = begin; i < end; ++i) {
-      const uint16_t* bs = bp + slot_of[i] * b_slot;
-      uint16_t* dst = op + tok[i] * out_stride;
-      if (i + 1 < end && slot_of[i + 1] != slot_of[i]) {  // the next slot's B, meanwhile
-        const char* next = reinterpret_cast<const char*>(bp + slot_of[i + 1] * b_slot);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t off = 0; off < width * 2; off += 64) {
-            _mm_prefetch(next + r * b_row * 2 + off, _MM_HINT_T0);
-          }
-        }
+template <>
+void expand_kernel<at::BFloat16>(at::Tensor& out, const at::Tensor& y, const Parts& parts,
+                                 const Route& route) {
+  constexpr int64_t kWidth = 64;  // outputs per tile
+  const int64_t segments = route.segments, count = parts.count, rows = parts.rows;
+  const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
+  const float* yp = y.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t y_row = y.stride(0), out_stride = out.stride(0);
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (part, first output) per 64 outputs
+  for (int64_t j = 0; j < count; ++j) {
+    for (int64_t o = 0; o < parts.width[j]; o += kWidth) blocks.emplace_back(j, o);
+  }
+  const int64_t per_segment = blocks.size();
+  auto b_block = [&](int64_t s, int64_t blk) {
+    const auto [j, o] = blocks[blk];
+    return static_cast<const uint16_t*>(parts.b[j]) + slot[s] * parts.slot_stride[j] + o;
+  };
+
+  // One work item per (segment, block of 64 outputs of a part).
+  at::parallel_for(0, segments * per_segment, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / per_segment, blk = item % per_segment;
+      const auto [j, o] = blocks[blk];
+      const uint16_t* b = b_block(s, blk);
+      const int64_t b_row = parts.row_stride[j], width = std::min(kWidth, parts.width[j] - o);
+      if (item + 1 < end) {
+        const int64_t sn = (item + 1) / per_segment, bn = (item + 1) % per_segment;
+        const uint16_t* next = b_block(sn, bn);
+        for (int64_t r = 0; r < rows; ++r) prefetch(next + r * parts.row_stride[blocks[bn].first], 128);
       }
-      for (int64_t o = 0; o < width; o += kWidth) {
-        __m512 acc[8];
-        for (auto& v : acc) v = _mm512_setzero_ps();
-        __mmask32 m[4];
-        for (int64_t q = 0; q < 4; ++q) m[q] = mask32(std::max<int64_t>(width - o - 32 * q, 0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const __m512 yr = _mm512_set1_ps(yp[i * y_row + r * y_col]);
-          const uint16_t* br = bs + r * b_row + o;
-          for (int64_t q = 0; q < 4; ++q) {
-            const __m512i v = _mm512_maskz_loadu_epi16(m[q], br + 32 * q);
-            acc[2 * q] = _mm512_fmadd_ps(yr, widen(_mm512_castsi512_si256(v)), acc[2 * q]);
-            acc[2 * q + 1] =
-                _mm512_fmadd_ps(yr, widen(_mm512_extracti64x4_epi64(v, 1)), acc[2 * q + 1]);
-          }
-        }
-        for (int64_t q = 0; q < 4; ++q) {
-          const __m512i v = _mm512_maskz_loadu_epi16(m[q], dst + o + 32 * q);
-          const __m512 lo = _mm512_add_ps(widen(_mm512_castsi512_si256(v)), acc[2 * q]);
-          const __m512 hi = _mm512_add_ps(widen(_mm512_extracti64x4_epi64(v, 1)), acc[2 * q + 1]);
-          _mm512_mask_storeu_epi16(dst + o + 32 * q, m[q],
-                                   (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+      const __mmask32 m0 = mask32(width), m1 = mask32(width - 32);
+      const float* yj = yp + j;  // part j's column of rank r is r * count + j
+      uint16_t* oj = op + parts.offset[j] + o;
+      int64_t i = start[s];
+      for (; i + kTile <= start[s + 1]; i += kTile) {
+        expand_tile<4>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1);
+      }
+      switch (start[s + 1] - i) {
+        case 3: expand_tile<3>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
+        case 2: expand_tile<2>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
+        case 1: expand_tile<1>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
+        default: break;
       }
     }
   });
@@ -285,22 +370,38 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
   return y;
 }
 
-void lora_expand(at::Tensor out, const at::Tensor& y, const at::Tensor& b,
-                 const at::Tensor& tokens, const at::Tensor& starts,
+void lora_expand(at::Tensor out, const at::Tensor& y, at::TensorList b,
+                 at::IntArrayRef offsets, const at::Tensor& tokens, const at::Tensor& starts,
                  const at::Tensor& slots) {
-  TORCH_CHECK(out.dim() == 2 && y.dim() == 2 && b.dim() == 3 && y.size(1) == b.size(1) &&
-                  out.size(1) == b.size(2) && y.size(0) == tokens.numel(),
-              "lorag sgmv expand: out [tokens, out], y [routed, rows] and b [slots, rows, "
-              "out] expected, got ", out.sizes(), ", ", y.sizes(), " and ", b.sizes());
-  TORCH_CHECK(y.scalar_type() == at::kFloat, "lorag sgmv expand: y must be float32");
-  TORCH_CHECK(out.scalar_type() == b.scalar_type(), "lorag sgmv expand: out is ",
-              out.scalar_type(), " but b is ", b.scalar_type());
-  TORCH_CHECK(out.stride(1) == 1 && b.stride(2) == 1,
-              "lorag sgmv expand: out and b need contiguous rows");
-  const Route route(tokens, starts, slots, out.size(0), b.size(0));
+  const int64_t count = b.size();
+  TORCH_CHECK(count >= 1 && offsets.size() == b.size(),
+              "lorag sgmv expand: one offset per part expected, got ", count, " parts and ",
+              offsets.size(), " offsets");
+  TORCH_CHECK(out.dim() == 2 && y.dim() == 2 && y.size(0) == tokens.numel(),
+              "lorag sgmv expand: out [tokens, out] and y [routed, rows * parts] expected, "
+              "got ", out.sizes(), " and ", y.sizes(), " for ", tokens.numel(), " routed");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.stride(1) == 1,
+              "lorag sgmv expand: y must be float32 with contiguous rows");
+  TORCH_CHECK(out.stride(1) == 1, "lorag sgmv expand: out needs contiguous rows");
+  for (int64_t j = 0; j < count; ++j) {
+    const at::Tensor& bj = b[j];
+    TORCH_CHECK(bj.dim() == 3 && bj.size(0) == b[0].size(0) && bj.size(1) == b[0].size(1) &&
+                    bj.stride(2) == 1,
+                "lorag sgmv expand: part ", j, ": b [slots, rows, out] with contiguous rows "
+                "and the same slots and rows as part 0 expected, got ", bj.sizes());
+    TORCH_CHECK(bj.scalar_type() == out.scalar_type(), "lorag sgmv expand: out is ",
+                out.scalar_type(), " but part ", j, "'s b is ", bj.scalar_type());
+    TORCH_CHECK(offsets[j] >= 0 && offsets[j] + bj.size(2) <= out.size(1),
+                "lorag sgmv expand: part ", j, " (columns ", offsets[j], " to ",
+                offsets[j] + bj.size(2), ") outside out's ", out.size(1), " columns");
+  }
+  TORCH_CHECK(y.size(1) == b[0].size(1) * count, "lorag sgmv expand: y has ", y.size(1),
+              " columns, expected rows * parts = ", b[0].size(1) * count);
+  const Route route(tokens, starts, slots, out.size(0), b[0].size(0));
+  const Parts parts(b, offsets);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
                                   "lora_expand", [&] {
-    expand_kernel<scalar_t>(out, y, b, route);
+    expand_kernel<scalar_t>(out, y, parts, route);
   });
 }
 
@@ -309,8 +410,8 @@ void lora_expand(at::Tensor out, const at::Tensor& y, const at::Tensor& b,
 TORCH_LIBRARY(lorag, m) {
   m.def("lora_shrink(Tensor x, Tensor a, Tensor tokens, Tensor starts, Tensor slots) "
         "-> Tensor");
-  m.def("lora_expand(Tensor(a!) out, Tensor y, Tensor b, Tensor tokens, Tensor starts, "
-        "Tensor slots) -> ()");
+  m.def("lora_expand(Tensor(a!) out, Tensor y, Tensor[] b, int[] offsets, Tensor tokens, "
+        "Tensor starts, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorag, CPU, m) {

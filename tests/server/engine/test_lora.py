@@ -90,6 +90,7 @@ def assert_close(got, expected):
 @pytest.mark.parametrize("decode_slots, chunks", [
     ([2, 0, 2, 4, 1], []),  # every decode token routed: one contiguous run
     ([2, -1, 0, 2, -1, 3], []),  # tokens without an adapter between routed ones
+    ([1, 1, 2, 1, 1, 1, 2, 1, 1, -1, 1, 1], []),  # 9 on slot 1: tiles of 4, 4 and 1
     ([], [(0, 5, 1), (5, 9, 3)]),  # prompt chunks only
     ([0, -1, 4], [(3, 7, 1), (9, 12, 2)]),  # tokens 7-8: a chunk without an adapter
 ])
@@ -134,3 +135,10 @@ def test_the_kernel_refuses_mismatched_inputs_by_name():
         torch.ops.lorag.lora_shrink(x, a.float(), route[0], route[1], torch.tensor([2]))
     with pytest.raises(RuntimeError, match="token 3 outside the 3 rows"):
         torch.ops.lorag.lora_shrink(x, a.float(), torch.tensor([0, 1, 3]), *route[1:])
+    y, out, b = torch.randn(3, 8), torch.zeros(3, 10), torch.randn(2, 4, 6)
+    with pytest.raises(RuntimeError, match="one offset per part expected, got 2 parts and 1"):
+        torch.ops.lorag.lora_expand(out, y, [b, b], [0], *route)
+    with pytest.raises(RuntimeError, match=r"part 1 \(columns 6 to 12\) outside out's 10"):
+        torch.ops.lorag.lora_expand(out, y, [b, b], [0, 6], *route)
+    with pytest.raises(RuntimeError, match="y has 8 columns, expected rows \\* parts = 4"):
+        torch.ops.lorag.lora_expand(out, y, [b], [0], *route)
