@@ -5,6 +5,7 @@ from functools import cached_property
 import numpy as np
 
 from lorag import catalog
+from lorag.openmp import release_openmp_pool
 from lorag.provision import ModelCache
 from lorag.settings import Settings
 
@@ -49,6 +50,10 @@ class Embedder:
         """texts: n strings -> [n, dim] float32, L2-normalised."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+        try:
+            vectors = self.model.encode(texts, batch_size=BATCH_SIZE,
+                                        normalize_embeddings=True, convert_to_numpy=True,
+                                        show_progress_bar=False)
+        finally:  # idle OpenMP workers here would slow an engine's (lorag/openmp.py)
+            release_openmp_pool()
         return vectors.astype(np.float32, copy=False)

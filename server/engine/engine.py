@@ -22,6 +22,7 @@ from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
 from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded, Unavailable
+from lorag.openmp import release_openmp_pool
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.kv import AttentionInput, BlockPool
 from lorag.server.engine.pool import AdapterPool
@@ -106,8 +107,10 @@ class Engine:
         keeps the thread count per thread, so `torch.set_num_threads(n)` in the caller
         would not reach the loop, which would use every core (measured: after
         set_num_threads(1), a matmul ran 1.8x faster in a new thread than in the main
-        one)."""
+        one). The caller's own OpenMP workers are released, or libgomp would throttle
+        the loop's (lorag/openmp.py)."""
         threads = torch.get_num_threads()
+        release_openmp_pool()
         self.thread = threading.Thread(target=self._loop, args=(threads,), name="lorag-engine",
                                        daemon=True)
         self.thread.start()
