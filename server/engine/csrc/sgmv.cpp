@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -179,6 +180,7 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const Parts& parts,
 // layers of 64 adapters do not stay cached).
 
 constexpr int64_t kTile = 4;  // tokens per tile
+constexpr int64_t kRows = 4;  // A rows per shrink tile (reduce4 sums four)
 
 inline __mmask32 mask32(int64_t remaining) {
   return remaining >= 32 ? ~__mmask32(0)
@@ -192,6 +194,21 @@ inline __m512 widen(__m256i bf16) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's high 
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+// Calls tile(std::integral_constant<int, n>{}, i) over tokens [first, last): tiles of
+// kTile tokens, then one of the n < kTile left (n is a compile-time constant, so each
+// tile's accumulators stay in registers).
+template <typename Tile>
+inline void for_each_tile(int64_t first, int64_t last, Tile&& tile) {
+  int64_t i = first;
+  for (; i + kTile <= last; i += kTile) tile(std::integral_constant<int, kTile>{}, i);
+  switch (last - i) {
+    case 3: tile(std::integral_constant<int, 3>{}, i); break;
+    case 2: tile(std::integral_constant<int, 2>{}, i); break;
+    case 1: tile(std::integral_constant<int, 1>{}, i); break;
+    default: break;
+  }
 }
 
 // The sums of four vectors' lanes, as one 4-lane vector (a, b, c, d).
@@ -212,18 +229,18 @@ template <int NT>
 inline void shrink_tile(const uint16_t* const* row, const uint16_t* xp, int64_t x_stride,
                         const int64_t* tok, int64_t i0, int64_t in, float* yp, int64_t rows,
                         int64_t r0, __mmask8 out_mask) {
-  __m512 acc[NT][kTile];
+  __m512 acc[NT][kRows];
   for (int t = 0; t < NT; ++t)
-    for (int q = 0; q < kTile; ++q) acc[t][q] = _mm512_setzero_ps();
+    for (int q = 0; q < kRows; ++q) acc[t][q] = _mm512_setzero_ps();
   const uint16_t* x[NT];
   for (int t = 0; t < NT; ++t) x[t] = xp + tok[i0 + t] * x_stride;
   for (int64_t k = 0; k < in; k += 32) {
     const __mmask32 m = mask32(in - k);
-    __m512bh a[kTile];
-    for (int q = 0; q < kTile; ++q) a[q] = (__m512bh)_mm512_maskz_loadu_epi16(m, row[q] + k);
+    __m512bh a[kRows];
+    for (int q = 0; q < kRows; ++q) a[q] = (__m512bh)_mm512_maskz_loadu_epi16(m, row[q] + k);
     for (int t = 0; t < NT; ++t) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + k);
-      for (int q = 0; q < kTile; ++q) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], a[q], xv);
+      for (int q = 0; q < kRows; ++q) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], a[q], xv);
     }
   }
   for (int t = 0; t < NT; ++t) {
@@ -235,7 +252,7 @@ inline void shrink_tile(const uint16_t* const* row, const uint16_t* xp, int64_t 
 template <>
 void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
                                  const Route& route, at::Tensor& y) {
-  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kTile - 1) / kTile;
+  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kRows - 1) / kRows;
   const int64_t segments = route.segments;
   const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -246,27 +263,21 @@ void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
   // One work item per (segment, block of 4 A rows): the rows are read once.
   at::parallel_for(0, segments * blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / blocks, r0 = (item % blocks) * kTile;
-      const int64_t count = std::min(kTile, rows - r0);
-      const uint16_t* row[kTile];
-      for (int64_t q = 0; q < kTile; ++q) {  // a short block repeats its last row
+      const int64_t s = item / blocks, r0 = (item % blocks) * kRows;
+      const int64_t count = std::min(kRows, rows - r0);
+      const uint16_t* row[kRows];
+      for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      if (item + 1 < end) {
-        const int64_t sn = (item + 1) / blocks, rn = ((item + 1) % blocks) * kTile;
-        prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kTile, rows - rn) * a_row * 2);
+      if (item + 1 < end) {  // the next item's rows, while this one computes
+        const int64_t sn = (item + 1) / blocks, rn = ((item + 1) % blocks) * kRows;
+        prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kRows, rows - rn) * a_row * 2);
       }
       const __mmask8 out_mask = (1 << count) - 1;
-      int64_t i = start[s];
-      for (; i + kTile <= start[s + 1]; i += kTile) {
-        shrink_tile<4>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask);
-      }
-      switch (start[s + 1] - i) {
-        case 3: shrink_tile<3>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
-        case 2: shrink_tile<2>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
-        case 1: shrink_tile<1>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask); break;
-        default: break;
-      }
+      for_each_tile(start[s], start[s + 1], [&](auto tokens, int64_t i) {
+        constexpr int n = decltype(tokens)::value;
+        shrink_tile<n>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask);
+      });
     }
   });
 }
@@ -329,24 +340,18 @@ void expand_kernel<at::BFloat16>(at::Tensor& out, const at::Tensor& y, const Par
       const auto [j, o] = blocks[blk];
       const uint16_t* b = b_block(s, blk);
       const int64_t b_row = parts.row_stride[j], width = std::min(kWidth, parts.width[j] - o);
-      if (item + 1 < end) {
+      if (item + 1 < end) {  // the next item's rows, while this one computes
         const int64_t sn = (item + 1) / per_segment, bn = (item + 1) % per_segment;
-        const uint16_t* next = b_block(sn, bn);
-        for (int64_t r = 0; r < rows; ++r) prefetch(next + r * parts.row_stride[blocks[bn].first], 128);
+        const int64_t next_row = parts.row_stride[blocks[bn].first];
+        for (int64_t r = 0; r < rows; ++r) prefetch(b_block(sn, bn) + r * next_row, 128);
       }
       const __mmask32 m0 = mask32(width), m1 = mask32(width - 32);
       const float* yj = yp + j;  // part j's column of rank r is r * count + j
       uint16_t* oj = op + parts.offset[j] + o;
-      int64_t i = start[s];
-      for (; i + kTile <= start[s + 1]; i += kTile) {
-        expand_tile<4>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1);
-      }
-      switch (start[s + 1] - i) {
-        case 3: expand_tile<3>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
-        case 2: expand_tile<2>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
-        case 1: expand_tile<1>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1); break;
-        default: break;
-      }
+      for_each_tile(start[s], start[s + 1], [&](auto tokens, int64_t i) {
+        constexpr int n = decltype(tokens)::value;
+        expand_tile<n>(b, b_row, rows, yj, y_row, count, tok, i, oj, out_stride, m0, m1);
+      });
     }
   });
 }
