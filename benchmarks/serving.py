@@ -405,10 +405,14 @@ SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
 def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
          dtype: str = "bfloat16", quantize: str = "none", registered: int = 0,
          json_path: Path | None = None, peft_sample: int = 16,
-         only: list[str] | None = None, constrained_share: float = 0.0) -> dict:
+         only: list[str] | None = None, constrained_share: float = 0.0,
+         repeats: int = 3) -> dict:
     """Run every system (or those in `only`) on the same workload and print (and
     optionally save, after each system) JSON. lorag_constrained runs when
-    constrained_share > 0. Progress goes to stderr."""
+    constrained_share > 0; the native engine's rows (lorag*, but NF4) run `repeats`
+    times, interleaved. Progress goes to stderr."""
+    if repeats < 1:
+        raise InvalidRequest(f"--repeats must be at least 1, got {repeats}", field="repeats")
     unknown = set(only or []) - set(SYSTEMS)
     if unknown:
         raise InvalidRequest(f"--only has {sorted(unknown)}; systems: {', '.join(SYSTEMS)}",
@@ -448,10 +452,19 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
                 with progress.system(name, total) as tracker:
                     report.add(name, run(*args, tracker=tracker))
 
-        for name, (these, registry, n) in engine_jobs.items():
-            share = constrained_share if name == "lorag_constrained" else 0.0
-            measure(name, run_engine, model, tokenizer, these, registry, max_new_tokens, n,
-                    share)
+        # the engine's rows in `repeats` interleaved rounds: this machine's speed drifts
+        # between runs by more than the rows differ, and rows measured side by side in
+        # every round drift together. Each row is its median run.
+        runs: dict[str, list[dict]] = {name: [] for name in engine_jobs if want(name)}
+        for round_ in range(1, repeats + 1):
+            for name, rows in runs.items():
+                these, registry, n = engine_jobs[name]
+                share = constrained_share if name == "lorag_constrained" else 0.0
+                label = f"{name} {round_}/{repeats}" if repeats > 1 else name
+                with progress.system(label, requests) as tracker:
+                    rows.append(run_engine(model, tokenizer, these, registry, max_new_tokens,
+                                           n, share, tracker=tracker))
+                report.add(name, median_run(rows))
         fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
         measure("hot_load", run_hot_load, model, tokenizer, used, fresh, total=None)
         del model
@@ -505,6 +518,15 @@ def _result(workload_row: dict, measured: dict) -> dict:
         "roofline": measured.get("roofline"),
         "lorag_vs_roofline": ratio(measured, "lorag", "roofline"),
     }
+
+
+def median_run(rows: list[dict]) -> dict:
+    """The run with the median tokens/s (the slower of the middle two for an even count),
+    with every run's tokens/s in the order they ran."""
+    median = sorted(rows, key=lambda row: row["tokens_per_s"])[(len(rows) - 1) // 2]
+    if len(rows) == 1:
+        return median
+    return {**median, "runs_tokens_per_s": [row["tokens_per_s"] for row in rows]}
 
 
 def ratio(systems: dict, ours: str, theirs: str, digits: int = 2) -> float | None:

@@ -24,6 +24,9 @@ def bench_serving(
     constrained_share: Annotated[float, typer.Option(
         min=0, max=1, help="Also run the workload with this share of the requests under a "
                            "JSON schema (lorag_constrained).")] = 0.0,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="Runs of each native-engine row (lorag*, but NF4), interleaved; each "
+                    "row reports its median run and lists every run's tok/s.")] = 3,
     json_path: JsonOut = None,
     only: Annotated[str | None, typer.Option(
         help="Comma-separated systems to run (default all): lorag, lorag_no_adapters, "
@@ -37,7 +40,7 @@ def bench_serving(
 
     systems = [name.strip() for name in only.split(",") if name.strip()] if only else None
     main(adapters, requests, max_new_tokens, dtype, quantize, registered, json_path,
-         only=systems, constrained_share=constrained_share)
+         only=systems, constrained_share=constrained_share, repeats=repeats)
 
 
 @app.command("training")

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.roofline import matmul_roofline, workload_flops
-from lorag.benchmarks.serving import run_hot_load
+from lorag.benchmarks.serving import median_run, run_hot_load
 from lorag.errors import LoragError
 from tests.tiny import tiny_model
 
@@ -59,3 +59,12 @@ def test_the_roofline_counts_the_flops_a_forward_pass_does():
     assert linear > 0 and workload_flops(model, jobs, max_new) == linear
     roofline = matmul_roofline(model, jobs, max_new, rows=8)
     assert roofline["tokens_per_s"] > 0 and roofline["matmul_gflop_per_s"] > 0
+
+
+def test_an_engine_row_is_its_median_run_with_every_run_listed():
+    rows = [{"tokens_per_s": 300.0, "wall_s": 1.0}, {"tokens_per_s": 280.0, "wall_s": 2.0},
+            {"tokens_per_s": 310.0, "wall_s": 3.0}]
+    assert median_run(rows) == {"tokens_per_s": 300.0, "wall_s": 1.0,
+                                "runs_tokens_per_s": [300.0, 280.0, 310.0]}
+    assert median_run(rows[:2])["tokens_per_s"] == 280.0  # the slower of the middle two
+    assert median_run(rows[:1]) == rows[0]  # one run: as measured
