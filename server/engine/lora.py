@@ -21,7 +21,7 @@ each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
   small matrices at a third of memory speed;
 - prompt chunks (a run of tokens of one adapter each), and decode tokens off CPU or
   where the kernel did not build: padded into [groups, tokens_per_group, in] for batched
-  matmuls. At 128 tokens a chunk is a real GEMM, which oneDNN does 2-3x faster than the
+  matmuls. At 128 tokens a chunk is a real GEMM, which oneDNN does about 2x faster than the
   kernel's loops.
 Fusing q/k/v shares the shrink's input reads in both.
 
