@@ -210,6 +210,7 @@ class MultiLoraLinear(nn.Module):
         self.batch = batch
         self.parts = parts
         self.keys = [part.key for part in parts]
+        self.offsets = [part.offset for part in parts]  # each part's first output column
         device = next(base.parameters()).device
         self.a = torch.zeros(slots, max_rank, len(parts), in_features, dtype=dtype,
                              device=device)
@@ -291,5 +292,5 @@ class MultiLoraLinear(nn.Module):
         a = self.a[:, :rank].flatten(1, 2)  # [slots, rank * parts, in], a view
         route = segments.tokens, segments.starts, segments.slots
         shrunk = torch.ops.lorag.lora_shrink(x.to(a.dtype), a, *route)
-        torch.ops.lorag.lora_expand(y, shrunk, [b[:, :rank] for b in self.b],
-                                    [part.offset for part in self.parts], *route)
+        torch.ops.lorag.lora_expand(y, shrunk, [b[:, :rank] for b in self.b], self.offsets,
+                                    *route)
