@@ -49,6 +49,13 @@ class DaemonProcess:
         self.process = subprocess.Popen(self.command, stdout=self.log.open("ab"),
                                         stderr=subprocess.STDOUT,
                                         env=self.env)
+        try:
+            self._wait_until_healthy()
+        except BaseException:  # it did not start, or the caller is stopping: no orphan
+            self.stop()
+            raise
+
+    def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -58,7 +65,6 @@ class DaemonProcess:
                     return
             except httpx.HTTPError:
                 time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"the daemon did not start: {self.log.read_text()[-3000:]}")
 
     def restart(self) -> None:

@@ -48,7 +48,13 @@ class Fleet:
 
         with ThreadPoolExecutor(REPLICAS) as pool:
             starts = [pool.submit(start, index) for index in range(REPLICAS)]
-        self.replicas = [started.result() for started in starts]
+            try:
+                self.replicas = [started.result() for started in starts]
+            except BaseException:  # one did not start, or the caller is stopping
+                for started in starts:  # stop the others (waits for starts under way)
+                    if started.exception() is None:
+                        started.result().stop()
+                raise
 
     @property
     def urls(self) -> list[str]:
@@ -87,7 +93,12 @@ class Haproxy:
         self.log = folder / "haproxy.log"
         self.process = subprocess.Popen([binary, "-f", str(path), "-db"], env=env,
                                         stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        self.wait_for(lambda status: all(s == "UP" for s in status.values()), "every server UP")
+        try:
+            self.wait_for(lambda status: all(s == "UP" for s in status.values()),
+                          "every server UP")
+        except BaseException:  # not up, or the caller is stopping: no orphan
+            self.stop()
+            raise
 
     def servers(self) -> dict[str, str]:
         """Each replica's status as HAProxy's health checks see it (UP, DOWN, ...)."""

@@ -127,17 +127,24 @@ class LlamaServer:
     def __enter__(self) -> "LlamaServer":
         self.process = subprocess.Popen(self.command, stdout=self.log.open("ab"),
                                         stderr=subprocess.STDOUT)
+        try:
+            self._wait_until_healthy()
+        except BaseException:  # it did not start, or the caller is stopping: no orphan
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"llama-server exited: {self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        self.__exit__()
         raise RuntimeError(f"llama-server did not start: {self.log.read_text()[-3000:]}")
 
     def __exit__(self, *exc) -> None:

@@ -272,14 +272,18 @@ def run_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int,
                 [sys.executable, str(script), f.name], env=VLLM_ENV, text=True,
                 stdout=subprocess.PIPE, stderr=errors) as child:
             lines = []
-            for line in child.stdout:
-                if line.startswith(PROGRESS):
-                    if tracker and line.split()[1] == "start":
-                        tracker.restart()
-                    elif tracker:
-                        tracker.done(max_new)
-                elif line.startswith("{"):
-                    lines.append(line)
+            try:
+                for line in child.stdout:
+                    if line.startswith(PROGRESS):
+                        if tracker and line.split()[1] == "start":
+                            tracker.restart()
+                        elif tracker:
+                            tracker.done(max_new)
+                    elif line.startswith("{"):
+                        lines.append(line)
+            except BaseException:  # stopped or failed here: stop vLLM too (Popen waits)
+                child.terminate()
+                raise
             child.wait()
             errors.seek(0)
             if child.returncode != 0 and not lines:

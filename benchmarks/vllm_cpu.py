@@ -13,6 +13,7 @@ adapter name or null]), adapters ({name: folder}).
 
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import time
@@ -52,18 +53,23 @@ async def run(job: dict) -> dict:
         return first
 
     jobs = job["jobs"]
-    # warm-up: compiles the model and touches every adapter once
-    warm = [one(-i - 1, jobs[0][0], name) for i, name in enumerate(names or [None])]
-    await asyncio.gather(*warm)
-    print("PROGRESS start", flush=True)
-    start = time.perf_counter()
-    ttfts = await asyncio.gather(*(one(i, ids, name) for i, (ids, name) in enumerate(jobs)))
-    wall = time.perf_counter() - start
-    engine.shutdown()
+    try:
+        # warm-up: compiles the model and touches every adapter once
+        warm = [one(-i - 1, jobs[0][0], name) for i, name in enumerate(names or [None])]
+        await asyncio.gather(*warm)
+        print("PROGRESS start", flush=True)
+        start = time.perf_counter()
+        ttfts = await asyncio.gather(*(one(i, ids, name) for i, (ids, name) in
+                                       enumerate(jobs)))
+        wall = time.perf_counter() - start
+    finally:  # vLLM's engine core and workers are processes: stop them on any way out
+        engine.shutdown()
     return summarize(len(jobs) * job["max_new_tokens"], wall, ttfts)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
+    # the parent's stop (SIGTERM) unwinds as an exit does, through engine.shutdown()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with open(sys.argv[1]) as f:
         result = asyncio.run(run(json.load(f)))
     print(json.dumps(result))

@@ -1,5 +1,6 @@
 """`lorag bench serving|training|retrieval|load|fleet|rag|compile`: every peer in one run, JSON."""
 
+import signal
 from typing import Annotated
 
 import typer
@@ -8,6 +9,17 @@ from lorag.cli.common import JsonOut, group
 from lorag.errors import InvalidRequest
 
 app = group("Benchmarks that measure every peer in the same run; JSON out.")
+
+
+@app.callback()
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does, through its `finally` blocks, so the
+    daemons, engines and servers it started stop with it instead of running on."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command("serving")
