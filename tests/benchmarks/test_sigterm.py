@@ -7,7 +7,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 
 def _daemon_child(bench: psutil.Process, timeout: float) -> psutil.Process:
@@ -25,16 +24,7 @@ def _daemon_child(bench: psutil.Process, timeout: float) -> psutil.Process:
     raise AssertionError(f"no daemon started within {timeout} s")
 
 
-def _wait_for_progress(log, timeout: float) -> None:
-    """Until the benchmark reports its first answered question."""
-    deadline = time.monotonic() + timeout
-    while "prefix_caching:" not in log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"no progress within {timeout} s"
-        time.sleep(0.2)
-
-
-@pytest.mark.parametrize("when", ["starting", "measuring"])
-def test_sigterm_stops_the_benchmark_and_the_daemon_it_started(tiny_base, tmp_path, when):
+def test_sigterm_stops_the_benchmark_and_the_daemon_it_started(tiny_base, tmp_path):
     command = [sys.executable, "-m", "lorag", "bench", "rag", "--model", str(tiny_base),
                "--adapters", "2", "--documents", "6", "--hot", "2", "--questions", "100000",
                "--clients", "2", "--max-tokens", "4", "--top-k", "2", "--kv-blocks", "64",
@@ -44,9 +34,9 @@ def test_sigterm_stops_the_benchmark_and_the_daemon_it_started(tiny_base, tmp_pa
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     daemon = None
     try:
+        # as soon as the daemon exists, while the bench waits for its /health: the window
+        # that the benchmark's finally blocks alone do not cover
         daemon = _daemon_child(psutil.Process(process.pid), timeout=120)
-        if when == "measuring":
-            _wait_for_progress(log, timeout=120)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-2000:]
         assert not daemon.is_running(), "the daemon outlived the benchmark"
