@@ -29,6 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, what: str,
+                       timeout: float) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError with the log's tail if the
+    process exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-3000:]}")
+
+
 class DaemonProcess:
     """A running `lorag serve --data-dir DATA_DIR FLAGS...`; its output goes to `log`."""
 
@@ -50,22 +67,10 @@ class DaemonProcess:
                                         stderr=subprocess.STDOUT,
                                         env=self.env)
         try:
-            self._wait_until_healthy()
+            wait_until_healthy(self.process, self.url, self.log, "the daemon", self.timeout)
         except BaseException:  # it did not start, or the caller is stopping: no orphan
             self.stop()
             raise
-
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the daemon did not start: {self.log.read_text()[-3000:]}")
 
     def restart(self) -> None:
         """Stop, then start again on the same data dir and ports (a redeploy)."""

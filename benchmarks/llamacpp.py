@@ -20,13 +20,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 
-from lorag.benchmarks.daemon import free_port
+from lorag.benchmarks.daemon import free_port, wait_until_healthy
 from lorag.settings import Settings
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -128,24 +126,11 @@ class LlamaServer:
         self.process = subprocess.Popen(self.command, stdout=self.log.open("ab"),
                                         stderr=subprocess.STDOUT)
         try:
-            self._wait_until_healthy()
+            wait_until_healthy(self.process, self.url, self.log, "llama-server", timeout=300)
         except BaseException:  # it did not start, or the caller is stopping: no orphan
             self.__exit__()
             raise
         return self
-
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"llama-server did not start: {self.log.read_text()[-3000:]}")
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
