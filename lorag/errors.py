@@ -45,3 +45,9 @@ class Unauthenticated(LoragError):
 class Unavailable(LoragError):
     """Something the request needs (the state database) cannot be reached now; the daemon
     reconnects by itself, and retrying later may succeed."""
+
+
+class RequestFailed(LoragError):
+    """The engine could not compute one request (a bug, not the caller's input): that
+    request alone ends, with a message of lorag's own that says so; the log has the
+    cause. Answered as an internal error (500 / INTERNAL)."""

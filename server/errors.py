@@ -2,9 +2,13 @@
 
 HTTP answers in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; gRPC
 with a status code and the message. Anything not a LoragError is a bug or an
-infrastructure failure: logged with its traceback, answered as a 500 / INTERNAL.
+infrastructure failure: logged with its traceback under an id, answered as a 500 /
+INTERNAL that says "internal error (request id ...)" and nothing of the exception (its
+text can hold paths, tensor shapes, another tenant's names).
 """
 
+import logging
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +19,7 @@ from lorag.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    RequestFailed,
     Unauthenticated,
     Unavailable,
 )
@@ -38,6 +43,8 @@ MAPPINGS: dict[type[LoragError], Mapping] = {
     Unavailable: Mapping(503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE),
 }
 INTERNAL = Mapping(500, "internal_error", grpc.StatusCode.INTERNAL)
+MAPPINGS[RequestFailed] = INTERNAL  # lorag's own words about a bug: safe to show
+log = logging.getLogger("lorag.errors")
 
 
 def mapping(error: Exception) -> Mapping:
@@ -51,3 +58,13 @@ def mapping(error: Exception) -> Mapping:
 def openai_error(message: str, kind: str, status: int, param: str | None = None) -> dict:
     """The JSON body OpenAI clients parse."""
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def public_message(error: Exception, request_id: str | None = None) -> str:
+    """What a caller may read of `error`: a LoragError's own message; for anything else,
+    "internal error (request id ...)", with the traceback logged under that id."""
+    if isinstance(error, LoragError):
+        return error.message
+    request_id = request_id or f"error-{uuid.uuid4().hex[:16]}"
+    log.error("internal error (request id %s)", request_id, exc_info=error)
+    return f"internal error (request id {request_id})"

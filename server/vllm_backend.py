@@ -116,7 +116,9 @@ class VllmBackend:
         _check_lora_rank(config.max_lora_rank)
         _check_for_device(options, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.base = BaseShape.from_config(AutoConfig.from_pretrained(model))
+        hf_config = AutoConfig.from_pretrained(model)
+        self.base = BaseShape.from_config(hf_config)
+        self.vocab_size = hf_config.vocab_size
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
@@ -176,7 +178,7 @@ class VllmBackend:
     def limits(self) -> Limits:
         c = self.config
         return Limits(c.max_model_len, c.max_lora_rank, self.options.max_loras,
-                      tuple(c.adapter_roots))
+                      tuple(c.adapter_roots), self.vocab_size)
 
     @property
     def alive(self) -> bool:
@@ -190,7 +192,7 @@ class VllmBackend:
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
                ) -> TokenStream:
-        self.limits.check_length(prompt, params.max_tokens)
+        self.limits.check_prompt(prompt, params.max_tokens)
         grammar = None if params.constraint is None else ebnf(params.constraint)  # or a 400
         lora = None if adapter is None else self._lora(adapter)
         request = _Request(TokenStream(request_id), list(prompt), params, lora, grammar)

@@ -17,9 +17,12 @@ class Limits:
     max_lora_rank: int
     max_active_adapters: int  # adapters in compute slots at once
     adapter_roots: tuple[Path, ...]  # the only folders adapters load from
+    vocab_size: int  # token ids are in [0, vocab_size): the embedding's rows
 
-    def check_length(self, prompt: list[int], max_tokens: int) -> None:
-        """Refuse an empty prompt, or one that cannot fit `max_tokens` more tokens."""
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        """Refuse an empty prompt, a token id outside the vocabulary (it would index past
+        the embedding and fail the whole batch's step), or a prompt that cannot fit
+        `max_tokens` more tokens."""
         limit = self.max_model_len
         if not prompt:
             raise InvalidRequest("prompt is empty", field="prompt")
@@ -29,6 +32,11 @@ class Limits:
                 f"{len(prompt)} prompt tokens and asks for {max_tokens} more "
                 f"({len(prompt) + max_tokens} in all). Shorten the prompt or lower "
                 "max_tokens", field="max_tokens" if len(prompt) < limit else "prompt")
+        for i, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) \
+                    or not 0 <= token < self.vocab_size:
+                raise InvalidRequest(f"prompt[{i}] is {token!r}: token ids must be integers "
+                                     f"in [0, {self.vocab_size})", field="prompt")
 
 
 @dataclass

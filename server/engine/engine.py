@@ -11,8 +11,10 @@ not race a step (slot changes) is queued and run between steps.
 """
 
 import itertools
+import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +23,14 @@ import torch
 from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
-from lorag.errors import AdapterNotFound, InvalidRequest, LoragError, Overloaded, Unavailable
+from lorag.errors import (
+    AdapterNotFound,
+    InvalidRequest,
+    LoragError,
+    Overloaded,
+    RequestFailed,
+    Unavailable,
+)
 from lorag.openmp import release_openmp_pool
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.kv import AttentionInput, BlockPool
@@ -35,9 +44,12 @@ from lorag.server.engine.structured import Grammars, mask_logits
 # Homogeneous steps before a hot adapter is merged: a little hysteresis against flapping.
 # A merge costs ~160 ms here (W + BA per targeted projection, q/k/v/o); an unmerge is free.
 MERGE_AFTER_STEPS = 2
+log = logging.getLogger("lorag.engine")
+STOPPED = ("the engine stopped after an internal error (the daemon's log has it); this "
+           "replica serves no requests until it is restarted")
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared (`in running`) by identity
 class Sequence:
     """A request inside the engine: its tokens, its slots and how much is computed."""
 
@@ -93,6 +105,10 @@ class Engine:
         self.wakeup = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.failure: BaseException | None = None  # what killed the step loop, if it died
+        # tests only: called after each forward pass with the sampled sequences and their
+        # logits [rows, vocab]; it may raise or poison rows, as a broken kernel would
+        self.fault_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
         self.merged_slot: int | None = None
         self.merged_install = 0  # the merged slot's pool.installs when it was merged
         self.homogeneous_steps = 0
@@ -154,7 +170,7 @@ class Engine:
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.limits.check_length(ids, params.max_tokens)
+        self.limits.check_prompt(ids, params.max_tokens)
         key = self._check_adapter(adapter)
         request_id = request_id or f"req-{next(self.ids)}"
         generator = None
@@ -166,6 +182,8 @@ class Engine:
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
         with self.wakeup:
+            if self.failure is not None:
+                raise Unavailable(STOPPED)
             if self.stopping:
                 raise Unavailable("the engine is shut down and takes no new requests")
             if len(self.waiting) >= self.config.max_waiting:
@@ -245,7 +263,7 @@ class Engine:
         """The sizes requests and adapters must fit."""
         c = self.config
         return Limits(c.max_model_len, c.max_lora_rank, c.max_active_adapters,
-                      tuple(c.adapter_roots))
+                      tuple(c.adapter_roots), self.runner.vocab_size)
 
     def describe(self) -> str:
         """For the start-up banner."""
@@ -282,13 +300,34 @@ class Engine:
 
     def _loop(self, threads: int) -> None:
         torch.set_num_threads(threads)
-        while True:
-            with self.wakeup:
-                while not (self.stopping or self.waiting or self.running or self.control):
-                    self.wakeup.wait()
-                if self.stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self.wakeup:
+                    while not (self.stopping or self.waiting or self.running or self.control):
+                        self.wakeup.wait()
+                    if self.stopping:
+                        return
+                self.step()
+        except BaseException as e:  # a bug outside any one request's rows: the loop is gone
+            log.critical("the engine's step loop died; every request ends with an error",
+                         exc_info=e)
+            self._die(e)
+
+    def _die(self, failure: BaseException) -> None:
+        """After the loop died: refuse new work, and end every request and every caller
+        waiting on the loop with an error at once (never a hang). The engine's bookkeeping
+        may be half-updated, so streams are told directly."""
+        error = Unavailable(STOPPED)
+        with self.wakeup:
+            self.failure, self.stopping = failure, True
+            seqs = [*self.running, *self.waiting, *self.by_id.values()]
+            self.running, self.waiting, self.by_id = [], deque(), {}
+            control, self.control = list(self.control), deque()
+        for seq in dict.fromkeys(seqs):
+            seq.stream.put(Output("", [], "error", len(seq.prompt_ids), len(seq.output_ids),
+                                  error))
+        for _, _, future in control:
+            future.set_exception(error)
 
     def step(self) -> None:
         """One scheduling round and forward pass. Public so tests can drive it by hand."""
@@ -304,21 +343,65 @@ class Engine:
         if not self.running:
             return
         self._update_merge()
-        step, sampled, prefilled = self._schedule()
+        self._run(list(self.running))
+
+    def _run(self, seqs: list[Sequence]) -> None:
+        """Step `seqs` together, keeping a failure to the request that caused it.
+
+        Validation at submit should refuse every input that can break a step; this is the
+        defence behind it. If the forward pass or sampling raises, the step is undone (its
+        prompt progress and seeded generators rewound; KV rows written again are the same
+        values) and each half of `seqs` runs again on its own, down to the one request whose
+        row raises, which alone ends with an error. A row whose logits are not finite ends
+        the same way without a rerun: rows of a batch do not mix, so the others are sound.
+        """
+        step, sampled, prefilled = self._schedule(seqs)
+        generators = [(seq.generator, seq.generator.get_state()) for seq in sampled
+                      if seq.generator is not None]
         try:
             logits = self.runner.forward(step)
+            if self.fault_hook is not None:
+                self.fault_hook(sampled, logits)
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            broken = [seq for seq, ok in zip(sampled, finite, strict=True) if not ok]
+            if broken:
+                logits = logits[torch.tensor(finite, device=logits.device)]
+                sampled = [seq for seq in sampled if seq not in broken]
             tokens, logprobs = self._sample(logits, sampled)
-        except Exception as e:  # a broken step fails its requests, not the daemon
-            for seq in list(self.running):
-                self._finish(seq, "error", RuntimeError(f"engine step failed: {e}"))
+        except Exception as e:
+            for seq, chunk in zip(prefilled, step.prefills, strict=True):
+                seq.computed -= chunk.length
+            for generator, state in generators:
+                generator.set_state(state)
+            if len(seqs) > 1:
+                half = len(seqs) // 2
+                self._run(seqs[:half])
+                self._run(seqs[half:])
+            else:
+                self._fail(seqs[0], "its step raised", e)
             return
+        for seq in broken:
+            self._fail(seq, "its row of the step gave non-finite logits", None)
         for seq in prefilled:  # their KV is written: full prompt blocks become reusable
-            self.kv.computed(seq.blocks, seq.hashes, seq.computed // self.config.kv_block_size)
+            if seq not in broken:
+                self.kv.computed(seq.blocks, seq.hashes,
+                                 seq.computed // self.config.kv_block_size)
         self.counters["steps"] += 1
         for chunk in step.prefills:
             self.counters["prompt_tokens"] += chunk.length
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
+            try:
+                self._append(seq, token, logprob)
+            except Exception as e:  # decoding or the grammar: this request's own
+                self._fail(seq, "its output could not be decoded", e)
+
+    def _fail(self, seq: Sequence, what: str, cause: Exception | None) -> None:
+        """End `seq` alone with an error that names the request and nothing internal;
+        the log has the cause."""
+        log.error("request %s failed: %s", seq.id, what, exc_info=cause)
+        self._finish(seq, "error", RequestFailed(
+            f"the engine could not compute request {seq.id}: {what}. Other requests were "
+            "not affected; the daemon's log has the details", field=None))
 
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
@@ -370,10 +453,12 @@ class Engine:
         seq.hashes = hashes
         return True
 
-    def _schedule(self) -> tuple[StepInput, list[Sequence], list[Sequence]]:
-        """The step's input, the sequences it samples, and those it prefills."""
+    def _schedule(self, seqs: list[Sequence]) -> tuple[StepInput, list[Sequence],
+                                                       list[Sequence]]:
+        """A step over `seqs` (running sequences): its input, the sequences it samples, and
+        those it prefills (their `computed` already advanced by their chunk)."""
         budget = self.config.max_num_batched_tokens
-        decodes = [s for s in self.running if not s.prefilling]
+        decodes = [s for s in seqs if not s.prefilling]
         budget -= len(decodes)
         ids = [s.output_ids[-1] for s in decodes]
         positions = [s.length - 1 for s in decodes]
@@ -382,7 +467,7 @@ class Engine:
         tables = [s.blocks for s in decodes]
         sampled, sample_at, prefills, prefilled = list(decodes), list(range(len(decodes))), \
             [], []
-        for seq in self.running:
+        for seq in seqs:
             if not seq.prefilling or budget <= 0:
                 continue
             n = min(len(seq.prompt_ids) - seq.computed, budget)
@@ -508,13 +593,15 @@ class Engine:
 
     def _between_steps(self, fn, *args):
         """Run `fn(*args)` on the step loop between two steps and return its result."""
-        if not self.alive:
-            return fn(*args)
         future: Future = Future()
         with self.wakeup:
-            self.control.append((fn, args, future))
-            self.wakeup.notify()
-        return future.result()
+            dead, running = self.failure is not None, self.alive
+            if running and not dead:
+                self.control.append((fn, args, future))
+                self.wakeup.notify()
+        if dead:
+            raise Unavailable(STOPPED)
+        return future.result() if running else fn(*args)
 
     # ---- validation ----
 

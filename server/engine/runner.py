@@ -87,6 +87,7 @@ class ModelRunner:
         self.num_heads = hf.num_attention_heads
         self.num_kv_heads = hf.num_key_value_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // self.num_heads
+        self.vocab_size = model.model.embed_tokens.num_embeddings
         self.dtype = model.model.embed_tokens.weight.dtype
         self.device = model.model.embed_tokens.weight.device
         self.quantized = getattr(hf, "quantization_config", None) is not None

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: penalties, greedy, temperature, top-k, top-p, seeded,
 and the log-probabilities a request asks for."""
 
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
@@ -10,15 +11,23 @@ from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import Constraint
 
 MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per position (OpenAI's)
+# A temperature below this samples greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
+# tiny temperature overflows them to inf, and softmax of inf is NaN.
+SAMPLING_EPS = 1e-5
+MAX_STOPS = 16  # stop strings per request
+# characters per stop string: each one is looked for in the output after every token, on
+# the step loop that every request shares
+MAX_STOP_CHARS = 256
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop, per request (OpenAI's names and meanings).
 
-    temperature 0 is greedy. top_k 0 and top_p 1 switch those filters off. seed makes
-    sampling reproducible per request. stop strings end the output (not included in it);
-    ignore_eos keeps generating past end-of-sequence (for benchmarks).
+    temperature 0 (or anything below SAMPLING_EPS) is greedy. top_k 0 and top_p 1 switch
+    those filters off. seed makes sampling reproducible per request. stop strings end the
+    output (not included in it); ignore_eos keeps generating past end-of-sequence (for
+    benchmarks).
     presence_penalty and frequency_penalty (-2..2, OpenAI's) lower a token's logit by a
     flat amount once it appeared in the output, and per appearance; repetition_penalty
     (vLLM's and HF's meaning, 1 is off) divides a positive logit, multiplies a negative one,
@@ -51,9 +60,9 @@ class SamplingParams:
              "a number in (0, 1]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
-            ("stop", isinstance(self.stop, list) and len(self.stop) <= 16
-             and all(isinstance(s, str) and s for s in self.stop),
-             "a list of at most 16 non-empty strings"),
+            ("stop", isinstance(self.stop, list) and len(self.stop) <= MAX_STOPS
+             and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"a list of at most {MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters"),
             ("presence_penalty", isinstance(self.presence_penalty, number)
              and -2 <= self.presence_penalty <= 2, "a number in [-2, 2]"),
             ("frequency_penalty", isinstance(self.frequency_penalty, number)
@@ -65,13 +74,13 @@ class SamplingParams:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise InvalidRequest(f"{name} must be {allowed}, got {getattr(self, name)!r}",
-                                     field=name)
+                got = reprlib.repr(getattr(self, name))  # a huge value is not echoed whole
+                raise InvalidRequest(f"{name} must be {allowed}, got {got}", field=name)
 
     @property
     def greedy(self) -> bool:
         """Whether this request picks the most likely token every time."""
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def penalized(self) -> bool:

@@ -17,7 +17,7 @@ def test_the_native_engine_is_a_backend(make_engine, adapter_root):
     engine = make_engine()
     assert isinstance(engine, Backend)  # every method of the interface is there
     assert engine.limits == Limits(max_model_len=128, max_lora_rank=16, max_active_adapters=2,
-                                   adapter_roots=(adapter_root.resolve(),))
+                                   adapter_roots=(adapter_root.resolve(),), vocab_size=49152)
     assert engine.occupancy() == {"running": 0, "waiting": 0, "kv_slots_free": 8,
                                   "kv_cache_usage": 0.0, "evictions": 0, "slot_loads": 0,
                                   "prefix_cache_queries": 0, "prefix_cache_hits": 0,

@@ -1,0 +1,120 @@
+"""One request cannot end another's: input that would break a step is refused at submit,
+and a step that fails anyway (a fault injected into one row: it raises, or its logits go
+NaN, mid-decode) ends only that request, while every other request of a full batch of
+mixed adapters produces exactly the tokens it produces alone. A step loop that dies
+ends every stream with an error at once and refuses new work."""
+
+import time
+
+import pytest
+import torch
+
+from lorag.adapters import Composition
+from lorag.errors import InvalidRequest, RequestFailed, Unavailable
+from lorag.server.engine import SamplingParams
+
+PROMPT = [1, 2, 3, 4]
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, seed=7)
+# a full batch (the engine's max_num_seqs) of mixed adapters, one of them seeded sampling
+BATCH = [(None, GREEDY), ("t0", GREEDY), ("t1", GREEDY), ("t2", SEEDED), ("t0", SEEDED),
+         (Composition((("t0", 0.5), ("t1", 0.5))), GREEDY), ("t3", GREEDY), (None, SEEDED)]
+VICTIMS = {1, 3}  # the requests the fault strikes (greedy, seeded) once they have 3 tokens
+
+
+@pytest.fixture
+def engine(make_engine, adapter_root):
+    engine = make_engine(max_num_seqs=len(BATCH), max_active_adapters=6)
+    for name in ("t0", "t1", "t2", "t3"):
+        engine.load_adapter(name, str(adapter_root / name))
+    return engine
+
+
+def prompts() -> list[list[int]]:
+    return [PROMPT + [10 + i] for i in range(len(BATCH))]  # distinct: no shared prefix
+
+
+def alone(engine) -> list[list[int]]:
+    """Each request of BATCH run on its own: the tokens it must produce in the batch."""
+    return [engine.submit(prompt, params, adapter).result().token_ids
+            for prompt, (adapter, params) in zip(prompts(), BATCH, strict=True)]
+
+
+def strike(engine, fault):
+    """Run BATCH together with `fault(sampled_row_index, logits)` applied to the victims'
+    rows from their fourth token on; returns the streams."""
+    streams = [engine.submit(prompt, params, adapter, request_id=f"r{i}")
+               for i, (prompt, (adapter, params)) in enumerate(zip(prompts(), BATCH,
+                                                                   strict=True))]
+
+    def hook(sampled, logits):
+        for row, seq in enumerate(sampled):
+            if int(seq.id[1:]) in VICTIMS and len(seq.output_ids) >= 3:
+                fault(row, logits)
+
+    engine.fault_hook = hook
+    return streams
+
+
+def raise_(row, logits):
+    raise RuntimeError("index out of range in self (injected)")
+
+
+def poison(row, logits):
+    with torch.inference_mode():  # logits are an inference tensor
+        logits[row] = float("nan")
+
+
+@pytest.mark.parametrize("fault", [raise_, poison], ids=["row-raises", "row-goes-nan"])
+def test_a_failing_row_ends_its_request_alone(engine, fault):
+    expected = alone(engine)
+    streams = strike(engine, fault)
+    for i, stream in enumerate(streams):
+        if i in VICTIMS:
+            with pytest.raises(RequestFailed) as failed:
+                stream.result()
+            assert f"request r{i}" in failed.value.message
+            assert "index out of range" not in failed.value.message  # the log has it
+        else:
+            assert stream.result().token_ids == expected[i], f"request {i}"
+    engine.fault_hook = None
+    for i in VICTIMS:  # a healthy engine after: the victims alone, as before
+        adapter, params = BATCH[i]
+        assert engine.submit(prompts()[i], params, adapter).result().token_ids == expected[i]
+    assert engine.alive and engine.stats()["running"] == 0 and engine.kv.used == 0
+
+
+def test_out_of_range_token_ids_are_refused_at_submit(engine):
+    vocab = engine.limits.vocab_size
+    for bad in ([vocab], [-1], [2**63 - 1], [1, 2, 10**30]):
+        with pytest.raises(InvalidRequest, match=r"prompt\[\d\] is .*in \[0, 49152\)"):
+            engine.submit(bad, GREEDY)
+    assert engine.submit([vocab - 1], GREEDY).result().token_ids
+
+
+def test_a_tiny_temperature_is_greedy(engine):
+    greedy = engine.submit(PROMPT, GREEDY).result().token_ids
+    tiny = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1e-40, seed=1)
+    assert engine.submit(PROMPT, tiny).result().token_ids == greedy
+
+
+def test_a_dead_step_loop_ends_every_stream_and_refuses_new_work(engine):
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    streams = [iter(engine.submit(PROMPT, long, adapter)) for adapter in (None, "t0")]
+    assert all(next(stream).token_ids for stream in streams)  # both running
+
+    def broken():
+        raise AssertionError("a bug in the scheduler (injected)")
+
+    engine._update_merge = broken  # runs every step, outside any one request's rows
+    start = time.monotonic()
+    for stream in streams:
+        last = list(stream)[-1]
+        assert last.finish_reason == "error" and isinstance(last.error, Unavailable)
+        assert "the engine stopped after an internal error" in str(last.error)
+    assert time.monotonic() - start < 5
+    assert not engine.alive and isinstance(engine.failure, AssertionError)
+    with pytest.raises(Unavailable):
+        engine.submit(PROMPT, GREEDY)
+    with pytest.raises(Unavailable):  # work for the loop fails at once, never hangs
+        engine.pin_adapter("t0")
