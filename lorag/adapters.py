@@ -51,6 +51,9 @@ class BaseShape:
 
 
 MAX_COMPOSITION = 8  # adapters in one weighted composition
+# |weight| of one adapter in a composition: enough to amplify, negate or blend adapters;
+# a huge one scales B past float range (inf, then NaN, in every row that uses it)
+MAX_COMPOSITION_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,10 @@ class Composition:
                                  f"{len(self.parts)}", field="adapters")
         for name, weight in self.parts:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                    or not math.isfinite(weight):
-                raise InvalidRequest(f"weight of adapter {name!r} must be a finite number, "
-                                     f"got {weight!r}", field="adapters")
+                    or not math.isfinite(weight) or abs(weight) > MAX_COMPOSITION_WEIGHT:
+                raise InvalidRequest(f"weight of adapter {name!r} must be a number in "
+                                     f"[-{MAX_COMPOSITION_WEIGHT:g}, {MAX_COMPOSITION_WEIGHT:g}]"
+                                     f", got {weight!r}", field="adapters")
 
     @property
     def names(self) -> tuple[str, ...]:

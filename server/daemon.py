@@ -31,7 +31,7 @@ from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
 from lorag.server.engine import Engine, EngineConfig
 from lorag.server.grpc_service import start_grpc
-from lorag.server.http import create_app
+from lorag.server.http import MAX_BODY_BYTES, create_app
 from lorag.server.service import Service
 from lorag.server.state import StateStore
 from lorag.settings import Settings
@@ -65,6 +65,7 @@ class ServeOptions:
     backend: str = "native"  # or "vllm", with `vllm`'s options
     vllm: "VllmOptions | None" = None
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish on SIGTERM
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger JSON request body gets a 413
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -139,7 +140,8 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
             f"{options.host}: ANYONE WHO CAN REACH IT"
         console.print(f"[yellow]No API keys configured (--api-keys): the daemon is OPEN to "
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
-    config = uvicorn.Config(create_app(service), host=options.host, port=options.port,
+    config = uvicorn.Config(create_app(service, options.max_body_bytes), host=options.host,
+                            port=options.port,
                             log_level="warning", timeout_graceful_shutdown=5)
     DrainingServer(config, service, options.shutdown_timeout_s, console).run()
 

@@ -1,25 +1,26 @@
 """The gRPC API (proto/lorag/v1/lorag.proto): a thin servicer, one error interceptor,
 standard health checking and server reflection."""
 
-import logging
+import threading
+import time
 from concurrent import futures
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorag.errors import LoragError
 from lorag.server import requests
 from lorag.server.engine.stream import Output, joined
 from lorag.server.engine.structured import Constraint
-from lorag.server.errors import INTERNAL, mapping
-from lorag.server.requests import Grounding, Reply
+from lorag.server.errors import mapping, public_message
+from lorag.server.requests import Grounding, Reply, check_texts
 from lorag.server.service import Service
 from lorag.server.tenancy import Caller
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 
-log = logging.getLogger("lorag.grpc")
+ENGINE_POLL_S = 0.5  # how often gRPC health looks at the engine
 SERVICE_NAME = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].full_name
 FINISH = {"stop": lorag_pb2.FINISH_REASON_STOP, "length": lorag_pb2.FINISH_REASON_LENGTH,
           "cancelled": lorag_pb2.FINISH_REASON_CANCELLED}
@@ -191,7 +192,8 @@ def _usage(out: Output) -> lorag_pb2.Usage:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Translates lorag's errors into status codes, for every RPC, in one place."""
+    """Translates lorag's errors into status codes, for every RPC, in one place; and
+    refuses a request with text no model input can hold (a NUL) before the RPC runs."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -202,6 +204,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 try:
+                    _check_texts(request)
                     return inner(request, context)
                 except Exception as e:  # noqa: BLE001 - every error gets a status code
                     _abort(context, e)
@@ -212,6 +215,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         def streaming(request, context):
             try:
+                _check_texts(request)
                 yield from inner_stream(request, context)
             except Exception as e:  # noqa: BLE001
                 _abort(context, e)
@@ -220,12 +224,21 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             streaming, handler.request_deserializer, handler.response_serializer)
 
 
+def _check_texts(request) -> None:
+    if isinstance(request, Message):  # health and reflection requests included
+        check_texts(json_format.MessageToDict(request, preserving_proto_field_name=True))
+
+
 def _abort(context, error: Exception):
-    m = mapping(error)
-    if m is INTERNAL:
-        log.exception("internal error in a gRPC call", exc_info=error)
-    message = error.message if isinstance(error, LoragError) else f"internal error: {error}"
-    context.abort(m.grpc_code, message)
+    context.abort(mapping(error).grpc_code, public_message(error))
+
+
+def _follow_engine(service: Service, health_servicer: health.HealthServicer) -> None:
+    """Every service NOT_SERVING within a second of the engine ceasing to serve (its step
+    loop died, or it was shut down): a load balancer's health check sees it at once."""
+    while service.engine.alive:
+        time.sleep(ENGINE_POLL_S)
+    health_servicer.enter_graceful_shutdown()
 
 
 def start_grpc(service: Service, host: str, port: int, workers: int = 32) -> grpc.Server:
@@ -238,6 +251,8 @@ def start_grpc(service: Service, host: str, port: int, workers: int = 32) -> grp
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     service.on_drain.append(health_servicer.enter_graceful_shutdown)  # all NOT_SERVING
+    threading.Thread(target=_follow_engine, args=(service, health_servicer),
+                     name="lorag-grpc-health", daemon=True).start()
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:  # grpcio raises on a port in use; older releases returned 0

@@ -6,7 +6,6 @@ answer. Errors are translated in one place (`lorag_error`, `validation_error`,
 in its thread pool, so embedding never blocks the event loop.
 """
 
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +17,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.errors import InvalidRequest, LoragError
-from lorag.server.errors import INTERNAL, mapping, openai_error
+from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
     AdapterLoad,
     ChatBody,
@@ -35,15 +35,20 @@ from lorag.server.openai_responses import collected, streamed
 from lorag.server.service import Service
 from lorag.server.tenancy import Caller
 
-log = logging.getLogger("lorag.http")
+MAX_UPLOAD_FILES = 32
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a JSON body (`lorag serve --max-body-mb`)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The daemon's HTTP app over `service`."""
+def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The daemon's HTTP app over `service`; bodies over `max_body_bytes` get a 413
+    (uploads: MAX_UPLOAD_FILES files of MAX_UPLOAD_BYTES)."""
     app = FastAPI(title="lorag", version="0.1.0")
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_exception_handler(LoragError, lorag_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     for router in (generation, adapters, retrieval, operations, playground):
         app.include_router(router)
@@ -86,11 +91,51 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
                         status_code=400)
 
 
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own answers (no such route, method not allowed, body too large) in
+    OpenAI's shape."""
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(openai_error(str(error.detail), kind, error.status_code),
+                        status_code=error.status_code, headers=error.headers)
+
+
 async def internal_error(request: Request, error: Exception) -> JSONResponse:
-    """A bug or an infrastructure failure: logged with its traceback, a 500."""
-    log.exception("internal error on %s", request.url.path)
-    return JSONResponse(openai_error(f"internal error: {error}", INTERNAL.openai_type, 500),
+    """A bug or an infrastructure failure: a 500 that names an id the log has the
+    traceback under, and nothing of the exception."""
+    return JSONResponse(openai_error(public_message(error), INTERNAL.openai_type, 500),
                         status_code=500)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is refused with a 413 before it is
+    read whole: at once by its Content-Length, else as its bytes arrive. An upload's
+    limit is its files' (MAX_UPLOAD_FILES of MAX_UPLOAD_BYTES, plus room for the form)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["path"].startswith("/v1/namespaces/") and scope["path"].endswith("/files")
+        limit = MAX_UPLOAD_FILES * MAX_UPLOAD_BYTES + (1 << 20) if upload else self.limit
+        too_large = StarletteHTTPException(413, f"the request body is over {limit} bytes, the "
+                                                "largest this daemon takes here")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = await http_error(Request(scope), too_large)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large  # FastAPI passes an HTTPException from the body through
+            return message
+
+        await self.app(scope, counted, send)
 
 
 # ---- generation ----
@@ -212,10 +257,6 @@ def put_documents(namespace: str, body: DocumentsBody, service: ServiceDep,
                   caller: CallerDep):
     results = service.namespaces.put(caller, namespace, body.items())
     return {"namespace": namespace, "documents": results}
-
-
-MAX_UPLOAD_FILES = 32
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
 
 
 @retrieval.post("/v1/namespaces/{namespace}/files")

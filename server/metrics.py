@@ -19,10 +19,14 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lorag.adapters import AdapterKey, Composition
 from lorag.server.engine.stream import Output
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BASE_LABEL = "base"  # the adapter label of requests served by the base model alone
+# ... and of requests on a weighted composition: one label for all of them, since a label
+# per composition (its weights, or even its set of names) would mint a new series per request
+COMPOSITION_LABEL = "composition"
 
 
 class Metrics:
@@ -110,16 +114,24 @@ def _router_families(state: dict):
         yield family
 
 
+def metric_label(adapter: AdapterKey | None) -> str:
+    """The `adapter` label of a request's metrics: its adapter's key, or one label for the
+    base model and one for every composition, so label values stay bounded."""
+    if adapter is None:
+        return BASE_LABEL
+    return COMPOSITION_LABEL if isinstance(adapter, Composition) else adapter
+
+
 class TrackedStream:
     """A TokenStream that observes request metrics as it is read (sync or async), and
     calls `on_end(self)` when its last output has been read."""
 
-    def __init__(self, stream, metrics: Metrics, adapter: str | None,
+    def __init__(self, stream, metrics: Metrics, label: str,
                  on_end: Callable[["TrackedStream"], None] = lambda stream: None):
         self.stream = stream
         self.request_id = stream.request_id
         self.metrics = metrics
-        self.label = adapter or BASE_LABEL
+        self.label = label
         self.on_end = on_end
         self.start = self.last = time.perf_counter()
         self.first = True

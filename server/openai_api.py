@@ -15,10 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from lorag.adapters import MAX_COMPOSITION
+from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
 from lorag.server import requests
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
+from lorag.server.requests import check_texts
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
@@ -27,6 +28,12 @@ SearchMode = Literal["vector", "bm25", "hybrid"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        check_texts(data)  # a NUL or a lone surrogate: InvalidRequest, 400 naming the field
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -45,7 +52,7 @@ class AdapterWeight(_Body):
     """One adapter of a composition."""
 
     name: str = Field(min_length=1)
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    weight: float = Field(default=1.0, ge=-MAX_COMPOSITION_WEIGHT, le=MAX_COMPOSITION_WEIGHT)
 
 
 class StreamOptions(_Body):

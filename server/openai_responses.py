@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from lorag.server.engine.stream import Output, TokenLogprob, joined
-from lorag.server.errors import mapping, openai_error
+from lorag.server.errors import mapping, openai_error, public_message
 from lorag.server.requests import Grounding, Reply
 from lorag.server.service import Service
 
@@ -60,7 +60,8 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
             async for out in reply.stream:
                 if out.error is not None:
                     m = mapping(out.error)
-                    yield _sse(openai_error(str(out.error), m.openai_type, m.http_status))
+                    message = public_message(out.error, reply.request_id)
+                    yield _sse(openai_error(message, m.openai_type, m.http_status))
                     break
                 finish = FINISH[out.finish_reason] if out.finish_reason else None
                 if out.text or out.logprobs or finish or first:

@@ -16,6 +16,7 @@ COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's d
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
 RAG_MAX_TOP_K = 20  # passages one chat may retrieve
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
+MAX_MESSAGES = 1024  # messages in one chat
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
 # What a request gets for a sampling field it leaves out (OpenAI's and vLLM's defaults).
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0,
@@ -85,6 +86,9 @@ class ChatRequest:
         if not self.messages:
             raise InvalidRequest("messages is empty: a chat needs at least one message",
                                  field="messages")
+        if len(self.messages) > MAX_MESSAGES:
+            raise InvalidRequest(f"messages has {len(self.messages)} messages; a chat takes "
+                                 f"at most {MAX_MESSAGES}", field="messages")
         for i, message in enumerate(self.messages):
             if message.get("role") not in ROLES:
                 raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
@@ -138,3 +142,33 @@ class Reply:
     def request_id(self) -> str:
         """The engine's id of this request."""
         return self.stream.request_id
+
+
+def check_texts(value: object, where: str = "") -> None:
+    """Refuse text no model input or database row can hold, anywhere in `value` (a
+    request's fields as plain dicts, lists and strings; keys included): a NUL, or a lone
+    UTF-16 surrogate (JSON's "\\ud800"), which is no character and encodes to nothing.
+    The error names the field by its path, e.g. `messages.1.content`."""
+    if isinstance(value, str):
+        _check_text(value, where or "body", where or "body")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            # a bad key is named by where it is: its own text cannot go into a message
+            _check_text(str(key), f"a key of {where or 'the body'}", where or "body")
+            check_texts(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_texts(item, f"{where}.{i}" if where else str(i))
+
+
+def _check_text(text: str, what: str, field: str) -> None:
+    if "\x00" in text:
+        raise InvalidRequest(f"{what} contains a NUL character (\\u0000) at character "
+                             f"{text.index(chr(0))}; text may not hold one", field=field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"{what} contains a lone surrogate ({text[e.start]!r}) at "
+                             f"character {e.start}, which is not text; send valid UTF-8 "
+                             "(a surrogate escape only as half of a pair)",
+                             field=field) from None

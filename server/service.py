@@ -20,9 +20,10 @@ from lorag.retrieval.store import MODES, DocumentStore
 from lorag.server import tenancy
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
+from lorag.server.chat_template import render_chat
 from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import token_bytes
-from lorag.server.metrics import Metrics, TrackedStream
+from lorag.server.metrics import Metrics, TrackedStream, metric_label
 from lorag.server.namespaces import Namespaces
 from lorag.server.requests import (
     COMPLETION_TOKENS,
@@ -121,8 +122,7 @@ class Service:
 
     def _submit(self, prompt, params, adapter: AdapterKey | None, kind: str) -> TrackedStream:
         stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
-        tracked = TrackedStream(stream, self.metrics, None if adapter is None else str(adapter),
-                                on_end=self._ended)
+        tracked = TrackedStream(stream, self.metrics, metric_label(adapter), on_end=self._ended)
         with self.idle:
             self.in_flight[tracked.request_id] = tracked
         return tracked
@@ -164,11 +164,9 @@ class Service:
         return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped)
 
     def _render(self, messages: list[dict]) -> list[int]:
-        """Chat messages -> prompt token ids, with the base model's chat template."""
-        tokenizer = self.engine.tokenizer
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        """Chat messages -> prompt token ids, with the base model's chat template; control
+        tokens come from the template alone (server/chat_template.py)."""
+        return render_chat(self.engine.tokenizer, messages)
 
     # ---- adapters ----
 

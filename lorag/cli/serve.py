@@ -96,6 +96,9 @@ def serve(
         = 200,
     chunk_overlap: Annotated[int, typer.Option(
         min=0, help="Tokens consecutive chunks share.")] = 40,
+    max_body_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest JSON request body, in MiB (then 413); file uploads have "
+                        "their own limit.")] = 16.0,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
@@ -137,7 +140,8 @@ def serve(
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
                      chunk_overlap, served_model_name, state=state,
                      state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm,
-                     shutdown_timeout_s=shutdown_timeout),
+                     shutdown_timeout_s=shutdown_timeout,
+                     max_body_bytes=int(max_body_mb * (1 << 20))),
         console)
 
 
