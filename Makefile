@@ -8,7 +8,7 @@ KERNEL := $(VENV)/.sgmv-built
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench \
+.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench fuzz \
 	bench-setup
 
 setup: $(STAMP) $(STUBS) $(KERNEL)
@@ -58,9 +58,14 @@ test: setup lint-imports
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	$(BIN)/pytest -q
 
-# The fast lane alone: the tiny model, no e2e tests.
+# Schema fuzzing at length: the HTTP API under schemathesis, 1000 cases per operation and
+# phase (make test runs 10), with a key and without.
+fuzz: setup
+	$(BIN)/pytest -q tests/server/test_fuzz_http.py --fuzz-examples 1000
+
+# The fast lane alone: the tiny model, no e2e tests, no fuzzing.
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -m "not e2e and not fuzz"
 
 # import-linter reads the lorag/ folder from disk; the links lorag/server -> ../server
 # (and trainer, retrieval, benchmarks) put the parts where their import names say.

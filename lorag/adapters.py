@@ -2,21 +2,23 @@
 
 An adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`, as PEFT
 saves it. Loading refuses, each with a message naming the problem: a path outside the
-configured adapter roots, pickled weights (`.bin`/`.pt`: never unpickled), a missing or
-unreadable safetensors file, a rank above the limit, target modules the engine does not
-serve, shapes that do not fit the base model, and non-finite values.
+configured adapter roots (a file linked to from outside them too), pickled weights
+(`.bin`/`.pt`: never unpickled), a missing or unreadable safetensors file, a rank above
+the limit, target modules the engine does not serve, shapes or dtypes that do not fit the
+base model (read from the file's header, before any tensor), and non-finite values.
 """
 
 import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lorag.errors import InvalidRequest
 
@@ -147,7 +149,7 @@ def content_version(path: str | Path, roots: list[Path]) -> str:
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         try:
-            with open(folder / name, "rb") as file:
+            with open(confine(folder / name, roots), "rb") as file:
                 digest.update(hashlib.file_digest(file, "sha256").digest())
         except OSError as e:
             raise InvalidRequest(f"adapter path {path} has no readable {name}",
@@ -155,11 +157,13 @@ def content_version(path: str | Path, roots: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def read_config(folder: Path, max_rank: int) -> dict:
-    """Read and check `adapter_config.json`; returns it as a dict."""
+def read_config(folder: Path, max_rank: int, roots: list[Path]) -> dict:
+    """Read and check `adapter_config.json` (which must resolve inside `roots`, like the
+    folder); returns it as a dict."""
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise InvalidRequest(f"{folder} has no adapter_config.json", field="lora_path")
+    confine(path, roots)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -190,8 +194,15 @@ def scaling(config: dict) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Load `adapter_model.safetensors`, refusing pickled formats outright."""
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes adapters may use
+
+
+@contextmanager
+def open_weights(folder: Path, roots: list[Path] | None = None):
+    """`adapter_model.safetensors` opened lazily (safetensors' `safe_open`: the header is
+    parsed and checked against the file's size, no tensor is read yet); pickled formats are
+    refused outright. With `roots`, the file itself must resolve inside them: a link in an
+    allowed folder to a file elsewhere is refused like a path outside the roots."""
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
@@ -201,41 +212,60 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 "(unpickling runs arbitrary code); save the adapter as safetensors",
                 field="lora_path")
         raise InvalidRequest(f"{folder} has no adapter_model.safetensors", field="lora_path")
+    if roots is not None:
+        confine(weights, roots)
     try:
-        return load_file(weights)
+        with safe_open(weights, framework="pt") as file:
+            yield file
     except (SafetensorError, OSError) as e:
         raise InvalidRequest(f"{weights} is not a readable safetensors file: {e}",
                              field="lora_path") from e
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Load `adapter_model.safetensors`, refusing pickled formats outright."""
+    with open_weights(folder) as file:
+        return {key: file.get_tensor(key) for key in file.keys()}
 
 
 def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
               max_rank: int, dtype: torch.dtype = torch.float32) -> LoraWeights:
     """Read and validate the PEFT adapter at `path` against `base`.
 
-    Validation and scaling run in float32; the result is kept in `dtype` (the serving
-    dtype: a bf16 RAM tier holds twice the adapters of an fp32 one)."""
+    Every tensor's name, dtype and shape are checked from the file's header before any
+    tensor is read, so a huge or lying file costs no memory. Validation and scaling run in
+    float32; the result is kept in `dtype` (the serving dtype: a bf16 RAM tier holds twice
+    the adapters of an fp32 one)."""
     folder = confine(path, roots)
     if not folder.is_dir():
         raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
-    config = read_config(folder, max_rank)
+    config = read_config(folder, max_rank, roots)
     rank, scale = config["r"], scaling(config)
     a, b = {}, {}
-    for key, tensor in read_weights(folder).items():
-        layer, module, which = _parse_key(key, folder, base)
-        in_f, out_f = base.shapes[module]
-        expected = (rank, in_f) if which == "A" else (out_f, rank)
-        if tuple(tensor.shape) != expected:
-            raise InvalidRequest(
-                f"{folder}: {key} has shape {list(tensor.shape)}, this base model needs "
-                f"{list(expected)}; the adapter was trained for a different base model",
-                field="lora_path")
-        if not torch.isfinite(tensor).all():
-            raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
-                                 field="lora_path")
-        if which == "A":
-            a[(layer, module)] = tensor.float().to(dtype)
-        else:
-            b[(layer, module)] = (tensor.float() * scale).to(dtype)
+    with open_weights(folder, roots) as file:
+        entries = {key: _parse_key(key, folder, base) for key in file.keys()}
+        for key, (_, module, which) in entries.items():
+            header = file.get_slice(key)
+            in_f, out_f = base.shapes[module]
+            expected = (rank, in_f) if which == "A" else (out_f, rank)
+            if tuple(header.get_shape()) != expected:
+                raise InvalidRequest(
+                    f"{folder}: {key} has shape {list(header.get_shape())}, this base model "
+                    f"needs {list(expected)}; the adapter was trained for a different base "
+                    "model", field="lora_path")
+            if header.get_dtype() not in FLOAT_DTYPES:
+                raise InvalidRequest(f"{folder}: {key} is {header.get_dtype()}; adapter "
+                                     f"weights are one of {', '.join(FLOAT_DTYPES)}",
+                                     field="lora_path")
+        for key, (layer, module, which) in entries.items():
+            tensor = file.get_tensor(key).float()
+            if not torch.isfinite(tensor).all():
+                raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
+                                     field="lora_path")
+            if which == "A":
+                a[(layer, module)] = tensor.to(dtype)
+            else:
+                b[(layer, module)] = (tensor * scale).to(dtype)
     if not a or a.keys() != b.keys():
         raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
                              "least one pair", field="lora_path")

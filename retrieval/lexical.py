@@ -17,16 +17,19 @@ class LexicalIndex:
     def __init__(self, rows: list[tuple[int, str]]):
         self.ids = np.array([chunk_id for chunk_id, _ in rows], dtype=np.int64)
         self.bm25 = bm25s.BM25()
-        if rows:
-            self.bm25.index(bm25s.tokenize([text for _, text in rows], show_progress=False),
-                            show_progress=False)
+        corpus = bm25s.tokenize([text for _, text in rows], show_progress=False)
+        # chunks of stop words, digits or punctuation alone leave no term to index (and
+        # bm25s fails on an empty vocabulary): such an index finds nothing
+        self.empty = not corpus.vocab
+        if not self.empty:
+            self.bm25.index(corpus, show_progress=False)
 
     def search(self, query: str, k: int,
                allowed: set[int] | None = None) -> list[tuple[int, float]]:
         """(chunk id, BM25 score), best first; only ids in `allowed` when given, masked
         inside the scoring (not cut from a top-k afterwards). Zero-score chunks are left
         out: they share no term with the query."""
-        if len(self.ids) == 0:
+        if self.empty:
             return []
         tokens = bm25s.tokenize([query], show_progress=False)
         if not tokens.vocab:

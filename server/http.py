@@ -2,8 +2,10 @@
 
 Every route unpacks its body (server/openai_api.py), makes one Service call and packs the
 answer. Errors are translated in one place (`lorag_error`, `validation_error`,
-`internal_error`) into OpenAI's shape. Retrieval routes are plain `def`: FastAPI runs them
-in its thread pool, so embedding never blocks the event loop.
+`internal_error`) into OpenAI's shape. Routes that read files, the database or wait for
+the engine (adapters, retrieval, model lists) are plain `def`: FastAPI runs them in its
+thread pool, so an adapter being read and validated, or a document being embedded, never
+holds up the event loop that streams every other request's tokens.
 """
 
 import time
@@ -14,6 +16,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorag.errors import InvalidRequest, LoragError
 from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
+    ERROR_RESPONSES,
     AdapterLoad,
     ChatBody,
     CompletionBody,
@@ -60,7 +65,13 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _caller(request: Request) -> Caller:
+# declares the scheme in the OpenAPI document; the service reads the header itself
+bearer = HTTPBearer(auto_error=False, description="An API key of the daemon's --api-keys "
+                    "file (none needed when the daemon runs without keys)")
+
+
+def _caller(request: Request,
+            _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
     return _service(request).caller(request.headers.get("authorization"))
 
 
@@ -95,8 +106,14 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
     """Starlette's own answers (no such route, method not allowed, body too large) in
     OpenAI's shape."""
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    headers = dict(error.headers or {})
+    if error.status_code == 405:  # Starlette's names one route's methods; the path has more
+        path = request.url.path
+        methods = {method for route in request.app.routes if isinstance(route, APIRoute)
+                   and route.path_regex.match(path) for method in route.methods}
+        headers["Allow"] = ", ".join(sorted(methods))
     return JSONResponse(openai_error(str(error.detail), kind, error.status_code),
-                        status_code=error.status_code, headers=error.headers)
+                        status_code=error.status_code, headers=headers)
 
 
 async def internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -140,12 +157,14 @@ class BodyLimit:
 
 # ---- generation ----
 
-generation = APIRouter()
+generation = APIRouter(responses=ERROR_RESPONSES)
 
 
 @generation.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request, service: ServiceDep,
                            caller: CallerDep):
+    """OpenAI chat completions (JSON or SSE), on the base model, an adapter (`model`) or a
+    weighted composition (`adapters`), optionally grounded in a namespace (`rag`)."""
     reply = await run_in_threadpool(service.chat, caller, body.to_request())  # embeds, compiles
     if body.stream:
         return streamed(reply, body.model, True, body.include_usage(), service)
@@ -155,6 +174,7 @@ async def chat_completions(body: ChatBody, request: Request, service: ServiceDep
 @generation.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request, service: ServiceDep,
                       caller: CallerDep):
+    """OpenAI completions: the prompt (text or token ids) as is, no chat template."""
     reply = await run_in_threadpool(service.complete, caller, body.to_request())  # compiles
     if body.stream:
         return streamed(reply, body.model, False, body.include_usage(), service)
@@ -162,7 +182,8 @@ async def completions(body: CompletionBody, request: Request, service: ServiceDe
 
 
 @generation.get("/v1/models")
-async def models(service: ServiceDep, caller: CallerDep):
+def models(service: ServiceDep, caller: CallerDep):
+    """The base model and the adapters the caller can use (vLLM's parent / root)."""
     now, base = int(time.time()), service.model_name
     data = [{"id": base, "object": "model", "created": now, "owned_by": "lorag",
              "root": base, "parent": None}]
@@ -172,82 +193,95 @@ async def models(service: ServiceDep, caller: CallerDep):
 
 
 @generation.get("/v1/server")
-async def server_info(service: ServiceDep, caller: CallerDep):
+def server_info(service: ServiceDep, caller: CallerDep):
     """The model, request defaults, limits and the caller's rights (a client's form)."""
     return service.info(caller)
 
 
 # ---- adapters: vLLM's routes and lorag's own ----
 
-adapters = APIRouter()
+adapters = APIRouter(responses=ERROR_RESPONSES)
+PLAIN_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                    "description": "What was done, in vLLM's words"}}
 
 
-@adapters.post("/v1/load_lora_adapter")
-async def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
+@adapters.post("/v1/load_lora_adapter", responses=PLAIN_TEXT)
+def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
+    """vLLM's route: register an adapter folder under a name (read and validated now)."""
     loaded = service.load_adapter(caller, body.lora_name, body.lora_path)
     verb = "loaded" if loaded else "was already loaded (refreshed)"
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb}.")
 
 
-@adapters.post("/v1/unload_lora_adapter")
-async def unload_lora_adapter(body: UnloadLora, service: ServiceDep, caller: CallerDep):
+@adapters.post("/v1/unload_lora_adapter", responses=PLAIN_TEXT)
+def unload_lora_adapter(body: UnloadLora, service: ServiceDep, caller: CallerDep):
+    """vLLM's route: forget an adapter; running requests on it finish."""
     service.unload_adapter(caller, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed.")
 
 
 @adapters.get("/v1/adapters")
-async def list_adapters(service: ServiceDep, caller: CallerDep):
+def list_adapters(service: ServiceDep, caller: CallerDep):
+    """The caller's adapters (and shared ones) with where each is: RAM, slot, pinned."""
     return {"object": "list", "data": service.list_adapters(caller)}
 
 
 @adapters.post("/v1/adapters")
-async def load_adapter(body: AdapterLoad, service: ServiceDep, caller: CallerDep):
+def load_adapter(body: AdapterLoad, service: ServiceDep, caller: CallerDep):
+    """Register an adapter folder under a name, optionally shared with every tenant."""
     loaded = service.load_adapter(caller, body.name, body.path, body.shared)
     return {**service.get_adapter(caller, body.name), "loaded": loaded}
 
 
 @adapters.get("/v1/adapters/{name}")
-async def get_adapter(name: str, service: ServiceDep, caller: CallerDep):
+def get_adapter(name: str, service: ServiceDep, caller: CallerDep):
+    """One adapter's status."""
     return service.get_adapter(caller, name)
 
 
 @adapters.delete("/v1/adapters/{name}")
-async def delete_adapter(name: str, service: ServiceDep, caller: CallerDep):
+def delete_adapter(name: str, service: ServiceDep, caller: CallerDep):
+    """Forget an adapter; running requests on it finish."""
     service.unload_adapter(caller, name)
     return {"name": name, "unloaded": True}
 
 
 @adapters.post("/v1/adapters/{name}/pin")
-async def pin_adapter(name: str, service: ServiceDep, caller: CallerDep):
+def pin_adapter(name: str, service: ServiceDep, caller: CallerDep):
+    """Keep an adapter in a compute slot until unpinned."""
     service.pin_adapter(caller, name, pinned=True)
     return service.get_adapter(caller, name)
 
 
 @adapters.post("/v1/adapters/{name}/unpin")
-async def unpin_adapter(name: str, service: ServiceDep, caller: CallerDep):
+def unpin_adapter(name: str, service: ServiceDep, caller: CallerDep):
+    """Let a pinned adapter be evicted again."""
     service.pin_adapter(caller, name, pinned=False)
     return service.get_adapter(caller, name)
 
 
 # ---- retrieval namespaces ----
 
-retrieval = APIRouter()
+retrieval = APIRouter(responses=ERROR_RESPONSES)
 
 
 @retrieval.get("/v1/namespaces")
 def list_namespaces(service: ServiceDep, caller: CallerDep):
+    """The retrieval namespaces the caller can search."""
     return {"object": "list", "data": service.namespaces.list(caller)}
 
 
 @retrieval.put("/v1/namespaces/{namespace}")
 def create_namespace(namespace: str, body: NamespaceBody, service: ServiceDep,
                      caller: CallerDep):
+    """Create a namespace (idempotent), optionally shared with every tenant."""
     created = service.namespaces.create(caller, namespace, body.shared)
     return {"name": namespace, "shared": body.shared, "created": created}
 
 
 @retrieval.delete("/v1/namespaces/{namespace}")
 def delete_namespace(namespace: str, service: ServiceDep, caller: CallerDep):
+    """Delete a namespace with all its documents."""
     service.namespaces.drop(caller, namespace)
     return {"name": namespace, "deleted": True}
 
@@ -255,6 +289,7 @@ def delete_namespace(namespace: str, service: ServiceDep, caller: CallerDep):
 @retrieval.post("/v1/namespaces/{namespace}/documents")
 def put_documents(namespace: str, body: DocumentsBody, service: ServiceDep,
                   caller: CallerDep):
+    """Index documents (replacing any with the same id): chunked, embedded, searchable."""
     results = service.namespaces.put(caller, namespace, body.items())
     return {"namespace": namespace, "documents": results}
 
@@ -280,12 +315,14 @@ def upload_files(namespace: str, files: Annotated[list[UploadFile], File()],
 @retrieval.delete("/v1/namespaces/{namespace}/documents/{document_id:path}")
 def delete_document(namespace: str, document_id: str, service: ServiceDep,
                     caller: CallerDep):
+    """Remove one document and its chunks."""
     service.namespaces.delete_document(caller, namespace, document_id)
     return {"namespace": namespace, "id": document_id, "deleted": True}
 
 
 @retrieval.post("/v1/namespaces/{namespace}/search")
 def search(namespace: str, body: SearchBody, service: ServiceDep, caller: CallerDep):
+    """Hybrid (vector + BM25), vector or BM25 search over a namespace."""
     hits = service.namespaces.search(caller, namespace, body.query, body.top_k, body.mode,
                                      body.filter)
     return {"object": "list", "data": [asdict(hit) for hit in hits]}
@@ -296,14 +333,15 @@ def search(namespace: str, body: SearchBody, service: ServiceDep, caller: Caller
 operations = APIRouter()
 
 
-@operations.get("/health")
+@operations.get("/health", responses={503: {"description": "The engine stopped"}})
 async def health(service: ServiceDep):
     """Liveness: 200 while the engine runs, draining or not."""
     body = service.health()
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-@operations.get("/health/ready")
+@operations.get("/health/ready",
+                responses={503: {"description": "The engine stopped, or draining"}})
 async def ready(service: ServiceDep):
     """Readiness: 200 while this replica takes requests; 503 from the moment it drains."""
     body = service.health()
@@ -312,8 +350,9 @@ async def ready(service: ServiceDep):
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-@operations.get("/metrics")
+@operations.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep):
+    """Prometheus metrics: lorag's own and the vLLM families routers read."""
     return PlainTextResponse(generate_latest(service.metrics.registry),
                              media_type=CONTENT_TYPE_LATEST)
 

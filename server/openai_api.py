@@ -27,7 +27,9 @@ SearchMode = Literal["vector", "bm25", "hybrid"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of another JSON type than the schema says (`"shared": 0`, `"n": "1"`)
+    # is refused, not coerced
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -317,3 +319,30 @@ class NamespaceBody(_Body):
     """PUT /v1/namespaces/{ns}."""
 
     shared: bool = False
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None  # the field at fault, when one is
+    code: int  # the HTTP status
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description}
+                   for status, description in (
+                       (400, "The request is malformed; the message names the field"),
+                       (401, "No API key, or an unknown one"),
+                       (403, "The key may not do this (not an admin key)"),
+                       (404, "No such model, adapter, namespace or document for this caller"),
+                       (413, "The request body is over the daemon's limit"),
+                       (429, "The queue, or the key's share of it, is full; retry later"),
+                       (500, "A bug: the message gives a request id the log has"),
+                       (503, "Draining, the engine stopped, or the state database is away"))}

@@ -108,6 +108,9 @@ def state(request, tmp_path) -> str:
 
 
 def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=10,
+                     help="test cases per operation and phase of the schema fuzzing "
+                          "(tests/server/test_fuzz_http.py); `make fuzz` runs many")
     parser.addoption("--llamacpp", action="store_true",
                      help="run the tests against llama.cpp's own server (needs `make "
                           "bench-setup`; `make test-llamacpp` runs both)")

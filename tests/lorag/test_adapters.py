@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorag.adapters import BaseShape, compose, load_lora, save_lora
+from lorag.adapters import BaseShape, compose, content_version, load_lora, save_lora
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest
 from tests.tiny import tiny_model
@@ -73,6 +73,55 @@ def test_symlink_escaping_the_root_is_refused(root, tmp_path_factory):
     os.symlink(elsewhere / "adapter", root / "link")
     with pytest.raises(InvalidRequest, match="outside the configured adapter roots"):
         load(root / "link", root)
+
+
+@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_linked_file_escaping_the_root_is_refused(root, tmp_path_factory, linked):
+    """The folder is inside the root, one of its files a link to a file elsewhere."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    folder = variant(root, "inside")
+    shutil.move(folder / linked, elsewhere / linked)
+    os.symlink(elsewhere / linked, folder / linked)
+    with pytest.raises(InvalidRequest, match=f"{linked} is outside the configured adapter"):
+        load(folder, root)
+    with pytest.raises(InvalidRequest, match="outside the configured adapter roots"):
+        content_version(folder, [root])
+
+
+def header_only(folder, header: dict) -> None:
+    """A safetensors file of `header` whose data is a few bytes, whatever it declares."""
+    raw = json.dumps(header).encode()
+    (folder / "adapter_model.safetensors").write_bytes(
+        len(raw).to_bytes(8, "little") + raw + b"\0" * 16)
+
+
+def test_a_file_that_declares_a_huge_tensor_costs_no_memory(root):
+    folder = variant(root, "huge")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    header_only(folder, {key: {"dtype": "F32", "shape": [1 << 20, 1 << 20],
+                               "data_offsets": [0, 1 << 42]}})
+    with pytest.raises(InvalidRequest, match="is not a readable safetensors file"):
+        load(folder, root)
+
+
+@pytest.mark.parametrize("dtype, shape, message", [
+    ("F32", [4096, 64], r"has shape \[4096, 64\], this base model needs \[4, 64\]"),
+    ("I64", [4, 64], "is I64; adapter weights are one of F32, F16, BF16"),
+])
+def test_shapes_and_dtypes_are_checked_from_the_header_first(root, monkeypatch, dtype, shape,
+                                                             message):
+    folder = variant(root, "wrong")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    size = {"F32": 4, "I64": 8}[dtype] * shape[0] * shape[1]
+    raw = json.dumps({key: {"dtype": dtype, "shape": shape, "data_offsets": [0, size]}})
+    (folder / "adapter_model.safetensors").write_bytes(
+        len(raw).to_bytes(8, "little") + raw.encode() + b"\0" * size)
+    read = []
+    monkeypatch.setattr("safetensors._safetensors_rust.safe_open.get_tensor",
+                        lambda *args: read.append(args), raising=False)
+    with pytest.raises(InvalidRequest, match=message):
+        load(folder, root)
+    assert read == []  # refused before any tensor was read
 
 
 def test_pickled_weights_are_refused_without_being_read(root):

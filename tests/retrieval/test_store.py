@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -209,3 +210,14 @@ def test_a_large_namespace_switches_to_ivf_and_stays_correct(state, tmp_path, em
     index = reopened._catch_up("big").index
     assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 129
     assert all(h.document_id != "fact-77" for h in reopened.search("big", "Fact 77", k=5))
+
+
+def test_a_namespace_of_stop_words_alone_searches_to_vector_hits_only(store):
+    """Chunks that leave BM25 no term (stop words, digits, punctuation) index nothing
+    lexical; the search still answers, from the vectors (found by schema fuzzing: it
+    failed with bm25s's `max() arg is an empty sequence`)."""
+    documents = [SimpleNamespace(id="zero", text="0", metadata={}),
+                 SimpleNamespace(id="the", text="the of and", metadata={})]
+    store.put_documents("kb", documents)
+    assert store.search("kb", "0", k=5, mode="bm25") == []
+    assert {hit.document_id for hit in store.search("kb", "0", k=5)} == {"zero", "the"}
