@@ -31,7 +31,12 @@ class AdapterNotFound(NotFound):
 
 
 class Overloaded(LoragError):
-    """The daemon is at capacity (bounded queue full); retrying later may succeed."""
+    """The daemon is at capacity (bounded queue full), or the caller's key at its share;
+    retrying after `retry_after` seconds may succeed."""
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: int = 1):
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class PermissionDenied(LoragError):

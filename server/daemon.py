@@ -12,6 +12,7 @@ engine stop, in reverse order, and the process exits 0. A second signal stops at
 """
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from lorag.server.backend import Backend
 from lorag.server.engine import Engine, EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import MAX_BODY_BYTES, create_app
+from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.state import StateStore
 from lorag.settings import Settings
@@ -66,6 +68,9 @@ class ServeOptions:
     vllm: "VllmOptions | None" = None
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish on SIGTERM
     max_body_bytes: int = MAX_BODY_BYTES  # a larger JSON request body gets a 413
+    # each API key's fair share (server/quotas.py); keys may carry their own
+    max_streams_per_key: int | None = None  # requests in flight; default max_num_seqs
+    tokens_per_s_per_key: float = 0.0  # 0: no rate limit
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -88,7 +93,10 @@ def build_service(options: ServeOptions) -> Service:
         db.close()
         raise
     try:
-        service = Service(engine, StateStore(db), keys, model_name=name, documents=documents)
+        quotas = KeyQuotas(options.max_streams_per_key or config.max_num_seqs,
+                           options.tokens_per_s_per_key)
+        service = Service(engine, StateStore(db), keys, model_name=name, documents=documents,
+                          quotas=quotas)
         service.follow_state(options.state_poll_s)
     except BaseException:  # the engine's loop is running: it must not outlive this
         engine.shutdown()
@@ -140,6 +148,7 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
             f"{options.host}: ANYONE WHO CAN REACH IT"
         console.print(f"[yellow]No API keys configured (--api-keys): the daemon is OPEN to "
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
+    signal.signal(signal.SIGHUP, lambda *_: service.keys.reload())  # `kill -HUP`: new keys
     config = uvicorn.Config(create_app(service, options.max_body_bytes), host=options.host,
                             port=options.port,
                             log_level="warning", timeout_graceful_shutdown=5)

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lorag.errors import Overloaded
 from lorag.server import requests
 from lorag.server.engine.stream import Output, joined
 from lorag.server.engine.structured import Constraint
@@ -230,6 +231,8 @@ def _check_texts(request) -> None:
 
 
 def _abort(context, error: Exception):
+    if isinstance(error, Overloaded):
+        context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
     context.abort(mapping(error).grpc_code, public_message(error))
 
 

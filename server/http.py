@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorag.errors import InvalidRequest, LoragError
+from lorag.errors import InvalidRequest, LoragError, Overloaded
 from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
     ERROR_RESPONSES,
@@ -84,8 +84,9 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 async def lorag_error(request: Request, error: LoragError) -> JSONResponse:
     """A LoragError in OpenAI's shape, with its status code."""
     m = mapping(error)
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else {}
     return JSONResponse(openai_error(error.message, m.openai_type, m.http_status, error.field),
-                        status_code=m.http_status)
+                        status_code=m.http_status, headers=headers)
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -135,6 +135,7 @@ class TrackedStream:
         self.on_end = on_end
         self.start = self.last = time.perf_counter()
         self.first = True
+        self.tokens = 0  # output tokens read so far; prompt and output once it ended
 
     def fail(self, error: Exception) -> None:
         """End the stream for its reader now, with `error` as its last output (the
@@ -146,11 +147,13 @@ class TrackedStream:
         histogram = self.metrics.ttft if self.first else self.metrics.itl
         histogram.labels(self.label).observe(now - self.last)
         self.first, self.last = False, now
+        self.tokens += len(output.token_ids)  # what a request cancelled midway used
         if output.finish_reason is not None:
             if output.finish_reason != "cancelled":  # counted by Service.cancel
                 self.metrics.requests.labels(self.label, output.finish_reason).inc()
             self.metrics.prompt_tokens.labels(self.label).inc(output.prompt_tokens)
             self.metrics.generation_tokens.labels(self.label).inc(output.completion_tokens)
+            self.tokens = output.prompt_tokens + output.completion_tokens
             self.on_end(self)
 
     def __iter__(self):

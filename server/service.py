@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, content_version
+from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, confine, content_version
 from lorag.errors import AdapterNotFound, InvalidRequest, Unavailable
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
@@ -25,6 +25,7 @@ from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import token_bytes
 from lorag.server.metrics import Metrics, TrackedStream, metric_label
 from lorag.server.namespaces import Namespaces
+from lorag.server.quotas import KeyQuotas
 from lorag.server.requests import (
     COMPLETION_TOKENS,
     RAG_ANSWER_TOKENS,
@@ -45,8 +46,9 @@ class Service:
     """Tenant-scoped chat, completions, retrieval and adapter management over one engine."""
 
     def __init__(self, engine: Backend, store: StateStore, keys: ApiKeys, model_name: str,
-                 documents: DocumentStore):
+                 documents: DocumentStore, quotas: KeyQuotas):
         self.engine = engine
+        self.quotas = quotas  # each API key's share of the engine
         self.namespaces = Namespaces(documents)
         self.store = store
         self.keys = keys
@@ -60,13 +62,18 @@ class Service:
         self.follower = None  # follow_state's thread
         # requests whose streams have not ended, for a graceful drain
         self.in_flight: dict[str, TrackedStream] = {}
-        self.idle = threading.Condition()  # guards in_flight; notified when it empties
+        self.callers: dict[str, Caller] = {}  # who sent each request in flight
+        self.idle = threading.Condition()  # guards both; notified when they empty
         self.draining = False
         self.on_drain: list[Callable[[], None]] = []  # transports' hooks (gRPC health)
         for record in store.adapters():  # a restart: known again, read on first use
             self._install(record, lazy=True)
-        for caller in keys.keys.values():
-            store.ensure_tenant(caller.tenant)
+        self._ensure_tenants()
+        keys.on_reload.append(self._ensure_tenants)
+
+    def _ensure_tenants(self) -> None:
+        for caller in self.keys.keys.values():
+            self.store.ensure_tenant(caller.tenant)
 
     def caller(self, authorization: str | None) -> Caller:
         """Who sends a request, from its Authorization header (both transports ask this
@@ -91,7 +98,7 @@ class Service:
                                              request.sampling.max_tokens)
         limit = self.engine.limits.max_model_len
         params = request.sampling.params(default_max_tokens=max(1, limit - len(prompt)))
-        return Reply(self._submit(prompt, params, adapter, "chatcmpl"), grounding)
+        return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding)
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
@@ -100,7 +107,7 @@ class Service:
         prompt = request.prompt
         if isinstance(prompt, str):  # as is: special tokens (BOS) the tokenizer adds
             prompt = self.engine.tokenizer.encode(prompt)
-        return Reply(self._submit(prompt, params, adapter, "cmpl"))
+        return Reply(self._submit(caller, prompt, params, adapter, "cmpl"))
 
     def cancel(self, stream: TrackedStream) -> None:
         """Stop a request whose client went away; counted if it was still running."""
@@ -120,17 +127,29 @@ class Service:
                  "top_logprobs": [piece(token_id, logprob) for token_id, logprob in e.top]}
                 for e in entries]
 
-    def _submit(self, prompt, params, adapter: AdapterKey | None, kind: str) -> TrackedStream:
-        stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
+    def _submit(self, caller: Caller, prompt, params, adapter: AdapterKey | None,
+                kind: str) -> TrackedStream:
+        """Submit within the caller's key's share (KeyQuotas: 429 past it)."""
+        self.quotas.admit(caller)
+        try:
+            stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
+        except BaseException:
+            self.quotas.release(caller, tokens=0)
+            raise
         tracked = TrackedStream(stream, self.metrics, metric_label(adapter), on_end=self._ended)
         with self.idle:
             self.in_flight[tracked.request_id] = tracked
+            self.callers[tracked.request_id] = caller
         return tracked
 
     def _ended(self, stream: TrackedStream) -> None:
+        """A request left: its key's share back (once, however it ended)."""
         with self.idle:
+            caller = self.callers.pop(stream.request_id, None)
             if self.in_flight.pop(stream.request_id, None) is not None and not self.in_flight:
                 self.idle.notify_all()
+        if caller is not None:
+            self.quotas.release(caller, stream.tokens)
 
     def _adapter(self, caller: Caller, model: str,
                  adapters: list[tuple[str, float]] | None) -> AdapterKey | None:
@@ -176,6 +195,8 @@ class Service:
         key = tenancy.own_key(caller, name, "load adapters", "adapter name", "lora_name")
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
+        if caller.adapter_roots is not None:  # this key's own folders, within the daemon's
+            confine(path, list(caller.adapter_roots))
         version = content_version(path, list(self.engine.limits.adapter_roots))
         record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
         with self.lock:

@@ -11,7 +11,8 @@ anything. Nothing below the service knows any of this: keys are opaque there.
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from lorag.errors import InvalidRequest, PermissionDenied
 from lorag.names import check_name
@@ -22,10 +23,20 @@ TENANT_RULE = "1-63 characters of a-z, 0-9, _ and - starting with a letter or di
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: their tenant, and whether they may change things."""
+    """Who is asking: their tenant, and whether they may change things; and what their key
+    allows beyond that (not part of who they are: two keys of one tenant compare equal).
+
+    key_id: a short digest of the key, safe to log and to count a key's share by.
+    adapter_roots: where this key may register adapters from (None: the daemon's roots).
+    max_streams / tokens_per_s: the key's fair share (None: the daemon's default).
+    """
 
     tenant: str
     admin: bool
+    key_id: str = field(default="open", compare=False)
+    adapter_roots: tuple[Path, ...] | None = field(default=None, compare=False)
+    max_streams: int | None = field(default=None, compare=False)
+    tokens_per_s: float | None = field(default=None, compare=False)
 
 
 def key(tenant: str, name: str) -> str:

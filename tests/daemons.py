@@ -24,8 +24,11 @@ from lorag.server.vllm_backend import VllmOptions
 
 KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},
         "alice-user-key-00001": {"tenant": "alice", "admin": False},
-        "bob-admin-key-000001": {"tenant": "bob", "admin": True}}
-ALICE, ALICE_USER, BOB = (f"Bearer {key}" for key in KEYS)
+        "bob-admin-key-000001": {"tenant": "bob", "admin": True},
+        # fair shares of their own (server/quotas.py)
+        "carol-two-streams-01": {"tenant": "carol", "max_streams": 2},
+        "dave-one-token-a-sec": {"tenant": "dave", "tokens_per_s": 1}}
+ALICE, ALICE_USER, BOB, CAROL, DAVE = (f"Bearer {key}" for key in KEYS)
 BASE = "test-base"  # the base model's name in the API, on every test daemon
 MAX_MODEL_LEN = 512
 MAX_LORA_RANK = 32
@@ -57,6 +60,8 @@ class LocalDaemon(_Health):
                                state_poll_s=0.5,
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
                                served_model_name=BASE, backend=backend,
+                               # one key may fill the queue: test_http's flood reaches it
+                               max_streams_per_key=MAX_NUM_SEQS + MAX_WAITING,
                                vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)
         self.options, self.backend, self.adapters = options, backend, root
         self.url = f"http://{options.host}:{options.port}"

@@ -99,6 +99,12 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(
         min=0.001, help="Largest JSON request body, in MiB (then 413); file uploads have "
                         "their own limit.")] = 16.0,
+    max_streams_per_key: Annotated[int | None, typer.Option(
+        min=1, help="Requests one API key may have in flight (then 429); default "
+                    "--max-num-seqs. A key's own entry may set its own.")] = None,
+    tokens_per_s_per_key: Annotated[float, typer.Option(
+        min=0, help="Prompt + output tokens per second one API key may use (then 429 with "
+                    "Retry-After); 0: no limit. A key's own entry may set its own.")] = 0.0,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
@@ -141,7 +147,9 @@ def serve(
                      chunk_overlap, served_model_name, state=state,
                      state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm,
                      shutdown_timeout_s=shutdown_timeout,
-                     max_body_bytes=int(max_body_mb * (1 << 20))),
+                     max_body_bytes=int(max_body_mb * (1 << 20)),
+                     max_streams_per_key=max_streams_per_key,
+                     tokens_per_s_per_key=tokens_per_s_per_key),
         console)
 
 

@@ -18,6 +18,9 @@ from tests.daemons import (
     ALICE_USER,
     BASE,
     BOB,
+    CAROL,
+    DAVE,
+    KEYS,
     LIMITS,
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
@@ -372,3 +375,65 @@ def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(daemon):
         2 * prompt
     assert after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"] >= 128
     assert answers[0] == answers[1]  # a hit gives what a miss gave
+
+
+def test_each_key_gets_its_fair_share_and_only_that_key_is_refused(daemon):
+    """carol's key may have 2 requests in flight, dave's use 1 token a second (the keys
+    file, tests/daemons.py): past that, each gets a 429 with Retry-After, while alice's
+    requests go through."""
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": MAX_MODEL_LEN - 64,
+            "ignore_eos": True, "stream": True}
+    with ExitStack() as streams:
+        if daemon.backend == "native":  # the tiny model would end both streams in a blink:
+            slow = daemon.service.engine  # 50 ms a step (vLLM's real model is slower still)
+            slow.fault_hook = lambda sampled, logits: time.sleep(0.05)
+            streams.callback(setattr, slow, "fault_hook", None)
+        running = []
+        for _ in range(2):
+            response = streams.enter_context(httpx.stream(
+                "POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=60,
+                headers={"Authorization": CAROL}))
+            assert response.status_code == 200
+            running.append(response.iter_lines())  # kept: a dropped reader closes it
+            next(running[-1])
+        third = post(daemon, "/v1/chat/completions", {**body, "stream": False}, CAROL)
+        assert third.status_code == 429 and third.headers["retry-after"] == "1"
+        error = third.json()["error"]
+        assert error["type"] == "rate_limit_error"
+        assert "this API key has 2 requests in flight, its share" in error["message"]
+        assert chat(daemon, BASE)  # alice is not held back by carol's share
+    first = post(daemon, "/v1/chat/completions", {**body, "stream": False, "max_tokens": 4},
+                 DAVE)
+    assert first.status_code == 200, first.text  # a full bucket: 10 s of 1 token/s
+    second = post(daemon, "/v1/chat/completions", {**body, "stream": False, "max_tokens": 4},
+                  DAVE)
+    assert second.status_code == 429, second.text
+    assert "this API key used its 1 tokens per second" in second.json()["error"]["message"]
+    spent = first.json()["usage"]["total_tokens"]
+    assert 1 <= int(second.headers["retry-after"]) <= spent - 10 + 1
+    assert chat(daemon, BASE)
+
+
+def test_a_key_with_its_own_adapter_roots_registers_from_them_alone(daemon, keys_file):
+    """A key added to the keys file while the daemon runs works within a second; its
+    adapter_roots confine what it may register (here one adapter's folder), even inside
+    the daemon's roots."""
+    erin = "Bearer erin-own-roots-key-01"
+    own = {"tenant": "erin", "admin": True, "adapter_roots": [str(daemon.adapters / "style")]}
+    keys_file.write_text(json.dumps({**KEYS, erin.split()[1]: own}))
+    try:
+        deadline = time.monotonic() + 10
+        while (response := load(daemon, "style", daemon.adapters / "style", erin)
+               ).status_code == 401:
+            assert time.monotonic() < deadline, "the new key was not read"
+            time.sleep(0.2)
+        assert response.status_code == 200, response.text
+        refused = load(daemon, "other", daemon.adapters / "other", erin)
+        assert refused.status_code == 400
+        assert "is outside the configured adapter roots" in refused.json()["error"]["message"]
+    finally:
+        keys_file.write_text(json.dumps(KEYS))
+    deadline = time.monotonic() + 10
+    while load(daemon, "style", daemon.adapters / "style", erin).status_code != 401:
+        assert time.monotonic() < deadline, "the removed key still works"
+        time.sleep(0.2)

@@ -17,7 +17,7 @@ from tests.system import program
 
 pytestmark = pytest.mark.e2e
 
-ADMIN, USER, BOB = list(KEYS)
+ADMIN, USER, BOB = list(KEYS)[:3]
 SHOTS = Path(__file__).parents[2] / "test-artifacts" / "playground"
 ADAPTER = "playground-style"
 SHARED = "playground-shared"  # bob's, shared with every tenant
