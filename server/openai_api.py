@@ -9,7 +9,6 @@ ignored; unknown fields are refused with the list of those accepted, so a typo i
 error rather than a surprise.
 """
 
-import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
@@ -92,7 +91,7 @@ class ResponseFormat(_Body):
             return None
         if self.type == "json_object":
             return Constraint("json_object")
-        return Constraint("json_schema", json.dumps(self.json_schema.schema_))
+        return Constraint.of_schema(self.json_schema.schema_)
 
 
 class StructuredOutputs(_Body):

@@ -148,17 +148,21 @@ def check_texts(value: object, where: str = "") -> None:
     """Refuse text no model input or database row can hold, anywhere in `value` (a
     request's fields as plain dicts, lists and strings; keys included): a NUL, or a lone
     UTF-16 surrogate (JSON's "\\ud800"), which is no character and encodes to nothing.
-    The error names the field by its path, e.g. `messages.1.content`."""
-    if isinstance(value, str):
-        _check_text(value, where or "body", where or "body")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            # a bad key is named by where it is: its own text cannot go into a message
-            _check_text(str(key), f"a key of {where or 'the body'}", where or "body")
-            check_texts(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            check_texts(item, f"{where}.{i}" if where else str(i))
+    The error names the field by its path, e.g. `messages.1.content`. A walk with a stack
+    of its own, not recursion: any nesting the JSON parser took is walked."""
+    pending = [(value, where)]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            _check_text(item, path or "body", path or "body")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                # a bad key is named by where it is: its own text cannot go into a message
+                _check_text(str(key), f"a key of {path or 'the body'}", path or "body")
+                pending.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, list | tuple):
+            pending.extend((child, f"{path}.{i}" if path else str(i))
+                           for i, child in enumerate(item))
 
 
 def _check_text(text: str, what: str, field: str) -> None:

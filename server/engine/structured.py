@@ -22,6 +22,9 @@ import xgrammar as xgr
 from lorag.errors import InvalidRequest
 
 KINDS = ("json_object", "json_schema", "regex", "grammar")
+# Bounds on what a request may ask to compile: its compile time grows with them
+MAX_SPEC_CHARS = {"json_schema": 64 << 10, "grammar": 64 << 10, "regex": 4096}
+MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in a JSON schema
 GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept; least recently used leave first
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: Check failed: (...) is false:"
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -46,15 +49,28 @@ class Constraint:
         if self.kind != "json_object" and not self.spec.strip():
             raise InvalidRequest(f"response_format: the {self.kind} is empty",
                                  field="response_format")
+        limit = MAX_SPEC_CHARS.get(self.kind, 0)
+        if limit and len(self.spec) > limit:
+            raise InvalidRequest(f"response_format: the {self.kind} has {len(self.spec)} "
+                                 f"characters; at most {limit} are compiled",
+                                 field="response_format")
         if self.kind == "json_schema":
             try:
                 schema = json.loads(self.spec)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise InvalidRequest(f"response_format: the json_schema is not valid JSON: "
                                      f"{e}", field="response_format") from e
             if not isinstance(schema, dict):
                 raise InvalidRequest("response_format: the json_schema must be a JSON object, "
                                      f"got {self.spec[:40]!r}", field="response_format")
+            _check_depth(schema)
+
+    @classmethod
+    def of_schema(cls, schema: dict) -> "Constraint":
+        """A json_schema constraint from a parsed schema (HTTP bodies), its depth checked
+        before it is written back as text."""
+        _check_depth(schema)
+        return cls("json_schema", json.dumps(schema))
 
     def json_schema(self) -> dict:
         """The JSON schema to compile (json_object: any object), with length-bounded strings
@@ -62,6 +78,24 @@ class Constraint:
         if self.kind == "json_object":
             return {"type": "object"}
         return _bounded_strings(json.loads(self.spec))
+
+
+def _check_depth(schema: dict) -> None:
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequest(f"response_format: the json_schema nests deeper than "
+                             f"{MAX_SCHEMA_DEPTH} levels", field="response_format")
+
+
+def _depth(value) -> int:
+    """How deeply objects and arrays nest in `value` (a walk with its own stack)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1)
+                           for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # A JSON string's characters: no quote, no backslash, no control character (JSON forbids
