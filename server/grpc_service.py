@@ -7,11 +7,11 @@ from concurrent import futures
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorag.errors import Overloaded
+from lorag.errors import InvalidRequest, Overloaded
 from lorag.server import requests
 from lorag.server.engine.stream import Output, joined
 from lorag.server.engine.structured import Constraint
@@ -82,7 +82,7 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
     def Search(self, request, context):
         hits = self.service.namespaces.search(
             self._caller(context), request.namespace, request.query,
-            request.top_k if request.HasField("top_k") else 5, MODES[request.mode],
+            request.top_k if request.HasField("top_k") else 5, _mode(request.mode),
             _filter(request.filter))
         return lorag_pb2.SearchResponse(hits=[lorag_pb2.SearchHit(
             document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,
@@ -159,8 +159,18 @@ def _constraint(response_format) -> Constraint | None:
 
 def _rag(options) -> requests.Rag:
     top_k = {"top_k": options.top_k} if options.HasField("top_k") else {}  # else the default
-    return requests.Rag(options.namespace, mode=MODES[options.mode],
+    return requests.Rag(options.namespace, mode=_mode(options.mode),
                         filter=_filter(options.filter), **top_k)
+
+
+def _mode(value: int) -> str:
+    """A SearchMode's name; an enum number the proto does not define is refused (proto3
+    enums are open: any number arrives)."""
+    if value not in MODES:
+        known = ", ".join(lorag_pb2.SearchMode.Name(number) for number in MODES)
+        raise InvalidRequest(f"mode {value} is not a SearchMode; one of {known}",
+                             field="mode")
+    return MODES[value]
 
 
 def _composition(adapters) -> list[tuple[str, float]] | None:
@@ -194,12 +204,16 @@ def _usage(out: Output) -> lorag_pb2.Usage:
 
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Translates lorag's errors into status codes, for every RPC, in one place; and
-    refuses a request with text no model input can hold (a NUL) before the RPC runs."""
+    refuses, as INVALID_ARGUMENT, a request whose bytes are no valid message (a string
+    field of invalid UTF-8: grpcio would answer INTERNAL) or whose text no model input
+    can hold (a NUL), before the RPC runs."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None and handler.unary_stream is None:
             return handler
+        deserialize = handler.request_deserializer and _tolerant(
+            handler.request_deserializer, handler_call_details.method)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -210,8 +224,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except Exception as e:  # noqa: BLE001 - every error gets a status code
                     _abort(context, e)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, deserialize,
+                                                       handler.response_serializer)
         inner_stream = handler.unary_stream
 
         def streaming(request, context):
@@ -221,13 +235,45 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # noqa: BLE001
                 _abort(context, e)
 
-        return grpc.unary_stream_rpc_method_handler(
-            streaming, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(streaming, deserialize,
+                                                    handler.response_serializer)
+
+
+class _Undecodable:
+    """What a request's bytes decoded to when they are no valid message."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _tolerant(deserialize, method: str):
+    """`deserialize` that hands an undecodable request on as _Undecodable, for the RPC's
+    wrapper to refuse with INVALID_ARGUMENT."""
+    service, _, name = method.strip("/").rpartition("/")
+    rpc = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].methods_by_name.get(name)
+    expected = rpc.input_type.full_name if service == SERVICE_NAME and rpc else "message"
+
+    def read(raw: bytes):
+        try:
+            return deserialize(raw)
+        except DecodeError as e:
+            return _Undecodable(f"the request is not a valid {expected} ({e}); string "
+                                "fields must be UTF-8")
+
+    return read
 
 
 def _check_texts(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(request.problem)
     if isinstance(request, Message):  # health and reflection requests included
-        check_texts(json_format.MessageToDict(request, preserving_proto_field_name=True))
+        try:
+            fields = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        except json_format.Error as e:  # a google.protobuf.Value of NaN or infinity
+            raise InvalidRequest(f"the request holds a value JSON cannot carry: {e}; "
+                                 "filter values are strings, booleans, finite numbers or "
+                                 "lists of them") from None
+        check_texts(fields)
 
 
 def _abort(context, error: Exception):
