@@ -32,6 +32,8 @@ brings CUDA kernels, paged attention, prefix caching and tensor / pipeline paral
 import asyncio
 import importlib.util
 import itertools
+import logging
+import os
 import shutil
 import threading
 import time
@@ -43,7 +45,7 @@ from prometheus_client import REGISTRY
 from transformers import AutoConfig, AutoTokenizer
 
 from lorag.adapters import BaseShape, Composition, LoraWeights, compose, save_lora
-from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded
+from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded, Unavailable
 from lorag.server.backend import SERVICE_FAMILIES, AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
@@ -56,13 +58,17 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 EXECUTORS = ("mp", "ray")
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
+log = logging.getLogger("lorag.vllm")
 
 @dataclass(frozen=True)
 class VllmOptions:
     """vLLM's own knobs (`lorag serve --backend vllm`), passed to its AsyncEngineArgs.
 
-    None leaves vLLM's default. gpu_memory_utilization applies on GPUs only; on the CPU
-    build vLLM sizes its KV cache from the VLLM_CPU_KVCACHE_SPACE environment variable.
+    None leaves vLLM's default. kv_cache_gb sizes vLLM's KV cache on either build (vLLM's
+    `kv_cache_memory_bytes`); None: enough for max_num_seqs sequences of max_model_len
+    tokens, the native engine's rule. gpu_memory_utilization (GPUs only) instead hands the
+    sizing to vLLM's profiling. Without either, vLLM would reserve 92% of the machine's
+    memory on the CPU build and refuse to start whenever less than that is free.
     """
 
     tensor_parallel_size: int = 1
@@ -73,6 +79,7 @@ class VllmOptions:
     enable_prefix_caching: bool | None = None
     distributed_executor_backend: str | None = None  # mp or ray
     enforce_eager: bool = False  # skip torch.compile / CUDA graphs: faster start-up
+    kv_cache_gb: float | None = None
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
@@ -81,6 +88,12 @@ class VllmOptions:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise InvalidRequest(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= "
                                  f"--max-loras ({self.max_loras})", field="max_cpu_loras")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise InvalidRequest(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}",
+                                 field="kv_cache_gb")
+        if self.kv_cache_gb is not None and self.gpu_memory_utilization is not None:
+            raise InvalidRequest("give --kv-cache-gb or --gpu-memory-utilization, not both",
+                                 field="kv_cache_gb")
         utilization = self.gpu_memory_utilization
         if utilization is not None and not 0 < utilization <= 1:
             raise InvalidRequest(f"--gpu-memory-utilization must be in (0, 1], got "
@@ -119,6 +132,8 @@ class VllmBackend:
         hf_config = AutoConfig.from_pretrained(model)
         self.base = BaseShape.from_config(hf_config)
         self.vocab_size = hf_config.vocab_size
+        self.kv_cache_bytes = None if options.gpu_memory_utilization is not None else \
+            _kv_cache_bytes(options, config, hf_config, getattr(torch, dtype))
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
@@ -164,7 +179,7 @@ class VllmBackend:
             distributed_executor_backend=o.distributed_executor_backend,
             enforce_eager=o.enforce_eager, disable_log_stats=False,
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
-            **({} if o.gpu_memory_utilization is None
+            **({"kv_cache_memory_bytes": self.kv_cache_bytes} if self.kv_cache_bytes
                else {"gpu_memory_utilization": o.gpu_memory_utilization}))
         try:
             return AsyncLLM.from_engine_args(args, stat_loggers=[self.scheduler.factory])
@@ -188,10 +203,15 @@ class VllmBackend:
         from vllm import __version__
 
         quantization = f", {self.quantization}" if self.quantization else ""
-        return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}"
+        kv = "KV cache sized by vLLM" if self.kv_cache_bytes is None else \
+            f"KV cache {self.kv_cache_bytes / 2**30:.2f} GiB"
+        return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}, {kv}"
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
                ) -> TokenStream:
+        if not self.alive:
+            raise Unavailable("vLLM's engine stopped (the daemon's log says why); this "
+                              "replica serves no requests until it is restarted")
         self.limits.check_prompt(prompt, params.max_tokens)
         grammar = None if params.constraint is None else ebnf(params.constraint)  # or a 400
         lora = None if adapter is None else self._lora(adapter)
@@ -506,6 +526,23 @@ def vllm_quantization(quantize: str, device: str) -> str | None:
         "--quantize nf4 (CUDA) or none, or int8 on --backend native", field="quantize")
 
 
+def _kv_cache_bytes(options: VllmOptions, config: EngineConfig, hf_config,
+                    dtype: torch.dtype) -> int:
+    """The KV cache vLLM reserves: --kv-cache-gb, else room for max_num_seqs sequences of
+    max_model_len tokens (K and V of every layer's KV heads). VLLM_CPU_KVCACHE_SPACE, if
+    set, still wins on the CPU build (vLLM reads it itself): said in the log."""
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB overrides lorag's KV cache size on vLLM-CPU",
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"])
+    if options.kv_cache_gb is not None:
+        return int(options.kv_cache_gb * 2**30)
+    head_dim = getattr(hf_config, "head_dim", None) or \
+        hf_config.hidden_size // hf_config.num_attention_heads
+    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim \
+        * torch.finfo(dtype).bits // 8
+    return config.max_num_seqs * config.max_model_len * per_token
+
+
 def _check_lora_rank(rank: int) -> None:
     if rank not in VLLM_LORA_RANKS:
         raise InvalidRequest(f"--max-lora-rank {rank}: vLLM's LoRA kernels take one of "
@@ -514,9 +551,8 @@ def _check_lora_rank(rank: int) -> None:
 
 def _check_for_device(options: VllmOptions, device: str) -> None:
     if device == "cpu" and options.gpu_memory_utilization is not None:
-        raise InvalidRequest("--gpu-memory-utilization applies to GPUs; vLLM's CPU build "
-                             "sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB)",
-                             field="gpu_memory_utilization")
+        raise InvalidRequest("--gpu-memory-utilization applies to GPUs; on the CPU build "
+                             "size the KV cache with --kv-cache-gb", field="gpu_memory_utilization")
     if options.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise InvalidRequest("--distributed-executor-backend ray: ray is not installed "
                              "(pip install ray)", field="distributed_executor_backend")

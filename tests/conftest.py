@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the vLLM daemon's KV cache
 
 import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402

@@ -81,6 +81,9 @@ def serve(
         = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         min=0.01, max=1.0, help="[vllm, GPU] Share of GPU memory vLLM may take.")] = None,
+    kv_cache_gb: Annotated[float | None, typer.Option(
+        min=0.001, help="[vllm] GiB of KV cache vLLM reserves, on CPU or GPU (default: "
+                        "max-num-seqs sequences of max-model-len tokens).")] = None,
     max_loras: Annotated[int | None, typer.Option(
         min=1, help="[vllm] Adapters in one batch (default 8).")] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(
@@ -120,6 +123,7 @@ def serve(
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
+                 "kv_cache_gb": kv_cache_gb,
                  "max_cpu_loras": max_cpu_loras,
                  "distributed_executor_backend":
                      distributed_executor_backend and distributed_executor_backend.value,

