@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from lorag.errors import InvalidRequest, NotFound
-from lorag.retrieval.ingest import Document, load
+from lorag.retrieval.ingest import Document
+from lorag.retrieval.sandbox import Parser
 from lorag.retrieval.store import DocumentStore, Hit
 from lorag.server import tenancy
 from lorag.server.tenancy import Caller
@@ -33,11 +34,12 @@ class Namespaces:
     def ingest_files(self, caller: Caller, name: str,
                      files: list[tuple[str, bytes]]) -> list[dict]:
         """Documents from uploaded files ((file name, bytes)), read by the loaders `lorag
-        ingest` uses; a file's document id is its name. Each file succeeds or fails on
-        its own: {"file", "documents": [{id, status}]} or {"file", "error"}."""
+        ingest` uses, in a process with a time and a memory limit (retrieval/sandbox.py);
+        a file's document id is its name. Each file succeeds or fails on its own:
+        {"file", "documents": [{id, status}]} or {"file", "error"}."""
         self._own(caller, name, "write documents")
         results = []
-        with tempfile.TemporaryDirectory(prefix="lorag-upload-") as work:
+        with tempfile.TemporaryDirectory(prefix="lorag-upload-") as work, Parser() as parser:
             for index, (filename, data) in enumerate(files):
                 # a browser sends a base name; anything else keeps only its last part
                 base = PureWindowsPath(PurePosixPath(filename or "").name).name
@@ -47,7 +49,7 @@ class Namespaces:
                 (folder / base).write_bytes(data)
                 try:
                     documents = [{"id": d.id, "text": d.text, "metadata": d.metadata}
-                                 for d in load(folder / base, base)]
+                                 for d in parser.load(folder / base, base)]
                     results.append({"file": base,
                                     "documents": self.put(caller, name, documents)})
                 except InvalidRequest as e:  # the loaders name the file by its path
