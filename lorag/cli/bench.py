@@ -1,4 +1,5 @@
-"""`lorag bench serving|training|retrieval|load|fleet|rag|compile`: every peer in one run, JSON."""
+"""`lorag bench serving|training|retrieval|load|soak|fleet|rag|compile`: every peer in one
+run, JSON."""
 
 import signal
 from typing import Annotated
@@ -110,6 +111,31 @@ def bench_load(
     from lorag.benchmarks.load import main
 
     main(requests, adapters, disconnect, max_tokens, json_path)
+
+
+@app.command("soak")
+def bench_soak(
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long the traffic runs.")] = 30,
+    rate: Annotated[float, typer.Option(min=0.1, help="Requests started per second.")] = 4.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = 16,
+    sample_seconds: Annotated[float, typer.Option(
+        min=1, help="Seconds between samples of the daemon's process.")] = 60,
+    warmup_minutes: Annotated[float, typer.Option(
+        min=0, help="Minutes before the memory bound is measured from.")] = 5,
+    model: Annotated[str, typer.Option(help="The daemon's base model.")] =
+        "smollm2-135m-instruct",
+    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    json_path: JsonOut = None,
+) -> None:
+    """Mixed traffic at a steady rate; memory (RssAnon + VmSwap), fds, threads and /metrics
+    sampled every minute, with the bounds they must hold."""
+    from lorag.benchmarks.soak import main
+
+    if warmup_minutes >= minutes:
+        raise InvalidRequest(f"--warmup-minutes must be below --minutes ({minutes:g}), got "
+                             f"{warmup_minutes:g}", field="warmup_minutes")
+    main(minutes, rate, concurrency, sample_seconds, warmup_minutes, model, quantize,
+         json_path)
 
 
 @app.command("fleet")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from prometheus_client.core import GaugeMetricFamily
 from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
@@ -285,8 +286,12 @@ class Engine:
                 "waiting_adapters": _distinct_adapters(waiting)}
 
     def metric_families(self) -> list:
-        """None of its own: lorag's metrics are this engine's."""
-        return []
+        """The compiled-grammar cache's size (bounded, LRU); lorag's other metrics are this
+        engine's."""
+        cache = GaugeMetricFamily("lorag_grammar_cache_bytes",
+                                  "Bytes of compiled grammars the engine keeps (LRU).",
+                                  value=self.grammars.compiler.get_cache_size_bytes())
+        return [cache]
 
     def stats(self) -> dict:
         """Occupancy plus the step counters, slot map and merge state: for benchmarks and
