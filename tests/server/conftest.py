@@ -49,3 +49,15 @@ def daemon(request, keys_file, tmp_path_factory):
 def daemon_adapters(daemon):
     """The adapter root of the daemon under test."""
     return daemon.adapters
+
+
+@pytest.fixture(scope="module")
+def own_daemon(tiny_base, keys_file, tmp_path_factory):
+    """A native daemon on the tiny model for one test module alone: one that kills its
+    engine or fuzzes its state must not share the session's. Its adapter root holds
+    "style"."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapters(tiny_model(), root, {"style": AdapterSpec(rank=4, alpha=8)}, seed=0)
+    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"), root, keys_file)
+    yield local
+    local.stop()

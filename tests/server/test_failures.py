@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, BASE, LocalDaemon
+from tests.daemons import ALICE, BASE
 
 SECRET = "/srv/tenants/bob/private-adapter"  # what an exception's text might carry
 INTERNAL = re.compile(r"internal error \(request id (error-[0-9a-f]{16})\)")
@@ -24,11 +24,8 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_base, keys_file, tmp_path_factory):
-    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"),
-                        tmp_path_factory.mktemp("adapters"), keys_file)
-    yield local
-    local.stop()
+def daemon(own_daemon):
+    return own_daemon
 
 
 def stream_events(daemon, content: str, max_tokens: int = 200) -> list[dict]:

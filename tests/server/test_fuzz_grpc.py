@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorag.v1 import lorag_pb2
-from tests.daemons import ALICE, LocalDaemon
+from tests.daemons import ALICE
 
 pytestmark = pytest.mark.fuzz
 SERVICE = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"]
@@ -92,11 +92,8 @@ def build(message_class, fields: dict):
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_base, keys_file, tmp_path_factory):
-    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"),
-                        tmp_path_factory.mktemp("adapters"), keys_file)
-    yield local
-    local.stop()
+def daemon(own_daemon):
+    return own_daemon
 
 
 @pytest.fixture(scope="module")

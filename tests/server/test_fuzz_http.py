@@ -19,18 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import ALICE, LocalDaemon
+from tests.daemons import ALICE
 
 ST = Path(sys.executable).with_name("st")
 pytestmark = pytest.mark.fuzz
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_base, keys_file, tmp_path_factory):
-    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"),
-                        tmp_path_factory.mktemp("adapters"), keys_file)
-    yield local
-    local.stop()
+def daemon(own_daemon):
+    return own_daemon
 
 
 @pytest.mark.parametrize("key", [ALICE, None], ids=["with-a-key", "without-a-key"])

@@ -18,7 +18,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BOB, LocalDaemon
-from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.fuzz
 KEYS = {"alice": ALICE, "bob": BOB}
@@ -27,14 +26,8 @@ NUMBER = st.integers(1, 2)
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_base, keys_file, tmp_path_factory):
-    from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-
-    root = tmp_path_factory.mktemp("adapters")
-    make_adapters(tiny_model(), root, {"style": AdapterSpec(rank=4, alpha=8)}, seed=0)
-    local = LocalDaemon(tiny_base, tmp_path_factory.mktemp("data"), root, keys_file)
-    yield local
-    local.stop()
+def daemon(own_daemon):
+    return own_daemon
 
 
 class Tenants(RuleBasedStateMachine):
@@ -121,14 +114,9 @@ class Tenants(RuleBasedStateMachine):
         usable = self.adapters.get((owner, name)) is not None and (
             owner == tenant or self.adapters[(owner, name)])
         if grpc_:
-            try:
-                answer = str(self.stub.Chat(lorag_pb2.ChatRequest(
-                    model=name, messages=[lorag_pb2.ChatMessage(role="user", content="hi")],
-                    sampling=lorag_pb2.SamplingOptions(max_tokens=2)),
-                    metadata=[("authorization", KEYS[tenant])], timeout=60))
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as error:
-                answer, code = error.details(), error.code()
+            answer, code = self._rpc(tenant, self.stub.Chat, lorag_pb2.ChatRequest(
+                model=name, messages=[lorag_pb2.ChatMessage(role="user", content="hi")],
+                sampling=lorag_pb2.SamplingOptions(max_tokens=2)))
             assert code == (grpc.StatusCode.OK if usable else grpc.StatusCode.NOT_FOUND)
         else:
             response = self._http(tenant, "POST", "/v1/chat/completions", json={
@@ -158,13 +146,9 @@ class Tenants(RuleBasedStateMachine):
         usable = self.namespaces.get((owner, name)) is not None and (
             owner == tenant or self.namespaces[(owner, name)])
         if grpc_:
-            try:
-                answer = str(self.stub.Search(lorag_pb2.SearchRequest(
-                    namespace=name, query="harbour tide"),
-                    metadata=[("authorization", KEYS[tenant])], timeout=60))
-                ok = True
-            except grpc.RpcError as error:
-                answer, ok = error.details(), False
+            answer, code = self._rpc(tenant, self.stub.Search, lorag_pb2.SearchRequest(
+                namespace=name, query="harbour tide"))
+            ok = code == grpc.StatusCode.OK
         else:
             response = self._http(tenant, "POST", f"/v1/namespaces/{name}/search",
                                   json={"query": "harbour tide"})
@@ -180,6 +164,14 @@ class Tenants(RuleBasedStateMachine):
         assert answer.status_code == (200 if (tenant, name) in self.namespaces else 404)
         self.namespaces.pop((tenant, name), None)
         self.documents.pop((tenant, name), None)
+
+    def _rpc(self, tenant: str, method, request) -> tuple[str, grpc.StatusCode]:
+        """A gRPC call as `tenant`: (the answer or the error's details, the status)."""
+        try:
+            answer = method(request, metadata=[("authorization", KEYS[tenant])], timeout=60)
+        except grpc.RpcError as error:
+            return error.details(), error.code()
+        return str(answer), grpc.StatusCode.OK
 
     def _http(self, tenant: str, method: str, path: str, **body) -> httpx.Response:
         return self.http.request(method, path, headers={"Authorization": KEYS[tenant]},
