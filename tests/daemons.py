@@ -60,8 +60,9 @@ class LocalDaemon(_Health):
                                state_poll_s=0.5,
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
                                served_model_name=BASE, backend=backend,
-                               # one key may fill the queue: test_http's flood reaches it
-                               max_streams_per_key=MAX_NUM_SEQS + MAX_WAITING,
+                               # past the queue's capacity: test_http's flood fills the
+                               # queue before any key reaches its share
+                               max_streams_per_key=2 * (MAX_NUM_SEQS + MAX_WAITING),
                                vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)
         self.options, self.backend, self.adapters = options, backend, root
         self.url = f"http://{options.host}:{options.port}"
