@@ -160,7 +160,10 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 async def _soak(url: str, pid: int, traffic_args: tuple, minutes: float, rate: float,
                 concurrency: int, sample_s: float) -> dict:
-    limits = httpx.Limits(max_connections=concurrency + 8)
+    # a pool of fixed size (the requests in flight, and the sampler's): once warm, the
+    # daemon holds as many client sockets as it will, so its fd count shows leaks only
+    limits = httpx.Limits(max_connections=concurrency + 1,
+                          max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         traffic = Traffic(http, *traffic_args)
         kinds, outcomes, samples = traffic.kinds(), Counter(), []
