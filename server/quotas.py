@@ -10,7 +10,8 @@ the batch) and every other tenant would wait or get 429s. A key over its share g
   BURST_S seconds' worth, charged with each request's prompt and output tokens when it
   ends; a key whose bucket is empty waits until it has refilled to zero.
 
-A key's own entry in the keys file (server/auth.py) overrides either default.
+A key's own entry in the keys file (server/auth.py) overrides either default. A daemon
+without keys has one user, and no share to keep.
 """
 
 import math
@@ -46,7 +47,10 @@ class KeyQuotas:
         self.lock = threading.Lock()
 
     def admit(self, caller: Caller) -> None:
-        """Count a new request of `caller`'s key, or refuse it (Overloaded, retry_after)."""
+        """Count a new request of `caller`'s key, or refuse it (Overloaded, retry_after).
+        A daemon without keys has one user, whose share is the whole engine."""
+        if caller.key_id is None:
+            return
         streams = caller.max_streams or self.max_streams
         rate = caller.tokens_per_s or self.tokens_per_s
         with self.lock:
@@ -64,6 +68,8 @@ class KeyQuotas:
 
     def release(self, caller: Caller, tokens: int) -> None:
         """A request of `caller`'s key ended, having used `tokens` (prompt and output)."""
+        if caller.key_id is None:
+            return
         rate = caller.tokens_per_s or self.tokens_per_s
         with self.lock:
             share = self.shares[caller.key_id]

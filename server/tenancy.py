@@ -26,14 +26,15 @@ class Caller:
     """Who is asking: their tenant, and whether they may change things; and what their key
     allows beyond that (not part of who they are: two keys of one tenant compare equal).
 
-    key_id: a short digest of the key, safe to log and to count a key's share by.
+    key_id: a short digest of the key, safe to log and to count a key's share by; None
+        on a daemon without keys (one user: no share to keep).
     adapter_roots: where this key may register adapters from (None: the daemon's roots).
     max_streams / tokens_per_s: the key's fair share (None: the daemon's default).
     """
 
     tenant: str
     admin: bool
-    key_id: str = field(default="open", compare=False)
+    key_id: str | None = field(default=None, compare=False)
     adapter_roots: tuple[Path, ...] | None = field(default=None, compare=False)
     max_streams: int | None = field(default=None, compare=False)
     tokens_per_s: float | None = field(default=None, compare=False)

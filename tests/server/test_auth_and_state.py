@@ -110,6 +110,8 @@ def test_key_quotas_count_streams_and_tokens_per_key(monkeypatch):
     assert refused.value.retry_after == 3
     now[0] += 3
     quotas.admit(slow)  # paid back
+    for _ in range(5):  # a daemon without keys: one user, the whole engine
+        quotas.admit(Caller("default", True))
 
 
 def test_adapter_records_survive_reopening(state):
