@@ -27,6 +27,9 @@ NOTES = ("# Opening hours\n\nThe Tartu reading room of the Lumen library opens a
 LONG = {"type": "object", "required": ["items"], "properties": {"items": {
     "type": "array", "minItems": 300, "items": {"type": "string"}}}}
 TIMEOUT = 180_000  # ms: answers come from a 135M model on 2 CPU cores
+# expectations wait as long too: Playwright's default, 5 s, is less than one answer takes on
+# a CPU without AVX512 (float32 compute; an adapter's 24 tokens there took over 5 s)
+expect.set_options(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
