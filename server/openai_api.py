@@ -30,11 +30,6 @@ class _Body(BaseModel):
     # is refused, not coerced
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _text_only(cls, data):
-        check_texts(data)  # a NUL or a lone surrogate: InvalidRequest, 400 naming the field
-        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -46,6 +41,16 @@ class _Body(BaseModel):
                 raise PydanticCustomError(
                     "unknown_field", "unknown field '{field}'; accepted here: {accepted}",
                     {"field": unknown[0], "accepted": ", ".join(sorted(accepted))})
+        return data
+
+
+class _RouteBody(_Body):
+    """A route's whole body: its text is checked once, here, nested bodies included."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        check_texts(data)  # a NUL or a lone surrogate: InvalidRequest, 400 naming the field
         return data
 
 
@@ -114,7 +119,7 @@ class StructuredOutputs(_Body):
         return Constraint("grammar", self.grammar)
 
 
-class _Generation(_Body):
+class _Generation(_RouteBody):
     """Fields shared by completions and chat completions."""
 
     model: str = Field(min_length=1)
@@ -250,21 +255,21 @@ class ChatBody(_Generation):
             self.sampling(self.max_completion_tokens or self.max_tokens, logprobs), rag)
 
 
-class LoadLora(_Body):
+class LoadLora(_RouteBody):
     """POST /v1/load_lora_adapter (vLLM's body)."""
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLora(_Body):
+class UnloadLora(_RouteBody):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
 
 
-class AdapterLoad(_Body):
+class AdapterLoad(_RouteBody):
     """POST /v1/adapters."""
 
     name: str = Field(min_length=1)
@@ -280,7 +285,7 @@ class Document(_Body):
     metadata: dict = Field(default_factory=dict)
 
 
-class DocumentsBody(_Body):
+class DocumentsBody(_RouteBody):
     """POST /v1/namespaces/{ns}/documents: one document, or {"documents": [...]}."""
 
     id: str | None = Field(default=None, min_length=1, max_length=512)
@@ -305,7 +310,7 @@ class DocumentsBody(_Body):
         return [{"id": self.id, "text": self.text, "metadata": self.metadata or {}}]
 
 
-class SearchBody(_Body):
+class SearchBody(_RouteBody):
     """POST /v1/namespaces/{ns}/search."""
 
     query: str = Field(min_length=1)
@@ -314,7 +319,7 @@ class SearchBody(_Body):
     filter: Filter | None = None
 
 
-class NamespaceBody(_Body):
+class NamespaceBody(_RouteBody):
     """PUT /v1/namespaces/{ns}."""
 
     shared: bool = False
