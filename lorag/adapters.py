@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorag.errors import InvalidRequest
+from lorag.errors import AdapterChanged, InvalidRequest
 
 # The projections of a Llama-family decoder layer that adapters may target.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -144,28 +145,49 @@ def confine(path: str | Path, roots: list[Path]) -> Path:
 
 def content_version(path: str | Path, roots: list[Path]) -> str:
     """The sha256 of an adapter's config and weights files: what a registration records,
-    so every replica can tell the weights it holds under a name from newer ones."""
+    so every replica can tell the weights it holds under a name from newer ones, and a
+    re-read can tell files rewritten since from the registered ones."""
     folder = confine(path, roots)
-    digest = hashlib.sha256()
+    digests = []
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         try:
             with open(confine(folder / name, roots), "rb") as file:
-                digest.update(hashlib.file_digest(file, "sha256").digest())
+                digests.append(hashlib.file_digest(file, "sha256").digest())
         except OSError as e:
             raise InvalidRequest(f"adapter path {path} has no readable {name}",
                                  field="lora_path") from e
-    return digest.hexdigest()
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def read_config(folder: Path, max_rank: int, roots: list[Path]) -> dict:
+def _version(config: bytes, weights: bytes) -> str:
+    """content_version of files already read: the same digest, of these very bytes."""
+    return hashlib.sha256(hashlib.sha256(config).digest()
+                          + hashlib.sha256(weights).digest()).hexdigest()
+
+
+def _read(path: Path, roots: list[Path], limit: int, what: str) -> bytes:
+    """A file's bytes with ordinary reads (a file truncated meanwhile reads short, where a
+    memory map would crash the process), at most `limit` of them."""
+    try:
+        with open(confine(path, roots), "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as e:
+        raise InvalidRequest(f"{path} is not readable: {e.strerror}", field="lora_path") from e
+    if len(data) > limit:
+        raise InvalidRequest(f"{path} is over {limit} bytes, more than {what}",
+                             field="lora_path")
+    return data
+
+
+def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, bytes]:
     """Read and check `adapter_config.json` (which must resolve inside `roots`, like the
-    folder); returns it as a dict."""
+    folder); returns it as a dict, and the bytes it was read from."""
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise InvalidRequest(f"{folder} has no adapter_config.json", field="lora_path")
-    confine(path, roots)
+    raw = _read(path, roots, MAX_CONFIG_BYTES, "an adapter config needs")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"{path} is not valid JSON: {e}", field="lora_path") from e
     checks = [
@@ -185,7 +207,7 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> dict:
     for ok, problem in checks:
         if not ok:
             raise InvalidRequest(f"{path}: {problem}", field="lora_path")
-    return config
+    return config, raw
 
 
 def scaling(config: dict) -> float:
@@ -194,7 +216,10 @@ def scaling(config: dict) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes adapters may use
+# safetensors' names of the dtypes adapters may use, and torch's
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20  # a PEFT adapter's header: ~100 bytes per tensor
 
 
 @contextmanager
@@ -229,47 +254,81 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
-              max_rank: int, dtype: torch.dtype = torch.float32) -> LoraWeights:
+              max_rank: int, dtype: torch.dtype = torch.float32,
+              version: str | None = None) -> LoraWeights:
     """Read and validate the PEFT adapter at `path` against `base`.
 
     Every tensor's name, dtype and shape are checked from the file's header before any
-    tensor is read, so a huge or lying file costs no memory. Validation and scaling run in
-    float32; the result is kept in `dtype` (the serving dtype: a bf16 RAM tier holds twice
-    the adapters of an fp32 one)."""
+    tensor is read, so a huge or lying file costs no memory; then the file is read once,
+    whole, and what was read is what is checked and served. With `version` (the
+    content_version a registration recorded), files whose bytes differ are refused with
+    AdapterChanged: a folder rewritten since never serves other weights under the name.
+    Validation and scaling run in float32; the result is kept in `dtype` (the serving
+    dtype: a bf16 RAM tier holds twice the adapters of an fp32 one)."""
     folder = confine(path, roots)
     if not folder.is_dir():
         raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
-    config = read_config(folder, max_rank, roots)
-    rank, scale = config["r"], scaling(config)
-    a, b = {}, {}
+    changed = AdapterChanged(f"{folder}'s files are not the ones registered (their content "
+                             "changed since)", field="lora_path")
+    if version and content_version(folder, roots) != version:
+        raise changed  # before any check of what they hold now: that is not the question
+    config, raw_config = read_config(folder, max_rank, roots)
+    declared = _check_header(folder, roots, base, config["r"])
+    size = sum(math.prod(shape) * FLOAT_DTYPES[kind].itemsize
+               for shape, kind in declared.values())
+    raw = _read(folder / "adapter_model.safetensors", roots, 8 + MAX_HEADER_BYTES + size,
+                "the tensors its header declares need")
+    if version and _version(raw_config, raw) != version:
+        raise changed  # between the two reads
+    try:
+        tensors = safetensors.torch.load(raw)
+    except SafetensorError as e:
+        raise InvalidRequest(f"{folder / 'adapter_model.safetensors'} is not a readable "
+                             f"safetensors file: {e}", field="lora_path") from e
+    if {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()} != {
+            key: (shape, FLOAT_DTYPES[kind]) for key, (shape, kind) in declared.items()}:
+        raise AdapterChanged(f"{folder}'s weights changed while they were read; try again",
+                             field="lora_path")
+    scale, a, b = scaling(config), {}, {}
+    for key, tensor in tensors.items():
+        layer, module, which = _parse_key(key, folder, base)
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
+                                 field="lora_path")
+        if which == "A":
+            a[(layer, module)] = tensor.to(dtype)
+        else:
+            b[(layer, module)] = (tensor * scale).to(dtype)
+    if not a or a.keys() != b.keys():
+        raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
+                             "least one pair", field="lora_path")
+    return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a))
+
+
+def _check_header(folder: Path, roots: list[Path], base: BaseShape,
+                  rank: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's (shape, dtype) as the safetensors header declares it, every one
+    checked against `base` and `rank`; no tensor is read."""
+    declared = {}
     with open_weights(folder, roots) as file:
-        entries = {key: _parse_key(key, folder, base) for key in file.keys()}
-        for key, (_, module, which) in entries.items():
+        for key in file.keys():
+            _, module, which = _parse_key(key, folder, base)
             header = file.get_slice(key)
             in_f, out_f = base.shapes[module]
             expected = (rank, in_f) if which == "A" else (out_f, rank)
-            if tuple(header.get_shape()) != expected:
+            shape = tuple(header.get_shape())
+            if shape != expected:
                 raise InvalidRequest(
-                    f"{folder}: {key} has shape {list(header.get_shape())}, this base model "
-                    f"needs {list(expected)}; the adapter was trained for a different base "
-                    "model", field="lora_path")
+                    f"{folder}: {key} has shape {list(shape)}, this base model needs "
+                    f"{list(expected)}; the adapter was trained for a different base model",
+                    field="lora_path")
             if header.get_dtype() not in FLOAT_DTYPES:
                 raise InvalidRequest(f"{folder}: {key} is {header.get_dtype()}; adapter "
                                      f"weights are one of {', '.join(FLOAT_DTYPES)}",
                                      field="lora_path")
-        for key, (layer, module, which) in entries.items():
-            tensor = file.get_tensor(key).float()
-            if not torch.isfinite(tensor).all():
-                raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
-                                     field="lora_path")
-            if which == "A":
-                a[(layer, module)] = tensor.to(dtype)
-            else:
-                b[(layer, module)] = (tensor * scale).to(dtype)
-    if not a or a.keys() != b.keys():
-        raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
-                             "least one pair", field="lora_path")
-    return LoraWeights(name, rank, a, b, frozenset(module for _, module in a))
+            declared[key] = (shape, header.get_dtype())
+    return declared
 
 
 def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:

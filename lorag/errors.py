@@ -30,6 +30,11 @@ class AdapterNotFound(NotFound):
     """No adapter of that name is visible to the caller."""
 
 
+class AdapterChanged(LoragError):
+    """A registered adapter's files no longer hold the weights it was registered with
+    (rewritten or deleted since): an admin registers it again, or unloads it."""
+
+
 class Overloaded(LoragError):
     """The daemon is at capacity (bounded queue full), or the caller's key at its share;
     retrying after `retry_after` seconds may succeed."""

@@ -87,9 +87,11 @@ class Backend(Protocol):
         """Stop a request; whether it was still running."""
         ...
 
-    def load_adapter(self, key: str, path: str, lazy: bool = False) -> bool:
+    def load_adapter(self, key: str, path: str, lazy: bool = False,
+                     version: str | None = None) -> bool:
         """Validate and register an adapter (lazy: remember the path, read it on first
-        use); True if new, False if it was already registered."""
+        use; version: the files' content_version, which every read must find); True if
+        new, False if it was already registered."""
         ...
 
     def unload_adapter(self, key: str) -> bool: ...

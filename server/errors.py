@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from lorag.errors import (
+    AdapterChanged,
     InvalidRequest,
     LoragError,
     NotFound,
@@ -39,6 +40,7 @@ MAPPINGS: dict[type[LoragError], Mapping] = {
     Unauthenticated: Mapping(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: Mapping(403, "permission_error", grpc.StatusCode.PERMISSION_DENIED),
     NotFound: Mapping(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
+    AdapterChanged: Mapping(409, "conflict_error", grpc.StatusCode.FAILED_PRECONDITION),
     Overloaded: Mapping(429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     Unavailable: Mapping(503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE),
 }

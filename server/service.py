@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 
 from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, confine, content_version
-from lorag.errors import AdapterNotFound, InvalidRequest, Unavailable
+from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import MODES, DocumentStore
@@ -203,7 +203,12 @@ class Service:
             if shared:
                 tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
             start = time.perf_counter()
-            loaded = self._install(record, lazy=False)  # reads + validates
+            try:
+                loaded = self._install(record, lazy=False)  # reads + validates
+            except AdapterChanged as e:
+                raise AdapterChanged(f"the files at {path} changed while they were being "
+                                     "registered; register them once they are written",
+                                     field="lora_path") from e
             self.metrics.adapter_load.observe(time.perf_counter() - start)
             # the row is written only after validation: a crash before this line leaves
             # no trace; after it, a complete record
@@ -289,7 +294,8 @@ class Service:
         if known is not None and (known.path, known.version) != (record.path, record.version):
             self.engine.unload_adapter(record.key)
             known = None
-        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy)
+        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy,
+                                          version=record.version or None)
         self.records[record.key] = record
         return loaded
 

@@ -235,11 +235,12 @@ class VllmBackend:
             self.loop.call_soon_threadsafe(self._cancel_request, request_id)
         return running
 
-    def load_adapter(self, key: str, path: str, lazy: bool = False) -> bool:
+    def load_adapter(self, key: str, path: str, lazy: bool = False,
+                     version: str | None = None) -> bool:
         if lazy:  # a restored record: validated on first use
-            self.registry.remember(key, path)
+            self.registry.remember(key, path, version)
             return True
-        new = self.registry.register(key, path)  # validates, or refuses another path
+        new = self.registry.register(key, path, version)  # validates, or refuses
         self._ensure_added(key, self._entry(key))
         return new
 

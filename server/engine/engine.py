@@ -218,17 +218,19 @@ class Engine:
 
     # ---- adapters ----
 
-    def load_adapter(self, name: str, path: str, lazy: bool = False) -> bool:
+    def load_adapter(self, name: str, path: str, lazy: bool = False,
+                     version: str | None = None) -> bool:
         """Register (read + validate) an adapter; True if new, False if already loaded.
 
         Runs in the caller's thread, never on the step loop. The adapter enters a slot
         between steps when a request first uses it. lazy: only record the path (restoring
-        a registry); the file is read and validated on first use.
+        a registry); the file is read and validated on first use. version: the files'
+        content_version, which every read must find (AdapterRegistry).
         """
         if lazy:
-            self.registry.remember(name, path)
+            self.registry.remember(name, path, version)
             return True
-        return self.registry.register(name, path)
+        return self.registry.register(name, path, version)
 
     def unload_adapter(self, name: str) -> bool:
         """Forget an adapter. Running requests that use it finish; new ones get a 404."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lorag.adapters import BaseShape, LoraWeights, load_lora
-from lorag.errors import AdapterNotFound, InvalidRequest
+from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest
 from lorag.names import MAX_KEY_LENGTH, check_name
 
 
@@ -16,6 +16,11 @@ class AdapterRegistry:
 
     Thread-safe: the daemon's handlers register and the step loop reads. File reading and
     validation run in the caller's thread, outside the lock and off the step loop.
+
+    A name stands for the files' content when it was registered (`version`, their
+    content_version), not for whatever the folder holds later: weights in RAM keep serving
+    when the folder is rewritten or deleted, and one re-read after eviction that finds
+    other bytes, or none, is refused (AdapterChanged) rather than served under the name.
     """
 
     def __init__(self, base: BaseShape, roots: list[Path], max_rank: int, max_bytes: int,
@@ -23,12 +28,14 @@ class AdapterRegistry:
         self.base, self.roots, self.max_rank, self.max_bytes = base, roots, max_rank, max_bytes
         self.dtype = dtype  # weights are kept in the serving dtype
         self.paths: dict[str, Path] = {}
+        self.versions: dict[str, str | None] = {}  # content_version at registration
         self.ram: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
         self.ram_bytes = 0  # sum of nbytes over self.ram
         self.lock = threading.Lock()
 
-    def register(self, name: str, path: str | Path) -> bool:
-        """Validate and load the adapter at `path` as `name`.
+    def register(self, name: str, path: str | Path, version: str | None = None) -> bool:
+        """Validate and load the adapter at `path` as `name` (with `version`, only if the
+        files' content is that one).
 
         Idempotent: the same name and path again refreshes its LRU position and returns
         False; a new adapter returns True. A name already taken by another path is refused.
@@ -40,31 +47,39 @@ class AdapterRegistry:
         if known is not None and known != resolved:
             raise InvalidRequest(f"adapter {name!r} is already registered from {known}; "
                                  "unload it first", field="lora_name")
-        if known is not None and name in self.ram:
+        if known is not None and name in self.ram and self.versions.get(name) == version:
             self.get(name)
             return False
-        lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype)
+        lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype, version)
         with self.lock:
-            self.paths[name] = resolved
+            self.paths[name], self.versions[name] = resolved, version
             self._keep(lora)
         return known is None
 
-    def remember(self, name: str, path: str | Path) -> None:
+    def remember(self, name: str, path: str | Path, version: str | None = None) -> None:
         """Know `name` at `path` without reading it now (a daemon restoring its registry
         after a restart); it is read and validated on first use, like an evicted one."""
         with self.lock:
             self.paths[name] = Path(path).expanduser().resolve()
+            self.versions[name] = version
 
     def get(self, name: str) -> LoraWeights:
-        """The adapter's weights, re-read from its file if it left RAM."""
+        """The adapter's weights, re-read from its files if it left RAM: the registered
+        content, else AdapterChanged (the files were rewritten or deleted since)."""
         with self.lock:
             if name in self.ram:
                 self.ram.move_to_end(name)
                 return self.ram[name]
-            path = self.paths.get(name)
+            path, version = self.paths.get(name), self.versions.get(name)
         if path is None:
             raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
-        lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype)
+        try:
+            lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype,
+                             version)
+        except (AdapterChanged, InvalidRequest) as e:
+            raise AdapterChanged(
+                f"adapter {name!r} can no longer be read as it was registered ({e.message}); "
+                "register it again, or unload it", field="model") from e
         with self.lock:
             self._keep(lora)
         return lora
@@ -73,6 +88,7 @@ class AdapterRegistry:
         """Forget `name`; says whether it was registered."""
         with self.lock:
             self._drop(name)
+            self.versions.pop(name, None)
             return self.paths.pop(name, None) is not None
 
     def __contains__(self, name: str) -> bool:
