@@ -23,6 +23,7 @@ who owns it is the caller's business.
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import uuid
@@ -51,6 +52,8 @@ from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.lexical import LexicalIndex, fuse
 from lorag.state import Database
 from lorag.state.schema import chunks, documents, namespaces, removed_chunks
+
+log = logging.getLogger("lorag.retrieval")
 
 MODES = ("vector", "bm25", "hybrid")
 KEPT_GENERATIONS = 16  # tombstones of the last 16 writes outlive a prune
@@ -372,7 +375,9 @@ class DocumentStore:
         return _Derived(incarnation, generation, index, texts, saved=True)
 
     def _save(self, namespace: str, derived: _Derived) -> None:
-        """Write the snapshot (temp file + rename, the stamp last)."""
+        """Write the snapshot (temp file + rename, the stamp last). A snapshot is only a
+        head start for the next open: one that cannot be written (a full disk) is logged
+        and tried again at close, and whatever was committed stays acknowledged."""
         path, stamp = self._paths(namespace)
         stamp.unlink(missing_ok=True)  # no stamp: a half-written pair is never trusted
         for target, write in ((path, lambda p: faiss.write_index(derived.index, str(p))),
@@ -380,8 +385,15 @@ class DocumentStore:
                                   "incarnation": derived.incarnation,
                                   "generation": derived.generation})))):
             temporary = target.with_name(f".{target.name}.tmp")
-            write(temporary)
-            os.replace(temporary, target)
+            try:
+                write(temporary)
+                os.replace(temporary, target)
+            except (OSError, RuntimeError) as e:  # faiss raises RuntimeError on I/O errors
+                temporary.unlink(missing_ok=True)
+                log.warning("cannot save the index snapshot of namespace %r (%s); it is "
+                            "rebuilt from the database when next needed", namespace,
+                            str(e).strip().splitlines()[-1])
+                return
         derived.saved = True
 
     def _forget(self, namespace: str) -> None:

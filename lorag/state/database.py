@@ -36,6 +36,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 URL_RULE = "sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
 CONNECT_TIMEOUT_S = 5  # a PostgreSQL that does not answer fails a request in seconds
 BACKOFF_S = (0.5, 10.0)  # the follower's reconnection delay: first, and the cap
+SQLITE_FULL = "database or disk is full"  # SQLite's SQLITE_FULL: the transaction rolled back
 OnChange = Callable[[str | None, str | None], None]  # (topic, name); (None, None): poll
 
 
@@ -113,9 +114,13 @@ class Database:
                 with connection.begin():
                     yield connection
         except (exc.OperationalError, exc.InterfaceError) as e:
-            if self.dialect == "sqlite" and "locked" not in str(e.orig):
-                raise  # a broken statement on SQLite is a bug, not an outage
             reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            if self.dialect == "sqlite" and SQLITE_FULL in reason:  # rolled back: nothing
+                raise Unavailable(f"the state database {self.name} cannot be written: its "
+                                  "disk is full; nothing of this request was stored. Retry "
+                                  "once space is freed", field="state") from e
+            if self.dialect == "sqlite" and "locked" not in reason:
+                raise  # a broken statement on SQLite is a bug, not an outage
             raise Unavailable(f"the state database {self.name} cannot be reached: {reason}",
                               field="state") from e
 
