@@ -126,7 +126,8 @@ def serve(options: ServeOptions, console: Console) -> None:
     service = build_service(options)
     grpc_server = None
     try:  # however serving ends (a port in use included), the engine stops with it
-        grpc_server = start_grpc(service, options.host, options.grpc_port)
+        grpc_server = start_grpc(service, options.host, options.grpc_port,
+                                 options.engine.max_num_seqs + options.engine.max_waiting)
         _serve(service, options, console)
     finally:
         if grpc_server is not None:

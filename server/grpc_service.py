@@ -22,6 +22,7 @@ from lorag.server.tenancy import Caller
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 
 ENGINE_POLL_S = 0.5  # how often gRPC health looks at the engine
+UNARY_WORKERS = 16  # gRPC worker threads beyond one per request the engine holds
 SERVICE_NAME = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].full_name
 FINISH = {"stop": lorag_pb2.FINISH_REASON_STOP, "length": lorag_pb2.FINISH_REASON_LENGTH,
           "cancelled": lorag_pb2.FINISH_REASON_CANCELLED}
@@ -290,10 +291,17 @@ def _follow_engine(service: Service, health_servicer: health.HealthServicer) -> 
     health_servicer.enter_graceful_shutdown()
 
 
-def start_grpc(service: Service, host: str, port: int, workers: int = 32) -> grpc.Server:
-    """Serve the API, health checking and reflection on host:port; returns the server."""
+def start_grpc(service: Service, host: str, port: int, requests: int) -> grpc.Server:
+    """Serve the API, health checking and reflection on host:port; returns the server.
+
+    A call holds a worker thread while it runs, a stream for as long as it generates:
+    `requests` (what the engine holds at once, running and waiting) workers for them and
+    UNARY_WORKERS more, so that however many streams a tenant opens, health checks and
+    other tenants' calls find a thread. Threads start as calls need them; past them all a
+    call is refused at once (RESOURCE_EXHAUSTED), never left in a queue nobody sees."""
+    workers = requests + UNARY_WORKERS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[ErrorInterceptor()])
+                         interceptors=[ErrorInterceptor()], maximum_concurrent_rpcs=workers)
     lorag_pb2_grpc.add_LoragServiceServicer_to_server(LoragServicer(service), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

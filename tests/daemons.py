@@ -74,7 +74,8 @@ class LocalDaemon(_Health):
         options = self.options
         self.service = build_service(options)
         try:
-            self.grpc = start_grpc(self.service, options.host, options.grpc_port)
+            self.grpc = start_grpc(self.service, options.host, options.grpc_port,
+                                   MAX_NUM_SEQS + MAX_WAITING)
         except BaseException:
             self.service.close()
             raise
