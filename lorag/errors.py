@@ -22,6 +22,11 @@ class InvalidRequest(LoragError):
     """The input is malformed or names something that cannot be used as given."""
 
 
+class TooLarge(InvalidRequest):
+    """The request brings more than a configured limit allows (the message says which
+    limit, and what it allows)."""
+
+
 class NotFound(LoragError):
     """Nothing of that name is visible to the caller (another tenant's things included)."""
 

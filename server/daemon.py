@@ -14,7 +14,7 @@ engine stop, in reverse order, and the process exits 0. A second signal stops at
 import logging
 import signal
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from lorag.server.backend import Backend
 from lorag.server.engine import Engine, EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import MAX_BODY_BYTES, create_app
+from lorag.server.limits import RequestLimits
 from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.state import StateStore
@@ -71,6 +72,7 @@ class ServeOptions:
     # each API key's fair share (server/quotas.py); keys may carry their own
     max_streams_per_key: int | None = None  # requests in flight; default max_num_seqs
     tokens_per_s_per_key: float = 0.0  # 0: no rate limit
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per request
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -96,7 +98,7 @@ def build_service(options: ServeOptions) -> Service:
         quotas = KeyQuotas(options.max_streams_per_key or config.max_num_seqs,
                            options.tokens_per_s_per_key)
         service = Service(engine, StateStore(db), keys, model_name=name, documents=documents,
-                          quotas=quotas)
+                          quotas=quotas, limits=options.limits)
         service.follow_state(options.state_poll_s)
     except BaseException:  # the engine's loop is running: it must not outlive this
         engine.shutdown()
@@ -151,8 +153,8 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
     signal.signal(signal.SIGHUP, lambda *_: service.keys.reload())  # `kill -HUP`: new keys
     config = uvicorn.Config(create_app(service, options.max_body_bytes), host=options.host,
-                            port=options.port,
-                            log_level="warning", timeout_graceful_shutdown=5)
+                            port=options.port, log_level="warning", timeout_graceful_shutdown=5,
+                            h11_max_incomplete_event_size=options.limits.header_kb << 10)
     DrainingServer(config, service, options.shutdown_timeout_s, console).run()
 
 

@@ -21,6 +21,7 @@ from lorag.errors import (
     Overloaded,
     PermissionDenied,
     RequestFailed,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -40,6 +41,7 @@ MAPPINGS: dict[type[LoragError], Mapping] = {
     Unauthenticated: Mapping(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     PermissionDenied: Mapping(403, "permission_error", grpc.StatusCode.PERMISSION_DENIED),
     NotFound: Mapping(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
+    TooLarge: Mapping(413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     AdapterChanged: Mapping(409, "conflict_error", grpc.StatusCode.FAILED_PRECONDITION),
     Overloaded: Mapping(429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     Unavailable: Mapping(503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE),

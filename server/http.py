@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorag.errors import InvalidRequest, LoragError, Overloaded
+from lorag.errors import LoragError, Overloaded, TooLarge
 from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
     ERROR_RESPONSES,
@@ -40,17 +40,17 @@ from lorag.server.openai_responses import collected, streamed
 from lorag.server.service import Service
 from lorag.server.tenancy import Caller
 
-MAX_UPLOAD_FILES = 32
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # per file
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a JSON body (`lorag serve --max-body-mb`)
 
 
 def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The daemon's HTTP app over `service`; bodies over `max_body_bytes` get a 413
-    (uploads: MAX_UPLOAD_FILES files of MAX_UPLOAD_BYTES)."""
+    (uploads: the service's limits on their files)."""
     app = FastAPI(title="lorag", version="0.1.0")
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    limits = service.limits
+    app.add_middleware(BodyLimit, limit=max_body_bytes,
+                       upload_limit=limits.upload_files * limits.upload_file_bytes + (1 << 20))
     app.add_exception_handler(LoragError, lorag_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -127,16 +127,17 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
 class BodyLimit:
     """ASGI middleware: a request body over the limit is refused with a 413 before it is
     read whole: at once by its Content-Length, else as its bytes arrive. An upload's
-    limit is its files' (MAX_UPLOAD_FILES of MAX_UPLOAD_BYTES, plus room for the form)."""
+    limit is its files' (`upload_limit`: as many files as an upload takes, each as large
+    as one may be, plus room for the form)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         upload = scope["path"].startswith("/v1/namespaces/") and scope["path"].endswith("/files")
-        limit = MAX_UPLOAD_FILES * MAX_UPLOAD_BYTES + (1 << 20) if upload else self.limit
+        limit = self.upload_limit if upload else self.limit
         too_large = StarletteHTTPException(413, f"the request body is over {limit} bytes, the "
                                                 "largest this daemon takes here")
         length = dict(scope["headers"]).get(b"content-length", b"")
@@ -299,15 +300,15 @@ def put_documents(namespace: str, body: DocumentsBody, service: ServiceDep,
 def upload_files(namespace: str, files: Annotated[list[UploadFile], File()],
                  service: ServiceDep, caller: CallerDep):
     """Files (multipart `files`) read as `lorag ingest` reads them; an outcome per file."""
-    if len(files) > MAX_UPLOAD_FILES:
-        raise InvalidRequest(f"at most {MAX_UPLOAD_FILES} files per upload, got "
-                             f"{len(files)}", field="files")
+    limits = service.limits
+    limits.check_upload(len(files))
     contents = []
     for upload in files:
-        data = upload.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise InvalidRequest(f"{upload.filename} is over {MAX_UPLOAD_BYTES >> 20} MiB, the "
-                                 "largest file an upload takes", field="files")
+        data = upload.file.read(limits.upload_file_bytes + 1)
+        if len(data) > limits.upload_file_bytes:
+            raise TooLarge(f"{upload.filename} is over {limits.upload_file_mb} MiB, the "
+                           "largest file an upload takes (the daemon's --limit "
+                           "upload_file_mb)", field="files")
         contents.append((upload.filename, data))
     return {"namespace": namespace,
             "files": service.namespaces.ingest_files(caller, namespace, contents)}

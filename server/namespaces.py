@@ -13,19 +13,21 @@ from lorag.retrieval.ingest import Document
 from lorag.retrieval.sandbox import Parser
 from lorag.retrieval.store import DocumentStore, Hit
 from lorag.server import tenancy
+from lorag.server.limits import RequestLimits
 from lorag.server.tenancy import Caller
 
 
 class Namespaces:
     """Tenant-scoped documents and search over one DocumentStore."""
 
-    def __init__(self, store: DocumentStore):
-        self.store = store
+    def __init__(self, store: DocumentStore, limits: RequestLimits):
+        self.store, self.limits = store, limits
 
     def put(self, caller: Caller, name: str, documents: list[dict]) -> list[dict]:
         """Add or replace documents ({id, text, metadata}) in one transaction; each
         one's outcome."""
         namespace = self._own(caller, name, "write documents")
+        self.limits.check_documents(documents)
         outcomes = self.store.put_documents(namespace, [
             Document(d["id"], d["text"], d.get("metadata") or {}) for d in documents])
         return [{"id": d["id"], "status": status}

@@ -291,7 +291,7 @@ class DocumentsBody(_RouteBody):
     id: str | None = Field(default=None, min_length=1, max_length=512)
     text: str | None = Field(default=None, min_length=1)
     metadata: dict | None = None
-    documents: list[Document] | None = Field(default=None, min_length=1, max_length=1000)
+    documents: list[Document] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_shape(self):

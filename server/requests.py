@@ -16,7 +16,6 @@ COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's d
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
 RAG_MAX_TOP_K = 20  # passages one chat may retrieve
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
-MAX_MESSAGES = 1024  # messages in one chat
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
 # What a request gets for a sampling field it leaves out (OpenAI's and vLLM's defaults).
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0,
@@ -86,9 +85,6 @@ class ChatRequest:
         if not self.messages:
             raise InvalidRequest("messages is empty: a chat needs at least one message",
                                  field="messages")
-        if len(self.messages) > MAX_MESSAGES:
-            raise InvalidRequest(f"messages has {len(self.messages)} messages; a chat takes "
-                                 f"at most {MAX_MESSAGES}", field="messages")
         for i, message in enumerate(self.messages):
             if message.get("role") not in ROLES:
                 raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, "

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 
 from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, confine, content_version
 from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
@@ -23,6 +24,7 @@ from lorag.server.backend import Backend
 from lorag.server.chat_template import render_chat
 from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import token_bytes
+from lorag.server.limits import RequestLimits
 from lorag.server.metrics import Metrics, TrackedStream, metric_label
 from lorag.server.namespaces import Namespaces
 from lorag.server.quotas import KeyQuotas
@@ -46,10 +48,12 @@ class Service:
     """Tenant-scoped chat, completions, retrieval and adapter management over one engine."""
 
     def __init__(self, engine: Backend, store: StateStore, keys: ApiKeys, model_name: str,
-                 documents: DocumentStore, quotas: KeyQuotas):
+                 documents: DocumentStore, quotas: KeyQuotas,
+                 limits: RequestLimits | None = None):
         self.engine = engine
         self.quotas = quotas  # each API key's share of the engine
-        self.namespaces = Namespaces(documents)
+        self.limits = limits or RequestLimits()  # what one request may bring
+        self.namespaces = Namespaces(documents, self.limits)
         self.store = store
         self.keys = keys
         self.model_name = model_name
@@ -89,6 +93,8 @@ class Service:
         """Submit one chat turn: grounded in a namespace when `request.rag` is set, rendered
         with the base model's chat template, on the requested adapter or composition.
         Blocking (retrieval embeds the question): async callers run it in a thread."""
+        self.limits.check_chat(request.messages, request.sampling.stop,
+                               request.sampling.constraint)
         adapter = self._adapter(caller, request.model, request.adapters)
         grounding = None
         if request.rag is None:
@@ -102,6 +108,7 @@ class Service:
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
+        self.limits.check_sampling(request.sampling.stop, request.sampling.constraint)
         adapter = self._adapter(caller, request.model, request.adapters)
         params = request.sampling.params(default_max_tokens=COMPLETION_TOKENS)
         prompt = request.prompt
@@ -200,6 +207,9 @@ class Service:
         version = content_version(path, list(self.engine.limits.adapter_roots))
         record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
         with self.lock:
+            owned = [r.name for r in self.store.adapters() if r.tenant == caller.tenant]
+            if name not in owned:
+                self.limits.check_adapters(caller.tenant, len(owned))
             if shared:
                 tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
             start = time.perf_counter()
@@ -350,6 +360,7 @@ class Service:
                 "rag": {"top_k": Rag.top_k, "max_top_k": RAG_MAX_TOP_K, "mode": Rag.mode,
                         "modes": list(MODES)},
                 "ingest_file_types": sorted(SUFFIXES),
+                "request_limits": asdict(self.limits),
                 "caller": {"tenant": caller.tenant, "admin": caller.admin}}
 
     def health(self) -> dict:

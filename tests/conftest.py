@@ -115,8 +115,14 @@ def pytest_addoption(parser):
                           "bench-setup`; `make test-llamacpp` runs both)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the marks
 def pytest_collection_modifyitems(config, items):
-    """The llamacpp lane runs with --llamacpp only (deselected, and counted so, without)."""
+    """A test on the vLLM daemon is e2e however it got it (an indirect parametrization
+    skips the fixture param's mark). The llamacpp lane runs with --llamacpp only
+    (deselected, and counted so, without)."""
+    for item in items:
+        if getattr(item, "callspec", None) and item.callspec.params.get("daemon") == "vllm":
+            item.add_marker(pytest.mark.e2e)
     if config.getoption("--llamacpp"):
         return
     chosen = [item for item in items if "llamacpp" not in item.keywords]

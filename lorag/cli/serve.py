@@ -108,6 +108,11 @@ def serve(
     tokens_per_s_per_key: Annotated[float, typer.Option(
         min=0, help="Prompt + output tokens per second one API key may use (then 429 with "
                     "Retry-After); 0: no limit. A key's own entry may set its own.")] = 0.0,
+    limit: Annotated[list[str] | None, typer.Option(
+        metavar="NAME=N", help="Raise or lower one per-request limit, repeatable: messages, "
+        "stop_strings, stop_chars, schema_kb, schema_depth, regex_chars, "
+        "documents_per_request, document_chars, upload_files, upload_file_mb, "
+        "adapters_per_tenant, header_kb (defaults and meanings: README, Limits).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
@@ -116,6 +121,7 @@ def serve(
     from lorag.server.daemon import ServeOptions
     from lorag.server.daemon import serve as run
     from lorag.server.engine import EngineConfig
+    from lorag.server.limits import RequestLimits
 
     native_only = {"max_active_adapters": max_active_adapters,
                    "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge,
@@ -153,7 +159,8 @@ def serve(
                      shutdown_timeout_s=shutdown_timeout,
                      max_body_bytes=int(max_body_mb * (1 << 20)),
                      max_streams_per_key=max_streams_per_key,
-                     tokens_per_s_per_key=tokens_per_s_per_key),
+                     tokens_per_s_per_key=tokens_per_s_per_key,
+                     limits=RequestLimits().with_settings(limit or [])),
         console)
 
 

@@ -14,10 +14,6 @@ MAX_LOGPROBS = 20  # most likely tokens a request may ask to see per position (O
 # A temperature below this samples greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
 # tiny temperature overflows them to inf, and softmax of inf is NaN.
 SAMPLING_EPS = 1e-5
-MAX_STOPS = 16  # stop strings per request
-# characters per stop string: each one is looked for in the output after every token, on
-# the step loop that every request shares
-MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -60,9 +56,10 @@ class SamplingParams:
              "a number in (0, 1]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
-            ("stop", isinstance(self.stop, list) and len(self.stop) <= MAX_STOPS
-             and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
-             f"a list of at most {MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters"),
+            # how many and how long: the service's limits (server/limits.py)
+            ("stop", isinstance(self.stop, list)
+             and all(isinstance(s, str) and s for s in self.stop),
+             "a list of non-empty strings"),
             ("presence_penalty", isinstance(self.presence_penalty, number)
              and -2 <= self.presence_penalty <= 2, "a number in [-2, 2]"),
             ("frequency_penalty", isinstance(self.frequency_penalty, number)

@@ -22,9 +22,6 @@ import xgrammar as xgr
 from lorag.errors import InvalidRequest
 
 KINDS = ("json_object", "json_schema", "regex", "grammar")
-# Bounds on what a request may ask to compile: its compile time grows with them
-MAX_SPEC_CHARS = {"json_schema": 64 << 10, "grammar": 64 << 10, "regex": 4096}
-MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in a JSON schema
 GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept; least recently used leave first
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: Check failed: (...) is false:"
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -49,11 +46,6 @@ class Constraint:
         if self.kind != "json_object" and not self.spec.strip():
             raise InvalidRequest(f"response_format: the {self.kind} is empty",
                                  field="response_format")
-        limit = MAX_SPEC_CHARS.get(self.kind, 0)
-        if limit and len(self.spec) > limit:
-            raise InvalidRequest(f"response_format: the {self.kind} has {len(self.spec)} "
-                                 f"characters; at most {limit} are compiled",
-                                 field="response_format")
         if self.kind == "json_schema":
             try:
                 schema = json.loads(self.spec)
@@ -63,14 +55,16 @@ class Constraint:
             if not isinstance(schema, dict):
                 raise InvalidRequest("response_format: the json_schema must be a JSON object, "
                                      f"got {self.spec[:40]!r}", field="response_format")
-            _check_depth(schema)
 
     @classmethod
     def of_schema(cls, schema: dict) -> "Constraint":
-        """A json_schema constraint from a parsed schema (HTTP bodies), its depth checked
-        before it is written back as text."""
-        _check_depth(schema)
-        return cls("json_schema", json.dumps(schema))
+        """A json_schema constraint from a parsed schema (HTTP bodies). How large a schema
+        may be is the service's to say (server/limits.py)."""
+        try:
+            return cls("json_schema", json.dumps(schema))
+        except RecursionError as e:
+            raise InvalidRequest("response_format: the json_schema nests too deep to be "
+                                 "read", field="response_format") from e
 
     def json_schema(self) -> dict:
         """The JSON schema to compile (json_object: any object), with length-bounded strings
@@ -80,13 +74,7 @@ class Constraint:
         return _bounded_strings(json.loads(self.spec))
 
 
-def _check_depth(schema: dict) -> None:
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise InvalidRequest(f"response_format: the json_schema nests deeper than "
-                             f"{MAX_SCHEMA_DEPTH} levels", field="response_format")
-
-
-def _depth(value) -> int:
+def depth(value) -> int:
     """How deeply objects and arrays nest in `value` (a walk with its own stack)."""
     deepest, pending = 0, [(value, 1)]
     while pending:

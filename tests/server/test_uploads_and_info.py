@@ -64,8 +64,10 @@ def test_bad_uploads_say_what_is_wrong_and_write_nothing(daemon):
     bad_name = upload(daemon, "no/slashes", [("hours.md", HOURS)])
     assert bad_name.status_code in (400, 404)
     too_many = upload(daemon, "many", [(f"{i}.txt", b"x") for i in range(33)])
-    assert too_many.status_code == 400
-    assert too_many.json()["error"]["message"] == "at most 32 files per upload, got 33"
+    assert too_many.status_code == 413
+    assert too_many.json()["error"]["message"] == (
+        "files has 33 files in one upload; at most 32 are taken (the daemon's --limit "
+        "upload_files)")
     none = httpx.post(f"{daemon.url}/v1/namespaces/empty/files",
                       headers={"Authorization": ALICE})
     assert none.status_code == 400 and none.json()["error"]["param"] == "files"
@@ -82,6 +84,7 @@ def test_the_server_form_says_defaults_limits_and_rights(daemon):
     assert info["rag"] == {"top_k": 4, "max_top_k": 20, "mode": "hybrid",
                            "modes": ["vector", "bm25", "hybrid"]}
     assert info["ingest_file_types"] == sorted(SUFFIXES)
+    assert info["request_limits"]["messages"] == 1024
     assert info["caller"] == {"tenant": "alice", "admin": True}
     user = httpx.get(f"{daemon.url}/v1/server", headers={"Authorization": ALICE_USER}).json()
     assert user["caller"] == {"tenant": "alice", "admin": False}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
-from lorag.errors import InvalidRequest
+from lorag.errors import AdapterChanged
 from lorag.models import load_base, resolve_dtype
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
 from tests.daemons import MAX_LORA_RANK, MAX_MODEL_LEN
@@ -99,7 +99,8 @@ def test_a_restored_adapter_is_read_and_validated_on_first_use(daemon):
         eager, lazy = (vllm.submit(prompt, params, key, f"restore-{key}").result().token_ids
                        for key in ("restore.eager", "restore.lazy"))
         assert lazy == eager
-        with pytest.raises(InvalidRequest, match="non-finite"):
+        with pytest.raises(AdapterChanged, match="can no longer be read as it was "
+                                                 "registered .*non-finite"):
             vllm.submit(prompt, params, "restore.bad", "restore-bad")
         assert vllm.alive
     finally:
