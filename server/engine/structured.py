@@ -11,18 +11,26 @@ it to those requests' rows of the logits only, so constrained and free requests,
 different adapters, share one step.
 """
 
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import xgrammar as xgr
 
-from lorag.errors import InvalidRequest
+from lorag.errors import InvalidRequest, Overloaded
 
 KINDS = ("json_object", "json_schema", "regex", "grammar")
 GRAMMAR_CACHE_BYTES = 64 << 20  # compiled grammars kept; least recently used leave first
+COMPILE_S = 10.0  # the longest one constraint may take to compile (`--grammar-compile-s`)
+COMPILE_THREADS = 2  # compiles at once
+TOO_SLOW_KEPT = 1024  # grammars remembered as past the budget, refused again at once
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: Check failed: (...) is false:"
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 
@@ -135,19 +143,56 @@ def ebnf(constraint: Constraint) -> str:
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer and hands out per-request matchers."""
+    """Compiles constraints for one tokenizer and hands out per-request matchers.
+
+    A compile may take at most `compile_s` seconds: a constraint that takes longer is
+    refused (InvalidRequest), and so is the same grammar sent again, at once. xgrammar
+    cannot be interrupted, so the compile finishes in its thread in the background (it
+    releases the GIL: the step loop and other requests carry on); COMPILE_THREADS run at
+    once, and a constraint that finds none free within the budget gets Overloaded."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int],
-                 cache_bytes: int = GRAMMAR_CACHE_BYTES):
+                 cache_bytes: int = GRAMMAR_CACHE_BYTES, compile_s: float = COMPILE_S):
         self.vocab_size = vocab_size  # the logits' width (the model's, not the tokenizer's)
         self.stop_ids = sorted(stop_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=self.stop_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_bytes)
+        self.compile_s = compile_s
+        self.slots = threading.BoundedSemaphore(COMPILE_THREADS)
+        self.too_slow: OrderedDict[str, None] = OrderedDict()  # grammars past the budget
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         """The constraint's grammar, compiled for this vocabulary (cached by its text)."""
-        return self.compiler.compile_grammar(ebnf(constraint))
+        text = ebnf(constraint)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        refused = InvalidRequest(
+            f"response_format: the {constraint.kind} takes longer than {self.compile_s:g} s "
+            "to compile (the daemon's --grammar-compile-s); a smaller or less repetitive "
+            "one compiles faster", field="response_format")
+        if digest in self.too_slow:
+            raise refused
+        if not self.slots.acquire(timeout=self.compile_s):
+            raise Overloaded("every grammar compile thread is busy; retry later",
+                             field="response_format")
+        compiled = Future()
+
+        def run() -> None:  # a daemon thread: one past the budget never holds up an exit
+            try:
+                compiled.set_result(self.compiler.compile_grammar(text))
+            except BaseException as e:
+                compiled.set_exception(e)
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=run, name="lorag-grammar", daemon=True).start()
+        try:
+            return compiled.result(timeout=self.compile_s)
+        except FutureTimeout:
+            self.too_slow[digest] = None
+            while len(self.too_slow) > TOO_SLOW_KEPT:
+                self.too_slow.popitem(last=False)
+            raise refused from None
 
     def matcher(self, constraint: Constraint) -> xgr.GrammarMatcher:
         """A fresh matcher for one request (compiling the constraint if it is new)."""

@@ -12,6 +12,7 @@ import torch
 from lorag.adapters import Composition
 from lorag.errors import InvalidRequest, RequestFailed, Unavailable
 from lorag.server.engine import SamplingParams
+from lorag.server.engine.structured import Constraint
 
 PROMPT = [1, 2, 3, 4]
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -118,3 +119,19 @@ def test_a_dead_step_loop_ends_every_stream_and_refuses_new_work(engine):
         engine.submit(PROMPT, GREEDY)
     with pytest.raises(Unavailable):  # work for the loop fails at once, never hangs
         engine.pin_adapter("t0")
+
+
+def test_a_grammar_past_the_compile_budget_is_refused_while_others_stream(make_engine):
+    """xgrammar compiles `[a-z0-9]{0,4000}` in seconds here; with a 0.2 s budget the
+    request gets a 400, the same grammar again gets it at once, other constraints still
+    compile, and a stream beside them runs on."""
+    engine = make_engine(grammar_compile_s=0.2)
+    beside = engine.submit("Count on.", SamplingParams(max_tokens=40, ignore_eos=True))
+    slow = SamplingParams(max_tokens=4, constraint=Constraint("regex", "[a-z0-9]{0,4000}"))
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match=r"the regex takes longer than 0.2 s to "
+                                                 r"compile \(the daemon's --grammar-compile-s"):
+            engine.submit("Write.", slow)
+    quick = SamplingParams(max_tokens=4, constraint=Constraint("regex", "(ab)+"))
+    assert engine.submit("Write.", quick).result().text.startswith("ab")
+    assert len(beside.result().token_ids) == 40 and engine.alive
