@@ -154,6 +154,9 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
     signal.signal(signal.SIGHUP, lambda *_: service.keys.reload())  # `kill -HUP`: new keys
     config = uvicorn.Config(create_app(service, options.max_body_bytes), host=options.host,
                             port=options.port, log_level="warning", timeout_graceful_shutdown=5,
+                            # h11, not httptools: it bounds a request head while it arrives
+                            # (httptools took an 8 MB header); BodyLimit answers the 431
+                            http="h11",
                             h11_max_incomplete_event_size=options.limits.header_kb << 10)
     DrainingServer(config, service, options.shutdown_timeout_s, console).run()
 

@@ -50,7 +50,8 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAP
     app.state.service = service
     limits = service.limits
     app.add_middleware(BodyLimit, limit=max_body_bytes,
-                       upload_limit=limits.upload_files * limits.upload_file_bytes + (1 << 20))
+                       upload_limit=limits.upload_files * limits.upload_file_bytes + (1 << 20),
+                       header_limit=limits.header_kb << 10)
     app.add_exception_handler(LoragError, lorag_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -125,13 +126,15 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over the limit is refused with a 413 before it is
+    """ASGI middleware: headers over their limit get a 431, and a request body over the
+    limit is refused with a 413 before it is
     read whole: at once by its Content-Length, else as its bytes arrive. An upload's
     limit is its files' (`upload_limit`: as many files as an upload takes, each as large
     as one may be, plus room for the form)."""
 
-    def __init__(self, app, limit: int, upload_limit: int):
+    def __init__(self, app, limit: int, upload_limit: int, header_limit: int):
         self.app, self.limit, self.upload_limit = app, limit, upload_limit
+        self.header_limit = header_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -140,6 +143,12 @@ class BodyLimit:
         limit = self.upload_limit if upload else self.limit
         too_large = StarletteHTTPException(413, f"the request body is over {limit} bytes, the "
                                                 "largest this daemon takes here")
+        head = sum(len(name) + len(value) for name, value in scope["headers"])
+        if head > self.header_limit:
+            refused = StarletteHTTPException(431, f"the request's headers are {head} bytes, "
+                                                  f"over the {self.header_limit} this daemon "
+                                                  "takes (its --limit header_kb)")
+            return await (await http_error(Request(scope), refused))(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             response = await http_error(Request(scope), too_large)

@@ -347,7 +347,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description}
                        (403, "The key may not do this (not an admin key)"),
                        (404, "No such model, adapter, namespace or document for this caller"),
                        (409, "An adapter's files changed or went since it was registered"),
-                       (413, "The request body is over the daemon's limit"),
+                       (413, "The request brings more than one of the daemon's limits allows"),
                        (429, "The queue, or the key's share of it, is full; retry later"),
                        (500, "A bug: the message gives a request id the log has"),
                        (503, "Draining, the engine stopped, or the state database is away"))}

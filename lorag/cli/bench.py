@@ -113,6 +113,21 @@ def bench_load(
     main(requests, adapters, disconnect, max_tokens, json_path)
 
 
+@app.command("load-gap")
+def bench_load_gap(
+    loads: Annotated[int, typer.Option(min=1, help="Large adapters registered, one at a "
+                                                   "time, each under running streams.")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=10, help="Output tokens of each stream.")]
+        = 200,
+    json_path: JsonOut = None,
+) -> None:
+    """The longest gap between a running stream's SSE events while a large adapter is
+    registered, against the gaps outside it; on the native and the vLLM backend."""
+    from lorag.benchmarks.loadgap import main
+
+    main(loads, max_tokens, json_path=json_path)
+
+
 @app.command("soak")
 def bench_soak(
     minutes: Annotated[float, typer.Option(min=0.1, help="How long the traffic runs.")] = 30,

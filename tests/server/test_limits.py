@@ -83,3 +83,12 @@ def test_grpc_answers_resource_exhausted(tight):
             metadata=[("authorization", ALICE)], timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--limit messages" in error.value.details()
+
+
+def test_headers_over_the_limit_get_431(own_daemon):
+    response = httpx.get(f"{own_daemon.url}/v1/models", timeout=30, headers={
+        "Authorization": ALICE, "X-Padding": "a" * (20 << 10)})
+    assert response.status_code == 431
+    assert "over the 16384 this daemon takes (its --limit header_kb)" in \
+        response.json()["error"]["message"]
+    assert own_daemon.health()["status"] == "ok"
