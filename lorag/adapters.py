@@ -273,22 +273,9 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
     if version and content_version(folder, roots) != version:
         raise changed  # before any check of what they hold now: that is not the question
     config, raw_config = read_config(folder, max_rank, roots)
-    declared = _check_header(folder, roots, base, config["r"])
-    size = sum(math.prod(shape) * FLOAT_DTYPES[kind].itemsize
-               for shape, kind in declared.values())
-    raw = _read(folder / "adapter_model.safetensors", roots, 8 + MAX_HEADER_BYTES + size,
-                "the tensors its header declares need")
+    tensors, raw = _read_tensors(folder, roots, _check_header(folder, roots, base, config["r"]))
     if version and _version(raw_config, raw) != version:
         raise changed  # between the two reads
-    try:
-        tensors = safetensors.torch.load(raw)
-    except SafetensorError as e:
-        raise InvalidRequest(f"{folder / 'adapter_model.safetensors'} is not a readable "
-                             f"safetensors file: {e}", field="lora_path") from e
-    if {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()} != {
-            key: (shape, FLOAT_DTYPES[kind]) for key, (shape, kind) in declared.items()}:
-        raise AdapterChanged(f"{folder}'s weights changed while they were read; try again",
-                             field="lora_path")
     scale, a, b = scaling(config), {}, {}
     for key, tensor in tensors.items():
         layer, module, which = _parse_key(key, folder, base)
@@ -304,6 +291,27 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
                              "least one pair", field="lora_path")
     return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a))
+
+
+def _read_tensors(folder: Path, roots: list[Path],
+                  declared: dict[str, tuple[tuple[int, ...], str]]) -> tuple[dict, bytes]:
+    """The weights file's tensors, and its bytes, read at most as large as its `declared`
+    tensors need; AdapterChanged if what was read is not what the header declared (the
+    file was rewritten between the two)."""
+    size = sum(math.prod(shape) * FLOAT_DTYPES[kind].itemsize
+               for shape, kind in declared.values())
+    raw = _read(folder / "adapter_model.safetensors", roots, 8 + MAX_HEADER_BYTES + size,
+                "the tensors its header declares need")
+    try:
+        tensors = safetensors.torch.load(raw)
+    except SafetensorError as e:
+        raise InvalidRequest(f"{folder / 'adapter_model.safetensors'} is not a readable "
+                             f"safetensors file: {e}", field="lora_path") from e
+    if {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()} != {
+            key: (shape, FLOAT_DTYPES[kind]) for key, (shape, kind) in declared.items()}:
+        raise AdapterChanged(f"{folder}'s weights changed while they were read; try again",
+                             field="lora_path")
+    return tensors, raw
 
 
 def _check_header(folder: Path, roots: list[Path], base: BaseShape,
