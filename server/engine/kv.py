@@ -227,6 +227,12 @@ class VllmCpuAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dtype = dtype
         self.isa = _get_attn_isa(dtype, block_size, head_dim)  # the kernel variant
+        # Linux lets a process use AMX tiles only once it asked (arch_prctl); vLLM's own
+        # workers have by then through oneDNN, this engine may not have (an NF4 base runs
+        # no oneDNN bf16 matmul), and the first AMX instruction would kill the process
+        if self.isa == "amx" and not torch.cpu._init_amx():
+            raise NotImplementedError("this CPU has AMX, but the kernel did not let this "
+                                      "process use its tiles")
 
     def prepare(self, meta: AttentionInput) -> None:
         meta.extra = self.ops.cpu_attn_get_scheduler_metadata(

