@@ -227,7 +227,9 @@ def test_sigkill_during_registrations_and_ingests_leaves_nothing_half_done(
         pool.shutdown()  # the connections broke: the writers end
     registered_at_kill, ingested_at_kill = list(registered), list(ingested)
 
-    daemon.start()  # the same data dir and ports
+    # the restart, on the same data dir: in this process (a second `lorag serve` would
+    # cost its start-up again, and what is read back is the same)
+    daemon = LocalDaemon(tiny_base, tmp_path / "data", root, keys_file)
     try:
         names = {row["id"] for row in httpx.get(f"{daemon.url}/v1/models", headers={
             "Authorization": ALICE}).json()["data"]}
