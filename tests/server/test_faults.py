@@ -220,9 +220,9 @@ def test_sigkill_during_registrations_and_ingests_leaves_nothing_half_done(
             assert time.monotonic() < deadline, "the writers did not get going"
             assert not any(w.done() for w in writers), [w.result() for w in writers]
             time.sleep(0.01)
-        daemon.process.send_signal(signal.SIGKILL)  # in the middle of the next of each
+    finally:  # the fault (in the middle of the next write of each), and never an orphan
+        daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait()
-    finally:
         stop.set()
         pool.shutdown()  # the connections broke: the writers end
     registered_at_kill, ingested_at_kill = list(registered), list(ingested)
