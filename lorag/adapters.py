@@ -270,12 +270,17 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
     changed = AdapterChanged(f"{folder}'s files are not the ones registered (their content "
                              "changed since)", field="lora_path")
-    if version and content_version(folder, roots) != version:
-        raise changed  # before any check of what they hold now: that is not the question
-    config, raw_config = read_config(folder, max_rank, roots)
-    tensors, raw = _read_tensors(folder, roots, _check_header(folder, roots, base, config["r"]))
+    try:
+        config, raw_config = read_config(folder, max_rank, roots)
+        tensors, raw = _read_tensors(folder, roots,
+                                     _check_header(folder, roots, base, config["r"]))
+    except InvalidRequest:
+        # files that fail a check: if they are not the registered ones, that is the answer
+        if version and content_version(folder, roots) != version:
+            raise changed from None
+        raise
     if version and _version(raw_config, raw) != version:
-        raise changed  # between the two reads
+        raise changed
     scale, a, b = scaling(config), {}, {}
     for key, tensor in tensors.items():
         layer, module, which = _parse_key(key, folder, base)
