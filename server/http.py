@@ -127,10 +127,9 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
 
 class BodyLimit:
     """ASGI middleware: headers over their limit get a 431, and a request body over the
-    limit is refused with a 413 before it is
-    read whole: at once by its Content-Length, else as its bytes arrive. An upload's
-    limit is its files' (`upload_limit`: as many files as an upload takes, each as large
-    as one may be, plus room for the form)."""
+    limit is refused with a 413 before it is read whole: at once by its Content-Length,
+    else as its bytes arrive. An upload's limit is its files' (`upload_limit`: as many
+    files as an upload takes, each as large as one may be, plus room for the form)."""
 
     def __init__(self, app, limit: int, upload_limit: int, header_limit: int):
         self.app, self.limit, self.upload_limit = app, limit, upload_limit
