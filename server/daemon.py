@@ -17,8 +17,10 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 import uvicorn
+from prometheus_client import start_http_server
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
@@ -68,6 +70,7 @@ class ServeOptions:
     backend: str = "native"  # or "vllm", with `vllm`'s options
     vllm: "VllmOptions | None" = None
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish on SIGTERM
+    metrics_port: int | None = None  # the full /metrics, for Prometheus and routers
     max_body_bytes: int = MAX_BODY_BYTES  # a larger JSON request body gets a 413
     # each API key's fair share (server/quotas.py); keys may carry their own
     max_streams_per_key: int | None = None  # requests in flight; default max_num_seqs
@@ -126,26 +129,45 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
 def serve(options: ServeOptions, console: Console) -> None:
     """Run until interrupted (Ctrl-C / SIGTERM)."""
     service = build_service(options)
-    grpc_server = None
+    grpc_server = metrics_server = None
     try:  # however serving ends (a port in use included), the engine stops with it
         grpc_server = start_grpc(service, options.host, options.grpc_port,
                                  options.engine.max_num_seqs + options.engine.max_waiting)
+        if options.metrics_port is not None:
+            metrics_server = start_metrics(service, options.host, options.metrics_port)
         _serve(service, options, console)
     finally:
+        if metrics_server is not None:
+            stop_metrics(metrics_server)
         if grpc_server is not None:
             grpc_server.stop(grace=2)
         service.close()
 
 
+def start_metrics(service: Service, host: str, port: int) -> WSGIServer:
+    """The full Prometheus exposition (every tenant's adapters named) on its own port, in
+    a thread: for Prometheus and routers, on a network tenants do not reach."""
+    server, _ = start_http_server(port, host, service.metrics.registry)
+    return server
+
+
+def stop_metrics(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 def _serve(service: Service, options: ServeOptions, console: Console) -> None:
     """The banner, then HTTP until a signal ends it."""
-    limits = service.engine.limits
-    console.print(f"[bold]lorag[/] serving {service.model_name} "
-                  f"({options.quantize}; {service.engine.describe()}) | "
-                  f"HTTP http://{options.host}:{options.port}/v1 | "
-                  f"gRPC {options.host}:{options.grpc_port} | "
-                  f"adapter roots {', '.join(str(r) for r in limits.adapter_roots)} | "
-                  f"state {service.store.db.name} | {len(service.records)} adapters known")
+    roots = ", ".join(str(r) for r in service.engine.limits.adapter_roots)
+    parts = [f"[bold]lorag[/] serving {service.model_name} "
+             f"({options.quantize}; {service.engine.describe()})",
+             f"HTTP http://{options.host}:{options.port}/v1",
+             f"gRPC {options.host}:{options.grpc_port}"]
+    if options.metrics_port is not None:
+        parts.append(f"metrics http://{options.host}:{options.metrics_port}/metrics")
+    parts += [f"adapter roots {roots}", f"state {service.store.db.name}",
+              f"{len(service.records)} adapters known"]
+    console.print(" | ".join(parts))
     if service.keys.open:
         where = "loopback only" if options.host in ("127.0.0.1", "localhost", "::1") else \
             f"{options.host}: ANYONE WHO CAN REACH IT"

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -360,11 +360,16 @@ async def ready(service: ServiceDep):
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-@operations.get("/metrics", response_class=PlainTextResponse)
-async def metrics(service: ServiceDep):
-    """Prometheus metrics: lorag's own and the vLLM families routers read."""
-    return PlainTextResponse(generate_latest(service.metrics.registry),
-                             media_type=CONTENT_TYPE_LATEST)
+@operations.get("/metrics", responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+          "description": "Prometheus' text format"},
+    401: ERROR_RESPONSES[401]})
+async def metrics(service: ServiceDep, caller: CallerDep):
+    """Prometheus metrics: lorag's own and the vLLM families routers read. On a daemon
+    with API keys, a key sees its own tenant's adapters only; the full exposition, for
+    Prometheus and routers, is on `lorag serve --metrics-port`."""
+    tenant = None if service.keys.open else caller.tenant
+    return PlainTextResponse(service.metrics.exposition(tenant), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- the playground: static files, no key needed to load them (it asks for one) ----

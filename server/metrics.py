@@ -11,15 +11,21 @@ vLLM's names and meaning, for both backends alike: the Gateway API Inference
 Extension's endpoint picker (llm-d's router, its lora-affinity-scorer) and vLLM's
 production-stack router route on them, so they route a lorag fleet with no router of
 lorag's own.
+
+Who sees what: the full exposition names every tenant's adapters, for the operator's
+Prometheus and the routers (`lorag serve --metrics-port`, or the API port of a daemon
+without keys). A tenant's view (`exposition(tenant)`, the API port's /metrics with a key)
+holds the same families with only that tenant's adapters in them.
 """
 
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lorag.adapters import AdapterKey, Composition
+from lorag.server import tenancy
 from lorag.server.engine.stream import Output
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -34,6 +40,7 @@ class Metrics:
 
     def __init__(self, engine_state: Callable[[], dict]):
         self.registry = CollectorRegistry()
+        self.engine = _EngineCollector(engine_state)
         labels = ["adapter"]
         self.requests = Counter("lorag_requests", "Finished requests by adapter and reason.",
                                 ["adapter", "finish_reason"], registry=self.registry)
@@ -50,16 +57,48 @@ class Metrics:
         self.adapter_load = Histogram("lorag_adapter_load_seconds",
                                       "Reading and validating an adapter file.",
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(engine_state))
+        self.registry.register(self.engine)
+
+    def exposition(self, tenant: str | None = None) -> bytes:
+        """The Prometheus text: everything, or what tenant `tenant` may see."""
+        return generate_latest(self.registry if tenant is None else _TenantView(self, tenant))
+
+
+class _TenantView:
+    """One tenant's /metrics: every family, the per-adapter ones cut to its own adapters
+    (and the base and composition labels, which name nobody's)."""
+
+    def __init__(self, metrics: Metrics, tenant: str):
+        self.metrics = metrics
+        self.tenant = tenant
+
+    def collect(self):
+        for family in self.metrics.registry.collect():
+            if family.name.startswith("lorag_") and family.name != "lorag_adapter_resident":
+                yield self._own_samples(family)
+        yield from self.metrics.engine.collect(self.tenant)
+
+    def _own_samples(self, family: Metric) -> Metric:
+        own = Metric(family.name, family.documentation, family.type, family.unit)
+        own.samples = [s for s in family.samples
+                       if "adapter" not in s.labels or _owns(self.tenant, s.labels["adapter"])]
+        return own
+
+
+def _owns(tenant: str | None, label: str) -> bool:
+    """Whether an `adapter` label value is one tenant `tenant` may see (None: anyone)."""
+    return tenant is None or label in (BASE_LABEL, COMPOSITION_LABEL) or \
+        tenancy.split(label)[0] == tenant
 
 
 class _EngineCollector:
-    """Engine state as gauges, computed when Prometheus scrapes."""
+    """Engine state as gauges, computed when Prometheus scrapes; `collect(tenant)` names
+    only that tenant's adapters."""
 
     def __init__(self, engine_state: Callable[[], dict]):
         self.engine_state = engine_state
 
-    def collect(self):
+    def collect(self, tenant: str | None = None):
         state = self.engine_state()
         for name, help_text in (("waiting", "Requests waiting for a running slot."),
                                 ("running", "Sequences in the running batch."),
@@ -73,15 +112,15 @@ class _EngineCollector:
         resident = GaugeMetricFamily("lorag_adapter_resident",
                                      "1 where the adapter is resident in that tier.",
                                      labels=["adapter", "tier"])
-        for row in state["adapters"]:
+        for row in (r for r in state["adapters"] if _owns(tenant, r["name"])):
             resident.add_metric([row["name"], "ram"], float(row["in_ram"]))
             resident.add_metric([row["name"], "active"], float(row["active"]))
         yield resident
-        yield from _router_families(state)
+        yield from _router_families(state, tenant)
         yield from state["engine_families"]
 
 
-def _router_families(state: dict):
+def _router_families(state: dict, tenant: str | None):
     """vLLM's queue, KV-cache and LoRA gauges and prefix-cache counters
     (`SERVICE_FAMILIES`), with vLLM's meaning, for every backend. lora_requests_info
     is one sample: the adapters of running and waiting requests as their requests name
@@ -101,8 +140,9 @@ def _router_families(state: dict):
                              "requests; the value is when they were read.",
                              labels=["max_lora", "running_lora_adapters",
                                      "waiting_lora_adapters"])
-    lora.add_metric([str(state["max_lora"]), ",".join(state["running_names"]),
-                     ",".join(state["waiting_names"])], time.time())
+    lora.add_metric([str(state["max_lora"]),
+                     ",".join(_request_names(state["running_adapters"], tenant)),
+                     ",".join(_request_names(state["waiting_adapters"], tenant))], time.time())
     yield lora
     for name, help_text, value in (
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -112,6 +152,16 @@ def _router_families(state: dict):
         family = CounterMetricFamily(name, help_text, labels=["model_name"])
         family.add_metric(model, value)
         yield family
+
+
+def _request_names(keys: list[AdapterKey], tenant: str | None) -> list[str]:
+    """Engine keys as a request's `model` (or `adapters`) names them, each once, sorted;
+    a composition by its parts' names; only tenant `tenant`'s (None: everyone's)."""
+    names = set()
+    for key in keys:
+        parts = key.names if isinstance(key, Composition) else (key,)
+        names.update(tenancy.split(part)[1] for part in parts if _owns(tenant, part))
+    return sorted(names)
 
 
 def metric_label(adapter: AdapterKey | None) -> str:

@@ -398,13 +398,9 @@ class Service:
         return occupancy["running"] == occupancy["waiting"] == 0
 
     def engine_state(self) -> dict:
-        """What the metrics read from the engine; adapters of running and waiting requests
-        by the names requests give them (a composition by its parts'), each once."""
-        occupancy = self.engine.occupancy()
-        return {**occupancy, "model": self.model_name,
+        """What the metrics read from the engine."""
+        return {**self.engine.occupancy(), "model": self.model_name,
                 "max_lora": self.engine.limits.max_active_adapters,
-                "running_names": _request_names(occupancy["running_adapters"]),
-                "waiting_names": _request_names(occupancy["waiting_adapters"]),
                 "adapters": self.engine.list_adapters(),
                 "engine_families": self.engine.metric_families()}
 
@@ -417,11 +413,3 @@ class Service:
         self.namespaces.store.close()
         self.store.db.close()
 
-
-def _request_names(keys: list[AdapterKey]) -> list[str]:
-    """Engine keys as a request's `model` (or `adapters`) names them, each once, sorted."""
-    names = set()
-    for key in keys:
-        parts = key.names if isinstance(key, Composition) else (key,)
-        names.update(tenancy.split(part)[1] for part in parts)
-    return sorted(names)

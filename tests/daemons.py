@@ -16,7 +16,7 @@ import httpx
 import uvicorn
 
 from lorag.benchmarks.daemon import DaemonProcess, free_port
-from lorag.server.daemon import ServeOptions, build_service
+from lorag.server.daemon import ServeOptions, build_service, start_metrics, stop_metrics
 from lorag.server.engine import EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
@@ -56,6 +56,7 @@ class LocalDaemon(_Health):
                  backend: str = "native", state: str | None = None):
         options = ServeOptions(model=str(model), quantize="none", dtype="float32",
                                host="127.0.0.1", port=free_port(), grpc_port=free_port(),
+                               metrics_port=free_port(),
                                data_dir=data_dir, api_keys=keys, state=state,
                                state_poll_s=0.5,
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
@@ -67,6 +68,7 @@ class LocalDaemon(_Health):
         self.options, self.backend, self.adapters = options, backend, root
         self.url = f"http://{options.host}:{options.port}"
         self.grpc_target = f"{options.host}:{options.grpc_port}"
+        self.metrics_url = f"http://{options.host}:{options.metrics_port}/metrics"
         self.start()
 
     def start(self) -> None:
@@ -74,9 +76,15 @@ class LocalDaemon(_Health):
         options = self.options
         self.service = build_service(options)
         try:
+            self.metrics = start_metrics(self.service, options.host, options.metrics_port)
+        except BaseException:
+            self.service.close()
+            raise
+        try:
             self.grpc = start_grpc(self.service, options.host, options.grpc_port,
                                    MAX_NUM_SEQS + MAX_WAITING)
         except BaseException:
+            stop_metrics(self.metrics)
             self.service.close()
             raise
         self.server = uvicorn.Server(uvicorn.Config(
@@ -93,6 +101,7 @@ class LocalDaemon(_Health):
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.grpc.stop(grace=None)
+        stop_metrics(self.metrics)
         self.service.close()
 
     def restart(self) -> None:
@@ -106,5 +115,7 @@ class Daemon(DaemonProcess, _Health):
 
     def __init__(self, data_dir: Path, root: Path, keys: Path, log: Path):
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items()]
+        metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         super().__init__(data_dir, ["--adapter-root", str(root), "--api-keys", str(keys),
-                                    *flags], log)
+                                    "--metrics-port", str(metrics_port), *flags], log)

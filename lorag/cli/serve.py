@@ -45,6 +45,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="gRPC port.")] = 50051,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Serve the full Prometheus /metrics, every tenant's adapters "
+        "named, on this port too, for Prometheus and routers; with --api-keys the HTTP "
+        "port's /metrics shows each key its own tenant's only.")] = None,
     adapter_root: Annotated[list[Path] | None, typer.Option(
         help="Folder adapters may be loaded from (repeatable); default <data-dir>/adapters.")]
         = None,
@@ -165,7 +169,7 @@ def serve(
                      grpc_port, data_dir_or_default(data_dir), engine, api_keys, chunk_tokens,
                      chunk_overlap, served_model_name, state=state,
                      state_poll_s=state_poll_interval, backend=backend.value, vllm=vllm,
-                     shutdown_timeout_s=shutdown_timeout,
+                     shutdown_timeout_s=shutdown_timeout, metrics_port=metrics_port,
                      max_body_bytes=int(max_body_mb * (1 << 20)),
                      max_streams_per_key=max_streams_per_key,
                      tokens_per_s_per_key=tokens_per_s_per_key,

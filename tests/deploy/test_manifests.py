@@ -104,9 +104,14 @@ def test_the_routers_chart_values_select_the_pods_with_lora_affinity_on():
     template = objects[("Deployment", "lorag")]["spec"]["template"]
     pool = values["inferencePool"]
     assert pool["modelServers"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    http = next(p for p in template["spec"]["containers"][0]["ports"] if p["name"] == "http")
-    assert pool["targetPortNumber"] == http["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    assert pool["targetPortNumber"] == ports["http"]
     extension = values["inferenceExtension"]
+    # the full /metrics, for the picker: --metrics-port, not the API port (a tenant's view)
+    container_flags = flags(template["spec"]["containers"][0]["args"])
+    assert extension["flags"]["model-server-metrics-port"] == ports["metrics"] \
+        == int(container_flags["metrics-port"]) \
+        == int(template["metadata"]["annotations"]["prometheus.io/port"])
     config = yaml.safe_load(extension["pluginsCustomConfig"][extension["pluginsConfigFile"]])
     assert config["kind"] == "EndpointPickerConfig"
     declared = {plugin.get("name", plugin["type"]) for plugin in config["plugins"]}
@@ -143,6 +148,8 @@ def test_compose_wires_replicas_router_prometheus_and_grafana():
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]}
-    assert {f"{name}:8000" for name in replicas} <= targets
+    command = services[replicas[0]]["command"]
+    metrics_port = command[command.index("--metrics-port") + 1]
+    assert {f"{name}:{metrics_port}" for name in replicas} <= targets
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "lorag.json").read_text())
     assert dashboard["panels"] and (DEPLOY / "grafana" / "provisioning").is_dir()

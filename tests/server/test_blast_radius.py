@@ -191,6 +191,6 @@ def test_metrics_get_no_series_per_composition_weight(daemon, style):
     for weight in (0.25, 0.5, 0.75):
         response = send(daemon, CHAT, chat(adapters=[{"name": "style", "weight": weight}]))
         assert response.status_code == 200, response.text
-    metrics = httpx.get(f"{daemon.url}/metrics", timeout=30).text
+    metrics = httpx.get(daemon.metrics_url, timeout=30).text
     assert 'adapter="composition"' in metrics
     assert "style*" not in metrics and "*0.5" not in metrics

@@ -137,8 +137,11 @@ def test_client_disconnect_cancels_the_request(real_daemon):
     while real_daemon.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert real_daemon.health()["running"] == 0 and real_daemon.health()["waiting"] == 0
-    metrics = httpx.get(f"{real_daemon.url}/metrics").text
-    assert 'lorag_requests_total{adapter="base",finish_reason="cancelled"} 1.0' in metrics
+    cancelled = 'lorag_requests_total{adapter="base",finish_reason="cancelled"} 1.0'
+    # the operator's port (--metrics-port) and the key's own view on the API port
+    assert cancelled in httpx.get(real_daemon.metrics_url).text
+    assert cancelled in httpx.get(f"{real_daemon.url}/metrics",
+                                  headers={"Authorization": ALICE}).text
 
 
 def test_restart_keeps_adapters_and_namespaces(real_daemon, real_adapters, corpus):

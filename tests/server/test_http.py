@@ -180,7 +180,7 @@ def test_adapter_status_and_pinning(daemon, daemon_adapters):
 def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
     assert load(daemon, "style", daemon_adapters / "style").status_code == 200
     chat(daemon, "style")
-    text = httpx.get(f"{daemon.url}/metrics").text
+    text = httpx.get(daemon.metrics_url).text
     assert 'lorag_requests_total{adapter="alice.style"' in text
     assert 'lorag_generation_tokens_total{adapter="alice.style"}' in text
     assert 'lorag_time_to_first_token_seconds_bucket{adapter="alice.style"' in text
@@ -197,9 +197,38 @@ def test_metrics_have_per_adapter_labels(daemon, daemon_adapters):
         assert "vllm:prompt_tokens_total" in text
 
 
+def test_a_key_sees_only_its_own_tenants_adapters_in_metrics(daemon, daemon_adapters):
+    """The API port's /metrics: a key's own tenant's adapters, never another's (the full
+    exposition, every adapter named, is on the metrics port); no key, no metrics."""
+    assert load(daemon, "style", daemon_adapters / "style").status_code == 200
+    assert load(daemon, "bobs-own", daemon_adapters / "other", key=BOB).status_code == 200
+    body = {"messages": QUESTION, "max_tokens": MAX_MODEL_LEN - 64, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=daemon.url, timeout=120) as http, ExitStack() as streams:
+        readers = []  # kept: a reader collected closes its stream
+        for name, key in (("style", ALICE), ("bobs-own", BOB)):  # running while scraped
+            readers.append(streams.enter_context(http.stream(
+                "POST", "/v1/chat/completions", json={**body, "model": name},
+                headers={"Authorization": key})).iter_lines())
+            next(line for line in readers[-1] if line.startswith("data:"))
+        full = httpx.get(daemon.metrics_url).text
+        alice, bob = (httpx.get(f"{daemon.url}/metrics", headers={"Authorization": key}).text
+                      for key in (ALICE, BOB))
+    assert "alice.style" in full and "bob.bobs-own" in full, full
+    assert "bobs-own,style" in full, full
+    assert 'lorag_adapter_resident{adapter="alice.style",tier="ram"} 1.0' in alice
+    assert 'running_lora_adapters="style"' in alice
+    assert "bobs-own" not in alice
+    assert 'running_lora_adapters="bobs-own"' in bob
+    assert "alice" not in bob and "style" not in bob
+    assert httpx.get(f"{daemon.url}/metrics").status_code == 401
+    assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": "bobs-own"}, BOB) \
+        .status_code == 200
+
+
 def router_gauges(daemon) -> dict:
-    """The families routers read from /metrics (no API key), parsed."""
-    response = httpx.get(f"{daemon.url}/metrics", timeout=10)
+    """The families routers read from the metrics port, parsed."""
+    response = httpx.get(daemon.metrics_url, timeout=10)
     assert response.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     gauges = {name: families[name].samples for name in (
@@ -249,7 +278,7 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
 def test_the_fleet_dashboard_reads_metrics_the_daemon_writes(daemon):
     """deploy/grafana's dashboard and the HPA's queue metric name only families /metrics
     has (a renamed metric would leave a panel empty, or the autoscaler blind)."""
-    text = httpx.get(f"{daemon.url}/metrics").text
+    text = httpx.get(daemon.metrics_url).text
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "lorag.json").read_text())
     names = {name for panel in dashboard["panels"] for target in panel["targets"]
              for name in re.findall(r"\b(?:lorag_|vllm:)[a-z_:]+", target["expr"])}
@@ -295,7 +324,7 @@ def test_cli_adapters_list_load_pin_unpin_unload(daemon, daemon_adapters):
 
 
 def cancelled_count(daemon) -> float:
-    text = httpx.get(f"{daemon.url}/metrics").text
+    text = httpx.get(daemon.metrics_url).text
     found = re.search(r'lorag_requests_total\{adapter="base",finish_reason="cancelled"\} (\S+)',
                       text)
     return float(found[1]) if found else 0.0
@@ -345,7 +374,7 @@ def test_a_full_queue_answers_429_and_clients_that_leave_cancel(daemon):
 
 def prefix_cache_counters(daemon) -> dict[str, float]:
     """vLLM's prefix-cache counters from /metrics, each exactly one sample."""
-    text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+    text = httpx.get(daemon.metrics_url, timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     counters = {}
     for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):

@@ -1,9 +1,9 @@
 """Tenant isolation as a property: a hypothesis state machine over two tenants (register,
 share, unshare, unload adapters; chat on them; create, share, fill, search and delete
 namespaces; over HTTP and gRPC) checks after every step that nothing a tenant can see
-(its lists of adapters, models and namespaces on both transports, the answers to its own
-requests, their errors) names another tenant's private adapter, namespace or document,
-and that it does see its own things and every shared one.
+(its lists of adapters, models and namespaces on both transports, its /metrics, the
+answers to its own requests, their errors) names another tenant's private adapter,
+namespace or document, and that it does see its own things and every shared one.
 
 Names carry their tenant (`alice-thing-1`), so a leak is a plain substring; a name the
 caller sent itself is not a leak when an answer repeats it.
@@ -76,9 +76,11 @@ class Tenants(RuleBasedStateMachine):
             adapters = self._http(viewer, "GET", "/v1/adapters")
             models = self._http(viewer, "GET", "/v1/models")
             namespaces = self._http(viewer, "GET", "/v1/namespaces")
+            metrics = self._http(viewer, "GET", "/metrics")  # labels of requests served
             listed = self.stub.ListAdapters(lorag_pb2.ListAdaptersRequest(),
                                             metadata=[("authorization", KEYS[viewer])])
-            for answer in (adapters.text, models.text, namespaces.text, str(listed)):
+            for answer in (adapters.text, models.text, namespaces.text, metrics.text,
+                           str(listed)):
                 self.check(viewer, answer)
             names = {row["name"] for row in adapters.json()["data"]}
             assert names == {name for (tenant, name), shared in self.adapters.items()
