@@ -7,6 +7,9 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 KERNEL := $(VENV)/.sgmv-built
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# empty: Python caches the bytecode of what it imports (a set value turns that off, and
+# every process, each test daemon too, would compile its imports again)
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench fuzz \
 	bench-setup
@@ -20,9 +23,10 @@ setup: $(STAMP) $(STUBS) $(KERNEL)
 # CPU build (the vLLM backend, `lorag serve --backend vllm`); its pins match this venv's
 # torch and transformers, and its torchvision / torchaudio / torchcodec go: they fail to
 # import beside the CPU torch (`torchvision::nms`) and text models never use them.
-# compileall writes the bytecode on every core, skipping the few files that do not
-# compile (torch ships Python 3.12 syntax in its test helpers). The stamp makes a re-run
-# a no-op.
+# No bytecode is compiled here: Python writes it for the modules a run imports, the first
+# time it imports them (PYTHONDONTWRITEBYTECODE, set on some machines, is cleared below),
+# a fraction of compiling the whole venv (~70 s on 2 cores). The stamp makes a re-run a
+# no-op.
 PIP_FLAGS := --quiet --disable-pip-version-check --no-compile
 UV_FLAGS := --quiet --python $(BIN)/python
 $(STAMP): pyproject.toml
@@ -30,8 +34,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install $(PIP_FLAGS) torch==2.13.0 uv
 	$(BIN)/uv pip install $(UV_FLAGS) -e '.[dev,vllm]' torch==2.13.0
 	$(BIN)/uv pip uninstall $(UV_FLAGS) torchvision torchaudio torchcodec
-	$(BIN)/python -c "import compileall, sysconfig; \
-		compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0)"
 	touch $(STAMP)
 
 # The engine's SGMV CPU kernel (server/engine/kernels.py), compiled once for this CPU
@@ -66,9 +68,9 @@ test: setup lint-imports
 fuzz: setup
 	$(BIN)/pytest -q tests/server/test_fuzz_http.py --fuzz-examples 1000
 
-# The fast lane alone: the tiny model, no e2e tests, no fuzzing.
+# The fast lane alone: the tiny model, in this process; no e2e, fuzzing or system tests.
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e and not fuzz"
+	$(BIN)/pytest -q -m "not e2e and not fuzz and not system"
 
 # import-linter reads the lorag/ folder from disk; the links lorag/server -> ../server
 # (and trainer, retrieval, benchmarks) put the parts where their import names say.

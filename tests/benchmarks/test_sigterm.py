@@ -7,6 +7,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 
 def _daemon_child(bench: psutil.Process, timeout: float) -> psutil.Process:
@@ -24,6 +25,7 @@ def _daemon_child(bench: psutil.Process, timeout: float) -> psutil.Process:
     raise AssertionError(f"no daemon started within {timeout} s")
 
 
+@pytest.mark.system
 def test_sigterm_stops_the_benchmark_and_the_daemon_it_started(tiny_base, tmp_path):
     command = [sys.executable, "-m", "lorag", "bench", "rag", "--model", str(tiny_base),
                "--adapters", "2", "--documents", "6", "--hot", "2", "--questions", "100000",

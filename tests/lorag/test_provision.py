@@ -80,6 +80,7 @@ def test_unknown_name_fails_before_any_download(tmp_path):
         " ".join(err.split())
 
 
+@pytest.mark.system
 def test_killed_pull_counts_as_not_provisioned_then_a_pull_completes(tmp_path):
     models = tmp_path / "models"
     proc = _lorag(tmp_path, "models", "pull", "all-minilm-l6-v2", start_new_session=True)

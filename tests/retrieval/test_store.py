@@ -133,6 +133,7 @@ for i in range(1000):
 """
 
 
+@pytest.mark.system
 def test_a_kill_during_ingest_loses_nothing_committed(state, tmp_path, embedder):
     folder = tmp_path / "retrieval"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, state, str(folder)],

@@ -144,6 +144,7 @@ def stored(local: LocalDaemon) -> list[str]:
     return local.service.namespaces.store.documents(tenancy.key("alice", "tides"))
 
 
+@pytest.mark.system
 def test_a_full_disk_during_ingest_loses_nothing_acknowledged(tiny_base, keys_file,
                                                               small_disk, tmp_path):
     root = tmp_path / "adapters"
@@ -182,6 +183,7 @@ def test_a_full_disk_during_ingest_loses_nothing_acknowledged(tiny_base, keys_fi
 
 ADAPTERS = 16
 
+@pytest.mark.system
 def test_sigkill_during_registrations_and_ingests_leaves_nothing_half_done(
         tiny_base, keys_file, tmp_path):
     root = tmp_path / "adapters"

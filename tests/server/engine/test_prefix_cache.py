@@ -125,6 +125,7 @@ print(engine.runner.attention.isa, len(out.token_ids))
 """
 
 
+@pytest.mark.system
 def test_the_vllm_cpu_kernel_runs_in_bfloat16_in_a_fresh_process(base_model_dir):
     """bf16 picks the kernel's AMX variant on CPUs that have it; a process that never
     asked Linux for AMX tiles dies of SIGILL at its first AMX instruction (lorag serve's
