@@ -68,9 +68,9 @@ test: setup lint-imports
 fuzz: setup
 	$(BIN)/pytest -q tests/server/test_fuzz_http.py --fuzz-examples 1000
 
-# The fast lane alone: the tiny model, in this process; no e2e, fuzzing or system tests.
+# The fast lane alone: the tiny model; no e2e, fuzzing or slow tests (over a second each).
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e and not fuzz and not system"
+	$(BIN)/pytest -q -m "not e2e and not fuzz and not slow"
 
 # import-linter reads the lorag/ folder from disk; the links lorag/server -> ../server
 # (and trainer, retrieval, benchmarks) put the parts where their import names say.

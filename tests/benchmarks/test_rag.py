@@ -19,7 +19,7 @@ def test_questions_go_through_their_notes_adapter_and_favour_the_hot_notes():
         assert adapter == f"ad{index % 4}"
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_bench_rag_saves_prefill_only_with_prefix_caching(tiny_base, tmp_path):
     out = tmp_path / "rag.json"
     workload = RagWorkload(adapters=2, documents=6, questions=10, hot=2, hot_share=0.8,

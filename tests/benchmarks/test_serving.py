@@ -24,6 +24,7 @@ def engine_threads() -> int:
     return sum(t.name == "lorag-engine" and t.is_alive() for t in threading.enumerate())
 
 
+@pytest.mark.slow
 def test_hot_load_with_fewer_adapters_than_background_streams(adapters, tokenizer):
     """Two resident adapters under four background streams (an IndexError before)."""
     resident = {name: adapters[name] for name in ("ad0", "ad1")}
@@ -33,6 +34,7 @@ def test_hot_load_with_fewer_adapters_than_background_streams(adapters, tokenize
     assert result["load_to_first_token_ms_p50"] >= result["load_ms_p50"] > 0
 
 
+@pytest.mark.slow
 def test_a_failing_benchmark_leaves_no_engine_running(adapters, tokenizer, tmp_path):
     before = engine_threads()
     with pytest.raises(LoragError):
@@ -41,6 +43,7 @@ def test_a_failing_benchmark_leaves_no_engine_running(adapters, tokenizer, tmp_p
     assert engine_threads() == before
 
 
+@pytest.mark.slow
 def test_the_roofline_counts_the_flops_a_forward_pass_does():
     """workload_flops against torch's own FLOP counter over real prefill and decode steps
     (the linear layers' mm/addmm; attention's matmuls are not part of the roofline)."""

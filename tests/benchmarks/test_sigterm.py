@@ -25,7 +25,7 @@ def _daemon_child(bench: psutil.Process, timeout: float) -> psutil.Process:
     raise AssertionError(f"no daemon started within {timeout} s")
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_sigterm_stops_the_benchmark_and_the_daemon_it_started(tiny_base, tmp_path):
     command = [sys.executable, "-m", "lorag", "bench", "rag", "--model", str(tiny_base),
                "--adapters", "2", "--documents", "6", "--hot", "2", "--questions", "100000",

@@ -71,7 +71,7 @@ def owners(counts: list[dict[str, float]]) -> dict[str, int]:
     return found
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_each_adapter_sticks_to_one_replica_and_moves_only_when_it_leaves(fleet):
     fleet, proxy = fleet
     proxy.send(plan(ADAPTERS, PER_ADAPTER, seed=1))

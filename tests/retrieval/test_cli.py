@@ -4,6 +4,7 @@ dir, run in this process by Typer's runner (test_cli_errors.py runs the real com
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lorag.cli import app
@@ -16,6 +17,7 @@ def lorag(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.slow
 def test_ingest_search_and_namespaces(tmp_path):
     data = ["--data-dir", str(tmp_path)]
     first = lorag("ingest", "--namespace", "kb", str(CORPUS), *data)

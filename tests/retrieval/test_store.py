@@ -36,6 +36,7 @@ def store(state, tmp_path, embedder):
     opened.db.close()
 
 
+@pytest.mark.slow
 def test_ingest_then_reingest_is_incremental(store, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)
@@ -78,6 +79,7 @@ def test_search_finds_the_right_passage_with_its_section(store):
     assert len(chunks) > 3  # the long document was split into several chunks
 
 
+@pytest.mark.slow
 def test_filters_apply_inside_the_search(store):
     ingest(store, "kb", [CORPUS])
     german = store.search("kb", "how long does shipping take", k=3, filters={"lang": "de"})
@@ -89,6 +91,7 @@ def test_filters_apply_inside_the_search(store):
         store.search("kb", "x", filters={"a'); DROP TABLE chunks; --": "x"})
 
 
+@pytest.mark.slow
 def test_delete_and_reopen(store, state, tmp_path, embedder):
     ingest(store, "kb", [CORPUS])
     assert store.delete("kb", "guides/volcanoes.md") is True
@@ -133,7 +136,7 @@ for i in range(1000):
 """
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_a_kill_during_ingest_loses_nothing_committed(state, tmp_path, embedder):
     folder = tmp_path / "retrieval"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, state, str(folder)],
@@ -167,6 +170,7 @@ FAULTS = ["the circulation pump overheated", "the inlet valve is stuck closed",
           "the water level sensor is faulty", "the detergent drawer is jammed"]
 
 
+@pytest.mark.slow
 def test_hybrid_beats_either_mode_alone(store):
     ingest(store, "kb", [CORPUS])
     codes = [f"E{1000 + 137 * i}" for i in range(48)]  # look-alike error codes
@@ -191,6 +195,7 @@ def test_hybrid_beats_either_mode_alone(store):
         store.search("kb", "x", mode="fuzzy")
 
 
+@pytest.mark.slow
 def test_a_large_namespace_switches_to_ivf_and_stays_correct(state, tmp_path, embedder):
     import faiss
 

@@ -180,6 +180,7 @@ REACHES_THE_ENGINE = {"prompt-too-long", "huge-max-tokens", "schema-that-cannot-
                       "regex-that-cannot-compile", "grammar-that-cannot-compile"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_4xx_and_the_daemon_stays_healthy(daemon, bad_adapters, bad_kb,
                                                                case):

@@ -156,6 +156,7 @@ def send_big(daemon, chunked: bool) -> httpx.Response | None:
         return None
 
 
+@pytest.mark.slow
 def test_bad_requests_hurt_no_other_stream(daemon, undisturbed):
     """Every case of the table, one after another, while the streams run (one run of the
     streams for all of them: a run costs seconds on the vLLM backend)."""

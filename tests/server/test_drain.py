@@ -77,7 +77,7 @@ def grpc_health(daemon: DaemonProcess) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_0(slow_tiny, keys_file,
                                                                    tmp_path):
     daemon = start(slow_tiny, keys_file, tmp_path, shutdown_timeout=60)
@@ -116,7 +116,7 @@ def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_0(slow_tiny, key
     assert time.monotonic() - signalled < 60
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_streams_still_running_at_the_shutdown_timeout_end_with_an_error_event(
         slow_tiny, keys_file, tmp_path):
     daemon = start(slow_tiny, keys_file, tmp_path, shutdown_timeout=1)

@@ -45,6 +45,7 @@ def grpc_health(daemon) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
+@pytest.mark.slow
 def test_a_bug_is_an_internal_error_that_tells_nothing_of_it(daemon, monkeypatch, caplog):
     def broken(caller):
         raise RuntimeError(f"cannot stat {SECRET}")

@@ -68,6 +68,7 @@ def slow_client(daemon) -> http.client.HTTPConnection:
     return connection
 
 
+@pytest.mark.slow
 def test_a_slow_http_reader_holds_its_own_output_and_nothing_else(daemon):
     alone = text_of(stream_events(daemon, "Other.", max_tokens=60))
     connection = slow_client(daemon)
@@ -86,6 +87,7 @@ def test_a_slow_http_reader_holds_its_own_output_and_nothing_else(daemon):
         == HEAVY["max_tokens"]
 
 
+@pytest.mark.slow
 def test_a_slow_grpc_reader_holds_its_own_output_and_nothing_else(daemon):
     request = lorag_pb2.ChatRequest(
         messages=[lorag_pb2.ChatMessage(role="user", content="Go on and on.")],
@@ -144,7 +146,7 @@ def stored(local: LocalDaemon) -> list[str]:
     return local.service.namespaces.store.documents(tenancy.key("alice", "tides"))
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_a_full_disk_during_ingest_loses_nothing_acknowledged(tiny_base, keys_file,
                                                               small_disk, tmp_path):
     root = tmp_path / "adapters"
@@ -183,7 +185,7 @@ def test_a_full_disk_during_ingest_loses_nothing_acknowledged(tiny_base, keys_fi
 
 ADAPTERS = 16
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_sigkill_during_registrations_and_ingests_leaves_nothing_half_done(
         tiny_base, keys_file, tmp_path):
     root = tmp_path / "adapters"

@@ -47,6 +47,7 @@ def wait_for(condition, seconds: float = 10.0) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_what_one_replica_writes_the_other_serves(fleet):
     a, b = fleet
     documents_b = b.service.namespaces.store
@@ -95,6 +96,7 @@ def test_a_re_registration_replaces_the_weights_everywhere(fleet):
     log.info("unload through A: B's engine let the weights go after %.3f s", lag)
 
 
+@pytest.mark.slow
 def test_a_postgresql_outage_costs_only_the_requests_that_need_state(fleet, postgres):
     a, b = fleet
     assert load(a, "steady", a.adapters / "third").status_code == 200

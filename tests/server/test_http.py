@@ -330,6 +330,7 @@ def cancelled_count(daemon) -> float:
     return float(found[1]) if found else 0.0
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_and_clients_that_leave_cancel(daemon):
     """More streams at once than running + waiting slots: the rest get a 429 in OpenAI's
     shape; the accepted ones are cancelled when their clients disconnect, and the engine
@@ -406,6 +407,7 @@ def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(daemon):
     assert answers[0] == answers[1]  # a hit gives what a miss gave
 
 
+@pytest.mark.slow
 def test_each_key_gets_its_fair_share_and_only_that_key_is_refused(daemon):
     """carol's key may have 2 requests in flight, dave's use 1 token a second (the keys
     file, tests/daemons.py): past that, each gets a 429 with Retry-After, while alice's
@@ -443,6 +445,7 @@ def test_each_key_gets_its_fair_share_and_only_that_key_is_refused(daemon):
     assert chat(daemon, BASE)
 
 
+@pytest.mark.slow
 def test_a_key_with_its_own_adapter_roots_registers_from_them_alone(daemon, keys_file):
     """A key added to the keys file while the daemon runs works within a second; its
     adapter_roots confine what it may register (here one adapter's folder), even inside

@@ -45,6 +45,7 @@ def message(response: httpx.Response) -> str:
     return response.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_each_limit_as_configured(tight):
     hi = {"role": "user", "content": "hi"}
     assert message(post(tight, "/v1/chat/completions", {

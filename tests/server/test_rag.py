@@ -45,6 +45,7 @@ def corpus(daemon) -> list[dict]:
     return documents
 
 
+@pytest.mark.slow
 def test_documents_search_replace_and_delete(daemon, corpus):
     hits = search(daemon, "kb", QUESTION, top_k=3)
     assert hits[0]["document_id"] == "guides/bakery.txt"
@@ -75,6 +76,7 @@ def test_documents_search_replace_and_delete(daemon, corpus):
         "message"]
 
 
+@pytest.mark.slow
 def test_namespaces_belong_to_tenants(daemon, corpus):
     # bob has no "kb": the same 404 as a name nobody has, whatever alice holds
     for name in ("kb", "nobody-has-this"):
@@ -118,6 +120,7 @@ def test_namespaces_belong_to_tenants(daemon, corpus):
 
 # the service's context budget, the same on both backends (vLLM's lane runs the RAG
 # round trip above)
+@pytest.mark.slow
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_rag_drops_the_lowest_ranked_passages_to_fit_the_context(daemon, corpus):
     max_tokens = 200  # reserved in the context; the answer itself may stop early
@@ -232,6 +235,7 @@ def lorag(*args: str, key: str = ALICE):
     return CliRunner().invoke(app, list(args), env={"LORAG_API_KEY": key.split()[1]})
 
 
+@pytest.mark.slow
 def test_cli_works_on_a_daemon_with_url(daemon):
     url = ["--url", daemon.url]
     first = lorag("ingest", "--namespace", "cli-kb", str(CORPUS), *url)
@@ -258,6 +262,7 @@ def test_cli_works_on_a_daemon_with_url(daemon):
 
 
 # the CLI's pipeline around a daemon: which engine answers is not what it tests
+@pytest.mark.slow
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
     """The pipeline of `lorag eval generate` (each question through the daemon, scored,

@@ -15,6 +15,7 @@ from tests.daemons import ALICE, BOB
 from tests.server.test_http import chat, load, post
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_restart_keeps_adapters_and_namespaces_and_revalidates(daemon, daemon_adapters):
     fragile = daemon_adapters / "fragile"

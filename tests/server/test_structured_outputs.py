@@ -55,6 +55,7 @@ def schema_chat(daemon, model: str, name: str, temperature: float, seed: int):
             "name": name, "schema": SCHEMAS[name], "strict": True}}).choices[0]
 
 
+@pytest.mark.slow
 def test_schema_requests_across_adapters_validate_and_free_neighbours_are_unchanged(
         daemon, json_adapters):
     with ThreadPoolExecutor(5) as pool:  # the free requests by themselves, one batch
@@ -101,6 +102,7 @@ def test_json_object_regex_and_grammar(daemon):
     assert re.fullmatch(r"Answer: (yes|no)\.", reply.choices[0].message.content)
 
 
+@pytest.mark.slow
 def test_chat_logprobs_match_a_forward_pass_of_the_model(daemon):
     reply = client(daemon).chat.completions.create(
         model=BASE, messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)

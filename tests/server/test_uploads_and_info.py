@@ -3,6 +3,7 @@ uploads into a namespace (POST /v1/namespaces/{ns}/files, an outcome per file) a
 server's form (GET /v1/server: defaults, limits, the caller's rights)."""
 
 import httpx
+import pytest
 
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.server.requests import SAMPLING_DEFAULTS
@@ -26,6 +27,7 @@ def search(daemon, namespace: str, query: str, key: str = ALICE) -> list[dict]:
     return response.json()["data"]
 
 
+@pytest.mark.slow
 def test_each_file_is_read_as_lorag_ingest_reads_it_and_fails_alone(daemon):
     records = b'{"id": "r1", "text": "Record one is about tides.", "metadata": {"k": 1}}\n'
     response = upload(daemon, "uploads", [

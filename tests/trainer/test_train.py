@@ -42,6 +42,7 @@ def tiny_adapter(tiny_base, data_file, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_run_writes_the_adapter_and_its_record(tiny_adapter, data_file):
     for name in ("adapter_config.json", "adapter_model.safetensors", "training.json",
                  "loss.png"):
@@ -56,6 +57,7 @@ def test_a_run_writes_the_adapter_and_its_record(tiny_adapter, data_file):
     assert report["config"]["lr"] == 2e-3 and report["peak_memory_mb"] > 0
 
 
+@pytest.mark.slow
 def test_long_examples_are_truncated_with_a_warning(tiny_base, data_file, tmp_path):
     # chat-templated examples here are 50-55 tokens, their prompts 35-39
     report, said = tiny_train(tiny_base, data_file, tmp_path / "short", max_steps=1,
@@ -93,6 +95,7 @@ def test_the_cli_refuses_bad_options_naming_the_flag(tmp_path, data_file, flags,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_export_merges_into_a_standalone_model(tiny_adapter, tiny_base, tokenizer, tmp_path):
     merged_dir = export(tiny_adapter, str(tiny_base), tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
@@ -113,6 +116,7 @@ def test_export_merges_into_a_standalone_model(tiny_adapter, tiny_base, tokenize
         export(tiny_adapter, str(tiny_base), merged_dir)
 
 
+@pytest.mark.slow
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     for step, files in ((2, ("adapter_model.safetensors", "trainer_state.json")),
                         (4, ("adapter_model.safetensors",)),  # killed before its state

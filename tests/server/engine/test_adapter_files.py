@@ -31,6 +31,7 @@ def engine(make_engine):
     return make_engine(max_cpu_adapter_bytes=1, max_active_adapters=1)
 
 
+@pytest.mark.slow
 def test_a_rewritten_folder_never_serves_under_the_registered_name(engine, adapter_root):
     register(engine, adapter_root, "t0")
     alone = tokens(engine, "t0")
@@ -52,6 +53,7 @@ def test_a_rewritten_folder_never_serves_under_the_registered_name(engine, adapt
     assert tokens(engine, "t0") == tokens(engine, "t0") != alone
 
 
+@pytest.mark.slow
 def test_a_deleted_folder_is_refused_once_its_weights_left_memory(engine, adapter_root):
     register(engine, adapter_root, "t0")
     alone = tokens(engine, "t0")

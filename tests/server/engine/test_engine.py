@@ -44,6 +44,7 @@ def test_occupancy_names_the_adapters_of_running_and_waiting_requests(make_engin
     assert occupancy["kv_cache_usage"] == 4 / 32
 
 
+@pytest.mark.slow
 def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, adapter_root):
     engine = make_engine()
     engine.load_adapter("t0", str(adapter_root / "t0"))
@@ -63,6 +64,7 @@ def test_hot_load_during_a_stream_neither_stalls_nor_changes_it(make_engine, ada
     assert rest[-1].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_an_adapter_out_of_ram_is_reread_by_the_caller_not_the_step_loop(
         make_engine, adapter_root):
     engine = make_engine(max_cpu_adapter_bytes=1)  # the RAM tier keeps only the newest
@@ -121,6 +123,7 @@ def test_context_limit_and_bad_parameters_are_clear(make_engine):
         SamplingParams(top_p=1.5)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
     engine = make_engine()
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7,
@@ -156,6 +159,7 @@ def test_async_streaming_from_an_event_loop(make_engine):
     assert outputs[-1].completion_tokens == 8 and outputs[-1].prompt_tokens == 4
 
 
+@pytest.mark.slow
 def test_the_model_stays_a_working_model_and_a_second_engine_serves_it(make_engine,
                                                                         tokenizer,
                                                                         adapter_root):

@@ -71,6 +71,7 @@ def engine_prompt_ids(tokenizer, prompt):
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_mixed_batch_of_eight_adapters_matches_peft(tiny):
     engine, peft, tokenizer, prompts = tiny
     names = [*SPECS, None]  # 8 adapters and the base, all in one batch
@@ -105,6 +106,7 @@ def test_weighted_composition_matches_peft_cat(tiny):
     assert want != peft_greedy(peft, tokenizer, prompts[0], "a0")
 
 
+@pytest.mark.slow
 def test_outputs_survive_an_automatic_merge_unmerge_cycle(tiny):
     engine, peft, tokenizer, prompts = tiny
     params = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -66,6 +66,7 @@ def poison(row, logits):
         logits[row] = float("nan")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [raise_, poison], ids=["row-raises", "row-goes-nan"])
 def test_a_failing_row_ends_its_request_alone(engine, fault):
     expected = alone(engine)
@@ -93,6 +94,7 @@ def test_out_of_range_token_ids_are_refused_at_submit(engine):
     assert engine.submit([vocab - 1], GREEDY).result().token_ids
 
 
+@pytest.mark.slow
 def test_a_tiny_temperature_is_greedy(engine):
     greedy = engine.submit(PROMPT, GREEDY).result().token_ids
     tiny = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1e-40, seed=1)
@@ -121,6 +123,7 @@ def test_a_dead_step_loop_ends_every_stream_and_refuses_new_work(engine):
         engine.pin_adapter("t0")
 
 
+@pytest.mark.slow
 def test_a_grammar_past_the_compile_budget_is_refused_while_others_stream(make_engine):
     """xgrammar compiles `[a-z0-9]{0,4000}` in seconds here; with a 0.2 s budget the
     request gets a 400, the same grammar again gets it at once, other constraints still

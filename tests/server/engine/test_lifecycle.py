@@ -31,6 +31,7 @@ def test_an_exception_in_the_owner_stops_the_engine_and_its_requests(make_engine
     engine.shutdown()  # a second shutdown is harmless
 
 
+@pytest.mark.slow
 def test_a_daemon_that_cannot_serve_stops_its_engine(tiny_base, tmp_path):
     """The gRPC port is taken: serve() fails after the engine started, and leaves no
     loop stepping behind it."""

@@ -28,7 +28,7 @@ def test_the_sgmv_kernel_builds_here():
     assert sgmv_available(), "the SGMV CPU kernel did not build: see the warning logged"
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_a_failed_build_is_reported_and_falls_back(tmp_path):
     """In a process of its own: this one has the kernel loaded, and a second build of
     the same op library in one process would abort it (torch registers a namespace once)."""

@@ -64,6 +64,7 @@ def test_pinned_adapter_is_never_evicted(make_engine, adapter_root):
     assert engine.stats()["adapter_slots"] == {0: "t2", 1: "t0"}
 
 
+@pytest.mark.slow
 def test_adapter_in_use_is_not_evicted_and_requests_wait_for_a_slot(make_engine, adapter_root):
     engine = make_engine(start=False)  # drive steps by hand
     for name in ("t0", "t1", "t2"):
@@ -83,6 +84,7 @@ def test_adapter_in_use_is_not_evicted_and_requests_wait_for_a_slot(make_engine,
     assert engine.stats()["adapter_refs"] == [0, 0]
 
 
+@pytest.mark.slow
 def test_unload_while_running_lets_the_request_finish(make_engine, adapter_root):
     engine = make_engine(start=False)
     engine.load_adapter("t0", str(adapter_root / "t0"))
@@ -97,6 +99,7 @@ def test_unload_while_running_lets_the_request_finish(make_engine, adapter_root)
     assert engine.stats()["adapter_slots"] == {0: None, 1: None}
 
 
+@pytest.mark.slow
 def test_unload_discards_exactly_the_compositions_that_use_the_adapter(make_engine,
                                                                         adapter_root):
     engine = make_engine()

@@ -29,6 +29,7 @@ def run(engine, ids, adapter=None) -> tuple[list[int], int]:
     return tokens, engine.kv.hits - hits
 
 
+@pytest.mark.slow
 def test_a_hit_gives_the_tokens_a_miss_gives(make_engine, adapter_root):
     cached, plain = make_engine(), make_engine(enable_prefix_caching=False)
     for engine in (cached, plain):
@@ -46,6 +47,7 @@ def test_a_hit_gives_the_tokens_a_miss_gives(make_engine, adapter_root):
     assert cached.kv.available == cached.kv.num_blocks  # idle: every block reusable
 
 
+@pytest.mark.slow
 def test_a_name_registered_again_with_other_weights_never_hits_the_old_blocks(
         make_engine, adapter_root):
     engine, plain = make_engine(), make_engine(enable_prefix_caching=False)
@@ -63,6 +65,7 @@ def test_a_name_registered_again_with_other_weights_never_hits_the_old_blocks(
     assert run(engine, ids, "alias") == (new, 96)
 
 
+@pytest.mark.slow
 def test_cached_blocks_leave_least_recently_used_first(make_engine):
     """8 blocks: each 100-token request reserves 4 (100 + 8 tokens) and leaves its 3 full
     prompt blocks cached; a sequence's tail blocks are released first, so they go first."""
@@ -90,6 +93,7 @@ def test_kv_memory_follows_request_lengths(make_engine):
     assert all(s.result().finish_reason == "length" for s in [*short, long])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caching", [True, False])
 def test_the_vllm_cpu_kernel_and_torch_attention_agree(tokenizer, tmp_path, caching):
     """A head size vLLM's CPU kernel runs (32), a mixed batch with adapters and chunked
@@ -125,7 +129,7 @@ print(engine.runner.attention.isa, len(out.token_ids))
 """
 
 
-@pytest.mark.system
+@pytest.mark.slow
 def test_the_vllm_cpu_kernel_runs_in_bfloat16_in_a_fresh_process(base_model_dir):
     """bf16 picks the kernel's AMX variant on CPUs that have it; a process that never
     asked Linux for AMX tiles dies of SIGILL at its first AMX instruction (lorag serve's

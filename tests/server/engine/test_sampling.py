@@ -20,6 +20,7 @@ def json_constraint(name: str) -> Constraint:
     return Constraint("json_schema", json.dumps(SCHEMAS[name]))
 
 
+@pytest.mark.slow
 def test_constrained_and_free_requests_on_different_adapters_share_steps(
         make_engine, adapter_root):
     engine = make_engine(start=False, max_num_seqs=16, max_active_adapters=4)
@@ -50,6 +51,7 @@ def test_constrained_and_free_requests_on_different_adapters_share_steps(
         validate(json.loads(out.text), SCHEMAS[name])
 
 
+@pytest.mark.slow
 def test_a_regex_and_a_grammar_are_matched_whole(make_engine):
     engine = make_engine()
     pattern = r"[A-Z]{2}-\d{3}( [a-z]{1,8})?"
@@ -97,6 +99,7 @@ def test_grammars_are_compiled_once_and_the_cache_is_bounded(tokenizer):
     assert grammars.compiler.get_cache_size_bytes() <= 4 << 20
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_models_own_and_ordered(make_engine):
     engine = make_engine()
     out = engine.submit(PROMPT, SamplingParams(max_tokens=12, logprobs=5)).result()
@@ -144,6 +147,7 @@ def repeats(tokens: list[int]) -> int:
     return len(tokens) - len(set(tokens))
 
 
+@pytest.mark.slow
 def test_penalties_change_greedy_output_in_their_direction(make_engine):
     engine = make_engine()
 
