@@ -85,6 +85,13 @@ class Composition:
         """The adapters it is made of."""
         return tuple(name for name, _ in self.parts)
 
+    def simplest(self) -> "AdapterKey":
+        """What it serves as: one adapter at weight 1 is that adapter (and shares its
+        slot), anything else itself."""
+        if len(self.parts) == 1 and self.parts[0][1] == 1:
+            return self.parts[0][0]
+        return self
+
     def __str__(self) -> str:
         return "+".join(f"{name}*{weight:g}" for name, weight in self.parts)
 

@@ -34,6 +34,11 @@ class NotFound(LoragError):
 class AdapterNotFound(NotFound):
     """No adapter of that name is visible to the caller."""
 
+    @classmethod
+    def named(cls, name: object, field: str | None = None) -> "AdapterNotFound":
+        """The one message for an adapter nobody has loaded under `name`."""
+        return cls(f"adapter {name!r} is not loaded", field=field)
+
 
 class AdapterChanged(LoragError):
     """A registered adapter's files no longer hold the weights it was registered with

@@ -166,7 +166,7 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
     if options.metrics_port is not None:
         parts.append(f"metrics http://{options.host}:{options.metrics_port}/metrics")
     parts += [f"adapter roots {roots}", f"state {service.store.db.name}",
-              f"{len(service.records)} adapters known"]
+              f"{len(service.adapters.records)} adapters known"]
     console.print(" | ".join(parts))
     if service.keys.open:
         where = "loopback only" if options.host in ("127.0.0.1", "localhost", "::1") else \

@@ -65,16 +65,16 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             grounding = None  # the first message carries it
 
     def LoadAdapter(self, request, context):
-        loaded = self.service.load_adapter(self._caller(context), request.name, request.path,
+        loaded = self.service.adapters.load(self._caller(context), request.name, request.path,
                                            request.shared)
         return lorag_pb2.LoadAdapterResponse(loaded=loaded)
 
     def UnloadAdapter(self, request, context):
-        self.service.unload_adapter(self._caller(context), request.name)
+        self.service.adapters.unload(self._caller(context), request.name)
         return lorag_pb2.UnloadAdapterResponse(unloaded=True)
 
     def ListAdapters(self, request, context):
-        rows = self.service.list_adapters(self._caller(context))
+        rows = self.service.adapters.visible(self._caller(context))
         return lorag_pb2.ListAdaptersResponse(adapters=[lorag_pb2.AdapterInfo(
             name=r["name"], path=r["path"], shared=r["shared"], in_ram=r["in_ram"],
             active=r["active"], pinned=r["pinned"], running_requests=r["running_requests"])

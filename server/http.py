@@ -198,7 +198,7 @@ def models(service: ServiceDep, caller: CallerDep):
     data = [{"id": base, "object": "model", "created": now, "owned_by": "lorag",
              "root": base, "parent": None}]
     data += [{"id": a["name"], "object": "model", "created": now, "owned_by": a["owner"],
-              "root": a["path"], "parent": base} for a in service.list_adapters(caller)]
+              "root": a["path"], "parent": base} for a in service.adapters.visible(caller)]
     return {"object": "list", "data": data}
 
 
@@ -218,7 +218,7 @@ PLAIN_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
 @adapters.post("/v1/load_lora_adapter", responses=PLAIN_TEXT)
 def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
     """vLLM's route: register an adapter folder under a name (read and validated now)."""
-    loaded = service.load_adapter(caller, body.lora_name, body.lora_path)
+    loaded = service.adapters.load(caller, body.lora_name, body.lora_path)
     verb = "loaded" if loaded else "was already loaded (refreshed)"
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb}.")
 
@@ -226,48 +226,48 @@ def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
 @adapters.post("/v1/unload_lora_adapter", responses=PLAIN_TEXT)
 def unload_lora_adapter(body: UnloadLora, service: ServiceDep, caller: CallerDep):
     """vLLM's route: forget an adapter; running requests on it finish."""
-    service.unload_adapter(caller, body.lora_name)
+    service.adapters.unload(caller, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed.")
 
 
 @adapters.get("/v1/adapters")
 def list_adapters(service: ServiceDep, caller: CallerDep):
     """The caller's adapters (and shared ones) with where each is: RAM, slot, pinned."""
-    return {"object": "list", "data": service.list_adapters(caller)}
+    return {"object": "list", "data": service.adapters.visible(caller)}
 
 
 @adapters.post("/v1/adapters")
 def load_adapter(body: AdapterLoad, service: ServiceDep, caller: CallerDep):
     """Register an adapter folder under a name, optionally shared with every tenant."""
-    loaded = service.load_adapter(caller, body.name, body.path, body.shared)
-    return {**service.get_adapter(caller, body.name), "loaded": loaded}
+    loaded = service.adapters.load(caller, body.name, body.path, body.shared)
+    return {**service.adapters.get(caller, body.name), "loaded": loaded}
 
 
 @adapters.get("/v1/adapters/{name}")
 def get_adapter(name: str, service: ServiceDep, caller: CallerDep):
     """One adapter's status."""
-    return service.get_adapter(caller, name)
+    return service.adapters.get(caller, name)
 
 
 @adapters.delete("/v1/adapters/{name}")
 def delete_adapter(name: str, service: ServiceDep, caller: CallerDep):
     """Forget an adapter; running requests on it finish."""
-    service.unload_adapter(caller, name)
+    service.adapters.unload(caller, name)
     return {"name": name, "unloaded": True}
 
 
 @adapters.post("/v1/adapters/{name}/pin")
 def pin_adapter(name: str, service: ServiceDep, caller: CallerDep):
     """Keep an adapter in a compute slot until unpinned."""
-    service.pin_adapter(caller, name, pinned=True)
-    return service.get_adapter(caller, name)
+    service.adapters.pin(caller, name, pinned=True)
+    return service.adapters.get(caller, name)
 
 
 @adapters.post("/v1/adapters/{name}/unpin")
 def unpin_adapter(name: str, service: ServiceDep, caller: CallerDep):
     """Let a pinned adapter be evicted again."""
-    service.pin_adapter(caller, name, pinned=False)
-    return service.get_adapter(caller, name)
+    service.adapters.pin(caller, name, pinned=False)
+    return service.adapters.get(caller, name)
 
 
 # ---- retrieval namespaces ----

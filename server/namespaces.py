@@ -103,4 +103,4 @@ class Namespaces:
 
     @staticmethod
     def _own(caller: Caller, name: str, action: str) -> str:
-        return tenancy.own_key(caller, name, action, "namespace", "namespace")
+        return tenancy.own_key(caller, name, action=action, what="namespace", field="namespace")

@@ -1,10 +1,11 @@
 """What the transports call: the engine behind tenants, retrieval, durable state and metrics.
 
 HTTP and gRPC authenticate a caller, unpack a request into server/requests.py's values and
-make ONE call here (`chat`, `complete`, an adapter or namespace operation); nothing here
-knows either wire format. A chat is built here for every transport alike: the adapter or
-composition resolved by the tenancy rule (server/tenancy.py), optional retrieval, the chat
-template rendered once, the sampling defaults.
+make ONE call here (`chat`, `complete`), or on its `adapters` (server/adapters.py) or
+`namespaces` (server/namespaces.py); nothing here knows either wire format. A chat is
+built here for every transport alike: the adapter or composition resolved by the tenancy
+rule (server/tenancy.py), optional retrieval, the chat template rendered once, the
+sampling defaults.
 """
 
 import threading
@@ -13,12 +14,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 
-from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition, confine, content_version
-from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
+from lorag.adapters import MAX_COMPOSITION, AdapterKey
+from lorag.errors import InvalidRequest, Unavailable
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import MODES, DocumentStore
-from lorag.server import tenancy
+from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
 from lorag.server.chat_template import render_chat
@@ -40,7 +41,7 @@ from lorag.server.requests import (
     Reply,
     Source,
 )
-from lorag.server.state import AdapterRecord, StateStore
+from lorag.server.state import StateStore
 from lorag.server.tenancy import Caller
 
 
@@ -58,11 +59,8 @@ class Service:
         self.keys = keys
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
+        self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
-        # engine key -> the record the engine serves under it; the state database is the
-        # truth, and every request brings this replica's engine to it (`_record`)
-        self.records: dict[str, AdapterRecord] = {}
-        self.lock = threading.Lock()  # orders loads/unloads with their records
         self.follower = None  # follow_state's thread
         # requests whose streams have not ended, for a graceful drain
         self.in_flight: dict[str, TrackedStream] = {}
@@ -70,8 +68,6 @@ class Service:
         self.idle = threading.Condition()  # guards both; notified when they empty
         self.draining = False
         self.on_drain: list[Callable[[], None]] = []  # transports' hooks (gRPC health)
-        for record in store.adapters():  # a restart: known again, read on first use
-            self._install(record, lazy=True)
         self._ensure_tenants()
         keys.on_reload.append(self._ensure_tenants)
 
@@ -95,7 +91,7 @@ class Service:
         Blocking (retrieval embeds the question): async callers run it in a thread."""
         self.limits.check_chat(request.messages, request.sampling.stop,
                                request.sampling.constraint)
-        adapter = self._adapter(caller, request.model, request.adapters)
+        adapter = self.adapters.key_for(caller, request.model, request.adapters)
         grounding = None
         if request.rag is None:
             prompt = self._render(request.messages)
@@ -109,7 +105,7 @@ class Service:
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
         self.limits.check_sampling(request.sampling.stop, request.sampling.constraint)
-        adapter = self._adapter(caller, request.model, request.adapters)
+        adapter = self.adapters.key_for(caller, request.model, request.adapters)
         params = request.sampling.params(default_max_tokens=COMPLETION_TOKENS)
         prompt = request.prompt
         if isinstance(prompt, str):  # as is: special tokens (BOS) the tokenizer adds
@@ -158,19 +154,6 @@ class Service:
         if caller is not None:
             self.quotas.release(caller, stream.tokens)
 
-    def _adapter(self, caller: Caller, model: str,
-                 adapters: list[tuple[str, float]] | None) -> AdapterKey | None:
-        """The engine key a request runs on: None for the base model, the caller's
-        adapter named `model`, or a Composition of the caller's adapters."""
-        if not adapters:
-            return None if model == self.model_name else self._key(caller, model, "model")
-        if model != self.model_name:
-            raise InvalidRequest("give either an adapter as `model` or `adapters`, not both; "
-                                 f"with `adapters`, set `model` to the base model "
-                                 f"{self.model_name!r}", field="adapters")
-        return Composition(tuple((self._key(caller, name, "adapters"), weight)
-                                 for name, weight in adapters))
-
     def _ground(self, caller: Caller, messages: list[dict], rag: Rag,
                 max_tokens: int | None) -> tuple[list[int], Grounding]:
         """Retrieve for the last user message and render the chat with as many passages as
@@ -194,158 +177,18 @@ class Service:
         tokens come from the template alone (server/chat_template.py)."""
         return render_chat(self.engine.tokenizer, messages)
 
-    # ---- adapters ----
-
-    def load_adapter(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
-        """Register `path` as the caller tenant's adapter `name` (again: other weights
-        replace the ones served under that name, on every replica); True if newly loaded."""
-        key = tenancy.own_key(caller, name, "load adapters", "adapter name", "lora_name")
-        if name == self.model_name:
-            raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
-        if caller.adapter_roots is not None:  # this key's own folders, within the daemon's
-            confine(path, list(caller.adapter_roots))
-        version = content_version(path, list(self.engine.limits.adapter_roots))
-        record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
-        with self.lock:
-            owned = [r.name for r in self.store.adapters() if r.tenant == caller.tenant]
-            if name not in owned:
-                self.limits.check_adapters(caller.tenant, len(owned))
-            if shared:
-                tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
-            start = time.perf_counter()
-            try:
-                loaded = self._install(record, lazy=False)  # reads + validates
-            except AdapterChanged as e:
-                raise AdapterChanged(f"the files at {path} changed while they were being "
-                                     "registered; register them once they are written",
-                                     field="lora_path") from e
-            self.metrics.adapter_load.observe(time.perf_counter() - start)
-            # the row is written only after validation: a crash before this line leaves
-            # no trace; after it, a complete record
-            self.store.put_adapter(record)
-        return loaded
-
-    def unload_adapter(self, caller: Caller, name: str) -> None:
-        """Forget the caller tenant's adapter `name` (running requests finish). Once this
-        returns, no replica admits another request on it: each checks the record first."""
-        tenancy.require_admin(caller, "unload adapters")
-        with self.lock:
-            if not self.store.delete_adapter(caller.tenant, name):
-                raise AdapterNotFound(f"adapter {name!r} is not loaded", field="lora_name")
-            self._forget(tenancy.key(caller.tenant, name))
-
-    def pin_adapter(self, caller: Caller, name: str, pinned: bool) -> None:
-        """Keep one of the caller's adapters in a compute slot, or let it go again."""
-        tenancy.require_admin(caller, "pin adapters")
-        key = self._key(caller, name, "name")
-        if pinned:
-            self.engine.pin_adapter(key)
-        else:
-            self.engine.unpin_adapter(key)
-
-    def list_adapters(self, caller: Caller) -> list[dict]:
-        """The adapters the caller can use, with their status in this replica's engine."""
-        rows = {row["name"]: row for row in self.engine.list_adapters()}
-        out = []
-        for record in sorted(self.store.adapters(), key=lambda record: record.name):
-            if not tenancy.visible(caller, record.key, record.shared):
-                continue
-            held = self.records.get(record.key) == record
-            row = rows.get(record.key, {}) if held else {}
-            out.append({"name": record.name, "path": record.path, "shared": record.shared,
-                        "owner": record.tenant, "in_ram": row.get("in_ram", False),
-                        "active": row.get("active", False),
-                        "pinned": row.get("pinned", False),
-                        "running_requests": row.get("running_requests", 0)})
-        return out
-
-    def get_adapter(self, caller: Caller, name: str) -> dict:
-        """One adapter's status, or AdapterNotFound."""
-        for row in self.list_adapters(caller):
-            if row["name"] == name:
-                return row
-        raise AdapterNotFound(f"adapter {name!r} is not loaded", field="name")
-
-    def _key(self, caller: Caller, name: str, field: str) -> str:
-        record = self._record(caller, name)
-        if record is None:
-            raise AdapterNotFound(f"model {name!r} is neither the base model "
-                                  f"({self.model_name!r}) nor a loaded adapter; list them at "
-                                  "GET /v1/models", field=field)
-        return record.key
-
-    def _record(self, caller: Caller, name: str) -> AdapterRecord | None:
-        """The adapter `name` means to the caller, as the state database has it now, with
-        this replica's engine brought to it: a registration made elsewhere is installed
-        (read on first use), a re-registration replaces the weights, an unload forgets
-        them. While the database cannot be reached, the records last seen here serve: no
-        unload can commit meanwhile."""
-        try:
-            record = self.store.visible_adapter(caller.tenant, name)
-        except Unavailable:
-            key = self._held_key(caller, name)
-            return None if key is None else self.records[key]
-        if record is not None and self.records.get(record.key) == record:
-            return record  # the common case: no lock, one primary-key read
-        with self.lock:  # read again under the lock: a load may have committed meanwhile
-            record = self.store.visible_adapter(caller.tenant, name)
-            if record is None:  # unloaded (maybe elsewhere): whatever was held goes
-                key = self._held_key(caller, name)
-                if key is not None:
-                    self._forget(key)
-            elif self.records.get(record.key) != record:
-                self._install(record, lazy=True)
-        return record
-
-    def _install(self, record: AdapterRecord, lazy: bool) -> bool:
-        """Serve `record` under its key, replacing other weights held there (caller holds
-        the lock, or is the constructor)."""
-        known = self.records.pop(record.key, None)
-        if known is not None and (known.path, known.version) != (record.path, record.version):
-            self.engine.unload_adapter(record.key)
-            known = None
-        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy,
-                                          version=record.version or None)
-        self.records[record.key] = record
-        return loaded
-
-    def _forget(self, key: str) -> None:
-        """Stop serving `key` on this replica (caller holds the lock)."""
-        if self.records.pop(key, None) is not None:
-            self.engine.unload_adapter(key)
-
-    def sync_adapters(self) -> None:
-        """Bring this replica's engine to every record in the state database: the same
-        as `_record` does per request, for all of them at once (a notification or a poll),
-        so that unloaded weights leave memory without waiting for a request."""
-        with self.lock:  # read under the lock: a load's commit is never half seen
-            records = {record.key: record for record in self.store.adapters()}
-            for key in [key for key in self.records if key not in records]:
-                self._forget(key)
-            for key, record in records.items():
-                if self.records.get(key) != record:
-                    self._install(record, lazy=True)
+    # ---- state ----
 
     def follow_state(self, interval: float) -> None:
         """Apply the changes other replicas commit (adapters, documents) as they are
         notified, and poll every `interval` seconds."""
         def on_change(topic: str | None, name: str | None) -> None:
             if topic in (None, "adapters"):
-                self.sync_adapters()
+                self.adapters.sync()
             if topic in (None, "documents"):
                 self.namespaces.store.refresh(name)
 
         self.follower = self.store.db.follow(on_change, interval)
-
-    def _shared(self) -> list[str]:
-        return [record.key for record in self.store.adapters() if record.shared]
-
-    def _held_key(self, caller: Caller, name: str) -> str | None:
-        """The key `name` means to the caller among the records this replica holds."""
-        shared = [key for key, record in self.records.items() if record.shared]
-        return tenancy.resolve(caller, name, self.records.__contains__, shared)
-
-    # ---- state ----
 
     def info(self, caller: Caller) -> dict:
         """What a client needs to build a request form: the model, the value each sampling

@@ -45,7 +45,7 @@ def key(tenant: str, name: str) -> str:
     return f"{tenant}.{name}"
 
 
-def own_key(caller: Caller, name: str, action: str, what: str, field: str) -> str:
+def own_key(caller: Caller, name: str, *, action: str, what: str, field: str) -> str:
     """The key of the caller's own `what` named `name`, for `action` (for example "write
     documents"): admin keys only, and the name follows the one rule (lorag/names.py)."""
     require_admin(caller, action)

@@ -246,7 +246,7 @@ class VllmBackend:
 
     def unload_adapter(self, key: str) -> bool:
         if not self.registry.unregister(key):
-            raise AdapterNotFound(f"adapter {key!r} is not loaded", field="lora_name")
+            raise AdapterNotFound.named(key)
         with self.lock:
             doomed = [self.adapters.pop(key, None)] + [
                 self.compositions.pop(c) for c in list(self.compositions) if key in c.names]
@@ -381,8 +381,8 @@ class VllmBackend:
     def _lora(self, adapter):
         """The LoRARequest a request runs with: validated and written on first use."""
         if isinstance(adapter, Composition):
-            if len(adapter.parts) == 1 and adapter.parts[0][1] == 1:
-                return self._lora(adapter.parts[0][0])
+            adapter = adapter.simplest()
+        if isinstance(adapter, Composition):
             return self._composition(adapter)
         entry = self._entry(adapter)
         self._ensure_added(adapter, entry)
@@ -403,7 +403,7 @@ class VllmBackend:
     def _entry(self, key: str, field: str = "model") -> _Adapter:
         """vLLM's side of a registered adapter (an id now, a copy on first use)."""
         if key not in self.registry:
-            raise AdapterNotFound(f"adapter {key!r} is not loaded", field=field)
+            raise AdapterNotFound.named(key, field)
         with self.lock:
             return self.adapters.setdefault(key, _Adapter(next(self.ids)))
 
@@ -415,7 +415,7 @@ class VllmBackend:
     def _weights(self, key: str, field: str = "model") -> LoraWeights:
         """Validated weights: from the registry's RAM tier, else read and checked again."""
         if key not in self.registry:
-            raise AdapterNotFound(f"adapter {key!r} is not loaded", field=field)
+            raise AdapterNotFound.named(key, field)
         return self.registry.get(key)
 
     def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:

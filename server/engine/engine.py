@@ -236,14 +236,14 @@ class Engine:
     def unload_adapter(self, name: str) -> bool:
         """Forget an adapter. Running requests that use it finish; new ones get a 404."""
         if not self.registry.unregister(name):
-            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="lora_name")
+            raise AdapterNotFound.named(name)
         self._between_steps(self._discard, name)
         return True
 
     def pin_adapter(self, name: str) -> int:
         """Keep an adapter in a compute slot until unpinned; returns its slot."""
         if name not in self.registry:
-            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="name")
+            raise AdapterNotFound.named(name)
         return self._between_steps(self.pool.pin, name, lambda: self.registry.get(name))
 
     def unpin_adapter(self, name: str) -> bool:
@@ -622,11 +622,10 @@ class Engine:
         if isinstance(adapter, Composition):
             for name in adapter.names:
                 if name not in self.registry:
-                    raise AdapterNotFound(f"adapter {name!r} is not loaded", field="adapters")
-            if len(adapter.parts) == 1 and adapter.parts[0][1] == 1:
-                return adapter.parts[0][0]
+                    raise AdapterNotFound.named(name, "adapters")
+            return adapter.simplest()
         elif adapter is not None and adapter not in self.registry:
-            raise AdapterNotFound(f"adapter {adapter!r} is not loaded", field="model")
+            raise AdapterNotFound.named(adapter, "model")
         return adapter
 
 

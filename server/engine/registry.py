@@ -72,7 +72,7 @@ class AdapterRegistry:
                 return self.ram[name]
             path, version = self.paths.get(name), self.versions.get(name)
         if path is None:
-            raise AdapterNotFound(f"adapter {name!r} is not loaded", field="model")
+            raise AdapterNotFound.named(name, "model")
         try:
             lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype,
                              version)

@@ -92,7 +92,7 @@ def test_a_re_registration_replaces_the_weights_everywhere(fleet):
     assert chat(b, "moving") == chat(a, "moving") != first
     # the follower drops unloaded weights from B without a request
     assert post(a, "/v1/unload_lora_adapter", {"lora_name": "moving"}).status_code == 200
-    lag = wait_for(lambda: "alice.moving" not in b.service.records)
+    lag = wait_for(lambda: "alice.moving" not in b.service.adapters.records)
     log.info("unload through A: B's engine let the weights go after %.3f s", lag)
 
 

@@ -1,0 +1,189 @@
+"""Adapters behind tenants, by the rule in server/tenancy.py, kept in step with the state
+database across a fleet.
+
+The state database holds every registration (an `AdapterRecord`: tenant, name, folder,
+shared, content version); this replica's engine serves the records it has installed
+(`records`, by engine key). Every request brings the engine to the database first
+(`key_for`): a registration made on another replica is installed (read on first use), a
+re-registration replaces the weights, an unload forgets them. `sync` does the same for
+every record at once, when another replica's commit is notified or polled.
+"""
+
+import threading
+import time
+
+from lorag.adapters import AdapterKey, Composition, confine, content_version
+from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
+from lorag.server import tenancy
+from lorag.server.backend import Backend
+from lorag.server.limits import RequestLimits
+from lorag.server.metrics import Metrics
+from lorag.server.state import AdapterRecord, StateStore
+from lorag.server.tenancy import Caller
+
+
+class AdapterRecords:
+    """Tenant-scoped adapter registration, use and status over one engine."""
+
+    def __init__(self, engine: Backend, store: StateStore, limits: RequestLimits,
+                 metrics: Metrics, model_name: str):
+        self.engine, self.store, self.limits = engine, store, limits
+        self.metrics, self.model_name = metrics, model_name
+        # engine key -> the record the engine serves under it; the state database is the
+        # truth, and every request brings this replica's engine to it (`_current`)
+        self.records: dict[str, AdapterRecord] = {}
+        self.lock = threading.Lock()  # orders loads/unloads with their records
+        for record in store.adapters():  # a restart: known again, read on first use
+            self._install(record, lazy=True)
+
+    def load(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
+        """Register `path` as the caller tenant's adapter `name` (again: other weights
+        replace the ones served under that name, on every replica); True if newly loaded."""
+        key = tenancy.own_key(caller, name, action="load adapters", what="adapter name",
+                              field="lora_name")
+        if name == self.model_name:
+            raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
+        if caller.adapter_roots is not None:  # this key's own folders, within the daemon's
+            confine(path, list(caller.adapter_roots))
+        version = content_version(path, list(self.engine.limits.adapter_roots))
+        record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
+        with self.lock:
+            owned = [r.name for r in self.store.adapters() if r.tenant == caller.tenant]
+            if name not in owned:
+                self.limits.check_adapters(caller.tenant, len(owned))
+            if shared:
+                tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
+            start = time.perf_counter()
+            try:
+                loaded = self._install(record, lazy=False)  # reads + validates
+            except AdapterChanged as e:
+                raise AdapterChanged(f"the files at {path} changed while they were being "
+                                     "registered; register them once they are written",
+                                     field="lora_path") from e
+            self.metrics.adapter_load.observe(time.perf_counter() - start)
+            # the row is written only after validation: a crash before this line leaves
+            # no trace; after it, a complete record
+            self.store.put_adapter(record)
+        return loaded
+
+    def unload(self, caller: Caller, name: str) -> None:
+        """Forget the caller tenant's adapter `name` (running requests finish). Once this
+        returns, no replica admits another request on it: each checks the record first."""
+        tenancy.require_admin(caller, "unload adapters")
+        with self.lock:
+            if not self.store.delete_adapter(caller.tenant, name):
+                raise AdapterNotFound.named(name, "lora_name")
+            self._forget(tenancy.key(caller.tenant, name))
+
+    def pin(self, caller: Caller, name: str, pinned: bool) -> None:
+        """Keep one of the caller's adapters in a compute slot, or let it go again."""
+        tenancy.require_admin(caller, "pin adapters")
+        key = self._key(caller, name, "name")
+        if pinned:
+            self.engine.pin_adapter(key)
+        else:
+            self.engine.unpin_adapter(key)
+
+    def visible(self, caller: Caller) -> list[dict]:
+        """The adapters the caller can use, with their status in this replica's engine."""
+        rows = {row["name"]: row for row in self.engine.list_adapters()}
+        out = []
+        for record in sorted(self.store.adapters(), key=lambda record: record.name):
+            if not tenancy.visible(caller, record.key, record.shared):
+                continue
+            held = self.records.get(record.key) == record
+            row = rows.get(record.key, {}) if held else {}
+            out.append({"name": record.name, "path": record.path, "shared": record.shared,
+                        "owner": record.tenant, "in_ram": row.get("in_ram", False),
+                        "active": row.get("active", False),
+                        "pinned": row.get("pinned", False),
+                        "running_requests": row.get("running_requests", 0)})
+        return out
+
+    def get(self, caller: Caller, name: str) -> dict:
+        """One adapter's status, or AdapterNotFound."""
+        for row in self.visible(caller):
+            if row["name"] == name:
+                return row
+        raise AdapterNotFound.named(name, "name")
+
+    def key_for(self, caller: Caller, model: str,
+                adapters: list[tuple[str, float]] | None) -> AdapterKey | None:
+        """The engine key a request runs on: None for the base model, the caller's
+        adapter named `model`, or a Composition of the caller's adapters."""
+        if not adapters:
+            return None if model == self.model_name else self._key(caller, model, "model")
+        if model != self.model_name:
+            raise InvalidRequest("give either an adapter as `model` or `adapters`, not both; "
+                                 f"with `adapters`, set `model` to the base model "
+                                 f"{self.model_name!r}", field="adapters")
+        return Composition(tuple((self._key(caller, name, "adapters"), weight)
+                                 for name, weight in adapters))
+
+    def sync(self) -> None:
+        """Bring this replica's engine to every record in the state database: what
+        `key_for` does per request, for all of them at once (a notification or a poll),
+        so that unloaded weights leave memory without waiting for a request."""
+        with self.lock:  # read under the lock: a load's commit is never half seen
+            records = {record.key: record for record in self.store.adapters()}
+            for key in [key for key in self.records if key not in records]:
+                self._forget(key)
+            for key, record in records.items():
+                if self.records.get(key) != record:
+                    self._install(record, lazy=True)
+
+    def _key(self, caller: Caller, name: str, field: str) -> str:
+        """The engine key of the adapter `name` means to the caller, as the state database
+        has it now, with this replica's engine brought to it. While the database cannot
+        be reached, the records last seen here serve: no unload can commit meanwhile."""
+        try:
+            record = self._current(caller, name)
+        except Unavailable:
+            key = self._held(caller, name)
+            record = None if key is None else self.records[key]
+        if record is None:
+            raise AdapterNotFound(f"model {name!r} is neither the base model "
+                                  f"({self.model_name!r}) nor a loaded adapter; list them at "
+                                  "GET /v1/models", field=field)
+        return record.key
+
+    def _current(self, caller: Caller, name: str) -> AdapterRecord | None:
+        """The record `name` means to the caller in the state database, installed here
+        (or forgotten here, when it went)."""
+        record = self.store.visible_adapter(caller.tenant, name)
+        if record is not None and self.records.get(record.key) == record:
+            return record  # the common case: no lock, one primary-key read
+        with self.lock:  # read again under the lock: a load may have committed meanwhile
+            record = self.store.visible_adapter(caller.tenant, name)
+            if record is None:  # unloaded (maybe elsewhere): whatever was held goes
+                key = self._held(caller, name)
+                if key is not None:
+                    self._forget(key)
+            elif self.records.get(record.key) != record:
+                self._install(record, lazy=True)
+        return record
+
+    def _install(self, record: AdapterRecord, lazy: bool) -> bool:
+        """Serve `record` under its key, replacing other weights held there (caller holds
+        the lock, or is the constructor)."""
+        known = self.records.pop(record.key, None)
+        if known is not None and (known.path, known.version) != (record.path, record.version):
+            self.engine.unload_adapter(record.key)
+        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy,
+                                          version=record.version or None)
+        self.records[record.key] = record
+        return loaded
+
+    def _forget(self, key: str) -> None:
+        """Stop serving `key` on this replica (caller holds the lock)."""
+        if self.records.pop(key, None) is not None:
+            self.engine.unload_adapter(key)
+
+    def _held(self, caller: Caller, name: str) -> str | None:
+        """The key `name` means to the caller among the records this replica holds."""
+        shared = [key for key, record in self.records.items() if record.shared]
+        return tenancy.resolve(caller, name, self.records.__contains__, shared)
+
+    def _shared(self) -> list[str]:
+        return [record.key for record in self.store.adapters() if record.shared]
+
