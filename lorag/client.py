@@ -66,10 +66,12 @@ class DaemonClient:
             statuses += [d["status"] for d in answer["documents"]]
         return statuses
 
-    def search(self, namespace: str, query: str, k: int = 5, mode: str = "hybrid",
-               filters: dict | None = None) -> list[dict]:
-        """Hits as dicts (document_id, chunk_id, score, text, metadata)."""
-        body = {"query": query, "top_k": k, "mode": mode, "filter": filters}
+    def search(self, namespace: str, query: str, k: int | None = None,
+               mode: str | None = None, filters: dict | None = None) -> list[dict]:
+        """Hits as dicts (document_id, chunk_id, score, text, metadata); what is left
+        out takes the daemon's defaults."""
+        given = {"top_k": k, "mode": mode, "filter": filters}
+        body = {"query": query, **{name: v for name, v in given.items() if v is not None}}
         return self._call("POST", f"/v1/namespaces/{namespace}/search", body)["data"]
 
     def namespaces(self) -> list[dict]:

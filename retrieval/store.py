@@ -47,6 +47,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from lorag.errors import InvalidRequest
 from lorag.names import MAX_KEY_LENGTH, check_name
+from lorag.retrieval import MAX_TOP_K, MODES, SEARCH_MODE, TOP_K
 from lorag.retrieval.chunking import chunk_text
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.lexical import LexicalIndex, fuse
@@ -55,7 +56,6 @@ from lorag.state.schema import chunks, documents, namespaces, removed_chunks
 
 log = logging.getLogger("lorag.retrieval")
 
-MODES = ("vector", "bm25", "hybrid")
 KEPT_GENERATIONS = 16  # tombstones of the last 16 writes outlive a prune
 TOMBSTONES_BEFORE_PRUNE = 10_000  # ... and are pruned once above this and the live chunks
 
@@ -178,15 +178,16 @@ class DocumentStore:
 
     # ---- reads ----
 
-    def search(self, namespace: str, query: str, k: int = 5, filters: dict | None = None,
-               mode: str = "hybrid") -> list[Hit]:
+    def search(self, namespace: str, query: str, k: int = TOP_K,
+               filters: dict | None = None, mode: str = SEARCH_MODE) -> list[Hit]:
         """The k best chunks for `query`: "vector" (FAISS), "bm25", or "hybrid" (both,
         fused by reciprocal rank). `filters` ({key: value or [values]}) restrict the
         candidates inside each search, before ranking."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidRequest("query is empty", field="query")
-        if not isinstance(k, int) or not 1 <= k <= 100:
-            raise InvalidRequest(f"k must be an integer in 1..100, got {k!r}", field="top_k")
+        if not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise InvalidRequest(f"k must be an integer in 1..{MAX_TOP_K}, got {k!r}",
+                                 field="top_k")
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {', '.join(MODES)}, got {mode!r}",
                                  field="mode")

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lorag.errors import InvalidRequest, Overloaded
+from lorag.retrieval import SEARCH_MODE, TOP_K
 from lorag.server import requests
 from lorag.server.engine.stream import Output, joined
 from lorag.server.engine.structured import Constraint
@@ -26,7 +27,7 @@ UNARY_WORKERS = 16  # gRPC worker threads beyond one per request the engine hold
 SERVICE_NAME = lorag_pb2.DESCRIPTOR.services_by_name["LoragService"].full_name
 FINISH = {"stop": lorag_pb2.FINISH_REASON_STOP, "length": lorag_pb2.FINISH_REASON_LENGTH,
           "cancelled": lorag_pb2.FINISH_REASON_CANCELLED}
-MODES = {lorag_pb2.SEARCH_MODE_UNSPECIFIED: "hybrid", lorag_pb2.SEARCH_MODE_VECTOR: "vector",
+MODES = {lorag_pb2.SEARCH_MODE_UNSPECIFIED: SEARCH_MODE, lorag_pb2.SEARCH_MODE_VECTOR: "vector",
          lorag_pb2.SEARCH_MODE_BM25: "bm25", lorag_pb2.SEARCH_MODE_HYBRID: "hybrid"}
 
 
@@ -83,7 +84,7 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
     def Search(self, request, context):
         hits = self.service.namespaces.search(
             self._caller(context), request.namespace, request.query,
-            request.top_k if request.HasField("top_k") else 5, _mode(request.mode),
+            request.top_k if request.HasField("top_k") else TOP_K, _mode(request.mode),
             _filter(request.filter))
         return lorag_pb2.SearchResponse(hits=[lorag_pb2.SearchHit(
             document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,

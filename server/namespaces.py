@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from lorag.errors import InvalidRequest, NotFound
+from lorag.retrieval import SEARCH_MODE, TOP_K
 from lorag.retrieval.ingest import Document
 from lorag.retrieval.sandbox import Parser
 from lorag.retrieval.store import DocumentStore, Hit
@@ -65,8 +66,8 @@ class Namespaces:
         if not self.store.delete(namespace, document_id):
             raise NotFound(f"namespace {name!r} has no document {document_id!r}", field="id")
 
-    def search(self, caller: Caller, name: str, query: str, top_k: int = 5,
-               mode: str = "hybrid", filters: dict | None = None) -> list[Hit]:
+    def search(self, caller: Caller, name: str, query: str, top_k: int = TOP_K,
+               mode: str = SEARCH_MODE, filters: dict | None = None) -> list[Hit]:
         """The best chunks of one of the caller's namespaces, or a shared one."""
         return self.store.search(self.resolve(caller, name), query, top_k, filters, mode)
 

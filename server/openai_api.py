@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
+from lorag.retrieval import MAX_TOP_K, MODES, SEARCH_MODE, TOP_K
 from lorag.server import requests
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
@@ -22,7 +23,7 @@ from lorag.server.requests import check_texts
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
-SearchMode = Literal["vector", "bm25", "hybrid"]
+SearchMode = Literal[MODES]  # Literal["vector", "bm25", "hybrid"]
 
 
 class _Body(BaseModel):
@@ -314,8 +315,8 @@ class SearchBody(_RouteBody):
     """POST /v1/namespaces/{ns}/search."""
 
     query: str = Field(min_length=1)
-    top_k: int = Field(default=5, ge=1, le=100)
-    mode: SearchMode = "hybrid"
+    top_k: int = Field(default=TOP_K, ge=1, le=MAX_TOP_K)
+    mode: SearchMode = SEARCH_MODE
     filter: Filter | None = None
 
 

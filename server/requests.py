@@ -8,6 +8,7 @@ that each transport packs its own way (JSON, SSE, gRPC messages).
 from dataclasses import dataclass, field
 
 from lorag.errors import InvalidRequest
+from lorag.retrieval import SEARCH_MODE
 from lorag.server.engine import SamplingParams
 from lorag.server.engine.structured import Constraint
 from lorag.server.metrics import TrackedStream
@@ -60,7 +61,7 @@ class Rag:
 
     namespace: str
     top_k: int = 4
-    mode: str = "hybrid"
+    mode: str = SEARCH_MODE
     filter: dict | None = None
 
     def __post_init__(self):

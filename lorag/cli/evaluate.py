@@ -21,6 +21,7 @@ from lorag.cli.common import (
 )
 from lorag.cli.retrieval import namespaces_at
 from lorag.errors import InvalidRequest
+from lorag.retrieval import SEARCH_MODE
 
 app = group("Measure quality: retrieval and answers, on labelled sets.")
 
@@ -74,7 +75,7 @@ def eval_generate(
     rag_namespace: Annotated[str | None, typer.Option(
         help="Ground each question in this namespace (the rag extension).")] = None,
     rag_top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages for rag.")] = 4,
-    rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = "hybrid",
+    rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = SEARCH_MODE,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
              "source, retrieved.")] = "exact_match,f1,rouge_l,bleu,chrf,accuracy",

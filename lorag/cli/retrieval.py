@@ -30,6 +30,7 @@ from lorag.cli.common import (
 from lorag.client import DaemonClient
 from lorag.errors import InvalidRequest, NotFound
 from lorag.names import check_name
+from lorag.retrieval import MAX_TOP_K, SEARCH_MODE, TOP_K
 from lorag.server import tenancy
 
 namespaces_app = group("Retrieval namespaces, in the data dir or on a daemon.")
@@ -60,7 +61,7 @@ class StoreNamespaces:
         """Add or replace documents; "added", "updated" or "unchanged" for each."""
         return self.store.put_documents(self._key(namespace), documents)
 
-    def search(self, namespace: str, query: str, k: int = 5, mode: str = "hybrid",
+    def search(self, namespace: str, query: str, k: int = TOP_K, mode: str = SEARCH_MODE,
                filters: dict | None = None) -> list[dict]:
         """Hits as dicts (document_id, chunk_id, score, text, metadata)."""
         if not self.store.exists(self._key(namespace)):
@@ -138,12 +139,12 @@ def ingest(
 def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     namespace: Annotated[str, typer.Option(help="Namespace to search.")],
-    k: Annotated[int, typer.Option(min=1, max=100, help="How many hits.")] = 5,
+    k: Annotated[int, typer.Option(min=1, max=MAX_TOP_K, help="How many hits.")] = TOP_K,
     filter_: Annotated[list[str] | None, typer.Option(
         "--filter", help="key=value metadata filter (repeatable; same key twice = in).")] =
         None,
     mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid (fused by RRF).")] =
-        "hybrid",
+        SEARCH_MODE,
     as_json: Annotated[bool, typer.Option("--json", help="Print hits as JSON.")] = False,
     url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",

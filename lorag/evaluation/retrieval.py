@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
+from lorag.retrieval import SEARCH_MODE, TOP_K
 
 DEPTH = 100  # chunks fetched per query: enough distinct documents for the cut-offs
 
@@ -61,8 +62,8 @@ def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
     return dcg / ideal
 
 
-def evaluate(namespaces, namespace: str, queries: list[dict], k: int = 5,
-             mode: str = "hybrid") -> dict:
+def evaluate(namespaces, namespace: str, queries: list[dict], k: int = TOP_K,
+             mode: str = SEARCH_MODE) -> dict:
     """Run every query through `namespaces.search` (a data dir's namespaces or a
     DaemonClient); per-query rows and the means."""
     rows = []
