@@ -4,6 +4,7 @@ standard health checking and server reflection."""
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -38,32 +39,17 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         self.service = service
 
     def Generate(self, request, context):
-        out = _collect(self._complete(request, context))
-        return lorag_pb2.GenerateResponse(text=out.text, finish_reason=FINISH[out.finish_reason],
-                                          usage=_usage(out), logprobs=self._logprobs(out))
+        return self._whole(lorag_pb2.GenerateResponse, self._complete(request, context))
 
     def GenerateStream(self, request, context):
-        for out, finish in _deltas(self._complete(request, context)):
-            yield lorag_pb2.GenerateStreamResponse(text=out.text, finish_reason=finish,
-                                                   usage=_usage(out) if finish else None,
-                                                   logprobs=self._logprobs(out))
+        yield from self._pieces(lorag_pb2.GenerateStreamResponse,
+                                self._complete(request, context))
 
     def Chat(self, request, context):
-        reply = self._chat(request, context)
-        out = _collect(reply)
-        return lorag_pb2.ChatResponse(text=out.text, finish_reason=FINISH[out.finish_reason],
-                                      usage=_usage(out), grounding=_grounding(reply.grounding),
-                                      logprobs=self._logprobs(out))
+        return self._whole(lorag_pb2.ChatResponse, self._chat(request, context))
 
     def ChatStream(self, request, context):
-        reply = self._chat(request, context)
-        grounding = _grounding(reply.grounding)
-        for out, finish in _deltas(reply):
-            yield lorag_pb2.ChatStreamResponse(text=out.text, finish_reason=finish,
-                                               usage=_usage(out) if finish else None,
-                                               grounding=grounding,
-                                               logprobs=self._logprobs(out))
-            grounding = None  # the first message carries it
+        yield from self._pieces(lorag_pb2.ChatStreamResponse, self._chat(request, context))
 
     def LoadAdapter(self, request, context):
         loaded = self.service.adapters.load(self._caller(context), request.name, request.path,
@@ -89,6 +75,23 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         return lorag_pb2.SearchResponse(hits=[lorag_pb2.SearchHit(
             document_id=h.document_id, chunk_id=h.chunk_id, score=h.score, text=h.text,
             metadata=_struct(h.metadata)) for h in hits])
+
+    def _whole(self, message: type, reply: Reply):
+        """The whole answer as one `message` (a chat's with its grounding, if any)."""
+        out = _collect(reply)
+        return message(text=out.text, finish_reason=FINISH[out.finish_reason],
+                       usage=_usage(out), logprobs=self._logprobs(out),
+                       **_grounded(reply.grounding))
+
+    def _pieces(self, message: type, reply: Reply):
+        """The answer as it is generated, one `message` per output; the first carries the
+        grounding (if any), the last the usage."""
+        grounding = _grounded(reply.grounding)
+        for out, finish in _deltas(reply):
+            yield message(text=out.text, finish_reason=finish,
+                          usage=_usage(out) if finish else None,
+                          logprobs=self._logprobs(out), **grounding)
+            grounding = {}
 
     def _logprobs(self, out: Output) -> list[lorag_pb2.TokenLogprob]:
         def fields(entry: dict) -> dict:
@@ -143,12 +146,9 @@ def _sampling(options) -> requests.Sampling:
     def get(name: str):
         return getattr(options, name) if options.HasField(name) else None
 
-    return requests.Sampling(get("max_tokens"), get("temperature"), get("top_p"),
-                             get("top_k"), get("seed"), list(options.stop),
-                             presence_penalty=get("presence_penalty"),
-                             frequency_penalty=get("frequency_penalty"),
-                             repetition_penalty=get("repetition_penalty"),
-                             logprobs=get("logprobs"),
+    numbers = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "logprobs")
+    return requests.Sampling(**{name: get(name) for name in numbers}, stop=list(options.stop),
                              constraint=_constraint(options.response_format))
 
 
@@ -183,14 +183,15 @@ def _filter(values) -> dict | None:
     return {key: json_format.MessageToDict(value) for key, value in values.items()} or None
 
 
-def _grounding(grounding: Grounding | None) -> lorag_pb2.Grounding | None:
+def _grounded(grounding: Grounding | None) -> dict:
+    """A response's grounding field, if the answer was grounded (a completion never is)."""
     if grounding is None:
-        return None
-    return lorag_pb2.Grounding(
+        return {}
+    return {"grounding": lorag_pb2.Grounding(
         namespace=grounding.namespace, retrieved=grounding.retrieved,
         dropped=grounding.dropped, sources=[lorag_pb2.Source(
             document_id=s.document_id, chunk_id=s.chunk_id, score=s.score,
-            metadata=_struct(s.metadata), text=s.text) for s in grounding.sources])
+            metadata=_struct(s.metadata), text=s.text) for s in grounding.sources])}
 
 
 def _struct(values: dict) -> struct_pb2.Struct:
@@ -220,22 +221,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             inner = handler.unary_unary
 
             def unary(request, context):
-                try:
+                with _status_on_error(context):
                     _check_texts(request)
                     return inner(request, context)
-                except Exception as e:  # noqa: BLE001 - every error gets a status code
-                    _abort(context, e)
 
             return grpc.unary_unary_rpc_method_handler(unary, deserialize,
                                                        handler.response_serializer)
         inner_stream = handler.unary_stream
 
         def streaming(request, context):
-            try:
+            with _status_on_error(context):
                 _check_texts(request)
                 yield from inner_stream(request, context)
-            except Exception as e:  # noqa: BLE001
-                _abort(context, e)
 
         return grpc.unary_stream_rpc_method_handler(streaming, deserialize,
                                                     handler.response_serializer)
@@ -276,6 +273,15 @@ def _check_texts(request) -> None:
                                  "filter values are strings, booleans, finite numbers or "
                                  "lists of them") from None
         check_texts(fields)
+
+
+@contextmanager
+def _status_on_error(context):
+    """Any error in the block ends the RPC with its status code and public message."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every error gets a status code
+        _abort(context, e)
 
 
 def _abort(context, error: Exception):

@@ -162,10 +162,12 @@ class _Generation(_RouteBody):
         """The sampling fields; what is not set takes the service's default."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         constraint = self.structured_outputs or self.response_format
-        return requests.Sampling(max_tokens, self.temperature, self.top_p, self.top_k,
-                                 self.seed, stop, self.ignore_eos, self.presence_penalty,
-                                 self.frequency_penalty, self.repetition_penalty, logprobs,
-                                 constraint and constraint.constraint())
+        return requests.Sampling(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logprobs=logprobs,
+            constraint=constraint and constraint.constraint())
 
 
 class CompletionBody(_Generation):

@@ -23,7 +23,7 @@ SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_pen
                      "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sampling:
     """How to sample, OpenAI's meanings; None takes the default.
 
