@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ from google.protobuf import json_format
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BOB
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
@@ -133,10 +133,8 @@ def test_client_disconnect_cancels_the_request(real_daemon):
         for _ in range(3):
             next(lines)
         assert real_daemon.health()["running"] == 1
-    deadline = time.monotonic() + 20
-    while real_daemon.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert real_daemon.health()["running"] == 0 and real_daemon.health()["waiting"] == 0
+    wait_for(lambda: real_daemon.health()["running"] == 0, 20, 0.2, "the request cancelled")
+    assert real_daemon.health()["waiting"] == 0
     cancelled = 'lorag_requests_total{adapter="base",finish_reason="cancelled"} 1.0'
     # the operator's port (--metrics-port) and the key's own view on the API port
     assert cancelled in httpx.get(real_daemon.metrics_url).text

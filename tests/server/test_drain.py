@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lorag.benchmarks.daemon import DaemonProcess
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE
+from tests.polling import wait_for
 from tests.tiny import tiny_model
 
 STREAMS = 4
@@ -64,10 +65,11 @@ def open_streams(daemon: DaemonProcess) -> tuple[ThreadPoolExecutor, list]:
 
     pool = ThreadPoolExecutor(STREAMS)
     futures = [pool.submit(read, index) for index in range(STREAMS)]
-    deadline = time.monotonic() + 30
-    while not all(started):
-        assert time.monotonic() < deadline and not any(f.done() for f in futures)
-        time.sleep(0.01)
+    def all_started() -> bool:
+        assert not any(f.done() for f in futures), [f.result() for f in futures if f.done()]
+        return all(started)
+
+    wait_for(all_started, 30, 0.01, "every stream started")
     return pool, futures
 
 

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE
+from tests.polling import wait_for
 
 SECRET = "/srv/tenants/bob/private-adapter"  # what an exception's text might carry
 INTERNAL = re.compile(r"internal error \(request id (error-[0-9a-f]{16})\)")
@@ -50,7 +51,7 @@ def test_a_bug_is_an_internal_error_that_tells_nothing_of_it(daemon, monkeypatch
     def broken(caller):
         raise RuntimeError(f"cannot stat {SECRET}")
 
-    monkeypatch.setattr(daemon.service, "list_adapters", broken)
+    monkeypatch.setattr(daemon.service.adapters, "visible", broken)
     with caplog.at_level(logging.ERROR, logger="lorag.errors"):
         response = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE})
         with grpc.insecure_channel(daemon.grpc_target) as channel, \
@@ -105,10 +106,7 @@ def test_a_dead_step_loop_is_visible_at_once(daemon):
     reader = threading.Thread(target=lambda: events.extend(stream_events(daemon, "Count.",
                                                                          max_tokens=400)))
     reader.start()
-    deadline = time.monotonic() + 30
-    while engine.stats()["running"] == 0:  # the stream is running
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: engine.stats()["running"], 30, 0.01, "the stream running")
     assert grpc_health(daemon) == health_pb2.HealthCheckResponse.SERVING
 
     def broken():
@@ -128,7 +126,5 @@ def test_a_dead_step_loop_is_visible_at_once(daemon):
     response = httpx.post(f"{daemon.url}{CHAT}", json=body, headers={"Authorization": ALICE})
     assert response.status_code == 503, response.text
     assert "the engine stopped" in response.json()["error"]["message"]
-    deadline = time.monotonic() + 3
-    while grpc_health(daemon) != health_pb2.HealthCheckResponse.NOT_SERVING:
-        assert time.monotonic() < deadline, "gRPC health still SERVING"
-        time.sleep(0.1)
+    wait_for(lambda: grpc_health(daemon) == health_pb2.HealthCheckResponse.NOT_SERVING, 3, 0.1,
+             "gRPC health NOT_SERVING")

@@ -34,6 +34,7 @@ from lorag.benchmarks.daemon import DaemonProcess
 from lorag.server import tenancy
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE, BOB, LocalDaemon
+from tests.polling import wait_for
 from tests.server.test_failures import grpc_health, stream_events, text_of
 from tests.tiny import tiny_model
 
@@ -50,10 +51,11 @@ def daemon(own_daemon):
 
 def wait_idle(daemon, timeout: float = 120) -> None:
     """Until the engine runs and queues nothing."""
-    deadline = time.monotonic() + timeout
-    while (load := daemon.service.engine.occupancy())["running"] or load["waiting"]:
-        assert time.monotonic() < deadline, f"the engine is still busy: {load}"
-        time.sleep(0.05)
+    def idle() -> bool:
+        load = daemon.service.engine.occupancy()
+        return load["running"] == load["waiting"] == 0
+
+    wait_for(idle, timeout, what="an idle engine")
 
 
 def slow_client(daemon) -> http.client.HTTPConnection:

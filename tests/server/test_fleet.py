@@ -5,12 +5,12 @@ requests that need state."""
 
 import logging
 import shutil
-import time
 
 import httpx
 import pytest
 
 from tests.daemons import ALICE, BASE, LocalDaemon
+from tests.polling import wait_for
 from tests.server.conftest import adapters_for
 from tests.server.test_http import chat, load, post
 from tests.tiny import tiny_model
@@ -38,15 +38,6 @@ def search_ids(replica) -> list[str]:
     return [hit["document_id"] for hit in response.json()["data"]]
 
 
-def wait_for(condition, seconds: float = 10.0) -> float:
-    """Seconds until `condition()` held (fails after `seconds`)."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, "not within the poll bound"
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
 @pytest.mark.slow
 def test_what_one_replica_writes_the_other_serves(fleet):
     a, b = fleet
@@ -60,7 +51,7 @@ def test_what_one_replica_writes_the_other_serves(fleet):
     assert post(a, "/v1/namespaces/fleet-kb/documents", {"documents": more}).status_code \
         == 200
     target = a.service.namespaces.store.generation("alice.fleet-kb")
-    lag = wait_for(lambda: documents_b.generation("alice.fleet-kb") == target)
+    lag = wait_for(lambda: documents_b.generation("alice.fleet-kb") == target, interval=0.01)
     log.info("B's indexes caught up with A's write of 20 documents in %.3f s, unasked "
              "(LISTEN/NOTIFY)", lag)
 
@@ -92,7 +83,7 @@ def test_a_re_registration_replaces_the_weights_everywhere(fleet):
     assert chat(b, "moving") == chat(a, "moving") != first
     # the follower drops unloaded weights from B without a request
     assert post(a, "/v1/unload_lora_adapter", {"lora_name": "moving"}).status_code == 200
-    lag = wait_for(lambda: "alice.moving" not in b.service.adapters.records)
+    lag = wait_for(lambda: "alice.moving" not in b.service.adapters.records, interval=0.01)
     log.info("unload through A: B's engine let the weights go after %.3f s", lag)
 
 
@@ -120,7 +111,7 @@ def test_a_postgresql_outage_costs_only_the_requests_that_need_state(fleet, post
     # the pool reconnects by itself; what was acknowledged is there, the refused is not
     wait_for(lambda: post(a, "/v1/namespaces/fleet-kb/documents",
                           {"id": "after", "text": "Written after the outage."})
-             .status_code == 200, seconds=30)
+             .status_code == 200, timeout=30)
     ids = a.service.namespaces.store.documents("alice.fleet-kb")
     assert "after" in ids and "kept" in ids and "lost" not in ids
     assert load(a, "newcomer", a.adapters / "fourth").status_code == 200

@@ -26,6 +26,7 @@ from tests.daemons import (
     MAX_NUM_SEQS,
     MAX_WAITING,
 )
+from tests.polling import wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -239,6 +240,10 @@ def router_gauges(daemon) -> dict:
     return {name: samples[0] for name, samples in gauges.items()}
 
 
+def running(daemon) -> float:
+    return router_gauges(daemon)["vllm:num_requests_running"].value
+
+
 def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
     """What the endpoint picker's lora-affinity-scorer and production-stack read: the
     adapters of running requests by the name the request gave, the adapter slots, queue
@@ -254,10 +259,9 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
             readers.append(streams.enter_context(http.stream(
                 "POST", "/v1/chat/completions", json={**body, "model": name})).iter_lines())
             next(line for line in readers[-1] if line.startswith("data:"))
-        deadline = time.monotonic() + 30
-        while (busy := router_gauges(daemon))["vllm:num_requests_running"].value < 2:
-            assert time.monotonic() < deadline, busy
-            time.sleep(0.1)  # vLLM's figures arrive with its next step's stats
+        # vLLM's figures arrive with its next step's stats
+        wait_for(lambda: running(daemon) >= 2, 30, 0.1, "both requests running")
+        busy = router_gauges(daemon)
         info = busy["vllm:lora_requests_info"]
         assert info.labels["running_lora_adapters"] == "other,style"  # not alice.style
         assert info.labels["max_lora"] == str(LIMITS["max_active_adapters"]
@@ -265,10 +269,9 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
         assert 0 < busy["vllm:kv_cache_usage_perc"].value <= 1
         assert busy["vllm:kv_cache_usage_perc"].labels == {"model_name": BASE}
         assert busy["vllm:gpu_cache_usage_perc"].value == busy["vllm:kv_cache_usage_perc"].value
-    deadline = time.monotonic() + 30  # the clients left: their requests are cancelled
-    while (idle := router_gauges(daemon))["vllm:num_requests_running"].value:
-        assert time.monotonic() < deadline, idle
-        time.sleep(0.1)
+    # the clients left: their requests are cancelled
+    wait_for(lambda: running(daemon) == 0, 30, 0.1, "no request running")
+    idle = router_gauges(daemon)
     info = idle["vllm:lora_requests_info"]
     assert info.labels["running_lora_adapters"] == info.labels["waiting_lora_adapters"] == ""
     assert abs(info.value - time.time()) < 60  # the Unix time of the reading
@@ -361,14 +364,10 @@ def test_a_full_queue_answers_429_and_clients_that_leave_cancel(daemon):
     assert len(refused) + len(accepted) == flood and len(refused) >= 8, results
     assert all(e["type"] == "rate_limit_error" and "queue is full" in e["message"]
                for e in refused)
-    deadline = time.monotonic() + 60
-    while daemon.health()["running"] + daemon.health()["waiting"] and \
-            time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert daemon.health()["running"] == daemon.health()["waiting"] == 0
-    deadline = time.monotonic() + 10
-    while cancelled_count(daemon) < before + len(accepted) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: daemon.health()["running"] + daemon.health()["waiting"] == 0, 60, 0.2,
+             "an idle engine")
+    wait_for(lambda: cancelled_count(daemon) >= before + len(accepted), 10, 0.1,
+             "every request counted as cancelled")
     assert cancelled_count(daemon) == before + len(accepted)
     assert chat(daemon, BASE)  # and it serves again
 
@@ -454,18 +453,14 @@ def test_a_key_with_its_own_adapter_roots_registers_from_them_alone(daemon, keys
     own = {"tenant": "erin", "admin": True, "adapter_roots": [str(daemon.adapters / "style")]}
     keys_file.write_text(json.dumps({**KEYS, erin.split()[1]: own}))
     try:
-        deadline = time.monotonic() + 10
-        while (response := load(daemon, "style", daemon.adapters / "style", erin)
-               ).status_code == 401:
-            assert time.monotonic() < deadline, "the new key was not read"
-            time.sleep(0.2)
+        wait_for(lambda: load(daemon, "style", daemon.adapters / "style", erin).status_code
+                 != 401, 10, 0.2, "the new key read")
+        response = load(daemon, "style", daemon.adapters / "style", erin)  # again: a no-op
         assert response.status_code == 200, response.text
         refused = load(daemon, "other", daemon.adapters / "other", erin)
         assert refused.status_code == 400
         assert "is outside the configured adapter roots" in refused.json()["error"]["message"]
     finally:
         keys_file.write_text(json.dumps(KEYS))
-    deadline = time.monotonic() + 10
-    while load(daemon, "style", daemon.adapters / "style", erin).status_code != 401:
-        assert time.monotonic() < deadline, "the removed key still works"
-        time.sleep(0.2)
+    wait_for(lambda: load(daemon, "style", daemon.adapters / "style", erin).status_code
+             == 401, 10, 0.2, "the removed key refused")

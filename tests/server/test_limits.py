@@ -32,6 +32,7 @@ def tight(own_daemon, monkeypatch):
                      document_chars=100, adapters_per_tenant=1)
     monkeypatch.setattr(own_daemon.service, "limits", limits)
     monkeypatch.setattr(own_daemon.service.namespaces, "limits", limits)
+    monkeypatch.setattr(own_daemon.service.adapters, "limits", limits)
     return own_daemon
 
 

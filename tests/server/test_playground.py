@@ -5,7 +5,6 @@ Screenshots of every screen go to test-artifacts/playground/ (README shows two o
 """
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.daemons import KEYS
+from tests.polling import wait_for
 from tests.system import program
 
 pytestmark = pytest.mark.e2e
@@ -217,10 +217,7 @@ def test_stop_cancels_on_the_server(page, real_daemon):
     assert running(real_daemon) >= 1
     page.get_by_role("button", name="Stop").click()
     expect(page.locator(".message.assistant").last.locator(".meta")).to_have_text("stopped")
-    deadline = time.monotonic() + 30
-    while running(real_daemon) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert running(real_daemon) == 0
+    wait_for(lambda: running(real_daemon) == 0, 30, 0.2, "the request stopped")
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
 
