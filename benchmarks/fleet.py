@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.benchmarks.daemon import DaemonProcess, free_port, register_adapters
 from lorag.benchmarks.retrieval import percentiles
+from lorag.client import sse_event
 from lorag.errors import InvalidRequest
 
 HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -183,7 +184,7 @@ async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int
                     raise RuntimeError(f"{adapter}: {response.status_code} "
                                        f"{(await response.aread()).decode()}")
                 async for line in response.aiter_lines():
-                    if first is None and line.startswith("data: {"):
+                    if first is None and sse_event(line):
                         first = time.perf_counter()
             results.append({"adapter": adapter, "ttft": (first or time.perf_counter()) - start})
 

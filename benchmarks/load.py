@@ -18,6 +18,7 @@ import httpx
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.client import DONE, sse_data
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
@@ -34,11 +35,11 @@ async def _client(http: httpx.AsyncClient, adapter: str, disconnect: bool,
                 return f"http_{response.status_code}"
             chunks = 0
             async for line in response.aiter_lines():
-                if line.startswith("data: "):
+                if (data := sse_data(line)) is not None:
                     chunks += 1
                     if disconnect and chunks == 3:
                         return "disconnected"  # leaving the block closes the connection
-                    if line == "data: [DONE]":
+                    if data == DONE:
                         return "completed"
         return "failed_incomplete"
     except httpx.HTTPError as e:

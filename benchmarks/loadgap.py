@@ -22,6 +22,7 @@ import httpx
 from lorag.adapters import TARGET_MODULES
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.client import sse_data
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
@@ -39,7 +40,7 @@ def stream_times(url: str, index: int, max_tokens: int, times: list[float],
                       timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data: "):
+            if sse_data(line) is not None:
                 times.append(time.perf_counter())
                 if len(times) == 5:
                     flowing.set()

@@ -20,7 +20,6 @@ tokens/s and requests/s over the wall time, time to first token p50 / p99
 """
 
 import asyncio
-import json
 import random
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
+from lorag.client import sse_event
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
@@ -129,9 +129,9 @@ async def _ask_all(url: str, asks: list[tuple[str, str]], clients: int, max_toke
                     await response.aread()
                     raise RuntimeError(f"{response.status_code}: {response.text}")
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
+                    if event := sse_event(line):
                         first = first or time.perf_counter() - sent
-                        usage = json.loads(line[6:]).get("usage")
+                        usage = event.get("usage")
                         if usage:
                             for key in tokens:
                                 tokens[key] += usage[key]

@@ -36,6 +36,7 @@ from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.benchmarks.llamacpp import LlamaCpp, LlamaServer, completion_body
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
 from lorag.benchmarks.roofline import matmul_roofline
+from lorag.client import sse_event
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.provision import ModelCache
@@ -323,7 +324,7 @@ async def _stream_all(url: str, jobs, names: list[str], max_new: int,
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {") and first is None and start is not None:
+                    if sse_event(line) and first is None and start is not None:
                         first = time.perf_counter() - start
             if tracker and start is not None:
                 tracker.done(max_new)
@@ -384,8 +385,8 @@ async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
             async with http.stream("POST", "/completion", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        last = json.loads(line[6:])
+                    if event := sse_event(line):
+                        last = event
                         if last.get("tokens") and first is None and start is not None:
                             first = time.perf_counter() - start
             if last.get("tokens_predicted") != max_new:  # the last event sums it up

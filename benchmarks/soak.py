@@ -28,6 +28,7 @@ import httpx
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.client import DONE, sse_data
 from lorag.models import load_base
 
 MODEL = "smollm2-135m-instruct"
@@ -95,10 +96,10 @@ class Traffic:
                 return f"unexpected_{response.status_code}"
             chunks = 0
             async for line in response.aiter_lines():
-                chunks += line.startswith("data: ")
+                chunks += sse_data(line) is not None
                 if drop and chunks == 3:
                     return "ok"  # leaving the block drops the connection
-                if line == "data: [DONE]":
+                if sse_data(line) == DONE:
                     return "ok"
         return "unexpected_incomplete"
 

@@ -5,9 +5,11 @@ The daemon's refusals come back as lorag's own errors (4xx: the caller's mistake
 the daemon's message and field) or a RuntimeError (the daemon is unreachable or failed),
 so the CLI reports them exactly as it reports a local mistake. Its namespace methods
 (`put_documents`, `search`, `namespaces`, `drop_namespace`) have the same shape as the
-data dir's in the CLI, so commands work on either.
+data dir's in the CLI, so commands work on either. `sse_data` and `sse_event` read the
+lines of a streamed answer, for every reader of one (the tests and benchmarks too).
 """
 
+import json
 from dataclasses import asdict
 
 import httpx
@@ -15,8 +17,21 @@ import httpx
 from lorag.errors import InvalidRequest, LoragError, NotFound, PermissionDenied, Unauthenticated
 
 DOCUMENT_BATCH = 1000  # documents per request, the daemon's limit
+DONE = "[DONE]"  # the data of an OpenAI stream's last event
 _ERRORS: dict[int, type[LoragError]] = {401: Unauthenticated, 403: PermissionDenied,
                                         404: NotFound}
+
+
+def sse_data(line: str) -> str | None:
+    """The data of one line of a server-sent event stream; None for any other line."""
+    return line[len("data: "):] if line.startswith("data: ") else None
+
+
+def sse_event(line: str) -> dict | None:
+    """One line of an OpenAI stream as its JSON event; None for other lines and the
+    closing `data: [DONE]`."""
+    data = sse_data(line)
+    return None if data is None or data == DONE else json.loads(data)
 
 
 class DaemonClient:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from lorag.client import sse_event
 from tests.daemons import ALICE, BASE, BOB
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -110,9 +111,8 @@ def run_streams(daemon, during=None) -> list[str]:
                           headers={"Authorization": key}) as response:
             assert response.status_code == 200, response.read()
             for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if (chunk := sse_event(line)) is None:
                     continue
-                chunk = json.loads(line[6:])
                 assert "error" not in chunk, chunk
                 text.append(chunk["choices"][0]["delta"].get("content") or "")
                 if len(text) == 2:  # the role chunk, then the first token

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.client import sse_data
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE
 from tests.polling import wait_for
@@ -58,8 +59,8 @@ def open_streams(daemon: DaemonProcess) -> tuple[ThreadPoolExecutor, list]:
                           headers={"Authorization": ALICE}, timeout=60) as response:
             assert response.status_code == 200, response.read()
             for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line.removeprefix("data: "))
+                if (data := sse_data(line)) is not None:
+                    events.append(data)
                     started[index] = True
         return events
 

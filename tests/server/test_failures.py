@@ -15,6 +15,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lorag.client import sse_event
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE
 from tests.polling import wait_for
@@ -36,8 +37,7 @@ def stream_events(daemon, content: str, max_tokens: int = 200) -> list[dict]:
     with httpx.stream("POST", f"{daemon.url}{CHAT}", json=body, timeout=60,
                       headers={"Authorization": ALICE}) as response:
         assert response.status_code == 200, response.read()
-        return [json.loads(line[6:]) for line in response.iter_lines()
-                if line.startswith("data: ") and line != "data: [DONE]"]
+        return [event for line in response.iter_lines() if (event := sse_event(line))]
 
 
 def grpc_health(daemon) -> int:

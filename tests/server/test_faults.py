@@ -31,6 +31,7 @@ import pytest
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.client import sse_event
 from lorag.server import tenancy
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE, BOB, LocalDaemon
@@ -80,8 +81,8 @@ def test_a_slow_http_reader_holds_its_own_output_and_nothing_else(daemon):
 
     response = connection.getresponse()  # now read it all
     assert response.status == 200
-    events = [json.loads(line[6:]) for line in response.read().decode().splitlines()
-              if line.startswith("data: {")]
+    events = [event for line in response.read().decode().splitlines()
+              if (event := sse_event(line))]
     connection.close()
     tokens = [t for e in events for c in e["choices"] if c.get("logprobs")
               for t in c["logprobs"]["content"]]

@@ -13,6 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorag.client import sse_data
 from tests.daemons import (
     ALICE,
     ALICE_USER,
@@ -211,7 +212,7 @@ def test_a_key_sees_only_its_own_tenants_adapters_in_metrics(daemon, daemon_adap
             readers.append(streams.enter_context(http.stream(
                 "POST", "/v1/chat/completions", json={**body, "model": name},
                 headers={"Authorization": key})).iter_lines())
-            next(line for line in readers[-1] if line.startswith("data:"))
+            next(line for line in readers[-1] if sse_data(line) is not None)
         full = httpx.get(daemon.metrics_url).text
         alice, bob = (httpx.get(f"{daemon.url}/metrics", headers={"Authorization": key}).text
                       for key in (ALICE, BOB))
@@ -258,7 +259,7 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
         for name in ("style", "other"):  # both running once each has its first chunk
             readers.append(streams.enter_context(http.stream(
                 "POST", "/v1/chat/completions", json={**body, "model": name})).iter_lines())
-            next(line for line in readers[-1] if line.startswith("data:"))
+            next(line for line in readers[-1] if sse_data(line) is not None)
         # vLLM's figures arrive with its next step's stats
         wait_for(lambda: running(daemon) >= 2, 30, 0.1, "both requests running")
         busy = router_gauges(daemon)

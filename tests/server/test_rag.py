@@ -12,6 +12,7 @@ from google.protobuf import struct_pb2
 from typer.testing import CliRunner
 
 from lorag.cli import app
+from lorag.client import sse_event
 from lorag.errors import InvalidRequest, NotFound, PermissionDenied
 from lorag.retrieval.ingest import files_under, load
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
@@ -174,8 +175,7 @@ def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
     text = http["choices"][0]["message"]["content"]
     with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", timeout=120,
                       headers={"Authorization": ALICE}, json={**body, "stream": True}) as sse:
-        chunks = [json.loads(line[6:]) for line in sse.iter_lines()
-                  if line.startswith("data: {")]
+        chunks = [event for line in sse.iter_lines() if (event := sse_event(line))]
     assert chunks[0]["sources"] == http["sources"] and chunks[0]["rag"] == http["rag"]
     assert not any("sources" in c for c in chunks[1:])
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
