@@ -7,12 +7,14 @@ STUBS := lorag/v1/lorag_pb2.py lorag/v1/lorag_pb2_grpc.py
 KERNEL := $(VENV)/.sgmv-built
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# mkdocs-material's notice of its successor would print on every build
+export NO_MKDOCS_2_WARNING ?= 1
 # empty: Python caches the bytecode of what it imports (a set value turns that off, and
 # every process, each test daemon too, would compile its imports again)
 export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench fuzz \
-	bench-setup
+	bench-setup docs docs-serve
 
 setup: $(STAMP) $(STUBS) $(KERNEL)
 
@@ -58,8 +60,9 @@ serve: setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag serve
 
-# The layer rules and lint first (seconds), then the whole suite: both lanes (README).
-test: setup lint-imports
+# The layer rules, lint and the docs first (seconds), then the whole suite: both lanes
+# (docs/tests.md).
+test: setup lint-imports docs
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	$(BIN)/pytest -q
 
@@ -71,6 +74,14 @@ fuzz: setup
 # The fast lane alone: the tiny model; no e2e, fuzzing or slow tests (over a second each).
 test-fast: setup
 	$(BIN)/pytest -q -m "not e2e and not fuzz and not slow"
+
+# The reference site (docs/, mkdocs.yml) into site/; strict: a broken link or a page left
+# out of the nav fails it. docs-serve serves it while you edit.
+docs: setup
+	$(BIN)/mkdocs build
+
+docs-serve: setup
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 # import-linter reads the lorag/ folder from disk; the links lorag/server -> ../server
 # (and trainer, retrieval, benchmarks) put the parts where their import names say.
@@ -107,4 +118,4 @@ lint: setup lint-imports
 	npx --yes @bufbuild/buf breaking proto --against '.git#ref=$(PROTO_BASE),subdir=proto'
 
 clean:
-	rm -rf $(VENV) .pytest_cache $(STUBS) build
+	rm -rf $(VENV) .pytest_cache $(STUBS) build site

@@ -6,11 +6,11 @@ answers). A hot set of H notes draws most questions (`hot_share`); each note bel
 one of A adapters (note i to adapter i mod A), as a tenant's assistant answers about its
 own documents, and a question goes through its note's adapter. Questions come in four
 phrasings per note. Server-side RAG puts the retrieved passages into the system message
-ahead of the question (README: "RAG prompts are laid out to share a prefix"), so two
+ahead of the question (docs/engine.md: "RAG prompts are laid out to share a prefix"), so two
 questions that retrieve the same passages under the same adapter share every full KV
 block up to the question.
 
-Each peer runs on a fresh `lorag serve` (float32 unless told: the README's figures come
+Each peer runs on a fresh `lorag serve` (float32 unless told: docs/engine.md's figures come
 from a CPU without fast bf16) with `kv_blocks` KV blocks: a cache of a few prompts' worth
 thrashes, since the hot prompts alone need their blocks kept (measured: the default 512
 blocks, 17 cached prompts here, saved 24.5% of the prompt tokens). Reported: generated

@@ -1,6 +1,6 @@
 """RequestLimits: how much one request may bring, in one place, each one configurable.
 
-`lorag serve --limit NAME=VALUE` (repeatable) sets any of them; the README lists them. A
+`lorag serve --limit NAME=VALUE` (repeatable) sets any of them; docs/isolation.md lists them. A
 request past one gets TooLarge (413 / RESOURCE_EXHAUSTED) saying what was allowed and which
 limit allows more. Both transports go through the service, which checks every request here
 before anything of it runs; the engine keeps the checks of kind (types, ranges) its step

@@ -1,6 +1,6 @@
 """`lorag bench soak`, briefly, on the tiny model: every kind of request in the mix
 (bad ones included) ends as it should, the daemon's process is sampled, and the verdict
-is computed from the samples. The 30-minute figures are in the README."""
+is computed from the samples. The 30-minute figures are in docs/isolation.md."""
 
 import pytest
 

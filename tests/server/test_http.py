@@ -292,7 +292,7 @@ def test_the_fleet_dashboard_reads_metrics_the_daemon_writes(daemon):
     for name in sorted(names):
         if daemon.backend == "vllm" and name in ("lorag_adapter_slot_loads_total",
                                                  "lorag_adapter_evictions_total"):
-            continue  # vLLM does not say (README)
+            continue  # vLLM does not say (docs/backends.md)
         family = name.removesuffix("_bucket")  # a histogram's TYPE line names its family
         assert re.search(rf"^(# TYPE )?{re.escape(family)}[{{ ]", text, re.M), name
 

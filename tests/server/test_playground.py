@@ -1,7 +1,7 @@
 """The playground at `/`, in a real browser: Debian's chromium (installed when missing)
 driven by Playwright, against `lorag serve` on the real default model on loopback.
 
-Screenshots of every screen go to test-artifacts/playground/ (README shows two of them).
+Screenshots of every screen go to test-artifacts/playground/ (docs/playground.md shows two of them).
 """
 
 import json

