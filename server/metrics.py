@@ -58,6 +58,8 @@ class Metrics:
                                       "Reading and validating an adapter file.",
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(self.engine)
+        self.observed = (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft,
+                         self.itl, self.adapter_load)  # beside the engine's, read at scrape
 
     def exposition(self, tenant: str | None = None) -> bytes:
         """The Prometheus text: everything, or what tenant `tenant` may see."""
@@ -73,8 +75,8 @@ class _TenantView:
         self.tenant = tenant
 
     def collect(self):
-        for family in self.metrics.registry.collect():
-            if family.name.startswith("lorag_") and family.name != "lorag_adapter_resident":
+        for metric in self.metrics.observed:
+            for family in metric.collect():
                 yield self._own_samples(family)
         yield from self.metrics.engine.collect(self.tenant)
 

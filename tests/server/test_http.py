@@ -216,6 +216,9 @@ def test_a_key_sees_only_its_own_tenants_adapters_in_metrics(daemon, daemon_adap
         full = httpx.get(daemon.metrics_url).text
         alice, bob = (httpx.get(f"{daemon.url}/metrics", headers={"Authorization": key}).text
                       for key in (ALICE, BOB))
+    for text in (full, alice, bob):  # each family once, as Prometheus reads it
+        names = [family.name for family in text_string_to_metric_families(text)]
+        assert len(names) == len(set(names)), names
     assert "alice.style" in full and "bob.bobs-own" in full, full
     assert "bobs-own,style" in full, full
     assert 'lorag_adapter_resident{adapter="alice.style",tier="ram"} 1.0' in alice
