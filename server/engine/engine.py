@@ -35,16 +35,14 @@ from lorag.errors import (
 from lorag.openmp import release_openmp_pool
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.kv import AttentionInput, BlockPool
+from lorag.server.engine.merge import AutoMerge
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
 from lorag.server.engine.sampling import Logprobs, SamplingParams, penalize, sample
-from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
+from lorag.server.engine.stream import Output, TokenLogprob, TokenStream, releasable
 from lorag.server.engine.structured import Grammars, mask_logits
 
-# Homogeneous steps before a hot adapter is merged: a little hysteresis against flapping.
-# A merge costs ~160 ms here (W + BA per targeted projection, q/k/v/o); an unmerge is free.
-MERGE_AFTER_STEPS = 2
 log = logging.getLogger("lorag.engine")
 STOPPED = ("the engine stopped after an internal error (the daemon's log has it); this "
            "replica serves no requests until it is restarted")
@@ -111,12 +109,10 @@ class Engine:
         # tests only: called after each forward pass with the sampled sequences and their
         # logits [rows, vocab]; it may raise or poison rows, as a broken kernel would
         self.fault_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
-        self.merged_slot: int | None = None
-        self.merged_install = 0  # the merged slot's pool.installs when it was merged
-        self.homogeneous_steps = 0
+        self.merge = AutoMerge(self.runner.lora_layers, self.pool,
+                               self.config.auto_merge and not self.runner.quantized)
         self.ids = itertools.count()
-        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                         "merges": 0, "unmerges": 0}
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     # ---- lifecycle ----
 
@@ -255,7 +251,7 @@ class Engine:
         rows = []
         for name in self.registry.names():
             slot = self.pool.slot_of(name)
-            rows.append({"name": name, "path": str(self.registry.paths.get(name, "")),
+            rows.append({"name": name, "path": str(self.registry.path(name) or ""),
                          "in_ram": self.registry.in_ram(name), "active": slot is not None,
                          "slot": slot,
                          "pinned": name in self.pool.pinned,
@@ -299,10 +295,11 @@ class Engine:
     def stats(self) -> dict:
         """Occupancy plus the step counters, slot map and merge state: for benchmarks and
         tests."""
-        return {**self.counters, **self.occupancy(), "adapter_slots": self.pool.slot_map(),
+        merged = self.merge.slot
+        return {**self.counters, "merges": self.merge.merges, "unmerges": self.merge.unmerges,
+                **self.occupancy(), "adapter_slots": self.pool.slot_map(),
                 "adapter_refs": list(self.pool.refs),
-                "merged_adapter": None if self.merged_slot is None
-                else str(self.pool.names[self.merged_slot])}
+                "merged_adapter": None if merged is None else str(self.pool.names[merged])}
 
     # ---- the step loop ----
 
@@ -469,25 +466,28 @@ class Engine:
         """A step over `seqs` (running sequences): its input, the sequences it samples, and
         those it prefills (their `computed` already advanced by their chunk)."""
         budget = self.config.max_num_batched_tokens
-        decodes = [s for s in seqs if not s.prefilling]
+        decodes = [s for s in seqs if not s.prefilling]  # one token each, first in the step
         budget -= len(decodes)
-        ids = [s.output_ids[-1] for s in decodes]
-        positions = [s.length - 1 for s in decodes]
-        lora = [self._route(s) for s in decodes]
-        q_starts, seq_lens = list(range(len(decodes) + 1)), [s.length for s in decodes]
-        tables = [s.blocks for s in decodes]
-        sampled, sample_at, prefills, prefilled = list(decodes), list(range(len(decodes))), \
-            [], []
+        ids = [s.output_ids[-1] for s in decodes]  # ids: [tokens], the step's input
+        positions = [s.length - 1 for s in decodes]  # positions: [tokens]
+        lora = [self._route(s) for s in decodes]  # lora: [tokens], slot (-1: none/merged)
+        q_starts = list(range(len(decodes) + 1))  # q_starts: [seqs + 1], offsets into ids
+        seq_lens = [s.length for s in decodes]  # seq_lens: [seqs], after this step
+        tables = [s.blocks for s in decodes]  # tables: [seqs], each one's KV blocks
+        sampled = list(decodes)  # sampled: [samples], the sequences that get a token
+        sample_at = list(range(len(decodes)))  # sample_at: [samples], their row in ids
+        prefills, prefilled = [], []  # [prefilling seqs]: each one's chunk; the seqs
         for seq in seqs:
             if not seq.prefilling or budget <= 0:
                 continue
-            n = min(len(seq.prompt_ids) - seq.computed, budget)
+            n = min(len(seq.prompt_ids) - seq.computed, budget)  # this step's chunk
             budget -= n
-            prefills.append(Prefill(seq.computed, n, self._route(seq)))
+            slot = self._route(seq)
+            prefills.append(Prefill(seq.computed, n, slot))
             prefilled.append(seq)
             ids += seq.prompt_ids[seq.computed:seq.computed + n]
             positions += range(seq.computed, seq.computed + n)
-            lora += [self._route(seq)] * n
+            lora += [slot] * n
             seq.computed += n
             q_starts.append(len(ids))
             seq_lens.append(seq.computed)
@@ -505,8 +505,7 @@ class Engine:
         return step, sampled, prefilled
 
     def _route(self, seq: Sequence) -> int:
-        # tokens of the merged adapter go through the merged base weight, not a slot
-        return -1 if seq.lora_slot == self.merged_slot else seq.lora_slot
+        return self.merge.route(seq.lora_slot)
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
@@ -530,26 +529,10 @@ class Engine:
             self._finish(seq, reason, text=text, last=[token], logprobs=logprobs)
 
     def _new_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:
-        """The output text not yet streamed; holds back what may still become a stop
-        string or an incomplete character. Returns (text, whether a stop string hit)."""
+        """The output text not yet streamed, and whether a stop string hit."""
         full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        hits = [i for i in (full.find(s) for s in seq.params.stop) if i >= 0]
-        if hits:
-            end = max(min(hits), seq.sent)
-            text, seq.sent = full[seq.sent:end], end
-            return text, True
-        end = len(full)
-        if not final:
-            if full.endswith("\ufffd"):  # a multi-byte character still incomplete
-                end -= 1
-            for stop in seq.params.stop:  # a suffix that may grow into a stop string
-                for k in range(min(len(stop) - 1, end), 0, -1):
-                    if full[:end].endswith(stop[:k]):
-                        end -= k
-                        break
-        end = max(end, seq.sent)
-        text, seq.sent = full[seq.sent:end], end
-        return text, False
+        text, seq.sent, hit = releasable(full, seq.sent, seq.params.stop, final)
+        return text, hit
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,
                 text: str = "", last: list[int] | None = None,
@@ -581,26 +564,7 @@ class Engine:
                 self.pool.discard(key)
 
     def _update_merge(self) -> None:
-        """dLoRA-style: merge the adapter that is ALL the running traffic, unmerge on mix."""
-        if not self.config.auto_merge or self.runner.quantized:
-            return
-        slots = {s.lora_slot for s in self.running}
-        hot = slots.pop() if len(slots) == 1 else None
-        hot = None if hot == -1 else hot
-        if self.merged_slot is not None and (
-                self.merged_slot != hot or  # mixed traffic, or another adapter's
-                self.pool.installs[self.merged_slot] != self.merged_install):  # rewritten
-            for layer in self.runner.lora_layers:
-                layer.unmerge()
-            self.merged_slot = None
-            self.counters["unmerges"] += 1
-        self.homogeneous_steps = self.homogeneous_steps + 1 if hot is not None else 0
-        if hot is not None and self.merged_slot is None and \
-                self.homogeneous_steps >= MERGE_AFTER_STEPS:
-            for layer in self.runner.lora_layers:
-                layer.merge(hot)
-            self.merged_slot, self.merged_install = hot, self.pool.installs[hot]
-            self.counters["merges"] += 1
+        self.merge.update({s.lora_slot for s in self.running})
 
     def _between_steps(self, fn, *args):
         """Run `fn(*args)` on the step loop between two steps and return its result."""

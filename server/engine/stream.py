@@ -1,4 +1,5 @@
-"""TokenStream: what a request's caller reads, from a thread or from asyncio."""
+"""TokenStream: what a request's caller reads, from a thread or from asyncio; and
+`releasable`, how much of the text decoded so far may be streamed (stop strings)."""
 
 import asyncio
 import threading
@@ -97,3 +98,27 @@ def joined(outputs: list[Output]) -> Output:
     return Output("".join(out.text for out in outputs),
                   [token for out in outputs for token in out.token_ids], last.finish_reason,
                   last.prompt_tokens, last.completion_tokens, last.error, logprobs)
+
+
+def releasable(full: str, sent: int, stops: list[str], final: bool) -> tuple[str, int, bool]:
+    """The text of `full` (the output decoded so far) that may be streamed now, past the
+    `sent` characters already streamed: (text, the new `sent`, whether a stop string hit).
+
+    A stop string ends the text where it starts. Until the output is `final`, what may
+    still grow into a stop string or complete a character (a trailing U+FFFD) is held back.
+    """
+    hits = [i for i in (full.find(stop) for stop in stops) if i >= 0]
+    if hits:
+        end = max(min(hits), sent)
+        return full[sent:end], end, True
+    end = len(full)
+    if not final:
+        if full.endswith("\ufffd"):  # a multi-byte character still incomplete
+            end -= 1
+        for stop in stops:  # a suffix that may grow into a stop string
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if full[:end].endswith(stop[:k]):
+                    end -= k
+                    break
+    end = max(end, sent)
+    return full[sent:end], end, False
