@@ -281,7 +281,7 @@ class VllmBackend:
             # vLLM does not say which adapters hold its GPU slots; a pinned one or one
             # with running requests certainly does
             entries = {key: self.adapters.get(key) for key in self.registry.names()}
-        return [AdapterStatus(name=key, path=str(self.registry.paths.get(key, "")),
+        return [AdapterStatus(name=key, path=str(self.registry.path(key) or ""),
                               in_ram=entry is not None and entry.lora_id in loaded,
                               active=entry is not None and (entry.pinned
                                                             or entry.lora_id in running),

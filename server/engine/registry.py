@@ -3,12 +3,20 @@
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from lorag.adapters import BaseShape, LoraWeights, load_lora
 from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest
 from lorag.names import MAX_KEY_LENGTH, check_name
+
+
+class Registration(NamedTuple):
+    """What a name stands for: its folder, and the content version registered (None: any)."""
+
+    path: Path
+    version: str | None
 
 
 class AdapterRegistry:
@@ -27,8 +35,7 @@ class AdapterRegistry:
                  dtype: torch.dtype):
         self.base, self.roots, self.max_rank, self.max_bytes = base, roots, max_rank, max_bytes
         self.dtype = dtype  # weights are kept in the serving dtype
-        self.paths: dict[str, Path] = {}
-        self.versions: dict[str, str | None] = {}  # content_version at registration
+        self.registered: dict[str, Registration] = {}
         self.ram: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
         self.ram_bytes = 0  # sum of nbytes over self.ram
         self.lock = threading.Lock()
@@ -43,16 +50,16 @@ class AdapterRegistry:
         check_name(name, "lora_name", "adapter name", MAX_KEY_LENGTH)
         resolved = Path(path).expanduser().resolve()
         with self.lock:
-            known = self.paths.get(name)
-        if known is not None and known != resolved:
-            raise InvalidRequest(f"adapter {name!r} is already registered from {known}; "
+            known = self.registered.get(name)
+        if known is not None and known.path != resolved:
+            raise InvalidRequest(f"adapter {name!r} is already registered from {known.path}; "
                                  "unload it first", field="lora_name")
-        if known is not None and name in self.ram and self.versions.get(name) == version:
+        if known == (resolved, version) and name in self.ram:
             self.get(name)
             return False
         lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype, version)
         with self.lock:
-            self.paths[name], self.versions[name] = resolved, version
+            self.registered[name] = Registration(resolved, version)
             self._keep(lora)
         return known is None
 
@@ -60,8 +67,7 @@ class AdapterRegistry:
         """Know `name` at `path` without reading it now (a daemon restoring its registry
         after a restart); it is read and validated on first use, like an evicted one."""
         with self.lock:
-            self.paths[name] = Path(path).expanduser().resolve()
-            self.versions[name] = version
+            self.registered[name] = Registration(Path(path).expanduser().resolve(), version)
 
     def get(self, name: str) -> LoraWeights:
         """The adapter's weights, re-read from its files if it left RAM: the registered
@@ -70,12 +76,12 @@ class AdapterRegistry:
             if name in self.ram:
                 self.ram.move_to_end(name)
                 return self.ram[name]
-            path, version = self.paths.get(name), self.versions.get(name)
-        if path is None:
+            registration = self.registered.get(name)
+        if registration is None:
             raise AdapterNotFound.named(name, "model")
         try:
-            lora = load_lora(name, path, self.base, self.roots, self.max_rank, self.dtype,
-                             version)
+            lora = load_lora(name, registration.path, self.base, self.roots, self.max_rank,
+                             self.dtype, registration.version)
         except (AdapterChanged, InvalidRequest) as e:
             raise AdapterChanged(
                 f"adapter {name!r} can no longer be read as it was registered ({e.message}); "
@@ -88,16 +94,20 @@ class AdapterRegistry:
         """Forget `name`; says whether it was registered."""
         with self.lock:
             self._drop(name)
-            self.versions.pop(name, None)
-            return self.paths.pop(name, None) is not None
+            return self.registered.pop(name, None) is not None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.paths
+        return name in self.registered
 
     def names(self) -> list[str]:
         """Registered adapter names, sorted."""
         with self.lock:
-            return sorted(self.paths)
+            return sorted(self.registered)
+
+    def path(self, name: str) -> Path | None:
+        """The folder `name` was registered from (None: not registered)."""
+        registration = self.registered.get(name)
+        return None if registration is None else registration.path
 
     def in_ram(self, name: str) -> bool:
         """Whether `name` is in the RAM tier now."""
