@@ -188,7 +188,7 @@ def synthetic_vectors(seed_vectors: np.ndarray, n: int, rng: np.random.Generator
 
 def timed_search(index, queries: np.ndarray, k: int, nprobe: int = 0) -> tuple[np.ndarray, list]:
     """One query at a time through the store's own search call, as a request runs it."""
-    from lorag.retrieval.store import search_index
+    from lorag.retrieval.faiss_index import search_index
 
     ids, times = [], []
     for query in queries:
@@ -206,7 +206,7 @@ def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
 
 def bench_scale(n: int, seed_vectors: np.ndarray, queries: np.ndarray,
                 nprobes: list[int]) -> dict:
-    from lorag.retrieval.store import build_index
+    from lorag.retrieval.faiss_index import build_index
 
     rng = np.random.default_rng(n)
     start = time.perf_counter()

@@ -4,14 +4,15 @@ indexes are derived per replica and catch up on changes.
 Every chunk's text, metadata and embedding live in the state database (lorag/state:
 SQLite for one box, PostgreSQL for a fleet). A namespace's `generation` is its change
 sequence: each committed write bumps it once, its new chunks carry it (`seq`), and each
-chunk it removed leaves a tombstone at it. Each replica keeps, per namespace it has
-searched, a FAISS index (`IndexIDMap2` over exact inner product on unit vectors while
-small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`; ids = chunk ids)
-and the chunk texts for BM25, at some generation; before a search it reads the
-namespace's generation (one primary-key lookup) and, if behind, applies the chunks added
-and removed since (not a rebuild). So a search never returns a chunk whose delete has
-committed, whichever replica wrote it. A replica behind the namespace's tombstone floor,
-or one that sees another incarnation of the name, rebuilds from the stored vectors.
+chunk it removed leaves a tombstone at it. Each replica keeps (retrieval/indexes.py), per
+namespace it has searched, a FAISS index (`IndexIDMap2` over exact inner product on unit
+vectors while small, `IndexIVFFlat` trained on the stored vectors above `ivf_threshold`;
+ids = chunk ids; retrieval/faiss_index.py) and the chunk texts for BM25, at some
+generation; before a search it reads the namespace's generation (one primary-key lookup)
+and, if behind, applies the chunks added and removed since (not a rebuild). So a search
+never returns a chunk whose delete has committed, whichever replica wrote it. A replica
+behind the namespace's tombstone floor, or one that sees another incarnation of the name,
+rebuilds from the stored vectors.
 
 The indexes are saved under the cache folder, stamped with the namespace's incarnation
 and generation, when the store closes and after a rebuild; a restart (or a crash) loads
@@ -23,15 +24,11 @@ who owns it is the caller's business.
 
 import hashlib
 import json
-import logging
-import os
-import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-import faiss
-import numpy as np
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -50,11 +47,10 @@ from lorag.names import MAX_KEY_LENGTH, check_name
 from lorag.retrieval import MAX_TOP_K, MODES, SEARCH_MODE, TOP_K
 from lorag.retrieval.chunking import chunk_text
 from lorag.retrieval.embedder import Embedder
-from lorag.retrieval.lexical import LexicalIndex, fuse
+from lorag.retrieval.indexes import ReplicaIndexes
+from lorag.retrieval.lexical import fuse
 from lorag.state import Database
 from lorag.state.schema import chunks, documents, namespaces, removed_chunks
-
-log = logging.getLogger("lorag.retrieval")
 
 KEPT_GENERATIONS = 16  # tombstones of the last 16 writes outlive a prune
 TOMBSTONES_BEFORE_PRUNE = 10_000  # ... and are pruned once above this and the live chunks
@@ -71,16 +67,13 @@ class Hit:
     metadata: dict
 
 
-@dataclass
-class _Derived:
-    """One namespace's indexes on this replica, exactly at `generation`."""
+class Prepared(NamedTuple):
+    """A document checked, with its content's hash."""
 
-    incarnation: str
-    generation: int
-    index: faiss.Index
-    texts: dict[int, str]  # chunk id -> text, for BM25
-    lexical: LexicalIndex | None = None  # built from texts on demand; None: stale
-    saved: bool = field(default=False)  # the snapshot on disk is at this generation
+    id: str
+    text: str
+    metadata: dict
+    digest: str
 
 
 class DocumentStore:
@@ -98,13 +91,10 @@ class DocumentStore:
             raise InvalidRequest(f"chunk overlap must be in [0, chunk tokens), got overlap="
                                  f"{overlap} chunk tokens={chunk_tokens}", field="chunk_overlap")
         self.db = db
-        self.folder = Path(cache_dir) / "faiss"
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self.chunk_tokens, self.overlap = chunk_tokens, overlap
-        self.ivf_threshold, self.nprobe = ivf_threshold, nprobe
-        self.derived: dict[str, _Derived] = {}
-        self.lock = threading.RLock()
+        self.indexes = ReplicaIndexes(db, Path(cache_dir) / "faiss", embedder, ivf_threshold,
+                                      nprobe)
 
     # ---- writes ----
 
@@ -120,7 +110,7 @@ class DocumentStore:
         batch, before the transaction."""
         check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
         prepared = [_prepare(d.id, d.text, d.metadata) for d in batch]
-        ids = [p[0] for p in prepared]
+        ids = [p.id for p in prepared]
         if len(set(ids)) != len(ids):
             twice = next(i for i in ids if ids.count(i) > 1)
             raise InvalidRequest(f"document id {twice!r} appears twice in one batch",
@@ -129,9 +119,8 @@ class DocumentStore:
             known = dict(connection.execute(
                 select(documents.c.id, documents.c.sha256).where(
                     documents.c.namespace == namespace, documents.c.id.in_(ids))).all())
-        outcomes = ["unchanged" if known.get(document_id) == digest else
-                    "updated" if document_id in known else "added"
-                    for document_id, *_, digest in prepared]
+        outcomes = ["unchanged" if known.get(p.id) == p.digest else
+                    "updated" if p.id in known else "added" for p in prepared]
         changed = [p for p, outcome in zip(prepared, outcomes, strict=True)
                    if outcome != "unchanged"]
         if not changed:
@@ -140,16 +129,16 @@ class DocumentStore:
         with self.db.write() as connection:
             self._ensure(connection, namespace)
             generation = self._bump(connection, namespace)  # locks the namespace's row
-            old = self._remove_documents(connection, namespace, [c[0] for c in changed],
+            old = self._remove_documents(connection, namespace, [c.id for c in changed],
                                          generation)
             connection.execute(insert(documents), [
-                {"namespace": namespace, "id": document_id, "sha256": digest,
-                 "metadata": metadata} for document_id, _, metadata, digest in changed])
+                {"namespace": namespace, "id": c.id, "sha256": c.digest, "metadata": c.metadata}
+                for c in changed])
             connection.execute(insert(chunks), [{**row, "seq": generation} for row in rows])
             if old:
                 self._prune(connection, namespace, generation)
             self.db.notify(connection, "documents", namespace)
-        self._catch_up(namespace)
+        self.indexes.catch_up(namespace)
         return outcomes
 
     def delete(self, namespace: str, document_id: str) -> bool:
@@ -163,7 +152,7 @@ class DocumentStore:
             self._remove_documents(connection, namespace, [document_id], generation)
             self._prune(connection, namespace, generation)
             self.db.notify(connection, "documents", namespace)
-        self._catch_up(namespace)
+        self.indexes.catch_up(namespace)
         return True
 
     def drop_namespace(self, namespace: str) -> bool:
@@ -172,8 +161,8 @@ class DocumentStore:
             gone = connection.execute(
                 delete(namespaces).where(namespaces.c.name == namespace)).rowcount
             self.db.notify(connection, "documents", namespace)
-        with self.lock:
-            self._forget(namespace)
+        with self.indexes.lock:
+            self.indexes.forget(namespace)
         return gone > 0
 
     # ---- reads ----
@@ -194,18 +183,16 @@ class DocumentStore:
         allowed = set(self._filtered_ids(namespace, filters)) if filters else None
         if allowed is not None and not allowed:
             return []
-        with self.lock:
-            derived = self._catch_up(namespace)
-            if derived is None:
+        with self.indexes.lock:
+            held = self.indexes.catch_up(namespace)
+            if held is None:
                 return []
             depth = max(4 * k, 20) if mode == "hybrid" else k  # fusion needs candidates
             rankings = []
             if mode in ("vector", "hybrid"):
-                rankings.append(self._vector_search(derived, query, depth, allowed))
+                rankings.append(self.indexes.vector_search(held, query, depth, allowed))
             if mode in ("bm25", "hybrid"):
-                if derived.lexical is None:
-                    derived.lexical = LexicalIndex(sorted(derived.texts.items()))
-                rankings.append(derived.lexical.search(query, depth, allowed))
+                rankings.append(held.bm25().search(query, depth, allowed))
         if mode == "hybrid":
             scored = fuse([[chunk_id for chunk_id, _ in r] for r in rankings], k)
         else:
@@ -270,140 +257,18 @@ class DocumentStore:
 
     def generation(self, namespace: str) -> int | None:
         """The generation this replica's indexes of `namespace` are at (None: not held)."""
-        with self.lock:
-            derived = self.derived.get(namespace)
-            return None if derived is None else derived.generation
+        return self.indexes.generation(namespace)
 
     def refresh(self, namespace: str | None = None) -> None:
         """Catch up `namespace` if this replica holds it, or every namespace it holds
         (None): what a change notification or a poll calls, so that searches find the
         indexes current instead of catching up themselves."""
-        with self.lock:
-            for held in [namespace] if namespace is not None else list(self.derived):
-                if held in self.derived:
-                    self._catch_up(held)
+        self.indexes.refresh(namespace)
 
     def close(self) -> None:
         """Save the indexes that changed since their last snapshot (the state database
         belongs to the caller)."""
-        with self.lock:
-            for namespace, derived in self.derived.items():
-                if not derived.saved:
-                    self._save(namespace, derived)
-
-    # ---- catching up ----
-
-    def _catch_up(self, namespace: str) -> _Derived | None:
-        """This replica's indexes of `namespace`, brought to the committed generation:
-        incrementally from the changes since the held one, else from the snapshot on
-        disk, else rebuilt. None if the namespace does not exist."""
-        with self.lock, self.db.read() as connection:
-            row = connection.execute(select(
-                namespaces.c.incarnation, namespaces.c.generation, namespaces.c.floor)
-                .where(namespaces.c.name == namespace)).first()
-            if row is None:
-                self._forget(namespace)
-                return None
-            incarnation, generation, floor = row
-            derived = self.derived.get(namespace)
-            if derived is None or derived.incarnation != incarnation:
-                derived = self._load(namespace, connection, incarnation)
-            if derived is None or derived.generation < floor:
-                derived = self._rebuild(namespace, connection, incarnation, generation)
-            elif derived.generation < generation:
-                self._apply_changes(namespace, connection, derived, generation)
-            self.derived[namespace] = derived
-            return derived
-
-    def _apply_changes(self, namespace: str, connection: Connection, derived: _Derived,
-                       generation: int) -> None:
-        """Apply the writes in (derived.generation, generation] to the derived indexes."""
-        since = derived.generation
-        gone = list(connection.scalars(select(removed_chunks.c.chunk_id).where(
-            removed_chunks.c.namespace == namespace, removed_chunks.c.seq > since,
-            removed_chunks.c.seq <= generation)))
-        added = connection.execute(select(chunks.c.id, chunks.c.embedding, chunks.c.text)
-                                   .where(chunks.c.namespace == namespace,
-                                          chunks.c.seq > since, chunks.c.seq <= generation)
-                                   ).all()
-        if gone:
-            derived.index.remove_ids(np.array(gone, dtype=np.int64))
-            for chunk_id in gone:
-                derived.texts.pop(chunk_id, None)
-        if added:
-            derived.index.add_with_ids(_vectors(added, self.embedder.dim),
-                                       np.array([r[0] for r in added], dtype=np.int64))
-            derived.texts.update((r[0], r[2]) for r in added)
-        derived.generation, derived.lexical, derived.saved = generation, None, False
-        if _is_flat(derived.index) and derived.index.ntotal >= self.ivf_threshold:
-            derived.index = self._build(connection, namespace, generation)  # grown: go IVF
-            self._save(namespace, derived)  # the training is worth keeping
-
-    def _rebuild(self, namespace: str, connection: Connection, incarnation: str,
-                 generation: int) -> _Derived:
-        texts = self._texts(connection, namespace, generation)
-        derived = _Derived(incarnation, generation,
-                           self._build(connection, namespace, generation), texts)
-        self._save(namespace, derived)
-        return derived
-
-    @staticmethod
-    def _texts(connection: Connection, namespace: str, generation: int) -> dict[int, str]:
-        """chunk id -> text of the namespace's chunks up to `generation` (for BM25)."""
-        return dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
-            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
-
-    def _build(self, connection: Connection, namespace: str, generation: int) -> faiss.Index:
-        """A fresh index over every stored vector of the namespace up to `generation`."""
-        rows = connection.execute(select(chunks.c.id, chunks.c.embedding).where(
-            chunks.c.namespace == namespace, chunks.c.seq <= generation)).all()
-        return build_index(_vectors(rows, self.embedder.dim),
-                           np.array([r[0] for r in rows], dtype=np.int64), self.ivf_threshold)
-
-    def _load(self, namespace: str, connection: Connection,
-              incarnation: str) -> _Derived | None:
-        """The snapshot on disk, if it is of this incarnation (None otherwise)."""
-        path, stamp = self._paths(namespace)
-        try:
-            saved = json.loads(stamp.read_text())
-            if saved["incarnation"] != incarnation:
-                return None
-            index = faiss.read_index(str(path))
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return None  # missing or unreadable: rebuilt
-        generation = saved["generation"]
-        texts = self._texts(connection, namespace, generation)
-        return _Derived(incarnation, generation, index, texts, saved=True)
-
-    def _save(self, namespace: str, derived: _Derived) -> None:
-        """Write the snapshot (temp file + rename, the stamp last). A snapshot is only a
-        head start for the next open: one that cannot be written (a full disk) is logged
-        and tried again at close, and whatever was committed stays acknowledged."""
-        path, stamp = self._paths(namespace)
-        stamp.unlink(missing_ok=True)  # no stamp: a half-written pair is never trusted
-        for target, write in ((path, lambda p: faiss.write_index(derived.index, str(p))),
-                              (stamp, lambda p: p.write_text(json.dumps({
-                                  "incarnation": derived.incarnation,
-                                  "generation": derived.generation})))):
-            temporary = target.with_name(f".{target.name}.tmp")
-            try:
-                write(temporary)
-                os.replace(temporary, target)
-            except (OSError, RuntimeError) as e:  # faiss raises RuntimeError on I/O errors
-                temporary.unlink(missing_ok=True)
-                log.warning("cannot save the index snapshot of namespace %r (%s); it is "
-                            "rebuilt from the database when next needed", namespace,
-                            str(e).strip().splitlines()[-1])
-                return
-        derived.saved = True
-
-    def _forget(self, namespace: str) -> None:
-        self.derived.pop(namespace, None)
-        for path in self._paths(namespace):
-            path.unlink(missing_ok=True)
-
-    def _paths(self, namespace: str) -> tuple[Path, Path]:
-        return self.folder / f"{namespace}.index", self.folder / f"{namespace}.json"
+        self.indexes.save()
 
     # ---- internals ----
 
@@ -416,9 +281,8 @@ class DocumentStore:
             return type_coerce(chunks.c.metadata, JSONB()).contains({key: value})  # @>
         return func.json_extract(chunks.c.metadata, f'$."{key}"') == value
 
-    def _chunk_rows(self, namespace: str, prepared: list[tuple]) -> list[dict]:
-        """The chunk rows of prepared documents (id, text, metadata, digest), embedded in
-        one batch."""
+    def _chunk_rows(self, namespace: str, prepared: list[Prepared]) -> list[dict]:
+        """The chunk rows of prepared documents, embedded in one batch."""
         limit = min(self.chunk_tokens, self.embedder.max_tokens)
         pieces = [(document_id, metadata, chunk)
                   for document_id, text, metadata, _ in prepared
@@ -475,28 +339,17 @@ class DocumentStore:
         connection.execute(update(namespaces).where(namespaces.c.name == namespace)
                            .values(floor=floor))
 
-    def _vector_search(self, derived: _Derived, query: str, k: int,
-                       allowed: set[int] | None) -> list[tuple[int, float]]:
-        index = derived.index
-        if index.ntotal == 0:
-            return []
-        selector = None
-        if allowed is not None:
-            selector = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64))
-        scores, ids = search_index(index, self.embedder.encode([query]), min(k, index.ntotal),
-                                   self.nprobe, selector)
-        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-
     def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
         """Hits in `scored`'s order; a chunk deleted since the indexes caught up is left
         out (the database is the truth)."""
         if not scored:
             return []
         with self.db.read() as connection:
-            rows = {row[0]: row[1:] for row in connection.execute(
+            rows = {row.id: row for row in connection.execute(
                 select(chunks.c.id, chunks.c.document_id, chunks.c.text, chunks.c.metadata)
                 .where(chunks.c.id.in_([chunk_id for chunk_id, _ in scored])))}
-        return [Hit(rows[chunk_id][0], chunk_id, score, rows[chunk_id][1], rows[chunk_id][2])
+        return [Hit(rows[chunk_id].document_id, chunk_id, score, rows[chunk_id].text,
+                    rows[chunk_id].metadata)
                 for chunk_id, score in scored if chunk_id in rows]
 
     def _filtered_ids(self, namespace: str, filters: dict) -> list[int]:
@@ -519,8 +372,8 @@ class _Doc:
     metadata: dict | None
 
 
-def _prepare(document_id, text, metadata) -> tuple[str, str, dict, str]:
-    """A document checked: (id, text, metadata, content hash)."""
+def _prepare(document_id, text, metadata) -> Prepared:
+    """A document checked, or InvalidRequest naming what is wrong."""
     if not isinstance(document_id, str) or not document_id:
         raise InvalidRequest("document id must be a non-empty string", field="id")
     if not isinstance(text, str) or not text.strip():
@@ -530,55 +383,4 @@ def _prepare(document_id, text, metadata) -> tuple[str, str, dict, str]:
         raise InvalidRequest(f"document {document_id!r}: metadata must be a JSON object",
                              field="metadata")
     digest = hashlib.sha256(json.dumps([text, metadata], sort_keys=True).encode()).hexdigest()
-    return document_id, text, metadata, digest
-
-
-def build_index(vectors: np.ndarray, ids: np.ndarray, ivf_threshold: int) -> faiss.Index:
-    """An index over unit `vectors` [n, dim] with ids: exact inner product below
-    `ivf_threshold` vectors, else IVF with ~4 sqrt(n) lists (inner product), trained on at
-    most 64 vectors per list (k-means on all of a million would take minutes here)."""
-    n, dim = vectors.shape
-    if n < ivf_threshold:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    else:  # enough points per list to train (faiss wants >= 39)
-        lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
-        # the factory owns its coarse quantizer (a Python-side one could be freed)
-        index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.max_points_per_centroid = 64
-        index.train(vectors)
-    if n:
-        index.add_with_ids(vectors, ids)
-    return index
-
-
-def search_index(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 16,
-                 selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of the k best per query; `nprobe` lists for IVF; `selector` limits
-    the candidates inside the search. A few queries run on one OpenMP thread: a single
-    query's scan split over two threads measured 2-4x slower here (100k flat: 15 ms vs
-    6.7 ms), and concurrent requests bring their own threads."""
-    if _is_flat(index):
-        params = faiss.SearchParameters(sel=selector) if selector else None
-    else:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-        if selector is not None:
-            params.sel = selector
-    threads = faiss.omp_get_max_threads()  # per calling thread in OpenMP
-    if len(queries) < 20:
-        faiss.omp_set_num_threads(1)
-    try:
-        return index.search(queries, k, params=params)
-    finally:
-        faiss.omp_set_num_threads(threads)
-
-
-def _vectors(rows, dim: int) -> np.ndarray:
-    """[n, dim] float32 from rows whose second field is an embedding's bytes."""
-    if not rows:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
-
-
-def _is_flat(index: faiss.Index) -> bool:
-    return faiss.try_extract_index_ivf(index) is None
+    return Prepared(document_id, text, metadata, digest)

@@ -157,7 +157,7 @@ def test_a_kill_during_ingest_loses_nothing_committed(state, tmp_path, embedder)
     assert set(done) <= documents  # every upsert that returned is there
     # the snapshot the writer left (its first rebuild) caught up to the database
     stamp = json.loads((folder / "faiss" / "kb.json").read_text())
-    derived = store._catch_up("kb")
+    derived = store.indexes.catch_up("kb")
     assert stamp["generation"] < derived.generation
     assert derived.index.ntotal == len(derived.texts) == store.counts("kb")[1]
     hits = store.search("kb", "Document number 3 talks about topic 3", k=5)
@@ -205,7 +205,7 @@ def test_a_large_namespace_switches_to_ivf_and_stays_correct(state, tmp_path, em
     for i in range(130):
         store.upsert("big", f"fact-{i}", f"Fact {i}: the {colors[i % 6]} lantern hangs in "
                                          f"the {places[i % 7]} number {i}.", {"n": i % 2})
-    index = store._catch_up("big").index
+    index = store.indexes.catch_up("big").index
     assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 130
     hit = store.search("big", "Fact 77: the grey lantern in the harbor number 77", k=1)[0]
     assert hit.document_id == "fact-77"
@@ -213,7 +213,7 @@ def test_a_large_namespace_switches_to_ivf_and_stays_correct(state, tmp_path, em
     assert len(odd) == 20 and all(h.metadata["n"] == 1 for h in odd)
     assert store.delete("big", "fact-77")
     reopened = open_store(state, tmp_path / "ivf", embedder, ivf_threshold=120, nprobe=4)
-    index = reopened._catch_up("big").index
+    index = reopened.indexes.catch_up("big").index
     assert faiss.try_extract_index_ivf(index) is not None and index.ntotal == 129
     assert all(h.document_id != "fact-77" for h in reopened.search("big", "Fact 77", k=5))
 
