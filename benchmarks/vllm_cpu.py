@@ -1,7 +1,8 @@
 """The vLLM-CPU peer of `lorag bench serving`, in a process of its own.
 
 vLLM starts engine processes and keeps global state, so it runs apart from the engine
-being compared, and this file imports nothing from lorag. The parent writes the workload
+being compared, and this file imports nothing of lorag's but the figures' arithmetic
+(lorag/benchmarks/stats.py, the standard library alone). The parent writes the workload
 as JSON, runs `python benchmarks/vllm_cpu.py JOB.json`, follows the "PROGRESS start"
 (warm-up over) and "PROGRESS done" (a request finished) lines, and reads one JSON summary
 from the last line of stdout. Requests are submitted at t=0 and read as streams
@@ -14,16 +15,10 @@ adapter name or null]), adapters ({name: folder}).
 import asyncio
 import json
 import signal
-import statistics
 import sys
 import time
 
-
-def summarize(tokens: int, wall: float, ttfts: list[float]) -> dict:
-    ttfts = sorted(ttfts)
-    return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
-            "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
-            "ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
+from lorag.benchmarks.stats import summary
 
 
 async def run(job: dict) -> dict:
@@ -64,7 +59,7 @@ async def run(job: dict) -> dict:
         wall = time.perf_counter() - start
     finally:  # vLLM's engine core and workers are processes: stop them on any way out
         engine.shutdown()
-    return summarize(len(jobs) * job["max_new_tokens"], wall, ttfts)
+    return summary(len(jobs) * job["max_new_tokens"], wall, ttfts)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required

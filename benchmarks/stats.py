@@ -1,0 +1,18 @@
+"""The figures every serving benchmark reports, computed one way."""
+
+import statistics
+
+
+def ttft_ms(ttfts: list[float]) -> dict:
+    """Time to first token, p50 and p99 in ms, of `ttfts` (seconds); the p99 is the
+    nearest-rank one (with under 100 samples, the largest)."""
+    ordered = sorted(ttfts)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {"ttft_ms_p50": round(1000 * statistics.median(ordered), 1),
+            "ttft_ms_p99": round(1000 * p99, 1)}
+
+
+def summary(tokens: int, wall: float, ttfts: list[float]) -> dict:
+    """Generated tokens per second over the wall time, the wall time, and `ttft_ms`."""
+    return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
+            **ttft_ms(ttfts)}
