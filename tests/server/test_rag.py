@@ -261,23 +261,29 @@ def test_cli_works_on_a_daemon_with_url(daemon):
     assert isinstance(gone.exception, NotFound) and "does not exist" in gone.exception.message
 
 
-# the CLI's pipeline around a daemon: which engine answers is not what it tests
-@pytest.mark.slow
-@pytest.mark.parametrize("daemon", ["native"], indirect=True)
-def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
-    """The pipeline of `lorag eval generate` (each question through the daemon, scored,
-    written out); how well the real model answers is the e2e lane's and the demo's."""
+@pytest.fixture
+def qa(tmp_path) -> Path:
+    """Two questions on the corpus' bakery guide, as `lorag eval generate` reads them."""
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in [
         {"question": QUESTION, "answer": "Ottoline Brandvold", "source": "guides/bakery.txt"},
         {"question": "What time does the Zephyr Street bakery open on Saturdays?",
          "answer": "8:15", "source": "guides/bakery.txt"}]) + "\n")
+    return data
 
-    def evaluate(*args: str):
-        return lorag("eval", "generate", "--data", str(data), "--url", daemon.url,
-                     "--max-tokens", "16", *args)
 
-    run = evaluate("--model", BASE, "--rag-namespace", "kb", "--metrics",
+def evaluate(daemon, data: Path, *args: str):
+    return lorag("eval", "generate", "--data", str(data), "--url", daemon.url,
+                 "--max-tokens", "16", *args)
+
+
+# the CLI's pipeline around a daemon: which engine answers is not what these test
+@pytest.mark.slow
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
+def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, qa, tmp_path):
+    """The pipeline of `lorag eval generate` (each question through the daemon, scored,
+    written out); how well the real model answers is the e2e lane's and the demo's."""
+    run = evaluate(daemon, qa, "--model", BASE, "--rag-namespace", "kb", "--metrics",
                    "accuracy,retrieved,f1,rouge_l,exact_match,format", "--format-regex",
                    ".+", "--out", str(tmp_path / "rows.jsonl"), "--json",
                    str(tmp_path / "s.json"))
@@ -292,34 +298,48 @@ def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, tmp_path):
     first = rows[0]
     assert first["scores"]["accuracy"] == float("Ottoline Brandvold" in first["answer"])
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
+def test_eval_generate_sends_the_response_format_it_is_given(daemon, qa, tmp_path):
     schema = tmp_path / "verdict.schema.json"
     schema.write_text(json.dumps(SCHEMAS["verdict"]))
     constrained = tmp_path / "response_format.json"
     constrained.write_text(json.dumps({"type": "json_schema", "json_schema": {
         "name": "verdict", "schema": SCHEMAS["verdict"]}}))
-    run = evaluate("--model", BASE, "--metrics", "format", "--format-schema", str(schema),
-                   "--response-format", str(constrained), "--max-tokens", "150", "--out",
-                   str(tmp_path / "constrained.jsonl"), "--json", str(tmp_path / "c.json"))
+    run = evaluate(daemon, qa, "--model", BASE, "--metrics", "format", "--format-schema",
+                   str(schema), "--response-format", str(constrained), "--max-tokens", "150",
+                   "--out", str(tmp_path / "rows.jsonl"), "--json", str(tmp_path / "c.json"))
     assert run.exit_code == 0, run.output
     assert json.loads((tmp_path / "c.json").read_text())["format"] == 1.0
-    rows = [json.loads(line) for line in
-            (tmp_path / "constrained.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["finish_reason"] for r in rows] == ["stop", "stop"]
-    constrained.write_text(json.dumps({"type": "json_schema", "json_schema": {
-        "name": "broken", "schema": {"type": "wat"}}}))
-    refused = evaluate("--model", BASE, "--response-format", str(constrained))
-    assert isinstance(refused.exception, InvalidRequest)
-    assert 'Unsupported type "wat"' in refused.exception.message
-    constrained.write_text("[1, 2]")
-    refused = evaluate("--model", BASE, "--response-format", str(constrained))
-    assert "must hold a JSON object" in refused.exception.message
 
-    unknown = evaluate("--model", "nope")
-    assert isinstance(unknown.exception, NotFound)
-    assert "'nope' is neither" in unknown.exception.message
-    no_schema = evaluate("--model", BASE, "--metrics", "format")
-    assert "--format-schema or --format-regex" in no_schema.exception.message
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q"}\n')
-    broken = evaluate("--model", BASE, "--data", str(bad))
-    assert 'bad.jsonl:1: "answer" must be a string' in broken.exception.message
+
+BROKEN_FORMAT = json.dumps({"type": "json_schema",
+                            "json_schema": {"name": "broken", "schema": {"type": "wat"}}})
+
+
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
+@pytest.mark.parametrize(("args", "files", "error", "message"), [
+    (["--model", BASE, "--response-format", "{rf}"], {"rf": ("rf.json", BROKEN_FORMAT)},
+     InvalidRequest, 'Unsupported type "wat"'),
+    (["--model", BASE, "--response-format", "{rf}"], {"rf": ("rf.json", "[1, 2]")},
+     InvalidRequest, "must hold a JSON object"),
+    (["--model", "nope"], {}, NotFound, "'nope' is neither"),
+    (["--model", BASE, "--metrics", "format"], {}, InvalidRequest,
+     "--format-schema or --format-regex"),
+    (["--model", BASE, "--data", "{bad}"], {"bad": ("bad.jsonl", '{"question": "q"}\n')},
+     InvalidRequest, 'bad.jsonl:1: "answer" must be a string'),
+], ids=["unsupported-schema", "format-not-an-object", "unknown-model",
+        "format-metric-without-a-format", "answer-missing"])
+def test_eval_generate_refuses_what_it_cannot_run(daemon, qa, tmp_path, args, files, error,
+                                                   message):
+    """Each refusal names what is wrong; `files` ({placeholder: (file name, text)}) are
+    written first and their paths put in `args`."""
+    paths = {name: tmp_path / filename for name, (filename, _) in files.items()}
+    for name, (_, text) in files.items():
+        paths[name].write_text(text)
+    refused = evaluate(daemon, qa, *(arg.format(**paths) for arg in args))
+    assert isinstance(refused.exception, error), refused.output
+    assert message in refused.exception.message
