@@ -10,6 +10,7 @@
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -54,9 +55,9 @@ class LocalDaemon(_Health):
 
     def __init__(self, model: Path, data_dir: Path, root: Path, keys: Path,
                  backend: str = "native", state: str | None = None):
+        # ports 0: chosen at the first start (`_choose_ports`)
         options = ServeOptions(model=str(model), quantize="none", dtype="float32",
-                               host="127.0.0.1", port=free_port(), grpc_port=free_port(),
-                               metrics_port=free_port(),
+                               host="127.0.0.1", port=0, grpc_port=0, metrics_port=0,
                                data_dir=data_dir, api_keys=keys, state=state,
                                state_poll_s=0.5,
                                engine=EngineConfig(adapter_roots=[root], **LIMITS),
@@ -66,15 +67,23 @@ class LocalDaemon(_Health):
                                max_streams_per_key=2 * (MAX_NUM_SEQS + MAX_WAITING),
                                vllm=VllmOptions(max_loras=8) if backend == "vllm" else None)
         self.options, self.backend, self.adapters = options, backend, root
+        self.start()
+
+    def _choose_ports(self) -> None:
+        """Free ports for HTTP, gRPC and metrics, chosen once the engine runs: vLLM's
+        engine binds ports of its own while it starts, and could take one chosen before."""
+        options = self.options = replace(self.options, port=free_port(),
+                                         grpc_port=free_port(), metrics_port=free_port())
         self.url = f"http://{options.host}:{options.port}"
         self.grpc_target = f"{options.host}:{options.grpc_port}"
         self.metrics_url = f"http://{options.host}:{options.metrics_port}/metrics"
-        self.start()
 
     def start(self) -> None:
-        """Build the service and serve it (HTTP and gRPC) on this daemon's ports."""
+        """Build the service and serve it (HTTP, gRPC, metrics) on this daemon's ports."""
+        self.service = build_service(self.options)
+        if not self.options.port:
+            self._choose_ports()
         options = self.options
-        self.service = build_service(options)
         try:
             self.metrics = start_metrics(self.service, options.host, options.metrics_port)
         except BaseException:
