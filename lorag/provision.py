@@ -124,14 +124,15 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     """Download the wheel of `requirement` (no dependencies) with pip, into `dest`.
 
     pip is used rather than an HTTP client so that the user's index, mirror, proxy and
-    certificate settings apply exactly as for any other install. A failure is tried once
-    more past pip's cache: a pip killed while it wrote there (a pull interrupted) can leave
-    an entry whose bytes fail the index's hash on every later download.
+    certificate settings apply exactly as for any other install. A download that fails the
+    index's hash is tried once more past pip's cache: a pip killed while it wrote there (a
+    pull interrupted) can leave an entry that fails it on every later download. Any other
+    failure (an unreachable index) is not tried twice.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--progress-bar", "off", "--disable-pip-version-check", "-d", str(dest), requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
+    if result.returncode != 0 and "Expected sha256" in result.stderr:
         result = subprocess.run([*cmd, "--no-cache-dir"], capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
