@@ -5,7 +5,7 @@ an adapter slot) are free, and leave it the step they finish; a prompt whose fir
 blocks another request already computed, under the same adapter weights, starts after
 them (prefix caching, server/engine/kv.py). Each step mixes one decode
 token per running sequence with prompt chunks of newly admitted ones, up to
-`max_num_batched_tokens`. The loop runs in its own thread; callers talk to it through
+`max_num_batched_tokens` (the scheduler, server/engine/scheduler.py). The loop runs in its own thread; callers talk to it through
 `submit` (returns a TokenStream), `cancel`, and the adapter operations. Work that must
 not race a step (slot changes) is queued and run between steps.
 """
@@ -16,65 +16,32 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from prometheus_client.core import GaugeMetricFamily
-from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, Composition, LoraWeights, compose
 from lorag.errors import (
     AdapterNotFound,
     InvalidRequest,
-    LoragError,
     Overloaded,
     RequestFailed,
     Unavailable,
 )
 from lorag.openmp import release_openmp_pool
 from lorag.server.engine.config import EngineConfig, Limits
-from lorag.server.engine.kv import AttentionInput, BlockPool
 from lorag.server.engine.merge import AutoMerge
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
-from lorag.server.engine.runner import ModelRunner, Prefill, StepInput
+from lorag.server.engine.runner import ModelRunner, StepInput
 from lorag.server.engine.sampling import Logprobs, SamplingParams, penalize, sample
+from lorag.server.engine.scheduler import Scheduler, Sequence, distinct_adapters
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream, releasable
 from lorag.server.engine.structured import Grammars, mask_logits
 
 log = logging.getLogger("lorag.engine")
 STOPPED = ("the engine stopped after an internal error (the daemon's log has it); this "
            "replica serves no requests until it is restarted")
-
-
-@dataclass(eq=False)  # a request is itself: compared (`in running`) by identity
-class Sequence:
-    """A request inside the engine: its tokens, its slots and how much is computed."""
-
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: AdapterKey | None  # the pool's key: an adapter name or a composition
-    stream: TokenStream
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # the KV block table
-    hashes: list[bytes] = field(default_factory=list)  # its full prompt blocks' chain hashes
-    lora_slot: int = -1
-    computed: int = 0  # prompt tokens already in the KV cache
-    sent: int = 0  # characters of output text already streamed
-    cancelled: bool = False
-    weights: LoraWeights | None = None  # read at submit when not in a slot; dropped once in
-    matcher: GrammarMatcher | None = None  # the output's grammar state, when constrained
-
-    @property
-    def prefilling(self) -> bool:
-        return self.computed < len(self.prompt_ids)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
 
 class Engine:
@@ -96,10 +63,6 @@ class Engine:
         self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids,
                                  compile_s=self.config.grammar_compile_s)
         self.bitmask = self.grammars.bitmask(self.config.max_num_seqs)  # one row per sample
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.kv = BlockPool(self.config.kv_blocks, self.config.kv_block_size,
-                            self.config.enable_prefix_caching)
         self.by_id: dict[str, Sequence] = {}
         self.control: deque[tuple] = deque()  # (fn, args, Future) run between steps
         self.wakeup = threading.Condition()
@@ -111,6 +74,10 @@ class Engine:
         self.fault_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
         self.merge = AutoMerge(self.runner.lora_layers, self.pool,
                                self.config.auto_merge and not self.runner.quantized)
+        self.scheduler = Scheduler(self.config, self.pool, self.merge, self.runner.device)
+        # the scheduler's KV blocks, queue and batch, read here too (cleared, never rebound)
+        self.kv, self.waiting, self.running = \
+            self.scheduler.kv, self.scheduler.waiting, self.scheduler.running
         self.ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -151,7 +118,8 @@ class Engine:
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join()
-        waiting, self.waiting = list(self.waiting), deque()
+        waiting = list(self.waiting)
+        self.waiting.clear()
         for seq in [*self.running, *waiting]:
             self._finish(seq, "cancelled")
 
@@ -281,8 +249,8 @@ class Engine:
                 "kv_cache_usage": self.kv.used / self.kv.num_blocks,
                 "evictions": self.pool.evictions, "slot_loads": sum(self.pool.installs),
                 "prefix_cache_queries": self.kv.queries, "prefix_cache_hits": self.kv.hits,
-                "running_adapters": _distinct_adapters(running),
-                "waiting_adapters": _distinct_adapters(waiting)}
+                "running_adapters": distinct_adapters(running),
+                "waiting_adapters": distinct_adapters(waiting)}
 
     def metric_families(self) -> list:
         """The compiled-grammar cache's size (bounded, LRU); lorag's other metrics are this
@@ -326,7 +294,9 @@ class Engine:
         with self.wakeup:
             self.failure, self.stopping = failure, True
             seqs = [*self.running, *self.waiting, *self.by_id.values()]
-            self.running, self.waiting, self.by_id = [], deque(), {}
+            self.running.clear()
+            self.waiting.clear()
+            self.by_id = {}
             control, self.control = list(self.control), deque()
         for seq in dict.fromkeys(seqs):
             seq.stream.put(Output("", [], "error", len(seq.prompt_ids), len(seq.output_ids),
@@ -344,7 +314,8 @@ class Engine:
                 future.set_exception(e)
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, "cancelled")
-        self._admit()
+        for seq, error in self.scheduler.admit(self._weights):
+            self._finish(seq, "cancelled" if error is None else "error", error)
         if not self.running:
             return
         self._update_merge()
@@ -360,7 +331,7 @@ class Engine:
         row raises, which alone ends with an error. A row whose logits are not finite ends
         the same way without a rerun: rows of a batch do not mix, so the others are sound.
         """
-        step, sampled, prefilled = self._schedule(seqs)
+        step, sampled, prefilled = self.scheduler.schedule(seqs)
         generators = [(seq.generator, seq.generator.get_state()) for seq in sampled
                       if seq.generator is not None]
         try:
@@ -423,90 +394,6 @@ class Engine:
         tokens = sample(logits, params, [seq.generator for seq in seqs])
         return tokens, [logprobs.of(row, token) for row, token in enumerate(tokens)]
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.cancelled:
-                self.waiting.popleft()
-                self._finish(seq, "cancelled")
-                continue
-            version = "base"
-            if seq.adapter is not None:
-                try:
-                    slot = self.pool.acquire(seq.adapter, partial(self._weights, seq))
-                except LoragError as e:  # unloaded since submit, or composition too wide
-                    self.waiting.popleft()
-                    self._finish(seq, "error", e)
-                    continue
-                if slot is None:
-                    return  # every adapter slot is in use: wait for a release
-                version = self.pool.versions[slot]
-            if not self._reserve(seq, version):
-                if seq.adapter is not None:
-                    self.pool.release(slot)
-                return  # not enough KV blocks: wait for a request to finish
-            if seq.adapter is not None:
-                seq.lora_slot, seq.weights = slot, None
-            self.waiting.popleft()
-            self.running.append(seq)
-
-    def _reserve(self, seq: Sequence, version: str) -> bool:
-        """KV blocks for everything `seq` can reach, its cached prompt prefix reused."""
-        reach = min(len(seq.prompt_ids) + seq.params.max_tokens, self.config.max_model_len)
-        hashes = self.kv.hashes(version, seq.prompt_ids) if self.kv.prefix_caching else []
-        got = self.kv.allocate(seq.prompt_ids, hashes, self.config.blocks_for(reach))
-        if got is None:
-            return False
-        seq.blocks, seq.computed = got
-        seq.hashes = hashes
-        return True
-
-    def _schedule(self, seqs: list[Sequence]) -> tuple[StepInput, list[Sequence],
-                                                       list[Sequence]]:
-        """A step over `seqs` (running sequences): its input, the sequences it samples, and
-        those it prefills (their `computed` already advanced by their chunk)."""
-        budget = self.config.max_num_batched_tokens
-        decodes = [s for s in seqs if not s.prefilling]  # one token each, first in the step
-        budget -= len(decodes)
-        ids = [s.output_ids[-1] for s in decodes]  # ids: [tokens], the step's input
-        positions = [s.length - 1 for s in decodes]  # positions: [tokens]
-        lora = [self._route(s) for s in decodes]  # lora: [tokens], slot (-1: none/merged)
-        q_starts = list(range(len(decodes) + 1))  # q_starts: [seqs + 1], offsets into ids
-        seq_lens = [s.length for s in decodes]  # seq_lens: [seqs], after this step
-        tables = [s.blocks for s in decodes]  # tables: [seqs], each one's KV blocks
-        sampled = list(decodes)  # sampled: [samples], the sequences that get a token
-        sample_at = list(range(len(decodes)))  # sample_at: [samples], their row in ids
-        prefills, prefilled = [], []  # [prefilling seqs]: each one's chunk; the seqs
-        for seq in seqs:
-            if not seq.prefilling or budget <= 0:
-                continue
-            n = min(len(seq.prompt_ids) - seq.computed, budget)  # this step's chunk
-            budget -= n
-            slot = self._route(seq)
-            prefills.append(Prefill(seq.computed, n, slot))
-            prefilled.append(seq)
-            ids += seq.prompt_ids[seq.computed:seq.computed + n]
-            positions += range(seq.computed, seq.computed + n)
-            lora += [slot] * n
-            seq.computed += n
-            q_starts.append(len(ids))
-            seq_lens.append(seq.computed)
-            tables.append(seq.blocks)
-            if not seq.prefilling:  # its last prompt token yields the first output token
-                sampled.append(seq)
-                sample_at.append(len(ids) - 1)
-        used = [self.pool.ranks[slot] for slot in set(lora) if slot >= 0]
-        device = self.runner.device
-        tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        attention = AttentionInput(q_starts, seq_lens, tables, self.config.kv_block_size,
-                                   len(decodes), device)
-        step = StepInput(tensor(ids), tensor(positions), tensor(lora), len(decodes), prefills,
-                         attention, tensor(sample_at), max(used, default=0))
-        return step, sampled, prefilled
-
-    def _route(self, seq: Sequence) -> int:
-        return self.merge.route(seq.lora_slot)
-
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.output_ids.append(token)
         self.counters["generated_tokens"] += 1
@@ -537,11 +424,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,
                 text: str = "", last: list[int] | None = None,
                 logprobs: list[TokenLogprob] | None = None) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self.kv.release(seq.blocks)
-            if seq.lora_slot >= 0:
-                self.pool.release(seq.lora_slot)
+        self.scheduler.release(seq)
         with self.wakeup:
             self.by_id.pop(seq.id, None)
         seq.stream.put(Output(text, last or [], reason, len(seq.prompt_ids),
@@ -591,11 +474,6 @@ class Engine:
         elif adapter is not None and adapter not in self.registry:
             raise AdapterNotFound.named(adapter, "model")
         return adapter
-
-
-def _distinct_adapters(sequences: list[Sequence]) -> list[AdapterKey]:
-    """The adapters `sequences` run on, each once, in order of first appearance."""
-    return list(dict.fromkeys(seq.adapter for seq in sequences if seq.adapter is not None))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
