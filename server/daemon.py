@@ -16,7 +16,6 @@ import signal
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import uvicorn
@@ -39,11 +38,9 @@ from lorag.server.limits import RequestLimits
 from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.state import StateStore
+from lorag.server.vllm_config import VllmOptions
 from lorag.settings import Settings
 from lorag.state import Database, state_url
-
-if TYPE_CHECKING:
-    from lorag.server.vllm_backend import VllmOptions
 
 log = logging.getLogger("lorag.daemon")
 
@@ -68,7 +65,7 @@ class ServeOptions:
     state: str | None = None  # the state database's URL; default SQLite in data_dir
     state_poll_s: float = 2.0  # how often other replicas' writes are polled for
     backend: str = "native"  # or "vllm", with `vllm`'s options
-    vllm: "VllmOptions | None" = None
+    vllm: VllmOptions | None = None
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish on SIGTERM
     metrics_port: int | None = None  # the full /metrics, for Prometheus and routers
     max_body_bytes: int = MAX_BODY_BYTES  # a larger JSON request body gets a 413
@@ -113,7 +110,7 @@ def build_service(options: ServeOptions) -> Service:
 def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
     """The engine `options.backend` names, loaded and serving."""
     if options.backend == "vllm":
-        from lorag.server.vllm_backend import VllmBackend, VllmOptions
+        from lorag.server.vllm_backend import VllmBackend
 
         folder = resolve_model(options.model, ModelCache(Settings().models_dir))
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")

@@ -30,10 +30,7 @@ brings CUDA kernels, paged attention, prefix caching and tensor / pipeline paral
 """
 
 import asyncio
-import importlib.util
 import itertools
-import logging
-import os
 import shutil
 import threading
 import time
@@ -52,57 +49,16 @@ from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream
 from lorag.server.engine.structured import ebnf
+from lorag.server.vllm_config import (
+    VllmOptions,
+    check_for_device,
+    check_lora_rank,
+    engine_args,
+    kv_cache_bytes,
+    vllm_quantization,
+)
 
-# the ranks vLLM's LoRA kernels are built for (vllm/config/lora.py, MaxLoRARanks)
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-EXECUTORS = ("mp", "ray")
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
-
-log = logging.getLogger("lorag.vllm")
-
-@dataclass(frozen=True)
-class VllmOptions:
-    """vLLM's own knobs (`lorag serve --backend vllm`), passed to its AsyncEngineArgs.
-
-    None leaves vLLM's default. kv_cache_gb sizes vLLM's KV cache on either build (vLLM's
-    `kv_cache_memory_bytes`); None: enough for max_num_seqs sequences of max_model_len
-    tokens, the native engine's rule. gpu_memory_utilization (GPUs only) instead hands the
-    sizing to vLLM's profiling. Without either, vLLM would reserve 92% of the machine's
-    memory on the CPU build and refuse to start whenever less than that is free.
-    """
-
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_loras: int = 8  # adapters in one batch (vLLM's GPU slots)
-    max_cpu_loras: int | None = None  # adapters vLLM caches in host memory
-    enable_prefix_caching: bool | None = None
-    distributed_executor_backend: str | None = None  # mp or ray
-    enforce_eager: bool = False  # skip torch.compile / CUDA graphs: faster start-up
-    kv_cache_gb: float | None = None
-
-    def __post_init__(self):
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"--{name.replace('_', '-')} must be >= 1", field=name)
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise InvalidRequest(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= "
-                                 f"--max-loras ({self.max_loras})", field="max_cpu_loras")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise InvalidRequest(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}",
-                                 field="kv_cache_gb")
-        if self.kv_cache_gb is not None and self.gpu_memory_utilization is not None:
-            raise InvalidRequest("give --kv-cache-gb or --gpu-memory-utilization, not both",
-                                 field="kv_cache_gb")
-        utilization = self.gpu_memory_utilization
-        if utilization is not None and not 0 < utilization <= 1:
-            raise InvalidRequest(f"--gpu-memory-utilization must be in (0, 1], got "
-                                 f"{utilization}", field="gpu_memory_utilization")
-        executor = self.distributed_executor_backend
-        if executor is not None and executor not in EXECUTORS:
-            raise InvalidRequest(f"--distributed-executor-backend must be one of "
-                                 f"{', '.join(EXECUTORS)}, got {executor!r}",
-                                 field="distributed_executor_backend")
 
 
 @dataclass
@@ -126,14 +82,14 @@ class VllmBackend:
         self.config, self.options = config, options
         self.device = current_platform.device_type
         self.quantization = vllm_quantization(quantize, self.device)
-        _check_lora_rank(config.max_lora_rank)
-        _check_for_device(options, self.device)
+        check_lora_rank(config.max_lora_rank)
+        check_for_device(options, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         hf_config = AutoConfig.from_pretrained(model)
         self.base = BaseShape.from_config(hf_config)
         self.vocab_size = hf_config.vocab_size
         self.kv_cache_bytes = None if options.gpu_memory_utilization is not None else \
-            _kv_cache_bytes(options, config, hf_config, getattr(torch, dtype))
+            kv_cache_bytes(options, config, hf_config, getattr(torch, dtype))
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)
@@ -163,24 +119,10 @@ class VllmBackend:
 
     async def _start(self, model: str, dtype: str):
         # created on its own loop, so vLLM's output handler runs there
-        from vllm.config import StructuredOutputsConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        c, o = self.config, self.options
-        args = AsyncEngineArgs(
-            model=model, dtype=dtype, quantization=self.quantization,
-            max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens, enable_lora=True,
-            max_lora_rank=c.max_lora_rank, max_loras=o.max_loras,
-            max_cpu_loras=o.max_cpu_loras, enable_prefix_caching=o.enable_prefix_caching,
-            tensor_parallel_size=o.tensor_parallel_size,
-            pipeline_parallel_size=o.pipeline_parallel_size,
-            distributed_executor_backend=o.distributed_executor_backend,
-            enforce_eager=o.enforce_eager, disable_log_stats=False,
-            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
-            **({"kv_cache_memory_bytes": self.kv_cache_bytes} if self.kv_cache_bytes
-               else {"gpu_memory_utilization": o.gpu_memory_utilization}))
+        args = engine_args(model, dtype, self.quantization, self.config, self.options,
+                           self.kv_cache_bytes)
         try:
             return AsyncLLM.from_engine_args(args, stat_loggers=[self.scheduler.factory])
         except (ValueError, TypeError) as e:  # vLLM's verdict on the configuration
@@ -508,55 +450,6 @@ class _SchedulerStats:
                 pass
 
         return Recorder()
-
-
-def vllm_quantization(quantize: str, device: str) -> str | None:
-    """lorag's --quantize as vLLM's `quantization`, or a refusal: a backend never serves
-    another precision than the one asked for."""
-    if quantize == "none":
-        return None
-    if quantize == "nf4" and device == "cuda":
-        return "bitsandbytes"  # vLLM quantizes in flight to bitsandbytes NF4
-    if quantize == "nf4":
-        raise InvalidRequest(
-            f"--quantize nf4: vLLM has no bitsandbytes kernels on {device}; on vLLM's CPU "
-            "build serve --quantize none (bfloat16 or float32), or nf4 on --backend native",
-            field="quantize")
-    raise InvalidRequest(
-        f"--quantize {quantize}: vLLM quantizes in flight to bitsandbytes 4-bit only; use "
-        "--quantize nf4 (CUDA) or none, or int8 on --backend native", field="quantize")
-
-
-def _kv_cache_bytes(options: VllmOptions, config: EngineConfig, hf_config,
-                    dtype: torch.dtype) -> int:
-    """The KV cache vLLM reserves: --kv-cache-gb, else room for max_num_seqs sequences of
-    max_model_len tokens (K and V of every layer's KV heads). VLLM_CPU_KVCACHE_SPACE, if
-    set, still wins on the CPU build (vLLM reads it itself): said in the log."""
-    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB overrides lorag's KV cache size on vLLM-CPU",
-                    os.environ["VLLM_CPU_KVCACHE_SPACE"])
-    if options.kv_cache_gb is not None:
-        return int(options.kv_cache_gb * 2**30)
-    head_dim = getattr(hf_config, "head_dim", None) or \
-        hf_config.hidden_size // hf_config.num_attention_heads
-    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim \
-        * torch.finfo(dtype).bits // 8
-    return config.max_num_seqs * config.max_model_len * per_token
-
-
-def _check_lora_rank(rank: int) -> None:
-    if rank not in VLLM_LORA_RANKS:
-        raise InvalidRequest(f"--max-lora-rank {rank}: vLLM's LoRA kernels take one of "
-                             f"{', '.join(map(str, VLLM_LORA_RANKS))}", field="max_lora_rank")
-
-
-def _check_for_device(options: VllmOptions, device: str) -> None:
-    if device == "cpu" and options.gpu_memory_utilization is not None:
-        raise InvalidRequest("--gpu-memory-utilization applies to GPUs; on the CPU build "
-                             "size the KV cache with --kv-cache-gb", field="gpu_memory_utilization")
-    if options.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise InvalidRequest("--distributed-executor-backend ray: ray is not installed "
-                             "(pip install ray)", field="distributed_executor_backend")
 
 
 def _sampling(params: SamplingParams, grammar: str | None):

@@ -21,7 +21,7 @@ from lorag.server.daemon import ServeOptions, build_service, start_metrics, stop
 from lorag.server.engine import EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
-from lorag.server.vllm_backend import VllmOptions
+from lorag.server.vllm_config import VllmOptions
 
 KEYS = {"alice-admin-key-0001": {"tenant": "alice", "admin": True},
         "alice-user-key-00001": {"tenant": "alice", "admin": False},

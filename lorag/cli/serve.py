@@ -161,7 +161,7 @@ def serve(
                       "grammar_compile_s": grammar_compile_s}))
     vllm = None
     if backend is BackendName.vllm:
-        from lorag.server.vllm_backend import VllmOptions
+        from lorag.server.vllm_config import VllmOptions
 
         vllm = VllmOptions(**given_only({**vllm_only,
                                          "enable_prefix_caching": enable_prefix_caching}))

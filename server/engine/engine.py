@@ -3,10 +3,10 @@
 Requests join the running batch whenever KV-cache blocks for them (and, for an adapter,
 an adapter slot) are free, and leave it the step they finish; a prompt whose first
 blocks another request already computed, under the same adapter weights, starts after
-them (prefix caching, server/engine/kv.py). Each step mixes one decode
-token per running sequence with prompt chunks of newly admitted ones, up to
-`max_num_batched_tokens` (the scheduler, server/engine/scheduler.py). The loop runs in its own thread; callers talk to it through
-`submit` (returns a TokenStream), `cancel`, and the adapter operations. Work that must
+them (prefix caching, server/engine/kv.py). Each step mixes one decode token per running
+sequence with prompt chunks of newly admitted ones, up to `max_num_batched_tokens` (the
+scheduler, server/engine/scheduler.py). The loop runs in its own thread; callers talk to
+it through `submit` (returns a TokenStream), `cancel`, and the adapter operations. Work that must
 not race a step (slot changes) is queued and run between steps.
 """
 
