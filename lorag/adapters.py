@@ -146,7 +146,7 @@ def confine(path: str | Path, roots: list[Path]) -> Path:
         allowed = ", ".join(str(r) for r in roots) or "(none configured)"
         raise InvalidRequest(
             f"adapter path {path} is outside the configured adapter roots ({allowed})",
-            field="lora_path")
+            field="path")
     return resolved
 
 
@@ -162,7 +162,7 @@ def content_version(path: str | Path, roots: list[Path]) -> str:
                 digests.append(hashlib.file_digest(file, "sha256").digest())
         except OSError as e:
             raise InvalidRequest(f"adapter path {path} has no readable {name}",
-                                 field="lora_path") from e
+                                 field="path") from e
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
@@ -179,10 +179,10 @@ def _read(path: Path, roots: list[Path], limit: int, what: str) -> bytes:
         with open(confine(path, roots), "rb") as file:
             data = file.read(limit + 1)
     except OSError as e:
-        raise InvalidRequest(f"{path} is not readable: {e.strerror}", field="lora_path") from e
+        raise InvalidRequest(f"{path} is not readable: {e.strerror}", field="path") from e
     if len(data) > limit:
         raise InvalidRequest(f"{path} is over {limit} bytes, more than {what}",
-                             field="lora_path")
+                             field="path")
     return data
 
 
@@ -191,12 +191,12 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
     folder); returns it as a dict, and the bytes it was read from."""
     path = folder / "adapter_config.json"
     if not path.is_file():
-        raise InvalidRequest(f"{folder} has no adapter_config.json", field="lora_path")
+        raise InvalidRequest(f"{folder} has no adapter_config.json", field="path")
     raw = _read(path, roots, MAX_CONFIG_BYTES, "an adapter config needs")
     try:
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"{path} is not valid JSON: {e}", field="lora_path") from e
+        raise InvalidRequest(f"{path} is not valid JSON: {e}", field="path") from e
     checks = [
         (config.get("peft_type", "LORA") == "LORA",
          f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served"),
@@ -213,7 +213,7 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
     ]
     for ok, problem in checks:
         if not ok:
-            raise InvalidRequest(f"{path}: {problem}", field="lora_path")
+            raise InvalidRequest(f"{path}: {problem}", field="path")
     return config, raw
 
 
@@ -242,8 +242,8 @@ def open_weights(folder: Path, roots: list[Path] | None = None):
             raise InvalidRequest(
                 f"{folder / pickled[0]} is a pickled weight file, which is never loaded "
                 "(unpickling runs arbitrary code); save the adapter as safetensors",
-                field="lora_path")
-        raise InvalidRequest(f"{folder} has no adapter_model.safetensors", field="lora_path")
+                field="path")
+        raise InvalidRequest(f"{folder} has no adapter_model.safetensors", field="path")
     if roots is not None:
         confine(weights, roots)
     try:
@@ -251,7 +251,7 @@ def open_weights(folder: Path, roots: list[Path] | None = None):
             yield file
     except (SafetensorError, OSError) as e:
         raise InvalidRequest(f"{weights} is not a readable safetensors file: {e}",
-                             field="lora_path") from e
+                             field="path") from e
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -274,9 +274,9 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
     dtype: a bf16 RAM tier holds twice the adapters of an fp32 one)."""
     folder = confine(path, roots)
     if not folder.is_dir():
-        raise InvalidRequest(f"adapter path {path} is not a folder", field="lora_path")
+        raise InvalidRequest(f"adapter path {path} is not a folder", field="path")
     changed = AdapterChanged(f"{folder}'s files are not the ones registered (their content "
-                             "changed since)", field="lora_path")
+                             "changed since)", field="path")
     try:
         config, raw_config = read_config(folder, max_rank, roots)
         tensors, raw = _read_tensors(folder, roots,
@@ -294,14 +294,14 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         tensor = tensor.float()
         if not torch.isfinite(tensor).all():
             raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
-                                 field="lora_path")
+                                 field="path")
         if which == "A":
             a[(layer, module)] = tensor.to(dtype)
         else:
             b[(layer, module)] = (tensor * scale).to(dtype)
     if not a or a.keys() != b.keys():
         raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
-                             "least one pair", field="lora_path")
+                             "least one pair", field="path")
     return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a))
 
 
@@ -318,11 +318,11 @@ def _read_tensors(folder: Path, roots: list[Path],
         tensors = safetensors.torch.load(raw)
     except SafetensorError as e:
         raise InvalidRequest(f"{folder / 'adapter_model.safetensors'} is not a readable "
-                             f"safetensors file: {e}", field="lora_path") from e
+                             f"safetensors file: {e}", field="path") from e
     if {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()} != {
             key: (shape, FLOAT_DTYPES[kind]) for key, (shape, kind) in declared.items()}:
         raise AdapterChanged(f"{folder}'s weights changed while they were read; try again",
-                             field="lora_path")
+                             field="path")
     return tensors, raw
 
 
@@ -342,11 +342,11 @@ def _check_header(folder: Path, roots: list[Path], base: BaseShape,
                 raise InvalidRequest(
                     f"{folder}: {key} has shape {list(shape)}, this base model needs "
                     f"{list(expected)}; the adapter was trained for a different base model",
-                    field="lora_path")
+                    field="path")
             if header.get_dtype() not in FLOAT_DTYPES:
                 raise InvalidRequest(f"{folder}: {key} is {header.get_dtype()}; adapter "
                                      f"weights are one of {', '.join(FLOAT_DTYPES)}",
-                                     field="lora_path")
+                                     field="path")
             declared[key] = (shape, header.get_dtype())
     return declared
 
@@ -355,15 +355,15 @@ def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:
     match = _KEY.match(key)
     if match is None:
         raise InvalidRequest(f"{folder}: unexpected tensor {key!r}; only LoRA A/B weights of "
-                             "decoder-layer projections are served", field="lora_path")
+                             "decoder-layer projections are served", field="path")
     layer, module, which = int(match[1]), match[2], match[3]
     if module not in TARGET_MODULES:
         raise InvalidRequest(f"{folder}: target module {module!r} is not one of "
-                             f"{', '.join(TARGET_MODULES)}", field="lora_path")
+                             f"{', '.join(TARGET_MODULES)}", field="path")
     if layer >= base.num_layers:
         raise InvalidRequest(f"{folder}: {key} is for layer {layer}, the base model has "
                              f"{base.num_layers} layers; it was trained for another base",
-                             field="lora_path")
+                             field="path")
     return layer, module, which
 
 

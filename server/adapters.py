@@ -40,9 +40,9 @@ class AdapterRecords:
         """Register `path` as the caller tenant's adapter `name` (again: other weights
         replace the ones served under that name, on every replica); True if newly loaded."""
         key = tenancy.own_key(caller, name, action="load adapters", what="adapter name",
-                              field="lora_name")
+                              field="name")
         if name == self.model_name:
-            raise InvalidRequest(f"{name!r} is the base model's name", field="lora_name")
+            raise InvalidRequest(f"{name!r} is the base model's name", field="name")
         if caller.adapter_roots is not None:  # this key's own folders, within the daemon's
             confine(path, list(caller.adapter_roots))
         version = content_version(path, list(self.engine.limits.adapter_roots))
@@ -52,14 +52,14 @@ class AdapterRecords:
             if name not in owned:
                 self.limits.check_adapters(caller.tenant, len(owned))
             if shared:
-                tenancy.check_shared_name(key, self._shared(), "adapter", "lora_name")
+                tenancy.check_shared_name(key, self._shared(), "adapter", "name")
             start = time.perf_counter()
             try:
                 loaded = self._install(record, lazy=False)  # reads + validates
             except AdapterChanged as e:
                 raise AdapterChanged(f"the files at {path} changed while they were being "
                                      "registered; register them once they are written",
-                                     field="lora_path") from e
+                                     field="path") from e
             self.metrics.adapter_load.observe(time.perf_counter() - start)
             # the row is written only after validation: a crash before this line leaves
             # no trace; after it, a complete record
@@ -72,7 +72,7 @@ class AdapterRecords:
         tenancy.require_admin(caller, "unload adapters")
         with self.lock:
             if not self.store.delete_adapter(caller.tenant, name):
-                raise AdapterNotFound.named(name, "lora_name")
+                raise AdapterNotFound.named(name, "name")
             self._forget(tenancy.key(caller.tenant, name))
 
     def pin(self, caller: Caller, name: str, pinned: bool) -> None:

@@ -9,6 +9,7 @@ holds up the event loop that streams every other request's tokens.
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -215,10 +216,21 @@ PLAIN_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                     "description": "What was done, in vLLM's words"}}
 
 
+@contextmanager
+def vllm_fields():
+    """An error from the block names vLLM's body fields for the service's name and path."""
+    try:
+        yield
+    except LoragError as e:
+        e.field = {"name": "lora_name", "path": "lora_path"}.get(e.field, e.field)
+        raise
+
+
 @adapters.post("/v1/load_lora_adapter", responses=PLAIN_TEXT)
 def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
     """vLLM's route: register an adapter folder under a name (read and validated now)."""
-    loaded = service.adapters.load(caller, body.lora_name, body.lora_path)
+    with vllm_fields():
+        loaded = service.adapters.load(caller, body.lora_name, body.lora_path)
     verb = "loaded" if loaded else "was already loaded (refreshed)"
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb}.")
 
@@ -226,7 +238,8 @@ def load_lora_adapter(body: LoadLora, service: ServiceDep, caller: CallerDep):
 @adapters.post("/v1/unload_lora_adapter", responses=PLAIN_TEXT)
 def unload_lora_adapter(body: UnloadLora, service: ServiceDep, caller: CallerDep):
     """vLLM's route: forget an adapter; running requests on it finish."""
-    service.adapters.unload(caller, body.lora_name)
+    with vllm_fields():
+        service.adapters.unload(caller, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed.")
 
 

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 
-from lorag.adapters import MAX_COMPOSITION, AdapterKey
-from lorag.errors import InvalidRequest, Unavailable
+from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
+from lorag.errors import InvalidRequest, LoragError, Unavailable
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import MODES, DocumentStore
@@ -136,8 +136,10 @@ class Service:
         self.quotas.admit(caller)
         try:
             stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
-        except BaseException:
+        except BaseException as e:
             self.quotas.release(caller, tokens=0)
+            if isinstance(e, LoragError) and e.field == "adapter":  # the engine's parameter:
+                e.field = "adapters" if isinstance(adapter, Composition) else "model"  # ours
             raise
         tracked = TrackedStream(stream, self.metrics, metric_label(adapter), on_end=self._ended)
         with self.idle:

@@ -335,17 +335,17 @@ class VllmBackend:
             with self.lock:
                 entry = self.compositions.get(key)
             if entry is None:
-                parts = [(self._weights(name, "adapters"), weight) for name, weight in key.parts]
+                parts = [(self._weights(name), weight) for name, weight in key.parts]
                 entry = _Adapter(next(self.ids))
                 self._add(str(key), entry, compose(key, parts, self.config.max_lora_rank))
                 with self.lock:
                     self.compositions[key] = entry
         return self._request(str(key), entry)
 
-    def _entry(self, key: str, field: str = "model") -> _Adapter:
+    def _entry(self, key: str) -> _Adapter:
         """vLLM's side of a registered adapter (an id now, a copy on first use)."""
         if key not in self.registry:
-            raise AdapterNotFound.named(key, field)
+            raise AdapterNotFound.named(key, "adapter")
         with self.lock:
             return self.adapters.setdefault(key, _Adapter(next(self.ids)))
 
@@ -354,10 +354,10 @@ class VllmBackend:
             if entry.folder is None:
                 self._add(key, entry, self._weights(key))
 
-    def _weights(self, key: str, field: str = "model") -> LoraWeights:
+    def _weights(self, key: str) -> LoraWeights:
         """Validated weights: from the registry's RAM tier, else read and checked again."""
         if key not in self.registry:
-            raise AdapterNotFound.named(key, field)
+            raise AdapterNotFound.named(key, "adapter")
         return self.registry.get(key)
 
     def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:

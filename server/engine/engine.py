@@ -469,10 +469,10 @@ class Engine:
         if isinstance(adapter, Composition):
             for name in adapter.names:
                 if name not in self.registry:
-                    raise AdapterNotFound.named(name, "adapters")
+                    raise AdapterNotFound.named(name, "adapter")
             return adapter.simplest()
         elif adapter is not None and adapter not in self.registry:
-            raise AdapterNotFound.named(adapter, "model")
+            raise AdapterNotFound.named(adapter, "adapter")
         return adapter
 
 

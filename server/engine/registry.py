@@ -47,13 +47,13 @@ class AdapterRegistry:
         Idempotent: the same name and path again refreshes its LRU position and returns
         False; a new adapter returns True. A name already taken by another path is refused.
         """
-        check_name(name, "lora_name", "adapter name", MAX_KEY_LENGTH)
+        check_name(name, "name", "adapter name", MAX_KEY_LENGTH)
         resolved = Path(path).expanduser().resolve()
         with self.lock:
             known = self.registered.get(name)
         if known is not None and known.path != resolved:
             raise InvalidRequest(f"adapter {name!r} is already registered from {known.path}; "
-                                 "unload it first", field="lora_name")
+                                 "unload it first", field="name")
         if known == (resolved, version) and name in self.ram:
             self.get(name)
             return False
@@ -78,14 +78,14 @@ class AdapterRegistry:
                 return self.ram[name]
             registration = self.registered.get(name)
         if registration is None:
-            raise AdapterNotFound.named(name, "model")
+            raise AdapterNotFound.named(name)
         try:
             lora = load_lora(name, registration.path, self.base, self.roots, self.max_rank,
                              self.dtype, registration.version)
         except (AdapterChanged, InvalidRequest) as e:
             raise AdapterChanged(
                 f"adapter {name!r} can no longer be read as it was registered ({e.message}); "
-                "register it again, or unload it", field="model") from e
+                "register it again, or unload it") from e
         with self.lock:
             self._keep(lora)
         return lora

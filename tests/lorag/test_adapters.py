@@ -64,7 +64,7 @@ def test_rslora_scaling(root):
 def test_paths_outside_the_roots_are_refused(root, path, message):
     with pytest.raises(InvalidRequest, match=message) as err:
         load(path.format(root=root), root)
-    assert err.value.field == "lora_path"
+    assert err.value.field == "path"
 
 
 def test_symlink_escaping_the_root_is_refused(root, tmp_path_factory):

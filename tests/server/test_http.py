@@ -119,6 +119,35 @@ def test_runtime_adapter_answers_differently_then_unload_gives_404(daemon, daemo
     assert daemon.health()["status"] == "ok"
 
 
+# an adapter error names the field of the body the caller sent: vLLM's route calls the
+# name and folder lora_name and lora_path, lorag's own route name and path
+ADAPTER_ROUTES = [("/v1/load_lora_adapter", "lora_name", "lora_path"),
+                  ("/v1/adapters", "name", "path")]
+
+
+@pytest.mark.parametrize(("route", "name", "path"), ADAPTER_ROUTES)
+def test_a_refused_folder_names_the_routes_path_field(daemon, tmp_path, route, name, path):
+    refused = post(daemon, route, {name: "nowhere", path: str(tmp_path / "missing")})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == path
+
+
+@pytest.mark.parametrize(("route", "name", "path"), ADAPTER_ROUTES)
+def test_a_refused_name_names_the_routes_name_field(daemon, daemon_adapters, route, name,
+                                                   path):
+    refused = post(daemon, route, {name: BASE, path: str(daemon_adapters / "style")})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == name
+
+
+def test_an_unknown_adapter_names_the_requests_model_or_adapters(daemon):
+    unknown = post(daemon, "/v1/chat/completions",
+                   {"model": "nobody", "messages": QUESTION, "max_tokens": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    part = post(daemon, "/v1/chat/completions",
+                {"model": BASE, "messages": QUESTION, "max_tokens": 1,
+                 "adapters": [{"name": "nobody", "weight": 1.0}]})
+    assert part.status_code == 404 and part.json()["error"]["param"] == "adapters"
+
+
 def test_composition_extension(daemon, daemon_adapters):
     for name in ("style", "other"):
         assert load(daemon, name, daemon_adapters / name).status_code == 200
