@@ -35,6 +35,7 @@ from lorag.benchmarks.progress import BenchProgress, Report, Tracker
 from lorag.benchmarks.stats import ttft_ms
 from lorag.client import sse_event
 from lorag.models import load_base
+from lorag.retrieval import RAG_TOP_K
 
 MODEL = "smollm2-135m-instruct"
 NAMESPACE = "products"
@@ -58,7 +59,7 @@ class RagWorkload:
     hot_share: float = 0.8
     clients: int = 8
     max_tokens: int = 16
-    top_k: int = 4
+    top_k: int = RAG_TOP_K
     model: str = MODEL
     dtype: str = "float32"
     kv_blocks: int = 2048

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
-from lorag.retrieval import MAX_TOP_K, MODES, SEARCH_MODE, TOP_K
+from lorag.retrieval import MAX_TOP_K, MODES, RAG_MAX_TOP_K, SEARCH_MODE, TOP_K
+from lorag.roles import ROLES
 from lorag.server import requests
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
@@ -194,7 +195,7 @@ class CompletionBody(_Generation):
 class Message(_Body):
     """One chat message; content is text or OpenAI's list of text parts."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[ROLES]  # the roles lorag reads (lorag/roles.py), as one enum
     content: str | list[dict]
     name: str | None = Field(default=None, min_length=1)
 
@@ -214,7 +215,7 @@ class RagOptions(_Body):
     """The `rag` extension: answer from passages retrieved out of a namespace."""
 
     namespace: str = Field(min_length=1)
-    top_k: int | None = Field(default=None, ge=1, le=requests.RAG_MAX_TOP_K)
+    top_k: int | None = Field(default=None, ge=1, le=RAG_MAX_TOP_K)
     mode: SearchMode | None = None
     filter: Filter | None = None
 

@@ -8,15 +8,14 @@ that each transport packs its own way (JSON, SSE, gRPC messages).
 from dataclasses import dataclass, field
 
 from lorag.errors import InvalidRequest
-from lorag.retrieval import SEARCH_MODE
+from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K, SEARCH_MODE
+from lorag.roles import ROLES, canonical
 from lorag.server.engine import SamplingParams
 from lorag.server.engine.structured import Constraint
 from lorag.server.metrics import TrackedStream
 
 COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's default)
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
-RAG_MAX_TOP_K = 20  # passages one chat may retrieve
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer system
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
 # What a request gets for a sampling field it leaves out (OpenAI's and vLLM's defaults).
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0,
@@ -60,7 +59,7 @@ class Rag:
     """Ground a chat in passages retrieved from one of the caller's namespaces."""
 
     namespace: str
-    top_k: int = 4
+    top_k: int = RAG_TOP_K
     mode: str = SEARCH_MODE
     filter: dict | None = None
 
@@ -93,8 +92,7 @@ class ChatRequest:
             if not isinstance(message.get("content"), str):
                 raise InvalidRequest(f"messages[{i}].content must be text",
                                      field=f"messages.{i}.content")
-            if message["role"] == "developer":
-                self.messages[i] = {**message, "role": "system"}
+            self.messages[i] = {**message, "role": canonical(message["role"])}
 
 
 @dataclass

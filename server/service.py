@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
 from lorag.errors import InvalidRequest, LoragError, Unavailable
+from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import augment
 from lorag.retrieval.store import MODES, DocumentStore
@@ -32,7 +33,6 @@ from lorag.server.quotas import KeyQuotas
 from lorag.server.requests import (
     COMPLETION_TOKENS,
     RAG_ANSWER_TOKENS,
-    RAG_MAX_TOP_K,
     SAMPLING_DEFAULTS,
     ChatRequest,
     CompletionRequest,

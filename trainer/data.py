@@ -18,8 +18,7 @@ from datasets import Dataset
 
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
-
-ROLES = ("system", "user", "assistant")
+from lorag.roles import ROLES, canonical
 
 
 @dataclass
@@ -95,7 +94,8 @@ def _to_trl(record: dict, fmt: str, where: str) -> dict:
         raise InvalidRequest(f"{where}: the last message must be the assistant's answer, "
                              "after at least one other message", field="data")
     # TRL's conversational prompt-completion shape: loss on the final assistant turn
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in messages[:-1]],
+    return {"prompt": [{"role": canonical(m["role"]), "content": m["content"]}
+                       for m in messages[:-1]],
             "completion": [{"role": "assistant", "content": messages[-1]["content"]}]}
 
 

@@ -8,6 +8,7 @@ import typer
 
 from lorag.cli.common import JsonOut, group
 from lorag.errors import InvalidRequest
+from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K
 
 app = group("Benchmarks that measure every peer in the same run; JSON out.")
 
@@ -179,7 +180,8 @@ def bench_rag(
         min=0, max=1, help="Share of the questions about the hot notes.")] = 0.8,
     clients: Annotated[int, typer.Option(min=1, help="Questions in flight at once.")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 16,
-    top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages per question.")] = 4,
+    top_k: Annotated[int, typer.Option(
+        min=1, max=RAG_MAX_TOP_K, help="Passages per question.")] = RAG_TOP_K,
     model: Annotated[str, typer.Option(help="Base model (name or folder).")] =
         "smollm2-135m-instruct",
     kv_blocks: Annotated[int, typer.Option(

@@ -21,7 +21,7 @@ from lorag.cli.common import (
 )
 from lorag.cli.retrieval import namespaces_at
 from lorag.errors import InvalidRequest
-from lorag.retrieval import SEARCH_MODE
+from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K, SEARCH_MODE
 
 app = group("Measure quality: retrieval and answers, on labelled sets.")
 
@@ -74,7 +74,8 @@ def eval_generate(
     api_key: ApiKey = None,
     rag_namespace: Annotated[str | None, typer.Option(
         help="Ground each question in this namespace (the rag extension).")] = None,
-    rag_top_k: Annotated[int, typer.Option(min=1, max=20, help="Passages for rag.")] = 4,
+    rag_top_k: Annotated[int, typer.Option(
+        min=1, max=RAG_MAX_TOP_K, help="Passages for rag.")] = RAG_TOP_K,
     rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = SEARCH_MODE,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "

@@ -32,7 +32,7 @@ from lorag.client import DaemonClient
 from lorag.errors import InvalidRequest
 from lorag.evaluation import scoring
 from lorag.jsonl import read_objects
-from lorag.retrieval import SEARCH_MODE
+from lorag.retrieval import RAG_TOP_K, SEARCH_MODE
 
 TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
         "rouge_l": scoring.rouge_l, "bleu": scoring.bleu, "chrf": scoring.chrf,
@@ -50,7 +50,7 @@ class EvalOptions:
     metrics: list[str]
     api_key: str | None = None
     rag_namespace: str | None = None
-    rag_top_k: int = 4
+    rag_top_k: int = RAG_TOP_K
     rag_mode: str = SEARCH_MODE
     schema: dict | None = None
     regex: re.Pattern | None = None

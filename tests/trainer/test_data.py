@@ -28,6 +28,12 @@ def test_three_formats_are_detected_and_shaped_for_trl(tmp_path):
     assert text.format == "text" and len(text.sha256) == 64
 
 
+def test_a_developer_message_trains_as_the_system_message_it_is_served_as(tmp_path):
+    chat = load_jsonl(write(tmp_path, [{"messages": [
+        {"role": "developer", "content": "be brief"}, *CHAT["messages"]]}]))
+    assert chat.rows[0]["prompt"][0] == {"role": "system", "content": "be brief"}
+
+
 @pytest.mark.parametrize("lines, message", [
     ([CHAT, '{"messages": [', CHAT], ":2: not valid JSON"),
     ([CHAT, ["not", "an", "object"]], ":2: each line must be a JSON object"),
@@ -48,9 +54,12 @@ def test_bad_data_names_the_line_and_the_fault(tmp_path, lines, message):
     assert message in error.value.message and error.value.field == "data"
 
 
-def test_missing_file_and_split(tmp_path):
+def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(InvalidRequest, match="does not exist"):
         load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_a_split_holds_out_its_share_and_refuses_one_outside_0_and_1(tmp_path):
     data = load_jsonl(write(tmp_path, [CHAT] * 10))
     train, held = data.split(0.2, seed=0)
     assert (len(train.rows), len(held.rows)) == (8, 2)
