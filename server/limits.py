@@ -110,7 +110,7 @@ class RequestLimits:
         if registered >= self.adapters_per_tenant:
             raise TooLarge(f"tenant {tenant!r} has {registered} adapters, the most one tenant "
                            f"may register (the daemon's --limit adapters_per_tenant); unload "
-                           "one first", field="lora_name")
+                           "one first", field="name")
 
     def _at_most(self, value: int, limit: str, field: str, what: str, scale: int = 1) -> None:
         allowed = getattr(self, limit)
