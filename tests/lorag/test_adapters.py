@@ -133,17 +133,27 @@ def test_pickled_weights_are_refused_without_being_read(root):
         load(folder, root)
 
 
-def test_missing_and_corrupt_safetensors(root):
-    folder = root / "empty"
+def config_only(root, name: str):
+    folder = root / name
     folder.mkdir()
     shutil.copy(root / "good" / "adapter_config.json", folder)
-    with pytest.raises(InvalidRequest, match="has no adapter_model.safetensors"):
-        load(folder, root)
+    return folder
+
+
+def corrupt_weights(root):
+    folder = config_only(root, "corrupt")
     (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(InvalidRequest, match="is not a readable safetensors file"):
-        load(folder, root)
-    with pytest.raises(InvalidRequest, match="has no adapter_config.json"):
-        load(root, root)
+    return folder
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda root: config_only(root, "no-weights"), "has no adapter_model.safetensors"),
+    (corrupt_weights, "is not a readable safetensors file"),
+    (lambda root: root, "has no adapter_config.json"),
+], ids=["no-weights", "corrupt-weights", "no-config"])
+def test_a_folder_without_readable_weights_or_config_is_refused(root, make, message):
+    with pytest.raises(InvalidRequest, match=message):
+        load(make(root), root)
 
 
 def test_rank_above_the_limit(root):
@@ -164,23 +174,25 @@ def test_adapter_for_another_base_is_refused(root, tmp_path_factory):
         load(deep, root)
 
 
-def test_nan_weights_and_unknown_modules(root):
-    def poison(weights):
-        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-        weights[key] = weights[key].clone()
-        weights[key][0, 0] = float("nan")
+def poison(weights):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = float("nan")
 
-    with pytest.raises(InvalidRequest, match="q_proj.lora_A.weight has non-finite values"):
-        load(variant(root, "nan", edit_weights=poison), root)
 
-    def rename(weights):
-        for key in [k for k in weights if "q_proj" in k]:
-            weights[key.replace("q_proj", "qkv_proj")] = weights.pop(key)
+def rename_q_to_qkv(weights):
+    for key in [k for k in weights if "q_proj" in k]:
+        weights[key.replace("q_proj", "qkv_proj")] = weights.pop(key)
 
-    with pytest.raises(InvalidRequest, match="target module 'qkv_proj' is not one of"):
-        load(variant(root, "fused", edit_weights=rename), root)
-    with pytest.raises(InvalidRequest, match="DoRA adapters are not served"):
-        load(variant(root, "dora", edit_config=lambda c: c.update(use_dora=True)), root)
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"edit_weights": poison}, "q_proj.lora_A.weight has non-finite values"),
+    ({"edit_weights": rename_q_to_qkv}, "target module 'qkv_proj' is not one of"),
+    ({"edit_config": lambda config: config.update(use_dora=True)}, "DoRA adapters are not served"),
+], ids=["nan", "unknown-module", "dora"])
+def test_weights_the_engine_cannot_serve_are_refused(root, edit, message):
+    with pytest.raises(InvalidRequest, match=message):
+        load(variant(root, "bad", **edit), root)
 
 
 def test_compose_concatenates_ranks_and_weights_b(root):

@@ -69,7 +69,7 @@ def test_truncated_gguf_is_refused_and_leaves_no_cache_entry(tmp_path):
     assert leftovers == [], "a failed conversion may leave neither an entry nor a partial"
 
 
-def test_dtype_and_quantize_are_validated_with_the_allowed_values():
+def test_a_dtype_is_one_of_the_allowed_names():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("auto") in (torch.bfloat16, torch.float32)
@@ -77,6 +77,9 @@ def test_dtype_and_quantize_are_validated_with_the_allowed_values():
                                              "got 'fp8'") as err:
         resolve_dtype("fp8")
     assert err.value.field == "dtype"
+
+
+def test_a_quantization_is_one_of_the_allowed_names_and_configures_bitsandbytes():
     with pytest.raises(InvalidRequest, match="quantize must be one of nf4, int8, none, "
                                              "got 'gptq'") as err:
         quantization_config("gptq", torch.float32)

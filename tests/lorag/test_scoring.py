@@ -11,9 +11,12 @@ from lorag.evaluation import scoring
 SCHEMA = json.loads((Path(__file__).parents[2] / "demo" / "answer.schema.json").read_text())
 
 
-def test_exact_match_and_f1_use_squad_normalisation():
+def test_exact_match_ignores_case_articles_and_punctuation_as_squad_does():
     assert scoring.exact_match("The Paris!", "paris") == 1.0
     assert scoring.exact_match("Paris, France", "Paris") == 0.0
+
+
+def test_token_f1_is_the_harmonic_mean_of_token_precision_and_recall():
     # precision 2/3, recall 1 -> 2 * (2/3) / (5/3) = 0.8
     assert scoring.token_f1("Ines Vargas leads", "Ines Vargas") == pytest.approx(0.8)
     # one shared token of 2 predicted and 3 gold: P 1/2, R 1/3 -> F1 0.4
@@ -45,14 +48,19 @@ def test_rouge_l_is_lcs_f_measure_and_reads_unicode():
     assert scoring.rouge_l("東京 です", "東京") == pytest.approx(2 * 0.5 * 1 / 1.5)
 
 
-def test_bleu_and_chrf_bounds():
-    sentence = "the cat sat on the mat"
-    assert scoring.bleu(sentence, sentence) == pytest.approx(1.0)
-    assert scoring.chrf(sentence, sentence) == pytest.approx(1.0)
-    assert scoring.bleu("dog", sentence) == 0.0
-    assert 0 < scoring.chrf("the cat", sentence) < 1
-    assert scoring.corpus_bleu([sentence, "a b c d"], [sentence, "a b c d"]) == \
+SENTENCE = "the cat sat on the mat"
+
+
+def test_bleu_is_one_for_the_same_text_and_zero_for_no_shared_ngram():
+    assert scoring.bleu(SENTENCE, SENTENCE) == pytest.approx(1.0)
+    assert scoring.bleu("dog", SENTENCE) == 0.0
+    assert scoring.corpus_bleu([SENTENCE, "a b c d"], [SENTENCE, "a b c d"]) == \
         pytest.approx(1.0)
+
+
+def test_chrf_is_one_for_the_same_text_and_partial_credit_for_a_part():
+    assert scoring.chrf(SENTENCE, SENTENCE) == pytest.approx(1.0)
+    assert 0 < scoring.chrf("the cat", SENTENCE) < 1
 
 
 def test_format_adherence_is_strict_and_extraction_lenient():
@@ -70,10 +78,13 @@ def test_format_adherence_is_strict_and_extraction_lenient():
     assert scoring.follows_schema('{"answer": "\\u00e5", "source": "a"}', SCHEMA)
 
 
-def test_extract_json_and_answer_text_edge_cases():
+def test_extract_json_finds_the_first_whole_object_and_nothing_else():
     assert scoring.extract_json('{"a": [1, {"b": 2}]} tail') == {"a": [1, {"b": 2}]}
     assert scoring.extract_json('{ broken { "x": 1 }') == {"x": 1}
     assert scoring.extract_json("[1, 2]") is None and scoring.extract_json("none") is None
+
+
+def test_answer_text_reads_a_string_answer_field_else_the_whole_reply():
     assert scoring.answer_text("plain words", "answer") == "plain words"
     assert scoring.answer_text('{"answer": 5}', "answer") == '{"answer": 5}'  # not a string
     assert scoring.answer_text('{"answer": "x"}', None) == '{"answer": "x"}'

@@ -92,12 +92,17 @@ def test_filters_apply_inside_the_search(store):
 
 
 @pytest.mark.slow
-def test_delete_and_reopen(store, state, tmp_path, embedder):
+def test_a_deleted_document_is_never_found_again(store):
     ingest(store, "kb", [CORPUS])
     assert store.delete("kb", "guides/volcanoes.md") is True
     assert store.delete("kb", "guides/volcanoes.md") is False
     assert all(h.document_id != "guides/volcanoes.md"
                for h in store.search("kb", "Hekla volcano eruption", k=10))
+
+
+def test_a_reopened_store_has_what_was_stored_and_deleted(store, state, tmp_path, embedder):
+    ingest(store, "kb", [CORPUS])
+    store.delete("kb", "guides/volcanoes.md")
     reopened = open_store(state, tmp_path / "retrieval", embedder)
     assert "guides/volcanoes.md" not in reopened.documents("kb")
     assert reopened.search("kb", "cardamom bun", k=1)[0].document_id == "guides/bakery.txt"

@@ -66,23 +66,30 @@ def test_errors_map_to_status_codes(channel, daemon, request_, key, code):
     assert daemon.health()["status"] == "ok"
 
 
-def test_load_errors_and_permissions(channel, daemon_adapters, tmp_path):
+def test_a_folder_outside_the_adapter_roots_is_an_invalid_argument(channel, tmp_path):
     stub = lorag_pb2_grpc.LoragServiceStub(channel)
     with pytest.raises(grpc.RpcError) as outside:
         call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(name="x", path=str(tmp_path)))
     assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the configured adapter roots" in outside.value.details()
+
+
+def test_a_key_without_admin_rights_may_not_load_adapters(channel, daemon_adapters):
+    stub = lorag_pb2_grpc.LoragServiceStub(channel)
     with pytest.raises(grpc.RpcError) as denied:
         call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(
             name="x", path=str(daemon_adapters / "style")), ALICE_USER)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_health_checking_and_reflection(channel):
+def test_the_server_and_its_service_report_serving_to_health_checks(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "lorag.v1.LoragService"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_and_describes_the_services(channel):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     answer = next(reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))

@@ -74,7 +74,7 @@ def test_streaming_equals_non_streaming_and_reports_usage(daemon):
     assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
 
 
-def test_completions_with_stop_and_seed(daemon):
+def test_a_completion_ends_before_its_stop_string(daemon):
     openai_client = client(daemon)
     whole = openai_client.completions.create(model=BASE, prompt="1, 2, 3, 4,", max_tokens=20,
                                              temperature=0, extra_body={"ignore_eos": True})
@@ -86,6 +86,10 @@ def test_completions_with_stop_and_seed(daemon):
                                            extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_a_seed_makes_a_sampled_completion_repeatable(daemon):
+    openai_client = client(daemon)
     sampled = [openai_client.completions.create(model=BASE, prompt="Once upon a time",
                                                 max_tokens=8, temperature=1.0, seed=11)
                .choices[0].text for _ in range(2)]
@@ -196,7 +200,7 @@ def test_shared_adapters_are_visible_to_every_tenant(daemon, daemon_adapters):
                         headers={"Authorization": ALICE}).status_code == 200
 
 
-def test_adapter_status_and_pinning(daemon, daemon_adapters):
+def test_a_pinned_adapter_is_listed_active_and_pinned_until_unpinned(daemon, daemon_adapters):
     assert load(daemon, "other", daemon_adapters / "other").status_code == 200
     pinned = post(daemon, "/v1/adapters/other/pin", {})
     assert pinned.status_code == 200 and pinned.json()["pinned"] and pinned.json()["active"]

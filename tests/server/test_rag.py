@@ -142,27 +142,37 @@ def test_rag_drops_the_lowest_ranked_passages_to_fit_the_context(daemon, corpus)
     assert [(s["chunk_id"], s["text"]) for s in answer["sources"]] == ranked[:rag["used"]]
 
 
-def test_grpc_search_with_filters_and_tenancy(daemon, corpus):
+def grpc_search(daemon, key: str = ALICE, **request) -> lorag_pb2.SearchResponse:
     with grpc.insecure_channel(daemon.grpc_target) as channel:
-        stub = lorag_pb2_grpc.LoragServiceStub(channel)
-        metadata = [("authorization", ALICE)]
-        response = stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=QUESTION,
-                                                       top_k=2), metadata=metadata)
-        assert response.hits[0].document_id == "guides/bakery.txt"
-        assert len(response.hits) == 2
-        german = stub.Search(lorag_pb2.SearchRequest(
-            namespace="kb", query="delivery time", mode=lorag_pb2.SEARCH_MODE_VECTOR,
-            filter={"lang": struct_pb2.Value(string_value="de")}), metadata=metadata)
-        assert [h.document_id for h in german.hits] == ["faq-versand"]
-        assert german.hits[0].metadata["topic"] == "shipping"
-        post(daemon, "/v1/namespaces/alice-only/documents", {"id": "a", "text": "private"})
-        with pytest.raises(grpc.RpcError) as error:
-            stub.Search(lorag_pb2.SearchRequest(namespace="alice-only", query="private"),
-                        metadata=[("authorization", BOB)])
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.RpcError) as error:
-            stub.Search(lorag_pb2.SearchRequest(namespace="kb", query=""), metadata=metadata)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return lorag_pb2_grpc.LoragServiceStub(channel).Search(
+            lorag_pb2.SearchRequest(**request), metadata=[("authorization", key)])
+
+
+def test_grpc_search_finds_the_best_passage_first(daemon, corpus):
+    response = grpc_search(daemon, namespace="kb", query=QUESTION, top_k=2)
+    assert response.hits[0].document_id == "guides/bakery.txt"
+    assert len(response.hits) == 2
+
+
+def test_grpc_search_keeps_to_the_metadata_filter(daemon, corpus):
+    german = grpc_search(daemon, namespace="kb", query="delivery time",
+                         mode=lorag_pb2.SEARCH_MODE_VECTOR,
+                         filter={"lang": struct_pb2.Value(string_value="de")})
+    assert [h.document_id for h in german.hits] == ["faq-versand"]
+    assert german.hits[0].metadata["topic"] == "shipping"
+
+
+def test_grpc_search_of_another_tenants_namespace_is_not_found(daemon, corpus):
+    post(daemon, "/v1/namespaces/alice-only/documents", {"id": "a", "text": "private"})
+    with pytest.raises(grpc.RpcError) as error:
+        grpc_search(daemon, BOB, namespace="alice-only", query="private")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grpc_search_of_an_empty_query_is_an_invalid_argument(daemon, corpus):
+    with pytest.raises(grpc.RpcError) as error:
+        grpc_search(daemon, namespace="kb", query="")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):

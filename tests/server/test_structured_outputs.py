@@ -79,7 +79,7 @@ def test_schema_requests_across_adapters_validate_and_free_neighbours_are_unchan
         validate(json.loads(choice.message.content), SCHEMAS[name])
 
 
-def test_json_object_regex_and_grammar(daemon):
+def test_json_object_gives_a_json_object_or_the_prefix_of_one(daemon):
     reply = client(daemon).chat.completions.create(
         model=BASE, messages=ASK, max_tokens=60, temperature=0,
         response_format={"type": "json_object"}).choices[0]
@@ -90,11 +90,17 @@ def test_json_object_regex_and_grammar(daemon):
         matcher = Grammars(tokenizer, len(tokenizer), {2}).matcher(Constraint("json_object"))
         assert reply.message.content.startswith("{") and \
             matcher.accept_string(reply.message.content)
+
+
+def test_a_regex_constrains_a_completion_to_its_language(daemon):
     pattern = r"(19|20)\d{2}-(0[1-9]|1[0-2])-[0-2]\d"
     completion = client(daemon).completions.create(
         model=BASE, prompt="Today's date is", max_tokens=20, temperature=0,
         extra_body={"structured_outputs": {"regex": pattern}})
     assert re.fullmatch(pattern, completion.choices[0].text), completion.choices[0].text
+
+
+def test_a_grammar_constrains_a_chat_to_its_language(daemon):
     grammar = 'root ::= "Answer: " ("yes" | "no") "."'
     reply = client(daemon).chat.completions.create(
         model=BASE, messages=ASK, max_tokens=10, temperature=0,

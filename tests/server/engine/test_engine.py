@@ -110,21 +110,28 @@ def test_full_queue_is_overloaded_and_loses_nothing(make_engine):
     assert all(s.result().finish_reason in ("length", "stop") for s in streams)
 
 
-def test_context_limit_and_bad_parameters_are_clear(make_engine):
-    engine = make_engine(start=False)
-    with pytest.raises(InvalidRequest, match="maximum context length is 128 tokens; the request "
-                                             "has 100 prompt tokens and asks for 50 more"):
-        engine.submit(list(range(1, 101)), SamplingParams(max_tokens=50))
-    with pytest.raises(InvalidRequest, match="prompt is empty"):
-        engine.submit([])
-    with pytest.raises(InvalidRequest, match="max_tokens must be an integer >= 1, got -3"):
-        SamplingParams(max_tokens=-3)
-    with pytest.raises(InvalidRequest, match="top_p must be a number in .0, 1., got 1.5"):
-        SamplingParams(top_p=1.5)
+@pytest.mark.parametrize(("prompt", "params", "message"), [
+    (list(range(1, 101)), {"max_tokens": 50}, "maximum context length is 128 tokens; the "
+                                              "request has 100 prompt tokens and asks for 50 more"),
+    ([], {}, "prompt is empty"),
+], ids=["past-the-context", "empty-prompt"])
+def test_a_prompt_the_engine_cannot_take_is_refused_at_submit(make_engine, prompt, params,
+                                                              message):
+    with pytest.raises(InvalidRequest, match=message):
+        make_engine(start=False).submit(prompt, SamplingParams(**params))
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"max_tokens": -3}, "max_tokens must be an integer >= 1, got -3"),
+    ({"top_p": 1.5}, "top_p must be a number in .0, 1., got 1.5"),
+], ids=["max_tokens", "top_p"])
+def test_sampling_parameters_out_of_range_are_refused_naming_the_range(params, message):
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams(**params)
 
 
 @pytest.mark.slow
-def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
+def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(make_engine):
     engine = make_engine()
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7,
                             ignore_eos=True)

@@ -31,12 +31,18 @@ def test_slots_fill_first_free_then_evict_least_recently_used(make_engine, adapt
     assert engine.stats()["adapter_refs"] == [0, 0]
 
 
-def test_load_is_idempotent_and_unload_frees_the_slot(make_engine, adapter_root):
+def test_loading_a_name_again_is_idempotent_and_another_folder_under_it_refused(
+        make_engine, adapter_root):
     engine = make_engine()
     assert engine.load_adapter("t0", str(adapter_root / "t0")) is True
     assert engine.load_adapter("t0", str(adapter_root / "t0")) is False
     with pytest.raises(InvalidRequest, match="already registered from"):
         engine.load_adapter("t0", str(adapter_root / "t1"))
+
+
+def test_unloading_frees_the_slot_and_the_name(make_engine, adapter_root):
+    engine = make_engine()
+    engine.load_adapter("t0", str(adapter_root / "t0"))
     use(engine, "t0")
     assert engine.stats()["adapter_slots"] == {0: "t0", 1: None}
     assert engine.unload_adapter("t0") is True

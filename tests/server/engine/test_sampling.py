@@ -52,7 +52,7 @@ def test_constrained_and_free_requests_on_different_adapters_share_steps(
 
 
 @pytest.mark.slow
-def test_a_regex_and_a_grammar_are_matched_whole(make_engine):
+def test_sampled_output_under_a_regex_matches_it_whole(make_engine):
     engine = make_engine()
     pattern = r"[A-Z]{2}-\d{3}( [a-z]{1,8})?"
     for seed in range(4):
@@ -60,8 +60,11 @@ def test_a_regex_and_a_grammar_are_matched_whole(make_engine):
                                 constraint=Constraint("regex", pattern))
         out = engine.submit(PROMPT, params).result()
         assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out.text
+
+
+def test_output_under_a_grammar_is_a_sentence_of_it(make_engine):
     grammar = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no" | "maybe"'
-    out = engine.submit(PROMPT, SamplingParams(
+    out = make_engine().submit(PROMPT, SamplingParams(
         max_tokens=20, constraint=Constraint("grammar", grammar))).result()
     assert re.fullmatch(r"The answer is (yes|no|maybe)\.", out.text), out.text
 
@@ -86,13 +89,17 @@ def test_a_constraint_that_cannot_compile_is_refused_at_submit(make_engine, kind
     assert engine.occupancy()["waiting"] == 0  # nothing was queued
 
 
-def test_grammars_are_compiled_once_and_the_cache_is_bounded(tokenizer):
+def test_a_grammar_compiled_again_is_a_cache_hit(tokenizer):
     grammars = Grammars(tokenizer, tokenizer.vocab_size, {2}, cache_bytes=4 << 20)
     first = grammars.compile(json_constraint("order"))
     size = grammars.compiler.get_cache_size_bytes()
     assert grammars.compile(json_constraint("order")) is not None
     assert grammars.compiler.get_cache_size_bytes() == size  # a hit, not a second copy
     assert first.memory_size_bytes > 0
+
+
+def test_the_grammar_cache_keeps_within_its_budget(tokenizer):
+    grammars = Grammars(tokenizer, tokenizer.vocab_size, {2}, cache_bytes=4 << 20)
     for i in range(40):  # distinct schemas: the least recently used leave
         grammars.compile(Constraint("json_schema", json.dumps(
             {"type": "object", "properties": {f"field{i}": {"type": "integer"}}})))
