@@ -32,6 +32,7 @@ from lorag.server.openai_api import (
     ChatBody,
     CompletionBody,
     DocumentsBody,
+    EmbeddingsBody,
     LoadLora,
     NamespaceBody,
     SearchBody,
@@ -190,6 +191,15 @@ async def completions(body: CompletionBody, request: Request, service: ServiceDe
     if body.stream:
         return streamed(reply, body.model, False, body.include_usage(), service)
     return await collected(reply, body.model, False, request, service)
+
+
+@generation.post("/v1/embeddings")
+def embeddings(body: EmbeddingsBody, service: ServiceDep, caller: CallerDep):
+    """OpenAI embeddings, on the embedder retrieval indexes with (`/v1/server` names it)."""
+    embedded = service.embeddings.embed(body.to_request())
+    return {"object": "list", "data": embedded.data(), "model": embedded.model,
+            "usage": {"prompt_tokens": embedded.prompt_tokens,
+                      "total_tokens": embedded.prompt_tokens}}
 
 
 @generation.get("/v1/models")

@@ -30,6 +30,7 @@ class RequestLimits:
     upload_files / upload_file_mb: files in one upload, and MiB per file (32, 20).
     adapters_per_tenant: adapters one tenant may register (1024).
     header_kb: an HTTP request's line and headers, in KiB (16, uvicorn's default).
+    embedding_inputs: texts in one embeddings request (2048, OpenAI's bound).
     """
 
     messages: int = 1024
@@ -44,6 +45,7 @@ class RequestLimits:
     upload_file_mb: int = 20
     adapters_per_tenant: int = 1024
     header_kb: int = 16
+    embedding_inputs: int = 2048
 
     def __post_init__(self):
         for item in fields(self):
@@ -100,6 +102,10 @@ class RequestLimits:
     def check_upload(self, files: int) -> None:
         """An upload's number of files (each file's size: `upload_file_bytes`)."""
         self._at_most(files, "upload_files", "files", "files in one upload")
+
+    def check_embedding_inputs(self, inputs: int) -> None:
+        """An embeddings request's number of texts."""
+        self._at_most(inputs, "embedding_inputs", "input", "texts to embed")
 
     @property
     def upload_file_bytes(self) -> int:

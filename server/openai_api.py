@@ -18,6 +18,7 @@ from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
 from lorag.retrieval import MAX_TOP_K, MODES, RAG_MAX_TOP_K, SEARCH_MODE, TOP_K
 from lorag.roles import ROLES
 from lorag.server import requests
+from lorag.server.embeddings import ENCODINGS, EmbeddingsRequest
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
 from lorag.server.requests import check_texts
@@ -321,6 +322,20 @@ class SearchBody(_RouteBody):
     top_k: int = Field(default=TOP_K, ge=1, le=MAX_TOP_K)
     mode: SearchMode = SEARCH_MODE
     filter: Filter | None = None
+
+
+class EmbeddingsBody(_RouteBody):
+    """POST /v1/embeddings (OpenAI's body): texts embedded by the daemon's embedder."""
+
+    input: str | list[str | int | list[int]]  # ids are refused by the service, by name
+    model: str = Field(min_length=1)
+    encoding_format: Literal[ENCODINGS] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
+
+    def to_request(self) -> EmbeddingsRequest:
+        return EmbeddingsRequest(self.input, self.model, self.encoding_format,
+                                 self.dimensions)
 
 
 class NamespaceBody(_RouteBody):

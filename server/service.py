@@ -24,6 +24,7 @@ from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
 from lorag.server.chat_template import render_chat
+from lorag.server.embeddings import Embeddings
 from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import token_bytes
 from lorag.server.limits import RequestLimits
@@ -55,6 +56,7 @@ class Service:
         self.quotas = quotas  # each API key's share of the engine
         self.limits = limits or RequestLimits()  # what one request may bring
         self.namespaces = Namespaces(documents, self.limits)
+        self.embeddings = Embeddings(documents.embedder, self.limits)
         self.store = store
         self.keys = keys
         self.model_name = model_name
@@ -197,6 +199,7 @@ class Service:
         field takes when a request leaves it out, the limits, and the caller's rights."""
         limits = self.engine.limits
         return {"model": self.model_name, "engine": self.engine.describe(),
+                "embedding_model": self.embeddings.model,
                 "max_model_len": limits.max_model_len,
                 # max_tokens left out: a chat may use the rest of the context
                 "defaults": {**SAMPLING_DEFAULTS, "max_tokens": None, "seed": None},

@@ -122,7 +122,8 @@ def serve(
         metavar="NAME=N", help="Raise or lower one per-request limit, repeatable: messages, "
         "stop_strings, stop_chars, schema_kb, schema_depth, regex_chars, "
         "documents_per_request, document_chars, upload_files, upload_file_mb, "
-        "adapters_per_tenant, header_kb (defaults and meanings: docs/isolation.md).")] = None,
+        "adapters_per_tenant, header_kb, embedding_inputs (defaults and meanings: "
+        "docs/isolation.md).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
