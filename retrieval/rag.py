@@ -18,6 +18,9 @@ from lorag.retrieval.store import Hit
 
 INSTRUCTION = ("Answer the question using only the context below. Passages are numbered; "
                "each names its source.")
+# the layout `with_context` writes; an adapter trained on it (trainer/raft.py) records it,
+# so a change here is a new version
+RAG_LAYOUT = "best-last/1"
 
 
 @dataclass

@@ -98,8 +98,8 @@ class Service:
         if request.rag is None:
             prompt = self._render(request.messages)
         else:
-            prompt, grounding = self._ground(caller, request.messages, request.rag,
-                                             request.sampling.max_tokens)
+            prompt, grounding = self.ground(caller, request.messages, request.rag,
+                                            request.sampling.max_tokens)
         limit = self.engine.limits.max_model_len
         params = request.sampling.params(default_max_tokens=max(1, limit - len(prompt)))
         return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding)
@@ -158,10 +158,11 @@ class Service:
         if caller is not None:
             self.quotas.release(caller, stream.tokens)
 
-    def _ground(self, caller: Caller, messages: list[dict], rag: Rag,
-                max_tokens: int | None) -> tuple[list[int], Grounding]:
+    def ground(self, caller: Caller, messages: list[dict], rag: Rag,
+               max_tokens: int | None) -> tuple[list[int], Grounding]:
         """Retrieve for the last user message and render the chat with as many passages as
-        fit in the context next to the answer (`max_tokens`, else RAG_ANSWER_TOKENS)."""
+        fit in the context next to the answer (`max_tokens`, else RAG_ANSWER_TOKENS): the
+        prompt a `rag` chat runs on, and the one RAFT's training chats reproduce."""
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if not question.strip():
             raise InvalidRequest("rag needs a user message to search with", field="messages")

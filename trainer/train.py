@@ -8,6 +8,7 @@ went (per-step loss, eval loss, real tokens/s, peak memory, wall time).
 """
 
 import ctypes
+import hashlib
 import json
 import logging
 import resource
@@ -61,6 +62,7 @@ class TrainOptions:
     train_on_prompt: bool = False
     save_steps: int = 50
     resume: bool = False
+    rag: dict | None = None  # how RAFT built the data (trainer/raft.py), recorded
 
     def __post_init__(self):
         positive = ("rank", "alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps")
@@ -139,11 +141,15 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
     trainer.model.save_pretrained(out)
     report = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
+                   if k != "rag"},
         "data": {"path": str(options.data), "sha256": data.sha256, "format": data.format,
                  "train_examples": len(train_data.rows),
                  "eval_examples": len(eval_data.rows) if eval_data else 0,
                  "truncated": truncated, "skipped": skipped},
+        "rag": options.rag,
+        "chat_template_sha256": hashlib.sha256(
+            (tokenizer.chat_template or "").encode()).hexdigest(),
         "steps": recorder.steps,
         "final_loss": recorder.steps[-1]["loss"] if recorder.steps else None,
         "eval_loss": eval_loss,

@@ -6,7 +6,8 @@ from typing import Annotated
 import typer
 
 from lorag import catalog
-from lorag.cli.common import ApiKey, console
+from lorag.cli.common import ApiKey, DataDir, State, Tenant, Url, console
+from lorag.cli.retrieval import namespaces_at
 from lorag.client import DaemonClient
 
 
@@ -49,11 +50,41 @@ def train(
     serve_name: Annotated[str | None, typer.Option(
         help="Name to serve it under (default: the --out folder's name).")] = None,
     api_key: ApiKey = None,
+    rag_namespace: Annotated[str | None, typer.Option(
+        help="RAFT: --data is a question file (question, answer, optional source and "
+             "system); each question is asked with the passages this namespace's search "
+             "finds, in the daemon's RAG prompt.")] = None,
+    rag_top_k: Annotated[int | None, typer.Option(help="[RAFT] Passages per prompt.")] = None,
+    rag_mode: Annotated[str | None, typer.Option(help="[RAFT] vector, bm25 or hybrid.")] =
+        None,
+    oracle_p: Annotated[float | None, typer.Option(
+        help="[RAFT] Share of prompts holding the gold passage (default 0.8); the others "
+             "hold distractors only and teach the abstention answer.")] = None,
+    answer_format: Annotated[str | None, typer.Option(
+        help="[RAFT] text ('answer (source: id)') or json ({answer, source}).")] = None,
+    abstain_answer: Annotated[str | None, typer.Option(
+        help="[RAFT] The answer when the passages do not hold it.")] = None,
+    rag_max_prompt_tokens: Annotated[int | None, typer.Option(
+        min=1, help="[RAFT] The serving daemon's prompt budget (its --max-model-len minus "
+                    "the answer's room: max_tokens, else 256): passages past it are dropped "
+                    "as that daemon drops them. Default: none dropped.")] = None,
+    dump_examples: Annotated[Path | None, typer.Option(
+        help="[RAFT] Write each training chat, with its gold and passages, here.")] = None,
+    url: Url = None, data_dir: DataDir = None, state: State = None,
+    tenant: Tenant = "default",
 ) -> None:
     """Fine-tune a LoRA (or QLoRA) adapter with TRL; writes a PEFT adapter the daemon loads."""
     from lorag.trainer.train import TrainOptions
     from lorag.trainer.train import train as run
 
+    rag = None
+    if rag_namespace is not None:
+        fit = None if rag_max_prompt_tokens is None else \
+            daemon_fit(base, rag_max_prompt_tokens)
+        data, rag = _raft_data(data, out, rag_namespace, dump_examples, seed,
+                               namespaces_at(url, api_key, data_dir, state, tenant), fit,
+                               top_k=rag_top_k, mode=rag_mode, oracle_p=oracle_p,
+                               answer_format=answer_format, abstain=abstain_answer)
     options = TrainOptions(
         data=data, base=base, out=out, rank=rank, alpha=alpha, dropout=dropout,
         target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
@@ -61,7 +92,7 @@ def train(
         max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, packing=packing, gradient_checkpointing=gradient_checkpointing,
         seed=seed, eval_split=eval_split, eval_data=eval_data, train_on_prompt=train_on_prompt,
-        save_steps=save_steps, resume=resume)
+        save_steps=save_steps, resume=resume, rag=rag)
     report = run(options, console)
     console.print(f"adapter: {out} | steps {report['global_step']} | final loss "
                   f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
@@ -74,6 +105,47 @@ def train(
         print(f"curl -s {serve.rstrip('/')}/v1/chat/completions -H 'Content-Type: "
               f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": "
               "[{\"role\": \"user\", \"content\": \"Hello\"}]}'")
+
+
+def daemon_fit(base: str, budget: int):
+    """The passages a daemon serving `base` keeps in a RAG prompt of `budget` tokens: its
+    chat template, its token counts, its rule (retrieval/rag.py augment)."""
+    from transformers import AutoTokenizer
+
+    from lorag.models import resolve_model
+    from lorag.provision import ModelCache
+    from lorag.retrieval.rag import augment
+    from lorag.server.chat_template import render_chat
+    from lorag.settings import Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base, ModelCache(
+        Settings().models_dir)))
+
+    def fit(messages: list[dict], hits: list) -> list:
+        return augment(messages, hits, lambda chat: render_chat(tokenizer, chat),
+                       lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                       budget).used
+
+    return fit
+
+
+def _raft_data(questions: Path, out: Path, namespace: str, dump: Path | None, seed: int,
+               source, fit, **given) -> tuple[Path, dict]:
+    """RAFT's training chats from `questions`, searched in `source`'s `namespace`."""
+    from lorag.retrieval.store import Hit
+    from lorag.trainer.raft import RaftOptions, write_raft_data
+
+    options = RaftOptions(namespace, seed=seed,
+                          **{key: value for key, value in given.items() if value is not None})
+
+    def search(question: str, k: int) -> list[Hit]:
+        return [Hit(**hit) for hit in source.search(namespace, question, k, options.mode)]
+
+    chats, record = write_raft_data(questions, search, options, out, dump, fit)
+    console.print(f"RAFT: {record['examples']} chats from {namespace!r} "
+                  f"({record['with_oracle']} with the gold passage), {record['left_out']} "
+                  f"questions left out (gold not found); training on {chats}")
+    return chats, record
 
 
 def export(

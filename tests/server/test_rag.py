@@ -12,9 +12,14 @@ from google.protobuf import struct_pb2
 from typer.testing import CliRunner
 
 from lorag.cli import app
-from lorag.client import sse_event
+from lorag.cli.train import daemon_fit
+from lorag.client import DaemonClient, sse_event
 from lorag.errors import InvalidRequest, NotFound, PermissionDenied
 from lorag.retrieval.ingest import files_under, load
+from lorag.retrieval.store import Hit
+from lorag.server.chat_template import render_chat
+from lorag.server.requests import RAG_ANSWER_TOKENS, Rag
+from lorag.trainer.raft import RaftOptions, raft_examples
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, ALICE_USER, BASE, BOB, MAX_MODEL_LEN
 from tests.schemas import SCHEMAS
@@ -173,6 +178,33 @@ def test_grpc_search_of_an_empty_query_is_an_invalid_argument(daemon, corpus):
     with pytest.raises(grpc.RpcError) as error:
         grpc_search(daemon, namespace="kb", query="")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_raft_chat_is_the_prompt_the_daemon_builds_for_rag(daemon, corpus):
+    """RAFT searched through the daemon (as `lorag train --rag-namespace --url` does): each
+    training chat whose passages hold the gold renders, with the daemon's chat template,
+    to the very tokens the daemon's own `rag` chat runs on, passages its context has no
+    room for dropped alike (this daemon's 512 tokens keep two or three of four)."""
+    client = DaemonClient(daemon.url, ALICE.split()[1])
+
+    def search_daemon(question: str, k: int) -> list[Hit]:
+        return [Hit(**hit) for hit in client.search("kb", question, k, "hybrid")]
+
+    questions = [{"question": QUESTION, "answer": "Ottoline Brandvold",
+                  "source": "guides/bakery.txt"},
+                 {"question": "When are refunds issued?", "answer": "within 14 days",
+                  "source": "faq-refunds"}]
+    service, caller = daemon.service, daemon.service.caller(ALICE)
+    fit = daemon_fit(daemon.options.model, MAX_MODEL_LEN - RAG_ANSWER_TOKENS)  # train's
+    examples, _ = raft_examples(questions, search_daemon, RaftOptions("kb", oracle_p=1.0),
+                                fit)
+    for example in examples:
+        asked = [{"role": "user", "content": example.question}]
+        ids, grounding = service.ground(caller, asked, Rag("kb"), None)
+        assert [s.document_id for s in grounding.sources] == \
+            [hit.document_id for hit in example.passages]
+        assert render_chat(service.engine.tokenizer, example.messages[:-1]) == ids
+    assert any(len(example.passages) < 4 for example in examples)  # the budget dropped some
 
 
 def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
