@@ -9,17 +9,23 @@ re-registration replaces the weights, an unload forgets them. `sync` does the sa
 every record at once, when another replica's commit is notified or polled.
 """
 
+import json
+import logging
 import threading
 import time
+from pathlib import Path
 
 from lorag.adapters import AdapterKey, Composition, confine, content_version
 from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
+from lorag.retrieval.rag import RAG_LAYOUT
 from lorag.server import tenancy
 from lorag.server.backend import Backend
 from lorag.server.limits import RequestLimits
 from lorag.server.metrics import Metrics
 from lorag.server.state import AdapterRecord, StateStore
 from lorag.server.tenancy import Caller
+
+log = logging.getLogger("lorag.adapters")
 
 
 class AdapterRecords:
@@ -33,6 +39,7 @@ class AdapterRecords:
         # truth, and every request brings this replica's engine to it (`_current`)
         self.records: dict[str, AdapterRecord] = {}
         self.lock = threading.Lock()  # orders loads/unloads with their records
+        self.layout_checked: set[tuple[str, str]] = set()  # (key, version) checked
         for record in store.adapters():  # a restart: known again, read on first use
             self._install(record, lazy=True)
 
@@ -120,6 +127,23 @@ class AdapterRecords:
         return Composition(tuple((self._key(caller, name, "adapters"), weight)
                                  for name, weight in adapters))
 
+    def check_layout(self, adapter: AdapterKey | None) -> None:
+        """Before a `rag` chat on `adapter`: warn once per adapter (and content version)
+        trained by RAFT on another RAG prompt layout than the daemon's, which it will
+        answer less well in (its training.json says which)."""
+        names = adapter.names if isinstance(adapter, Composition) else \
+            [] if adapter is None else [adapter]
+        for name in names:
+            record = self.records.get(name)
+            if record is None or (name, record.version) in self.layout_checked:
+                continue
+            self.layout_checked.add((name, record.version))
+            trained = _rag_layout(Path(record.path))
+            if trained is not None and trained != RAG_LAYOUT:
+                log.warning("adapter %s was trained (RAFT) on RAG prompt layout %r; this "
+                            "daemon lays out %r: retrain it for this layout for its best "
+                            "answers", name, trained, RAG_LAYOUT)
+
     def sync(self) -> None:
         """Bring this replica's engine to every record in the state database: what
         `key_for` does per request, for all of them at once (a notification or a poll),
@@ -187,3 +211,13 @@ class AdapterRecords:
     def _shared(self) -> list[str]:
         return [record.key for record in self.store.adapters() if record.shared]
 
+
+def _rag_layout(folder: Path) -> str | None:
+    """The RAG layout an adapter was trained on, from its training.json (None: none
+    recorded, or no readable record)."""
+    try:
+        record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rag = record.get("rag") if isinstance(record, dict) else None
+    return rag.get("layout") if isinstance(rag, dict) else None

@@ -98,6 +98,7 @@ class Service:
         if request.rag is None:
             prompt = self._render(request.messages)
         else:
+            self.adapters.check_layout(adapter)
             prompt, grounding = self.ground(caller, request.messages, request.rag,
                                             request.sampling.max_tokens)
         limit = self.engine.limits.max_model_len

@@ -3,6 +3,8 @@ namespaces owned by tenants exactly like adapters (HTTP, gRPC and `lorag --url`,
 fast lane's daemon; what the real model answers with rag is in test_daemon_e2e.py)."""
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import grpc
@@ -205,6 +207,22 @@ def test_a_raft_chat_is_the_prompt_the_daemon_builds_for_rag(daemon, corpus):
             [hit.document_id for hit in example.passages]
         assert render_chat(service.engine.tokenizer, example.messages[:-1]) == ids
     assert any(len(example.passages) < 4 for example in examples)  # the budget dropped some
+
+
+def test_an_adapter_trained_on_another_rag_layout_is_warned_of_once(daemon, corpus, caplog):
+    folder = daemon.adapters / "older-raft"
+    shutil.copytree(daemon.adapters / "style", folder, dirs_exist_ok=True)
+    (folder / "training.json").write_text(json.dumps({"rag": {"layout": "rank-order/0"}}))
+    loaded = post(daemon, "/v1/load_lora_adapter",
+                  {"lora_name": "older-raft", "lora_path": str(folder)})
+    assert loaded.status_code == 200, loaded.text
+    body = {"model": "older-raft", "max_tokens": 2, "rag": {"namespace": "kb"},
+            "messages": [{"role": "user", "content": QUESTION}]}
+    with caplog.at_level(logging.WARNING, logger="lorag.adapters"):
+        for _ in range(2):
+            assert post(daemon, "/v1/chat/completions", body).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "RAG prompt layout" in r.getMessage()]
+    assert len(warnings) == 1 and "'rank-order/0'" in warnings[0]
 
 
 def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
