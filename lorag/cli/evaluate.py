@@ -79,7 +79,11 @@ def eval_generate(
     rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = SEARCH_MODE,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
-             "source, retrieved.")] = "exact_match,f1,rouge_l,bleu,chrf,accuracy",
+             "source, retrieved, abstain (unanswerable questions declined), supported (the "
+             "answer's words in its passage).")] = "exact_match,f1,rouge_l,bleu,chrf,accuracy",
+    abstain_answer: Annotated[str | None, typer.Option(
+        help="The abstention the model was trained to give (RAFT's --abstain-answer); "
+             "common 'not in the sources' phrases count too.")] = None,
     format_schema: Annotated[Path | None, typer.Option(
         help="JSON schema the whole answer must follow (the format metric).")] = None,
     format_regex: Annotated[str | None, typer.Option(
@@ -119,7 +123,7 @@ def eval_generate(
         rag_top_k=rag_top_k, rag_mode=rag_mode,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
         regex=regex, answer_field=answer_field, response_format=constrained,
-        max_tokens=max_tokens,
+        max_tokens=max_tokens, abstain_answer=abstain_answer,
         concurrency=concurrency, out=out)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),

@@ -5,14 +5,24 @@ optionally with `rag`, and the answer is scored against the gold one with
 lorag/evaluation/scoring.py. Examples are JSONL, one per line:
 
     {"question": "...", "answer": "gold answer", "source": "gold document id"}
+    {"question": "...", "answerable": false}
 
-(`source` and a per-example `system` message are optional). Metrics by name:
+(`source` and a per-example `system` message are optional; an unanswerable question, one
+the knowledge base does not answer, needs no `answer`). Metrics by name:
 
     exact_match  f1  rouge_l  bleu  chrf  -- text metrics on the answer text
     accuracy     the gold answer appears in the answer text (factual accuracy)
     format       the whole answer follows --format-schema or --format-regex
     source       the answer's JSON `source` field names the gold document
     retrieved    the gold document was among the passages `rag` used
+    abstain      on unanswerable questions: the answer declines (scoring.abstains: it
+                 holds --abstain-answer or a common "not in the sources" phrase); the
+                 summary's false_abstain is the share of answerable ones declined
+    supported    the answer's words are in a passage it was given (scoring.supported: 80%
+                 of its normalised words in the passage its JSON `source` cites, else in
+                 any passage `rag` used); abstentions are not scored
+
+Text metrics, accuracy and source score answerable questions only.
 
 The answer text is the JSON field `--answer-field` when the answer holds one, else the
 whole answer, so a JSON-formatted answer is compared by its content. `--response-format`
@@ -37,7 +47,7 @@ from lorag.retrieval import RAG_TOP_K, SEARCH_MODE
 TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
         "rouge_l": scoring.rouge_l, "bleu": scoring.bleu, "chrf": scoring.chrf,
         "accuracy": scoring.contains}
-METRICS = (*TEXT, "format", "source", "retrieved")
+METRICS = (*TEXT, "format", "source", "retrieved", "abstain", "supported")
 
 
 @dataclass
@@ -58,6 +68,7 @@ class EvalOptions:
     response_format: dict | None = None  # sent as is: the daemon validates it
     max_tokens: int = 128
     concurrency: int = 1
+    abstain_answer: str | None = None  # the abstention the model was trained to give
     out: Path | None = None
     name: str = field(default="")
 
@@ -69,15 +80,20 @@ class EvalOptions:
         if "format" in self.metrics and self.schema is None and self.regex is None:
             raise InvalidRequest("the format metric needs --format-schema or --format-regex",
                                  field="metrics")
-        if "retrieved" in self.metrics and not self.rag_namespace:
-            raise InvalidRequest("the retrieved metric needs --rag-namespace", field="metrics")
+        for metric in ("retrieved", "supported"):
+            if metric in self.metrics and not self.rag_namespace:
+                raise InvalidRequest(f"the {metric} metric needs --rag-namespace",
+                                     field="metrics")
 
 
 def read_examples(path: Path) -> list[dict]:
     """The examples, every line checked; errors name `file:line`."""
     examples = []
     for where, row in read_objects(path, "data"):
-        for key, required in (("question", True), ("answer", True), ("source", False),
+        if row.get("answerable", True) not in (True, False):
+            raise InvalidRequest(f'{where}: "answerable" must be true or false', field="data")
+        answerable = row.get("answerable", True)
+        for key, required in (("question", True), ("answer", answerable), ("source", False),
                               ("system", False)):
             value = row.get(key)
             if (required or value is not None) and not isinstance(value, str):
@@ -90,24 +106,43 @@ def read_examples(path: Path) -> list[dict]:
     return examples
 
 
-def score(example: dict, answer: str, used_sources: list[str], options: EvalOptions) -> dict:
-    """Every requested metric for one answer."""
+def score(example: dict, answer: str, passages: list[dict], options: EvalOptions) -> dict:
+    """Every requested metric that applies to one answer; `passages` are the sources `rag`
+    used ({"document_id", "text", ...})."""
     text = scoring.answer_text(answer, options.answer_field)
+    declined = scoring.abstains(text, options.abstain_answer)
+    answerable = example.get("answerable", True)
     scores = {}
     for metric in options.metrics:
-        if metric in TEXT:
-            scores[metric] = TEXT[metric](text, example["answer"])
+        if metric == "abstain":
+            scores[metric if not answerable else "false_abstain"] = float(declined)
+        elif metric == "supported":
+            if not declined:
+                scores[metric] = scoring.supported(text, _cited(answer, passages))
         elif metric == "format":
             scores[metric] = float(scoring.follows_schema(answer, options.schema)
                                    if options.schema is not None
                                    else scoring.matches(answer, options.regex))
+        elif not answerable:
+            continue  # nothing to compare with
+        elif metric in TEXT:
+            scores[metric] = TEXT[metric](text, example["answer"])
         elif "source" in example:  # source, retrieved: only where the gold source is known
             if metric == "source":
                 cited = (scoring.extract_json(answer) or {}).get("source")
                 scores[metric] = float(cited == example["source"])
             else:
-                scores[metric] = float(example["source"] in used_sources)
+                scores[metric] = float(example["source"] in
+                                       [p["document_id"] for p in passages])
     return scores
+
+
+def _cited(answer: str, passages: list[dict]) -> list[str]:
+    """The texts of the passages an answer rests on: those of the document its JSON
+    `source` names, else every passage it was given."""
+    source = (scoring.extract_json(answer) or {}).get("source")
+    named = [p["text"] for p in passages if p["document_id"] == source]
+    return named or [p["text"] for p in passages]
 
 
 def evaluate(options: EvalOptions, on_example=None) -> dict:
@@ -131,13 +166,15 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
         reply = client.chat(body)
         latency = time.perf_counter() - start
         answer = reply["choices"][0]["message"]["content"]
-        used = [s["document_id"] for s in reply.get("sources", [])]
-        row = {"index": index, "question": example["question"], "gold": example["answer"],
-               "gold_source": example.get("source"), "answer": answer, "sources": used,
+        passages = reply.get("sources", [])
+        row = {"index": index, "question": example["question"], "gold": example.get("answer"),
+               "answerable": example.get("answerable", True),
+               "gold_source": example.get("source"), "answer": answer,
+               "sources": [p["document_id"] for p in passages],
                "latency_s": round(latency, 3),
                "completion_tokens": reply["usage"]["completion_tokens"],
                "finish_reason": reply["choices"][0]["finish_reason"],
-               "scores": score(example, answer, used, options)}
+               "scores": score(example, answer, passages, options)}
         if on_example:
             on_example(row)
         return row
@@ -156,14 +193,15 @@ def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) ->
     """Means of each metric (over the examples it applies to), corpus BLEU/chrF, the share
     of answers that ended by themselves (not cut by max_tokens), latency."""
     summary = {}
-    for metric in metrics:
+    for metric in [*metrics, *(["false_abstain"] if "abstain" in metrics else [])]:
         values = [r["scores"][metric] for r in rows if metric in r["scores"]]
         summary[metric] = round(sum(values) / len(values), 4) if values else None
-    texts = [scoring.answer_text(r["answer"], answer_field) for r in rows]
-    golds = [r["gold"] for r in rows]
-    if "bleu" in metrics:
+    answered = [r for r in rows if r["answerable"]]
+    texts = [scoring.answer_text(r["answer"], answer_field) for r in answered]
+    golds = [r["gold"] for r in answered]
+    if "bleu" in metrics and answered:
         summary["corpus_bleu"] = round(scoring.corpus_bleu(texts, golds), 4)
-    if "chrf" in metrics:
+    if "chrf" in metrics and answered:
         summary["corpus_chrf"] = round(scoring.corpus_chrf(texts, golds), 4)
     summary["stopped"] = round(sum(r["finish_reason"] == "stop" for r in rows) / len(rows), 4)
     latencies = sorted(r["latency_s"] for r in rows)

@@ -124,3 +124,32 @@ def answer_text(answer: str, field: str | None) -> str:
         if value is not None and isinstance(value.get(field), str):
             return value[field]
     return answer
+
+
+# phrases that say "the sources do not hold the answer", normalised (SQuAD's way)
+ABSTENTIONS = ("sources do not say", "not in sources", "sources do not", "do not know",
+               "dont know", "no information", "cannot find", "can not find",
+               "not mentioned", "not stated", "cannot answer", "unable to answer")
+SUPPORTED_SHARE = 0.8  # of an answer's words a passage must hold for it to be supported
+
+
+def abstains(answer: str, abstain: str | None = None) -> bool:
+    """Whether `answer` declines to answer: its normalised text contains the abstention
+    answer the model was trained with (`abstain`, e.g. RAFT's) or one of ABSTENTIONS."""
+    text = f" {normalize(answer)} "
+    phrases = [*ABSTENTIONS, *([normalize(abstain)] if abstain else [])]
+    return any(f" {phrase} " in text for phrase in phrases if phrase)
+
+
+def supported(answer: str, passages: list[str]) -> float:
+    """1.0 when one of `passages` holds at least SUPPORTED_SHARE of the answer's normalised
+    words (a lexical test of grounding: an answer copied or closely paraphrased from the
+    passage passes, one whose content is not in it fails)."""
+    words = normalize(answer).split()
+    if not words:
+        return 0.0
+    for passage in passages:
+        held = set(normalize(passage).split())
+        if sum(word in held for word in words) >= SUPPORTED_SHARE * len(words):
+            return 1.0
+    return 0.0

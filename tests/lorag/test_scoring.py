@@ -94,3 +94,25 @@ def test_regex_format():
     pattern = re.compile(r"VERDICT: .+ \[done\]")
     assert scoring.matches("VERDICT: fine [done]\n", pattern)
     assert not scoring.matches("Well. VERDICT: fine [done]", pattern)
+
+
+@pytest.mark.parametrize(("answer", "abstain", "declines"), [
+    ("The sources do not say.", None, True),
+    ('{"answer": "It is not in the sources", "source": "none"}', None, True),
+    ("I don't know.", None, True),
+    ("Nope, no idea at all", "Nope, no idea", True),  # the abstention trained in
+    ("Ottoline Brandvold", None, False),
+    ("The sources say it opens at 6:40.", None, False),
+], ids=["raft-default", "phrase-in-json", "dont-know", "trained-phrase", "answer",
+        "answer-naming-sources"])
+def test_an_answer_abstains_when_it_holds_an_abstention_phrase(answer, abstain, declines):
+    assert scoring.abstains(answer, abstain) is declines
+
+
+def test_an_answer_is_supported_when_a_passage_holds_most_of_its_words():
+    passages = ["The head baker, Ottoline Brandvold, makes a rye loaf.", "Hekla erupts."]
+    assert scoring.supported("the head baker is Ottoline Brandvold", passages) == 1.0
+    assert scoring.supported("Ottoline Brandvold makes rye loaves", passages) == 1.0  # 4 of 5
+    assert scoring.supported("Ottoline Brandvold bakes sourdough daily", passages) == 0.0
+    assert scoring.supported("Ingrid Svensson", passages) == 0.0
+    assert scoring.supported("", passages) == 0.0

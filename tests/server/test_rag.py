@@ -361,6 +361,25 @@ def test_eval_generate_scores_what_the_daemon_answers(daemon, corpus, qa, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
+def test_eval_generate_scores_abstention_on_unanswerable_questions_only(daemon, corpus, qa,
+                                                                        tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(qa.read_text() + json.dumps(
+        {"question": "Who founded the bakery's rival across town?", "answerable": False}) + "\n")
+    run = evaluate(daemon, data, "--model", BASE, "--rag-namespace", "kb", "--metrics",
+                   "accuracy,abstain,supported", "--out", str(tmp_path / "rows.jsonl"),
+                   "--json", str(tmp_path / "s.json"))
+    assert run.exit_code == 0, run.output
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [set(r["scores"]) - {"supported"} for r in rows] == \
+        [{"accuracy", "false_abstain"}] * 2 + [{"abstain"}]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["abstain"] == rows[2]["scores"]["abstain"]
+    assert summary["false_abstain"] == sum(r["scores"]["false_abstain"] for r in rows[:2]) / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_eval_generate_sends_the_response_format_it_is_given(daemon, qa, tmp_path):
     schema = tmp_path / "verdict.schema.json"
     schema.write_text(json.dumps(SCHEMAS["verdict"]))
