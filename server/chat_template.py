@@ -15,6 +15,8 @@ import secrets
 
 from transformers import PreTrainedTokenizerBase
 
+from lorag.retrieval.rag import Augmented, augment
+
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """The prompt ids of `messages` [{"role", "content", ...}] with the tokenizer's chat
@@ -36,6 +38,15 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> lis
         ids += _encode(tokenizer, message["content"], control=False)
         ids += _encode(tokenizer, piece, control=True)
     return ids
+
+
+def render_grounded(tokenizer: PreTrainedTokenizerBase, messages: list[dict], hits: list,
+                    budget: int) -> Augmented:
+    """A `rag` chat's prompt: `hits` (best first) laid out into `messages` by
+    retrieval/rag.py, rendered with `render_chat`, the lowest-ranked passages dropped until
+    it is at most `budget` tokens. The daemon's rule, which RAFT's training chats follow."""
+    return augment(messages, hits, lambda chat: render_chat(tokenizer, chat),
+                   lambda text: len(tokenizer.encode(text, add_special_tokens=False)), budget)
 
 
 def _template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[str]:

@@ -18,12 +18,11 @@ from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
 from lorag.errors import InvalidRequest, LoragError, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
-from lorag.retrieval.rag import augment
 from lorag.retrieval.store import MODES, DocumentStore
 from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
-from lorag.server.chat_template import render_chat
+from lorag.server.chat_template import render_chat, render_grounded
 from lorag.server.embeddings import Embeddings
 from lorag.server.engine.stream import TokenLogprob
 from lorag.server.engine.structured import token_bytes
@@ -170,10 +169,7 @@ class Service:
         hits = self.namespaces.search(caller, rag.namespace, question, rag.top_k, rag.mode,
                                       rag.filter)
         budget = self.engine.limits.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
-        tokenizer = self.engine.tokenizer
-        result = augment(messages, hits, self._render,
-                         lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                         budget)
+        result = render_grounded(self.engine.tokenizer, messages, hits, budget)
         sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata, h.text)
                    for h in result.used]
         return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped)

@@ -114,17 +114,14 @@ def daemon_fit(base: str, budget: int):
 
     from lorag.models import resolve_model
     from lorag.provision import ModelCache
-    from lorag.retrieval.rag import augment
-    from lorag.server.chat_template import render_chat
+    from lorag.server.chat_template import render_grounded
     from lorag.settings import Settings
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(base, ModelCache(
         Settings().models_dir)))
 
     def fit(messages: list[dict], hits: list) -> list:
-        return augment(messages, hits, lambda chat: render_chat(tokenizer, chat),
-                       lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                       budget).used
+        return render_grounded(tokenizer, messages, hits, budget).used
 
     return fit
 
