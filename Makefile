@@ -64,7 +64,7 @@ serve: setup
 # (docs/tests.md).
 test: setup lint-imports docs
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20  # the slowest, in every log: the suite has a 25-minute budget
 
 # Schema fuzzing at length: the HTTP API under schemathesis, 1000 cases per operation and
 # phase (make test runs 10), with a key and without.
