@@ -50,6 +50,11 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the JSON her
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def given_only(options: dict[str, object]) -> dict[str, object]:
+    """The options given on the command line (None: left to the default)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def data_dir_or_default(data_dir: Path | None) -> Path:
     """--data-dir, else the settings' data dir."""
     return (data_dir or Settings().resolved_data_dir).expanduser()

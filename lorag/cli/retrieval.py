@@ -25,6 +25,7 @@ from lorag.cli.common import (
     Url,
     console,
     data_dir_or_default,
+    given_only,
     group,
 )
 from lorag.client import DaemonClient
@@ -112,9 +113,7 @@ def ingest(
     from lorag.retrieval.ingest import files_under
     from lorag.retrieval.ingest import ingest as run
 
-    chunking = {key: value for key, value in (("chunk_tokens", chunk_tokens),
-                                              ("chunk_overlap", chunk_overlap))
-                if value is not None}
+    chunking = given_only({"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap})
     if url and chunking:
         raise InvalidRequest("--chunk-tokens and --chunk-overlap apply without --url; a "
                              "daemon chunks as its `lorag serve --chunk-tokens` says",

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from lorag import catalog
-from lorag.cli.common import DataDir, State, console, data_dir_or_default
+from lorag.cli.common import DataDir, State, console, data_dir_or_default, given_only
 from lorag.errors import InvalidRequest
 
 
@@ -176,11 +176,6 @@ def serve(
                      tokens_per_s_per_key=tokens_per_s_per_key,
                      limits=RequestLimits().with_settings(limit or [])),
         console)
-
-
-def given_only(options: dict[str, object]) -> dict[str, object]:
-    """The options given on the command line (None: left to the default)."""
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def refuse_flags(flags: dict[str, object], backend: str, meaning: str) -> None:

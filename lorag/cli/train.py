@@ -1,12 +1,13 @@
 """`lorag train` and `lorag export`: LoRA fine-tuning with TRL, and merging into the base."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lorag import catalog
-from lorag.cli.common import ApiKey, DataDir, State, Tenant, Url, console
+from lorag.cli.common import ApiKey, DataDir, State, Tenant, Url, console, given_only
 from lorag.cli.retrieval import namespaces_at
 from lorag.client import DaemonClient
 
@@ -77,14 +78,6 @@ def train(
     from lorag.trainer.train import TrainOptions
     from lorag.trainer.train import train as run
 
-    rag = None
-    if rag_namespace is not None:
-        fit = None if rag_max_prompt_tokens is None else \
-            daemon_fit(base, rag_max_prompt_tokens)
-        data, rag = _raft_data(data, out, rag_namespace, dump_examples, seed,
-                               namespaces_at(url, api_key, data_dir, state, tenant), fit,
-                               top_k=rag_top_k, mode=rag_mode, oracle_p=oracle_p,
-                               answer_format=answer_format, abstain=abstain_answer)
     options = TrainOptions(
         data=data, base=base, out=out, rank=rank, alpha=alpha, dropout=dropout,
         target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
@@ -92,7 +85,15 @@ def train(
         max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, packing=packing, gradient_checkpointing=gradient_checkpointing,
         seed=seed, eval_split=eval_split, eval_data=eval_data, train_on_prompt=train_on_prompt,
-        save_steps=save_steps, resume=resume, rag=rag)
+        save_steps=save_steps, resume=resume)  # checked before RAFT writes anything
+    if rag_namespace is not None:
+        fit = None if rag_max_prompt_tokens is None else \
+            daemon_fit(base, rag_max_prompt_tokens)
+        chats, rag = _raft_data(data, out, rag_namespace, dump_examples, seed,
+                                namespaces_at(url, api_key, data_dir, state, tenant), fit,
+                                top_k=rag_top_k, mode=rag_mode, oracle_p=oracle_p,
+                                answer_format=answer_format, abstain=abstain_answer)
+        options = replace(options, data=chats, rag=rag)
     report = run(options, console)
     console.print(f"adapter: {out} | steps {report['global_step']} | final loss "
                   f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
@@ -132,8 +133,7 @@ def _raft_data(questions: Path, out: Path, namespace: str, dump: Path | None, se
     from lorag.retrieval.store import Hit
     from lorag.trainer.raft import RaftOptions, write_raft_data
 
-    options = RaftOptions(namespace, seed=seed,
-                          **{key: value for key, value in given.items() if value is not None})
+    options = RaftOptions(namespace, seed=seed, **given_only(given))
 
     def search(question: str, k: int) -> list[Hit]:
         return [Hit(**hit) for hit in source.search(namespace, question, k, options.mode)]

@@ -170,3 +170,14 @@ def test_lorag_train_with_a_namespace_trains_on_the_chats_and_records_how(tiny_b
     assert len(report["chat_template_sha256"]) == 64
     dumped = [json.loads(line) for line in (tmp_path / "dump.jsonl").read_text().splitlines()]
     assert len(dumped) == len(QUESTIONS) and all(row["passages"] for row in dumped)
+
+
+def test_a_bad_training_flag_is_refused_before_raft_searches_or_writes(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    result = CliRunner().invoke(app, ["train", "--data", str(questions), "--rag-namespace",
+                                      "kb", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                                      str(tmp_path / "out"), "--rank", "0"])
+    assert isinstance(result.exception, InvalidRequest), result.output
+    assert result.exception.field == "rank"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "nowhere").exists()
