@@ -30,6 +30,7 @@ from lorag.errors import (
 )
 from lorag.openmp import release_openmp_pool
 from lorag.server.engine.config import EngineConfig, Limits
+from lorag.server.engine.kv import BlockPool
 from lorag.server.engine.merge import AutoMerge
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.registry import AdapterRegistry
@@ -75,9 +76,6 @@ class Engine:
         self.merge = AutoMerge(self.runner.lora_layers, self.pool,
                                self.config.auto_merge and not self.runner.quantized)
         self.scheduler = Scheduler(self.config, self.pool, self.merge, self.runner.device)
-        # the scheduler's KV blocks, queue and batch, read here too (cleared, never rebound)
-        self.kv, self.waiting, self.running = \
-            self.scheduler.kv, self.scheduler.waiting, self.scheduler.running
         self.ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -96,6 +94,19 @@ class Engine:
                                        daemon=True)
         self.thread.start()
         return self
+
+    # the scheduler's KV blocks, queue and batch, read here too
+    @property
+    def kv(self) -> BlockPool:
+        return self.scheduler.kv
+
+    @property
+    def waiting(self) -> deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
 
     @property
     def alive(self) -> bool:
