@@ -124,14 +124,14 @@ class ReplicaIndexes:
             derived.texts.update((row.id, row.text) for row in added)
         derived.generation, derived.lexical, derived.saved = generation, None, False
         if is_flat(derived.index) and derived.index.ntotal >= self.ivf_threshold:
-            derived.index = self._build(connection, namespace, generation)  # grown: go IVF
+            derived.index = self._build(self._rows(connection, namespace, generation))  # IVF
             self._save(namespace, derived)  # the training is worth keeping
 
     def _rebuild(self, namespace: str, connection: Connection, incarnation: str,
                  generation: int) -> NamespaceIndex:
-        texts = self._texts(connection, namespace, generation)
-        derived = NamespaceIndex(incarnation, generation,
-                           self._build(connection, namespace, generation), texts)
+        rows = self._rows(connection, namespace, generation, texts=True)  # once for both
+        derived = NamespaceIndex(incarnation, generation, self._build(rows),
+                                 {row.id: row.text for row in rows})
         self._save(namespace, derived)
         return derived
 
@@ -141,10 +141,17 @@ class ReplicaIndexes:
         return dict(connection.execute(select(chunks.c.id, chunks.c.text).where(
             chunks.c.namespace == namespace, chunks.c.seq <= generation)).all())
 
-    def _build(self, connection: Connection, namespace: str, generation: int) -> faiss.Index:
-        """A fresh index over every stored vector of the namespace up to `generation`."""
-        rows = connection.execute(select(chunks.c.id, chunks.c.embedding).where(
+    @staticmethod
+    def _rows(connection: Connection, namespace: str, generation: int,
+              texts: bool = False) -> list:
+        """Every stored chunk of the namespace up to `generation`: (id, embedding), and
+        its text too when `texts`."""
+        columns = [chunks.c.id, chunks.c.embedding, *([chunks.c.text] if texts else [])]
+        return connection.execute(select(*columns).where(
             chunks.c.namespace == namespace, chunks.c.seq <= generation)).all()
+
+    def _build(self, rows: list) -> faiss.Index:
+        """A fresh index over the vectors of `rows` (from `_rows`)."""
         return build_index(stack_vectors([row.embedding for row in rows], self.embedder.dim),
                            np.array([row.id for row in rows], dtype=np.int64),
                            self.ivf_threshold)
@@ -195,7 +202,7 @@ class ReplicaIndexes:
         return self.folder / f"{namespace}.index", self.folder / f"{namespace}.json"
 
     def vector_search(self, derived: NamespaceIndex, query: str, k: int,
-                       allowed: set[int] | None) -> list[tuple[int, float]]:
+                      allowed: set[int] | None) -> list[tuple[int, float]]:
         index = derived.index
         if index.ntotal == 0:
             return []
