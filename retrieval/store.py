@@ -217,28 +217,37 @@ class DocumentStore:
             return list(connection.scalars(select(namespaces.c.name).where(
                 namespaces.c.shared).order_by(namespaces.c.name)))
 
-    def create(self, namespace: str, shared: bool = False) -> bool:
-        """Create an empty namespace, or set whether an existing one is shared; True if new."""
+    def create(self, namespace: str, shared: bool = False, reranker: str | None = None) -> bool:
+        """Create an empty namespace, or set an existing one's settings: whether it is
+        shared, and the adapter its RAG chats rerank with by default (None: none); True if
+        new."""
         check_name(namespace, "namespace", "namespace", MAX_KEY_LENGTH)
         with self.db.write() as connection:
             new = self._ensure(connection, namespace)
             connection.execute(update(namespaces).where(namespaces.c.name == namespace)
-                               .values(shared=bool(shared)))
+                               .values(shared=bool(shared), reranker=reranker))
             return new
 
+    def reranker(self, namespace: str) -> str | None:
+        """The adapter the namespace's RAG chats rerank with by default, if it has one."""
+        with self.db.read() as connection:
+            return connection.scalar(select(namespaces.c.reranker).where(
+                namespaces.c.name == namespace))
+
     def overview(self) -> list[dict]:
-        """Every namespace: its name, whether it is shared, and its document and chunk
-        counts; sorted by name."""
+        """Every namespace: its name, whether it is shared, its default reranker, and its
+        document and chunk counts; sorted by name."""
         document_count = select(func.count()).where(
             documents.c.namespace == namespaces.c.name).scalar_subquery()
         chunk_count = select(func.count()).where(
             chunks.c.namespace == namespaces.c.name).scalar_subquery()
         with self.db.read() as connection:
             rows = connection.execute(select(
-                namespaces.c.name, namespaces.c.shared, document_count, chunk_count)
-                .order_by(namespaces.c.name)).all()
-        return [{"namespace": name, "shared": bool(shared), "documents": n_documents,
-                 "chunks": n_chunks} for name, shared, n_documents, n_chunks in rows]
+                namespaces.c.name, namespaces.c.shared, namespaces.c.reranker, document_count,
+                chunk_count).order_by(namespaces.c.name)).all()
+        return [{"namespace": name, "shared": bool(shared), "reranker": reranker,
+                 "documents": n_documents, "chunks": n_chunks}
+                for name, shared, reranker, n_documents, n_chunks in rows]
 
     def counts(self, namespace: str) -> tuple[int, int]:
         """(documents, chunks) in a namespace."""

@@ -119,13 +119,18 @@ class AdapterRecords:
         """The engine key a request runs on: None for the base model, the caller's
         adapter named `model`, or a Composition of the caller's adapters."""
         if not adapters:
-            return None if model == self.model_name else self._key(caller, model, "model")
+            return self.named(caller, model, "model")
         if model != self.model_name:
             raise InvalidRequest("give either an adapter as `model` or `adapters`, not both; "
                                  f"with `adapters`, set `model` to the base model "
                                  f"{self.model_name!r}", field="adapters")
         return Composition(tuple((self._key(caller, name, "adapters"), weight)
                                  for name, weight in adapters))
+
+    def named(self, caller: Caller, name: str, field: str) -> str | None:
+        """The engine key of the caller's adapter `name` (None: the base model's name);
+        an error names the request's `field`."""
+        return None if name == self.model_name else self._key(caller, name, field)
 
     def check_layout(self, adapter: AdapterKey | None) -> None:
         """Before a `rag` chat on `adapter`: warn once per adapter (and content version)

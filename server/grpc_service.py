@@ -162,7 +162,9 @@ def _constraint(response_format) -> Constraint | None:
 def _rag(options) -> requests.Rag:
     top_k = {"top_k": options.top_k} if options.HasField("top_k") else {}  # else the default
     return requests.Rag(options.namespace, mode=_mode(options.mode),
-                        filter=_filter(options.filter), **top_k)
+                        filter=_filter(options.filter), **top_k,
+                        rerank=options.rerank if options.HasField("rerank") else None,
+                        rerank_model=options.rerank_model or None)
 
 
 def _mode(value: int) -> str:
@@ -189,7 +191,8 @@ def _grounded(grounding: Grounding | None) -> dict:
         return {}
     return {"grounding": lorag_pb2.Grounding(
         namespace=grounding.namespace, retrieved=grounding.retrieved,
-        dropped=grounding.dropped, sources=[lorag_pb2.Source(
+        dropped=grounding.dropped, reranker=grounding.reranker or "",
+        search_ms=grounding.search_ms, rerank_ms=grounding.rerank_ms, sources=[lorag_pb2.Source(
             document_id=s.document_id, chunk_id=s.chunk_id, score=s.score,
             metadata=_struct(s.metadata), text=s.text) for s in grounding.sources])}
 

@@ -9,6 +9,7 @@ holds up the event loop that streams every other request's tokens.
 """
 
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from lorag.server.openai_api import (
     EmbeddingsBody,
     LoadLora,
     NamespaceBody,
+    RerankBody,
     SearchBody,
     UnloadLora,
 )
@@ -202,6 +204,24 @@ def embeddings(body: EmbeddingsBody, service: ServiceDep, caller: CallerDep):
                       "total_tokens": embedded.prompt_tokens}}
 
 
+@generation.post("/v1/rerank")
+def rerank(body: RerankBody, service: ServiceDep, caller: CallerDep):
+    """Documents ordered by relevance to a query (vLLM's and llama.cpp's shape), scored on
+    the relevance adapter `model` as the probability it answers "yes"."""
+    request = body.to_request()
+    scored = service.rerank(caller, request)
+    results = []
+    for index in scored.order(request.top_n):
+        result = {"index": index, "relevance_score": scored.scores[index]}
+        if request.return_documents:
+            result["document"] = {"text": request.documents[index]}
+        results.append(result)
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": body.model,
+            "usage": {"prompt_tokens": scored.prompt_tokens,
+                      "total_tokens": scored.prompt_tokens},
+            "results": results}
+
+
 @generation.get("/v1/models")
 def models(service: ServiceDep, caller: CallerDep):
     """The base model and the adapters the caller can use (vLLM's parent / root)."""
@@ -307,9 +327,11 @@ def list_namespaces(service: ServiceDep, caller: CallerDep):
 @retrieval.put("/v1/namespaces/{namespace}")
 def create_namespace(namespace: str, body: NamespaceBody, service: ServiceDep,
                      caller: CallerDep):
-    """Create a namespace (idempotent), optionally shared with every tenant."""
-    created = service.namespaces.create(caller, namespace, body.shared)
-    return {"name": namespace, "shared": body.shared, "created": created}
+    """Create a namespace (idempotent), or set its settings: shared with every tenant, and
+    the relevance adapter its RAG chats rerank with by default."""
+    created = service.set_namespace(caller, namespace, body.shared, body.reranker)
+    return {"name": namespace, "shared": body.shared, "reranker": body.reranker,
+            "created": created}
 
 
 @retrieval.delete("/v1/namespaces/{namespace}")

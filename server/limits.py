@@ -31,6 +31,8 @@ class RequestLimits:
     adapters_per_tenant: adapters one tenant may register (1024).
     header_kb: an HTTP request's line and headers, in KiB (16, uvicorn's default).
     embedding_inputs: texts in one embeddings request (2048, OpenAI's bound).
+    rerank_documents: documents in one rerank request (256): each is one request on the
+        engine's queue while the caller waits.
     """
 
     messages: int = 1024
@@ -46,6 +48,7 @@ class RequestLimits:
     adapters_per_tenant: int = 1024
     header_kb: int = 16
     embedding_inputs: int = 2048
+    rerank_documents: int = 256
 
     def __post_init__(self):
         for item in fields(self):
@@ -106,6 +109,10 @@ class RequestLimits:
     def check_embedding_inputs(self, inputs: int) -> None:
         """An embeddings request's number of texts."""
         self._at_most(inputs, "embedding_inputs", "input", "texts to embed")
+
+    def check_rerank_documents(self, documents: int) -> None:
+        """A rerank request's number of documents."""
+        self._at_most(documents, "rerank_documents", "documents", "documents to rerank")
 
     @property
     def upload_file_bytes(self) -> int:

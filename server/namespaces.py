@@ -71,13 +71,19 @@ class Namespaces:
         """The best chunks of one of the caller's namespaces, or a shared one."""
         return self.store.search(self.resolve(caller, name), query, top_k, filters, mode)
 
-    def create(self, caller: Caller, name: str, shared: bool = False) -> bool:
-        """Create one of the caller's namespaces, or change whether it is shared."""
+    def create(self, caller: Caller, name: str, shared: bool = False,
+               reranker: str | None = None) -> bool:
+        """Create one of the caller's namespaces, or set its settings: whether it is
+        shared, and the adapter its RAG chats rerank with unless they say otherwise."""
         namespace = self._own(caller, name, "create namespaces")
         if shared:
             tenancy.check_shared_name(namespace, self.store.shared(), "namespace",
                                       "namespace")
-        return self.store.create(namespace, shared)
+        return self.store.create(namespace, shared, reranker)
+
+    def reranker(self, caller: Caller, name: str) -> str | None:
+        """The default reranker of one of the caller's namespaces, or a shared one."""
+        return self.store.reranker(self.resolve(caller, name))
 
     def drop(self, caller: Caller, name: str) -> None:
         """Delete one of the caller's namespaces with everything in it."""
@@ -91,7 +97,8 @@ class Namespaces:
             owner, name = tenancy.split(row["namespace"])
             if owner is not None and tenancy.visible(caller, row["namespace"], row["shared"]):
                 rows.append({"name": name, "owner": owner, "shared": row["shared"],
-                             "documents": row["documents"], "chunks": row["chunks"]})
+                             "reranker": row["reranker"], "documents": row["documents"],
+                             "chunks": row["chunks"]})
         return sorted(rows, key=lambda row: (row["owner"] != caller.tenant, row["name"]))
 
     def resolve(self, caller: Caller, name: str) -> str:

@@ -22,6 +22,7 @@ from lorag.server.embeddings import ENCODINGS, EmbeddingsRequest
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
 from lorag.server.requests import check_texts
+from lorag.server.rerank import RerankRequest
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
@@ -219,6 +220,9 @@ class RagOptions(_Body):
     top_k: int | None = Field(default=None, ge=1, le=RAG_MAX_TOP_K)
     mode: SearchMode | None = None
     filter: Filter | None = None
+    # rerank the candidates before packing them; left out: the namespace's default
+    rerank: bool | None = None
+    rerank_model: str | None = Field(default=None, min_length=1)  # the relevance adapter
 
 
 class ChatBody(_Generation):
@@ -339,9 +343,33 @@ class EmbeddingsBody(_RouteBody):
 
 
 class NamespaceBody(_RouteBody):
-    """PUT /v1/namespaces/{ns}."""
+    """PUT /v1/namespaces/{ns}: its settings, all of them (what is left out is reset)."""
 
     shared: bool = False
+    # the relevance adapter RAG chats on it rerank with unless they say otherwise
+    reranker: str | None = Field(default=None, min_length=1)
+
+
+class RerankDocument(_Body):
+    """A document as an object (Cohere's and vLLM's other form)."""
+
+    text: str
+
+
+class RerankBody(_RouteBody):
+    """POST /v1/rerank (vLLM's and llama.cpp's body): order documents by relevance to a
+    query, scored by a relevance adapter (`model`)."""
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    documents: list[str | RerankDocument] = Field(min_length=1)
+    top_n: int = Field(default=0, ge=0)  # 0: every document
+    return_documents: bool = True
+
+    def to_request(self) -> RerankRequest:
+        texts = [d if isinstance(d, str) else d.text for d in self.documents]
+        return RerankRequest(self.model, self.query, texts, self.top_n,
+                             self.return_documents)
 
 
 class ErrorDetail(BaseModel):

@@ -86,7 +86,10 @@ def grounding_fields(grounding: Grounding | None) -> dict:
         return {}
     return {"sources": [asdict(source) for source in grounding.sources],
             "rag": {"namespace": grounding.namespace, "retrieved": grounding.retrieved,
-                    "used": len(grounding.sources), "dropped": grounding.dropped}}
+                    "used": len(grounding.sources), "dropped": grounding.dropped,
+                    "reranker": grounding.reranker,
+                    "timing": {"search_ms": grounding.search_ms,
+                               "rerank_ms": grounding.rerank_ms}}}
 
 
 class _Logprobs:

@@ -62,6 +62,8 @@ class Rag:
     top_k: int = RAG_TOP_K
     mode: str = SEARCH_MODE
     filter: dict | None = None
+    rerank: bool | None = None  # None: the namespace's default (rerank if it has a reranker)
+    rerank_model: str | None = None  # the relevance adapter; None: the namespace's
 
     def __post_init__(self):
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= RAG_MAX_TOP_K:
@@ -118,12 +120,16 @@ class Source:
 
 @dataclass
 class Grounding:
-    """What retrieval put into a chat: the passages used, best first, and counts."""
+    """What retrieval put into a chat: the passages used, best first, counts, the
+    reranker if one reordered them, and what each stage took."""
 
     namespace: str
     sources: list[Source]
     retrieved: int
     dropped: int
+    reranker: str | None = None
+    search_ms: float = 0.0  # embedding the question and searching
+    rerank_ms: float | None = None  # scoring the candidates, when reranked
 
 
 @dataclass

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
-from lorag.errors import InvalidRequest, LoragError, Unavailable
+from lorag.errors import InvalidRequest, LoragError, NotFound, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
+from lorag.retrieval.rerank import RERANK_CANDIDATES
 from lorag.retrieval.store import MODES, DocumentStore
 from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
@@ -41,6 +42,7 @@ from lorag.server.requests import (
     Reply,
     Source,
 )
+from lorag.server.rerank import Reranked, Reranker, RerankRequest
 from lorag.server.state import StateStore
 from lorag.server.tenancy import Caller
 
@@ -62,6 +64,7 @@ class Service:
         self.metrics = Metrics(self.engine_state)
         self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
+        self.reranker = Reranker(engine, self.limits, self.token_bytes)
         self.follower = None  # follow_state's thread
         # requests whose streams have not ended, for a graceful drain
         self.in_flight: dict[str, TrackedStream] = {}
@@ -160,19 +163,80 @@ class Service:
 
     def ground(self, caller: Caller, messages: list[dict], rag: Rag,
                max_tokens: int | None) -> tuple[list[int], Grounding]:
-        """Retrieve for the last user message and render the chat with as many passages as
-        fit in the context next to the answer (`max_tokens`, else RAG_ANSWER_TOKENS): the
-        prompt a `rag` chat runs on, and the one RAFT's training chats reproduce."""
+        """Retrieve for the last user message (reranked when `rag` or the namespace says
+        so) and render the chat with as many passages as fit in the context next to the
+        answer (`max_tokens`, else RAG_ANSWER_TOKENS): the prompt a `rag` chat runs on,
+        and the one RAFT's training chats reproduce."""
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if not question.strip():
             raise InvalidRequest("rag needs a user message to search with", field="messages")
-        hits = self.namespaces.search(caller, rag.namespace, question, rag.top_k, rag.mode,
+        reranker = self._reranker(caller, rag)
+        started = time.perf_counter()
+        depth = max(rag.top_k, RERANK_CANDIDATES) if reranker else rag.top_k
+        hits = self.namespaces.search(caller, rag.namespace, question, depth, rag.mode,
                                       rag.filter)
+        search_ms = (time.perf_counter() - started) * 1000
+        rerank_ms = None
+        if reranker and hits:
+            scored = self._score(caller, reranker, question, [hit.text for hit in hits])
+            hits = [hits[i] for i in scored.order(rag.top_k)]
+            rerank_ms = scored.seconds * 1000
         budget = self.engine.limits.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
         result = render_grounded(self.engine.tokenizer, messages, hits, budget)
         sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata, h.text)
                    for h in result.used]
-        return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped)
+        return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped,
+                                            reranker, round(search_ms, 2),
+                                            None if rerank_ms is None else round(rerank_ms, 2))
+
+    def _reranker(self, caller: Caller, rag: Rag) -> str | None:
+        """The relevance adapter a `rag` chat reranks with: the request's, else its
+        namespace's default; None when it does not rerank."""
+        if rag.rerank is False:
+            return None
+        if rag.rerank_model is not None:
+            return rag.rerank_model
+        model = self.namespaces.reranker(caller, rag.namespace)
+        if model is None and rag.rerank:
+            raise InvalidRequest(f"rag.rerank needs a relevance adapter: namespace "
+                                 f"{rag.namespace!r} has no default reranker; name one in "
+                                 "rag.rerank_model (an adapter trained by `lorag train --task "
+                                 "rerank`)", field="rag.rerank_model")
+        if model is not None:
+            try:
+                self.adapters.named(caller, model, "rag.rerank")
+            except NotFound:
+                raise InvalidRequest(
+                    f"namespace {rag.namespace!r} reranks with adapter {model!r} by default, "
+                    "which is not one you can use; send rag.rerank: false, or name your own "
+                    "in rag.rerank_model", field="rag.rerank") from None
+        return model
+
+    def rerank(self, caller: Caller, request: RerankRequest) -> Reranked:
+        """Score `request.documents` against its query on the relevance adapter `model`."""
+        return self._score(caller, request.model, request.query, request.documents, "model")
+
+    def _score(self, caller: Caller, model: str, query: str, documents: list[str],
+               field: str = "rag.rerank_model") -> Reranked:
+        """Relevance scores on `model`, within the caller's key's share: the documents are
+        scored at once, counted as one request of the key."""
+        adapter = self.adapters.named(caller, model, field)
+        self.quotas.admit(caller)
+        tokens = 0
+        try:
+            scored = self.reranker.score(query, documents, adapter)
+            tokens = scored.prompt_tokens + len(documents)
+            return scored
+        finally:
+            self.quotas.release(caller, tokens)
+
+    def set_namespace(self, caller: Caller, name: str, shared: bool,
+                      reranker: str | None) -> bool:
+        """Create one of the caller's namespaces or change its settings; a default
+        reranker must be an adapter the caller can use."""
+        if reranker is not None:
+            self.adapters.named(caller, reranker, "reranker")
+        return self.namespaces.create(caller, name, shared, reranker)
 
     def _render(self, messages: list[dict]) -> list[int]:
         """Chat messages -> prompt token ids, with the base model's chat template; control
@@ -204,7 +268,7 @@ class Service:
                 "structured_outputs": ["json_schema", "json_object", "regex", "grammar"],
                 "max_composition": MAX_COMPOSITION,
                 "rag": {"top_k": Rag.top_k, "max_top_k": RAG_MAX_TOP_K, "mode": Rag.mode,
-                        "modes": list(MODES)},
+                        "modes": list(MODES), "rerank_candidates": RERANK_CANDIDATES},
                 "ingest_file_types": sorted(SUFFIXES),
                 "request_limits": asdict(self.limits),
                 "caller": {"tenant": caller.tenant, "admin": caller.admin}}

@@ -56,6 +56,8 @@ namespaces = Table(
     Column("shared", Boolean, nullable=False, default=False),
     Column("incarnation", String, nullable=False),
     Column("floor", BigInteger, nullable=False, default=0),
+    # the adapter a RAG chat on this namespace reranks with unless it says otherwise
+    Column("reranker", String, nullable=True),
 )
 
 documents = Table(
