@@ -31,6 +31,7 @@ from lorag.models import load_base
 from lorag.trainer.data import TrainingData, load_jsonl
 
 log = logging.getLogger("lorag.train")
+TASKS = ("chat", "rerank")
 
 
 @dataclass
@@ -62,7 +63,9 @@ class TrainOptions:
     train_on_prompt: bool = False
     save_steps: int = 50
     resume: bool = False
+    task: str = "chat"  # or "rerank": a relevance adapter (trainer/relevance.py)
     rag: dict | None = None  # how RAFT built the data (trainer/raft.py), recorded
+    rerank: dict | None = None  # how the relevance pairs were built, recorded
 
     def __post_init__(self):
         positive = ("rank", "alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps")
@@ -75,6 +78,7 @@ class TrainOptions:
             ("lr", 0 < self.lr < 1, "in (0, 1)"),
             ("epochs", self.epochs > 0, "> 0"),
             ("quantize", self.quantize in ("none", "nf4"), "none or nf4"),
+            ("task", self.task in TASKS, " or ".join(TASKS)),
             ("eval_split", self.eval_split is None or 0 < self.eval_split < 1, "in (0, 1)"),
         ]
         for name, ok, allowed in checks:
@@ -142,12 +146,14 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
     trainer.model.save_pretrained(out)
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
-                   if k != "rag"},
+                   if k not in ("rag", "rerank")},
         "data": {"path": str(options.data), "sha256": data.sha256, "format": data.format,
                  "train_examples": len(train_data.rows),
                  "eval_examples": len(eval_data.rows) if eval_data else 0,
                  "truncated": truncated, "skipped": skipped},
+        "task": options.task,
         "rag": options.rag,
+        "rerank": options.rerank,
         "chat_template_sha256": hashlib.sha256(
             (tokenizer.chat_template or "").encode()).hexdigest(),
         "steps": recorder.steps,

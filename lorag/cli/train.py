@@ -71,6 +71,12 @@ def train(
                     "as that daemon drops them. Default: none dropped.")] = None,
     dump_examples: Annotated[Path | None, typer.Option(
         help="[RAFT] Write each training chat, with its gold and passages, here.")] = None,
+    task: Annotated[str, typer.Option(
+        help="chat, or rerank: a relevance adapter the daemon reranks RAG passages with "
+             "(--data: query/passage/relevant pairs, or with --rag-namespace a question "
+             "file whose gold passages and hard negatives are searched there).")] = "chat",
+    rerank_negatives: Annotated[int | None, typer.Option(
+        help="[rerank] Hard negatives per question (default 3).")] = None,
     url: Url = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
@@ -85,8 +91,23 @@ def train(
         max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, packing=packing, gradient_checkpointing=gradient_checkpointing,
         seed=seed, eval_split=eval_split, eval_data=eval_data, train_on_prompt=train_on_prompt,
-        save_steps=save_steps, resume=resume)  # checked before RAFT writes anything
-    if rag_namespace is not None:
+        save_steps=save_steps, resume=resume, task=task)  # checked before data is built
+    if task == "rerank":
+        raft_only = {"--rag-top-k": rag_top_k, "--oracle-p": oracle_p,
+                     "--answer-format": answer_format, "--abstain-answer": abstain_answer,
+                     "--rag-max-prompt-tokens": rag_max_prompt_tokens}
+        for flag, value in raft_only.items():
+            if value is not None:
+                raise typer.BadParameter("a RAFT option; --task rerank takes --rag-namespace, "
+                                         "--rag-mode and --rerank-negatives", param_hint=flag)
+        source = None if rag_namespace is None else \
+            namespaces_at(url, api_key, data_dir, state, tenant)
+        chats, record = _relevance_data(data, out, rag_namespace, dump_examples, seed, source,
+                                        mode=rag_mode, negatives=rerank_negatives)
+        options = replace(options, data=chats, rerank=record)
+    elif rerank_negatives is not None:
+        raise typer.BadParameter("only with --task rerank", param_hint="--rerank-negatives")
+    elif rag_namespace is not None:
         fit = None if rag_max_prompt_tokens is None else \
             daemon_fit(base, rag_max_prompt_tokens)
         chats, rag = _raft_data(data, out, rag_namespace, dump_examples, seed,
@@ -142,6 +163,25 @@ def _raft_data(questions: Path, out: Path, namespace: str, dump: Path | None, se
     console.print(f"RAFT: {record['examples']} chats from {namespace!r} "
                   f"({record['with_oracle']} with the gold passage), {record['left_out']} "
                   f"questions left out (gold not found); training on {chats}")
+    return chats, record
+
+
+def _relevance_data(data: Path, out: Path, namespace: str | None, dump: Path | None,
+                    seed: int, source, **given) -> tuple[Path, dict]:
+    """A relevance adapter's chats: from a pair file, or searched in `source`'s
+    `namespace` for a question file."""
+    from lorag.retrieval.store import Hit
+    from lorag.trainer.relevance import RelevanceOptions, write_relevance_data
+
+    options = RelevanceOptions(namespace, seed=seed, **given_only(given))
+
+    def search(question: str, k: int) -> list[Hit]:
+        return [Hit(**hit) for hit in source.search(namespace, question, k, options.mode)]
+
+    chats, record = write_relevance_data(data, out, options, search, dump)
+    console.print(f"rerank: {record['pairs']} pairs ({record['relevant']} relevant), "
+                  f"{record['left_out']} questions left out (gold not among the candidates); "
+                  f"training on {chats}")
     return chats, record
 
 
