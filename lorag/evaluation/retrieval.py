@@ -1,6 +1,8 @@
 """Retrieval quality on a labelled query set: recall@k, MRR@10 and nDCG@10.
 
-Queries come from JSONL, one per line: {"query": "...", "relevant": ["doc id", ...]}.
+Queries come from JSONL, one per line: {"query": "...", "relevant": ["doc id", ...]}, or a
+question file's {"question", "source", ...} (RAFT's and `lorag eval generate`'s: the one
+file labels retrieval and answers).
 Relevance is by document: a search returns chunks, ranked; the ranking that is scored is
 the documents in the order their first chunk appears. Binary relevance throughout.
 """
@@ -19,13 +21,17 @@ def read_queries(path: Path) -> list[dict]:
     """The query file, every line checked; errors name `file:line`."""
     queries = []
     for where, row in read_objects(path, "queries"):
+        if "question" in row and "query" not in row:  # a question file's line
+            row = {"query": row["question"],
+                   "relevant": [row["source"]] if "source" in row else None}
         if not isinstance(row.get("query"), str) or not row["query"].strip():
             raise InvalidRequest(f'{where}: needs a non-empty "query" string', field="queries")
         relevant = row.get("relevant")
         if not isinstance(relevant, list) or not relevant or \
                 not all(isinstance(r, str) and r for r in relevant):
             raise InvalidRequest(f'{where}: "relevant" must be a non-empty list of document '
-                                 "ids", field="queries")
+                                 'ids (or, in a question file, "source" a document id)',
+                                 field="queries")
         queries.append({"query": row["query"], "relevant": relevant})
     if not queries:
         raise InvalidRequest(f"{path} holds no queries", field="queries")

@@ -57,3 +57,16 @@ def test_query_file_reads_unicode(tmp_path):
                     encoding="utf-8")
     assert read_queries(path) == [{"query": "Wie lange dauert der Versand? ünï",
                                    "relevant": ["faq"]}]
+
+
+def test_a_question_file_labels_each_query_with_its_source(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"question": "q", "answer": "a", "source": "doc-1"}\n')
+    assert read_queries(path) == [{"query": "q", "relevant": ["doc-1"]}]
+
+
+def test_a_question_without_a_source_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(InvalidRequest, match='questions.jsonl:1: "relevant" must be .* "source"'):
+        read_queries(path)
