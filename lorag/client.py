@@ -89,6 +89,12 @@ class DaemonClient:
         body = {"query": query, **{name: v for name, v in given.items() if v is not None}}
         return self._call("POST", f"/v1/namespaces/{namespace}/search", body)["data"]
 
+    def rerank(self, model: str, query: str, documents: list[str]) -> list[dict]:
+        """POST /v1/rerank: {index, relevance_score} per document, most relevant first."""
+        return self._call("POST", "/v1/rerank", {"model": model, "query": query,
+                                                 "documents": documents,
+                                                 "return_documents": False})["results"]
+
     def namespaces(self) -> list[dict]:
         """The namespaces this key sees, with owner, shared flag and counts."""
         return self._call("GET", "/v1/namespaces")["data"]

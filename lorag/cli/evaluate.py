@@ -36,10 +36,14 @@ def eval_retrieval(
         help="vector, bm25, hybrid (repeatable; default: all three, side by side).")] = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the summary and per-query results here.")] = None,
+    rerank_model: Annotated[str | None, typer.Option(
+        help="A relevance adapter on the daemon at --url: adds a row of hybrid search "
+             "reranked by it, as rag.rerank does.")] = None,
     url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
-    """Recall@k, MRR@10 and nDCG@10 of each search mode on a labelled query set."""
+    """Recall@1/k/10, MRR@10 and nDCG@10 of each search mode on a labelled query set (a
+    query file, or a question file's sources), and each stage's time per query."""
     import json
 
     from lorag.evaluation.retrieval import evaluate, read_queries
@@ -51,13 +55,24 @@ def eval_retrieval(
         if name not in MODES:
             raise InvalidRequest(f"--mode {name!r} must be one of {', '.join(MODES)}",
                                  field="mode")
+    if rerank_model is not None and not url:
+        raise typer.BadParameter("reranking runs on a daemon: give --url", param_hint="--url")
     target = namespaces_at(url, api_key, data_dir, state, tenant)
     results = [evaluate(target, namespace, labelled, k, name) for name in modes]
-    table = Table("mode", f"recall@{k}", "MRR@10", "nDCG@10",
+    if rerank_model is not None:
+        def rerank(query: str, texts: list[str]) -> list[int]:
+            return [r["index"] for r in target.rerank(rerank_model, query, texts)]
+
+        results.append(evaluate(target, namespace, labelled, k, "hybrid", rerank))
+    cutoffs = sorted({1, k, 10})
+    table = Table("mode", *(f"recall@{c}" for c in cutoffs), "MRR@10", "nDCG@10",
+                  "search p50/p99 ms", "rerank p50/p99 ms",
                   title=f"{namespace}: {len(labelled)} queries")
     for result in results:
-        table.add_row(result["mode"], f"{result[f'recall@{k}']:.3f}",
-                      f"{result['mrr@10']:.3f}", f"{result['ndcg@10']:.3f}")
+        stages = [result.get(stage) for stage in ("search_ms", "rerank_ms")]
+        table.add_row(result["mode"], *(f"{result[f'recall@{c}']:.3f}" for c in cutoffs),
+                      f"{result['mrr@10']:.3f}", f"{result['ndcg@10']:.3f}",
+                      *(f"{s['p50']} / {s['p99']}" if s else "-" for s in stages))
     Console().print(table)
     if json_path:
         json_path.write_text(json.dumps({"namespace": namespace, "k": k, "results": results},

@@ -8,13 +8,20 @@ the documents in the order their first chunk appears. Binary relevance throughou
 """
 
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
 from lorag.retrieval import SEARCH_MODE, TOP_K
+from lorag.retrieval.rerank import RERANK_CANDIDATES
 
 DEPTH = 100  # chunks fetched per query: enough distinct documents for the cut-offs
+# (query, passage texts) -> the passages' indexes, most relevant first
+Rerank = Callable[[str, list[str]], list[int]]
 
 
 def read_queries(path: Path) -> list[dict]:
@@ -69,16 +76,40 @@ def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
 
 
 def evaluate(namespaces, namespace: str, queries: list[dict], k: int = TOP_K,
-             mode: str = SEARCH_MODE) -> dict:
+             mode: str = SEARCH_MODE, rerank: Rerank | None = None) -> dict:
     """Run every query through `namespaces.search` (a data dir's namespaces or a
-    DaemonClient); per-query rows and the means."""
-    rows = []
+    DaemonClient), and with `rerank` reorder the first RERANK_CANDIDATES chunks by it, as
+    a daemon's `rag.rerank` does; per-query rows, the means, and each stage's time per
+    query (p50 / p99 ms)."""
+    rows, search_s, rerank_s = [], [], []
+    cutoffs = sorted({1, k, 10})
     for query in queries:
+        started = time.perf_counter()
         hits = namespaces.search(namespace, query["query"], DEPTH, mode)
+        search_s.append(time.perf_counter() - started)
+        if rerank is not None and hits:
+            started = time.perf_counter()
+            candidates = hits[:RERANK_CANDIDATES]
+            order = rerank(query["query"], [hit["text"] for hit in candidates])
+            hits = [candidates[i] for i in order] + hits[RERANK_CANDIDATES:]
+            rerank_s.append(time.perf_counter() - started)
         ranked, relevant = documents_in_order(hits), set(query["relevant"])
         rows.append({"query": query["query"], "relevant": query["relevant"],
-                     "ranked": ranked[:10], f"recall@{k}": recall_at(ranked, relevant, k),
+                     "ranked": ranked[:10],
+                     **{f"recall@{c}": recall_at(ranked, relevant, c) for c in cutoffs},
                      "mrr@10": mrr_at(ranked, relevant), "ndcg@10": ndcg_at(ranked, relevant)})
-    metrics = [f"recall@{k}", "mrr@10", "ndcg@10"]
+    metrics = [*(f"recall@{c}" for c in cutoffs), "mrr@10", "ndcg@10"]
     summary = {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in metrics}
-    return {"mode": mode, "queries": len(rows), **summary, "per_query": rows}
+    timing = {"search_ms": _percentiles(search_s)}
+    if rerank is not None:
+        timing["rerank_ms"] = _percentiles(rerank_s)
+    return {"mode": f"{mode}+rerank" if rerank else mode, "queries": len(rows), **summary,
+            **timing, "per_query": rows}
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"p50": None, "p99": None}
+    values = np.array(seconds) * 1000
+    return {"p50": round(float(np.percentile(values, 50)), 1),
+            "p99": round(float(np.percentile(values, 99)), 1)}
