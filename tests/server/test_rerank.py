@@ -13,6 +13,8 @@ import torch
 from peft import PeftModel
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.client import DaemonClient
+from lorag.evaluation.retrieval import evaluate
 from lorag.models import load_base
 from lorag.retrieval.rerank import RERANK_CANDIDATES, relevance, relevance_messages
 from lorag.server.chat_template import render_chat
@@ -263,3 +265,19 @@ def test_native_scores_on_an_adapter_are_peft_forward_pass(real_native, nudge,
 def test_vllm_scores_are_the_models_own_forward_pass(daemon, base_model_dir, tokenizer):
     assert served_scores(daemon) == pytest.approx(
         reference_scores(base_model_dir, tokenizer), abs=2e-3)
+
+
+def test_eval_retrieval_reranks_on_the_daemon_and_times_each_stage(daemon, kb,
+                                                                  relevance_adapter):
+    client = DaemonClient(daemon.url, ALICE.split()[1])
+
+    def by_daemon(query: str, texts: list[str]) -> list[int]:
+        return [r["index"] for r in client.rerank(relevance_adapter, query, texts)]
+
+    queries = [{"query": QUERY, "relevant": ["doc-0"]}]
+    result = evaluate(client, kb, queries, 2, "hybrid", by_daemon)
+    assert result["mode"] == "hybrid+rerank"
+    assert result["rerank_ms"]["p50"] > 0 and result["search_ms"]["p50"] > 0
+    hits = client.search(kb, QUERY, RERANK_CANDIDATES, "hybrid")
+    order = by_daemon(QUERY, [hit["text"] for hit in hits])
+    assert result["per_query"][0]["ranked"][0] == hits[order[0]]["document_id"]
