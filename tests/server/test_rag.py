@@ -263,6 +263,7 @@ def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
     assert [(s.document_id, s.chunk_id) for s in grounding.sources] == \
         [(s["document_id"], s["chunk_id"]) for s in http["sources"]]
     assert not any(p.HasField("grounding") for p in pieces[1:])
+    whole.grounding.search_ms = grounding.search_ms  # each request's own
     assert whole.grounding == grounding and not plain.HasField("grounding")
     assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens == \
         http["usage"]["completion_tokens"]
