@@ -18,6 +18,7 @@ class AdapterSpec:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     rslora: bool = False
     scale: float = 0.05  # std of A and B entries: big enough to change greedy outputs
+    dora: bool = False  # DoRA: each magnitude PEFT's (the base's column norms) times 1 +- scale
 
 
 def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int = 0) -> dict:
@@ -31,22 +32,31 @@ def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int 
     paths, templates = {}, {}
     generator = torch.Generator().manual_seed(seed)
     for name, spec in specs.items():
-        shape = (spec.rank, spec.alpha, spec.targets, spec.rslora)
+        shape = (spec.rank, spec.alpha, spec.targets, spec.rslora, spec.dora)
         if shape not in templates:
             templates[shape] = _template(model, folder / f".template-{len(templates)}", spec)
         template = templates[shape]
         paths[name] = folder / name
         paths[name].mkdir(parents=True)
         shutil.copy(template / "adapter_config.json", paths[name])
-        tensors = {key: (torch.randn(t.shape, generator=generator) * spec.scale).to(t.dtype)
+        tensors = {key: _drawn(key, t, spec.scale, generator)
                    for key, t in load_file(template / "adapter_model.safetensors").items()}
         save_file(tensors, paths[name] / "adapter_model.safetensors", metadata={"format": "pt"})
     return paths
 
 
+def _drawn(key: str, template: torch.Tensor, scale: float,
+           generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(template.shape, generator=generator) * scale
+    if key.endswith("lora_magnitude_vector"):  # near the base's norms, as DoRA starts
+        return (template.float() * (1 + noise)).to(template.dtype)
+    return noise.to(template.dtype)
+
+
 def _template(model, folder: Path, spec: AdapterSpec) -> Path:
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                        use_rslora=spec.rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
+                        use_rslora=spec.rslora, use_dora=spec.dora, lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(folder)
     peft_model.unload()  # the plain base again, unchanged

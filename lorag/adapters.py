@@ -27,8 +27,8 @@ from lorag.errors import AdapterChanged, InvalidRequest
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+                  r"(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ class LoraWeights:
     `a[(layer, module)]`: [rank, in_features]; `b[(layer, module)]`: [out_features, rank],
     already multiplied by the scaling (alpha / r, or alpha / sqrt(r) for rsLoRA), so
     `delta_y = b @ (a @ x)` with no further factor. Composition relies on that.
+    `magnitude[(layer, module)]`: [out_features], a DoRA adapter's learnt column norms
+    (empty for LoRA): the projection serves `m / ||W + b a||_row * (W + b a) x`.
     """
 
     name: AdapterKey
@@ -113,25 +115,32 @@ class LoraWeights:
     a: dict[tuple[int, str], torch.Tensor]
     b: dict[tuple[int, str], torch.Tensor]
     target_modules: frozenset[str] = field(default_factory=frozenset)
+    magnitude: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     # a digest of the served tensors: what the KV prefix cache keys the adapter by, never
     # the name (a name re-registered with other weights must not hit the old entries)
     version: str = ""
 
     def __post_init__(self):
         if not self.version:
-            self.version = weights_digest(self.a, self.b)
+            self.version = weights_digest(self.a, self.b, self.magnitude)
+
+    @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA adapter (a magnitude per projection)."""
+        return bool(self.magnitude)
 
     @property
     def nbytes(self) -> int:
         """Bytes held in RAM by this adapter's tensors."""
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        tensors = (*self.a.values(), *self.b.values(), *self.magnitude.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def weights_digest(a: dict, b: dict) -> str:
+def weights_digest(a: dict, b: dict, magnitude: dict | None = None) -> str:
     """A digest of LoRA tensors (keys, dtypes, shapes and bytes): equal exactly when the
     served weights are equal."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensors in (a, b):
+    for tensors in (a, b, magnitude or {}):
         for key in sorted(tensors):
             tensor = tensors[key].detach().contiguous().cpu()
             digest.update(f"{key}{tensor.dtype}{list(tensor.shape)}".encode())
@@ -202,7 +211,6 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
          f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served"),
         (isinstance(config.get("r"), int) and 0 < config["r"] <= max_rank,
          f"rank r={config.get('r')!r} is outside 1..{max_rank} (the engine's max_lora_rank)"),
-        (not config.get("use_dora"), "DoRA adapters are not served (use_dora=true)"),
         (config.get("bias", "none") == "none", "adapters that train biases are not served"),
         (not config.get("modules_to_save"), "adapters with modules_to_save are not served"),
         (not config.get("fan_in_fan_out") and not config.get("lora_bias")
@@ -288,7 +296,7 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         raise
     if version and _version(raw_config, raw) != version:
         raise changed
-    scale, a, b = scaling(config), {}, {}
+    scale, a, b, magnitude = scaling(config), {}, {}, {}
     for key, tensor in tensors.items():
         layer, module, which = _parse_key(key, folder, base)
         tensor = tensor.float()
@@ -297,12 +305,21 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
                                  field="path")
         if which == "A":
             a[(layer, module)] = tensor.to(dtype)
-        else:
+        elif which == "B":
             b[(layer, module)] = (tensor * scale).to(dtype)
+        else:  # DoRA's magnitude: kept in float32, it scales the output whole
+            magnitude[(layer, module)] = tensor
     if not a or a.keys() != b.keys():
         raise InvalidRequest(f"{folder}: every LoRA A needs its B and the adapter needs at "
                              "least one pair", field="path")
-    return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a))
+    dora = bool(config.get("use_dora"))
+    if magnitude.keys() != (a.keys() if dora else set()):
+        raise InvalidRequest(f"{folder}: " + (
+            "a DoRA adapter (use_dora=true) needs a lora_magnitude_vector beside every LoRA "
+            "pair" if dora else "lora_magnitude_vector tensors need use_dora=true in "
+            "adapter_config.json"), field="path")
+    return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a),
+                       magnitude)
 
 
 def _read_tensors(folder: Path, roots: list[Path],
@@ -336,7 +353,7 @@ def _check_header(folder: Path, roots: list[Path], base: BaseShape,
             _, module, which = _parse_key(key, folder, base)
             header = file.get_slice(key)
             in_f, out_f = base.shapes[module]
-            expected = (rank, in_f) if which == "A" else (out_f, rank)
+            expected = {"A": (rank, in_f), "B": (out_f, rank), "M": (out_f,)}[which]
             shape = tuple(header.get_shape())
             if shape != expected:
                 raise InvalidRequest(
@@ -354,9 +371,10 @@ def _check_header(folder: Path, roots: list[Path], base: BaseShape,
 def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:
     match = _KEY.match(key)
     if match is None:
-        raise InvalidRequest(f"{folder}: unexpected tensor {key!r}; only LoRA A/B weights of "
-                             "decoder-layer projections are served", field="path")
-    layer, module, which = int(match[1]), match[2], match[3]
+        raise InvalidRequest(f"{folder}: unexpected tensor {key!r}; only LoRA A/B weights "
+                             "(and DoRA magnitudes) of decoder-layer projections are served",
+                             field="path")
+    layer, module, which = int(match[1]), match[2], match[3] or "M"
     if module not in TARGET_MODULES:
         raise InvalidRequest(f"{folder}: target module {module!r} is not one of "
                              f"{', '.join(TARGET_MODULES)}", field="path")
@@ -375,6 +393,12 @@ def compose(name: AdapterKey, parts: list[tuple[LoraWeights, float]],
     not target contributes zero rows/columns there. Same result as PEFT's
     `add_weighted_adapter(combination_type="cat")`.
     """
+    dora = next((lora.name for lora, _ in parts if lora.dora), None)
+    if dora is not None:
+        raise InvalidRequest(f"adapter {dora!r} is a DoRA adapter, which is not composed: "
+                             "its magnitude rescales the whole projection, so a weighted sum "
+                             "with other adapters has no agreed meaning; serve it alone",
+                             field="adapters")
     rank = sum(lora.rank for lora, _ in parts)
     if rank > max_rank:
         raise InvalidRequest(f"composed rank {rank} exceeds max_lora_rank {max_rank}",

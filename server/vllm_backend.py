@@ -61,6 +61,11 @@ from lorag.server.vllm_config import (
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
+DORA_REFUSED = ("{path} is a DoRA adapter (use_dora=true); vLLM has no DoRA, so the vLLM "
+                "backend does not serve it: serve it on the native backend (lorag serve "
+                "--backend native), or merge it into the base (lorag export)")
+
+
 @dataclass
 class _Adapter:
     """What vLLM knows of an adapter or composition: its id, and lorag's copy once written."""
@@ -183,6 +188,10 @@ class VllmBackend:
             self.registry.remember(key, path, version)
             return True
         new = self.registry.register(key, path, version)  # validates, or refuses
+        if self.registry.get(key).dora:
+            if new:
+                self.registry.unregister(key)
+            raise InvalidRequest(DORA_REFUSED.format(path=path), field="path")
         self._ensure_added(key, self._entry(key))
         return new
 
@@ -362,6 +371,9 @@ class VllmBackend:
 
     def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:
         """Write the validated weights where vLLM reads them, and load them into vLLM."""
+        if lora.dora:  # a record restored from the state database, read on first use
+            raise InvalidRequest(DORA_REFUSED.format(path=self.registry.path(key)),
+                                 field="model")
         entry.folder = save_lora(lora, self.adapter_dir / str(entry.lora_id))
         self._call(self.llm.add_lora(self._request(key, entry)))
 

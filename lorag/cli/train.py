@@ -23,7 +23,7 @@ def train(
     target_modules: Annotated[str, typer.Option(
         help="Comma-separated projections, or all-linear.")] = "q_proj,k_proj,v_proj,o_proj",
     rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")] = False,
-    dora: Annotated[bool, typer.Option(help="DoRA (trains; the daemon does not serve it).")]
+    dora: Annotated[bool, typer.Option(help="DoRA (the native backend serves it; vLLM does not).")]
         = False,
     quantize: Annotated[str, typer.Option(help="none, or nf4 for QLoRA.")] = "none",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",

@@ -59,7 +59,8 @@ class Engine:
         self.registry = AdapterRegistry(self.runner.shape, self.config.adapter_roots,
                                         self.config.max_lora_rank,
                                         self.config.max_cpu_adapter_bytes, self.runner.dtype)
-        self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters)
+        self.pool = AdapterPool(self.runner.lora_layers, self.config.max_active_adapters,
+                                 self.runner.lora_batch)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids,
                                  compile_s=self.config.grammar_compile_s)

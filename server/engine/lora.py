@@ -25,6 +25,9 @@ each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
   kernel's loops.
 Fusing q/k/v shares the shrink's input reads in both.
 
+DoRA adapters run the same path; each slot has a column scale (1 for LoRA's) that DoRA
+tokens' rows are multiplied by after the delta (`MultiLoraLinear.install`, `_scale_dora`).
+
 Merging (dLoRA): while every running token uses one adapter, its delta can be folded
 into the base weight, `W' = W + B A`, and the LoRA path skipped. The layer keeps W
 untouched and holds W' beside it, so unmerging is a pointer swap and exact. Only for an
@@ -55,6 +58,8 @@ class LoraBatch:
     def __init__(self, use_kernel: bool):
         self.active = False
         self.use_kernel = use_kernel
+        self.dora_slots: set[int] = set()  # slots holding a DoRA adapter (the pool's)
+        self.dora = None  # this step's (tokens, their slots) on DoRA slots, if any
 
     def route(self, decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
               rank: int) -> None:
@@ -63,9 +68,11 @@ class LoraBatch:
         self.rank = rank
         self.slot_set = {slot for _, _, slot in chunks} | set(decode_slots.tolist()) - {-1}
         self.active = bool(self.slot_set)
-        self.segments = self.decode = self.chunks = None
+        self.segments = self.decode = self.chunks = self.dora = None
         if not self.active:
             return
+        if not self.dora_slots.isdisjoint(self.slot_set):
+            self.dora = _dora_rows(decode_slots, chunks, self.dora_slots)
         tokens = (decode_slots >= 0).nonzero().squeeze(1)
         if len(tokens):
             slots = decode_slots[tokens]
@@ -81,6 +88,20 @@ class LoraBatch:
             group = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
             self.chunks = _Groups.of(tokens, group)  # chunks come in token order
             self.chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
+
+
+def _dora_rows(decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
+               dora_slots: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's tokens on DoRA slots, and each one's slot."""
+    device = decode_slots.device
+    wanted = torch.tensor(sorted(dora_slots), device=device)
+    tokens = torch.isin(decode_slots, wanted).nonzero().squeeze(1)
+    rows, slots = [tokens], [decode_slots[tokens]]
+    for start, end, slot in chunks:
+        if slot in dora_slots:
+            rows.append(torch.arange(start, end, device=device))
+            slots.append(torch.full((end - start,), slot, device=device))
+    return torch.cat(rows), torch.cat(slots)
 
 
 class _Segments:
@@ -216,23 +237,76 @@ class MultiLoraLinear(nn.Module):
                              device=device)
         self.b = [torch.zeros(slots, max_rank, part.out_features, dtype=dtype, device=device)
                   for part in parts]
+        # DoRA: per slot, each output column's m / ||W + B A||_row (1 for LoRA's)
+        self.scale = torch.ones(slots, sum(p.out_features for p in parts), dtype=dtype,
+                                device=device)
         self.merged: torch.Tensor | None = None  # W + B A of the merged slot, if any
         self.filled: set[int] = set()  # slots whose adapter targets one of the parts
+        self.dora: set[int] = set()  # ... a DoRA adapter's
+        self.squared_norms: dict[int, torch.Tensor] = {}  # a quantized part's ||W||^2 rows
 
     def install(self, slot: int, a: list[torch.Tensor | None],
-                b: list[torch.Tensor | None]) -> None:
+                b: list[torch.Tensor | None],
+                magnitude: list[torch.Tensor | None] | None = None) -> None:
         """Copy an adapter into `slot` (zero-padded to max_rank), a and b per part (None:
-        the adapter does not target that part); all None clears the slot."""
+        the adapter does not target that part); all None clears the slot. A DoRA
+        adapter's `magnitude` m per part becomes the part's column scale m / ||W + B A||,
+        computed here once, in float32 (`_norms`): serving adds one elementwise scale."""
         self.a[slot].zero_()
         for stack in self.b:
             stack[slot].zero_()
+        self.scale[slot].fill_(1)
         self.filled.discard(slot)
-        for j, (a_j, b_j) in enumerate(zip(a, b, strict=True)):
+        self.dora.discard(slot)
+        magnitude = magnitude or [None] * len(self.parts)
+        for j, (a_j, b_j, m_j) in enumerate(zip(a, b, magnitude, strict=True)):
             if a_j is not None:
                 self.filled.add(slot)
                 rank = a_j.shape[0]
                 self.a[slot, :rank, j].copy_(a_j)
                 self.b[j][slot, :rank].copy_(b_j.T)
+            if m_j is not None:
+                self.dora.add(slot)
+                part = self.parts[j]
+                self.scale[slot, part.offset:part.offset + part.out_features].copy_(
+                    m_j.float() / self._norms(j, a_j.float(), b_j.float()))
+
+    def _norms(self, j: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """||W + B A|| per output row of part j, in float32. An unquantized base reads W;
+        an NF4 / int8 one is read through its own forward pass, the weights as they are
+        served (bitsandbytes repacks a CPU weight on its first call, and dequantizing
+        the packed form is not guaranteed to give the served values): ||W||^2 once per
+        part, from the identity, and W A^T from A's rows, so that
+        ||W + B A||^2 = ||W||^2 + 2 (B * W A^T) 1 + ||B A||^2."""
+        if type(self.base) is nn.Linear:  # unquantized, fused or not
+            part = self.parts[j]
+            weight = self.base.weight[part.offset:part.offset + part.out_features].float()
+            return torch.linalg.norm(weight + b @ a, dim=1)
+        module = self.base.parts[j] if isinstance(self.base, Concatenated) else self.base
+        if j not in self.squared_norms:
+            eye = torch.eye(a.shape[1], device=a.device)
+            self.squared_norms[j] = sum(
+                (self._served(module, rows) ** 2).sum(0) for rows in eye.split(512))
+        cross = (b * self._served(module, a).T).sum(1)
+        squared = self.squared_norms[j] + 2 * cross + ((b @ a) ** 2).sum(1)
+        return squared.clamp_min(0).sqrt()
+
+    @staticmethod
+    def _served(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x W^T as `module` computes it, without its bias, in float32."""
+        dtype = getattr(module, "compute_dtype", None) or x.dtype
+        with torch.no_grad():
+            y = module(x.to(dtype)).float()
+        return y if module.bias is None else y - module.bias.float()
+
+    def _bias(self) -> torch.Tensor | None:
+        if isinstance(self.base, Concatenated):
+            biases = [module.bias for module in self.base.parts]
+            if all(bias is None for bias in biases):
+                return None
+            return torch.cat([bias if bias is not None else self.scale.new_zeros(part.out_features)
+                              for bias, part in zip(biases, self.parts, strict=True)])
+        return self.base.bias
 
     def merge(self, slot: int) -> None:
         """Serve `slot` through a merged weight (unquantized base only)."""
@@ -242,6 +316,8 @@ class MultiLoraLinear(nn.Module):
         for j, part in enumerate(self.parts):  # W + B A per part, accumulated in fp32
             rows = merged[part.offset:part.offset + part.out_features]
             rows.addmm_(self.b[j][slot].T, self.a[slot, :, j])
+        if slot in self.dora:  # m / ||W + B A|| (W + B A)
+            merged.mul_(self.scale[slot].unsqueeze(1))
         self.merged = merged
 
     def unmerge(self) -> None:
@@ -268,7 +344,20 @@ class MultiLoraLinear(nn.Module):
             slots = batch.chunk_slots
             self._add_delta(y, x, batch.chunks, self.a[slots, :rank],
                             [b[slots, :rank] for b in self.b])
+        if batch.dora is not None and not self.dora.isdisjoint(batch.slot_set):
+            self._scale_dora(y, *batch.dora)
         return y
+
+    def _scale_dora(self, y: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+        """DoRA tokens' rows, W x + B A x so far, become m / ||W + B A|| (W x + B A x) +
+        bias: PEFT's `(g - 1) base(x) + g B A x` added to the base output."""
+        rows = y.index_select(0, tokens)
+        bias = self._bias()
+        if bias is not None:
+            rows = (rows - bias) * self.scale[slots] + bias
+        else:
+            rows = rows * self.scale[slots]
+        y.index_copy_(0, tokens, rows.to(y.dtype))
 
     def _add_delta(self, y, x, groups: _Groups, a: torch.Tensor,
                    b: list[torch.Tensor]) -> None:

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from lorag.adapters import AdapterKey, LoraWeights
 from lorag.errors import InvalidRequest
-from lorag.server.engine.lora import MultiLoraLinear
+from lorag.server.engine.lora import LoraBatch, MultiLoraLinear
 
 
 class AdapterPool:
@@ -16,8 +16,9 @@ class AdapterPool:
     lock is needed; installs happen between steps.
     """
 
-    def __init__(self, layers: list[MultiLoraLinear], num_slots: int):
+    def __init__(self, layers: list[MultiLoraLinear], num_slots: int, batch: LoraBatch):
         self.layers = layers
+        self.batch = batch  # told which slots hold DoRA adapters
         self.names: list[AdapterKey | None] = [None] * num_slots
         self.ranks = [0] * num_slots
         self.versions = [""] * num_slots  # a digest of the weights in each slot
@@ -106,7 +107,12 @@ class AdapterPool:
     def _install(self, slot: int, lora: LoraWeights) -> None:
         for layer in self.layers:
             layer.install(slot, [lora.a.get(key) for key in layer.keys],
-                          [lora.b.get(key) for key in layer.keys])
+                          [lora.b.get(key) for key in layer.keys],
+                          [lora.magnitude.get(key) for key in layer.keys])
+        if lora.dora:
+            self.batch.dora_slots.add(slot)
+        else:
+            self.batch.dora_slots.discard(slot)
         self.names[slot], self.ranks[slot] = lora.name, lora.rank
         self.versions[slot] = lora.version
         self.lru[lora.name] = slot
@@ -117,6 +123,7 @@ class AdapterPool:
         # an unloaded adapter's weights from lingering in memory.
         for layer in self.layers:
             layer.install(slot, [None] * len(layer.keys), [None] * len(layer.keys))
+        self.batch.dora_slots.discard(slot)
         self.installs[slot] += 1
         self._forget(slot)
 

@@ -180,6 +180,11 @@ def poison(weights):
     weights[key][0, 0] = float("nan")
 
 
+def add_magnitude(weights, width: int = 64):
+    weights["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = \
+        torch.ones(width)
+
+
 def rename_q_to_qkv(weights):
     for key in [k for k in weights if "q_proj" in k]:
         weights[key.replace("q_proj", "qkv_proj")] = weights.pop(key)
@@ -188,8 +193,14 @@ def rename_q_to_qkv(weights):
 @pytest.mark.parametrize(("edit", "message"), [
     ({"edit_weights": poison}, "q_proj.lora_A.weight has non-finite values"),
     ({"edit_weights": rename_q_to_qkv}, "target module 'qkv_proj' is not one of"),
-    ({"edit_config": lambda config: config.update(use_dora=True)}, "DoRA adapters are not served"),
-], ids=["nan", "unknown-module", "dora"])
+    ({"edit_config": lambda config: config.update(use_dora=True)},
+     "a DoRA adapter .use_dora=true. needs a lora_magnitude_vector beside every LoRA pair"),
+    ({"edit_weights": add_magnitude}, "lora_magnitude_vector tensors need use_dora=true"),
+    ({"edit_weights": lambda w: add_magnitude(w, 65),
+      "edit_config": lambda config: config.update(use_dora=True)},
+     r"q_proj.lora_magnitude_vector has shape \[65\], this base model needs \[64\]"),
+], ids=["nan", "unknown-module", "dora-without-magnitude", "magnitude-without-dora",
+        "magnitude-too-wide"])
 def test_weights_the_engine_cannot_serve_are_refused(root, edit, message):
     with pytest.raises(InvalidRequest, match=message):
         load(variant(root, "bad", **edit), root)

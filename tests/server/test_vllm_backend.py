@@ -18,7 +18,7 @@ from lorag.benchmarks.daemon import DaemonProcess
 from lorag.errors import AdapterChanged
 from lorag.models import load_base, resolve_dtype
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
-from tests.daemons import MAX_LORA_RANK, MAX_MODEL_LEN
+from tests.daemons import ALICE, MAX_LORA_RANK, MAX_MODEL_LEN
 
 # different ranks, targets, scalings: every path of vLLM's LoRA kernels and lorag's copy
 SPECS = {
@@ -135,3 +135,18 @@ def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, b
             daemon.stop()
     finally:
         hog.kill()
+
+
+@pytest.mark.parametrize("daemon", ["vllm"], indirect=True)
+def test_a_dora_adapter_is_refused_clearly_and_left_unregistered(daemon, base_model_dir):
+    model = load_base(str(base_model_dir), quantize="none", dtype="float32")[0]
+    make_adapters(model, daemon.adapters, {"dora-vllm": AdapterSpec(rank=4, dora=True)})
+    headers = {"Authorization": ALICE}
+    response = httpx.post(f"{daemon.url}/v1/adapters", headers=headers, timeout=60, json={
+        "name": "dora-vllm", "path": str(daemon.adapters / "dora-vllm")})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "path" and "vLLM has no DoRA" in error["message"]
+    listed = httpx.get(f"{daemon.url}/v1/adapters", headers=headers, timeout=60).json()
+    assert "dora-vllm" not in {row["name"] for row in listed["data"]}
+    assert daemon.health()["status"] == "ok"
