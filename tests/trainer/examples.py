@@ -1,7 +1,10 @@
-"""The trainer tests' data: a distinctive answer format the base model never uses."""
+"""The trainer tests' data: a distinctive answer format the base model never uses, and the
+test corpus RAFT and the relevance pairs search."""
 
 import json
 from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 
 THINGS = ["apple", "carrot", "salmon", "granite", "oak tree", "bicycle", "violin", "tiger",
           "banana", "copper", "rose", "laptop", "whale", "potato", "diamond", "eagle",

@@ -5,17 +5,13 @@ out. That a chat's prompt is exactly the daemon's is checked against a daemon, i
 tests/server/test_rag.py."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from lorag.cli import app
 from lorag.errors import InvalidRequest
-from lorag.retrieval.ingest import ingest
 from lorag.retrieval.rag import with_context
-from lorag.retrieval.store import DocumentStore
-from lorag.state import Database
 from lorag.trainer.raft import (
     ABSTAIN,
     RaftOptions,
@@ -23,8 +19,8 @@ from lorag.trainer.raft import (
     read_questions,
     write_raft_data,
 )
+from tests.trainer.examples import CORPUS
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 QUESTIONS = [
     {"question": "Who is the head baker at the Zephyr Street bakery?", "answer": "the baker",
      "source": "guides/bakery.txt"},
@@ -34,17 +30,6 @@ QUESTIONS = [
      "source": "faq-refunds"},
     {"question": "What is Hekla?", "answer": "a volcano", "source": "guides/volcanoes.md"},
 ]
-
-
-@pytest.fixture(scope="module")
-def search(tmp_path_factory, embedder):
-    folder = tmp_path_factory.mktemp("raft")
-    store = DocumentStore(Database(f"sqlite:///{folder / 'lorag.db'}"), folder / "retrieval",
-                          embedder)
-    ingest(store, "kb", [CORPUS])
-    yield lambda question, k: store.search("kb", question, k=k, mode="hybrid")
-    store.close()
-    store.db.close()
 
 
 def test_each_chat_is_the_daemons_rag_layout_then_the_cited_answer(search):

@@ -10,10 +10,7 @@ from typer.testing import CliRunner
 
 from lorag.cli import app
 from lorag.errors import InvalidRequest
-from lorag.retrieval.ingest import ingest
 from lorag.retrieval.rerank import RERANK_LAYOUT, relevance_messages
-from lorag.retrieval.store import DocumentStore
-from lorag.state import Database
 from lorag.trainer.relevance import (
     RelevanceOptions,
     pairs_from_namespace,
@@ -21,18 +18,7 @@ from lorag.trainer.relevance import (
     write_relevance_data,
 )
 from lorag.trainer.train import TrainOptions
-from tests.trainer.test_raft import CORPUS, QUESTIONS
-
-
-@pytest.fixture(scope="module")
-def search(tmp_path_factory, embedder):
-    folder = tmp_path_factory.mktemp("relevance")
-    store = DocumentStore(Database(f"sqlite:///{folder / 'lorag.db'}"), folder / "retrieval",
-                          embedder)
-    ingest(store, "kb", [CORPUS])
-    yield lambda question, k: store.search("kb", question, k=k, mode="hybrid")
-    store.close()
-    store.db.close()
+from tests.trainer.test_raft import QUESTIONS
 
 
 def write(path: Path, rows: list[dict]) -> Path:
