@@ -26,6 +26,21 @@ from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K, SEARCH_MODE
 app = group("Measure quality: retrieval and answers, on labelled sets.")
 
 
+@app.command("corpus")
+def eval_corpus(
+    out: Annotated[Path, typer.Option(help="Folder to write the corpus and questions to.")],
+) -> None:
+    """Write real documentation to measure on: the Python Language Reference's sections
+    (documents.jsonl, for `lorag ingest`), a made-up question per section to train a
+    relevance adapter on (train-questions.jsonl), and 60 held-out questions labelled with
+    their section (questions.jsonl)."""
+    from lorag.evaluation.corpora import write_python_reference
+
+    for name, path in write_python_reference(out).items():
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        console.print(f"{name}: {path} ({lines} lines)")
+
+
 @app.command("retrieval")
 def eval_retrieval(
     namespace: Annotated[str, typer.Option(help="Namespace to evaluate.")],

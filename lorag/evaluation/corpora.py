@@ -12,12 +12,16 @@ benchmarks/data/pyref-questions.jsonl.
 """
 
 import difflib
+import json
 import re
+import shutil
+from pathlib import Path
 
 from lorag.retrieval.ingest import Document
 
 RULE = re.compile(r"^([*=\-~^])\1{2,}$")  # a heading's underline
 SAME_TEXT = 0.9
+HELD_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "pyref-questions.jsonl"
 
 
 def python_reference() -> list[Document]:
@@ -62,3 +66,30 @@ def _sections(topic: str, text: str) -> list[tuple[str, str]]:
 
 def _slug(heading: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", heading.lower()).strip("-")
+
+
+def heading_questions(documents: list[Document]) -> list[dict]:
+    """One made-up question per section, from its heading alone ("What does the Python
+    reference say about Lambdas?", answer the heading, source the section): training data
+    for a namespace's relevance adapter that uses no held-out question, only the corpus."""
+    return [{"question": f"What does the Python reference say about "
+                        f"{d.metadata['heading']}?",
+             "answer": d.metadata["heading"], "source": d.id} for d in documents]
+
+
+def write_python_reference(folder: Path) -> dict[str, Path]:
+    """The corpus as a file `lorag ingest` reads (documents.jsonl), the heading questions
+    to train a relevance adapter on (train-questions.jsonl) and the held-out questions
+    (questions.jsonl), under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = python_reference()
+    paths = {"documents": folder / "documents.jsonl",
+             "train": folder / "train-questions.jsonl", "questions": folder / "questions.jsonl"}
+    rows = {"documents": [{"id": d.id, "text": d.text, "metadata": d.metadata}
+                          for d in documents],
+            "train": heading_questions(documents)}
+    for name, items in rows.items():
+        paths[name].write_text("".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                       for row in items), encoding="utf-8")
+    shutil.copyfile(HELD_OUT, paths["questions"])
+    return paths

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from lorag.cli import app
 from lorag.evaluation.corpora import python_reference
 
 QUESTIONS = Path(__file__).parents[2] / "benchmarks" / "data" / "pyref-questions.jsonl"
@@ -36,3 +38,19 @@ def test_every_question_names_a_section_that_holds_its_answer(sections):
     assert len(questions) >= 60
     for question in questions:
         assert question["answer"] in sections[question["source"]], question
+
+
+def test_lorag_eval_corpus_writes_documents_training_and_held_out_questions(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "corpus", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    documents = read_jsonl(tmp_path / "documents.jsonl")
+    train = read_jsonl(tmp_path / "train-questions.jsonl")
+    held_out = read_jsonl(tmp_path / "questions.jsonl")
+    ids = {d["id"] for d in documents}
+    assert len(train) == len(documents) and {q["source"] for q in train} == ids
+    assert {q["question"] for q in train}.isdisjoint(q["question"] for q in held_out)
+    assert {q["source"] for q in held_out} <= ids
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
