@@ -52,6 +52,9 @@ class Prefill:
     lora_slot: int
 
 
+HEAD_BLOCK = 8192  # vocabulary rows of the head converted to float32 at once
+
+
 @dataclass
 class StepInput:
     """Everything one forward pass needs; tensors are on the model's device.
@@ -59,7 +62,9 @@ class StepInput:
     input_ids, positions, lora_slots: [tokens]; decodes: how many sequences decode one
     token (first in the step); prefills: the prompt chunks that follow, in order;
     attention: where every sequence's tokens sit in the paged cache; sample_at:
-    [samples] token indices whose next-token logits are wanted.
+    [samples] token indices whose next-token logits are wanted; precise: the samples
+    (indices into sample_at) whose logits are computed in float32 whatever the model's
+    dtype, because their log-probabilities are reported.
     """
 
     input_ids: torch.Tensor
@@ -70,6 +75,7 @@ class StepInput:
     attention: AttentionInput
     sample_at: torch.Tensor
     lora_rank: int
+    precise: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -156,4 +162,25 @@ class ModelRunner:
             x = layer.post_attention_layernorm(hidden)
             hidden = hidden + run["down"](layer.mlp.act_fn(run["gate"](x)) * run["up"](x))
         last = self.model.model.norm(hidden[step.sample_at])
-        return self.model.lm_head(last).float()
+        logits = self.model.lm_head(last).float()
+        if step.precise is not None and len(step.precise):
+            self._precise_logits(logits, last, step.precise)
+        return logits
+
+    def _precise_logits(self, logits: torch.Tensor, last: torch.Tensor,
+                        rows: torch.Tensor) -> None:
+        """Recompute `rows` of `logits` from the final hidden states in float32. A bf16 head
+        rounds its output to 8 bits of mantissa: a logit near 16 moves in steps of 0.125,
+        which makes log-probabilities (and a reranker's yes/no odds, which tie) coarse.
+        The head's weight is converted a block of the vocabulary at a time (no float32
+        copy of it is kept)."""
+        head = self.model.lm_head
+        if type(head) is not nn.Linear or head.weight.dtype == torch.float32:
+            return
+        states = last[rows].float()
+        for start in range(0, head.weight.shape[0], HEAD_BLOCK):
+            end = start + HEAD_BLOCK
+            block = states @ head.weight[start:end].float().T
+            if head.bias is not None:
+                block += head.bias[start:end].float()
+            logits[rows, start:end] = block

@@ -154,8 +154,10 @@ class Scheduler:
         tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         attention = AttentionInput(q_starts, seq_lens, tables, self.config.kv_block_size,
                                    len(decodes), self.device)
+        # the samples whose log-probabilities are reported get float32 logits
+        precise = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
         step = StepInput(tensor(ids), tensor(positions), tensor(lora), len(decodes), prefills,
-                         attention, tensor(sample_at), max(used, default=0))
+                         attention, tensor(sample_at), max(used, default=0), tensor(precise))
         return step, sampled, prefilled
 
     def _route(self, seq: Sequence) -> int:

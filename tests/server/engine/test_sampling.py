@@ -1,13 +1,16 @@
-"""Constrained decoding, logprobs and penalties in the native engine, on the tiny model."""
+"""Constrained decoding, logprobs and penalties in the native engine, on the tiny model;
+and the float32 logits reported logprobs are read from."""
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lorag.errors import InvalidRequest
 from lorag.server.engine import SamplingParams
+from lorag.server.engine.runner import ModelRunner
 from lorag.server.engine.sampling import penalize
 from lorag.server.engine.structured import Constraint, Grammars
 from tests.schemas import SCHEMAS, validate
@@ -170,3 +173,21 @@ def test_penalties_change_greedy_output_in_their_direction(make_engine):
     assert repeats(run(repetition_penalty=2.0)) < repeats(plain)
     assert repeats(run(presence_penalty=-2.0)) > repeats(plain)
 
+
+
+def test_reported_logprobs_come_from_float32_logits_on_a_bf16_head():
+    """The rows whose log-probabilities are reported get their logits recomputed in
+    float32: a bf16 head's output moves in steps of 0.125 near 16, which tied a
+    reranker's yes/no odds."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 20_000, bias=False).to(torch.bfloat16)
+    runner = SimpleNamespace(model=SimpleNamespace(lm_head=head))
+    last = (torch.randn(3, 64) * 4).to(torch.bfloat16)
+    with torch.no_grad():
+        coarse = head(last).float()
+        logits = coarse.clone()
+        ModelRunner._precise_logits(runner, logits, last, torch.tensor([1]))
+        exact = last.float() @ head.weight.float().T
+    torch.testing.assert_close(logits[1], exact[1], rtol=0, atol=1e-5)
+    assert torch.equal(logits[0], coarse[0])  # rows not asked stay as they were
+    assert (coarse[1] - exact[1]).abs().max() > 1e-2  # what the bf16 head rounded away
