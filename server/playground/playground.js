@@ -147,6 +147,7 @@ async function loadModels() {
     (m.owned_by === state.server.caller.tenant ? ")" : `, shared by ${m.owned_by})`)
     : `${m.id} (base)`));
   fillSelect($("chat-model"), options());
+  fillSelect($("rag-rerank"), rerankOptions());
   for (const select of document.querySelectorAll(".column-model")) fillSelect(select, options());
   for (const select of document.querySelectorAll(".composition-adapter")) {
     fillSelect(select, adapterOptions());
@@ -155,6 +156,12 @@ async function loadModels() {
 
 function adapterOptions() {
   return state.models.filter((m) => m.parent).map((m) => option(m.id));
+}
+
+// the reranker choices: the namespace's default, none, or a relevance adapter
+const RERANK_OFF = "off";
+function rerankOptions() {
+  return [option("", "namespace default"), option(RERANK_OFF, "off"), ...adapterOptions()];
 }
 
 async function loadNamespaces() {
@@ -196,7 +203,11 @@ function sampling() {
 function ragOptions(on, namespace) {
   if (!on) return {};
   if (!namespace) throw new ApiError("retrieval: choose a namespace (add documents under Knowledge)");
-  return {rag: {namespace, top_k: Number($("rag-top-k").value), mode: $("rag-mode").value}};
+  const rag = {namespace, top_k: Number($("rag-top-k").value), mode: $("rag-mode").value};
+  const rerank = $("rag-rerank").value;  // "": the namespace's default
+  if (rerank === RERANK_OFF) rag.rerank = false;
+  else if (rerank) rag.rerank_model = rerank;
+  return {rag};
 }
 
 function composition() {
@@ -246,6 +257,13 @@ function usageLine(reply) {
     parts.push(`${reply.usage.prompt_tokens} prompt + ${reply.usage.completion_tokens} completion tokens`);
   }
   if (reply.finish) parts.push(`finish: ${reply.finish}`);
+  const timing = reply.rag && reply.rag.timing;
+  if (timing) {
+    parts.push(`search ${Math.round(timing.search_ms)} ms`);
+    if (timing.rerank_ms !== null) {
+      parts.push(`rerank ${Math.round(timing.rerank_ms)} ms (${reply.rag.reranker})`);
+    }
+  }
   return parts.join(" · ");
 }
 

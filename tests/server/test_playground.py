@@ -178,6 +178,24 @@ def test_retrieval_ingests_dropped_files_and_shows_the_sources(page):
     shot(page, "chat-retrieval")
 
 
+def test_a_reranked_answer_says_which_adapter_reranked_and_how_long_each_stage_took(
+        page, real_daemon, adapter):
+    httpx.post(f"{real_daemon.url}/v1/namespaces/{NAMESPACE}/documents", timeout=120,
+               json={"id": "hours.md", "text": NOTES},
+               headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    connect(page)
+    page.get_by_label("Ground answers in a namespace").check()
+    page.locator("#rag-namespace").select_option(NAMESPACE)
+    page.get_by_label("Rerank with").select_option(adapter)
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_label("Message").fill("When does the Tartu reading room open?")
+    page.get_by_role("button", name="Send").click()
+    meta = page.locator(".message.assistant .meta")
+    expect(meta).to_contain_text(f"ms ({adapter})")
+    expect(meta).to_contain_text("search ")
+    expect(page.locator(".message.assistant .sources")).to_contain_text("hours.md")
+
+
 def test_compare_runs_four_columns_at_once(page, adapter):
     """base / base + retrieval / adapter / adapter + retrieval, streamed together."""
     connect(page)
