@@ -13,13 +13,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import NamedTuple
 
 from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
 from lorag.errors import InvalidRequest, LoragError, NotFound, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rerank import RERANK_CANDIDATES
-from lorag.retrieval.store import MODES, DocumentStore
+from lorag.retrieval.store import MODES, DocumentStore, Hit
 from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
@@ -45,6 +46,20 @@ from lorag.server.requests import (
 from lorag.server.rerank import Reranked, Reranker, RerankRequest
 from lorag.server.state import StateStore
 from lorag.server.tenancy import Caller
+
+
+class _Retrieved(NamedTuple):
+    """A `rag` chat's passages, best first, the reranker that ordered them, and each
+    stage's time."""
+
+    hits: list[Hit]
+    reranker: str | None
+    search_ms: float
+    rerank_ms: float | None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
 class Service:
@@ -170,24 +185,30 @@ class Service:
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if not question.strip():
             raise InvalidRequest("rag needs a user message to search with", field="messages")
+        found = self._retrieve(caller, rag, question)
+        budget = self.engine.limits.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
+        result = render_grounded(self.engine.tokenizer, messages, found.hits, budget)
+        sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata, h.text)
+                   for h in result.used]
+        return result.prompt_ids, Grounding(rag.namespace, sources, len(found.hits),
+                                            result.dropped, found.reranker, found.search_ms,
+                                            found.rerank_ms)
+
+    def _retrieve(self, caller: Caller, rag: Rag, question: str) -> "_Retrieved":
+        """`rag`'s passages for `question`, best first: the search's `top_k`, or with a
+        reranker the `top_k` best of RERANK_CANDIDATES by relevance; and each stage's
+        time."""
         reranker = self._reranker(caller, rag)
         started = time.perf_counter()
         depth = max(rag.top_k, RERANK_CANDIDATES) if reranker else rag.top_k
         hits = self.namespaces.search(caller, rag.namespace, question, depth, rag.mode,
                                       rag.filter)
-        search_ms = (time.perf_counter() - started) * 1000
-        rerank_ms = None
+        search_ms, rerank_ms = _ms(time.perf_counter() - started), None
         if reranker and hits:
             scored = self._score(caller, reranker, question, [hit.text for hit in hits])
             hits = [hits[i] for i in scored.order(rag.top_k)]
-            rerank_ms = scored.seconds * 1000
-        budget = self.engine.limits.max_model_len - (max_tokens or RAG_ANSWER_TOKENS)
-        result = render_grounded(self.engine.tokenizer, messages, hits, budget)
-        sources = [Source(h.document_id, h.chunk_id, h.score, h.metadata, h.text)
-                   for h in result.used]
-        return result.prompt_ids, Grounding(rag.namespace, sources, len(hits), result.dropped,
-                                            reranker, round(search_ms, 2),
-                                            None if rerank_ms is None else round(rerank_ms, 2))
+            rerank_ms = _ms(scored.seconds)
+        return _Retrieved(hits, reranker, search_ms, rerank_ms)
 
     def _reranker(self, caller: Caller, rag: Rag) -> str | None:
         """The relevance adapter a `rag` chat reranks with: the request's, else its
