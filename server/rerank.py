@@ -23,8 +23,9 @@ from lorag.server.engine.sampling import MAX_LOGPROBS, SamplingParams
 from lorag.server.engine.stream import TokenLogprob
 from lorag.server.limits import RequestLimits
 
-IN_FLIGHT = 8  # a rerank's requests in the engine at once: a batch's worth of prefill,
-# while the rest of the queue stays open to other callers
+# a rerank's requests in the engine at once: a batch's worth of prefill, while the rest
+# of the queue stays open to other callers
+IN_FLIGHT = 8
 # one token, greedy, with the most likely tokens' log-probabilities: where "yes" and "no" are
 SCORING = SamplingParams(max_tokens=1, temperature=0.0, logprobs=MAX_LOGPROBS)
 
