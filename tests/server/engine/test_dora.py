@@ -13,10 +13,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from lorag.adapters import Composition
-from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.adapters import AdapterSpec
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.server.engine.peft_reference import peft_beside
 from tests.tiny import tiny_model
 
 MAX_NEW = 12
@@ -38,12 +39,7 @@ SPECS = {
 def served(tokenizer, tmp_path_factory):
     """An engine and PEFT over two copies of the tiny model, with the same 5 adapters."""
     root = tmp_path_factory.mktemp("dora")
-    reference = tiny_model()
-    paths = make_adapters(reference, root, SPECS, seed=7)
-    peft = PeftModel.from_pretrained(reference, paths["d0"], adapter_name="d0")
-    for name in list(SPECS)[1:]:
-        peft.load_adapter(paths[name], adapter_name=name)
-    peft.eval()
+    peft, paths = peft_beside(root, SPECS, seed=7)
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=32, max_active_adapters=6, adapter_roots=[root])
     prompts = [tokenizer(tokenizer.apply_chat_template(

@@ -10,11 +10,11 @@ merge / unmerge cycle unchanged.
 
 import pytest
 import torch
-from peft import PeftModel
 
 from lorag.adapters import Composition
-from lorag.benchmarks.adapters import AdapterSpec, make_adapters
+from lorag.benchmarks.adapters import AdapterSpec
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.server.engine.peft_reference import peft_beside
 from tests.tiny import tiny_model
 
 MAX_NEW = 12
@@ -38,12 +38,7 @@ SPECS = {
 def tiny(tokenizer, tmp_path_factory):
     """An engine and PEFT over two copies of the tiny model, with the same 8 adapters."""
     root = tmp_path_factory.mktemp("adapters")
-    reference = tiny_model()
-    paths = make_adapters(reference, root, SPECS, seed=1)
-    peft = PeftModel.from_pretrained(reference, paths["a0"], adapter_name="a0")
-    for name in list(SPECS)[1:]:
-        peft.load_adapter(paths[name], adapter_name=name)
-    peft.eval()
+    peft, paths = peft_beside(root, SPECS, seed=1)
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=32, max_active_adapters=10, adapter_roots=[root])
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
