@@ -54,3 +54,20 @@ def test_lorag_eval_corpus_writes_documents_training_and_held_out_questions(tmp_
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+DEMO = Path(__file__).parents[2] / "demo"
+# per unanswerable question, words a page answering it would need, none in demo/kb
+ABSENT = [("revenue",), ("password", "wi-fi"), ("studied", "degree"), ("price",),
+          ("programming", "written in"), ("marketing",), ("parking",), ("ticker", "stock"),
+          ("logo",), ("lunch",)]
+
+
+def test_the_demos_unanswerable_questions_ask_what_its_knowledge_base_never_says():
+    questions = read_jsonl(DEMO / "unanswerable.jsonl")
+    assert len(questions) == len(ABSENT) and all(q["answerable"] is False for q in questions)
+    pages = " ".join(p.read_text().lower() for p in (DEMO / "kb").glob("*.md"))
+    for words in ABSENT:
+        assert not any(word in pages for word in words), words
+    tern = (DEMO / "kb" / "tern.md").read_text().lower()
+    assert "euro" not in tern and "cost" not in tern  # what a Tern T5 costs
