@@ -57,8 +57,9 @@ def eval_retrieval(
     url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
-    """Recall@1/k/10, MRR@10 and nDCG@10 of each search mode on a labelled query set (a
-    query file, or a question file's sources), and each stage's time per query."""
+    """Recall@1/k/10 and MRR@10 of each search mode on a labelled query set (a query file,
+    or a question file's sources), and each stage's time per query; --json adds nDCG@10
+    and every query's ranking."""
     import json
 
     from lorag.evaluation.retrieval import evaluate, read_queries
@@ -80,14 +81,15 @@ def eval_retrieval(
 
         results.append(evaluate(target, namespace, labelled, k, "hybrid", rerank))
     cutoffs = sorted({1, k, 10})
-    table = Table("mode", *(f"recall@{c}" for c in cutoffs), "MRR@10", "nDCG@10",
-                  "search p50/p99 ms", "rerank p50/p99 ms",
-                  title=f"{namespace}: {len(labelled)} queries")
+    stages = ["search_ms"] + (["rerank_ms"] if rerank_model is not None else [])
+    table = Table("mode", *(f"R@{c}" for c in cutoffs), "MRR@10",
+                  *(f"{stage.removesuffix('_ms')} ms" for stage in stages),
+                  title=f"{namespace}: {len(labelled)} queries; per stage, ms p50/p99")
     for result in results:
-        stages = [result.get(stage) for stage in ("search_ms", "rerank_ms")]
+        times = [result.get(stage) for stage in stages]
         table.add_row(result["mode"], *(f"{result[f'recall@{c}']:.3f}" for c in cutoffs),
-                      f"{result['mrr@10']:.3f}", f"{result['ndcg@10']:.3f}",
-                      *(f"{s['p50']} / {s['p99']}" if s else "-" for s in stages))
+                      f"{result['mrr@10']:.3f}",
+                      *(f"{t['p50']:.0f}/{t['p99']:.0f}" if t else "-" for t in times))
     Console().print(table)
     if json_path:
         json_path.write_text(json.dumps({"namespace": namespace, "k": k, "results": results},

@@ -42,7 +42,8 @@ def test_ingest_search_and_namespaces(tmp_path):
                       str(CORPUS.parent / "queries.jsonl"), "--json", str(tmp_path / "e.json"),
                       *data)
     assert evaluated.exit_code == 0, evaluated.output
-    assert "recall@5" in evaluated.stdout and "nDCG@10" in evaluated.stdout
+    assert "R@5" in evaluated.stdout and "MRR@10" in evaluated.stdout
+    assert "search ms" in evaluated.stdout  # the table fits 80 columns unwrapped
     report = json.loads((tmp_path / "e.json").read_text())
     by_mode = {r["mode"]: r for r in report["results"]}
     assert set(by_mode) == {"vector", "bm25", "hybrid"}
