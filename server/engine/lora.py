@@ -220,6 +220,20 @@ def fuse(modules: list[nn.Module], outs: list[int]) -> nn.Module:
     return fused
 
 
+def _fused_bias(base: nn.Module, parts: list[Part]) -> torch.Tensor | None:
+    """The bias of a fused layer's output, all parts side by side, as a plain tensor
+    sharing the base's storage where it can (None: no part has one)."""
+    biases = base.parts if isinstance(base, Concatenated) else [base]
+    biases = [module.bias for module in biases]
+    present = next((bias for bias in biases if bias is not None), None)
+    if present is None:
+        return None
+    if len(biases) == 1:
+        return present.detach()
+    return torch.cat([bias.detach() if bias is not None else present.new_zeros(part.out_features)
+                      for bias, part in zip(biases, parts, strict=True)])
+
+
 class MultiLoraLinear(nn.Module):
     """`base(x) + B[s] (A[s] x)` for each token's slot s, grouped by slot; for a fused
     base, each part's delta lands in its columns of the output."""
@@ -244,6 +258,7 @@ class MultiLoraLinear(nn.Module):
         self.filled: set[int] = set()  # slots whose adapter targets one of the parts
         self.dora: set[int] = set()  # ... a DoRA adapter's
         self.squared_norms: dict[int, torch.Tensor] = {}  # a quantized part's ||W||^2 rows
+        self.output_bias = _fused_bias(base, parts)  # what DoRA's scale leaves out
 
     def install(self, slot: int, a: list[torch.Tensor | None],
                 b: list[torch.Tensor | None],
@@ -299,15 +314,6 @@ class MultiLoraLinear(nn.Module):
             y = module(x.to(dtype)).float()
         return y if module.bias is None else y - module.bias.float()
 
-    def _bias(self) -> torch.Tensor | None:
-        if isinstance(self.base, Concatenated):
-            biases = [module.bias for module in self.base.parts]
-            if all(bias is None for bias in biases):
-                return None
-            return torch.cat([bias if bias is not None else self.scale.new_zeros(part.out_features)
-                              for bias, part in zip(biases, self.parts, strict=True)])
-        return self.base.bias
-
     def merge(self, slot: int) -> None:
         """Serve `slot` through a merged weight (unquantized base only)."""
         if slot not in self.filled:
@@ -352,7 +358,7 @@ class MultiLoraLinear(nn.Module):
         """DoRA tokens' rows, W x + B A x so far, become m / ||W + B A|| (W x + B A x) +
         bias: PEFT's `(g - 1) base(x) + g B A x` added to the base output."""
         rows = y.index_select(0, tokens)
-        bias = self._bias()
+        bias = self.output_bias
         if bias is not None:
             rows = (rows - bias) * self.scale[slots] + bias
         else:
