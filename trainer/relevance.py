@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
+from lorag.retrieval import SEARCH_MODE
 from lorag.retrieval.rerank import NO, RERANK_CANDIDATES, RERANK_LAYOUT, YES, relevance_messages
 from lorag.retrieval.store import Hit
 from lorag.trainer.raft import Search, read_questions
@@ -32,7 +33,7 @@ class RelevanceOptions:
 
     namespace: str | None = None  # None: the data is a pair file
     negatives: int = 3  # per question
-    mode: str = "hybrid"
+    mode: str = SEARCH_MODE
     seed: int = 0
 
     def __post_init__(self):
