@@ -50,7 +50,11 @@ class AdapterPool:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self._install(slot, load())
+            try:
+                self._install(slot, load())
+            except BaseException:
+                self._zero(slot)  # a half-installed slot is free and holds nothing
+                raise
         self.refs[slot] += 1
         self.lru.move_to_end(name)
         return slot
@@ -119,13 +123,16 @@ class AdapterPool:
         self.installs[slot] += 1
 
     def _clear(self, slot: int) -> None:
+        self._zero(slot)
+        self._forget(slot)
+
+    def _zero(self, slot: int) -> None:
         # Zeroing is not needed for correctness (a free slot is never routed to) but keeps
         # an unloaded adapter's weights from lingering in memory.
         for layer in self.layers:
             layer.install(slot, [None] * len(layer.keys), [None] * len(layer.keys))
         self.batch.dora_slots.discard(slot)
         self.installs[slot] += 1
-        self._forget(slot)
 
     def _forget(self, slot: int) -> None:
         del self.lru[self.names[slot]]

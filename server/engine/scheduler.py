@@ -7,6 +7,7 @@ Each step then lays out one decode token for every decoding sequence, followed b
 chunks of sequences being prefilled, up to `max_num_batched_tokens`.
 """
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from xgrammar import GrammarMatcher
 
 from lorag.adapters import AdapterKey, LoraWeights
-from lorag.errors import LoragError
+from lorag.errors import LoragError, RequestFailed
 from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.kv import AttentionInput, BlockPool
 from lorag.server.engine.merge import AutoMerge
@@ -24,6 +25,8 @@ from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.runner import Prefill, StepInput
 from lorag.server.engine.sampling import SamplingParams
 from lorag.server.engine.stream import TokenStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # a request is itself: compared (`in running`) by identity
@@ -84,6 +87,15 @@ class Scheduler:
                     slot = self.pool.acquire(seq.adapter, partial(weights, seq))
                 except LoragError as e:
                     ended.append((self.waiting.popleft(), e))
+                    continue
+                except Exception as e:  # a bug or a bad file behind one adapter: its
+                    # request alone ends; the others and the loop go on
+                    log.error("adapter %s could not be installed for request %s",
+                              seq.adapter, seq.id, exc_info=e)
+                    ended.append((self.waiting.popleft(), RequestFailed(
+                        f"adapter {str(seq.adapter)!r} could not be put in a compute slot "
+                        f"for request {seq.id}. Other requests were not affected; the "
+                        "daemon's log has the details")))
                     continue
                 if slot is None:
                     break  # every adapter slot is in use: wait for a release

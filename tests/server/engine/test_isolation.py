@@ -101,6 +101,38 @@ def test_a_tiny_temperature_is_greedy(engine):
     assert engine.submit(PROMPT, tiny).result().token_ids == greedy
 
 
+def test_an_adapter_that_fails_to_install_ends_its_own_request_alone(engine, adapter_root,
+                                                                    monkeypatch):
+    """A bad file or a bug while copying one adapter into a compute slot (here the third
+    layer's copy raises: half installed) fails that request with lorag's own error; a
+    stream beside it runs on, and the slot, wiped, serves the same adapter exactly later."""
+    expected = engine.submit(PROMPT, GREEDY, "t1").result().token_ids
+    engine.unload_adapter("t1")  # out of its slot: the next request installs it again
+    engine.load_adapter("t1", str(adapter_root / "t1"))
+    beside = iter(engine.submit(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True), "t0"))
+    first = next(beside).token_ids  # running: its adapter is in its slot
+    copies = []
+
+    def copy(real):
+        def install(slot, a, b, magnitude=None):
+            if any(part is not None for part in a):
+                copies.append(slot)
+                if len(copies) == 3:
+                    raise RuntimeError("a copy that fails (injected)")
+            real(slot, a, b, magnitude)
+        return install
+
+    with monkeypatch.context() as patch:
+        for layer in engine.pool.layers:
+            patch.setattr(layer, "install", copy(layer.install))
+        with pytest.raises(RequestFailed, match=r"adapter 't1' could not be put in a "
+                                                r"compute slot for request .*Other requests "
+                                                r"were not affected"):
+            engine.submit(PROMPT, GREEDY, "t1").result()
+    assert len(first + [t for out in beside for t in out.token_ids]) == 40 and engine.alive
+    assert engine.submit(PROMPT, GREEDY, "t1").result().token_ids == expected
+
+
 def test_a_dead_step_loop_ends_every_stream_and_refuses_new_work(engine):
     long = SamplingParams(max_tokens=100, ignore_eos=True)
     streams = [iter(engine.submit(PROMPT, long, adapter)) for adapter in (None, "t0")]
