@@ -22,6 +22,17 @@ INSTRUCTION = ("Answer the question using only the context below. Passages are n
 # so a change here is a new version
 RAG_LAYOUT = "best-last/1"
 
+# How a grounded answer declines when its passages do not hold the answer: what a RAFT
+# adapter learns to say (trainer/raft.py; JSON answers cite NO_SOURCE), and the phrases,
+# normalised as SQuAD normalises answers (lower case, no punctuation or articles), by which
+# `lorag eval generate`'s abstain metric and the playground (through /v1/server) recognise
+# a declined answer from any model.
+ABSTAIN = "The sources do not say."
+NO_SOURCE = "none"
+ABSTENTIONS = ("sources do not say", "not in sources", "sources do not", "do not know",
+               "dont know", "no information", "cannot find", "can not find",
+               "not mentioned", "not stated", "cannot answer", "unable to answer")
+
 
 @dataclass
 class Augmented:

@@ -19,6 +19,7 @@ from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
 from lorag.errors import InvalidRequest, LoragError, NotFound, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
+from lorag.retrieval.rag import ABSTAIN, ABSTENTIONS, NO_SOURCE
 from lorag.retrieval.rerank import RERANK_CANDIDATES
 from lorag.retrieval.store import MODES, DocumentStore, Hit
 from lorag.server.adapters import AdapterRecords
@@ -289,7 +290,10 @@ class Service:
                 "structured_outputs": ["json_schema", "json_object", "regex", "grammar"],
                 "max_composition": MAX_COMPOSITION,
                 "rag": {"top_k": Rag.top_k, "max_top_k": RAG_MAX_TOP_K, "mode": Rag.mode,
-                        "modes": list(MODES), "rerank_candidates": RERANK_CANDIDATES},
+                        "modes": list(MODES), "rerank_candidates": RERANK_CANDIDATES,
+                        # how a grounded answer declines, so a client can show it as such
+                        "abstain": {"answer": ABSTAIN, "source": NO_SOURCE,
+                                    "phrases": list(ABSTENTIONS)}},
                 "ingest_file_types": sorted(SUFFIXES),
                 "request_limits": asdict(self.limits),
                 "caller": {"tenant": caller.tenant, "admin": caller.admin}}

@@ -28,12 +28,10 @@ from pathlib import Path
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
 from lorag.retrieval import MAX_TOP_K, MODES, RAG_MAX_TOP_K, RAG_TOP_K, SEARCH_MODE
-from lorag.retrieval.rag import RAG_LAYOUT, with_context
+from lorag.retrieval.rag import ABSTAIN, NO_SOURCE, RAG_LAYOUT, with_context
 from lorag.retrieval.store import Hit
 
 ANSWER_FORMATS = ("text", "json")  # json: {"answer", "source"}, the demo's schema
-ABSTAIN = "The sources do not say."
-NO_SOURCE = "none"  # the source an abstention cites
 
 # (question, k) -> hits best first: the namespace's search, local or on a daemon
 Search = Callable[[str, int], list[Hit]]

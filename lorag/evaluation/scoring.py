@@ -19,6 +19,8 @@ import jsonschema
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from lorag.retrieval.rag import ABSTENTIONS
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 _WORDS = re.compile(r"\w+")
@@ -126,10 +128,6 @@ def answer_text(answer: str, field: str | None) -> str:
     return answer
 
 
-# phrases that say "the sources do not hold the answer", normalised (SQuAD's way)
-ABSTENTIONS = ("sources do not say", "not in sources", "sources do not", "do not know",
-               "dont know", "no information", "cannot find", "can not find",
-               "not mentioned", "not stated", "cannot answer", "unable to answer")
 SUPPORTED_SHARE = 0.8  # of an answer's words a passage must hold for it to be supported
 
 

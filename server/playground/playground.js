@@ -267,6 +267,29 @@ function usageLine(reply) {
   return parts.join(" · ");
 }
 
+// Whether a grounded answer declined, by the rules the daemon states in /v1/server
+// (rag.abstain): a JSON answer citing the abstention source, or a declining phrase in the
+// text once normalised as lorag's evaluation normalises it (SQuAD's way).
+function declined(reply) {
+  const rules = state.server.rag.abstain;
+  if (!reply.rag || !rules) return false;
+  try {
+    const value = JSON.parse(reply.text);
+    if (value && value.source === rules.source) return true;
+  } catch { /* a free-text answer */ }
+  const text = ` ${reply.text.toLowerCase().replace(/[\p{P}\p{S}]/gu, "")
+    .replace(/\b(a|an|the)\b/g, " ").split(/\s+/).filter(Boolean).join(" ")} `;
+  return rules.phrases.some((phrase) => text.includes(` ${phrase} `));
+}
+
+function declinedNote(reply) {
+  return declined(reply)
+    ? el("p", {class: "declined", textContent:
+      "Declined: the retrieved passages do not hold the answer, so the model said so " +
+      "instead of guessing."})
+    : null;
+}
+
 function renderMessage(role, text) {
   const body = el("div", {class: "text", textContent: text});
   const item = el("li", {class: `message ${role}`},
@@ -303,6 +326,8 @@ async function sendChat(event) {
       answer.textContent = all;
     });
     state.chat.push({role: "assistant", content: reply.text});
+    const note = declinedNote(reply);
+    if (note) item.append(note);
     item.append(el("p", {class: "meta", textContent: usageLine(reply)}));
     const sources = sourcesList(reply.sources);
     if (sources) item.append(sources);
@@ -383,6 +408,8 @@ async function runCompare(event) {
         column.output.textContent = all;
       });
       column.meta.textContent = usageLine(reply);
+      const note = declinedNote(reply);
+      if (note) column.sources.append(note);
       const sources = sourcesList(reply.sources);
       if (sources) column.sources.append(sources);
     } catch (error) {

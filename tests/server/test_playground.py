@@ -5,6 +5,7 @@ Screenshots of every screen go to test-artifacts/playground/ (docs/playground.md
 """
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -194,6 +195,57 @@ def test_a_reranked_answer_says_which_adapter_reranked_and_how_long_each_stage_t
     expect(meta).to_contain_text(f"ms ({adapter})")
     expect(meta).to_contain_text("search ")
     expect(page.locator(".message.assistant .sources")).to_contain_text("hours.md")
+
+
+def cites(source: str) -> str:
+    """A response format that makes any model answer in the demo's JSON, citing `source`."""
+    return json.dumps({"type": "object", "required": ["answer", "source"], "properties": {
+        "answer": {"type": "string", "maxLength": 24}, "source": {"enum": [source]}}})
+
+
+def test_a_declined_answer_is_shown_as_declined(page, real_daemon):
+    """The rules come from /v1/server: a JSON answer citing the abstention source "none" is
+    declined, one citing a page is not (the grammar makes the model write either)."""
+    httpx.post(f"{real_daemon.url}/v1/namespaces/{NAMESPACE}/documents", timeout=120,
+               json={"id": "hours.md", "text": NOTES},
+               headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+    connect(page)
+    page.get_by_label("Ground answers in a namespace").check()
+    page.locator("#rag-namespace").select_option(NAMESPACE)
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill("40")
+    answers = page.locator(".message.assistant")
+    for turn, source in enumerate(["hours.md", "none"]):
+        page.get_by_label("JSON schema (empty: free text)").fill(cites(source))
+        page.get_by_label("Message").fill("What is the wifi password of the reading room?")
+        page.get_by_role("button", name="Send").click()
+        expect(answers.nth(turn).locator(".meta")).to_contain_text("completion tokens")
+        expect(answers.nth(turn)).to_contain_text(re.compile(f'"source": ?"{source}"'))
+    expect(answers.nth(0).locator(".declined")).to_have_count(0)
+    expect(answers.nth(1).locator(".declined")).to_contain_text("Declined")
+    shot(page, "declined")
+
+
+def test_the_message_box_stays_in_view_at_a_laptops_height(browser, real_daemon):
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    page.goto(real_daemon.url + "/")
+    connect(page)
+    for box in (page.get_by_label("Message"), page.get_by_role("button", name="Send")):
+        expect(box).to_be_in_viewport(ratio=1)
+    page.locator("#messages").evaluate("""(list) => {  // a long conversation
+        for (let i = 0; i < 40; i++) {
+            const item = document.createElement("li");
+            item.className = "message user";
+            item.textContent = "a question that was asked earlier ".repeat(8);
+            list.append(item);
+            item.scrollIntoView({block: "end"});
+        }
+    }""")
+    for box in (page.get_by_label("Message"), page.get_by_role("button", name="Send")):
+        expect(box).to_be_in_viewport(ratio=1)
+    shot(page, "laptop")
+    context.close()
 
 
 def test_compare_runs_four_columns_at_once(page, adapter):

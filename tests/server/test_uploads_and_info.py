@@ -83,8 +83,11 @@ def test_the_server_form_says_defaults_limits_and_rights(daemon):
     info = httpx.get(f"{daemon.url}/v1/server", headers={"Authorization": ALICE}).json()
     assert info["defaults"] == {**SAMPLING_DEFAULTS, "max_tokens": None, "seed": None}
     assert info["max_model_len"] == MAX_MODEL_LEN
+    abstain = info["rag"].pop("abstain")
     assert info["rag"] == {"top_k": 4, "max_top_k": 20, "mode": "hybrid",
                            "modes": ["vector", "bm25", "hybrid"], "rerank_candidates": 20}
+    assert abstain["answer"] == "The sources do not say." and abstain["source"] == "none"
+    assert "sources do not say" in abstain["phrases"]
     assert info["ingest_file_types"] == sorted(SUFFIXES)
     assert info["request_limits"]["messages"] == 1024
     assert info["caller"] == {"tenant": "alice", "admin": True}
