@@ -109,6 +109,8 @@ def eval_generate(
     rag_top_k: Annotated[int, typer.Option(
         min=1, max=RAG_MAX_TOP_K, help="Passages for rag.")] = RAG_TOP_K,
     rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = SEARCH_MODE,
+    rag_rerank_model: Annotated[str | None, typer.Option(
+        help="Rerank rag's candidates with this relevance adapter (rag.rerank).")] = None,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
              "source, retrieved, abstain (unanswerable questions declined), supported (the "
@@ -152,7 +154,7 @@ def eval_generate(
                              field="format_regex") from e
     options = EvalOptions(
         url=url, data=data, model=model, api_key=api_key, rag_namespace=rag_namespace,
-        rag_top_k=rag_top_k, rag_mode=rag_mode,
+        rag_top_k=rag_top_k, rag_mode=rag_mode, rag_rerank_model=rag_rerank_model,
         metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
         regex=regex, answer_field=answer_field, response_format=constrained,
         max_tokens=max_tokens, abstain_answer=abstain_answer,
@@ -166,7 +168,7 @@ def eval_generate(
                   + (f" + rag:{rag_namespace}" if rag_namespace else "")
                   + f" on {summary['examples']} examples")
     for key, value in summary.items():
-        if key not in ("name", "model", "rag", "examples"):
+        if key not in ("name", "model", "rag", "reranker", "examples"):
             table.add_row(key, "n/a" if value is None else f"{value:.3f}")
     Console().print(table)
     if json_path:

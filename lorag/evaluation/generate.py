@@ -62,6 +62,7 @@ class EvalOptions:
     rag_namespace: str | None = None
     rag_top_k: int = RAG_TOP_K
     rag_mode: str = SEARCH_MODE
+    rag_rerank_model: str | None = None  # rag.rerank with this relevance adapter
     schema: dict | None = None
     regex: re.Pattern | None = None
     answer_field: str | None = None
@@ -84,6 +85,9 @@ class EvalOptions:
             if metric in self.metrics and not self.rag_namespace:
                 raise InvalidRequest(f"the {metric} metric needs --rag-namespace",
                                      field="metrics")
+        if self.rag_rerank_model and not self.rag_namespace:
+            raise InvalidRequest("reranking reorders rag's passages: --rag-rerank-model "
+                                 "needs --rag-namespace", field="rag_rerank_model")
 
 
 def read_examples(path: Path) -> list[dict]:
@@ -160,6 +164,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
         if options.rag_namespace:
             body["rag"] = {"namespace": options.rag_namespace, "top_k": options.rag_top_k,
                            "mode": options.rag_mode}
+            if options.rag_rerank_model:
+                body["rag"] |= {"rerank": True, "rerank_model": options.rag_rerank_model}
         if options.response_format:
             body["response_format"] = options.response_format
         start = time.perf_counter()
@@ -171,6 +177,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
                "answerable": example.get("answerable", True),
                "gold_source": example.get("source"), "answer": answer,
                "sources": [p["document_id"] for p in passages],
+               "reranker": (reply.get("rag") or {}).get("reranker"),
+               "rag_timing": (reply.get("rag") or {}).get("timing"),
                "latency_s": round(latency, 3),
                "completion_tokens": reply["usage"]["completion_tokens"],
                "finish_reason": reply["choices"][0]["finish_reason"],
@@ -186,7 +194,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return {"name": options.name, "model": options.model, "rag": options.rag_namespace,
-            "examples": len(rows), **summarize(rows, options.metrics, options.answer_field)}
+            "reranker": options.rag_rerank_model, "examples": len(rows),
+            **summarize(rows, options.metrics, options.answer_field)}
 
 
 def summarize(rows: list[dict], metrics: list[str], answer_field: str | None) -> dict:

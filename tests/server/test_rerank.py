@@ -6,6 +6,8 @@ adapter ranks is measured by `lorag bench rag` and the demo). The tiny model of 
 lane puts neither word among its likeliest tokens, so its scores tie at 0.5 and ties keep
 the input order; the scores themselves are checked on the real model (e2e)."""
 
+import json
+
 import grpc
 import httpx
 import pytest
@@ -14,6 +16,9 @@ from peft import PeftModel
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.client import DaemonClient
+from lorag.errors import InvalidRequest
+from lorag.evaluation.generate import EvalOptions
+from lorag.evaluation.generate import evaluate as generate
 from lorag.evaluation.retrieval import evaluate
 from lorag.models import load_base
 from lorag.retrieval.rerank import RERANK_CANDIDATES, relevance, relevance_messages
@@ -281,3 +286,20 @@ def test_eval_retrieval_reranks_on_the_daemon_and_times_each_stage(daemon, kb,
     hits = client.search(kb, QUERY, RERANK_CANDIDATES, "hybrid")
     order = by_daemon(QUERY, [hit["text"] for hit in hits])
     assert result["per_query"][0]["ranked"][0] == hits[order[0]]["document_id"]
+
+
+def test_eval_generate_asks_rag_to_rerank_with_the_model_it_names(daemon, kb,
+                                                                 relevance_adapter, tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": QUERY, "answer": "seven", "source": "doc-0"}))
+    options = EvalOptions(url=daemon.url, api_key=ALICE.split()[1], data=data, model=BASE,
+                          metrics=["retrieved"], rag_namespace=kb, rag_top_k=1,
+                          rag_rerank_model=relevance_adapter, max_tokens=2,
+                          out=tmp_path / "rows.jsonl")
+    assert generate(options)["reranker"] == relevance_adapter
+    row = json.loads((tmp_path / "rows.jsonl").read_text())
+    assert row["reranker"] == relevance_adapter and row["rag_timing"]["rerank_ms"] > 0
+    with pytest.raises(InvalidRequest) as refused:
+        EvalOptions(url=daemon.url, data=data, model=BASE, metrics=["accuracy"],
+                    rag_rerank_model=relevance_adapter)
+    assert refused.value.field == "rag_rerank_model"
