@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lorag.errors import InvalidRequest
 from lorag.jsonl import read_objects
-from lorag.retrieval import SEARCH_MODE
+from lorag.retrieval import MODES, SEARCH_MODE
 from lorag.retrieval.rerank import NO, RERANK_CANDIDATES, RERANK_LAYOUT, YES, relevance_messages
 from lorag.retrieval.store import Hit
 from lorag.trainer.raft import Search, read_questions
@@ -41,6 +41,9 @@ class RelevanceOptions:
             raise InvalidRequest(f"--rerank-negatives must be an integer in 1.."
                                  f"{RERANK_CANDIDATES - 1}, got {self.negatives!r}",
                                  field="rerank_negatives")
+        if self.mode not in MODES:
+            raise InvalidRequest(f"--rag-mode must be one of {', '.join(MODES)}, got "
+                                 f"{self.mode!r}", field="rag_mode")
 
 
 @dataclass

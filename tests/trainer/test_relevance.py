@@ -115,6 +115,14 @@ def test_read_pairs_of_an_empty_file_says_so(tmp_path):
         read_pairs(write(tmp_path / "pairs.jsonl", []))
 
 
+@pytest.mark.parametrize(("given", "flag"), [({"negatives": 0}, "--rerank-negatives"),
+                                             ({"mode": "dense"}, "--rag-mode")])
+def test_relevance_options_name_the_flag_they_refuse(given, flag):
+    with pytest.raises(InvalidRequest, match=f"{flag} must be") as refused:
+        RelevanceOptions("kb", **given)
+    assert refused.value.field == flag.removeprefix("--").replace("-", "_")
+
+
 def test_an_unknown_task_names_the_flag(tmp_path):
     with pytest.raises(InvalidRequest, match="--task must be chat or rerank"):
         TrainOptions(data=tmp_path / "x", base="b", out=tmp_path, task="classify")
