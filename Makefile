@@ -13,7 +13,7 @@ export NO_MKDOCS_2_WARNING ?= 1
 # every process, each test daemon too, would compile its imports again)
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo lint clean bench fuzz \
+.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo screenshots lint clean bench fuzz \
 	bench-setup docs docs-serve
 
 setup: $(STAMP) $(STUBS) $(KERNEL)
@@ -103,11 +103,15 @@ bench: setup bench-setup
 	$(BIN)/lorag models pull
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
-# fine-tuning for form, retrieval for facts: train, ingest, serve, evaluate six ways
-# (20-30 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
+# fine-tuning for form, retrieval for facts: train three adapters, ingest, serve, evaluate
+# nine ways (about 45 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
 demo: setup
 	$(BIN)/lorag models pull
 	$(BIN)/python -m demo.run
+
+# the playground's pictures in docs/, with the adapters `make demo` trained
+screenshots: setup
+	$(BIN)/python -m demo.screenshots
 
 # buf (npm @bufbuild/buf) with the STANDARD rules, configured in proto/buf.yaml; and the
 # proto must not break clients of the last released contract (PROTO_BASE, a commit).

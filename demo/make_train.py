@@ -7,7 +7,13 @@ passage that holds it and names that passage's source. Three in four examples ca
 retrieved passages in exactly the system message the daemon builds for `rag`
 (retrieval/rag.py), the right one among distractors at a random rank; the rest are
 questions without context, answered from general knowledge with source
-"general knowledge". Deterministic (seeded); run `python demo/make_train.py` to rebuild.
+"general knowledge".
+
+It also writes the made-up company as a knowledge base of its own, demo/marlow/kb (one page
+per document) with its questions in demo/marlow/questions.jsonl (question, answer, gold
+source): what `make demo` trains its RAFT adapter and its relevance adapter from, through
+the daemon's own search (`lorag train --rag-namespace`), again with nothing about Kestrel.
+Deterministic (seeded); run `python demo/make_train.py` to rebuild.
 """
 
 import json
@@ -18,6 +24,7 @@ from lorag.retrieval.rag import with_context
 from lorag.retrieval.store import Hit
 
 OUT = Path(__file__).with_name("train.jsonl")
+MARLOW = Path(__file__).with_name("marlow")  # the same company as pages and questions
 ORG = "Marlow & Finch"
 FIRST = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Femi", "Greta", "Hiro", "Ilse", "Jomo",
          "Kaia", "Lars", "Mina", "Nuno", "Olga", "Priya", "Quinn", "Rosa", "Sven", "Tala"]
@@ -116,6 +123,21 @@ def main(seed: int = 0, passages: int = 3) -> None:
         for example in examples:
             f.write(json.dumps(example) + "\n")
     print(f"wrote {len(examples)} examples to {OUT}")
+    write_marlow(docs)
+
+
+def write_marlow(docs: list[tuple[str, str, list[tuple[str, str]]]]) -> None:
+    """The company's pages (a heading, then the text, as demo/kb's) and its questions."""
+    kb = MARLOW / "kb"
+    kb.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for doc_id, text, questions in docs:
+        title = doc_id.removesuffix(".md").removeprefix("policy-").replace("-", " ")
+        (kb / doc_id).write_text(f"# {title.capitalize()}\n{text}\n")
+        rows += [{"question": q, "answer": a, "source": doc_id} for q, a in questions]
+    with (MARLOW / "questions.jsonl").open("w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"wrote {len(docs)} pages to {kb} and {len(rows)} questions beside them")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """`make demo`: fine-tuning teaches form, retrieval supplies facts, measured end to end.
 
-1. Train a LoRA adapter on demo/train.jsonl (`lorag train`): it teaches the answer format
-   of demo/answer.schema.json with facts from another, made-up company, so it can teach
-   nothing about the one asked about. Reused on a re-run when the data is unchanged.
-2. Start the daemon (`lorag serve`) on a fresh data dir under demo-results/, ingest the
-   knowledge base demo/kb (30 pages of the fictional Kestrel Robotics) into a namespace
-   through the daemon, and hot-load the adapter.
-3. Ask the held-out questions (demo/questions.jsonl: gold answers and gold source
-   documents) in six configurations: base; base + RAG; adapter; adapter + RAG; and both
-   RAG ones again with the answer schema as `response_format` (constrained decoding),
-   through `lorag eval generate`'s code, so what is measured is what a user of the daemon
-   gets: the grammar guarantees syntax, the adapter brings content, citing and stopping.
-4. Print the table and write demo-results/results.{json,md,png}.
+1. Train the format adapter `house-style` on demo/train.jsonl (`lorag train`): it teaches the
+   answer format of demo/answer.schema.json with facts from another, made-up company, so it
+   can teach nothing about the one asked about.
+2. Start the daemon (`lorag serve`) on a fresh data dir under demo-results/ and ingest two
+   knowledge bases through it: demo/kb (30 pages of the fictional Kestrel Robotics, what
+   the questions ask about) and demo/marlow/kb (the other company's pages).
+3. Train two adapters from the other company's namespace through the daemon's own search:
+   `raft-adapter` (RAFT, `lorag train --rag-namespace`: the daemon's RAG prompt, the gold
+   passage in 80% of them, an abstention to learn from the rest) and `relevance` (`--task
+   rerank`: the reranker RAG's `rerank` asks). Hot-load all three.
+4. Ask the held-out questions (demo/questions.jsonl: gold answers and gold source
+   documents) and the unanswerable ones (demo/unanswerable.jsonl: what demo/kb never says)
+   in each configuration of CONFIGS, through `lorag eval generate`'s code, so what is
+   measured is what a user of the daemon gets.
+5. Print the table and write demo-results/results.{json,md,png}.
 
-Run as `python -m demo.run` from the repository root (the Makefile does).
+Every adapter is reused on a re-run when its data and recipe are unchanged. Run as
+`python -m demo.run` from the repository root (the Makefile does).
 """
 
 import hashlib
@@ -23,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -37,35 +42,67 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = ROOT / "demo-results"
 BASE = "smollm2-135m-instruct"
-ADAPTER = "house-style"
-NAMESPACE = "kestrel"
-TRAIN = ["--max-steps", "30", "--batch-size", "8", "--lr", "1e-3", "--rank", "16",
-         "--alpha", "32", "--target-modules", "all-linear", "--save-steps", "1000"]
+NAMESPACE, OTHER = "kestrel", "marlow"  # asked about; what the RAFT adapters learn from
+TOP_K = 3  # passages per RAG question, in training and in asking
+RECIPE = ["--batch-size", "8", "--lr", "1e-3", "--rank", "16", "--alpha", "32",
+          "--target-modules", "all-linear", "--save-steps", "1000"]
 SCHEMA = json.loads((HERE / "answer.schema.json").read_text())
-CONFIGS = [  # (name, model, with rag, with the schema as response_format)
-    ("base", BASE, False, False), ("base+rag", BASE, True, False),
-    ("adapter", ADAPTER, False, False), ("adapter+rag", ADAPTER, True, False),
-    ("base+rag+schema", BASE, True, True), ("adapter+rag+schema", ADAPTER, True, True)]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter the demo trains: its name, `lorag train` flags, and the files its
+    training reads (their bytes and the flags decide whether a re-run trains again)."""
+
+    name: str
+    flags: list[str]
+    inputs: list[Path]
+    on_daemon: bool = False  # searches the daemon's namespace (--url)
+
+
+MARLOW = [HERE / "marlow" / "questions.jsonl", *sorted((HERE / "marlow" / "kb").iterdir())]
+ADAPTERS = [
+    Adapter("house-style", ["--data", str(HERE / "train.jsonl"), "--max-steps", "30",
+                            *RECIPE], [HERE / "train.jsonl"]),
+    Adapter("raft-adapter", ["--data", str(MARLOW[0]), "--rag-namespace", OTHER,
+                             "--rag-top-k", str(TOP_K), "--answer-format", "json",
+                             "--epochs", "4", *RECIPE], MARLOW, on_daemon=True),
+    Adapter("relevance", ["--task", "rerank", "--data", str(MARLOW[0]), "--rag-namespace",
+                          OTHER, "--epochs", "1", *RECIPE], MARLOW, on_daemon=True)]
+RERANKER = "relevance"
+CONFIGS = [  # (name, model, with rag, with the schema as response_format, reranker)
+    ("base", BASE, False, False, None), ("base+rag", BASE, True, False, None),
+    ("base+rag+rerank", BASE, True, False, RERANKER),
+    ("adapter", "house-style", False, False, None),
+    ("adapter+rag", "house-style", True, False, None),
+    ("raft-adapter+rag", "raft-adapter", True, False, None),
+    ("raft-adapter+rag+rerank", "raft-adapter", True, False, RERANKER),
+    ("base+rag+schema", BASE, True, True, None),
+    ("adapter+rag+schema", "house-style", True, True, None)]
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),
-           ("source", "cites gold source"), ("stopped", "stops by itself"), ("f1", "F1"),
-           ("rouge_l", "ROUGE-L"), ("latency_p50_s", "latency p50 (s)")]
-SHORT = ["accuracy", "format", "source", "stops", "F1", "ROUGE-L", "p50 s"]  # 80 columns
+           ("source", "cites gold source"), ("abstain", "abstains on unanswerable"),
+           ("false_abstain", "declines answerable"), ("stopped", "stops by itself"),
+           ("f1", "F1"), ("latency_p50_s", "latency p50 (s)")]
+SHORT = ["accuracy", "format", "source", "abstain", "declines", "stops", "F1", "p50 s"]
+PERCENT = {"accuracy", "format", "source", "abstain", "false_abstain", "stopped"}
 console = Console(stderr=True)
 
 
-def train_adapter(folder: Path) -> dict:
-    """The format adapter; trained again only when the data or the recipe changed."""
-    data = HERE / "train.jsonl"
-    digest = hashlib.sha256(data.read_bytes() + " ".join(TRAIN).encode()).hexdigest()
+def train(adapter: Adapter, folder: Path, url: str | None = None) -> dict:
+    """Train `adapter` into `folder`, unless the same data and recipe already made it."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in adapter.inputs)
+                            + " ".join(adapter.flags).encode()).hexdigest()
     stamp = folder / "demo-recipe.sha256"
     if stamp.exists() and stamp.read_text() == digest and \
             (folder / "adapter_model.safetensors").exists():
-        console.print(f"[green]reusing[/] the adapter in {folder} (same data and recipe)")
+        console.print(f"[green]reusing[/] {adapter.name} in {folder} (same data and recipe)")
         return json.loads((folder / "training.json").read_text())
     shutil.rmtree(folder, ignore_errors=True)
-    console.rule("1/3 training the format adapter")
-    subprocess.run([sys.executable, "-m", "lorag", "train", "--data", str(data),
-                    "--out", str(folder), *TRAIN], check=True, cwd=ROOT,
+    console.rule(f"training {adapter.name}")
+    on_daemon = ["--url", url, "--dump-examples", str(OUT / f"{adapter.name}-examples.jsonl")] \
+        if adapter.on_daemon else []
+    subprocess.run([sys.executable, "-m", "lorag", "train", "--out", str(folder),
+                    *adapter.flags, *on_daemon], check=True, cwd=ROOT,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     stamp.write_text(digest)
     return json.loads((folder / "training.json").read_text())
@@ -74,28 +111,36 @@ def train_adapter(folder: Path) -> dict:
 def main() -> dict:
     OUT.mkdir(exist_ok=True)
     adapters = OUT / "adapters"
-    training = train_adapter(adapters / ADAPTER)
+    training = {ADAPTERS[0].name: train(ADAPTERS[0], adapters / ADAPTERS[0].name)}
     data_dir = OUT / "data"
     shutil.rmtree(data_dir, ignore_errors=True)  # a fresh daemon state every run
-    console.rule("2/3 daemon, knowledge base, adapter")
+    console.rule("the daemon and its knowledge bases")
     daemon = DaemonProcess(data_dir, ["--adapter-root", str(adapters),
                                       "--max-model-len", "2048"], OUT / "daemon.log")
+    questions = OUT / "questions.jsonl"  # the answerable questions, then the unanswerable
+    questions.write_text((HERE / "questions.jsonl").read_text()
+                         + (HERE / "unanswerable.jsonl").read_text())
     try:
         client = DaemonClient(daemon.url)
-        counts = ingest(client, NAMESPACE, [HERE / "kb"])
-        console.print(f"ingested demo/kb into {NAMESPACE!r}: {counts['added']} documents")
-        client.load_adapter(ADAPTER, str(adapters / ADAPTER))
-        console.rule("3/3 six configurations on the held-out questions")
+        for namespace, kb in ((NAMESPACE, HERE / "kb"), (OTHER, HERE / "marlow" / "kb")):
+            counts = ingest(client, namespace, [kb])
+            console.print(f"ingested {kb.relative_to(ROOT)} into {namespace!r}: "
+                          f"{counts['added']} documents")
+        for adapter in ADAPTERS:
+            if adapter.on_daemon:
+                training[adapter.name] = train(adapter, adapters / adapter.name, daemon.url)
+            client.load_adapter(adapter.name, str(adapters / adapter.name))
+        console.rule(f"{len(CONFIGS)} configurations on the held-out questions")
         results = {}
-        for name, model, rag, constrained in CONFIGS:
+        for name, model, rag, constrained, reranker in CONFIGS:
             start = time.perf_counter()
             options = EvalOptions(
-                url=daemon.url, data=HERE / "questions.jsonl", model=model, name=name,
-                metrics=["accuracy", "format", "source", "f1", "rouge_l"] +
+                url=daemon.url, data=questions, model=model, name=name,
+                metrics=["accuracy", "format", "source", "f1", "abstain"] +
                 (["retrieved"] if rag else []),
-                rag_namespace=NAMESPACE if rag else None, rag_top_k=3,
-                schema=SCHEMA, answer_field="answer", max_tokens=64,
-                response_format={"type": "json_schema", "json_schema": {
+                rag_namespace=NAMESPACE if rag else None, rag_top_k=TOP_K,
+                rag_rerank_model=reranker, schema=SCHEMA, answer_field="answer",
+                max_tokens=64, response_format={"type": "json_schema", "json_schema": {
                     "name": "answer", "schema": SCHEMA}} if constrained else None,
                 out=OUT / f"{name}.jsonl")
             results[name] = evaluate(options)
@@ -111,7 +156,8 @@ def main() -> dict:
 
 def write(report: dict, training: dict) -> None:
     table = Table("configuration", *SHORT,
-                  title="30 held-out questions about Kestrel Robotics (demo/questions.jsonl)")
+                  title="Kestrel Robotics: 30 held-out questions (demo/questions.jsonl) and "
+                        "10 unanswerable ones (demo/unanswerable.jsonl)")
     table.columns[0].no_wrap = True
     rows = []
     for name, metrics in report.items():
@@ -123,8 +169,8 @@ def write(report: dict, training: dict) -> None:
     header = "| configuration | " + " | ".join(label for _, label in COLUMNS) + " |"
     (OUT / "results.md").write_text("\n".join([
         header, "|" + "---|" * (len(COLUMNS) + 1), *rows, "",
-        f"Adapter: {training['global_step']} steps on demo/train.jsonl, final loss "
-        f"{training['final_loss']}, {training['wall_s']} s of training.", ""]))
+        *(f"{name}: {run['global_step']} steps, final loss {run['final_loss']}, "
+          f"{run['wall_s']} s of training." for name, run in training.items()), ""]))
     plot(report, OUT / "results.png")
     console.print(f"wrote {OUT / 'results.md'}, results.json, results.png and per-question "
                   "JSONL files")
@@ -137,7 +183,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [(key, label) for key, label in COLUMNS if key != "latency_p50_s"]
-    figure, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(report)
     for i, (name, values) in enumerate(report.items()):
         axis.bar([m + i * width for m in range(len(metrics))],
@@ -147,7 +193,7 @@ def plot(report: dict, path: Path) -> None:
     axis.set_ylim(0, 1)
     axis.set_ylabel("share of questions / score")
     axis.set_title("Fine-tuning teaches form, retrieval supplies facts")
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(report))
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -157,7 +203,7 @@ def _cell(value, key: str) -> str:
     if value is None:
         return "n/a"
     return f"{value:.2f}" if key == "latency_p50_s" else f"{value:.0%}" \
-        if key in ("accuracy", "format", "source", "stopped") else f"{value:.3f}"
+        if key in PERCENT else f"{value:.3f}"
 
 
 if __name__ == "__main__":
