@@ -179,14 +179,19 @@ def test_retrieval_ingests_dropped_files_and_shows_the_sources(page):
     shot(page, "chat-retrieval")
 
 
-def test_a_reranked_answer_says_which_adapter_reranked_and_how_long_each_stage_took(
-        page, real_daemon, adapter):
+def grounded(page: Page, real_daemon) -> None:
+    """The notes in NAMESPACE (put by the API), the page connected and retrieval on it."""
     httpx.post(f"{real_daemon.url}/v1/namespaces/{NAMESPACE}/documents", timeout=120,
                json={"id": "hours.md", "text": NOTES},
                headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
     connect(page)
     page.get_by_label("Ground answers in a namespace").check()
     page.locator("#rag-namespace").select_option(NAMESPACE)
+
+
+def test_a_reranked_answer_says_which_adapter_reranked_and_how_long_each_stage_took(
+        page, real_daemon, adapter):
+    grounded(page, real_daemon)
     page.get_by_label("Rerank with").select_option(adapter)
     page.get_by_label("Max tokens").fill("4")
     page.get_by_label("Message").fill("When does the Tartu reading room open?")
@@ -206,12 +211,7 @@ def cites(source: str) -> str:
 def test_a_declined_answer_is_shown_as_declined(page, real_daemon):
     """The rules come from /v1/server: a JSON answer citing the abstention source "none" is
     declined, one citing a page is not (the grammar makes the model write either)."""
-    httpx.post(f"{real_daemon.url}/v1/namespaces/{NAMESPACE}/documents", timeout=120,
-               json={"id": "hours.md", "text": NOTES},
-               headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
-    connect(page)
-    page.get_by_label("Ground answers in a namespace").check()
-    page.locator("#rag-namespace").select_option(NAMESPACE)
+    grounded(page, real_daemon)
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max tokens").fill("40")
     answers = page.locator(".message.assistant")
