@@ -285,8 +285,7 @@ function declined(reply) {
 function declinedNote(reply) {
   return declined(reply)
     ? el("p", {class: "declined", textContent:
-      "Declined: the retrieved passages do not hold the answer, so the model said so " +
-      "instead of guessing."})
+      "Declined: the model says the retrieved passages do not hold the answer."})
     : null;
 }
 
