@@ -108,6 +108,12 @@ def train(adapter: Adapter, folder: Path, url: str | None = None) -> dict:
     return json.loads((folder / "training.json").read_text())
 
 
+def start_daemon(data_dir: Path, log: Path) -> DaemonProcess:
+    """`lorag serve` on `data_dir`, loading adapters from the ones the demo trains."""
+    return DaemonProcess(data_dir, ["--adapter-root", str(OUT / "adapters"),
+                                    "--max-model-len", "2048"], log)
+
+
 def main() -> dict:
     OUT.mkdir(exist_ok=True)
     adapters = OUT / "adapters"
@@ -115,8 +121,7 @@ def main() -> dict:
     data_dir = OUT / "data"
     shutil.rmtree(data_dir, ignore_errors=True)  # a fresh daemon state every run
     console.rule("the daemon and its knowledge bases")
-    daemon = DaemonProcess(data_dir, ["--adapter-root", str(adapters),
-                                      "--max-model-len", "2048"], OUT / "daemon.log")
+    daemon = start_daemon(data_dir, OUT / "daemon.log")
     questions = OUT / "questions.jsonl"  # the answerable questions, then the unanswerable
     questions.write_text((HERE / "questions.jsonl").read_text()
                          + (HERE / "unanswerable.jsonl").read_text())

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, expect, sync_playwright
 
-from demo.run import ADAPTERS, NAMESPACE, OUT, TOP_K
-from lorag.benchmarks.daemon import DaemonProcess
+from demo.run import ADAPTERS, BASE, NAMESPACE, OUT, TOP_K, start_daemon
 from lorag.client import DaemonClient
 from lorag.retrieval.ingest import ingest
 
@@ -59,8 +58,7 @@ def take(page: Page) -> None:
 
     page.get_by_role("tab", name="Compare").click()
     page.get_by_label("Question").fill(COMPARED)
-    for i, (model, rag) in enumerate([("smollm2-135m-instruct", False),
-                                      ("smollm2-135m-instruct", True),
+    for i, (model, rag) in enumerate([(BASE, False), (BASE, True),
                                       ("house-style", True), ("raft-adapter", True)]):
         column = page.locator(".column").nth(i)
         column.locator("select").first.select_option(model)
@@ -82,8 +80,7 @@ def main() -> None:
         sys.exit("the screenshots need Debian's chromium: apt-get install chromium")
     data_dir = OUT / "screenshots-data"
     shutil.rmtree(data_dir, ignore_errors=True)
-    daemon = DaemonProcess(data_dir, ["--adapter-root", str(adapters),
-                                      "--max-model-len", "2048"], OUT / "screenshots.log")
+    daemon = start_daemon(data_dir, OUT / "screenshots.log")
     try:
         client = DaemonClient(daemon.url)
         ingest(client, NAMESPACE, [HERE / "kb"])

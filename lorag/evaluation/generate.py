@@ -173,12 +173,13 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
         latency = time.perf_counter() - start
         answer = reply["choices"][0]["message"]["content"]
         passages = reply.get("sources", [])
+        grounding = reply.get("rag") or {}
         row = {"index": index, "question": example["question"], "gold": example.get("answer"),
                "answerable": example.get("answerable", True),
                "gold_source": example.get("source"), "answer": answer,
                "sources": [p["document_id"] for p in passages],
-               "reranker": (reply.get("rag") or {}).get("reranker"),
-               "rag_timing": (reply.get("rag") or {}).get("timing"),
+               "reranker": grounding.get("reranker"),
+               "rag_timing": grounding.get("timing"),
                "latency_s": round(latency, 3),
                "completion_tokens": reply["usage"]["completion_tokens"],
                "finish_reason": reply["choices"][0]["finish_reason"],
