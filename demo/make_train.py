@@ -11,8 +11,9 @@ questions without context, answered from general knowledge with source
 
 It also writes the made-up company as a knowledge base of its own, demo/marlow/kb (one page
 per document) with its questions in demo/marlow/questions.jsonl (question, answer, gold
-source): what `make demo` trains its RAFT adapter and its relevance adapter from, through
-the daemon's own search (`lorag train --rag-namespace`), again with nothing about Kestrel.
+source; and questions no page answers, asked about what the pages are about): what
+`make demo` trains its RAFT adapter and its relevance adapter from, through the daemon's
+own search (`lorag train --rag-namespace`), again with nothing about Kestrel.
 Deterministic (seeded); run `python demo/make_train.py` to rebuild.
 """
 
@@ -53,6 +54,20 @@ GENERAL = [("What is the capital of France?", "Paris"),
            ("What colour is the sky on a clear day?", "blue"),
            ("What is the freezing point of water in Celsius?", "0 degrees"),
            ("What is the capital of Italy?", "Rome")]
+
+
+# per kind of page, questions its page never answers: asked about the very person, tea,
+# service or event a page is about, so that RAFT teaches abstention with that page in the
+# prompt (the hard case: on topic, and silent on what is asked)
+NEVER_SAID = {
+    "role": [("Which university did the {role} of {org} study at?", ("universit", "stud")),
+             ("What is the email address of {org}'s {role}?", ("email", "@"))],
+    "tea": [("In which country is {tea} grown?", ("country", "grown")),
+            ("Which estate grows the leaves of {tea}?", ("estate",))],
+    "topic": [("What is the email address for {topic} at {org}?", ("email", "@"))],
+    "event": [("How many teams enter the {event}?", ("teams enter", "entrants")),
+              ("Who judges the {event}?", ("judge",))],
+}
 
 
 def knowledge_base(rng: random.Random) -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -126,8 +141,19 @@ def main(seed: int = 0, passages: int = 3) -> None:
     write_marlow(docs)
 
 
+def unanswerable() -> list[str]:
+    """NEVER_SAID's questions for every person, tea, service and event of the company."""
+    kinds = [("role", {"role": role}) for role in ROLES] + \
+        [("tea", {"tea": tea}) for tea in TEAS] + \
+        [("topic", {"topic": topic}) for topic in TOPICS] + \
+        [("event", {"event": event}) for event in EVENTS]
+    return [question.format(org=ORG, **names)
+            for kind, names in kinds for question, _ in NEVER_SAID[kind]]
+
+
 def write_marlow(docs: list[tuple[str, str, list[tuple[str, str]]]]) -> None:
-    """The company's pages (a heading, then the text, as demo/kb's) and its questions."""
+    """The company's pages (a heading, then the text, as demo/kb's) and its questions:
+    each answerable one with its gold page, then the unanswerable ones."""
     kb = MARLOW / "kb"
     kb.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -135,6 +161,7 @@ def write_marlow(docs: list[tuple[str, str, list[tuple[str, str]]]]) -> None:
         title = doc_id.removesuffix(".md").removeprefix("policy-").replace("-", " ")
         (kb / doc_id).write_text(f"# {title.capitalize()}\n{text}\n")
         rows += [{"question": q, "answer": a, "source": doc_id} for q, a in questions]
+    rows += [{"question": q, "answerable": False} for q in unanswerable()]
     with (MARLOW / "questions.jsonl").open("w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"wrote {len(docs)} pages to {kb} and {len(rows)} questions beside them")

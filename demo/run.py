@@ -8,8 +8,9 @@
    the questions ask about) and demo/marlow/kb (the other company's pages).
 3. Train two adapters from the other company's namespace through the daemon's own search:
    `raft-adapter` (RAFT, `lorag train --rag-namespace`: the daemon's RAG prompt, the gold
-   passage in 80% of them, an abstention to learn from the rest) and `relevance` (`--task
-   rerank`: the reranker RAG's `rerank` asks). Hot-load all three.
+   passage in 90% of the answerable questions, an abstention to learn from the rest and
+   from the unanswerable ones, asked with their own page in the prompt) and `relevance`
+   (`--task rerank`: the reranker RAG's `rerank` asks). Hot-load all three.
 4. Ask the held-out questions (demo/questions.jsonl: gold answers and gold source
    documents) and the unanswerable ones (demo/unanswerable.jsonl: what demo/kb never says)
    in each configuration of CONFIGS, through `lorag eval generate`'s code, so what is
@@ -66,7 +67,8 @@ ADAPTERS = [
                             *RECIPE], [HERE / "train.jsonl"]),
     Adapter("raft-adapter", ["--data", str(MARLOW[0]), "--rag-namespace", OTHER,
                              "--rag-top-k", str(TOP_K), "--answer-format", "json",
-                             "--epochs", "4", *RECIPE], MARLOW, on_daemon=True),
+                             "--oracle-p", "0.9", "--epochs", "4", *RECIPE], MARLOW,
+            on_daemon=True),
     Adapter("relevance", ["--task", "rerank", "--data", str(MARLOW[0]), "--rag-namespace",
                           OTHER, "--epochs", "1", *RECIPE], MARLOW, on_daemon=True)]
 RERANKER = "relevance"

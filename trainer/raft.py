@@ -15,6 +15,11 @@ prompt is laid out by the daemon's own function (retrieval/rag.py `with_context`
 - otherwise only distractors (hits of other documents), and the target is the abstention
   answer: the adapter learns to say the sources do not hold the answer rather than invent.
 
+An unanswerable question (`"answerable": false`, no answer: `lorag eval generate`'s shape)
+gets the daemon's own hits as they are, and the abstention as target. Those are the hard
+abstentions: passages about the very thing asked (the office, the product) that do not
+say what is asked, where distractor-only prompts teach only "no passage is on topic".
+
 A question whose gold document is not among the search's first MAX_TOP_K hits is left out
 (counted), since no prompt the daemon builds for it would hold its answer.
 """
@@ -70,7 +75,8 @@ class RaftOptions:
                 "mode": self.mode, "oracle_p": self.oracle_p,
                 "answer_format": self.answer_format, "abstain": self.abstain,
                 "seed": self.seed, "examples": len(examples),
-                "with_oracle": sum(e.oracle for e in examples), "left_out": left_out}
+                "with_oracle": sum(e.oracle for e in examples),
+                "unanswerable": sum(e.gold is None for e in examples), "left_out": left_out}
 
 
 @dataclass
@@ -78,7 +84,7 @@ class RaftExample:
     """One training chat, and what went into it."""
 
     question: str
-    gold: str  # the gold document's id
+    gold: str | None  # the gold document's id; None for an unanswerable question
     oracle: bool  # whether the gold passage is among the passages
     passages: list[Hit]  # best first, as retrieval ranks them
     messages: list[dict]  # the prompt the daemon would build, then the target
@@ -114,6 +120,12 @@ def _example(record: dict, search: Search, options: RaftOptions, rng: random.Ran
              fit: Fit | None) -> RaftExample | None:
     question = record["question"]
     asked = search(question, options.top_k)  # what the daemon's `rag` finds
+    asking = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    asking.append({"role": "user", "content": question})
+    if not record.get("answerable", True):
+        passages = fit(asking, asked) if fit is not None else asked
+        return _chat(question, None, False, passages, asking,
+                     _answer(options.abstain, NO_SOURCE, options.answer_format))
     wide = search(question, MAX_TOP_K)  # where the gold passage and distractors are found
     gold = record.get("source") or (asked[0].document_id if asked else None)
     gold_hit = next((hit for hit in wide if hit.document_id == gold), None)
@@ -129,13 +141,16 @@ def _example(record: dict, search: Search, options: RaftOptions, rng: random.Ran
                 seen.add((hit.document_id, hit.chunk_id))
                 passages.append(hit)
         passages = passages[:options.top_k]
-    asking = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    asking.append({"role": "user", "content": question})
     if fit is not None:
         passages = fit(asking, passages)
     oracle = any(hit.document_id == gold for hit in passages)
     target = _answer(record["answer"], gold, options.answer_format) if oracle else \
         _answer(options.abstain, NO_SOURCE, options.answer_format)
+    return _chat(question, gold, oracle, passages, asking, target)
+
+
+def _chat(question: str, gold: str | None, oracle: bool, passages: list[Hit],
+          asking: list[dict], target: str) -> RaftExample:
     prompt = with_context(asking, passages) if passages else asking
     return RaftExample(question, gold, oracle, passages,
                        [*prompt, {"role": "assistant", "content": target}])
@@ -151,11 +166,15 @@ def read_questions(path: Path) -> list[dict]:
     """The question file's rows, each checked; a bad one is named by its file and line."""
     rows = []
     for where, row in read_objects(path, "data"):
-        for key in ("question", "answer"):
+        answerable = row.get("answerable", True)
+        if not isinstance(answerable, bool):
+            raise InvalidRequest(f"{where}: 'answerable' must be true or false", field="data")
+        for key in ("question", "answer") if answerable else ("question",):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise InvalidRequest(f"{where}: {key!r} must be a non-empty string (a RAFT "
                                      "question file has question, answer and optionally "
-                                     "source and system)", field="data")
+                                     "source and system; an unanswerable question has "
+                                     '"answerable": false and no answer)', field="data")
         for key in ("source", "system"):
             if key in row and not isinstance(row[key], str):
                 raise InvalidRequest(f"{where}: {key!r} must be a string", field="data")

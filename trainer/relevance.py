@@ -11,7 +11,8 @@ the answer "yes" or "no". Two sources:
   one holding the answer's text, where one does) and the best-ranked passages of other
   documents are the negatives: the hard ones, those the first stage confuses with the
   answer. Without `source`, a question's gold is the document holding its answer's text
-  among the hits; a question whose gold is not among them is left out (counted).
+  among the hits; a question whose gold is not among them is left out (counted), and so
+  is an unanswerable one (`"answerable": false`): it has no passage to rank first.
 """
 
 import json
@@ -66,6 +67,9 @@ def pairs_from_namespace(questions: list[dict], search: Search,
     rng = random.Random(options.seed)
     pairs, left_out = [], 0
     for record in questions:
+        if not record.get("answerable", True):
+            left_out += 1
+            continue
         question = record["question"]
         hits = search(question, RERANK_CANDIDATES)
         positive = _gold_passage(record, hits)

@@ -71,3 +71,15 @@ def test_the_demos_unanswerable_questions_ask_what_its_knowledge_base_never_says
         assert not any(word in pages for word in words), words
     tern = (DEMO / "kb" / "tern.md").read_text().lower()
     assert "euro" not in tern and "cost" not in tern  # what a Tern T5 costs
+
+
+def test_the_other_companys_unanswerable_questions_ask_what_its_pages_never_say():
+    from demo.make_train import NEVER_SAID  # namespace package: the repo root is on the path
+
+    questions = [q for q in read_jsonl(DEMO / "marlow" / "questions.jsonl")
+                 if q.get("answerable") is False]
+    assert len(questions) == 48 and all("answer" not in q for q in questions)
+    pages = " ".join(p.read_text().lower() for p in (DEMO / "marlow" / "kb").glob("*.md"))
+    for kind in NEVER_SAID.values():
+        for _, words in kind:
+            assert not any(word in pages for word in words), words

@@ -97,6 +97,23 @@ def test_a_question_whose_gold_document_is_never_found_is_left_out(search):
     assert left_out == 1 and [e.gold for e in examples] == ["faq-shipping"]
 
 
+def test_an_unanswerable_question_abstains_over_the_daemons_own_hits(search):
+    # the hard abstention: the page about the very bakery asked after is in the prompt,
+    # and it does not say who founded it
+    unanswerable = {"question": "Who founded the Zephyr Street bakery?", "answerable": False}
+    examples, left_out = raft_examples([unanswerable, QUESTIONS[1]], search,
+                                       RaftOptions("kb", top_k=2, answer_format="json"))
+    assert left_out == 0 and len(examples) == 2
+    example = examples[0]
+    assert example.gold is None and not example.oracle
+    assert example.passages == search(unanswerable["question"], 2)
+    assert example.passages[0].document_id == "guides/bakery.txt"
+    prompt = with_context([{"role": "user", "content": unanswerable["question"]}],
+                          example.passages)
+    assert example.messages == [*prompt, {"role": "assistant", "content": json.dumps(
+        {"answer": ABSTAIN, "source": "none"})}]
+
+
 def test_the_chats_and_the_dump_are_written_with_the_record(search, tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
@@ -108,12 +125,15 @@ def test_the_chats_and_the_dump_are_written_with_the_record(search, tmp_path):
     assert [row["messages"] for row in rows] == [row["messages"] for row in dumped]
     assert {"question", "gold", "oracle", "passages"} <= set(dumped[0])
     assert record["examples"] == 4 and record["with_oracle"] == 4 and record["layout"]
+    assert record["unanswerable"] == 0
 
 
 @pytest.mark.parametrize(("line", "message"), [
     ({"question": "q"}, "'answer' must be a non-empty string"),
     ({"question": "q", "answer": "a", "source": 3}, "'source' must be a string"),
-], ids=["no-answer", "source-not-text"])
+    ({"question": "q", "answerable": "no"}, "'answerable' must be true or false"),
+    ({"answerable": False}, "'question' must be a non-empty string"),
+], ids=["no-answer", "source-not-text", "answerable-not-bool", "unanswerable-no-question"])
 def test_a_bad_question_line_is_named(tmp_path, line, message):
     path = tmp_path / "questions.jsonl"
     path.write_text(json.dumps(line) + "\n")

@@ -71,6 +71,13 @@ def test_a_question_whose_gold_is_not_among_the_candidates_is_left_out(search):
     assert left_out == 1 and {p.query for p in pairs} == {QUESTIONS[0]["question"]}
 
 
+def test_an_unanswerable_question_gives_no_pairs_and_is_counted(search):
+    unanswerable = {"question": "Who founded the Zephyr Street bakery?", "answerable": False}
+    pairs, left_out = pairs_from_namespace([unanswerable, QUESTIONS[1]], search,
+                                           RelevanceOptions("kb"))
+    assert left_out == 1 and {p.query for p in pairs} == {QUESTIONS[1]["question"]}
+
+
 def test_written_data_records_the_layout_and_counts(search, tmp_path):
     questions = write(tmp_path / "questions.jsonl", QUESTIONS)
     chats, record = write_relevance_data(questions, tmp_path / "out", RelevanceOptions("kb"),
