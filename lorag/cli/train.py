@@ -53,8 +53,9 @@ def train(
     api_key: ApiKey = None,
     rag_namespace: Annotated[str | None, typer.Option(
         help="RAFT: --data is a question file (question, answer, optional source and "
-             "system); each question is asked with the passages this namespace's search "
-             "finds, in the daemon's RAG prompt.")] = None,
+             "system; \"answerable\": false and no answer for one to abstain on); each "
+             "question is asked with the passages this namespace's search finds, in the "
+             "daemon's RAG prompt.")] = None,
     rag_top_k: Annotated[int | None, typer.Option(help="[RAFT] Passages per prompt.")] = None,
     rag_mode: Annotated[str | None, typer.Option(help="[RAFT] vector, bm25 or hybrid.")] =
         None,
