@@ -71,3 +71,10 @@ class RequestFailed(LoragError):
     """The engine could not compute one request (a bug, not the caller's input): that
     request alone ends, with a message of lorag's own that says so; the log has the
     cause. Answered as an internal error (500 / INTERNAL)."""
+
+    @classmethod
+    def alone(cls, what: str) -> "RequestFailed":
+        """The error for one request that `what` (naming the request) ended, saying that
+        no other request was touched."""
+        return cls(f"{what}. Other requests were not affected; the daemon's log has the "
+                   "details")

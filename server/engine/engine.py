@@ -390,9 +390,8 @@ class Engine:
         """End `seq` alone with an error that names the request and nothing internal;
         the log has the cause."""
         log.error("request %s failed: %s", seq.id, what, exc_info=cause)
-        self._finish(seq, "error", RequestFailed(
-            f"the engine could not compute request {seq.id}: {what}. Other requests were "
-            "not affected; the daemon's log has the details"))
+        self._finish(seq, "error", RequestFailed.alone(
+            f"the engine could not compute request {seq.id}: {what}"))
 
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]

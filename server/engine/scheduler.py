@@ -92,10 +92,9 @@ class Scheduler:
                     # request alone ends; the others and the loop go on
                     log.error("adapter %s could not be installed for request %s",
                               seq.adapter, seq.id, exc_info=e)
-                    ended.append((self.waiting.popleft(), RequestFailed(
+                    ended.append((self.waiting.popleft(), RequestFailed.alone(
                         f"adapter {str(seq.adapter)!r} could not be put in a compute slot "
-                        f"for request {seq.id}. Other requests were not affected; the "
-                        "daemon's log has the details")))
+                        f"for request {seq.id}")))
                     continue
                 if slot is None:
                     break  # every adapter slot is in use: wait for a release
