@@ -11,6 +11,9 @@ the KV cache. The base's answers did not suffer (base + RAG on the same question
 trained on: the demo's, trained and asked in rank order, answered 77%; in this layout,
 70%; crossed either way, 67% (README, "make demo"; one training run each)."""
 
+import json
+import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +35,30 @@ NO_SOURCE = "none"
 ABSTENTIONS = ("sources do not say", "not in sources", "sources do not", "do not know",
                "dont know", "no information", "cannot find", "can not find",
                "not mentioned", "not stated", "cannot answer", "unable to answer")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation or English articles,
+    whitespace collapsed (the evaluation's text metrics use it too)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def declines(answer: str, abstain: str | None = None) -> bool:
+    """Whether a grounded answer declines: a JSON object citing NO_SOURCE, or a text
+    whose normalised words hold one of ABSTENTIONS or `abstain` (the abstention an
+    adapter was trained with, when it is another)."""
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        value = None
+    if isinstance(value, dict) and value.get("source") == NO_SOURCE:
+        return True
+    text = f" {normalize(answer)} "
+    phrases = [*ABSTENTIONS, *([normalize(abstain)] if abstain else [])]
+    return any(f" {phrase} " in text for phrase in phrases if phrase)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Both paths cancel the request in the engine when the client goes away before the end,
 and both carry a RAG reply's grounding (`sources`, `rag`): in the object, or in the
-first chunk of the stream. Logprobs, when asked, come in OpenAI's two shapes: a chat's
+first chunk of the stream, with `rag.declined` (whether the answer declined, by
+retrieval/rag.py `declines`) in the object or the stream's finishing chunk. Logprobs,
+when asked, come in OpenAI's two shapes: a chat's
 `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}` and a completion's
 `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, per chunk when streamed.
 """
@@ -14,6 +16,7 @@ from dataclasses import asdict
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from lorag.retrieval.rag import declines
 from lorag.server.engine.stream import Output, TokenLogprob, joined
 from lorag.server.errors import mapping, openai_error, public_message
 from lorag.server.requests import Grounding, Reply
@@ -43,7 +46,7 @@ async def collected(reply: Reply, model: str, chat: bool, request: Request,
               {"index": 0, "text": whole.text, "logprobs": logprobs, "finish_reason": finish})
     return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(whole), **grounding_fields(reply.grounding)}
+            "usage": _usage(whole), **grounding_fields(reply.grounding, whole.text)}
 
 
 def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
@@ -55,7 +58,7 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
             "model": model}
 
     async def events():
-        first, finished, shape = True, False, _Logprobs(service, chat)
+        first, finished, shape, text = True, False, _Logprobs(service, chat), []
         try:
             async for out in reply.stream:
                 if out.error is not None:
@@ -65,7 +68,11 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
                     break
                 finish = FINISH[out.finish_reason] if out.finish_reason else None
                 if out.text or out.logprobs or finish or first:
+                    text.append(out.text)
                     extra = grounding_fields(reply.grounding) if first else {}
+                    if finish and reply.grounding is not None:  # known at the end only
+                        extra["rag"] = {**extra.get("rag", {}),
+                                        "declined": declines("".join(text))}
                     delta = _delta(out, finish, chat, first, shape(out.logprobs))
                     yield _sse({**head, "choices": [delta], **extra})
                     first = False
@@ -80,16 +87,18 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def grounding_fields(grounding: Grounding | None) -> dict:
-    """lorag's RAG extension fields of a reply: the sources used and the counts."""
+def grounding_fields(grounding: Grounding | None, text: str | None = None) -> dict:
+    """lorag's RAG extension fields of a reply: the sources used and the counts, and with
+    the answer's `text` whether it declined (retrieval/rag.py `declines`)."""
     if grounding is None:
         return {}
-    return {"sources": [asdict(source) for source in grounding.sources],
-            "rag": {"namespace": grounding.namespace, "retrieved": grounding.retrieved,
-                    "used": len(grounding.sources), "dropped": grounding.dropped,
-                    "reranker": grounding.reranker,
-                    "timing": {"search_ms": grounding.search_ms,
-                               "rerank_ms": grounding.rerank_ms}}}
+    rag = {"namespace": grounding.namespace, "retrieved": grounding.retrieved,
+           "used": len(grounding.sources), "dropped": grounding.dropped,
+           "reranker": grounding.reranker,
+           "timing": {"search_ms": grounding.search_ms, "rerank_ms": grounding.rerank_ms}}
+    if text is not None:
+        rag["declined"] = declines(text)
+    return {"sources": [asdict(source) for source in grounding.sources], "rag": rag}
 
 
 class _Logprobs:

@@ -15,8 +15,9 @@ the knowledge base does not answer, needs no `answer`). Metrics by name:
     format       the whole answer follows --format-schema or --format-regex
     source       the answer's JSON `source` field names the gold document
     retrieved    the gold document was among the passages `rag` used
-    abstain      on unanswerable questions: the answer declines (scoring.abstains: it
-                 holds --abstain-answer or a common "not in the sources" phrase); the
+    abstain      on unanswerable questions: the answer declines (retrieval/rag.py
+                 declines, the daemon's test too: it cites source "none", or holds
+                 --abstain-answer or a common "not in the sources" phrase); the
                  summary's false_abstain is the share of answerable ones declined
     supported    the answer's words are in a passage it was given (scoring.supported: 80%
                  of its normalised words in the passage its JSON `source` cites, else in
@@ -43,6 +44,7 @@ from lorag.errors import InvalidRequest
 from lorag.evaluation import scoring
 from lorag.jsonl import read_objects
 from lorag.retrieval import RAG_TOP_K, SEARCH_MODE
+from lorag.retrieval.rag import declines
 
 TEXT = {"exact_match": scoring.exact_match, "f1": scoring.token_f1,
         "rouge_l": scoring.rouge_l, "bleu": scoring.bleu, "chrf": scoring.chrf,
@@ -114,7 +116,7 @@ def score(example: dict, answer: str, passages: list[dict], options: EvalOptions
     """Every requested metric that applies to one answer; `passages` are the sources `rag`
     used ({"document_id", "text", ...})."""
     text = scoring.answer_text(answer, options.answer_field)
-    declined = scoring.abstains(text, options.abstain_answer)
+    declined = declines(text, options.abstain_answer)
     answerable = example.get("answerable", True)
     scores = {}
     for metric in options.metrics:

@@ -12,24 +12,15 @@ answer that wraps its JSON in other text.
 
 import json
 import re
-import string
 from collections import Counter
 
 import jsonschema
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from lorag.retrieval.rag import ABSTENTIONS
+from lorag.retrieval.rag import normalize
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
 _WORDS = re.compile(r"\w+")
-
-
-def normalize(text: str) -> str:
-    """SQuAD's answer normalisation."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, gold: str) -> float:
@@ -129,14 +120,6 @@ def answer_text(answer: str, field: str | None) -> str:
 
 
 SUPPORTED_SHARE = 0.8  # of an answer's words a passage must hold for it to be supported
-
-
-def abstains(answer: str, abstain: str | None = None) -> bool:
-    """Whether `answer` declines to answer: its normalised text contains the abstention
-    answer the model was trained with (`abstain`, e.g. RAFT's) or one of ABSTENTIONS."""
-    text = f" {normalize(answer)} "
-    phrases = [*ABSTENTIONS, *([normalize(abstain)] if abstain else [])]
-    return any(f" {phrase} " in text for phrase in phrases if phrase)
 
 
 def supported(answer: str, passages: list[str]) -> float:

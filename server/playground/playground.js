@@ -46,7 +46,8 @@ async function streamChat(body, signal, onText) {
     body: JSON.stringify({...body, stream: true, stream_options: {include_usage: true}}),
   });
   if (!response.ok) throw await failure(response);
-  const reply = {text: "", usage: null, sources: null, rag: null, ttft: null, finish: null};
+  const reply = {text: "", usage: null, sources: null, rag: null, declined: false,
+                 ttft: null, finish: null};
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -62,6 +63,7 @@ async function streamChat(body, signal, onText) {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(chunk.error.message);
       if (chunk.sources) { reply.sources = chunk.sources; reply.rag = chunk.rag; }
+      if (chunk.rag && "declined" in chunk.rag) reply.declined = chunk.rag.declined;
       if (chunk.usage) reply.usage = chunk.usage;
       for (const choice of chunk.choices || []) {
         const piece = choice.delta && choice.delta.content;
@@ -267,23 +269,10 @@ function usageLine(reply) {
   return parts.join(" · ");
 }
 
-// Whether a grounded answer declined, by the rules the daemon states in /v1/server
-// (rag.abstain): a JSON answer citing the abstention source, or a declining phrase in the
-// text once normalised as lorag's evaluation normalises it (SQuAD's way).
-function declined(reply) {
-  const rules = state.server.rag.abstain;
-  if (!reply.rag || !rules) return false;
-  try {
-    const value = JSON.parse(reply.text);
-    if (value && value.source === rules.source) return true;
-  } catch { /* a free-text answer */ }
-  const text = ` ${reply.text.toLowerCase().replace(/[\p{P}\p{S}]/gu, "")
-    .replace(/\b(a|an|the)\b/g, " ").split(/\s+/).filter(Boolean).join(" ")} `;
-  return rules.phrases.some((phrase) => text.includes(` ${phrase} `));
-}
-
+// A grounded answer that declined (the daemon says so in the stream's last chunk:
+// rag.declined) is marked as such.
 function declinedNote(reply) {
-  return declined(reply)
+  return reply.declined
     ? el("p", {class: "declined", textContent:
       "Declined: the model says the retrieved passages do not hold the answer."})
     : null;

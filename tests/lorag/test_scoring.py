@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorag.evaluation import scoring
+from lorag.retrieval import rag
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "demo" / "answer.schema.json").read_text())
 
@@ -103,10 +104,13 @@ def test_regex_format():
     ("Nope, no idea at all", "Nope, no idea", True),  # the abstention trained in
     ("Ottoline Brandvold", None, False),
     ("The sources say it opens at 6:40.", None, False),
+    ('{"answer": "Mr Xyz", "source": "none"}', None, True),  # cites no source
+    ('{"answer": "Ottoline Brandvold", "source": "staff.md"}', None, False),
 ], ids=["raft-default", "phrase-in-json", "dont-know", "trained-phrase", "answer",
-        "answer-naming-sources"])
-def test_an_answer_abstains_when_it_holds_an_abstention_phrase(answer, abstain, declines):
-    assert scoring.abstains(answer, abstain) is declines
+        "answer-naming-sources", "json-citing-none", "json-answer"])
+def test_an_answer_declines_when_it_cites_none_or_holds_an_abstention_phrase(
+        answer, abstain, declines):
+    assert rag.declines(answer, abstain) is declines
 
 
 def test_an_answer_is_supported_when_a_passage_holds_most_of_its_words():

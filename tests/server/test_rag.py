@@ -18,6 +18,7 @@ from lorag.cli.train import daemon_fit
 from lorag.client import DaemonClient, sse_event
 from lorag.errors import InvalidRequest, NotFound, PermissionDenied
 from lorag.retrieval.ingest import files_under, load
+from lorag.retrieval.rag import declines
 from lorag.retrieval.store import Hit
 from lorag.server.chat_template import render_chat
 from lorag.server.requests import RAG_ANSWER_TOKENS, Rag
@@ -237,11 +238,17 @@ def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
                       headers={"Authorization": ALICE}, json={**body, "stream": True}) as sse:
         chunks = [event for line in sse.iter_lines() if (event := sse_event(line))]
     def counts(rag: dict) -> dict:  # each request's own stage times aside
-        return {name: value for name, value in rag.items() if name != "timing"}
+        return {name: value for name, value in rag.items() if name not in ("timing",
+                                                                           "declined")}
 
     assert chunks[0]["sources"] == http["sources"]
     assert counts(chunks[0]["rag"]) == counts(http["rag"])
     assert not any("sources" in c for c in chunks[1:])
+    # whether the answer declined is known at its end: in the finishing chunk
+    assert http["rag"]["declined"] is declines(text)
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishing) == 1 and finishing[0]["rag"]["declined"] is declines(text)
+    assert [c for c in chunks if "declined" in c.get("rag", {})] == finishing
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
                    if c["choices"]) == text
 
