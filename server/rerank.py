@@ -1,6 +1,8 @@
 """Reranking on the serving engine: each (query, document) pair is one request on the
 relevance adapter, scored by the probability that its answer is "yes"
-(retrieval/rerank.py holds the chat both the trainer and this module use).
+(retrieval/rerank.py holds the chat both the trainer and this module use). Or, named by
+the embedding model's name, by late interaction on the embedder retrieval holds
+(retrieval/rerank.py `sentence_scores`), with no engine request at all.
 
 A pair is a one-token greedy request asking for the most likely tokens' log-probabilities,
 submitted like any chat: it runs in the continuous batch beside generation, on whichever
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 from lorag.adapters import AdapterKey
 from lorag.errors import InvalidRequest, Unavailable
-from lorag.retrieval.rerank import NO, YES, relevance, relevance_messages
+from lorag.retrieval.embedder import Embedder
+from lorag.retrieval.rerank import NO, YES, relevance, relevance_messages, sentence_scores
 from lorag.server.backend import Backend
 from lorag.server.chat_template import render_chat
 from lorag.server.engine.sampling import MAX_LOGPROBS, SamplingParams
@@ -60,8 +63,9 @@ class Reranked:
 class Reranker:
     """Scores documents against a query on the engine, with a relevance adapter."""
 
-    def __init__(self, engine: Backend, limits: RequestLimits, token_texts: list[bytes]):
-        self.engine, self.limits = engine, limits
+    def __init__(self, engine: Backend, limits: RequestLimits, token_texts: list[bytes],
+                 embedder: Embedder):
+        self.engine, self.limits, self.embedder = engine, limits, embedder
         words = [raw.decode("utf-8", errors="replace").strip().lower() for raw in token_texts]
         self.yes = {i for i, word in enumerate(words) if word == YES}
         self.no = {i for i, word in enumerate(words) if word == NO}
@@ -99,6 +103,18 @@ class Reranker:
             raise Unavailable("the engine stopped before it scored every document; retry")
         scores = [self._relevance(out.logprobs[0]) for out in outputs]
         return Reranked(scores, sum(map(len, prompts)), time.perf_counter() - started)
+
+    def by_sentences(self, query: str, documents: list[str]) -> Reranked:
+        """Every document's relevance to `query` by late interaction on the embedder: the
+        best cosine of the query with one of its sentences; `prompt_tokens` counts the
+        word pieces the embedder read."""
+        if not query.strip():
+            raise InvalidRequest("query is empty", field="query")
+        self.limits.check_rerank_documents(len(documents))
+        started = time.perf_counter()
+        scores, _ = sentence_scores(self.embedder, query, documents)
+        tokens = sum(map(len, self.embedder.tokenizer([query, *documents])["input_ids"]))
+        return Reranked(scores, tokens, time.perf_counter() - started)
 
     def _prompt(self, query: str, document: str, field: str) -> list[int]:
         """The pair's prompt ids, the document cut (by tokens, from its end) to leave room

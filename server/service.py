@@ -20,7 +20,7 @@ from lorag.errors import InvalidRequest, LoragError, NotFound, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
 from lorag.retrieval.rag import ABSTAIN, ABSTENTIONS, NO_SOURCE
-from lorag.retrieval.rerank import RERANK_CANDIDATES
+from lorag.retrieval.rerank import RERANK_CANDIDATES, fused
 from lorag.retrieval.store import MODES, DocumentStore, Hit
 from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
@@ -80,7 +80,7 @@ class Service:
         self.metrics = Metrics(self.engine_state)
         self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
-        self.reranker = Reranker(engine, self.limits, self.token_bytes)
+        self.reranker = Reranker(engine, self.limits, self.token_bytes, documents.embedder)
         self.follower = None  # follow_state's thread
         # requests whose streams have not ended, for a graceful drain
         self.in_flight: dict[str, TrackedStream] = {}
@@ -197,8 +197,8 @@ class Service:
 
     def _retrieve(self, caller: Caller, rag: Rag, question: str) -> "_Retrieved":
         """`rag`'s passages for `question`, best first: the search's `top_k`, or with a
-        reranker the `top_k` best of RERANK_CANDIDATES by relevance; and each stage's
-        time."""
+        reranker the `top_k` best of RERANK_CANDIDATES by the search's order fused with
+        the reranker's (retrieval/rerank.py `fused`); and each stage's time."""
         reranker = self._reranker(caller, rag)
         started = time.perf_counter()
         depth = max(rag.top_k, RERANK_CANDIDATES) if reranker else rag.top_k
@@ -207,24 +207,26 @@ class Service:
         search_ms, rerank_ms = _ms(time.perf_counter() - started), None
         if reranker and hits:
             scored = self._score(caller, reranker, question, [hit.text for hit in hits])
-            hits = [hits[i] for i in scored.order(rag.top_k)]
+            hits = [hits[i] for i in fused(scored.scores)[:rag.top_k]]
             rerank_ms = _ms(scored.seconds)
         return _Retrieved(hits, reranker, search_ms, rerank_ms)
 
     def _reranker(self, caller: Caller, rag: Rag) -> str | None:
-        """The relevance adapter a `rag` chat reranks with: the request's, else its
-        namespace's default; None when it does not rerank."""
+        """The reranker a `rag` chat reranks with (a relevance adapter, or the embedder's
+        name for late interaction): the request's, else its namespace's default; None
+        when it does not rerank."""
         if rag.rerank is False:
             return None
         if rag.rerank_model is not None:
             return rag.rerank_model
         model = self.namespaces.reranker(caller, rag.namespace)
         if model is None and rag.rerank:
-            raise InvalidRequest(f"rag.rerank needs a relevance adapter: namespace "
-                                 f"{rag.namespace!r} has no default reranker; name one in "
-                                 "rag.rerank_model (an adapter trained by `lorag train --task "
-                                 "rerank`)", field="rag.rerank_model")
-        if model is not None:
+            raise InvalidRequest(f"rag.rerank needs a reranker: namespace "
+                                 f"{rag.namespace!r} has no default one; name one in "
+                                 f"rag.rerank_model ({self.embeddings.model!r}, late "
+                                 "interaction on the embedder, or an adapter trained by "
+                                 "`lorag train --task rerank`)", field="rag.rerank_model")
+        if model is not None and not self._late_interaction(model):
             try:
                 self.adapters.named(caller, model, "rag.rerank")
             except NotFound:
@@ -235,19 +237,30 @@ class Service:
         return model
 
     def rerank(self, caller: Caller, request: RerankRequest) -> Reranked:
-        """Score `request.documents` against its query on the relevance adapter `model`."""
+        """Score `request.documents` against its query on `model`: a relevance adapter,
+        or the embedder's name."""
         return self._score(caller, request.model, request.query, request.documents, "model")
+
+    def _late_interaction(self, model: str) -> bool:
+        """Whether `model` names the embedder: reranking by late interaction on it."""
+        return model == self.embeddings.model
 
     def _score(self, caller: Caller, model: str, query: str, documents: list[str],
                field: str = "rag.rerank_model") -> Reranked:
-        """Relevance scores on `model`, within the caller's key's share: the documents are
-        scored at once, counted as one request of the key."""
-        adapter = self.adapters.named(caller, model, field)
+        """Relevance scores on `model` (a relevance adapter, or the embedder's name),
+        within the caller's key's share: the documents are scored at once, counted as one
+        request of the key."""
+        late = self._late_interaction(model)
+        adapter = None if late else self.adapters.named(caller, model, field)  # None: base
         self.quotas.admit(caller)
         tokens = 0
         try:
-            scored = self.reranker.score(query, documents, adapter)
-            tokens = scored.prompt_tokens + len(documents)
+            if late:
+                scored = self.reranker.by_sentences(query, documents)
+                tokens = scored.prompt_tokens
+            else:
+                scored = self.reranker.score(query, documents, adapter)
+                tokens = scored.prompt_tokens + len(documents)
             return scored
         finally:
             self.quotas.release(caller, tokens)
@@ -255,8 +268,8 @@ class Service:
     def set_namespace(self, caller: Caller, name: str, shared: bool,
                       reranker: str | None) -> bool:
         """Create one of the caller's namespaces or change its settings; a default
-        reranker must be an adapter the caller can use."""
-        if reranker is not None:
+        reranker must be an adapter the caller can use, or the embedder's name."""
+        if reranker is not None and not self._late_interaction(reranker):
             self.adapters.named(caller, reranker, "reranker")
         return self.namespaces.create(caller, name, shared, reranker)
 

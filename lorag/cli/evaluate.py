@@ -52,8 +52,9 @@ def eval_retrieval(
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the summary and per-query results here.")] = None,
     rerank_model: Annotated[str | None, typer.Option(
-        help="A relevance adapter on the daemon at --url: adds a row of hybrid search "
-             "reranked by it, as rag.rerank does.")] = None,
+        help="A reranker on the daemon at --url (a relevance adapter, or the embedding "
+             "model's name for late interaction): adds a row of hybrid search reranked by "
+             "it, as rag.rerank does.")] = None,
     url: Url = None, api_key: ApiKey = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
@@ -63,6 +64,7 @@ def eval_retrieval(
     import json
 
     from lorag.evaluation.retrieval import evaluate, read_queries
+    from lorag.retrieval.rerank import fused
     from lorag.retrieval.store import MODES
 
     labelled = read_queries(queries)
@@ -76,8 +78,11 @@ def eval_retrieval(
     target = namespaces_at(url, api_key, data_dir, state, tenant)
     results = [evaluate(target, namespace, labelled, k, name) for name in modes]
     if rerank_model is not None:
-        def rerank(query: str, texts: list[str]) -> list[int]:
-            return [r["index"] for r in target.rerank(rerank_model, query, texts)]
+        def rerank(query: str, texts: list[str]) -> list[int]:  # as rag.rerank orders
+            scores = [0.0] * len(texts)
+            for result in target.rerank(rerank_model, query, texts):
+                scores[result["index"]] = result["relevance_score"]
+            return fused(scores)
 
         results.append(evaluate(target, namespace, labelled, k, "hybrid", rerank))
     cutoffs = sorted({1, k, 10})

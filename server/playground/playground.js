@@ -160,10 +160,13 @@ function adapterOptions() {
   return state.models.filter((m) => m.parent).map((m) => option(m.id));
 }
 
-// the reranker choices: the namespace's default, none, or a relevance adapter
+// the reranker choices: the namespace's default, none, late interaction on the embedder
+// (named by the embedding model), or a relevance adapter
 const RERANK_OFF = "off";
 function rerankOptions() {
-  return [option("", "namespace default"), option(RERANK_OFF, "off"), ...adapterOptions()];
+  const embedder = state.server.embedding_model;
+  return [option("", "namespace default"), option(RERANK_OFF, "off"),
+          option(embedder, `${embedder} (sentences)`), ...adapterOptions()];
 }
 
 async function loadNamespaces() {

@@ -4,7 +4,10 @@ backend's daemon. A pair's score is P("yes") / (P("yes") + P("no")) of the answe
 token on the relevance adapter (here the base or a test adapter: what a trained relevance
 adapter ranks is measured by `lorag bench rag` and the demo). The tiny model of the fast
 lane puts neither word among its likeliest tokens, so its scores tie at 0.5 and ties keep
-the input order; the scores themselves are checked on the real model (e2e)."""
+the input order; the scores themselves are checked on the real model (e2e). Named by the
+embedding model, a reranker scores by late interaction on the real embedder (each
+document's best sentence), the same on either backend. `rag.rerank` orders by the
+search's order fused with the reranker's."""
 
 import json
 
@@ -21,7 +24,13 @@ from lorag.evaluation.generate import EvalOptions
 from lorag.evaluation.generate import evaluate as generate
 from lorag.evaluation.retrieval import evaluate
 from lorag.models import load_base
-from lorag.retrieval.rerank import RERANK_CANDIDATES, relevance, relevance_messages
+from lorag.retrieval.rerank import (
+    RERANK_CANDIDATES,
+    fused,
+    relevance,
+    relevance_messages,
+    sentence_scores,
+)
 from lorag.server.chat_template import render_chat
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
@@ -122,20 +131,44 @@ def ask(daemon, rag: dict, key: str = ALICE) -> httpx.Response:
         "messages": [{"role": "user", "content": QUERY}]}, key)
 
 
-def test_rag_rerank_packs_the_top_k_by_relevance_and_reports_its_time(daemon, kb,
-                                                                   relevance_adapter):
+def embedding_model(daemon) -> str:
+    return httpx.get(f"{daemon.url}/v1/server",
+                     headers={"Authorization": ALICE}).json()["embedding_model"]
+
+
+@pytest.mark.parametrize("reranker", ["adapter", "embedder"])
+def test_rag_rerank_packs_the_top_k_by_fused_order_and_reports_its_time(
+        daemon, kb, relevance_adapter, reranker):
+    model = relevance_adapter if reranker == "adapter" else embedding_model(daemon)
     response = ask(daemon, {"namespace": kb, "top_k": 2, "rerank": True,
-                            "rerank_model": relevance_adapter})
+                            "rerank_model": model})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["rag"]["reranker"] == relevance_adapter
+    assert body["rag"]["reranker"] == model
     assert body["rag"]["timing"]["rerank_ms"] > 0 and body["rag"]["timing"]["search_ms"] > 0
     candidates = post(daemon, f"/v1/namespaces/{kb}/search",
                       {"query": QUERY, "top_k": RERANK_CANDIDATES}).json()["data"]
-    ranked = rerank(daemon, model=relevance_adapter, top_n=2,
-                    documents=[hit["text"] for hit in candidates]).json()["results"]
+    scores = [0.0] * len(candidates)
+    for result in rerank(daemon, model=model,
+                         documents=[hit["text"] for hit in candidates]).json()["results"]:
+        scores[result["index"]] = result["relevance_score"]
     assert [s["document_id"] for s in body["sources"]] == [
-        candidates[r["index"]]["document_id"] for r in ranked]
+        candidates[i]["document_id"] for i in fused(scores)[:2]]
+
+
+def test_the_embedder_reranks_by_each_documents_best_sentence(daemon, embedder):
+    buried = ("Hekla is a volcano. Invoices are paid within thirty days. The Zephyr Street "
+              "bakery opens at seven every morning.")
+    documents = ["Bread is sold in many shops across the city.", buried]
+    response = rerank(daemon, model=embedding_model(daemon), documents=documents)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["index"] for r in body["results"]] == [1, 0]
+    expected, _ = sentence_scores(embedder, QUERY, documents)
+    assert [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])] \
+        == pytest.approx(expected, abs=2e-3)
+    assert body["usage"]["prompt_tokens"] == sum(
+        map(len, embedder.tokenizer([QUERY, *documents])["input_ids"]))
 
 
 def test_without_rerank_the_timing_has_no_rerank_stage(daemon, kb):
@@ -156,6 +189,10 @@ def test_a_namespaces_default_reranker_applies_unless_a_request_turns_it_off(
         assert ask(daemon, {"namespace": kb}).json()["rag"]["reranker"] == relevance_adapter
         off = ask(daemon, {"namespace": kb, "rerank": False}).json()
         assert off["rag"]["reranker"] is None
+        embedder = embedding_model(daemon)  # late interaction needs no adapter
+        assert httpx.put(url, json={"reranker": embedder},
+                         headers={"Authorization": ALICE}).status_code == 200
+        assert ask(daemon, {"namespace": kb}).json()["rag"]["reranker"] == embedder
     finally:
         httpx.put(url, json={}, headers={"Authorization": ALICE})
 
@@ -170,7 +207,7 @@ def test_rerank_without_a_reranker_names_rerank_model(daemon, kb):
     response = ask(daemon, {"namespace": kb, "rerank": True})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "rag.rerank_model"
-    assert "no default reranker" in response.json()["error"]["message"]
+    assert "has no default one" in response.json()["error"]["message"]
 
 
 def test_a_rerank_model_of_another_tenant_is_not_found(daemon, kb, relevance_adapter):
