@@ -10,7 +10,8 @@
    `raft-adapter` (RAFT, `lorag train --rag-namespace`: the daemon's RAG prompt, the gold
    passage in 90% of the answerable questions, an abstention to learn from the rest and
    from the unanswerable ones, asked with their own page in the prompt) and `relevance`
-   (`--task rerank`: the reranker RAG's `rerank` asks). Hot-load all three.
+   (`--task rerank`: a relevance adapter for RAG's `rerank`, compared in one row with the
+   embedder's late interaction, which the `+rerank` rows use). Hot-load all three.
 4. Ask the held-out questions (demo/questions.jsonl: gold answers and gold source
    documents) and the unanswerable ones (demo/unanswerable.jsonl: what demo/kb never says)
    in each configuration of CONFIGS, through `lorag eval generate`'s code, so what is
@@ -71,7 +72,9 @@ ADAPTERS = [
             on_daemon=True),
     Adapter("relevance", ["--task", "rerank", "--data", str(MARLOW[0]), "--rag-namespace",
                           OTHER, "--epochs", "1", *RECIPE], MARLOW, on_daemon=True)]
-RERANKER = "relevance"
+# rag.rerank's rerankers: late interaction on the daemon's embedder (named by the
+# embedding model), and the relevance adapter trained above
+RERANKER, RELEVANCE = "all-minilm-l6-v2", "relevance"
 CONFIGS = [  # (name, model, with rag, with the schema as response_format, reranker)
     ("base", BASE, False, False, None), ("base+rag", BASE, True, False, None),
     ("base+rag+rerank", BASE, True, False, RERANKER),
@@ -79,6 +82,7 @@ CONFIGS = [  # (name, model, with rag, with the schema as response_format, reran
     ("adapter+rag", "house-style", True, False, None),
     ("raft-adapter+rag", "raft-adapter", True, False, None),
     ("raft-adapter+rag+rerank", "raft-adapter", True, False, RERANKER),
+    ("raft-adapter+rag+relevance", "raft-adapter", True, False, RELEVANCE),
     ("base+rag+schema", BASE, True, True, None),
     ("adapter+rag+schema", "house-style", True, True, None)]
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),
