@@ -50,6 +50,9 @@ def relevance(yes: list[float], no: list[float], floor: float) -> float:
 
 
 FUSION_K = 60  # reciprocal-rank fusion's constant, the literature's (Cormack et al. 2009)
+# sentences of a document late interaction reads, from its start: a RAG chunk (~200 word
+# pieces) has about 10; the cap bounds what one /v1/rerank body can make the embedder do
+MAX_SENTENCES = 32
 _SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n+")
 
 
@@ -69,14 +72,15 @@ def sentences(text: str) -> list[str]:
 
 
 def sentence_scores(embedder: Embedder, query: str, documents: list[str]
-                    ) -> tuple[list[float], int]:
+                    ) -> tuple[list[float], list[str]]:
     """Each document's relevance to `query` by late interaction on `embedder` (the best
-    cosine between the query and one of its sentences, in [-1, 1]), and how many sentences
-    were embedded."""
-    pieces = [sentences(document) for document in documents]
-    vectors = embedder.encode([query, *(s for piece in pieces for s in piece)])
+    cosine between the query and one of its first MAX_SENTENCES sentences, in [-1, 1]), and
+    the sentences embedded."""
+    pieces = [sentences(document)[:MAX_SENTENCES] for document in documents]
+    read = [sentence for piece in pieces for sentence in piece]
+    vectors = embedder.encode([query, *read])
     scores, start = [], 1
     for piece in pieces:
         scores.append(float(np.max(vectors[start:start + len(piece)] @ vectors[0])))
         start += len(piece)
-    return scores, start - 1
+    return scores, read

@@ -107,13 +107,15 @@ class Reranker:
     def by_sentences(self, query: str, documents: list[str]) -> Reranked:
         """Every document's relevance to `query` by late interaction on the embedder: the
         best cosine of the query with one of its sentences; `prompt_tokens` counts the
-        word pieces the embedder read."""
+        word pieces the embedder read (each text cut at its window, as it cuts them)."""
         if not query.strip():
             raise InvalidRequest("query is empty", field="query")
         self.limits.check_rerank_documents(len(documents))
         started = time.perf_counter()
-        scores, _ = sentence_scores(self.embedder, query, documents)
-        tokens = sum(map(len, self.embedder.tokenizer([query, *documents])["input_ids"]))
+        scores, read = sentence_scores(self.embedder, query, documents)
+        window = self.embedder.max_tokens
+        tokens = sum(min(len(ids), window)
+                     for ids in self.embedder.tokenizer([query, *read])["input_ids"])
         return Reranked(scores, tokens, time.perf_counter() - started)
 
     def _prompt(self, query: str, document: str, field: str) -> list[int]:

@@ -4,7 +4,13 @@ interaction on the real embedder: a passage scores by its best sentence."""
 import numpy as np
 import pytest
 
-from lorag.retrieval.rerank import FUSION_K, fused, sentence_scores, sentences
+from lorag.retrieval.rerank import (
+    FUSION_K,
+    MAX_SENTENCES,
+    fused,
+    sentence_scores,
+    sentences,
+)
 
 
 def test_fusion_keeps_the_search_order_when_the_reranker_agrees_or_ties():
@@ -36,11 +42,17 @@ def test_a_passage_scores_by_its_best_sentence(embedder):
     buried = ("Hekla is a volcano in Iceland. Invoices are paid within thirty days. The "
               "Zephyr Street bakery opens at seven every morning. Parking is free on Sundays.")
     loose = "Bread and cakes are sold in many shops across the city, early and late."
-    scores, embedded = sentence_scores(embedder, query, [loose, buried])
-    assert embedded == 5 and scores[1] > scores[0]
+    scores, read = sentence_scores(embedder, query, [loose, buried])
+    assert read == [loose, *sentences(buried)] and scores[1] > scores[0]
     q = embedder.encode([query])[0]
     # (batched apart, as here, bf16 vectors differ in the fourth decimal)
     assert scores[1] == pytest.approx(float(np.max(embedder.encode(sentences(buried)) @ q)),
                                       abs=2e-3)
     whole = float(embedder.encode([buried])[0] @ q)
     assert scores[1] > whole  # the answering sentence is not averaged away
+
+
+def test_late_interaction_reads_a_long_documents_first_sentences_only(embedder):
+    long = " ".join(f"Line {i} of the log." for i in range(200))
+    _, read = sentence_scores(embedder, "What does line 150 say?", [long, "Short."])
+    assert read == [*sentences(long)[:MAX_SENTENCES], "Short."]

@@ -30,6 +30,7 @@ from lorag.retrieval.rerank import (
     relevance,
     relevance_messages,
     sentence_scores,
+    sentences,
 )
 from lorag.server.chat_template import render_chat
 from lorag.server.engine.sampling import MAX_LOGPROBS
@@ -167,8 +168,9 @@ def test_the_embedder_reranks_by_each_documents_best_sentence(daemon, embedder):
     expected, _ = sentence_scores(embedder, QUERY, documents)
     assert [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])] \
         == pytest.approx(expected, abs=2e-3)
+    read = [QUERY, documents[0], *sentences(buried)]  # each sentence is one text
     assert body["usage"]["prompt_tokens"] == sum(
-        map(len, embedder.tokenizer([QUERY, *documents])["input_ids"]))
+        map(len, embedder.tokenizer(read)["input_ids"]))
 
 
 def test_without_rerank_the_timing_has_no_rerank_stage(daemon, kb):
