@@ -119,41 +119,43 @@ def raft_examples(questions: list[dict], search: Search, options: RaftOptions,
 def _example(record: dict, search: Search, options: RaftOptions, rng: random.Random,
              fit: Fit | None) -> RaftExample | None:
     question = record["question"]
-    asked = search(question, options.top_k)  # what the daemon's `rag` finds
+    chosen = _passages(record, search, options, rng)
+    if chosen is None:
+        return None
+    gold, passages = chosen
     asking = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     asking.append({"role": "user", "content": question})
+    if fit is not None:
+        passages = fit(asking, passages)
+    oracle = gold is not None and any(hit.document_id == gold for hit in passages)
+    target = _answer(record["answer"], gold, options.answer_format) if oracle else \
+        _answer(options.abstain, NO_SOURCE, options.answer_format)
+    prompt = with_context(asking, passages) if passages else asking
+    return RaftExample(question, gold, oracle, passages,
+                       [*prompt, {"role": "assistant", "content": target}])
+
+
+def _passages(record: dict, search: Search, options: RaftOptions, rng: random.Random
+              ) -> tuple[str | None, list[Hit]] | None:
+    """The gold document (None for an unanswerable question) and the passages its prompt
+    carries, before a prompt budget; None when the gold document is never found."""
+    asked = search(record["question"], options.top_k)  # what the daemon's `rag` finds
     if not record.get("answerable", True):
-        passages = fit(asking, asked) if fit is not None else asked
-        return _chat(question, None, False, passages, asking,
-                     _answer(options.abstain, NO_SOURCE, options.answer_format))
-    wide = search(question, MAX_TOP_K)  # where the gold passage and distractors are found
+        return None, asked
+    wide = search(record["question"], MAX_TOP_K)  # where the gold and distractors are found
     gold = record.get("source") or (asked[0].document_id if asked else None)
     gold_hit = next((hit for hit in wide if hit.document_id == gold), None)
     if gold_hit is None:
         return None
     if rng.random() < options.oracle_p:
         has_gold = any(hit.document_id == gold for hit in asked)
-        passages = asked if has_gold else [*asked[:options.top_k - 1], gold_hit]
-    else:
-        passages, seen = [], set()
-        for hit in [*asked, *wide]:  # the daemon's hits first, then the next ranks
-            if hit.document_id != gold and (hit.document_id, hit.chunk_id) not in seen:
-                seen.add((hit.document_id, hit.chunk_id))
-                passages.append(hit)
-        passages = passages[:options.top_k]
-    if fit is not None:
-        passages = fit(asking, passages)
-    oracle = any(hit.document_id == gold for hit in passages)
-    target = _answer(record["answer"], gold, options.answer_format) if oracle else \
-        _answer(options.abstain, NO_SOURCE, options.answer_format)
-    return _chat(question, gold, oracle, passages, asking, target)
-
-
-def _chat(question: str, gold: str | None, oracle: bool, passages: list[Hit],
-          asking: list[dict], target: str) -> RaftExample:
-    prompt = with_context(asking, passages) if passages else asking
-    return RaftExample(question, gold, oracle, passages,
-                       [*prompt, {"role": "assistant", "content": target}])
+        return gold, asked if has_gold else [*asked[:options.top_k - 1], gold_hit]
+    passages, seen = [], set()
+    for hit in [*asked, *wide]:  # the daemon's hits first, then the next ranks
+        if hit.document_id != gold and (hit.document_id, hit.chunk_id) not in seen:
+            seen.add((hit.document_id, hit.chunk_id))
+            passages.append(hit)
+    return gold, passages[:options.top_k]
 
 
 def _answer(answer: str, source: str, answer_format: str) -> str:
