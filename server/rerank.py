@@ -74,9 +74,7 @@ class Reranker:
         """Every document's relevance to `query` on `adapter` (None: the base model), one
         engine request each, IN_FLIGHT at a time. Blocks until all are scored; if one
         cannot be submitted (a full queue) or fails, those in flight are cancelled."""
-        if not query.strip():
-            raise InvalidRequest("query is empty", field="query")
-        self.limits.check_rerank_documents(len(documents))
+        self._check(query, documents)
         started = time.perf_counter()
         prompts = [self._prompt(query, document, f"documents.{i}")
                    for i, document in enumerate(documents)]
@@ -108,15 +106,19 @@ class Reranker:
         """Every document's relevance to `query` by late interaction on the embedder: the
         best cosine of the query with one of its sentences; `prompt_tokens` counts the
         word pieces the embedder read (each text cut at its window, as it cuts them)."""
-        if not query.strip():
-            raise InvalidRequest("query is empty", field="query")
-        self.limits.check_rerank_documents(len(documents))
+        self._check(query, documents)
         started = time.perf_counter()
         scores, read = sentence_scores(self.embedder, query, documents)
         window = self.embedder.max_tokens
         tokens = sum(min(len(ids), window)
                      for ids in self.embedder.tokenizer([query, *read])["input_ids"])
         return Reranked(scores, tokens, time.perf_counter() - started)
+
+    def _check(self, query: str, documents: list[str]) -> None:
+        """What either scorer refuses: an empty query, more documents than the limit."""
+        if not query.strip():
+            raise InvalidRequest("query is empty", field="query")
+        self.limits.check_rerank_documents(len(documents))
 
     def _prompt(self, query: str, document: str, field: str) -> list[int]:
         """The pair's prompt ids, the document cut (by tokens, from its end) to leave room
