@@ -39,6 +39,12 @@ LIMITS = {"max_model_len": MAX_MODEL_LEN, "max_lora_rank": MAX_LORA_RANK,
           "max_active_adapters": 4, "max_waiting": MAX_WAITING}
 
 
+def embedding_model(daemon) -> str:
+    """The name of the embedder a test daemon serves (its /v1/server says)."""
+    return httpx.get(f"{daemon.url}/v1/server",
+                     headers={"Authorization": ALICE}).json()["embedding_model"]
+
+
 class _Health:
     """GET /health of the daemon at `self.url`: 200, and its JSON."""
 

@@ -8,7 +8,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.daemons import ALICE
+from tests.daemons import ALICE, embedding_model
 
 TEXTS = ["The bakery opens at seven.", "Hekla is a volcano in Iceland."]
 
@@ -20,11 +20,6 @@ def client(daemon) -> openai.OpenAI:
 def post(daemon, body: dict, key: str | None = ALICE) -> httpx.Response:
     headers = {"Authorization": key} if key else {}
     return httpx.post(f"{daemon.url}/v1/embeddings", json=body, headers=headers, timeout=60)
-
-
-def embedding_model(daemon) -> str:
-    info = httpx.get(f"{daemon.url}/v1/server", headers={"Authorization": ALICE}).json()
-    return info["embedding_model"]
 
 
 def test_the_openai_client_gets_the_vectors_retrieval_indexes_with(daemon):

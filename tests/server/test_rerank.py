@@ -35,7 +35,7 @@ from lorag.retrieval.rerank import (
 from lorag.server.chat_template import render_chat
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, BASE, BOB, LocalDaemon
+from tests.daemons import ALICE, BASE, BOB, LocalDaemon, embedding_model
 
 QUERY = "When does the bakery on Zephyr Street open?"
 DOCUMENTS = ["The Zephyr Street bakery opens at seven every morning.",
@@ -130,11 +130,6 @@ def ask(daemon, rag: dict, key: str = ALICE) -> httpx.Response:
     return post(daemon, "/v1/chat/completions", {
         "model": BASE, "max_tokens": 2, "temperature": 0, "rag": rag,
         "messages": [{"role": "user", "content": QUERY}]}, key)
-
-
-def embedding_model(daemon) -> str:
-    return httpx.get(f"{daemon.url}/v1/server",
-                     headers={"Authorization": ALICE}).json()["embedding_model"]
 
 
 @pytest.mark.parametrize("reranker", ["adapter", "embedder"])
