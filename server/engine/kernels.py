@@ -8,7 +8,11 @@ CPU has them) by torch's extension builder into torch's extension cache
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which `make
 setup` pays; later starts only find it there. The build name carries a hash of the
 CPU's feature flags, so a cache shared between different machines never hands one a
-binary with instructions it lacks, and of the checkout's path.
+binary with instructions it lacks, and of the source's text: every checkout of the same
+kernel (a fresh clone, a second worktree) finds the one build, and a changed kernel gets
+its own. It builds from a copy of the source kept in that build's folder, since the
+builder rebuilds whenever its source file is newer than the binary, as every fresh
+clone's is.
 
 When the build fails (no C++ compiler), the engine says why once and runs decode
 tokens' LoRA as batched matmuls, the path accelerators use anyway.
@@ -17,7 +21,9 @@ tokens' LoRA as batched matmuls, the path accelerators use anyway.
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,14 +37,29 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 def _build_tag() -> str:
     """A short hash of the CPU's feature flags (what -march=native compiles for) and of
-    the source's path (two checkouts would otherwise rebuild over each other's build)."""
+    the kernel's source."""
     try:
         info = Path("/proc/cpuinfo").read_text()
         flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    key = f"{platform.machine()} {flags} {SOURCE}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    key = f"{platform.machine()} {flags} ".encode() + SOURCE.read_bytes()
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def _source_copy(name: str) -> Path:
+    """The kernel's source, copied once into the build's own folder (same name, same
+    text), so that its timestamp is that of the first build's."""
+    from torch.utils import cpp_extension
+
+    # the folder load() builds `name` in (it makes it)
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    copy = folder / SOURCE.name
+    if not copy.exists():
+        partial = folder / f".{SOURCE.name}.{os.getpid()}"
+        shutil.copyfile(SOURCE, partial)
+        partial.replace(copy)  # atomic: a concurrent build never reads half a file
+    return copy
 
 
 @functools.cache
@@ -47,8 +68,9 @@ def sgmv_available() -> bool:
     and torch.ops.lorag.lora_expand. False, after one warning, when it cannot be built."""
     from torch.utils import cpp_extension
 
+    name = f"lorag_sgmv_{_build_tag()}"
     try:
-        cpp_extension.load(name=f"lorag_sgmv_{_build_tag()}", sources=[str(SOURCE)],
+        cpp_extension.load(name=name, sources=[str(_source_copy(name))],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
