@@ -24,6 +24,7 @@ A question whose gold document is not among the search's first MAX_TOP_K hits is
 (counted), since no prompt the daemon builds for it would hold its answer.
 """
 
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -106,6 +107,7 @@ def raft_examples(questions: list[dict], search: Search, options: RaftOptions,
     the passages a prompt budget has no room for, as the daemon drops them; a chat whose
     gold passage is dropped that way is an abstention, since its prompt lacks the answer."""
     rng = random.Random(options.seed)
+    search = functools.cache(search)  # a question asked twice is searched once
     examples, left_out = [], 0
     for record in questions:
         example = _example(record, search, options, rng, fit)
