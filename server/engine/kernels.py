@@ -8,11 +8,12 @@ CPU has them) by torch's extension builder into torch's extension cache
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which `make
 setup` pays; later starts only find it there. The build name carries a hash of the
 CPU's feature flags, so a cache shared between different machines never hands one a
-binary with instructions it lacks, and of the source's text: every checkout of the same
-kernel (a fresh clone, a second worktree) finds the one build, and a changed kernel gets
-its own. It builds from a copy of the source kept in that build's folder, since the
-builder rebuilds whenever its source file is newer than the binary, as every fresh
-clone's is.
+binary with instructions it lacks, of the source's text (a changed kernel gets a build
+of its own) and of the Python environment (its torch headers are in the build's
+commands: two venvs sharing one build would rebuild it in turn). It builds from a copy of
+the source kept in that build's folder, since the builder rebuilds whenever its source
+file is newer than the binary, as every fresh clone's is: a fresh clone into the same
+place finds its build.
 
 When the build fails (no C++ compiler), the engine says why once and runs decode
 tokens' LoRA as batched matmuls, the path accelerators use anyway.
@@ -25,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -36,14 +38,14 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def _build_tag() -> str:
-    """A short hash of the CPU's feature flags (what -march=native compiles for) and of
-    the kernel's source."""
+    """A short hash of the CPU's feature flags (what -march=native compiles for), the
+    kernel's source and the Python environment."""
     try:
         info = Path("/proc/cpuinfo").read_text()
         flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    key = f"{platform.machine()} {flags} ".encode() + SOURCE.read_bytes()
+    key = f"{platform.machine()} {flags} {sys.prefix} ".encode() + SOURCE.read_bytes()
     return hashlib.sha256(key).hexdigest()[:12]
 
 
