@@ -269,7 +269,7 @@ class Engine:
         engine's."""
         cache = GaugeMetricFamily("lorag_grammar_cache_bytes",
                                   "Bytes of compiled grammars the engine keeps (LRU).",
-                                  value=self.grammars.compiler.get_cache_size_bytes())
+                                  value=self.grammars.cache_bytes())
         return [cache]
 
     def stats(self) -> dict:

@@ -149,22 +149,42 @@ class Grammars:
     refused (InvalidRequest), and so is the same grammar sent again, at once. xgrammar
     cannot be interrupted, so the compile finishes in its thread in the background (it
     releases the GIL: the step loop and other requests carry on); COMPILE_THREADS run at
-    once, and a constraint that finds none free within the budget gets Overloaded."""
+    once, and a constraint that finds none free within the budget gets Overloaded.
+
+    The compiler is built at the first constraint, not with the engine: reading the
+    vocabulary into xgrammar takes ~0.5 s, which an engine that never constrains (and
+    every engine start) need not pay."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int],
                  cache_bytes: int = GRAMMAR_CACHE_BYTES, compile_s: float = COMPILE_S):
         self.vocab_size = vocab_size  # the logits' width (the model's, not the tokenizer's)
         self.stop_ids = sorted(stop_ids)
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=self.stop_ids)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=cache_bytes)
+        self._tokenizer, self._cache_bytes = tokenizer, cache_bytes
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._building = threading.Lock()
         self.compile_s = compile_s
         self.slots = threading.BoundedSemaphore(COMPILE_THREADS)
         self.too_slow: OrderedDict[str, None] = OrderedDict()  # grammars past the budget
 
+    @property
+    def compiler(self) -> xgr.GrammarCompiler:
+        """xgrammar's compiler for this vocabulary, built on first use."""
+        with self._building:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1,
+                                                     cache_limit_bytes=self._cache_bytes)
+            return self._compiler
+
+    def cache_bytes(self) -> int:
+        """Bytes of compiled grammars kept (0 before the first constraint)."""
+        return 0 if self._compiler is None else self._compiler.get_cache_size_bytes()
+
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         """The constraint's grammar, compiled for this vocabulary (cached by its text)."""
         text = ebnf(constraint)
+        compiler = self.compiler  # outside the budget: built once, not the constraint's cost
         digest = hashlib.sha256(text.encode()).hexdigest()
         refused = InvalidRequest(
             f"response_format: the {constraint.kind} takes longer than {self.compile_s:g} s "
@@ -179,7 +199,7 @@ class Grammars:
 
         def run() -> None:  # a daemon thread: one past the budget never holds up an exit
             try:
-                compiled.set_result(self.compiler.compile_grammar(text))
+                compiled.set_result(compiler.compile_grammar(text))
             except BaseException as e:
                 compiled.set_exception(e)
             finally:

@@ -94,10 +94,11 @@ def test_a_constraint_that_cannot_compile_is_refused_at_submit(make_engine, kind
 
 def test_a_grammar_compiled_again_is_a_cache_hit(tokenizer):
     grammars = Grammars(tokenizer, tokenizer.vocab_size, {2}, cache_bytes=4 << 20)
+    assert grammars.cache_bytes() == 0  # the compiler is built by the first constraint
     first = grammars.compile(json_constraint("order"))
-    size = grammars.compiler.get_cache_size_bytes()
+    size = grammars.cache_bytes()
     assert grammars.compile(json_constraint("order")) is not None
-    assert grammars.compiler.get_cache_size_bytes() == size  # a hit, not a second copy
+    assert grammars.cache_bytes() == size  # a hit, not a second copy
     assert first.memory_size_bytes > 0
 
 
@@ -106,7 +107,7 @@ def test_the_grammar_cache_keeps_within_its_budget(tokenizer):
     for i in range(40):  # distinct schemas: the least recently used leave
         grammars.compile(Constraint("json_schema", json.dumps(
             {"type": "object", "properties": {f"field{i}": {"type": "integer"}}})))
-    assert grammars.compiler.get_cache_size_bytes() <= 4 << 20
+    assert grammars.cache_bytes() <= 4 << 20
 
 
 @pytest.mark.slow
