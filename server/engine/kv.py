@@ -214,7 +214,7 @@ class VllmCpuAttention:
 
     The kernels are torch ops in vLLM's compiled library (`torch.ops._C`), loaded here
     without importing the `vllm` package: its import builds vLLM's configuration machinery
-    (~5 s on 2 cores, every `lorag serve` start), none of which these calls use. What vLLM
+    (6-7 s on 2 cores, every `lorag serve` start), none of which these calls use. What vLLM
     decides in Python to call them, which library this CPU loads
     (vllm/platforms/cpu.py `import_kernels`) and which variant of the kernel runs
     (vllm/v1/attention/backends/cpu_attn.py `_get_attn_isa`, x86 and Arm), is repeated
