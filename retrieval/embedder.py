@@ -46,6 +46,11 @@ class Embedder:
     def max_tokens(self) -> int:
         return self.model.max_seq_length
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's tokens, special ones included, before the window (max_tokens) cuts
+        it: what a request for these texts is counted in."""
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """texts: n strings -> [n, dim] float32, L2-normalised."""
         if not texts:

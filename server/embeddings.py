@@ -100,7 +100,7 @@ class Embeddings:
     def _count_tokens(self, texts: list[str]) -> int:
         """Tokens the embedder reads, special ones included; refuses an input it would cut."""
         most = self.embedder.max_tokens
-        counts = [len(ids) for ids in self.embedder.tokenizer(texts)["input_ids"]]
+        counts = self.embedder.token_counts(texts)
         for i, count in enumerate(counts):
             if count > most:
                 raise InvalidRequest(f"input[{i}] has {count} tokens; {self.model} reads at "

@@ -110,8 +110,7 @@ class Reranker:
         started = time.perf_counter()
         scores, read = sentence_scores(self.embedder, query, documents)
         window = self.embedder.max_tokens
-        tokens = sum(min(len(ids), window)
-                     for ids in self.embedder.tokenizer([query, *read])["input_ids"])
+        tokens = sum(min(count, window) for count in self.embedder.token_counts([query, *read]))
         return Reranked(scores, tokens, time.perf_counter() - started)
 
     def _check(self, query: str, documents: list[str]) -> None:
