@@ -24,9 +24,8 @@ from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from lorag.errors import InvalidRequest
-from lorag.models import load_base, resolve_dtype, resolve_model
+from lorag.models import load_base, resolve_dtype
 from lorag.names import check_name
-from lorag.provision import ModelCache
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
 from lorag.server.auth import ApiKeys
@@ -39,7 +38,6 @@ from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.state import StateStore
 from lorag.server.vllm_config import VllmOptions
-from lorag.settings import Settings
 from lorag.state import Database, state_url
 
 log = logging.getLogger("lorag.daemon")
@@ -112,9 +110,8 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
     if options.backend == "vllm":
         from lorag.server.vllm_backend import VllmBackend
 
-        folder = resolve_model(options.model, ModelCache(Settings().models_dir))
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
-        return VllmBackend(folder, dtype, options.quantize, config,
+        return VllmBackend(options.model, dtype, options.quantize, config,
                            options.vllm or VllmOptions(), options.data_dir / "vllm-adapters")
     if options.backend != "native":
         raise InvalidRequest(f"backend must be native or vllm, got {options.backend!r}",

@@ -43,6 +43,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from lorag.adapters import BaseShape, Composition, LoraWeights, compose, save_lora
 from lorag.errors import AdapterNotFound, InvalidRequest, Overloaded, Unavailable
+from lorag.models import resolve_model
+from lorag.provision import ModelCache
 from lorag.server.backend import SERVICE_FAMILIES, AdapterStatus, Occupancy
 from lorag.server.engine.config import EngineConfig, Limits
 from lorag.server.engine.registry import AdapterRegistry
@@ -57,6 +59,7 @@ from lorag.server.vllm_config import (
     kv_cache_bytes,
     vllm_quantization,
 )
+from lorag.settings import Settings
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -80,8 +83,9 @@ class VllmBackend:
 
     def __init__(self, model: str, dtype: str, quantize: str, config: EngineConfig,
                  options: VllmOptions, adapter_dir: Path):
-        """model: an HF model folder; dtype: "bfloat16" / "float32" / ...; quantize: lorag's
-        name (none, nf4, int8), refused where vLLM cannot serve it on this device."""
+        """model: a catalog name, HF folder, .gguf file or hub id, provisioned only once the
+        options are known to be servable; dtype: "bfloat16" / "float32" / ...; quantize:
+        lorag's name (none, nf4, int8), refused where vLLM cannot serve it on this device."""
         from vllm.platforms import current_platform
 
         self.config, self.options = config, options
@@ -89,6 +93,7 @@ class VllmBackend:
         self.quantization = vllm_quantization(quantize, self.device)
         check_lora_rank(config.max_lora_rank)
         check_for_device(options, self.device)
+        model = str(resolve_model(model, ModelCache(Settings().models_dir)))
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         hf_config = AutoConfig.from_pretrained(model)
         self.base = BaseShape.from_config(hf_config)
