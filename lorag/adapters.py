@@ -200,7 +200,10 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
     folder); returns it as a dict, and the bytes it was read from."""
     path = folder / "adapter_config.json"
     if not path.is_file():
-        raise InvalidRequest(f"{folder} has no adapter_config.json", field="path")
+        whole = " (it holds a complete model, as `lorag train --method full / freeze` " \
+            "writes: serve it with `lorag serve --model`)" \
+            if (folder / "config.json").is_file() else ""
+        raise InvalidRequest(f"{folder} has no adapter_config.json{whole}", field="path")
     raw = _read(path, roots, MAX_CONFIG_BYTES, "an adapter config needs")
     try:
         config = json.loads(raw)

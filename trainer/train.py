@@ -1,10 +1,12 @@
-"""`lorag train`: LoRA / QLoRA fine-tuning with TRL's SFTTrainer, saved as a PEFT adapter.
+"""`lorag train`: fine-tuning with TRL's SFTTrainer, by any method of trainer/methods.py
+(LoRA by default), saved as a PEFT adapter or, for full and freeze, a complete model.
 
 TRL does the training loop, chat templating, completion-only loss and packing; PEFT the
-adapter. What is added here: options checked before anything loads, the data validated
+adapters. What is added here: options checked before anything loads, the data validated
 line by line (trainer/data.py), a progress bar with loss, tokens/s and ETA, and a
-`training.json` + `loss.png` beside the adapter recording what was trained on and how it
-went (per-step loss, eval loss, real tokens/s, peak memory, wall time).
+`training.json` + `loss.png` beside the output recording what was trained on and how it
+went (method, trainable parameters, per-step loss, eval loss, real tokens/s, peak memory,
+wall time, the files written).
 """
 
 import ctypes
@@ -13,22 +15,30 @@ import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import psutil
 import torch
-from peft import LoraConfig
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
-from lorag.models import load_base
+from lorag.models import load_base, resolve_dtype
 from lorag.trainer.data import TrainingData, load_jsonl
+from lorag.trainer.methods import (
+    DEFAULTS,
+    METHOD_OPTIONS,
+    METHODS,
+    check_method,
+    check_targets,
+    freeze_all_but_last,
+    method_named,
+    peft_config,
+)
 
 log = logging.getLogger("lorag.train")
 TASKS = ("chat", "rerank")
@@ -36,22 +46,28 @@ TASKS = ("chat", "rerank")
 
 @dataclass
 class TrainOptions:
-    """What `lorag train` takes; checked on construction, each error naming its flag."""
+    """What `lorag train` takes; checked on construction, each error naming its flag.
+
+    Options left None take the method's defaults (trainer/methods.py); one the method has
+    no use for is refused, not ignored."""
 
     data: Path
     base: str
     out: Path
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES[:4]))
-    rslora: bool = False
-    dora: bool = False
-    quantize: str = "none"  # nf4: QLoRA, the base frozen in 4-bit
+    method: str | None = None  # default: lora, or qlora with --quantize nf4
+    rank: int | None = None
+    alpha: int | None = None
+    dropout: float | None = None
+    target_modules: list[str] | None = None
+    rslora: bool | None = None
+    num_virtual_tokens: int | None = None  # prompt / prefix tuning
+    prompt_init: str | None = None  # prompt tuning: start from this text's embeddings
+    train_last_layers: int | None = None  # freeze: the blocks that train
+    quantize: str | None = None  # none, nf4 (QLoRA: the base frozen in 4-bit) or int8
     dtype: str = "auto"
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
+    lr: float | None = None  # default: the method's
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 1024
@@ -68,16 +84,17 @@ class TrainOptions:
     rerank: dict | None = None  # how the relevance pairs were built, recorded
 
     def __post_init__(self):
-        positive = ("rank", "alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps")
+        positive = ("rank", "alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps",
+                    "num_virtual_tokens", "train_last_layers")
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidRequest(f"--{name.replace('_', '-')} must be a positive integer, "
-                                     f"got {getattr(self, name)!r}", field=name)
+                                     f"got {value!r}", field=name)
         checks = [
-            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-            ("lr", 0 < self.lr < 1, "in (0, 1)"),
+            ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
+            ("lr", self.lr is None or 0 < self.lr < 1, "in (0, 1)"),
             ("epochs", self.epochs > 0, "> 0"),
-            ("quantize", self.quantize in ("none", "nf4"), "none or nf4"),
             ("task", self.task in TASKS, " or ".join(TASKS)),
             ("eval_split", self.eval_split is None or 0 < self.eval_split < 1, "in (0, 1)"),
         ]
@@ -85,14 +102,29 @@ class TrainOptions:
             if not ok:
                 raise InvalidRequest(f"--{name.replace('_', '-')} must be {allowed}, got "
                                      f"{getattr(self, name)!r}", field=name)
-        if self.target_modules != ["all-linear"]:
-            unknown = set(self.target_modules) - set(TARGET_MODULES)
-            if unknown or not self.target_modules:
-                raise InvalidRequest(f"--target-modules has {sorted(unknown)}; allowed: "
-                                     f"{', '.join(TARGET_MODULES)} or all-linear",
-                                     field="target_modules")
         if self.eval_split is not None and self.eval_data is not None:
             raise InvalidRequest("give --eval-split or --eval-data, not both", field="eval_split")
+        self._resolve_method()
+
+    def _resolve_method(self) -> None:
+        """The method checked against the options given, then its defaults filled in."""
+        if self.method is None:
+            self.method = "qlora" if self.quantize == "nf4" else "lora"
+        method = method_named(self.method)
+        given = {name: getattr(self, name) for name in METHOD_OPTIONS}
+        self.quantize = check_method(method, self.quantize, given,
+                                     self.gradient_checkpointing, self.packing)
+        if self.task == "rerank" and self.method not in ("lora", "qlora", "dora"):
+            raise InvalidRequest(f"--task rerank trains a relevance adapter the daemon scores "
+                                 f"with in its LoRA batch: --method lora, qlora or dora, not "
+                                 f"{self.method}", field="method")
+        if self.target_modules is not None:
+            check_targets(method, self.target_modules)
+        for name in method.options:
+            if getattr(self, name) is None and name in DEFAULTS:
+                setattr(self, name, DEFAULTS[name])
+        if self.lr is None:
+            self.lr = method.lr
 
 
 def train(options: TrainOptions, console: Console | None = None) -> dict:
@@ -122,16 +154,16 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         # for these sizes, so only the part checkpointing needs is done.
         model.enable_input_require_grads()
     _release_freed_memory()  # loading's transient buffers, back to the OS
+    method = METHODS[options.method]
+    if options.method == "freeze":
+        freeze_all_but_last(model, options.train_last_layers)
     out = Path(options.out)
     trainer = SFTTrainer(
         model=model, processing_class=tokenizer, args=_sft_config(options, model, out),
         train_dataset=train_data.dataset(),
         eval_dataset=eval_data.dataset() if eval_data else None,
-        peft_config=LoraConfig(
-            r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-            target_modules=options.target_modules if options.target_modules != ["all-linear"]
-            else "all-linear", use_rslora=options.rslora, use_dora=options.dora,
-            task_type="CAUSAL_LM"))
+        peft_config=peft_config(method, asdict(options), tokenizer) if method.adapter
+        else None)
     recorder = _Recorder(console)
     checkpoint = _last_checkpoint(out) if options.resume else None
     if checkpoint is not None:  # the steps before the interruption stay in the record
@@ -144,6 +176,9 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
     wall = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
     trainer.model.save_pretrained(out)
+    if not method.adapter:  # a complete model folder: `lorag serve --model OUT` loads it
+        tokenizer.save_pretrained(out)
+    trainable, total = _parameter_counts(trainer.model)
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()
                    if k not in ("rag", "rerank")},
@@ -151,6 +186,10 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
                  "train_examples": len(train_data.rows),
                  "eval_examples": len(eval_data.rows) if eval_data else 0,
                  "truncated": truncated, "skipped": skipped},
+        "method": options.method,
+        "parameters": {"trainable": trainable, "total": total,
+                       "trainable_percent": round(100 * trainable / total, 4)},
+        "wrote": {"kind": "adapter" if method.adapter else "model", "files": _written(out)},
         "task": options.task,
         "rag": options.rag,
         "rerank": options.rerank,
@@ -164,15 +203,32 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         "peak_memory_mb": recorder.peak_mb,
         "process_peak_rss_mb": _process_peak_mb(),
         "wall_s": round(wall, 1),
+        "seconds_per_step": round(wall / max(trainer.state.global_step, 1), 3),
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(recorder.steps, eval_loss, out / "loss.png")
     return report
 
 
+def _parameter_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameters; PEFT's count where it applies (it counts a 4-bit
+    weight's packed storage as the weights it holds, and a prompt encoder's own)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())  # a tied head and embedding are one parameter
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _written(out: Path) -> dict[str, int]:
+    """What saving wrote to `out`, name: bytes (the records and checkpoints aside)."""
+    records = {"training.json", "loss.png", "checkpoints"}
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name not in records}
+
+
 def _sft_config(options: TrainOptions, model, out: Path) -> SFTConfig:
+    # a 4-bit base computes in the dtype `auto` resolves to: bf16 where the CPU has it
     bf16 = next(model.parameters()).dtype == torch.bfloat16 or (
-        options.quantize == "nf4" and options.dtype != "float32")
+        options.quantize == "nf4" and resolve_dtype(options.dtype) == torch.bfloat16)
     return SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=options.epochs,
         max_steps=options.max_steps, learning_rate=options.lr,
@@ -226,7 +282,8 @@ def _readable_state(checkpoint: Path) -> bool:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return (checkpoint / "adapter_model.safetensors").is_file()
+    return any((checkpoint / name).is_file()
+               for name in ("adapter_model.safetensors", "model.safetensors"))
 
 
 def _logged_steps(checkpoint: Path) -> list[dict]:

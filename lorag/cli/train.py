@@ -17,21 +17,39 @@ def train(
     out: Annotated[Path, typer.Option(help="Folder for the adapter and training.json.")],
     base: Annotated[str, typer.Option(help="Catalog name, HF folder, .gguf or hub id.")] =
         catalog.DEFAULT_BASE_MODEL,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
-    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
-    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    target_modules: Annotated[str, typer.Option(
-        help="Comma-separated projections, or all-linear.")] = "q_proj,k_proj,v_proj,o_proj",
-    rslora: Annotated[bool, typer.Option(help="Scale by alpha/sqrt(r).")] = False,
-    dora: Annotated[bool, typer.Option(help="DoRA (the native backend serves it; vLLM does not).")]
-        = False,
-    quantize: Annotated[str, typer.Option(help="none, or nf4 for QLoRA.")] = "none",
+    method: Annotated[str | None, typer.Option(
+        help="full, freeze (the last --train-last-layers blocks and the LM head), lora, "
+             "qlora, dora, ia3, prompt or prefix (docs/training.md). Default: lora, or "
+             "qlora with --quantize nf4.")] = None,
+    rank: Annotated[int | None, typer.Option(help="[lora/qlora/dora] Rank r (16).")] = None,
+    alpha: Annotated[int | None, typer.Option(help="[lora/qlora/dora] Alpha (32).")] = None,
+    dropout: Annotated[float | None, typer.Option(
+        help="[lora/qlora/dora] Dropout (0.05).")] = None,
+    target_modules: Annotated[str | None, typer.Option(
+        help="[lora/qlora/dora/ia3] Comma-separated projections, or all-linear (default "
+             "q,k,v,o_proj; ia3: k_proj,v_proj,down_proj).")] = None,
+    rslora: Annotated[bool | None, typer.Option(
+        help="[lora/qlora/dora] Scale by alpha/sqrt(r).")] = None,
+    num_virtual_tokens: Annotated[int | None, typer.Option(
+        help="[prompt/prefix] Learned virtual tokens (20).")] = None,
+    prompt_init: Annotated[str | None, typer.Option(
+        help="[prompt] Start the virtual tokens from this text's embeddings (default: "
+             "random).")] = None,
+    train_last_layers: Annotated[int | None, typer.Option(
+        help="[freeze] Decoder blocks that train, from the top (2).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="The base's precision while training: none, nf4 (qlora; also dora, ia3, "
+             "prompt, prefix) or int8 (lora).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 3.0,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (> 0).")] = -1,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    lr: Annotated[float | None, typer.Option(
+        help="Learning rate (default by method: full 2e-5, freeze 1e-4, LoRA kinds 2e-4, "
+             "ia3 3e-3, prompt 3e-2, prefix 1e-2).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per device step.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    grad_accum: Annotated[int, typer.Option(
+        "--grad-accum", "--gradient-accumulation-steps",
+        help="Steps whose gradients add up before one update.")] = 1,
     max_seq_len: Annotated[int, typer.Option(help="Tokens per example (longer: cut).")] =
         1024,
     packing: Annotated[bool, typer.Option(help="Pack examples into full sequences.")] = False,
@@ -81,18 +99,27 @@ def train(
     url: Url = None, data_dir: DataDir = None, state: State = None,
     tenant: Tenant = "default",
 ) -> None:
-    """Fine-tune a LoRA (or QLoRA) adapter with TRL; writes a PEFT adapter the daemon loads."""
+    """Fine-tune with TRL: a PEFT adapter the daemon loads (LoRA by default), or a complete
+    model (--method full / freeze)."""
+    from lorag.trainer.methods import METHODS
     from lorag.trainer.train import TrainOptions
     from lorag.trainer.train import train as run
 
+    targets = None if target_modules is None else \
+        [m.strip() for m in target_modules.split(",") if m.strip()]
     options = TrainOptions(
-        data=data, base=base, out=out, rank=rank, alpha=alpha, dropout=dropout,
-        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
-        rslora=rslora, dora=dora, quantize=quantize, dtype=dtype, epochs=epochs,
+        data=data, base=base, out=out, method=method, rank=rank, alpha=alpha,
+        dropout=dropout, target_modules=targets, rslora=rslora,
+        num_virtual_tokens=num_virtual_tokens, prompt_init=prompt_init,
+        train_last_layers=train_last_layers, quantize=quantize, dtype=dtype, epochs=epochs,
         max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, packing=packing, gradient_checkpointing=gradient_checkpointing,
         seed=seed, eval_split=eval_split, eval_data=eval_data, train_on_prompt=train_on_prompt,
         save_steps=save_steps, resume=resume, task=task)  # checked before data is built
+    if serve and not METHODS[options.method].adapter:
+        raise typer.BadParameter(f"--method {options.method} writes a complete model, not an "
+                                 f"adapter to hot-load: serve it with lorag serve --model "
+                                 f"{out}", param_hint="--serve")
     if task == "rerank":
         raft_only = {"--rag-top-k": rag_top_k, "--oracle-p": oracle_p,
                      "--answer-format": answer_format, "--abstain-answer": abstain_answer,
@@ -117,8 +144,9 @@ def train(
                                 answer_format=answer_format, abstain=abstain_answer)
         options = replace(options, data=chats, rag=rag)
     report = run(options, console)
-    console.print(f"adapter: {out} | steps {report['global_step']} | final loss "
-                  f"{report['final_loss']} | {report['tokens_per_s']} tok/s | peak "
+    console.print(f"{report['wrote']['kind']} ({report['method']}): {out} | steps "
+                  f"{report['global_step']} | final loss {report['final_loss']} | "
+                  f"{report['tokens_per_s']} tok/s | peak "
                   f"{report['peak_memory_mb']} MB | {report['wall_s']} s")
     if serve:
         name = serve_name or out.resolve().name

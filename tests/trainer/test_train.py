@@ -85,7 +85,7 @@ def test_a_bad_line_stops_the_cli_before_the_model_loads(tmp_path):
 @pytest.mark.parametrize("flags, problem", [
     (["--rank", "0"], "rank must be a positive integer"),
     (["--eval-split", "0.1", "--eval-data", "x.jsonl"], "not both"),
-    (["--quantize", "int8"], "quantize"),
+    (["--quantize", "fp8"], "--method lora trains on --quantize none or int8, not fp8"),
 ])
 def test_the_cli_refuses_bad_options_naming_the_flag(tmp_path, data_file, flags, problem):
     result = CliRunner().invoke(app, ["train", "--data", str(data_file), "--out",
