@@ -1,11 +1,13 @@
-"""`lorag bench serving|training|retrieval|load|soak|fleet|rag|compile`: every peer in one
+"""`lorag bench serving|training|methods|retrieval|load|soak|fleet|rag|compile`: every peer in one
 run, JSON."""
 
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from lorag import catalog
 from lorag.cli.common import JsonOut, group
 from lorag.errors import InvalidRequest
 from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K
@@ -70,6 +72,38 @@ def bench_training(
     from lorag.benchmarks.training import main
 
     main(examples, steps, batch_size, lr, rank, json_path)
+
+
+@app.command("methods")
+def bench_methods(
+    model: Annotated[str, typer.Option(help="Base model: catalog name or folder.")] =
+        catalog.DEFAULT_BASE_MODEL,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] =
+        "full,freeze,lora,qlora,dora,ia3,prompt,prefix",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for each method.")] = 60,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
+    dtype: Annotated[str, typer.Option(help="Training dtype: auto, bfloat16 or float32.")] =
+        "auto",
+    held_out: Annotated[int, typer.Option(
+        min=1, max=24, help="House-style examples evaluated (held out of training).")] = 24,
+    facts: Annotated[int, typer.Option(min=1, max=30, help="Facts questions asked.")] = 30,
+    neutral: Annotated[int, typer.Option(
+        min=1, max=24, help="Neutral prompts forgetting is measured on.")] = 24,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer.")] = 48,
+    chart: Annotated[Path | None, typer.Option(help="Write the table as a PNG here.")] = None,
+    json_path: JsonOut = None,
+) -> None:
+    """Every `lorag train --method` on the same data and steps: trainable parameters, peak
+    memory, s/step, tokens/s, size on disk, held-out task and facts accuracy, forgetting."""
+    from lorag.benchmarks.methods import Workload, main
+    from lorag.trainer.methods import method_named
+
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    for name in names:
+        method_named(name)  # an unknown one is refused before anything trains
+    main(Workload(model=model, methods=names, steps=steps, batch_size=batch_size,
+                  dtype=dtype, held_out=held_out, facts=facts, neutral=neutral,
+                  max_new_tokens=max_new_tokens), json_path, chart)
 
 
 @app.command("retrieval")
