@@ -49,13 +49,15 @@ METHODS = {m.name: m for m in (
            "the last N blocks and the LM head"),
     Method("lora", True, ("none", "int8"), 2e-4, LORA_OPTIONS, "low-rank deltas"),
     Method("qlora", True, ("nf4",), 2e-4, LORA_OPTIONS, "LoRA on a 4-bit base"),
+    # (PEFT's DoRA on an int8 base fails on CPU: its bitsandbytes layer has no weight
+    # statistics to dequantize from there)
     Method("dora", True, ("none", "nf4"), 2e-4, LORA_OPTIONS,
            "LoRA with a learned magnitude"),
-    Method("ia3", True, ("none", "nf4"), 3e-3, ("target_modules",),
+    Method("ia3", True, ("none", "nf4", "int8"), 3e-3, ("target_modules",),
            "scaling vectors on k, v and down_proj's input"),
-    Method("prompt", True, ("none", "nf4"), 3e-2, (*VIRTUAL_OPTIONS, "prompt_init"),
+    Method("prompt", True, ("none", "nf4", "int8"), 3e-2, (*VIRTUAL_OPTIONS, "prompt_init"),
            "virtual-token embeddings before the prompt"),
-    Method("prefix", True, ("none", "nf4"), 1e-2, VIRTUAL_OPTIONS,
+    Method("prefix", True, ("none", "nf4", "int8"), 1e-2, VIRTUAL_OPTIONS,
            "a key/value prefix in every layer"),
 )}
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's own choice for Llama

@@ -39,7 +39,7 @@ def train(
         help="[freeze] Decoder blocks that train, from the top (2).")] = None,
     quantize: Annotated[str | None, typer.Option(
         help="The base's precision while training: none, nf4 (qlora; also dora, ia3, "
-             "prompt, prefix) or int8 (lora).")] = None,
+             "prompt, prefix) or int8 (lora, ia3, prompt, prefix).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 3.0,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (> 0).")] = -1,
