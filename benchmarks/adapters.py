@@ -1,11 +1,12 @@
-"""Random, nonzero PEFT adapters for tests and benchmarks, saved exactly as PEFT saves."""
+"""Random, nonzero PEFT adapters (LoRA, DoRA, IA3) for tests and benchmarks, saved exactly
+as PEFT saves."""
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 
@@ -19,6 +20,10 @@ class AdapterSpec:
     rslora: bool = False
     scale: float = 0.05  # std of A and B entries: big enough to change greedy outputs
     dora: bool = False  # DoRA: each magnitude PEFT's (the base's column norms) times 1 +- scale
+    # IA3 instead of LoRA (rank, alpha and rslora unused): a vector per target, 1 +- scale,
+    # scaling the input of the `feedforward` targets and the output of the others
+    ia3: bool = False
+    feedforward: tuple[str, ...] = ()
 
 
 def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int = 0) -> dict:
@@ -32,7 +37,8 @@ def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int 
     paths, templates = {}, {}
     generator = torch.Generator().manual_seed(seed)
     for name, spec in specs.items():
-        shape = (spec.rank, spec.alpha, spec.targets, spec.rslora, spec.dora)
+        shape = (spec.rank, spec.alpha, spec.targets, spec.rslora, spec.dora, spec.ia3,
+                 spec.feedforward)
         if shape not in templates:
             templates[shape] = _template(model, folder / f".template-{len(templates)}", spec)
         template = templates[shape]
@@ -48,15 +54,19 @@ def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int 
 def _drawn(key: str, template: torch.Tensor, scale: float,
            generator: torch.Generator) -> torch.Tensor:
     noise = torch.randn(template.shape, generator=generator) * scale
-    if key.endswith("lora_magnitude_vector"):  # near the base's norms, as DoRA starts
+    if key.endswith("lora_magnitude_vector") or key.endswith("ia3_l"):
+        # near the base's norms, as DoRA starts; near 1, as IA3 starts
         return (template.float() * (1 + noise)).to(template.dtype)
     return noise.to(template.dtype)
 
 
 def _template(model, folder: Path, spec: AdapterSpec) -> Path:
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                        use_rslora=spec.rslora, use_dora=spec.dora, lora_dropout=0.0,
-                        task_type="CAUSAL_LM")
+    config = IA3Config(target_modules=list(spec.targets),
+                       feedforward_modules=list(spec.feedforward), task_type="CAUSAL_LM") \
+        if spec.ia3 else \
+        LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                   use_rslora=spec.rslora, use_dora=spec.dora, lora_dropout=0.0,
+                   task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(folder)
     peft_model.unload()  # the plain base again, unchanged

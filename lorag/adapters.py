@@ -28,7 +28,10 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
-                  r"(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
+                  r"(?:lora_([AB])\.weight|lora_(magnitude)_vector|(ia3)_l)$")
+# IA3 may scale a projection's input (PEFT's feedforward_modules) only where the engine
+# runs the projection alone: q, k and v share one fused matmul, hence one input
+IA3_INPUT_MODULES = ("o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,10 @@ class LoraWeights:
     `delta_y = b @ (a @ x)` with no further factor. Composition relies on that.
     `magnitude[(layer, module)]`: [out_features], a DoRA adapter's learnt column norms
     (empty for LoRA): the projection serves `m / ||W + b a||_row * (W + b a) x`.
+    An IA3 adapter has no a or b (rank 0): `ia3[(layer, module)]` is its learnt vector,
+    [out_features] scaling the projection's output (bias included, as PEFT does), or for
+    the modules in `ia3_inputs` (PEFT's feedforward_modules) [in_features] scaling its
+    input: `W (l * x)`.
     """
 
     name: AdapterKey
@@ -116,13 +123,15 @@ class LoraWeights:
     b: dict[tuple[int, str], torch.Tensor]
     target_modules: frozenset[str] = field(default_factory=frozenset)
     magnitude: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    ia3: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    ia3_inputs: frozenset[str] = field(default_factory=frozenset)
     # a digest of the served tensors: what the KV prefix cache keys the adapter by, never
     # the name (a name re-registered with other weights must not hit the old entries)
     version: str = ""
 
     def __post_init__(self):
         if not self.version:
-            self.version = weights_digest(self.a, self.b, self.magnitude)
+            self.version = weights_digest(self.a, self.b, self.magnitude, self.ia3)
 
     @property
     def dora(self) -> bool:
@@ -130,17 +139,24 @@ class LoraWeights:
         return bool(self.magnitude)
 
     @property
+    def kind(self) -> str:
+        """lora, dora or ia3: what /v1/models and `lorag adapters list` show."""
+        return "ia3" if self.ia3 else "dora" if self.magnitude else "lora"
+
+    @property
     def nbytes(self) -> int:
         """Bytes held in RAM by this adapter's tensors."""
-        tensors = (*self.a.values(), *self.b.values(), *self.magnitude.values())
+        tensors = (*self.a.values(), *self.b.values(), *self.magnitude.values(),
+                   *self.ia3.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def weights_digest(a: dict, b: dict, magnitude: dict | None = None) -> str:
-    """A digest of LoRA tensors (keys, dtypes, shapes and bytes): equal exactly when the
-    served weights are equal."""
+def weights_digest(a: dict, b: dict, magnitude: dict | None = None,
+                   ia3: dict | None = None) -> str:
+    """A digest of an adapter's tensors (keys, dtypes, shapes and bytes): equal exactly
+    when the served weights are equal."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensors in (a, b, magnitude or {}):
+    for tensors in (a, b, magnitude or {}, ia3 or {}):
         for key in sorted(tensors):
             tensor = tensors[key].detach().contiguous().cpu()
             digest.update(f"{key}{tensor.dtype}{list(tensor.shape)}".encode())
@@ -209,9 +225,12 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
         config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"{path} is not valid JSON: {e}", field="path") from e
+    kind = config.get("peft_type", "LORA")
+    if kind == "IA3":
+        return _check_ia3_config(config, path), raw
     checks = [
-        (config.get("peft_type", "LORA") == "LORA",
-         f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served"),
+        (kind == "LORA", f"peft_type is {kind!r}; LORA (LoRA, DoRA) and IA3 adapters are "
+                         "served"),
         (isinstance(config.get("r"), int) and 0 < config["r"] <= max_rank,
          f"rank r={config.get('r')!r} is outside 1..{max_rank} (the engine's max_lora_rank)"),
         (config.get("bias", "none") == "none", "adapters that train biases are not served"),
@@ -226,6 +245,40 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
         if not ok:
             raise InvalidRequest(f"{path}: {problem}", field="path")
     return config, raw
+
+
+def _check_ia3_config(config: dict, path: Path) -> dict:
+    """An IA3 config the engine serves: its feedforward modules (input-scaled) among the
+    projections that run alone, nothing else trained."""
+    inputs = config.get("feedforward_modules") or []
+    if isinstance(inputs, str) or not all(isinstance(m, str) for m in inputs):
+        raise InvalidRequest(f"{path}: feedforward_modules must be a list of module names",
+                             field="path")
+    fused = sorted(set(inputs) - set(IA3_INPUT_MODULES))
+    if fused:
+        raise InvalidRequest(
+            f"{path}: IA3 feedforward_modules {fused} are not served: q, k and v run as one "
+            f"fused matmul over one input; input scaling is served on "
+            f"{', '.join(IA3_INPUT_MODULES)}", field="path")
+    if config.get("modules_to_save") or config.get("fan_in_fan_out"):
+        raise InvalidRequest(f"{path}: IA3 adapters with modules_to_save or fan_in_fan_out "
+                             "are not served", field="path")
+    return config
+
+
+KINDS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+
+
+def adapter_kind(folder: str | Path) -> str:
+    """lora, dora, ia3, prompt or prefix, from the folder's adapter_config.json, for
+    listings ("unknown" where it cannot be read: the listing still answers)."""
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_bytes()
+                            [:MAX_CONFIG_BYTES])
+        kind = KINDS.get(config.get("peft_type", "LORA"), "unknown")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return "dora" if kind == "lora" and config.get("use_dora") else kind
 
 
 def scaling(config: dict) -> float:
@@ -290,8 +343,7 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
                              "changed since)", field="path")
     try:
         config, raw_config = read_config(folder, max_rank, roots)
-        tensors, raw = _read_tensors(folder, roots,
-                                     _check_header(folder, roots, base, config["r"]))
+        tensors, raw = _read_tensors(folder, roots, _check_header(folder, roots, base, config))
     except InvalidRequest:
         # files that fail a check: if they are not the registered ones, that is the answer
         if version and content_version(folder, roots) != version:
@@ -299,13 +351,15 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         raise
     if version and _version(raw_config, raw) != version:
         raise changed
+    if config.get("peft_type") == "IA3":
+        return _ia3_weights(name, folder, base, config, tensors)
     scale, a, b, magnitude = scaling(config), {}, {}, {}
     for key, tensor in tensors.items():
         layer, module, which = _parse_key(key, folder, base)
-        tensor = tensor.float()
-        if not torch.isfinite(tensor).all():
-            raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
-                                 field="path")
+        if which == "ia3":
+            raise InvalidRequest(f"{folder}: {key} is an IA3 vector, and "
+                                 "adapter_config.json says LORA", field="path")
+        tensor = _finite(tensor, folder, key)
         if which == "A":
             a[(layer, module)] = tensor.to(dtype)
         elif which == "B":
@@ -323,6 +377,33 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
             "adapter_config.json"), field="path")
     return LoraWeights(name, config["r"], a, b, frozenset(module for _, module in a),
                        magnitude)
+
+
+def _finite(tensor: torch.Tensor, folder: Path, key: str) -> torch.Tensor:
+    """`tensor` in float32, refused if it holds NaN or inf."""
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise InvalidRequest(f"{folder}: {key} has non-finite values (NaN or inf)",
+                             field="path")
+    return tensor
+
+
+def _ia3_weights(name: str, folder: Path, base: BaseShape, config: dict,
+                 tensors: dict[str, torch.Tensor]) -> LoraWeights:
+    """An IA3 adapter's vectors (kept in float32: each scales a whole projection)."""
+    ia3 = {}
+    for key, tensor in tensors.items():
+        layer, module, which = _parse_key(key, folder, base)
+        if which != "ia3":
+            raise InvalidRequest(f"{folder}: {key} is not an IA3 vector (ia3_l), and "
+                                 "adapter_config.json says IA3", field="path")
+        ia3[(layer, module)] = _finite(tensor, folder, key).reshape(-1)
+    if not ia3:
+        raise InvalidRequest(f"{folder}: an IA3 adapter needs at least one ia3_l vector",
+                             field="path")
+    modules = frozenset(module for _, module in ia3)
+    return LoraWeights(name, 0, {}, {}, modules, ia3=ia3,
+                       ia3_inputs=modules & set(config.get("feedforward_modules") or []))
 
 
 def _read_tensors(folder: Path, roots: list[Path],
@@ -347,16 +428,19 @@ def _read_tensors(folder: Path, roots: list[Path],
 
 
 def _check_header(folder: Path, roots: list[Path], base: BaseShape,
-                  rank: int) -> dict[str, tuple[tuple[int, ...], str]]:
+                  config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Each tensor's (shape, dtype) as the safetensors header declares it, every one
-    checked against `base` and `rank`; no tensor is read."""
+    checked against `base` and the config (LoRA's rank, IA3's feedforward modules); no
+    tensor is read."""
     declared = {}
+    rank, inputs = config.get("r"), config.get("feedforward_modules") or []
     with open_weights(folder, roots) as file:
         for key in file.keys():
             _, module, which = _parse_key(key, folder, base)
             header = file.get_slice(key)
             in_f, out_f = base.shapes[module]
-            expected = {"A": (rank, in_f), "B": (out_f, rank), "M": (out_f,)}[which]
+            expected = {"A": (rank, in_f), "B": (out_f, rank), "M": (out_f,),
+                        "ia3": (1, in_f) if module in inputs else (out_f, 1)}[which]
             shape = tuple(header.get_shape())
             if shape != expected:
                 raise InvalidRequest(
@@ -375,9 +459,10 @@ def _parse_key(key: str, folder: Path, base: BaseShape) -> tuple[int, str, str]:
     match = _KEY.match(key)
     if match is None:
         raise InvalidRequest(f"{folder}: unexpected tensor {key!r}; only LoRA A/B weights "
-                             "(and DoRA magnitudes) of decoder-layer projections are served",
+                             "(and DoRA magnitudes) and IA3 vectors of decoder-layer "
+                             "projections are served",
                              field="path")
-    layer, module, which = int(match[1]), match[2], match[3] or "M"
+    layer, module, which = int(match[1]), match[2], match[3] or match[5] or "M"
     if module not in TARGET_MODULES:
         raise InvalidRequest(f"{folder}: target module {module!r} is not one of "
                              f"{', '.join(TARGET_MODULES)}", field="path")
@@ -396,6 +481,12 @@ def compose(name: AdapterKey, parts: list[tuple[LoraWeights, float]],
     not target contributes zero rows/columns there. Same result as PEFT's
     `add_weighted_adapter(combination_type="cat")`.
     """
+    ia3 = next((lora.name for lora, _ in parts if lora.ia3), None)
+    if ia3 is not None:
+        raise InvalidRequest(f"adapter {ia3!r} is an IA3 adapter, which is not composed: "
+                             "it multiplies activations where LoRA adds to them, so a "
+                             "weighted sum of the two has no agreed meaning (and IA3 "
+                             "vectors do not add up); serve it alone", field="adapters")
     dora = next((lora.name for lora, _ in parts if lora.dora), None)
     if dora is not None:
         raise InvalidRequest(f"adapter {dora!r} is a DoRA adapter, which is not composed: "

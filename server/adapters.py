@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from lorag.adapters import AdapterKey, Composition, confine, content_version
+from lorag.adapters import AdapterKey, Composition, adapter_kind, confine, content_version
 from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
 from lorag.retrieval.rag import RAG_LAYOUT
 from lorag.server import tenancy
@@ -101,7 +101,8 @@ class AdapterRecords:
             held = self.records.get(record.key) == record
             row = rows.get(record.key, {}) if held else {}
             out.append({"name": record.name, "path": record.path, "shared": record.shared,
-                        "owner": record.tenant, "in_ram": row.get("in_ram", False),
+                        "owner": record.tenant, "kind": adapter_kind(record.path),
+                        "in_ram": row.get("in_ram", False),
                         "active": row.get("active", False),
                         "pinned": row.get("pinned", False),
                         "running_requests": row.get("running_requests", 0)})

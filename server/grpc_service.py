@@ -64,7 +64,8 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         rows = self.service.adapters.visible(self._caller(context))
         return lorag_pb2.ListAdaptersResponse(adapters=[lorag_pb2.AdapterInfo(
             name=r["name"], path=r["path"], shared=r["shared"], in_ram=r["in_ram"],
-            active=r["active"], pinned=r["pinned"], running_requests=r["running_requests"])
+            active=r["active"], pinned=r["pinned"], running_requests=r["running_requests"],
+            kind=r["kind"])
             for r in rows])
 
     def Search(self, request, context):

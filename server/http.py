@@ -229,7 +229,8 @@ def models(service: ServiceDep, caller: CallerDep):
     data = [{"id": base, "object": "model", "created": now, "owned_by": "lorag",
              "root": base, "parent": None}]
     data += [{"id": a["name"], "object": "model", "created": now, "owned_by": a["owner"],
-              "root": a["path"], "parent": base} for a in service.adapters.visible(caller)]
+              "root": a["path"], "parent": base, "kind": a["kind"]}
+             for a in service.adapters.visible(caller)]
     return {"object": "list", "data": data}
 
 

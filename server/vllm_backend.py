@@ -64,9 +64,19 @@ from lorag.settings import Settings
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-DORA_REFUSED = ("{path} is a DoRA adapter (use_dora=true); vLLM has no DoRA, so the vLLM "
-                "backend does not serve it: serve it on the native backend (lorag serve "
-                "--backend native), or merge it into the base (lorag export)")
+# vLLM's LoRA layers serve LoRA only: the adapter kinds it has no layers for
+KIND_REFUSED = ("{path} is {kind} adapter; vLLM has no {name}, so the vLLM backend does not "
+                "serve it: serve it on the native backend (lorag serve --backend native), or "
+                "merge it into the base (lorag export)")
+KINDS = {"dora": ("a DoRA (use_dora=true)", "DoRA"), "ia3": ("an IA3", "IA3 layers")}
+
+
+def refusal(lora: LoraWeights, path) -> str:
+    """Why vLLM cannot serve `lora`'s kind, or "" when it can."""
+    if lora.kind not in KINDS:
+        return ""
+    kind, name = KINDS[lora.kind]
+    return KIND_REFUSED.format(path=path, kind=kind, name=name)
 
 
 @dataclass
@@ -193,10 +203,11 @@ class VllmBackend:
             self.registry.remember(key, path, version)
             return True
         new = self.registry.register(key, path, version)  # validates, or refuses
-        if self.registry.get(key).dora:
+        refused = refusal(self.registry.get(key), path)
+        if refused:
             if new:
                 self.registry.unregister(key)
-            raise InvalidRequest(DORA_REFUSED.format(path=path), field="path")
+            raise InvalidRequest(refused, field="path")
         self._ensure_added(key, self._entry(key))
         return new
 
@@ -376,9 +387,9 @@ class VllmBackend:
 
     def _add(self, key: str, entry: _Adapter, lora: LoraWeights) -> None:
         """Write the validated weights where vLLM reads them, and load them into vLLM."""
-        if lora.dora:  # a record restored from the state database, read on first use
-            raise InvalidRequest(DORA_REFUSED.format(path=self.registry.path(key)),
-                                 field="model")
+        refused = refusal(lora, self.registry.path(key))
+        if refused:  # a record restored from the state database, read on first use
+            raise InvalidRequest(refused, field="model")
         entry.folder = save_lora(lora, self.adapter_dir / str(entry.lora_id))
         self._call(self.llm.add_lora(self._request(key, entry)))
 

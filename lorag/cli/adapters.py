@@ -55,12 +55,14 @@ def unpin(name: Name, url: DaemonUrl = DEFAULT_URL, api_key: ApiKey = None) -> N
 
 
 def show(rows: list[dict]) -> None:
-    """Adapters as a table: registered, in RAM, in a slot, pinned, running requests."""
-    table = Table("adapter", "owner", "shared", "status", "pinned", "running", "path")
+    """Adapters as a table: kind, registered, in RAM, in a slot, pinned, running
+    requests."""
+    table = Table("adapter", "kind", "owner", "shared", "status", "pinned", "running", "path")
     table.columns[-1].overflow = "fold"
     for row in rows:
         status = "in a slot" if row["active"] else "in RAM" if row["in_ram"] else "registered"
-        table.add_row(row["name"], row["owner"], "yes" if row["shared"] else "", status,
+        table.add_row(row["name"], row.get("kind", ""), row["owner"],
+                      "yes" if row["shared"] else "", status,
                       "yes" if row["pinned"] else "", str(row["running_requests"]),
                       row["path"])
     Console().print(table)

@@ -26,7 +26,10 @@ each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
 Fusing q/k/v shares the shrink's input reads in both.
 
 DoRA adapters run the same path; each slot has a column scale (1 for LoRA's) that DoRA
-tokens' rows are multiplied by after the delta (`MultiLoraLinear.install`, `_scale_dora`).
+tokens' rows are multiplied by after the delta (`MultiLoraLinear.install`, `_scale_rows`).
+IA3 adapters (rank 0: no A or B) use the same column scale for the projections whose
+output they scale (k, v), and a per-slot input scale for those whose input they scale
+(down_proj: `W (l * x)`), applied to their tokens' rows before the base matmul.
 
 Merging (dLoRA): while every running token uses one adapter, its delta can be folded
 into the base weight, `W' = W + B A`, and the LoRA path skipped. The layer keeps W
@@ -43,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorag.adapters import IA3_INPUT_MODULES
+
 
 class LoraBatch:
     """Token -> slot routing for one step, shared by every LoRA layer of the model.
@@ -58,8 +63,9 @@ class LoraBatch:
     def __init__(self, use_kernel: bool):
         self.active = False
         self.use_kernel = use_kernel
-        self.dora_slots: set[int] = set()  # slots holding a DoRA adapter (the pool's)
-        self.dora = None  # this step's (tokens, their slots) on DoRA slots, if any
+        # slots whose tokens' rows are scaled (a DoRA or an IA3 adapter's): the pool's
+        self.scaled_slots: set[int] = set()
+        self.scaled = None  # this step's (tokens, their slots) on those slots, if any
 
     def route(self, decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
               rank: int) -> None:
@@ -68,11 +74,11 @@ class LoraBatch:
         self.rank = rank
         self.slot_set = {slot for _, _, slot in chunks} | set(decode_slots.tolist()) - {-1}
         self.active = bool(self.slot_set)
-        self.segments = self.decode = self.chunks = self.dora = None
+        self.segments = self.decode = self.chunks = self.scaled = None
         if not self.active:
             return
-        if not self.dora_slots.isdisjoint(self.slot_set):
-            self.dora = _dora_rows(decode_slots, chunks, self.dora_slots)
+        if not self.scaled_slots.isdisjoint(self.slot_set):
+            self.scaled = _rows_on(decode_slots, chunks, self.scaled_slots)
         tokens = (decode_slots >= 0).nonzero().squeeze(1)
         if len(tokens):
             slots = decode_slots[tokens]
@@ -90,15 +96,15 @@ class LoraBatch:
             self.chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
 
 
-def _dora_rows(decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
-               dora_slots: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's tokens on DoRA slots, and each one's slot."""
+def _rows_on(decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],
+             wanted_slots: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's tokens on `wanted_slots`, and each one's slot."""
     device = decode_slots.device
-    wanted = torch.tensor(sorted(dora_slots), device=device)
+    wanted = torch.tensor(sorted(wanted_slots), device=device)
     tokens = torch.isin(decode_slots, wanted).nonzero().squeeze(1)
     rows, slots = [tokens], [decode_slots[tokens]]
     for start, end, slot in chunks:
-        if slot in dora_slots:
+        if slot in wanted_slots:
             rows.append(torch.arange(start, end, device=device))
             slots.append(torch.full((end - start,), slot, device=device))
     return torch.cat(rows), torch.cat(slots)
@@ -251,28 +257,47 @@ class MultiLoraLinear(nn.Module):
                              device=device)
         self.b = [torch.zeros(slots, max_rank, part.out_features, dtype=dtype, device=device)
                   for part in parts]
-        # DoRA: per slot, each output column's m / ||W + B A||_row (1 for LoRA's)
+        # per slot, each output column's scale: DoRA's m / ||W + B A||_row, or IA3's
+        # vector (1 for LoRA's)
         self.scale = torch.ones(slots, sum(p.out_features for p in parts), dtype=dtype,
                                 device=device)
+        # per slot, IA3's input scale, on a projection that runs alone (1: none)
+        self.input_scale = torch.ones(slots, in_features, dtype=dtype, device=device) \
+            if len(parts) == 1 and parts[0].key[1] in IA3_INPUT_MODULES else None
         self.merged: torch.Tensor | None = None  # W + B A of the merged slot, if any
-        self.filled: set[int] = set()  # slots whose adapter targets one of the parts
+        self.merged_bias: torch.Tensor | None = None  # its bias (IA3 scales the bias too)
+        self.filled: set[int] = set()  # slots whose adapter has A and B for these parts
         self.dora: set[int] = set()  # ... a DoRA adapter's
+        self.ia3_outputs: set[int] = set()  # slots whose IA3 vector scales an output here
+        self.ia3_inputs: set[int] = set()  # ... the input
         self.squared_norms: dict[int, torch.Tensor] = {}  # a quantized part's ||W||^2 rows
         self.output_bias = _fused_bias(base, parts)  # what DoRA's scale leaves out
+        # per slot: whether scaling the output leaves the bias out (DoRA's) or not (IA3's)
+        self.keeps_bias = torch.zeros(slots, 1, dtype=dtype, device=device)
 
     def install(self, slot: int, a: list[torch.Tensor | None],
                 b: list[torch.Tensor | None],
-                magnitude: list[torch.Tensor | None] | None = None) -> None:
+                magnitude: list[torch.Tensor | None] | None = None,
+                ia3: list[torch.Tensor | None] | None = None,
+                ia3_inputs: frozenset[str] = frozenset()) -> None:
         """Copy an adapter into `slot` (zero-padded to max_rank), a and b per part (None:
         the adapter does not target that part); all None clears the slot. A DoRA
         adapter's `magnitude` m per part becomes the part's column scale m / ||W + B A||,
-        computed here once, in float32 (`_norms`): serving adds one elementwise scale."""
+        computed here once, in float32 (`_norms`): serving adds one elementwise scale.
+        An IA3 adapter's vector per part becomes the part's column scale, or for a module
+        in `ia3_inputs`, the layer's input scale."""
         self.a[slot].zero_()
         for stack in self.b:
             stack[slot].zero_()
         self.scale[slot].fill_(1)
-        self.filled.discard(slot)
-        self.dora.discard(slot)
+        self.keeps_bias[slot] = 0
+        if self.input_scale is not None:
+            self.input_scale[slot].fill_(1)
+        for slots in (self.filled, self.dora, self.ia3_outputs, self.ia3_inputs):
+            slots.discard(slot)
+        for j, vector in enumerate(ia3 or []):
+            if vector is not None:
+                self._install_ia3(slot, j, vector, self.parts[j].key[1] in ia3_inputs)
         magnitude = magnitude or [None] * len(self.parts)
         for j, (a_j, b_j, m_j) in enumerate(zip(a, b, magnitude, strict=True)):
             if a_j is not None:
@@ -282,9 +307,19 @@ class MultiLoraLinear(nn.Module):
                 self.b[j][slot, :rank].copy_(b_j.T)
             if m_j is not None:
                 self.dora.add(slot)
+                self.keeps_bias[slot] = 1
                 part = self.parts[j]
                 self.scale[slot, part.offset:part.offset + part.out_features].copy_(
                     m_j.float() / self._norms(j, a_j.float(), b_j.float()))
+
+    def _install_ia3(self, slot: int, j: int, vector: torch.Tensor, on_input: bool) -> None:
+        if on_input:  # only single-part layers scale inputs (IA3_INPUT_MODULES)
+            self.input_scale[slot].copy_(vector)
+            self.ia3_inputs.add(slot)
+        else:
+            part = self.parts[j]
+            self.scale[slot, part.offset:part.offset + part.out_features].copy_(vector)
+            self.ia3_outputs.add(slot)
 
     def _norms(self, j: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """||W + B A|| per output row of part j, in float32. An unquantized base reads W;
@@ -316,29 +351,46 @@ class MultiLoraLinear(nn.Module):
 
     def merge(self, slot: int) -> None:
         """Serve `slot` through a merged weight (unquantized base only)."""
-        if slot not in self.filled:
+        if slot not in self.filled | self.ia3_outputs | self.ia3_inputs:
             return  # the adapter does not target this projection: the base serves it
-        merged = self.base.weight.clone()
+        merged, bias = self.base.weight.clone(), self.base.bias
         for j, part in enumerate(self.parts):  # W + B A per part, accumulated in fp32
             rows = merged[part.offset:part.offset + part.out_features]
             rows.addmm_(self.b[j][slot].T, self.a[slot, :, j])
-        if slot in self.dora:  # m / ||W + B A|| (W + B A)
+        if slot in self.dora or slot in self.ia3_outputs:  # m / ||W + B A|| (W + B A)
             merged.mul_(self.scale[slot].unsqueeze(1))
-        self.merged = merged
+        if slot in self.ia3_outputs and bias is not None:  # l (W x + bias)
+            bias = bias * self.scale[slot]
+        if slot in self.ia3_inputs:  # W (l x)
+            merged.mul_(self.input_scale[slot])
+        self.merged, self.merged_bias = merged, bias
 
     def unmerge(self) -> None:
         """Back to the untouched base weight; exact, nothing was modified."""
-        self.merged = None
+        self.merged = self.merged_bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in_features]
+        batch = self.batch
+        scaled = batch.scaled if batch.active else None
+        if scaled is not None and not self.ia3_inputs.isdisjoint(batch.slot_set):
+            x = self._scale_inputs(x, *scaled)
         if self.merged is not None:
-            y = F.linear(x, self.merged, self.base.bias)
+            y = F.linear(x, self.merged, self.merged_bias)
         else:
             y = self.base(x)
+        if scaled is not None and not (self.dora | self.ia3_outputs).isdisjoint(
+                batch.slot_set):
+            if not self.filled.isdisjoint(batch.slot_set):
+                self._add_deltas(y, x)
+            self._scale_rows(y, *scaled)
+        elif batch.active and not self.filled.isdisjoint(batch.slot_set):
+            self._add_deltas(y, x)
+        return y
+
+    def _add_deltas(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """Every routed token's B A x, by its slot, into y."""
         batch = self.batch
-        if not batch.active or self.filled.isdisjoint(batch.slot_set):
-            return y  # no adapter in this step targets this projection
         rank = batch.rank
         if batch.segments is not None:  # decode tokens by the SGMV kernel
             self._add_delta_sgmv(y, x, batch.segments, rank)
@@ -350,20 +402,27 @@ class MultiLoraLinear(nn.Module):
             slots = batch.chunk_slots
             self._add_delta(y, x, batch.chunks, self.a[slots, :rank],
                             [b[slots, :rank] for b in self.b])
-        if batch.dora is not None and not self.dora.isdisjoint(batch.slot_set):
-            self._scale_dora(y, *batch.dora)
-        return y
 
-    def _scale_dora(self, y: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> None:
-        """DoRA tokens' rows, W x + B A x so far, become m / ||W + B A|| (W x + B A x) +
-        bias: PEFT's `(g - 1) base(x) + g B A x` added to the base output."""
+    def _scale_rows(self, y: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+        """Scaled slots' rows of y, W x + B A x + bias so far, times their column scale:
+        DoRA's m / ||W + B A|| (W x + B A x) + bias (PEFT's `(g - 1) base(x) + g B A x`
+        added to the base output), IA3's l (W x + bias). LoRA slots' scale is 1."""
         rows = y.index_select(0, tokens)
-        bias = self.output_bias
-        if bias is not None:
-            rows = (rows - bias) * self.scale[slots] + bias
+        scale, bias = self.scale[slots], self.output_bias
+        if bias is not None:  # DoRA's rows keep their bias as it was
+            rows = rows * scale + bias * (1 - scale) * self.keeps_bias[slots]
         else:
-            rows = rows * self.scale[slots]
+            rows = rows * scale
         y.index_copy_(0, tokens, rows.to(y.dtype))
+
+    def _scale_inputs(self, x: torch.Tensor, tokens: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+        """x with the IA3 input scale of each scaled token's slot (1 for the others'),
+        as a new tensor: the caller's x feeds the residual stream."""
+        x = x.clone()
+        x.index_copy_(0, tokens, (x.index_select(0, tokens) * self.input_scale[slots])
+                      .to(x.dtype))
+        return x
 
     def _add_delta(self, y, x, groups: _Groups, a: torch.Tensor,
                    b: list[torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ class AdapterPool:
 
     def __init__(self, layers: list[MultiLoraLinear], num_slots: int, batch: LoraBatch):
         self.layers = layers
-        self.batch = batch  # told which slots hold DoRA adapters
+        self.batch = batch  # told which slots hold DoRA or IA3 adapters
         self.names: list[AdapterKey | None] = [None] * num_slots
         self.ranks = [0] * num_slots
         self.versions = [""] * num_slots  # a digest of the weights in each slot
@@ -112,11 +112,12 @@ class AdapterPool:
         for layer in self.layers:
             layer.install(slot, [lora.a.get(key) for key in layer.keys],
                           [lora.b.get(key) for key in layer.keys],
-                          [lora.magnitude.get(key) for key in layer.keys])
-        if lora.dora:
-            self.batch.dora_slots.add(slot)
+                          [lora.magnitude.get(key) for key in layer.keys],
+                          [lora.ia3.get(key) for key in layer.keys], lora.ia3_inputs)
+        if lora.dora or lora.ia3:
+            self.batch.scaled_slots.add(slot)
         else:
-            self.batch.dora_slots.discard(slot)
+            self.batch.scaled_slots.discard(slot)
         self.names[slot], self.ranks[slot] = lora.name, lora.rank
         self.versions[slot] = lora.version
         self.lru[lora.name] = slot
@@ -131,7 +132,7 @@ class AdapterPool:
         # an unloaded adapter's weights from lingering in memory.
         for layer in self.layers:
             layer.install(slot, [None] * len(layer.keys), [None] * len(layer.keys))
-        self.batch.dora_slots.discard(slot)
+        self.batch.scaled_slots.discard(slot)
         self.installs[slot] += 1
 
     def _forget(self, slot: int) -> None:

@@ -8,12 +8,15 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.client import sse_data
+from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import (
     ALICE,
     ALICE_USER,
@@ -28,6 +31,7 @@ from tests.daemons import (
     MAX_WAITING,
 )
 from tests.polling import wait_for
+from tests.tiny import tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -121,6 +125,29 @@ def test_runtime_adapter_answers_differently_then_unload_gives_404(daemon, daemo
     again = post(daemon, "/v1/unload_lora_adapter", {"lora_name": "style"})
     assert again.status_code == 404 and again.json()["error"]["type"] == "not_found_error"
     assert daemon.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
+def test_an_ia3_adapter_serves_and_every_listing_names_each_adapters_kind(daemon,
+                                                                         daemon_adapters):
+    make_adapters(tiny_model(), daemon_adapters, {"ia3-kind": AdapterSpec(
+        ia3=True, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
+        scale=0.3)}, seed=3)
+    for name, folder in (("ia3-kind", "ia3-kind"), ("lora-kind", "style")):
+        assert load(daemon, name, daemon_adapters / folder).status_code == 200
+    assert chat(daemon, "ia3-kind") != chat(daemon, BASE)
+    models = {m.id: m.model_extra.get("kind") for m in client(daemon).models.list().data}
+    assert models["ia3-kind"] == "ia3" and models["lora-kind"] == "lora"
+    listed = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE}).json()
+    assert {row["name"]: row["kind"] for row in listed["data"]
+            if row["name"].endswith("-kind")} == {"ia3-kind": "ia3", "lora-kind": "lora"}
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        rows = lorag_pb2_grpc.LoragServiceStub(channel).ListAdapters(
+            lorag_pb2.ListAdaptersRequest(), metadata=[("authorization", ALICE)], timeout=60)
+    assert {a.name: a.kind for a in rows.adapters if a.name.endswith("-kind")} == \
+        {"ia3-kind": "ia3", "lora-kind": "lora"}
+    for name in ("ia3-kind", "lora-kind"):
+        assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": name}).status_code == 200
 
 
 # an adapter error names the field of the body the caller sent: vLLM's route calls the

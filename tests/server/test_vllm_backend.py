@@ -138,15 +138,20 @@ def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, b
 
 
 @pytest.mark.parametrize("daemon", ["vllm"], indirect=True)
-def test_a_dora_adapter_is_refused_clearly_and_left_unregistered(daemon, base_model_dir):
+def test_dora_and_ia3_adapters_are_refused_clearly_and_left_unregistered(daemon,
+                                                                         base_model_dir):
     model = load_base(str(base_model_dir), quantize="none", dtype="float32")[0]
-    make_adapters(model, daemon.adapters, {"dora-vllm": AdapterSpec(rank=4, dora=True)})
+    make_adapters(model, daemon.adapters, {
+        "dora-vllm": AdapterSpec(rank=4, dora=True),
+        "ia3-vllm": AdapterSpec(ia3=True, targets=("k_proj", "v_proj", "down_proj"),
+                                feedforward=("down_proj",))})
     headers = {"Authorization": ALICE}
-    response = httpx.post(f"{daemon.url}/v1/adapters", headers=headers, timeout=60, json={
-        "name": "dora-vllm", "path": str(daemon.adapters / "dora-vllm")})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == "path" and "vLLM has no DoRA" in error["message"]
+    for name, missing in (("dora-vllm", "vLLM has no DoRA"), ("ia3-vllm", "vLLM has no IA3")):
+        response = httpx.post(f"{daemon.url}/v1/adapters", headers=headers, timeout=60, json={
+            "name": name, "path": str(daemon.adapters / name)})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "path" and missing in error["message"]
     listed = httpx.get(f"{daemon.url}/v1/adapters", headers=headers, timeout=60).json()
-    assert "dora-vllm" not in {row["name"] for row in listed["data"]}
+    assert not {"dora-vllm", "ia3-vllm"} & {row["name"] for row in listed["data"]}
     assert daemon.health()["status"] == "ok"
