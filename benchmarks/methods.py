@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorag import catalog
+from lorag.errors import InvalidRequest
 from lorag.evaluation.scoring import contains, follows_schema
 from lorag.trainer.methods import METHODS
 
@@ -87,6 +88,9 @@ def train_all(data: Path, folder: Path, workload: Workload) -> dict[str, dict]:
     reports = {}
     for name in workload.methods:
         out = folder / name
+        if (out / "training.json").is_file():  # trained there before, same workload
+            reports[name] = json.loads((out / "training.json").read_text())
+            continue
         process = context.Process(target=_train_one, args=(name, data, out, workload))
         process.start()
         process.join()
@@ -239,10 +243,31 @@ def row(report: dict, scores: dict) -> dict:
             "quantize": report["config"]["quantize"], **scores}
 
 
-def main(workload: Workload, json_path: Path | None = None, chart: Path | None = None) -> dict:
+# what makes two runs' trained methods comparable: a folder keeps its own
+TRAINING = ("model", "steps", "batch_size", "dtype", "seed")
+
+
+def use_folder(folder: Path | None, workload: Workload) -> Path:
+    """Where the methods train: a new temporary folder, or `folder`, whose methods
+    already trained with the same workload are reused (a long run can be resumed, or
+    widened by more methods)."""
+    if folder is None:
+        return Path(tempfile.mkdtemp(prefix="lorag-bench-methods-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    record, wanted = folder / "workload.json", {k: asdict(workload)[k] for k in TRAINING}
+    if record.is_file() and json.loads(record.read_text()) != wanted:
+        raise InvalidRequest(f"--folder {folder} holds methods trained with "
+                             f"{record.read_text().strip()}, not {json.dumps(wanted)}: "
+                             "give another folder", field="folder")
+    record.write_text(json.dumps(wanted) + "\n")
+    return folder
+
+
+def main(workload: Workload, json_path: Path | None = None, chart: Path | None = None,
+         folder: Path | None = None) -> dict:
     from lorag.models import cpu_has_bf16, resolve_dtype
 
-    folder = Path(tempfile.mkdtemp(prefix="lorag-bench-methods-"))
+    folder = use_folder(folder, workload)
     data, held_out, questions = build_data(folder, workload)
     reports = train_all(data, folder, workload)
     evaluator = Evaluator(workload, held_out, questions)

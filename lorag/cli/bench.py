@@ -91,6 +91,10 @@ def bench_methods(
         min=1, max=24, help="Neutral prompts forgetting is measured on.")] = 24,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer.")] = 48,
     chart: Annotated[Path | None, typer.Option(help="Write the table as a PNG here.")] = None,
+    folder: Annotated[Path | None, typer.Option(
+        help="Train into this folder (default: a new temporary one); methods already "
+             "trained there with the same model, steps, batch, dtype and seed are reused.")]
+        = None,
     json_path: JsonOut = None,
 ) -> None:
     """Every `lorag train --method` on the same data and steps: trainable parameters, peak
@@ -103,7 +107,7 @@ def bench_methods(
         method_named(name)  # an unknown one is refused before anything trains
     main(Workload(model=model, methods=names, steps=steps, batch_size=batch_size,
                   dtype=dtype, held_out=held_out, facts=facts, neutral=neutral,
-                  max_new_tokens=max_new_tokens), json_path, chart)
+                  max_new_tokens=max_new_tokens), json_path, chart, folder)
 
 
 @app.command("retrieval")

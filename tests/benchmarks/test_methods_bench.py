@@ -13,12 +13,16 @@ COLUMNS = {"trainable_parameters", "trainable_percent", "peak_memory_mb", "secon
            "task_accuracy", "facts_accuracy", "agreement_with_base", "kl_from_base"}
 
 
+def bench(tiny_base, folder, *flags: str):
+    return CliRunner().invoke(app, [
+        "bench", "methods", "--model", str(tiny_base), "--batch-size", "2", "--held-out", "2",
+        "--facts", "2", "--neutral", "2", "--max-new-tokens", "4", "--folder", str(folder),
+        *flags])
+
+
 def test_every_method_fills_every_column(tiny_base, tmp_path):
-    out, chart = tmp_path / "methods.json", tmp_path / "methods.png"
-    result = CliRunner().invoke(app, [
-        "bench", "methods", "--model", str(tiny_base), "--steps", "1", "--batch-size", "2",
-        "--held-out", "2", "--facts", "2", "--neutral", "2", "--max-new-tokens", "4",
-        "--json", str(out), "--chart", str(chart)])
+    out, chart, folder = tmp_path / "methods.json", tmp_path / "methods.png", tmp_path / "run"
+    result = bench(tiny_base, folder, "--steps", "1", "--json", str(out), "--chart", str(chart))
     assert result.exit_code == 0, result.output
     table = json.loads(out.read_text())
     assert list(table["methods"]) == ["base", *METHODS]
@@ -36,6 +40,16 @@ def test_every_method_fills_every_column(tiny_base, tmp_path):
     assert rows["ia3"]["trainable_parameters"] < rows["lora"]["trainable_parameters"]
     assert rows["qlora"]["quantize"] == "nf4" and rows["full"]["lr"] == METHODS["full"].lr
     assert chart.stat().st_size > 10_000
+
+    # the same folder again: what trained there is reused, not trained again
+    trained = (folder / "lora" / "training.json").stat().st_mtime_ns
+    again = bench(tiny_base, folder, "--steps", "1", "--methods", "lora", "--json", str(out))
+    assert again.exit_code == 0, again.output
+    assert (folder / "lora" / "training.json").stat().st_mtime_ns == trained
+    assert json.loads(out.read_text())["methods"]["lora"]["trainable_parameters"] == \
+        rows["lora"]["trainable_parameters"]
+    other = bench(tiny_base, folder, "--steps", "2", "--methods", "lora")
+    assert "holds methods trained with" in other.exception.message
 
 
 def test_an_unknown_method_is_refused_before_anything_trains():
