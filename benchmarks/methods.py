@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lorag import catalog
 from lorag.errors import InvalidRequest
+from lorag.evaluation.generate import read_examples
 from lorag.evaluation.scoring import contains, follows_schema
 from lorag.trainer.methods import METHODS
 
@@ -66,8 +67,7 @@ def build_data(folder: Path, workload: Workload) -> tuple[Path, list[dict], list
     random.Random(workload.seed).shuffle(rows)
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    questions = [json.loads(line) for line in
-                 (DEMO / "questions.jsonl").read_text().splitlines()][:workload.facts]
+    questions = read_examples(DEMO / "questions.jsonl")[:workload.facts]
     return data, held_out, questions
 
 
@@ -109,12 +109,11 @@ def _train_one(name: str, data: Path, out: Path, workload: Workload) -> None:
 
     from lorag.trainer.train import TrainOptions, train
 
-    extra = {"train_last_layers": 2} if name == "freeze" else {}
-    try:
+    try:  # each method's defaults (freeze: the last 2 blocks)
         train(TrainOptions(data=data, base=workload.model, out=out, method=name,
                            max_steps=workload.steps, batch_size=workload.batch_size,
-                           dtype=workload.dtype, seed=workload.seed, save_steps=10**9,
-                           **extra), Console(file=io.StringIO()))
+                           dtype=workload.dtype, seed=workload.seed, save_steps=10**9),
+              Console(file=io.StringIO()))
     except BaseException:
         (out.parent / f"{name}.error").write_text(traceback.format_exc())
         sys.exit(1)

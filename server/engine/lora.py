@@ -379,13 +379,11 @@ class MultiLoraLinear(nn.Module):
             y = F.linear(x, self.merged, self.merged_bias)
         else:
             y = self.base(x)
-        if scaled is not None and not (self.dora | self.ia3_outputs).isdisjoint(
-                batch.slot_set):
-            if not self.filled.isdisjoint(batch.slot_set):
-                self._add_deltas(y, x)
-            self._scale_rows(y, *scaled)
-        elif batch.active and not self.filled.isdisjoint(batch.slot_set):
+        if batch.active and not self.filled.isdisjoint(batch.slot_set):
             self._add_deltas(y, x)
+        if scaled is not None and not (self.dora.isdisjoint(batch.slot_set)
+                                       and self.ia3_outputs.isdisjoint(batch.slot_set)):
+            self._scale_rows(y, *scaled)  # after the deltas: DoRA scales W x + B A x
         return y
 
     def _add_deltas(self, y: torch.Tensor, x: torch.Tensor) -> None:
