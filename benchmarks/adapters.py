@@ -1,12 +1,12 @@
-"""Random, nonzero PEFT adapters (LoRA, DoRA, IA3) for tests and benchmarks, saved exactly
-as PEFT saves."""
+"""Random, nonzero PEFT adapters (LoRA, DoRA, IA3, prompt and prefix tuning) for tests and
+benchmarks, saved exactly as PEFT saves."""
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 
@@ -24,6 +24,10 @@ class AdapterSpec:
     # scaling the input of the `feedforward` targets and the output of the others
     ia3: bool = False
     feedforward: tuple[str, ...] = ()
+    # prompt or prefix tuning instead (no targets): `virtual_tokens` learnt tokens, each
+    # entry (an embedding's; a prefix key's or value's) drawn with std `scale`
+    virtual: str = ""
+    virtual_tokens: int = 8
 
 
 def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int = 0) -> dict:
@@ -38,7 +42,7 @@ def make_adapters(model, folder: Path, specs: dict[str, AdapterSpec], seed: int 
     generator = torch.Generator().manual_seed(seed)
     for name, spec in specs.items():
         shape = (spec.rank, spec.alpha, spec.targets, spec.rslora, spec.dora, spec.ia3,
-                 spec.feedforward)
+                 spec.feedforward, spec.virtual, spec.virtual_tokens)
         if shape not in templates:
             templates[shape] = _template(model, folder / f".template-{len(templates)}", spec)
         template = templates[shape]
@@ -61,6 +65,11 @@ def _drawn(key: str, template: torch.Tensor, scale: float,
 
 
 def _template(model, folder: Path, spec: AdapterSpec) -> Path:
+    if spec.virtual:
+        kind = {"prompt": PromptTuningConfig, "prefix": PrefixTuningConfig}[spec.virtual]
+        config = kind(num_virtual_tokens=spec.virtual_tokens, task_type="CAUSAL_LM")
+        get_peft_model(model, config).save_pretrained(folder)  # the base is left as it is
+        return folder
     config = IA3Config(target_modules=list(spec.targets),
                        feedforward_modules=list(spec.feedforward), task_type="CAUSAL_LM") \
         if spec.ia3 else \

@@ -1,4 +1,5 @@
-"""LoRA adapter files: the PEFT format, validated before anything uses them.
+"""Adapter files (LoRA, DoRA, IA3, prompt and prefix tuning): the PEFT format, validated
+before anything uses them.
 
 An adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`, as PEFT
 saves it. Loading refuses, each with a message naming the problem: a path outside the
@@ -102,6 +103,26 @@ class Composition:
 AdapterKey = str | Composition  # what the engine serves a request with
 
 
+@dataclass(frozen=True)
+class VirtualTokens:
+    """The learnt virtual tokens of a prompt- or prefix-tuning adapter (PEFT's
+    `prompt_embeddings`), which stand before the prompt of every request on it.
+
+    prompt: `tensor` is [count, hidden], input embeddings run through the model in place
+    of `count` tokens at positions 0..count-1. prefix: `tensor` is [layers, 2, count,
+    kv_out], every layer's keys and values for those positions, put in the KV cache as
+    they are (no projection, no rotary: PEFT passes them as past_key_values).
+    """
+
+    kind: str  # prompt | prefix
+    tensor: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """How many positions they take before the prompt."""
+        return self.tensor.shape[0] if self.kind == "prompt" else self.tensor.shape[2]
+
+
 @dataclass
 class LoraWeights:
     """A validated adapter in memory, its scaling folded into B.
@@ -115,6 +136,8 @@ class LoraWeights:
     [out_features] scaling the projection's output (bias included, as PEFT does), or for
     the modules in `ia3_inputs` (PEFT's feedforward_modules) [in_features] scaling its
     input: `W (l * x)`.
+    A prompt- or prefix-tuning adapter has no per-projection tensors either: `virtual`
+    holds its learnt virtual tokens.
     """
 
     name: AdapterKey
@@ -125,13 +148,17 @@ class LoraWeights:
     magnitude: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     ia3: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     ia3_inputs: frozenset[str] = field(default_factory=frozenset)
+    # prompt / prefix tuning: the learnt virtual tokens that start every request on it
+    virtual: VirtualTokens | None = None
     # a digest of the served tensors: what the KV prefix cache keys the adapter by, never
     # the name (a name re-registered with other weights must not hit the old entries)
     version: str = ""
 
     def __post_init__(self):
         if not self.version:
-            self.version = weights_digest(self.a, self.b, self.magnitude, self.ia3)
+            virtual = {} if self.virtual is None else {"virtual": self.virtual.tensor}
+            self.version = weights_digest(self.a, self.b, self.magnitude, {**self.ia3,
+                                                                           **virtual})
 
     @property
     def dora(self) -> bool:
@@ -140,14 +167,17 @@ class LoraWeights:
 
     @property
     def kind(self) -> str:
-        """lora, dora or ia3: what /v1/models and `lorag adapters list` show."""
+        """lora, dora, ia3, prompt or prefix: what /v1/models and `lorag adapters list`
+        show."""
+        if self.virtual is not None:
+            return self.virtual.kind
         return "ia3" if self.ia3 else "dora" if self.magnitude else "lora"
 
     @property
     def nbytes(self) -> int:
         """Bytes held in RAM by this adapter's tensors."""
         tensors = (*self.a.values(), *self.b.values(), *self.magnitude.values(),
-                   *self.ia3.values())
+                   *self.ia3.values(), *([] if self.virtual is None else [self.virtual.tensor]))
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -228,9 +258,11 @@ def read_config(folder: Path, max_rank: int, roots: list[Path]) -> tuple[dict, b
     kind = config.get("peft_type", "LORA")
     if kind == "IA3":
         return _check_ia3_config(config, path), raw
+    if kind in VIRTUAL_KINDS:
+        return _check_virtual_config(config, path), raw
     checks = [
-        (kind == "LORA", f"peft_type is {kind!r}; LORA (LoRA, DoRA) and IA3 adapters are "
-                         "served"),
+        (kind == "LORA", f"peft_type is {kind!r}; LORA (LoRA, DoRA), IA3, PROMPT_TUNING and "
+                         "PREFIX_TUNING adapters are served"),
         (isinstance(config.get("r"), int) and 0 < config["r"] <= max_rank,
          f"rank r={config.get('r')!r} is outside 1..{max_rank} (the engine's max_lora_rank)"),
         (config.get("bias", "none") == "none", "adapters that train biases are not served"),
@@ -266,6 +298,26 @@ def _check_ia3_config(config: dict, path: Path) -> dict:
     return config
 
 
+def _check_virtual_config(config: dict, path: Path) -> dict:
+    """A prompt- or prefix-tuning config the engine serves: a causal LM's, its virtual
+    tokens on the decoder alone."""
+    count = config.get("num_virtual_tokens")
+    if isinstance(count, bool) or not isinstance(count, int) \
+            or not 0 < count <= MAX_VIRTUAL_TOKENS:
+        raise InvalidRequest(f"{path}: num_virtual_tokens must be an integer in "
+                             f"1..{MAX_VIRTUAL_TOKENS}, got {count!r}", field="path")
+    if config.get("task_type") != "CAUSAL_LM":
+        raise InvalidRequest(f"{path}: task_type is {config.get('task_type')!r}; "
+                             "prompt and prefix tuning are served for CAUSAL_LM", field="path")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise InvalidRequest(f"{path}: num_transformer_submodules must be 1 (a decoder)",
+                             field="path")
+    return config
+
+
+VIRTUAL_KEY = "prompt_embeddings"  # the one tensor PEFT saves for prompt learning
+VIRTUAL_KINDS = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+MAX_VIRTUAL_TOKENS = 1024  # PEFT's examples use 8-100
 KINDS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
 
 
@@ -353,6 +405,8 @@ def load_lora(name: str, path: str | Path, base: BaseShape, roots: list[Path],
         raise changed
     if config.get("peft_type") == "IA3":
         return _ia3_weights(name, folder, base, config, tensors)
+    if config.get("peft_type") in VIRTUAL_KINDS:
+        return _virtual_weights(name, folder, base, config, tensors, dtype)
     scale, a, b, magnitude = scaling(config), {}, {}, {}
     for key, tensor in tensors.items():
         layer, module, which = _parse_key(key, folder, base)
@@ -406,6 +460,27 @@ def _ia3_weights(name: str, folder: Path, base: BaseShape, config: dict,
                        ia3_inputs=modules & set(config.get("feedforward_modules") or []))
 
 
+def _virtual_weights(name: str, folder: Path, base: BaseShape, config: dict,
+                     tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoraWeights:
+    """A prompt- or prefix-tuning adapter: its one tensor (shape checked from the header),
+    prefix tuning's split per layer into keys and values, PEFT's layout."""
+    kind = VIRTUAL_KINDS[config["peft_type"]]
+    tensor = _finite(tensors[VIRTUAL_KEY], folder, VIRTUAL_KEY)
+    if kind == "prefix":  # [count, layers * 2 * kv_out] -> [layers, 2, count, kv_out]
+        count = tensor.shape[0]
+        tensor = tensor.view(count, base.num_layers, 2, -1).permute(1, 2, 0, 3).contiguous()
+    return LoraWeights(name, 0, {}, {}, virtual=VirtualTokens(kind, tensor.to(dtype)))
+
+
+def _virtual_shape(base: BaseShape, config: dict) -> tuple[int, int]:
+    """The shape PEFT saves `prompt_embeddings` in for this base: [count, hidden] for
+    prompt tuning, [count, layers * 2 * kv_out] for prefix tuning."""
+    count, hidden = config["num_virtual_tokens"], base.shapes["q_proj"][0]
+    if VIRTUAL_KINDS[config["peft_type"]] == "prompt":
+        return count, hidden
+    return count, base.num_layers * 2 * base.shapes["k_proj"][1]
+
+
 def _read_tensors(folder: Path, roots: list[Path],
                   declared: dict[str, tuple[tuple[int, ...], str]]) -> tuple[dict, bytes]:
     """The weights file's tensors, and its bytes, read at most as large as its `declared`
@@ -434,13 +509,21 @@ def _check_header(folder: Path, roots: list[Path], base: BaseShape,
     tensor is read."""
     declared = {}
     rank, inputs = config.get("r"), config.get("feedforward_modules") or []
+    virtual = config.get("peft_type") in VIRTUAL_KINDS
     with open_weights(folder, roots) as file:
+        if virtual and set(file.keys()) != {VIRTUAL_KEY}:
+            raise InvalidRequest(f"{folder}: a {config['peft_type']} adapter holds one tensor, "
+                                 f"{VIRTUAL_KEY!r}; this file has {sorted(file.keys())}",
+                                 field="path")
         for key in file.keys():
-            _, module, which = _parse_key(key, folder, base)
             header = file.get_slice(key)
-            in_f, out_f = base.shapes[module]
-            expected = {"A": (rank, in_f), "B": (out_f, rank), "M": (out_f,),
-                        "ia3": (1, in_f) if module in inputs else (out_f, 1)}[which]
+            if virtual:
+                expected = _virtual_shape(base, config)
+            else:
+                _, module, which = _parse_key(key, folder, base)
+                in_f, out_f = base.shapes[module]
+                expected = {"A": (rank, in_f), "B": (out_f, rank), "M": (out_f,),
+                            "ia3": (1, in_f) if module in inputs else (out_f, 1)}[which]
             shape = tuple(header.get_shape())
             if shape != expected:
                 raise InvalidRequest(
@@ -481,6 +564,12 @@ def compose(name: AdapterKey, parts: list[tuple[LoraWeights, float]],
     not target contributes zero rows/columns there. Same result as PEFT's
     `add_weighted_adapter(combination_type="cat")`.
     """
+    virtual = next((lora for lora, _ in parts if lora.virtual is not None), None)
+    if virtual is not None:
+        raise InvalidRequest(f"adapter {virtual.name!r} is a {virtual.kind}-tuning adapter, "
+                             "which is not composed: its virtual tokens stand before the "
+                             "prompt and have no weight to sum with others; serve it alone",
+                             field="adapters")
     ia3 = next((lora.name for lora, _ in parts if lora.ia3), None)
     if ia3 is not None:
         raise InvalidRequest(f"adapter {ia3!r} is an IA3 adapter, which is not composed: "

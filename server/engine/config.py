@@ -20,19 +20,22 @@ class Limits:
     adapter_roots: tuple[Path, ...]  # the only folders adapters load from
     vocab_size: int  # token ids are in [0, vocab_size): the embedding's rows
 
-    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+    def check_prompt(self, prompt: list[int], max_tokens: int, virtual: int = 0) -> None:
         """Refuse an empty prompt, a token id outside the vocabulary (it would index past
         the embedding and fail the whole batch's step), or a prompt that cannot fit
-        `max_tokens` more tokens."""
+        `max_tokens` more tokens (after a prompt/prefix-tuning adapter's `virtual`
+        tokens)."""
         limit = self.max_model_len
         if not prompt:
             raise InvalidRequest("prompt is empty", field="prompt")
-        if len(prompt) + max_tokens > limit:
+        if virtual + len(prompt) + max_tokens > limit:
+            adapter = f" after the adapter's {virtual} virtual tokens" if virtual else ""
             raise InvalidRequest(
                 f"this model's maximum context length is {limit} tokens; the request has "
-                f"{len(prompt)} prompt tokens and asks for {max_tokens} more "
-                f"({len(prompt) + max_tokens} in all). Shorten the prompt or lower "
-                "max_tokens", field="max_tokens" if len(prompt) < limit else "prompt")
+                f"{len(prompt)} prompt tokens{adapter} and asks for {max_tokens} more "
+                f"({virtual + len(prompt) + max_tokens} in all). Shorten the prompt or "
+                "lower max_tokens",
+                field="max_tokens" if virtual + len(prompt) < limit else "prompt")
         for i, token in enumerate(prompt):
             if isinstance(token, bool) or not isinstance(token, int) \
                     or not 0 <= token < self.vocab_size:

@@ -76,7 +76,8 @@ class Engine:
         self.fault_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
         self.merge = AutoMerge(self.runner.lora_layers, self.pool,
                                self.config.auto_merge and not self.runner.quantized)
-        self.scheduler = Scheduler(self.config, self.pool, self.merge, self.runner.device)
+        self.scheduler = Scheduler(self.config, self.pool, self.merge, self.runner.device,
+                                   self.runner.write_kv)
         self.ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -148,17 +149,18 @@ class Engine:
         """
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.limits.check_prompt(ids, params.max_tokens)
         key = self._check_adapter(adapter)
         request_id = request_id or f"req-{next(self.ids)}"
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator)
-        if params.constraint is not None:  # compiled here (or found cached), not on the loop
-            seq.matcher = self.grammars.matcher(params.constraint)
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
+            seq.virtual = seq.weights.virtual
+        self.limits.check_prompt(ids, params.max_tokens, seq.offset)
+        if params.constraint is not None:  # compiled here (or found cached), not on the loop
+            seq.matcher = self.grammars.matcher(params.constraint)
         with self.wakeup:
             if self.failure is not None:
                 raise Unavailable(STOPPED)
@@ -216,15 +218,20 @@ class Engine:
         self._between_steps(self._discard, name)
         return True
 
-    def pin_adapter(self, name: str) -> int:
-        """Keep an adapter in a compute slot until unpinned; returns its slot."""
+    def pin_adapter(self, name: str) -> int | None:
+        """Keep an adapter in a compute slot until unpinned; returns its slot. A prefix-
+        tuning adapter takes no slot: its KV blocks are written now and kept (None); a
+        prompt-tuning one has nothing outside RAM to keep (None)."""
         if name not in self.registry:
             raise AdapterNotFound.named(name)
-        return self._between_steps(self.pool.pin, name, lambda: self.registry.get(name))
+        weights = self.registry.get(name)
+        if weights.virtual is not None:
+            return self._between_steps(self._pin_virtual, name, weights)
+        return self._between_steps(self.pool.pin, name, lambda: weights)
 
     def unpin_adapter(self, name: str) -> bool:
         """Let a pinned adapter be evicted again; says whether it was pinned."""
-        return self._between_steps(self.pool.unpin, name)
+        return self._between_steps(self._unpin, name)
 
     def list_adapters(self) -> list[dict]:
         """Every registered adapter with where it is: RAM tier, slot, pinned, in use."""
@@ -232,9 +239,10 @@ class Engine:
         for name in self.registry.names():
             slot = self.pool.slot_of(name)
             rows.append({"name": name, "path": str(self.registry.path(name) or ""),
-                         "in_ram": self.registry.in_ram(name), "active": slot is not None,
+                         "in_ram": self.registry.in_ram(name),
+                         "active": slot is not None or name in self.scheduler.prefixes.held,
                          "slot": slot,
-                         "pinned": name in self.pool.pinned,
+                         "pinned": name in self.pool.pinned | self.scheduler.prefixes.pinned,
                          "running_requests": self.pool.refs[slot] if slot is not None else 0})
         return rows
 
@@ -452,10 +460,25 @@ class Engine:
         return compose(seq.adapter, loras, self.config.max_lora_rank)
 
     def _discard(self, name: str) -> None:
-        # the adapter and every composition that includes it
+        # the adapter and every composition that includes it; a prefix adapter's KV
         for key in list(self.pool.lru):
             if key == name or isinstance(key, Composition) and name in key.names:
                 self.pool.discard(key)
+        self.scheduler.prefixes.drop(name)
+        self.scheduler.prefixes.pinned.discard(name)
+
+    def _pin_virtual(self, name: str, weights: LoraWeights) -> None:
+        prefixes = self.scheduler.prefixes
+        if weights.virtual.kind == "prefix" and prefixes.blocks(name, weights) is None:
+            raise Overloaded(f"cannot pin {name!r}: the KV cache has no "
+                             f"{weights.virtual.count // self.config.kv_block_size} free "
+                             "blocks for its prefix now; retry later")
+        prefixes.pinned.add(name)
+
+    def _unpin(self, name: str) -> bool:
+        virtual = name in self.scheduler.prefixes.pinned
+        self.scheduler.prefixes.pinned.discard(name)
+        return self.pool.unpin(name) or virtual
 
     def _update_merge(self) -> None:
         self.merge.update({s.lora_slot for s in self.running})

@@ -62,14 +62,15 @@ class BlockPool:
             out.append(chain)
         return out
 
-    def allocate(self, prompt: list[int], hashes: list[bytes], blocks: int
-                 ) -> tuple[list[int], int] | None:
-        """`blocks` blocks for a sequence with `prompt`: its longest cached prefix first,
-        then fresh ones. Returns (block table, prompt tokens already computed), or None
-        when not enough blocks are available now."""
-        hit = []
+    def allocate(self, prompt: list[int], hashes: list[bytes], blocks: int,
+                 held: list[int] | tuple = ()) -> tuple[list[int], int] | None:
+        """`blocks` blocks for a sequence with `prompt`: `held` first (blocks someone holds
+        whose KV is the prompt's start: a prefix-tuning adapter's), then its longest cached
+        prefix, then fresh ones. Returns (block table, prompt tokens already computed), or
+        None when not enough blocks are available now."""
+        hit = list(held)
         if self.prefix_caching:
-            for chain in hashes[:(len(prompt) - 1) // self.block_size]:  # last token: computed
+            for chain in hashes[len(hit):(len(prompt) - 1) // self.block_size]:  # last: computed
                 block = self.by_hash.get(chain)
                 if block is None:
                     break
@@ -105,6 +106,13 @@ class BlockPool:
                     self.cached[block] = None
                 else:
                     self.free.append(block)
+
+    def take(self, count: int) -> list[int] | None:
+        """`count` blocks for a holder outside any sequence (released with `release`), or
+        None when not that many are available."""
+        if count > self.available:
+            return None
+        return [self._take() for _ in range(count)]
 
     def _take(self) -> int:
         if self.free:
@@ -157,12 +165,17 @@ class TorchAttention:
     def prepare(self, meta: AttentionInput) -> None:
         pass
 
+    def write(self, key_cache, value_cache, k, v, slot_mapping: torch.Tensor) -> None:
+        """Put keys and values [tokens, kv_heads, head_dim] at `slot_mapping` (per token:
+        block * block_size + offset)."""
+        blocks, offsets = slot_mapping // self.block_size, slot_mapping % self.block_size
+        key_cache[blocks, :, offsets] = k
+        value_cache[blocks, :, offsets] = v
+
     def __call__(self, key_cache, value_cache, q, k, v, meta: AttentionInput) -> torch.Tensor:
         # caches: [blocks, kv_heads, block_size, head_dim]; q: [tokens, heads, head_dim]
         size = self.block_size
-        blocks, offsets = meta.slot_mapping // size, meta.slot_mapping % size
-        key_cache[blocks, :, offsets] = k
-        value_cache[blocks, :, offsets] = v
+        self.write(key_cache, value_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         decodes = meta.decodes
         if decodes:
@@ -251,9 +264,14 @@ class VllmCpuAttention:
             len(meta.lens), self.num_heads, self.num_kv_heads, self.head_dim, meta.seq_lens,
             self.dtype, meta.query_start_loc, True, -1, self.isa, False, None)
 
-    def __call__(self, key_cache, value_cache, q, k, v, meta: AttentionInput) -> torch.Tensor:
+    def write(self, key_cache, value_cache, k, v, slot_mapping: torch.Tensor) -> None:
+        """Put keys and values [tokens, kv_heads, head_dim] at `slot_mapping`, in the
+        kernel's block layout."""
         self.ops.cpu_attn_reshape_and_cache(k.contiguous(), v.contiguous(), key_cache,
-                                            value_cache, meta.slot_mapping, self.isa)
+                                            value_cache, slot_mapping, self.isa)
+
+    def __call__(self, key_cache, value_cache, q, k, v, meta: AttentionInput) -> torch.Tensor:
+        self.write(key_cache, value_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         # ..., scale, causal, alibi_slopes, sliding window, block_table, softcap,
         # scheduler_metadata, s_aux, dynamic_causal

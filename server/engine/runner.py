@@ -25,7 +25,7 @@ then V within each block (the layout of vLLM's CPU kernels); which blocks a sequ
 uses is the engine's business (kv.BlockPool), nothing is reallocated during a step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,7 +64,9 @@ class StepInput:
     attention: where every sequence's tokens sit in the paged cache; sample_at:
     [samples] token indices whose next-token logits are wanted; precise: the samples
     (indices into sample_at) whose logits are computed in float32 whatever the model's
-    dtype, because their log-probabilities are reported.
+    dtype, because their log-probabilities are reported. embeds: (row, [n, hidden]) input
+    embeddings that replace the embedding of rows row..row+n-1 (a prompt-tuning
+    adapter's virtual tokens; their input_ids are placeholders).
     """
 
     input_ids: torch.Tensor
@@ -76,6 +78,7 @@ class StepInput:
     sample_at: torch.Tensor
     lora_rank: int
     precise: torch.Tensor | None = None
+    embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -143,6 +146,8 @@ class ModelRunner:
             start += chunk.length
         self.lora_batch.route(step.lora_slots[:decodes], chunks, step.lora_rank)
         hidden = self.model.model.embed_tokens(step.input_ids)  # [tokens, hidden]
+        for row, embeds in step.embeds:
+            hidden[row:row + len(embeds)] = embeds
         cos, sin = self.model.model.rotary_emb(hidden, step.positions.unsqueeze(0))
         cos, sin = cos[0], sin[0]  # [tokens, head_dim]
         self.attention.prepare(step.attention)
@@ -166,6 +171,22 @@ class ModelRunner:
         if step.precise is not None and len(step.precise):
             self._precise_logits(logits, last, step.precise)
         return logits
+
+    @torch.inference_mode()
+    def write_kv(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Put every layer's keys and values `kv` [layers, 2, n, kv_heads * head_dim] (a
+        prefix-tuning adapter's) in `blocks`, from their first row, as attention writes
+        computed ones: positions 0..n-1 of whoever holds the blocks."""
+        size = self.config.kv_block_size
+        count = kv.shape[2]
+        if not count:
+            return
+        slots = torch.tensor([blocks[p // size] * size + p % size for p in range(count)],
+                             dtype=torch.long, device=self.device)
+        kv = kv.to(self.device, self.dtype).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        for index, (keys, values) in enumerate(kv):
+            cache_k, cache_v = self.kv_cache[index].chunk(2, dim=2)
+            self.attention.write(cache_k, cache_v, keys, values, slots)
 
     def _precise_logits(self, logits: torch.Tensor, last: torch.Tensor,
                         rows: torch.Tensor) -> None:

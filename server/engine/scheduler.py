@@ -8,7 +8,7 @@ chunks of sequences being prefilled, up to `max_num_batched_tokens`.
 """
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from xgrammar import GrammarMatcher
 
-from lorag.adapters import AdapterKey, LoraWeights
+from lorag.adapters import AdapterKey, LoraWeights, VirtualTokens
 from lorag.errors import LoragError, RequestFailed
 from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.kv import AttentionInput, BlockPool
@@ -46,26 +46,101 @@ class Sequence:
     computed: int = 0  # prompt tokens already in the KV cache
     sent: int = 0  # characters of output text already streamed
     cancelled: bool = False
-    weights: LoraWeights | None = None  # read at submit when not in a slot; dropped once in
+    # read at submit when not in a slot; dropped once in (a prompt- or prefix-tuning
+    # adapter's stay: it takes no slot)
+    weights: LoraWeights | None = None
     matcher: GrammarMatcher | None = None  # the output's grammar state, when constrained
+    virtual: VirtualTokens | None = None  # a prompt/prefix-tuning adapter's, before the prompt
+
+    @property
+    def offset(self) -> int:
+        """Positions the adapter's virtual tokens take before the prompt's first token."""
+        return 0 if self.virtual is None else self.virtual.count
+
+    @property
+    def context_length(self) -> int:
+        """Positions before the output: virtual tokens and prompt."""
+        return self.offset + len(self.prompt_ids)
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt_ids)
+        return self.computed < self.context_length
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return self.context_length + len(self.output_ids)
+
+    def context_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        """Token ids of context positions [start, end): virtual token i reads as -1 - i,
+        which no real token is (the prefix cache keys blocks by these ids)."""
+        offset, end = self.offset, self.context_length if end is None else end
+        virtual = list(range(-1 - start, -1 - min(end, offset), -1))
+        return virtual + self.prompt_ids[max(start, offset) - offset:max(end - offset, 0)]
+
+
+class PrefixBlocks:
+    """Prefix-tuning adapters' keys and values in the KV cache: each adapter's full blocks
+    of virtual tokens, written once (at its first request, or when pinned) and held by
+    the adapter, so that every request on it starts from them. Held until the adapter is
+    unloaded or its weights change; an idle, unpinned adapter's go back when a request
+    needs the blocks (least recently used first) and are written again on its next use.
+    The virtual tokens past the last full block are copied into each request's own
+    first block (`Scheduler._reserve`): a block a sequence writes into is never shared."""
+
+    def __init__(self, kv: BlockPool, write: Callable[[list[int], torch.Tensor], None]):
+        self.kv, self.write = kv, write
+        self.held: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()  # name ->
+        # (version, blocks), least recently used first
+        self.pinned: set[str] = set()
+
+    def blocks(self, name: str, weights: LoraWeights) -> list[int] | None:
+        """The blocks holding `name`'s full blocks of virtual KV, written now if they are
+        not yet; None when not enough blocks are free."""
+        version, blocks = self.held.get(name, (None, None))
+        if version == weights.version:
+            self.held.move_to_end(name)
+            return blocks
+        self.drop(name)  # other weights under the name, or none yet
+        virtual = weights.virtual
+        count = virtual.count // self.kv.block_size
+        blocks = self.kv.take(count)
+        while blocks is None and self.evict_idle():
+            blocks = self.kv.take(count)
+        if blocks is None:
+            return None
+        try:
+            self.write(blocks, virtual.tensor[:, :, :count * self.kv.block_size])
+        except Exception:
+            self.kv.release(blocks)
+            raise
+        self.held[name] = (weights.version, blocks)
+        return blocks
+
+    def drop(self, name: str) -> None:
+        """Give `name`'s blocks back (the running requests on it keep theirs)."""
+        _, blocks = self.held.pop(name, (None, []))
+        self.kv.release(blocks)
+
+    def evict_idle(self) -> bool:
+        """Drop the least recently used adapter's blocks that no request and no pin
+        holds; says whether there was one."""
+        for name, (_, blocks) in self.held.items():
+            if name not in self.pinned and all(self.kv.refs[b] == 1 for b in blocks):
+                self.drop(name)
+                return True
+        return False
 
 
 class Scheduler:
     """The queue and the running batch, over the engine's KV blocks and adapter slots."""
 
     def __init__(self, config: EngineConfig, pool: AdapterPool, merge: AutoMerge,
-                 device: torch.device):
+                 device: torch.device, write_kv: Callable[[list[int], torch.Tensor], None]):
         self.config, self.pool, self.merge, self.device = config, pool, merge, device
         self.kv = BlockPool(config.kv_blocks, config.kv_block_size,
                             config.enable_prefix_caching)
+        self.prefixes = PrefixBlocks(self.kv, write_kv)
+        self.write_kv = write_kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -82,7 +157,9 @@ class Scheduler:
                 ended.append((self.waiting.popleft(), None))
                 continue
             version, slot = "base", -1
-            if seq.adapter is not None:
+            if seq.virtual is not None:  # no slot: the base's weights, its tokens first
+                version = seq.weights.version
+            elif seq.adapter is not None:
                 try:
                     slot = self.pool.acquire(seq.adapter, partial(weights, seq))
                 except LoragError as e:
@@ -99,10 +176,21 @@ class Scheduler:
                 if slot is None:
                     break  # every adapter slot is in use: wait for a release
                 version = self.pool.versions[slot]
-            if not self._reserve(seq, version):
+            failure = None
+            try:
+                reserved = self._reserve(seq, version)
+            except Exception as e:  # writing a prefix adapter's KV: its request alone ends
+                log.error("KV blocks could not be prepared for request %s", seq.id,
+                          exc_info=e)
+                reserved, failure = False, RequestFailed.alone(
+                    f"the KV cache could not be prepared for request {seq.id}")
+            if not reserved:
                 if slot >= 0:
                     self.pool.release(slot)
-                break  # not enough KV blocks: wait for a request to finish
+                if failure is None:
+                    break  # not enough KV blocks: wait for a request to finish
+                ended.append((self.waiting.popleft(), failure))
+                continue
             if slot >= 0:
                 seq.lora_slot, seq.weights = slot, None
             self.running.append(self.waiting.popleft())
@@ -117,14 +205,32 @@ class Scheduler:
                 self.pool.release(seq.lora_slot)
 
     def _reserve(self, seq: Sequence, version: str) -> bool:
-        """KV blocks for everything `seq` can reach, its cached prompt prefix reused."""
-        reach = min(len(seq.prompt_ids) + seq.params.max_tokens, self.config.max_model_len)
-        hashes = self.kv.hashes(version, seq.prompt_ids) if self.kv.prefix_caching else []
-        got = self.kv.allocate(seq.prompt_ids, hashes, self.config.blocks_for(reach))
+        """KV blocks for everything `seq` can reach, its cached prompt prefix reused (and
+        a prefix-tuning adapter's virtual KV, which is never computed)."""
+        reach = min(seq.context_length + seq.params.max_tokens, self.config.max_model_len)
+        context = seq.context_ids()
+        hashes = self.kv.hashes(version, context) if self.kv.prefix_caching else []
+        prefix = seq.virtual is not None and seq.virtual.kind == "prefix"
+        held = self.prefixes.blocks(seq.adapter, seq.weights) if prefix else []
+        if held is None:
+            return False
+        blocks = self.config.blocks_for(reach)
+        got = self.kv.allocate(context, hashes, blocks, held)
+        while got is None and self.prefixes.evict_idle():
+            got = self.kv.allocate(context, hashes, blocks, held)
         if got is None:
             return False
         seq.blocks, seq.computed = got
         seq.hashes = hashes
+        if prefix and seq.computed < seq.offset:  # the virtual tokens past the held blocks
+            size = self.config.kv_block_size
+            try:
+                self.write_kv(seq.blocks[len(held):len(held) + 1],
+                              seq.virtual.tensor[:, :, len(held) * size:])
+            except Exception:
+                self.kv.release(seq.blocks)
+                raise
+            seq.computed = seq.offset
         return True
 
     def schedule(self, seqs: list[Sequence]) -> tuple[StepInput, list[Sequence],
@@ -143,15 +249,21 @@ class Scheduler:
         sampled = list(decodes)  # sampled: [samples], the sequences that get a token
         sample_at = list(range(len(decodes)))  # sample_at: [samples], their row in ids
         prefills, prefilled = [], []  # [prefilling seqs]: each one's chunk; the seqs
+        embeds = []  # (row in ids, [n, hidden]): virtual tokens' embeddings
         for seq in seqs:
             if not seq.prefilling or budget <= 0:
                 continue
-            n = min(len(seq.prompt_ids) - seq.computed, budget)  # this step's chunk
+            n = min(seq.context_length - seq.computed, budget)  # this step's chunk
             budget -= n
             slot = self._route(seq)
             prefills.append(Prefill(seq.computed, n, slot))
             prefilled.append(seq)
-            ids += seq.prompt_ids[seq.computed:seq.computed + n]
+            chunk = seq.context_ids(seq.computed, seq.computed + n)
+            if seq.computed < seq.offset:  # a prompt-tuning adapter's virtual tokens
+                embeds.append((len(ids), seq.virtual.tensor[seq.computed:seq.offset]
+                               [:n]))
+                chunk = [max(token, 0) for token in chunk]
+            ids += chunk
             positions += range(seq.computed, seq.computed + n)
             lora += [slot] * n
             seq.computed += n
@@ -168,7 +280,8 @@ class Scheduler:
         # the samples whose log-probabilities are reported get float32 logits
         precise = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
         step = StepInput(tensor(ids), tensor(positions), tensor(lora), len(decodes), prefills,
-                         attention, tensor(sample_at), max(used, default=0), tensor(precise))
+                         attention, tensor(sample_at), max(used, default=0), tensor(precise),
+                         embeds)
         return step, sampled, prefilled
 
     def _route(self, seq: Sequence) -> int:

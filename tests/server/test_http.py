@@ -128,26 +128,35 @@ def test_runtime_adapter_answers_differently_then_unload_gives_404(daemon, daemo
 
 
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
-def test_an_ia3_adapter_serves_and_every_listing_names_each_adapters_kind(daemon,
-                                                                         daemon_adapters):
-    make_adapters(tiny_model(), daemon_adapters, {"ia3-kind": AdapterSpec(
-        ia3=True, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",),
-        scale=0.3)}, seed=3)
-    for name, folder in (("ia3-kind", "ia3-kind"), ("lora-kind", "style")):
+def test_ia3_prompt_and_prefix_adapters_serve_and_every_listing_names_each_kind(
+        daemon, daemon_adapters):
+    make_adapters(tiny_model(), daemon_adapters, {
+        "ia3-kind": AdapterSpec(ia3=True, targets=("k_proj", "v_proj", "down_proj"),
+                                feedforward=("down_proj",), scale=0.3),
+        "prompt-kind": AdapterSpec(virtual="prompt", virtual_tokens=12, scale=0.1),
+        "prefix-kind": AdapterSpec(virtual="prefix", virtual_tokens=40, scale=1.0)}, seed=3)
+    kinds = {"ia3-kind": "ia3", "prompt-kind": "prompt", "prefix-kind": "prefix",
+             "lora-kind": "lora"}
+    for name in kinds:
+        folder = "style" if name == "lora-kind" else name
         assert load(daemon, name, daemon_adapters / folder).status_code == 200
-    assert chat(daemon, "ia3-kind") != chat(daemon, BASE)
+    answers = {name: chat(daemon, name) for name in kinds}
+    assert len({*answers.values(), chat(daemon, BASE)}) == 5, answers
+    pinned = post(daemon, "/v1/adapters/prefix-kind/pin", {})
+    assert pinned.status_code == 200, pinned.text
+    assert chat(daemon, "prefix-kind") == answers["prefix-kind"]  # from its held blocks
     models = {m.id: m.model_extra.get("kind") for m in client(daemon).models.list().data}
-    assert models["ia3-kind"] == "ia3" and models["lora-kind"] == "lora"
+    assert {name: models[name] for name in kinds} == kinds
     listed = httpx.get(f"{daemon.url}/v1/adapters", headers={"Authorization": ALICE}).json()
     assert {row["name"]: row["kind"] for row in listed["data"]
-            if row["name"].endswith("-kind")} == {"ia3-kind": "ia3", "lora-kind": "lora"}
+            if row["name"].endswith("-kind")} == kinds
     with grpc.insecure_channel(daemon.grpc_target) as channel:
         rows = lorag_pb2_grpc.LoragServiceStub(channel).ListAdapters(
             lorag_pb2.ListAdaptersRequest(), metadata=[("authorization", ALICE)], timeout=60)
-    assert {a.name: a.kind for a in rows.adapters if a.name.endswith("-kind")} == \
-        {"ia3-kind": "ia3", "lora-kind": "lora"}
-    for name in ("ia3-kind", "lora-kind"):
+    assert {a.name: a.kind for a in rows.adapters if a.name.endswith("-kind")} == kinds
+    for name in kinds:
         assert post(daemon, "/v1/unload_lora_adapter", {"lora_name": name}).status_code == 200
+    assert daemon.health()["status"] == "ok"
 
 
 # an adapter error names the field of the body the caller sent: vLLM's route calls the
