@@ -68,7 +68,9 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 KIND_REFUSED = ("{path} is {kind} adapter; vLLM has no {name}, so the vLLM backend does not "
                 "serve it: serve it on the native backend (lorag serve --backend native), or "
                 "merge it into the base (lorag export)")
-KINDS = {"dora": ("a DoRA (use_dora=true)", "DoRA"), "ia3": ("an IA3", "IA3 layers")}
+KINDS = {"dora": ("a DoRA (use_dora=true)", "DoRA"), "ia3": ("an IA3", "IA3 layers"),
+         "prompt": ("a prompt-tuning", "prompt adapters (removed in vLLM 0.10)"),
+         "prefix": ("a prefix-tuning", "prefix-tuning KV")}
 
 
 def refusal(lora: LoraWeights, path) -> str:

@@ -138,20 +138,22 @@ def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, b
 
 
 @pytest.mark.parametrize("daemon", ["vllm"], indirect=True)
-def test_dora_and_ia3_adapters_are_refused_clearly_and_left_unregistered(daemon,
-                                                                         base_model_dir):
+def test_kinds_vllm_has_no_layers_for_are_refused_clearly_and_left_unregistered(
+        daemon, base_model_dir):
     model = load_base(str(base_model_dir), quantize="none", dtype="float32")[0]
-    make_adapters(model, daemon.adapters, {
-        "dora-vllm": AdapterSpec(rank=4, dora=True),
-        "ia3-vllm": AdapterSpec(ia3=True, targets=("k_proj", "v_proj", "down_proj"),
-                                feedforward=("down_proj",))})
+    refused = {"dora-vllm": (AdapterSpec(rank=4, dora=True), "vLLM has no DoRA"),
+               "ia3-vllm": (AdapterSpec(ia3=True, targets=("k_proj", "v_proj", "down_proj"),
+                                        feedforward=("down_proj",)), "vLLM has no IA3"),
+               "prompt-vllm": (AdapterSpec(virtual="prompt"), "vLLM has no prompt adapters"),
+               "prefix-vllm": (AdapterSpec(virtual="prefix"), "vLLM has no prefix-tuning")}
+    make_adapters(model, daemon.adapters, {name: spec for name, (spec, _) in refused.items()})
     headers = {"Authorization": ALICE}
-    for name, missing in (("dora-vllm", "vLLM has no DoRA"), ("ia3-vllm", "vLLM has no IA3")):
+    for name, (_, missing) in refused.items():
         response = httpx.post(f"{daemon.url}/v1/adapters", headers=headers, timeout=60, json={
             "name": name, "path": str(daemon.adapters / name)})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == "path" and missing in error["message"]
+        assert error["param"] == "path" and missing in error["message"], error
     listed = httpx.get(f"{daemon.url}/v1/adapters", headers=headers, timeout=60).json()
-    assert not {"dora-vllm", "ia3-vllm"} & {row["name"] for row in listed["data"]}
+    assert not refused.keys() & {row["name"] for row in listed["data"]}
     assert daemon.health()["status"] == "ok"
