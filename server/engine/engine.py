@@ -468,11 +468,23 @@ class Engine:
         self.scheduler.prefixes.pinned.discard(name)
 
     def _pin_virtual(self, name: str, weights: LoraWeights) -> None:
-        prefixes = self.scheduler.prefixes
-        if weights.virtual.kind == "prefix" and prefixes.blocks(name, weights) is None:
-            raise Overloaded(f"cannot pin {name!r}: the KV cache has no "
-                             f"{weights.virtual.count // self.config.kv_block_size} free "
-                             "blocks for its prefix now; retry later")
+        """A prefix adapter's blocks written and kept; pins may hold all but the blocks
+        of one max_model_len sequence (else a request could wait for blocks forever)."""
+        prefixes, config = self.scheduler.prefixes, self.config
+        if weights.virtual.kind == "prefix":
+            needed = weights.virtual.count // config.kv_block_size
+            pinned = sum(len(prefixes.held[other][1]) for other in prefixes.pinned - {name}
+                         if other in prefixes.held)
+            spare = config.kv_blocks - config.blocks_for(config.max_model_len) - pinned
+            if needed > spare:
+                raise InvalidRequest(
+                    f"cannot pin {name!r}: its prefix takes {needed} KV blocks and pins may "
+                    f"hold {spare} more (the blocks of one {config.max_model_len}-token "
+                    "sequence stay free); unpin another prefix adapter or raise "
+                    "num_kv_blocks", field="name")
+            if prefixes.blocks(name, weights) is None:
+                raise Overloaded(f"cannot pin {name!r}: the KV cache has no {needed} free "
+                                 "blocks for its prefix now; retry later")
         prefixes.pinned.add(name)
 
     def _unpin(self, name: str) -> bool:

@@ -104,7 +104,7 @@ class PrefixBlocks:
         virtual = weights.virtual
         count = virtual.count // self.kv.block_size
         blocks = self.kv.take(count)
-        while blocks is None and self.evict_idle():
+        while blocks is None and self.evict_idle(keep=name):
             blocks = self.kv.take(count)
         if blocks is None:
             return None
@@ -121,11 +121,12 @@ class PrefixBlocks:
         _, blocks = self.held.pop(name, (None, []))
         self.kv.release(blocks)
 
-    def evict_idle(self) -> bool:
-        """Drop the least recently used adapter's blocks that no request and no pin
-        holds; says whether there was one."""
+    def evict_idle(self, keep: str | None = None) -> bool:
+        """Drop the least recently used adapter's blocks (other than `keep`'s) that no
+        request and no pin holds; says whether there was one."""
         for name, (_, blocks) in self.held.items():
-            if name not in self.pinned and all(self.kv.refs[b] == 1 for b in blocks):
+            if name != keep and name not in self.pinned and \
+                    all(self.kv.refs[b] == 1 for b in blocks):
                 self.drop(name)
                 return True
         return False
@@ -216,7 +217,7 @@ class Scheduler:
             return False
         blocks = self.config.blocks_for(reach)
         got = self.kv.allocate(context, hashes, blocks, held)
-        while got is None and self.prefixes.evict_idle():
+        while got is None and self.prefixes.evict_idle(keep=seq.adapter):
             got = self.kv.allocate(context, hashes, blocks, held)
         if got is None:
             return False

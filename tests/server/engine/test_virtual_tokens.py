@@ -203,3 +203,25 @@ def test_a_prefix_kv_write_that_fails_ends_its_request_alone(served, monkeypatch
         streams[1].result()
     assert [streams[0].result().token_ids, streams[2].result().token_ids] == want
     assert engine.alive and engine.kv.used == used  # nothing leaked
+
+
+def test_idle_prefixes_give_their_blocks_back_when_a_request_needs_them(tokenizer, tmp_path):
+    """A KV cache of 4 blocks, two prefix adapters of 2 full blocks each: each request
+    takes back the other adapter's idle blocks, and its prefix is written again, the same."""
+    specs = {name: AdapterSpec(virtual="prefix", virtual_tokens=2 * BLOCK, scale=1.0)
+             for name in ("a", "b")}
+    paths = make_adapters(tiny_model(), tmp_path, specs, seed=9)
+    config = EngineConfig(max_model_len=4 * BLOCK, max_num_seqs=2, kv_block_size=BLOCK,
+                          num_kv_blocks=4, adapter_roots=[tmp_path])
+    prompt = tokenizer("Name three colors.")["input_ids"]
+    with Engine(tiny_model(), tokenizer, config) as engine:
+        for name, path in paths.items():
+            engine.load_adapter(name, str(path))
+        first = {name: run(engine, [prompt], [name])[0] for name in ("a", "b")}
+        assert list(engine.scheduler.prefixes.held) == ["b"]  # a's went back for b
+        assert run(engine, [prompt], ["a"])[0] == first["a"]
+        assert first["a"] != first["b"]
+        # a pin that would leave a max_model_len request waiting for blocks forever
+        with pytest.raises(InvalidRequest, match="its prefix takes 2 KV blocks and pins "
+                                                 "may hold 0 more"):
+            engine.pin_adapter("a")
