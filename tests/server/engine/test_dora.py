@@ -17,7 +17,7 @@ from lorag.benchmarks.adapters import AdapterSpec
 from lorag.errors import InvalidRequest
 from lorag.models import load_base
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
-from tests.server.engine.peft_reference import peft_beside
+from tests.server.engine.peft_reference import chat_prompts, peft_beside
 from tests.tiny import tiny_model
 
 MAX_NEW = 12
@@ -42,9 +42,7 @@ def served(tokenizer, tmp_path_factory):
     peft, paths = peft_beside(root, SPECS, seed=7)
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=32, max_active_adapters=6, adapter_roots=[root])
-    prompts = [tokenizer(tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     with Engine(tiny_model(), tokenizer, config) as engine:
         for name, path in paths.items():
             engine.load_adapter(name, str(path))

@@ -8,13 +8,13 @@ in a composition and where its input scaling would fall on the fused q/k/v matmu
 import json
 
 import pytest
-import torch
 from peft import PeftModel
 
 from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.server.engine.peft_reference import chat_prompts, greedy
 from tests.tiny import tiny_model
 
 MAX_NEW = 12
@@ -41,20 +41,11 @@ def served(tokenizer, tmp_path_factory):
                   for name, path in paths.items()}
     config = EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=16, max_active_adapters=6, adapter_roots=[root])
-    prompts = [tokenizer(tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     with Engine(tiny_model(), tokenizer, config) as engine:
         for name, path in paths.items():
             engine.load_adapter(name, str(path))
         yield engine, references, prompts
-
-
-def greedy(model, prompt: list[int]) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW,
-                             do_sample=False)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.slow
@@ -66,7 +57,8 @@ def test_ia3_lora_dora_and_base_in_one_mixed_batch_match_peft(served):
                for p, name in zip(prompts, names, strict=True)]
     outputs = [s.result().token_ids for s in streams]
     for prompt, name, got in zip(prompts, names, outputs, strict=True):
-        want = greedy(tiny_model().eval() if name is None else references[name], prompt)
+        want = greedy(tiny_model().eval() if name is None else references[name], prompt,
+                      MAX_NEW)
         assert got == want, f"adapter {name}"
 
 
@@ -88,7 +80,7 @@ def test_a_merged_ia3_adapter_serves_the_same_tokens(served):
                  for p in prompts[:2]]
         assert engine.stats()["merges"] > merges, f"traffic on {name} alone should merge it"
         for prompt, got in zip(prompts[:2], alone, strict=True):
-            assert got == greedy(references[name], prompt), name
+            assert got == greedy(references[name], prompt, MAX_NEW), name
 
 
 def test_a_composition_with_an_ia3_adapter_is_refused(served):

@@ -17,6 +17,7 @@ from lorag.adapters import Composition
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.errors import InvalidRequest, RequestFailed
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from tests.server.engine.peft_reference import chat_prompts, greedy
 from tests.tiny import tiny_model
 
 MAX_NEW = 10
@@ -42,21 +43,11 @@ def served(tokenizer, tmp_path_factory):
     config = EngineConfig(max_model_len=192, max_num_seqs=16, max_num_batched_tokens=64,
                           max_lora_rank=16, max_active_adapters=4, kv_block_size=BLOCK,
                           adapter_roots=[root])
-    prompts = [tokenizer(tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     with Engine(tiny_model(), tokenizer, config) as engine:
         for name, path in paths.items():
             engine.load_adapter(name, str(path))
         yield engine, references, prompts
-
-
-def greedy(model, prompt: list[int]) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=MAX_NEW, do_sample=False)
-    return out[0, len(prompt):].tolist()
 
 
 def run(engine, prompts, names, **params) -> list[list[int]]:
@@ -70,7 +61,7 @@ def run(engine, prompts, names, **params) -> list[list[int]]:
 def test_prompt_prefix_lora_and_base_in_one_mixed_batch_match_peft(served):
     engine, references, prompts = served
     names = ["p8", "p37", "x8", "x37", "l0", None]
-    want = [greedy(tiny_model() if name is None else references[name], prompt)
+    want = [greedy(tiny_model() if name is None else references[name], prompt, MAX_NEW)
             for prompt, name in zip(prompts, names, strict=True)]
     assert run(engine, prompts, names) == want
     hits = engine.stats()["prefix_cache_hits"]
@@ -182,7 +173,7 @@ def test_prefix_kv_written_through_vllms_cpu_kernel_matches_peft(tokenizer, tmp_
     for prompt, name, tokens in zip(prompts, names, got, strict=True):
         reference = tiny_model(**shape) if name is None else \
             PeftModel.from_pretrained(tiny_model(**shape), paths[name]).eval()
-        assert tokens == greedy(reference, prompt), name
+        assert tokens == greedy(reference, prompt, MAX_NEW), name
 
 
 def test_a_prefix_kv_write_that_fails_ends_its_request_alone(served, monkeypatch):
