@@ -79,8 +79,10 @@ class Backend(Protocol):
         ...
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: AdapterKey | None,
-               request_id: str) -> TokenStream:
-        """Queue a request; raises InvalidRequest, AdapterNotFound or Overloaded."""
+               request_id: str, after: str | None = None) -> TokenStream:
+        """Queue a request; raises InvalidRequest, AdapterNotFound or Overloaded. after:
+        the id of a request just submitted with the same prompt and adapter (the choices
+        of an n > 1 request), whose prompt's KV this one may start from."""
         ...
 
     def cancel(self, request_id: str) -> bool:

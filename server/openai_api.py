@@ -21,7 +21,7 @@ from lorag.server import requests
 from lorag.server.embeddings import ENCODINGS, EmbeddingsRequest
 from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
-from lorag.server.requests import check_texts
+from lorag.server.requests import MAX_CHOICES, check_texts
 from lorag.server.rerank import RerankRequest
 
 Scalar = str | int | float | bool
@@ -135,7 +135,7 @@ class _Generation(_RouteBody):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     ignore_eos: bool = False
     adapters: list[AdapterWeight] | None = Field(default=None, min_length=1,
@@ -170,7 +170,7 @@ class _Generation(_RouteBody):
             top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logprobs=logprobs,
-            constraint=constraint and constraint.constraint())
+            constraint=constraint and constraint.constraint(), n=self.n)
 
 
 class CompletionBody(_Generation):

@@ -9,6 +9,7 @@ when asked, come in OpenAI's two shapes: a chat's
 `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, per chunk when streamed.
 """
 
+import asyncio
 import json
 import time
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from lorag.retrieval.rag import declines
 from lorag.server.engine.stream import Output, TokenLogprob, joined
 from lorag.server.errors import mapping, openai_error, public_message
+from lorag.server.metrics import TrackedStream
 from lorag.server.requests import Grounding, Reply
 from lorag.server.service import Service
 
@@ -27,64 +29,114 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "sto
 
 async def collected(reply: Reply, model: str, chat: bool, request: Request,
                     service: Service) -> dict:
-    """The whole completion as one `chat.completion` / `text_completion` object."""
+    """The whole completion as one `chat.completion` / `text_completion` object, a choice
+    per stream; usage counts the prompt once and every choice's tokens."""
+    wholes = await asyncio.gather(*(_collect(stream, request, service)
+                                    for stream in reply.streams))
+    error = next((whole.error for whole in wholes if whole.error is not None), None)
+    if error is not None:
+        raise error
+    choices = [_choice(index, whole, chat, _Logprobs(service, chat)(whole.logprobs))
+               for index, whole in enumerate(wholes)]
+    return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": _usage(wholes), **grounding_fields(reply.grounding, wholes[0].text)}
+
+
+async def _collect(stream: TrackedStream, request: Request, service: Service) -> Output:
+    """One choice's outputs joined; the request is cancelled if the client goes away."""
     outputs = []
     try:
-        async for out in reply.stream:
+        async for out in stream:
             outputs.append(out)
             if await request.is_disconnected():
-                service.cancel(reply.stream)
+                service.cancel(stream)
     finally:
         if not outputs or outputs[-1].finish_reason is None:
-            service.cancel(reply.stream)
-    whole = joined(outputs)
-    if whole.error is not None:
-        raise whole.error
-    finish, logprobs = FINISH[whole.finish_reason], _Logprobs(service, chat)(whole.logprobs)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": whole.text},
-               "logprobs": logprobs, "finish_reason": finish} if chat else
-              {"index": 0, "text": whole.text, "logprobs": logprobs, "finish_reason": finish})
-    return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(whole), **grounding_fields(reply.grounding, whole.text)}
+            service.cancel(stream)
+    return joined(outputs)
+
+
+def _choice(index: int, whole: Output, chat: bool, logprobs: dict | None) -> dict:
+    finish = FINISH[whole.finish_reason]
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": whole.text},
+                "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": whole.text, "logprobs": logprobs, "finish_reason": finish}
 
 
 def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
              service: Service) -> StreamingResponse:
-    """The completion as SSE chunks, `data: [DONE]` last; an error mid-stream is one
-    event in OpenAI's error shape."""
+    """The completion as SSE chunks, each choice's with its `index`, interleaved as they
+    come, one usage chunk (with stream_options.include_usage) after the last choice ends,
+    `data: [DONE]` last; an error mid-stream is one event in OpenAI's error shape."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": reply.request_id, "object": kind, "created": int(time.time()),
             "model": model}
 
     async def events():
-        first, finished, shape, text = True, False, _Logprobs(service, chat), []
+        choices = [_StreamedChoice(index, _Logprobs(service, chat))
+                   for index in range(len(reply.streams))]
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.create_task(_pump(index, stream, queue))
+                 for index, stream in enumerate(reply.streams)]
         try:
-            async for out in reply.stream:
-                if out.error is not None:
+            open_streams, failed = len(pumps), False
+            while open_streams and not failed:
+                index, out = await queue.get()
+                if out is None:
+                    open_streams -= 1
+                elif out.error is not None:
                     m = mapping(out.error)
                     message = public_message(out.error, reply.request_id)
                     yield _sse(openai_error(message, m.openai_type, m.http_status))
-                    break
-                finish = FINISH[out.finish_reason] if out.finish_reason else None
-                if out.text or out.logprobs or finish or first:
-                    text.append(out.text)
-                    extra = grounding_fields(reply.grounding) if first else {}
-                    if finish and reply.grounding is not None:  # known at the end only
-                        extra["rag"] = {**extra.get("rag", {}),
-                                        "declined": declines("".join(text))}
-                    delta = _delta(out, finish, chat, first, shape(out.logprobs))
-                    yield _sse({**head, "choices": [delta], **extra})
-                    first = False
-                if finish and include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(out)})
-                finished = out.finish_reason is not None
+                    failed = True
+                elif chunk := choices[index].chunk(  # the RAG fields go with choice 0
+                        out, chat, reply.grounding if index == 0 else None):
+                    yield _sse({**head, **chunk})
+            if include_usage and not failed:
+                yield _sse({**head, "choices": [], "usage": _usage([c.last for c in choices])})
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client disconnected (or the send failed)
-                service.cancel(reply.stream)
+            for pump in pumps:
+                pump.cancel()
+            for choice, stream in zip(choices, reply.streams, strict=True):
+                if choice.last is None or choice.last.finish_reason is None:
+                    service.cancel(stream)  # the client disconnected, or a choice failed
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _pump(index: int, stream: TrackedStream, queue: asyncio.Queue) -> None:
+    """Put a choice's outputs on the merged queue, then (index, None)."""
+    try:
+        async for out in stream:
+            await queue.put((index, out))
+    finally:
+        queue.put_nowait((index, None))
+
+
+class _StreamedChoice:
+    """One choice of a stream: whether its first chunk went out, its text so far (a RAG
+    reply says at the end whether it declined) and its last output."""
+
+    def __init__(self, index: int, logprobs: "_Logprobs"):
+        self.index, self.logprobs = index, logprobs
+        self.first, self.text, self.last = True, [], None
+
+    def chunk(self, out: Output, chat: bool, grounding: Grounding | None) -> dict | None:
+        """The chunk `out` makes (None: nothing to send), grounding in the first one."""
+        self.last = out
+        finish = FINISH[out.finish_reason] if out.finish_reason else None
+        if not (out.text or out.logprobs or finish or self.first):
+            return None
+        self.text.append(out.text)
+        extra = grounding_fields(grounding) if self.first else {}
+        if finish and grounding is not None:  # known at the end only
+            extra["rag"] = {**extra.get("rag", {}), "declined": declines("".join(self.text))}
+        delta = _delta(self.index, out, finish, chat, self.first, self.logprobs(out.logprobs))
+        self.first = False
+        return {"choices": [delta], **extra}
 
 
 def grounding_fields(grounding: Grounding | None, text: str | None = None) -> dict:
@@ -125,17 +177,20 @@ class _Logprobs:
                 "text_offset": offsets}
 
 
-def _delta(out: Output, finish: str | None, chat: bool, first: bool,
+def _delta(index: int, out: Output, finish: str | None, chat: bool, first: bool,
            logprobs: dict | None) -> dict:
     if not chat:
-        return {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": out.text, "logprobs": logprobs,
+                "finish_reason": finish}
     delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _usage(out: Output) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+def _usage(outs: list[Output]) -> dict:
+    """OpenAI's usage of n choices: the prompt once, every choice's completion tokens."""
+    prompt, completion = outs[0].prompt_tokens, sum(out.completion_tokens for out in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _sse(payload: dict) -> str:

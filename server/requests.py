@@ -5,7 +5,7 @@ these; the service fills in the defaults, here and nowhere else, and returns a `
 that each transport packs its own way (JSON, SSE, gRPC messages).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lorag.errors import InvalidRequest
 from lorag.retrieval import RAG_MAX_TOP_K, RAG_TOP_K, SEARCH_MODE
@@ -14,6 +14,7 @@ from lorag.server.engine import SamplingParams
 from lorag.server.engine.structured import Constraint
 from lorag.server.metrics import TrackedStream
 
+MAX_CHOICES = 16  # n: choices one request may ask for (each is a sequence in the batch)
 COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's default)
 RAG_ANSWER_TOKENS = 256  # room kept for the answer when a RAG chat gives no max_tokens
 # Without max_tokens, a chat may use the rest of the context (as vLLM does).
@@ -28,6 +29,7 @@ class Sampling:
 
     logprobs: None for none, n for the sampled token's and the n most likely tokens'.
     constraint: what the output must match (`response_format`, `structured_outputs`).
+    n: how many choices to sample for the prompt (choice i seeded `seed + i` when seeded).
     """
 
     max_tokens: int | None = None
@@ -42,6 +44,21 @@ class Sampling:
     repetition_penalty: float | None = None  # default 1: off
     logprobs: int | None = None
     constraint: Constraint | None = None
+    n: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) \
+                or not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidRequest(f"n must be an integer in 1..{MAX_CHOICES}, got {self.n!r}",
+                                 field="n")
+
+    def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:
+        """The engine's parameters for each of the n choices: the same, but for the seed
+        (choice i's is seed + i, so each is its own reproducible stream)."""
+        params = self.params(default_max_tokens)
+        if self.seed is None:
+            return [params] * self.n  # each choice draws from its own generator anyway
+        return [replace(params, seed=self.seed + i) for i in range(self.n)]
 
     def params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's parameters, defaults filled in (SamplingParams checks ranges)."""
@@ -134,14 +151,20 @@ class Grounding:
 
 @dataclass
 class Reply:
-    """A submitted request: its token stream, and its grounding when it used `rag`."""
+    """A submitted request: a token stream per choice (n of them), and its grounding when
+    it used `rag`."""
 
-    stream: TrackedStream
+    streams: list[TrackedStream]
     grounding: Grounding | None = None
 
     @property
+    def stream(self) -> TrackedStream:
+        """The first choice's stream (the only one of an n = 1 request)."""
+        return self.streams[0]
+
+    @property
     def request_id(self) -> str:
-        """The engine's id of this request."""
+        """The engine's id of this request (of its first choice)."""
         return self.stream.request_id
 
 

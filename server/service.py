@@ -120,14 +120,14 @@ class Service:
             prompt, grounding = self.ground(caller, request.messages, request.rag,
                                             request.sampling.max_tokens)
         limit = self.engine.limits.max_model_len
-        params = request.sampling.params(default_max_tokens=max(1, limit - len(prompt)))
+        params = request.sampling.choice_params(default_max_tokens=max(1, limit - len(prompt)))
         return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding)
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
         self.limits.check_sampling(request.sampling.stop, request.sampling.constraint)
         adapter = self.adapters.key_for(caller, request.model, request.adapters)
-        params = request.sampling.params(default_max_tokens=COMPLETION_TOKENS)
+        params = request.sampling.choice_params(default_max_tokens=COMPLETION_TOKENS)
         prompt = request.prompt
         if isinstance(prompt, str):  # as is: special tokens (BOS) the tokenizer adds
             prompt = self.engine.tokenizer.encode(prompt)
@@ -151,12 +151,30 @@ class Service:
                  "top_logprobs": [piece(token_id, logprob) for token_id, logprob in e.top]}
                 for e in entries]
 
-    def _submit(self, caller: Caller, prompt, params, adapter: AdapterKey | None,
-                kind: str) -> TrackedStream:
-        """Submit within the caller's key's share (KeyQuotas: 429 past it)."""
+    def _submit(self, caller: Caller, prompt, choices: list, adapter: AdapterKey | None,
+                kind: str) -> list[TrackedStream]:
+        """Submit one request per choice (`choices`: each one's SamplingParams), within the
+        caller's key's share (KeyQuotas: 429 past it; a choice counts as a request). The
+        choices after the first follow it: the engine computes their prompt once. If one
+        cannot be submitted, those already submitted are cancelled."""
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, params in enumerate(choices):
+                streams.append(self._submit_one(caller, prompt, params, adapter,
+                                                f"{request_id}-{i}" if i else request_id,
+                                                after=request_id if i else None))
+        except BaseException:
+            for stream in streams:
+                self.cancel(stream)
+            raise
+        return streams
+
+    def _submit_one(self, caller: Caller, prompt, params, adapter: AdapterKey | None,
+                    request_id: str, after: str | None) -> TrackedStream:
         self.quotas.admit(caller)
         try:
-            stream = self.engine.submit(prompt, params, adapter, f"{kind}-{uuid.uuid4().hex}")
+            stream = self.engine.submit(prompt, params, adapter, request_id, after=after)
         except BaseException as e:
             self.quotas.release(caller, tokens=0)
             if isinstance(e, LoragError) and e.field == "adapter":  # the engine's parameter:

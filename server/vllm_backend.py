@@ -171,8 +171,9 @@ class VllmBackend:
             f"KV cache {self.kv_cache_bytes / 2**30:.2f} GiB"
         return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}, {kv}"
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str
-               ) -> TokenStream:
+    def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str,
+               after: str | None = None) -> TokenStream:
+        # `after` needs nothing here: vLLM's scheduler shares the prompt's cached blocks
         if not self.alive:
             raise Unavailable("vLLM's engine stopped (the daemon's log says why); this "
                               "replica serves no requests until it is restarted")

@@ -131,19 +131,24 @@ class Engine:
             self.wakeup.notify()
         if self.thread is not None:
             self.thread.join()
-        waiting = list(self.waiting)
-        self.waiting.clear()
-        for seq in [*self.running, *waiting]:
+        for seq in list(self.running):  # their followers join the queue, ended next
             self._finish(seq, "cancelled")
+        while self.waiting:
+            self._finish(self.waiting.popleft(), "cancelled")
 
     # ---- requests ----
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               adapter: AdapterKey | None = None, request_id: str | None = None) -> TokenStream:
+               adapter: AdapterKey | None = None, request_id: str | None = None,
+               after: str | None = None) -> TokenStream:
         """Queue a request; read its outputs from the returned stream.
 
         prompt: text (tokenized as is: apply a chat template first) or token ids.
         adapter: an adapter's name, or a weighted Composition of several; None for the base.
+        after: the id of a request just submitted with the same prompt and adapter (the
+        first choice of an n > 1 request): with prefix caching on, this one is queued once
+        that one's prompt is in the KV cache, and starts from its blocks (only the last,
+        partial block is computed again); queued at once if that one is gone.
         Raises InvalidRequest (a constraint that does not compile among others),
         AdapterNotFound, Overloaded when the queue is full, or Unavailable after shutdown.
         """
@@ -173,7 +178,12 @@ class Engine:
                 raise InvalidRequest(f"request id {request_id!r} is already in use",
                                      field="request_id")
             self.by_id[request_id] = seq
-            self.waiting.append(seq)
+            leader = self.by_id.get(after) if after is not None else None
+            if leader is not None and leader.prompt_ids == ids and leader.adapter == key \
+                    and self.kv.prefix_caching and leader.prefilling:
+                leader.followers.append(seq)
+            else:
+                self.waiting.append(seq)
             self.wakeup.notify()
         return seq.stream
 
@@ -373,6 +383,8 @@ class Engine:
             if seq not in broken:
                 self.kv.computed(seq.blocks, seq.hashes,
                                  seq.computed // self.config.kv_block_size)
+                if not seq.prefilling:
+                    self._queue_followers(seq)
         self.counters["steps"] += 1
         self.counters["prompt_tokens"] += sum(chunk.length for chunk in step.prefills)
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
@@ -440,9 +452,17 @@ class Engine:
         text, seq.sent, hit = releasable(full, seq.sent, seq.params.stop, final)
         return text, hit
 
+    def _queue_followers(self, seq: Sequence) -> None:
+        """`seq`'s prompt is cached (or it ended): the requests that waited for it go to
+        the front of the queue, in the order they came."""
+        with self.wakeup:
+            self.waiting.extendleft(reversed(seq.followers))
+            seq.followers = []
+
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,
                 text: str = "", last: list[int] | None = None,
                 logprobs: list[TokenLogprob] | None = None) -> None:
+        self._queue_followers(seq)
         self.scheduler.release(seq)
         with self.wakeup:
             self.by_id.pop(seq.id, None)

@@ -51,6 +51,9 @@ class Sequence:
     weights: LoraWeights | None = None
     matcher: GrammarMatcher | None = None  # the output's grammar state, when constrained
     virtual: VirtualTokens | None = None  # a prompt/prefix-tuning adapter's, before the prompt
+    # requests with this one's prompt and adapter (the other choices of an n > 1 request)
+    # that wait for its prompt's KV blocks before they are queued
+    followers: list["Sequence"] = field(default_factory=list)
 
     @property
     def offset(self) -> int:

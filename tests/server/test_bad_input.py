@@ -80,7 +80,7 @@ CASES = [  # (id, path, body or raw bytes, status, fragment of the message)
     ("temperature-a-string", CHAT, chat_body(temperature="hot"), 400, "temperature"),
     ("unknown-role", CHAT, chat_body(messages=[{"role": "wizard", "content": "hi"}]), 400,
      "role"),
-    ("n-above-one", CHAT, chat_body(n=2), 400, "n"),
+    ("n-above-sixteen", CHAT, chat_body(n=17), 400, "n: Input should be less than or equal to 16"),
     ("unknown-field", CHAT, chat_body(temprature=0.5), 400,
      "temprature: unknown field 'temprature'; accepted here: adapters, "),
     ("composition-of-unknown", CHAT, chat_body(adapters=[{"name": "nope"}]), 404, "nope"),

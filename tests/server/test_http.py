@@ -66,6 +66,47 @@ def test_base_chat_non_streaming_with_usage(daemon):
     assert response.model == BASE and response.id.startswith("chatcmpl-")
 
 
+def test_n_choices_are_each_seeds_own_stream_and_usage_counts_the_prompt_once(daemon):
+    ask = dict(messages=QUESTION, max_tokens=8, temperature=1.0, seed=7)
+    three = client(daemon).chat.completions.create(model=BASE, n=3, **ask)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    alone = [client(daemon).chat.completions.create(model=BASE, **{**ask, "seed": 7 + i})
+             for i in range(3)]
+    assert [c.message.content for c in three.choices] == \
+        [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in three.choices}) > 1  # sampled apart
+    assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    greedy = client(daemon).completions.create(model=BASE, prompt="The sea is", n=2,
+                                               max_tokens=6, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert [c.index for c in greedy.choices] == [0, 1]
+
+
+def test_n_choices_stream_interleaved_by_index_with_one_usage_chunk(daemon):
+    ask = dict(model=BASE, messages=QUESTION, max_tokens=8, temperature=1.0, seed=3, n=3)
+    whole = client(daemon).chat.completions.create(**ask)
+    chunks = list(client(daemon).chat.completions.create(
+        **ask, stream=True, stream_options={"include_usage": True}))
+    texts, finished = ["", "", ""], set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finished.add(choice.index)
+    assert texts == [c.message.content for c in whole.choices] and finished == {0, 1, 2}
+    assert not chunks[-1].choices and chunks[-1].usage.model_dump() == \
+        whole.usage.model_dump()
+
+
+@pytest.mark.parametrize("n", [0, 17, "3", 2.5])
+def test_n_outside_1_to_16_is_refused_naming_n(daemon, n):
+    response = post(daemon, "/v1/chat/completions", {"model": BASE, "messages": QUESTION,
+                                                     "n": n})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "n"
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(daemon):
     whole = chat(daemon, BASE)
     chunks = list(client(daemon).chat.completions.create(

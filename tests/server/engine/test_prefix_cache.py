@@ -176,3 +176,34 @@ def test_the_vllm_cpu_kernel_runs_in_bfloat16_in_a_fresh_process(base_model_dir)
     isa, tokens = done.stdout.split()[-2:]
     assert tokens == "4", done.stdout
     print(f"vLLM CPU attention in bf16 ran as {isa}")
+
+
+def test_the_choices_of_one_request_compute_its_prompt_once(make_engine, adapter_root):
+    """n > 1: choices submitted `after` the first wait for its prompt blocks and start
+    from them (the last, partial block computed again); submitted alone, each computes
+    its whole prompt, as they are admitted in the same step."""
+    engine = make_engine()
+    engine.load_adapter("t0", str(adapter_root / "t0"))
+    ids = prompt(5)
+    computed = engine.counters["prompt_tokens"]
+    streams = [engine.submit(ids, GREEDY, adapter="t0", request_id="r")] + [
+        engine.submit(ids, GREEDY, adapter="t0", request_id=f"r-{i}", after="r")
+        for i in (1, 2)]
+    outputs = [stream.result().token_ids for stream in streams]
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert engine.counters["prompt_tokens"] - computed == 100 + 2 * 4  # 3 blocks of 32 shared
+    computed = engine.counters["prompt_tokens"]
+    alone = [engine.submit(prompt(6), GREEDY, adapter="t0") for _ in range(3)]
+    assert len({tuple(stream.result().token_ids) for stream in alone}) == 1
+    assert engine.counters["prompt_tokens"] - computed == 3 * 100
+
+
+def test_choices_whose_first_is_cancelled_still_run(make_engine):
+    engine = make_engine(start=False)  # stepped by hand: the first never starts
+    first = engine.submit(prompt(7), GREEDY, request_id="c")
+    second = engine.submit(prompt(7), GREEDY, request_id="c-1", after="c")
+    assert engine.cancel("c")
+    while engine.waiting or engine.running:
+        engine.step()
+    assert first.result().finish_reason == "cancelled"
+    assert len(second.result().token_ids) == GREEDY.max_tokens
