@@ -1,4 +1,5 @@
-"""A service Reply packed as OpenAI packs it: one JSON object, or server-sent events.
+"""A service Reply packed as OpenAI packs it: one JSON object, or server-sent events,
+with a choice per stream of the reply (n of them, by `index`).
 
 Both paths cancel the request in the engine when the client goes away before the end,
 and both carry a RAG reply's grounding (`sources`, `rag`): in the object, or in the

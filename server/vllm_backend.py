@@ -173,7 +173,8 @@ class VllmBackend:
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str,
                after: str | None = None) -> TokenStream:
-        # `after` needs nothing here: vLLM's scheduler shares the prompt's cached blocks
+        # `after` is not passed on: vLLM fans its own n > 1 out into requests the same way,
+        # and its prefix cache shares whatever of the prompt is cached when each is scheduled
         if not self.alive:
             raise Unavailable("vLLM's engine stopped (the daemon's log says why); this "
                               "replica serves no requests until it is restarted")
