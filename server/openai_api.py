@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
+from lorag.errors import InvalidRequest
 from lorag.retrieval import MAX_TOP_K, MODES, RAG_MAX_TOP_K, SEARCH_MODE, TOP_K
 from lorag.roles import ROLES
 from lorag.server import requests
@@ -23,10 +24,12 @@ from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
 from lorag.server.requests import MAX_CHOICES, check_texts
 from lorag.server.rerank import RerankRequest
+from lorag.server.tools import ToolUse, check_parameters, template_messages
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
 SearchMode = Literal[MODES]  # Literal["vector", "bm25", "hybrid"]
+MAX_TOOLS = 128  # functions one chat may offer (OpenAI's limit)
 
 
 class _Body(BaseModel):
@@ -194,12 +197,32 @@ class CompletionBody(_Generation):
                                           self.sampling(self.max_tokens, self.logprobs))
 
 
-class Message(_Body):
-    """One chat message; content is text or OpenAI's list of text parts."""
+class CalledFunction(_Body):
+    """A past call's function: its name and its arguments, a JSON object as a string."""
 
-    role: Literal[ROLES]  # the roles lorag reads (lorag/roles.py), as one enum
-    content: str | list[dict]
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Body):
+    """A call an assistant message made (OpenAI's shape), answered by a `tool` message
+    with its id."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(_Body):
+    """One chat message; content is text or OpenAI's list of text parts. An assistant
+    message may carry `tool_calls` (and no content); a `tool` message answers one of
+    them by `tool_call_id`."""
+
+    role: Literal[(*ROLES, "tool")]  # the roles lorag reads (lorag/roles.py), and tool
+    content: str | list[dict] | None = None
     name: str | None = Field(default=None, min_length=1)
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1)
+    tool_call_id: str | None = Field(default=None, min_length=1)
 
     @field_validator("content")
     @classmethod
@@ -211,6 +234,46 @@ class Message(_Body):
                                  "this model reads text only")
             content = "".join(p["text"] for p in content)
         return content
+
+    @model_validator(mode="after")
+    def _calls_where_they_belong(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (only an assistant message with "
+                             "tool_calls may leave it out)")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message, and only a tool message, has the "
+                             "tool_call_id of the call it answers")
+        return self
+
+
+class FunctionSignature(_Body):
+    """A function the model may call: its name, what it does, its parameters' JSON
+    schema."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # arguments always follow the schema under required
+
+
+class Tool(_Body):
+    """OpenAI's function tool."""
+
+    type: Literal["function"]
+    function: FunctionSignature
+
+
+class FunctionName(_Body):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Body):
+    """tool_choice naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class RagOptions(_Body):
@@ -233,19 +296,9 @@ class ChatBody(_Generation):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     rag: RagOptions | None = None
-    # tool calling is refused with a message that says so, not as an unknown field
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-
-    @field_validator("tools", "tool_choice")
-    @classmethod
-    def _no_tools(cls, value, info):
-        if value and value != "none":
-            raise ValueError("tool calling is not supported by this base model (it was not "
-                             "trained to call tools); send the request without "
-                             f"{info.field_name}, or use response_format json_schema for "
-                             "structured replies")
-        return value
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_with_logprobs(self):
@@ -254,14 +307,51 @@ class ChatBody(_Generation):
         return self
 
     def to_request(self) -> requests.ChatRequest:
-        """The service's chat request (messages as the chat template wants them)."""
+        """The service's chat request (messages as the chat template wants them, tool
+        calls and results in lorag's tool format: server/tools.py)."""
         rag = None if self.rag is None else requests.Rag(**self.rag.model_dump(
             exclude_none=True))
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return requests.ChatRequest(
-            [m.model_dump(include={"role", "content", "name"}, exclude_none=True)
-             for m in self.messages], self.model, self.composition(),
-            self.sampling(self.max_completion_tokens or self.max_tokens, logprobs), rag)
+        sampling = self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+        tools = self.tool_use()
+        if tools is not None and tools.choice != "auto":
+            if sampling.constraint is not None:
+                raise InvalidRequest("tool_choice required or a named function constrains "
+                                     "the reply to calls: send it without response_format "
+                                     "/ structured_outputs", field="tool_choice")
+            sampling.constraint = tools.constraint()
+        messages = template_messages([m.model_dump(exclude_none=True) for m in self.messages],
+                                     tools)
+        return requests.ChatRequest(messages, self.model, self.composition(), sampling, rag,
+                                    tools)
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and how they may be called (None: no tools, or `none`)."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.function.name
+        if not self.tools:
+            if choice not in (None, "none", "auto"):
+                raise InvalidRequest(f"tool_choice {choice!r} needs tools",
+                                     field="tool_choice")
+            return None
+        if choice == "none":
+            return None
+        functions = {}
+        for i, tool in enumerate(self.tools):
+            name = tool.function.name
+            if name in functions:
+                raise InvalidRequest(f"tools[{i}]: a function named {name!r} is already "
+                                     "in tools", field=f"tools.{i}.function.name")
+            if tool.function.parameters is not None:
+                check_parameters(tool.function.parameters, f"tools.{i}.function.parameters")
+            functions[name] = tool.function.model_dump(
+                include={"name", "description", "parameters"}, exclude_none=True)
+        if choice not in (None, "auto", "required") and choice not in functions:
+            raise InvalidRequest(f"tool_choice names function {choice!r}, which is not in "
+                                 f"tools ({', '.join(functions)})",
+                                 field="tool_choice.function.name")
+        return ToolUse(functions, choice or "auto", self.parallel_tool_calls)
 
 
 class LoadLora(_RouteBody):

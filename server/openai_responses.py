@@ -24,6 +24,7 @@ from lorag.server.errors import mapping, openai_error, public_message
 from lorag.server.metrics import TrackedStream
 from lorag.server.requests import Grounding, Reply
 from lorag.server.service import Service
+from lorag.server.tools import CallStream, ToolUse, split_calls
 
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
@@ -37,8 +38,8 @@ async def collected(reply: Reply, model: str, chat: bool, request: Request,
     error = next((whole.error for whole in wholes if whole.error is not None), None)
     if error is not None:
         raise error
-    choices = [_choice(index, whole, chat, _Logprobs(service, chat)(whole.logprobs))
-               for index, whole in enumerate(wholes)]
+    choices = [_choice(index, whole, chat, _Logprobs(service, chat)(whole.logprobs),
+                       reply.tools) for index, whole in enumerate(wholes)]
     return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(wholes), **grounding_fields(reply.grounding, wholes[0].text)}
@@ -58,12 +59,19 @@ async def _collect(stream: TrackedStream, request: Request, service: Service) ->
     return joined(outputs)
 
 
-def _choice(index: int, whole: Output, chat: bool, logprobs: dict | None) -> dict:
+def _choice(index: int, whole: Output, chat: bool, logprobs: dict | None,
+            tools: ToolUse | None) -> dict:
     finish = FINISH[whole.finish_reason]
-    if chat:
-        return {"index": index, "message": {"role": "assistant", "content": whole.text},
-                "logprobs": logprobs, "finish_reason": finish}
-    return {"index": index, "text": whole.text, "logprobs": logprobs, "finish_reason": finish}
+    if not chat:
+        return {"index": index, "text": whole.text, "logprobs": logprobs,
+                "finish_reason": finish}
+    message = {"role": "assistant", "content": whole.text}
+    if tools is not None:
+        message["content"], calls = split_calls(whole.text, tools)
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls" if finish == "stop" else finish
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
@@ -76,7 +84,7 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
             "model": model}
 
     async def events():
-        choices = [_StreamedChoice(index, _Logprobs(service, chat))
+        choices = [_StreamedChoice(index, _Logprobs(service, chat), reply.tools)
                    for index in range(len(reply.streams))]
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(index, stream, queue))
@@ -119,23 +127,36 @@ async def _pump(index: int, stream: TrackedStream, queue: asyncio.Queue) -> None
 
 class _StreamedChoice:
     """One choice of a stream: whether its first chunk went out, its text so far (a RAG
-    reply says at the end whether it declined) and its last output."""
+    reply says at the end whether it declined), its last output and, with tools, its
+    calls as they complete (`delta.tool_calls`, each whole in one fragment)."""
 
-    def __init__(self, index: int, logprobs: "_Logprobs"):
+    def __init__(self, index: int, logprobs: "_Logprobs", tools: ToolUse | None):
         self.index, self.logprobs = index, logprobs
         self.first, self.text, self.last = True, [], None
+        self.calls = None if tools is None else CallStream(tools)
+        self.called = 0  # calls sent so far
 
     def chunk(self, out: Output, chat: bool, grounding: Grounding | None) -> dict | None:
         """The chunk `out` makes (None: nothing to send), grounding in the first one."""
         self.last = out
         finish = FINISH[out.finish_reason] if out.finish_reason else None
-        if not (out.text or out.logprobs or finish or self.first):
-            return None
         self.text.append(out.text)
+        content, calls = out.text, []
+        if chat and self.calls is not None:
+            content, calls = self.calls.feed(out.text, final=finish is not None)
+        if not (content or calls or out.logprobs or finish or self.first):
+            return None
         extra = grounding_fields(grounding) if self.first else {}
         if finish and grounding is not None:  # known at the end only
             extra["rag"] = {**extra.get("rag", {}), "declined": declines("".join(self.text))}
-        delta = _delta(self.index, out, finish, chat, self.first, self.logprobs(out.logprobs))
+        if finish == "stop" and (calls or self.called):
+            finish = "tool_calls"
+        delta = _delta(self.index, content, finish, chat, self.first,
+                       self.logprobs(out.logprobs))
+        if calls:
+            delta["delta"]["tool_calls"] = [{"index": self.called + i, **call}
+                                            for i, call in enumerate(calls)]
+            self.called += len(calls)
         self.first = False
         return {"choices": [delta], **extra}
 
@@ -178,12 +199,11 @@ class _Logprobs:
                 "text_offset": offsets}
 
 
-def _delta(index: int, out: Output, finish: str | None, chat: bool, first: bool,
+def _delta(index: int, text: str, finish: str | None, chat: bool, first: bool,
            logprobs: dict | None) -> dict:
     if not chat:
-        return {"index": index, "text": out.text, "logprobs": logprobs,
-                "finish_reason": finish}
-    delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 

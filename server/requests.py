@@ -13,6 +13,7 @@ from lorag.roles import ROLES, canonical
 from lorag.server.engine import SamplingParams
 from lorag.server.engine.structured import Constraint
 from lorag.server.metrics import TrackedStream
+from lorag.server.tools import ToolUse
 
 MAX_CHOICES = 16  # n: choices one request may ask for (each is a sequence in the batch)
 COMPLETION_TOKENS = 16  # max_tokens of a completion that gives none (OpenAI's default)
@@ -99,6 +100,7 @@ class ChatRequest:
     adapters: list[tuple[str, float]] | None = None
     sampling: Sampling = field(default_factory=Sampling)
     rag: Rag | None = None
+    tools: ToolUse | None = None  # offered functions (already in the messages' text)
 
     def __post_init__(self):
         if not self.messages:
@@ -156,6 +158,7 @@ class Reply:
 
     streams: list[TrackedStream]
     grounding: Grounding | None = None
+    tools: ToolUse | None = None  # the reply's calls are read out of its text
 
     @property
     def stream(self) -> TrackedStream:

@@ -121,7 +121,8 @@ class Service:
                                             request.sampling.max_tokens)
         limit = self.engine.limits.max_model_len
         params = request.sampling.choice_params(default_max_tokens=max(1, limit - len(prompt)))
-        return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding)
+        return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding,
+                     request.tools)
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""

@@ -1,0 +1,133 @@
+"""Tool calling with the official `openai` client, on each backend's daemon
+(tests/server/conftest.py): `required` and a named function decode under a grammar built
+from the tools' schemas, so even the tiny random model calls a listed function with valid
+arguments; `auto` and `none` leave the model free; calls stream as `delta.tool_calls`;
+a conversation with past calls and their results renders; bad tools are 400s naming
+the field."""
+
+import json
+
+import pytest
+
+from tests.daemons import BASE
+from tests.server.test_http import QUESTION, client, post
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Today's weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                  "unit": {"enum": ["C", "F"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time now in a time zone.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                   "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def chat(daemon, **extra):
+    return client(daemon).chat.completions.create(model=BASE, messages=ASK, max_tokens=100,
+                                                  temperature=0, **extra)
+
+
+def valid(call, tool: dict) -> bool:
+    arguments = json.loads(call.function.arguments)
+    properties = tool["function"]["parameters"]["properties"]
+    return call.type == "function" and call.id.startswith("call_") and \
+        call.function.name == tool["function"]["name"] and \
+        set(tool["function"]["parameters"]["required"]) <= arguments.keys() <= \
+        properties.keys() and all(arguments[k] in properties[k]["enum"] for k in arguments)
+
+
+def test_required_calls_a_listed_function_with_valid_arguments(daemon):
+    reply = chat(daemon, tools=[WEATHER, TIME], tool_choice="required",
+                 parallel_tool_calls=False).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (call,) = reply.message.tool_calls
+    assert valid(call, WEATHER) or valid(call, TIME), call
+
+
+def test_a_named_function_is_the_one_called(daemon):
+    for tool in (WEATHER, TIME):
+        reply = chat(daemon, tools=[WEATHER, TIME], parallel_tool_calls=False, tool_choice={
+            "type": "function", "function": {"name": tool["function"]["name"]}}).choices[0]
+        assert reply.finish_reason == "tool_calls"
+        assert [valid(call, tool) for call in reply.message.tool_calls] == [True]
+
+
+def test_parallel_calls_are_each_a_valid_call(daemon):
+    reply = chat(daemon, tools=[WEATHER, TIME], tool_choice="required").choices[0]
+    assert reply.message.tool_calls, reply
+    for call in reply.message.tool_calls:
+        assert valid(call, WEATHER) or valid(call, TIME), call
+
+
+def test_calls_stream_as_tool_call_deltas(daemon):
+    ask = dict(tools=[WEATHER], parallel_tool_calls=False,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = chat(daemon, **ask).choices[0].message.tool_calls[0]
+    chunks = list(chat(daemon, stream=True, **ask))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.index for d in deltas] == [0]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    assert deltas[0].function.arguments == whole.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_auto_and_none_leave_the_model_free_and_the_tools_are_in_the_prompt(daemon):
+    plain = chat(daemon)
+    auto = chat(daemon, tools=[WEATHER], tool_choice="auto")
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 40  # the signatures
+    assert auto.choices[0].finish_reason in ("stop", "length")
+    none = chat(daemon, tools=[WEATHER], tool_choice="none")
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # not offered
+    assert none.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_a_conversation_with_a_call_and_its_result_renders(daemon):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "C": 21}'}]
+    reply = client(daemon).chat.completions.create(model=BASE, messages=history,
+                                                   tools=[WEATHER], max_tokens=8,
+                                                   temperature=0)
+    assert reply.usage.prompt_tokens > chat(daemon, tools=[WEATHER]).usage.prompt_tokens
+
+
+BAD = [
+    ("schema-that-cannot-compile",
+     {"tools": [{**WEATHER, "function": {**WEATHER["function"],
+                                         "parameters": {"type": "wat"}}}]},
+     "tools.0.function.parameters", "tools.0.function.parameters: the schema cannot be used"),
+    ("result-without-a-call",
+     {"messages": QUESTION + [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "messages.1", "tool_call_id 'call_x', which no earlier assistant message's tool_calls"),
+    ("unknown-named-function",
+     {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name", "names function 'nope', which is not in tools"),
+    ("required-without-tools", {"tool_choice": "required"}, "tool_choice",
+     "tool_choice 'required' needs tools"),
+    ("the-same-name-twice", {"tools": [WEATHER, WEATHER]}, "tools.1.function.name",
+     "a function named 'get_weather' is already in tools"),
+    ("calls-on-a-user-message",
+     {"messages": [{"role": "user", "content": "hi", "tool_calls": [{
+         "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages.0", "only an assistant message carries tool_calls"),
+    ("required-and-a-response-format",
+     {"tools": [WEATHER], "tool_choice": "required",
+      "response_format": {"type": "json_object"}},
+     "tool_choice", "send it without response_format"),
+]
+
+
+@pytest.mark.parametrize("extra, param, message", [case[1:] for case in BAD],
+                         ids=[case[0] for case in BAD])
+def test_bad_tools_are_a_400_naming_the_field(daemon, extra, param, message):
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 4, **extra}
+    response = post(daemon, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert chat(daemon).choices[0].message.content  # and the daemon serves on
