@@ -94,6 +94,17 @@ class RequestLimits:
             self._at_most(depth(json.loads(constraint.spec)), "schema_depth",
                           "response_format", "levels of nesting in a json_schema")
 
+    def check_tools(self, tools) -> None:
+        """A chat's tools (server/tools.py ToolUse): each function's parameters schema is
+        held to a json_schema's limits before anything compiles it."""
+        for i, function in enumerate(tools.functions.values()):
+            if "parameters" not in function:
+                continue
+            field, text = f"tools.{i}.function.parameters", json.dumps(function["parameters"])
+            self._at_most(len(text), "schema_kb", field, "KiB in a json_schema", scale=1024)
+            self._at_most(depth(function["parameters"]), "schema_depth", field,
+                          "levels of nesting in a json_schema")
+
     def check_documents(self, documents: list[dict]) -> None:
         """One ingest request's documents ({"id", "text", ...})."""
         self._at_most(len(documents), "documents_per_request", "documents",

@@ -24,7 +24,7 @@ from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
 from lorag.server.requests import MAX_CHOICES, check_texts
 from lorag.server.rerank import RerankRequest
-from lorag.server.tools import ToolUse, check_parameters, template_messages
+from lorag.server.tools import ToolUse, template_messages
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
@@ -314,12 +314,10 @@ class ChatBody(_Generation):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
         tools = self.tool_use()
-        if tools is not None and tools.choice != "auto":
-            if sampling.constraint is not None:
-                raise InvalidRequest("tool_choice required or a named function constrains "
-                                     "the reply to calls: send it without response_format "
-                                     "/ structured_outputs", field="tool_choice")
-            sampling.constraint = tools.constraint()
+        if tools is not None and tools.choice != "auto" and sampling.constraint is not None:
+            raise InvalidRequest("tool_choice required or a named function constrains the "
+                                 "reply to calls: send it without response_format / "
+                                 "structured_outputs", field="tool_choice")
         messages = template_messages([m.model_dump(exclude_none=True) for m in self.messages],
                                      tools)
         return requests.ChatRequest(messages, self.model, self.composition(), sampling, rag,
@@ -343,8 +341,6 @@ class ChatBody(_Generation):
             if name in functions:
                 raise InvalidRequest(f"tools[{i}]: a function named {name!r} is already "
                                      "in tools", field=f"tools.{i}.function.name")
-            if tool.function.parameters is not None:
-                check_parameters(tool.function.parameters, f"tools.{i}.function.parameters")
             functions[name] = tool.function.model_dump(
                 include={"name", "description", "parameters"}, exclude_none=True)
         if choice not in (None, "auto", "required") and choice not in functions:

@@ -111,6 +111,11 @@ class Service:
         Blocking (retrieval embeds the question): async callers run it in a thread."""
         self.limits.check_chat(request.messages, request.sampling.stop,
                                request.sampling.constraint)
+        if request.tools is not None:
+            self.limits.check_tools(request.tools)
+            request.tools.check()
+            if request.tools.choice != "auto":  # the reply is calls (no response_format)
+                request.sampling.constraint = request.tools.constraint()
         adapter = self.adapters.key_for(caller, request.model, request.adapters)
         grounding = None
         if request.rag is None:

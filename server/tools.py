@@ -46,6 +46,13 @@ class ToolUse:
     choice: str = "auto"
     parallel: bool = True
 
+    def check(self) -> None:
+        """Refuse a function whose parameters schema no grammar can be built from (after
+        the service's limits: server/limits.py `check_tools`)."""
+        for i, function in enumerate(self.functions.values()):
+            if "parameters" in function:
+                check_parameters(function["parameters"], f"tools.{i}.function.parameters")
+
     def constraint(self) -> Constraint | None:
         """The grammar a `required` or named choice decodes under (None for auto): one
         call, or several with `parallel`, of the allowed functions, each's arguments

@@ -3,7 +3,7 @@
 from the tools' schemas, so even the tiny random model calls a listed function with valid
 arguments; `auto` and `none` leave the model free; calls stream as `delta.tool_calls`;
 a conversation with past calls and their results renders; bad tools are 400s naming
-the field."""
+the field (a 413 past a limit)."""
 
 import json
 
@@ -22,6 +22,9 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
                    "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
 ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+DEEP = {"type": "object"}
+for _ in range(40):
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
 
 
 def chat(daemon, **extra):
@@ -101,6 +104,9 @@ BAD = [
      {"tools": [{**WEATHER, "function": {**WEATHER["function"],
                                          "parameters": {"type": "wat"}}}]},
      "tools.0.function.parameters", "tools.0.function.parameters: the schema cannot be used"),
+    ("a-schema-too-deep",
+     {"tools": [{**WEATHER, "function": {**WEATHER["function"], "parameters": DEEP}}]},
+     "tools.0.function.parameters", "levels of nesting in a json_schema; at most 32 are taken"),
     ("result-without-a-call",
      {"messages": QUESTION + [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
      "messages.1", "tool_call_id 'call_x', which no earlier assistant message's tool_calls"),
@@ -124,10 +130,11 @@ BAD = [
 
 @pytest.mark.parametrize("extra, param, message", [case[1:] for case in BAD],
                          ids=[case[0] for case in BAD])
-def test_bad_tools_are_a_400_naming_the_field(daemon, extra, param, message):
+def test_bad_tools_are_a_4xx_naming_the_field(daemon, extra, param, message):
     body = {"model": BASE, "messages": QUESTION, "max_tokens": 4, **extra}
     response = post(daemon, "/v1/chat/completions", body)
-    assert response.status_code == 400, response.text
+    too_large = "at most" in message  # past a --limit: 413, as every limit
+    assert response.status_code == (413 if too_large else 400), response.text
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert chat(daemon).choices[0].message.content  # and the daemon serves on
