@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.daemons import BASE
+from tests.daemons import ALICE, BASE
 from tests.server.test_http import QUESTION, client, post
 
 WEATHER = {"type": "function", "function": {
@@ -139,3 +139,16 @@ def test_bad_tools_are_a_4xx_naming_the_field(daemon, extra, param, message):
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert chat(daemon, max_tokens=4).choices[0].message.content  # and it serves on
+
+
+def test_langchains_bind_tools_gets_the_call(daemon):
+    """LangChain's ChatOpenAI, unmodified, pointed at the daemon: `bind_tools` with a
+    forced function returns the call as LangChain's own tool call."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{daemon.url}/v1", api_key=ALICE.split()[1], model=BASE,
+                     temperature=0, max_tokens=100, max_retries=0)
+    message = llm.bind_tools([WEATHER], tool_choice="get_weather", parallel_tool_calls=False
+                             ).invoke(ASK[0]["content"])
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome", "Oslo")
