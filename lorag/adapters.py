@@ -156,9 +156,9 @@ class LoraWeights:
 
     def __post_init__(self):
         if not self.version:
-            virtual = {} if self.virtual is None else {"virtual": self.virtual.tensor}
-            self.version = weights_digest(self.a, self.b, self.magnitude, {**self.ia3,
-                                                                           **virtual})
+            virtual = {} if self.virtual is None else {(0, self.virtual.kind):
+                                                       self.virtual.tensor}
+            self.version = weights_digest(self.a, self.b, self.magnitude, self.ia3, virtual)
 
     @property
     def dora(self) -> bool:
@@ -182,11 +182,11 @@ class LoraWeights:
 
 
 def weights_digest(a: dict, b: dict, magnitude: dict | None = None,
-                   ia3: dict | None = None) -> str:
+                   ia3: dict | None = None, virtual: dict | None = None) -> str:
     """A digest of an adapter's tensors (keys, dtypes, shapes and bytes): equal exactly
     when the served weights are equal."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensors in (a, b, magnitude or {}, ia3 or {}):
+    for tensors in (a, b, magnitude or {}, ia3 or {}, virtual or {}):
         for key in sorted(tensors):
             tensor = tensors[key].detach().contiguous().cpu()
             digest.update(f"{key}{tensor.dtype}{list(tensor.shape)}".encode())
@@ -513,7 +513,7 @@ def _check_header(folder: Path, roots: list[Path], base: BaseShape,
     with open_weights(folder, roots) as file:
         if virtual and set(file.keys()) != {VIRTUAL_KEY}:
             raise InvalidRequest(f"{folder}: a {config['peft_type']} adapter holds one tensor, "
-                                 f"{VIRTUAL_KEY!r}; this file has {sorted(file.keys())}",
+                                 f"{VIRTUAL_KEY!r}; this file has {sorted(file.keys())[:8]}",
                                  field="path")
         for key in file.keys():
             header = file.get_slice(key)
