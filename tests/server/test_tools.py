@@ -2,7 +2,8 @@
 (tests/server/conftest.py): `required` and a named function decode under a grammar built
 from the tools' schemas, so even the tiny random model calls a listed function with valid
 arguments; `auto` and `none` leave the model free; calls stream as `delta.tool_calls`;
-a conversation with past calls and their results renders; bad tools are 400s naming
+a conversation with past calls and their results renders; adapters and compositions
+call tools as the base does (the format is the daemon's); bad tools are 400s naming
 the field (a 413 past a limit)."""
 
 import json
@@ -152,3 +153,23 @@ def test_langchains_bind_tools_gets_the_call(daemon):
                              ).invoke(ASK[0]["content"])
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome", "Oslo")
+
+
+def test_adapters_and_compositions_keep_the_tool_format(daemon, daemon_adapters):
+    """The format is the daemon's, so an adapter, and a weighted composition, call tools
+    as the base does."""
+    assert post(daemon, "/v1/load_lora_adapter", {
+        "lora_name": "tools-style", "lora_path": str(daemon_adapters / "style")}).status_code \
+        == 200
+    try:
+        forced = dict(tools=[WEATHER], parallel_tool_calls=False, max_tokens=100,
+                      temperature=0, messages=ASK,
+                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        for model, extra in (("tools-style", {}), (BASE, {"extra_body": {"adapters": [
+                {"name": "tools-style", "weight": 0.5}, {"name": "tools-style",
+                                                         "weight": 0.25}]}})):
+            reply = client(daemon).chat.completions.create(model=model, **forced, **extra)
+            assert [valid(call, WEATHER) for call in reply.choices[0].message.tool_calls] == \
+                [True], model
+    finally:
+        post(daemon, "/v1/unload_lora_adapter", {"lora_name": "tools-style"})
