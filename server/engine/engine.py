@@ -252,7 +252,8 @@ class Engine:
                          "in_ram": self.registry.in_ram(name),
                          "active": slot is not None or name in self.scheduler.prefixes.held,
                          "slot": slot,
-                         "pinned": name in self.pool.pinned | self.scheduler.prefixes.pinned,
+                         "pinned": name in self.pool.pinned
+                         or name in self.scheduler.prefixes.pinned,
                          "running_requests": self.pool.refs[slot] if slot is not None else 0})
         return rows
 

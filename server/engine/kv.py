@@ -124,6 +124,12 @@ class BlockPool:
         return block
 
 
+def slot_mapping(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots (block * block_size + offset) of positions [start, end) of a
+    sequence whose block table is `table`."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 class AttentionInput:
     """Where a step's tokens sit in the paged cache, for every layer's attention.
 
@@ -144,8 +150,7 @@ class AttentionInput:
         slots = []
         for i, table in enumerate(tables):
             length = q_starts[i + 1] - q_starts[i]
-            slots += [table[p // block_size] * block_size + p % block_size
-                      for p in range(seq_lens[i] - length, seq_lens[i])]
+            slots += slot_mapping(table, seq_lens[i] - length, seq_lens[i], block_size)
         self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
         self.q_starts, self.lens = q_starts, seq_lens
         self.extra = None  # a backend's per-step data (vLLM's scheduler metadata)

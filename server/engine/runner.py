@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from lorag.adapters import BaseShape
 from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.kernels import sgmv_available
-from lorag.server.engine.kv import AttentionInput, attention_backend
+from lorag.server.engine.kv import AttentionInput, attention_backend, slot_mapping
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 
 # the projections of a layer run as these five matmuls (a group shares its input)
@@ -181,8 +181,8 @@ class ModelRunner:
         count = kv.shape[2]
         if not count:
             return
-        slots = torch.tensor([blocks[p // size] * size + p % size for p in range(count)],
-                             dtype=torch.long, device=self.device)
+        slots = torch.tensor(slot_mapping(blocks, 0, count, size), dtype=torch.long,
+                             device=self.device)
         kv = kv.to(self.device, self.dtype).unflatten(-1, (self.num_kv_heads, self.head_dim))
         for index, (keys, values) in enumerate(kv):
             cache_k, cache_v = self.kv_cache[index].chunk(2, dim=2)
