@@ -14,6 +14,7 @@ def test_the_installed_plugin_is_what_vllm_loads():
 
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins["lorag_cpu_lora"] == "lorag.server.vllm_cpu_lora:register"
+    assert plugins["lorag_cpu_seeds"] == "lorag.server.vllm_cpu_seeds:register"
 
 
 def test_rows_without_an_adapter_are_left_alone():
