@@ -103,5 +103,29 @@ def with_context(messages: list[dict], hits: list[Hit]) -> list[dict]:
     return [{"role": "system", "content": context}, *messages]
 
 
+_PLAIN_STRING = {"type", "description", "title", "minLength", "maxLength"}
+
+
+def citing(schema: dict, field: str, sources: list[str]) -> dict:
+    """`schema` (a JSON schema of an object) with its top-level string property `field`
+    allowed only the names of `sources` (the passages a grounded prompt carries) and
+    NO_SOURCE, so that a constrained answer cites a passage it was given, or none. Raises
+    ValueError saying what in `schema` does not allow it."""
+    properties = schema.get("properties")
+    if schema.get("type") not in ("object", None) or not isinstance(properties, dict) \
+            or field not in properties:
+        raise ValueError(f"the response_format's json_schema has no top-level property "
+                         f"{field!r} to cite with")
+    prop = properties[field]
+    if not isinstance(prop, dict) or prop.get("type", "string") != "string" \
+            or prop.keys() - _PLAIN_STRING:
+        raise ValueError(f"property {field!r} of the json_schema must be a plain string "
+                         f"(keys {', '.join(sorted(_PLAIN_STRING))} at most) to be limited "
+                         "to the sources")
+    cited = {key: value for key, value in prop.items() if key in ("description", "title")}
+    cited |= {"type": "string", "enum": list(dict.fromkeys([*sources, NO_SOURCE]))}
+    return {**schema, "properties": {**properties, field: cited}}
+
+
 def _passage(number: int, hit: Hit) -> str:
     return f"[{number}] source: {hit.document_id}\n{hit.text}"

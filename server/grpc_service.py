@@ -165,7 +165,8 @@ def _rag(options) -> requests.Rag:
     return requests.Rag(options.namespace, mode=_mode(options.mode),
                         filter=_filter(options.filter), **top_k,
                         rerank=options.rerank if options.HasField("rerank") else None,
-                        rerank_model=options.rerank_model or None)
+                        rerank_model=options.rerank_model or None,
+                        cite=options.cite or None)
 
 
 def _mode(value: int) -> str:

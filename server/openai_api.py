@@ -286,6 +286,8 @@ class RagOptions(_Body):
     # rerank the candidates before packing them; left out: the namespace's default
     rerank: bool | None = None
     rerank_model: str | None = Field(default=None, min_length=1)  # the relevance adapter
+    # the response_format json_schema's property that may only name a packed passage
+    cite: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class ChatBody(_Generation):

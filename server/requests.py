@@ -82,6 +82,9 @@ class Rag:
     filter: dict | None = None
     rerank: bool | None = None  # None: the namespace's default (rerank if it has a reranker)
     rerank_model: str | None = None  # the relevance adapter; None: the namespace's
+    # a top-level string field of response_format's json_schema that may only name the
+    # passages the prompt carries, or NO_SOURCE: citations valid by construction
+    cite: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= RAG_MAX_TOP_K:

@@ -8,6 +8,7 @@ rule (server/tenancy.py), optional retrieval, the chat template rendered once, t
 sampling defaults.
 """
 
+import json
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from lorag.adapters import MAX_COMPOSITION, AdapterKey, Composition
 from lorag.errors import InvalidRequest, LoragError, NotFound, Unavailable
 from lorag.retrieval import RAG_MAX_TOP_K
 from lorag.retrieval.ingest import SUFFIXES
-from lorag.retrieval.rag import ABSTAIN, ABSTENTIONS, NO_SOURCE
+from lorag.retrieval.rag import ABSTAIN, ABSTENTIONS, NO_SOURCE, citing
 from lorag.retrieval.rerank import RERANK_CANDIDATES, fused
 from lorag.retrieval.store import MODES, DocumentStore, Hit
 from lorag.server.adapters import AdapterRecords
@@ -28,7 +29,7 @@ from lorag.server.backend import Backend
 from lorag.server.chat_template import render_chat, render_grounded
 from lorag.server.embeddings import Embeddings
 from lorag.server.engine.stream import TokenLogprob
-from lorag.server.engine.structured import token_bytes
+from lorag.server.engine.structured import Constraint, token_bytes
 from lorag.server.limits import RequestLimits
 from lorag.server.metrics import Metrics, TrackedStream, metric_label
 from lorag.server.namespaces import Namespaces
@@ -57,6 +58,25 @@ class _Retrieved(NamedTuple):
     reranker: str | None
     search_ms: float
     rerank_ms: float | None
+
+
+def _cited_schema(rag: Rag, constraint: Constraint | None):
+    """For `rag.cite`: a function of a grounding's sources to the response_format's schema
+    with the cited property limited to them (retrieval/rag.py `citing`), checked now,
+    before retrieval; None without rag.cite."""
+    if rag.cite is None:
+        return None
+    if constraint is None or constraint.kind != "json_schema":
+        raise InvalidRequest("rag.cite names a property of the response_format's "
+                             "json_schema; send response_format {type: json_schema} with it",
+                             field="rag.cite")
+    schema = json.loads(constraint.spec)
+    try:
+        citing(schema, rag.cite, [])
+    except ValueError as e:
+        raise InvalidRequest(f"rag.cite: {e}", field="rag.cite") from None
+    return lambda sources: Constraint.of_schema(
+        citing(schema, rag.cite, [source.document_id for source in sources]))
 
 
 def _ms(seconds: float) -> float:
@@ -122,8 +142,11 @@ class Service:
             prompt = self._render(request.messages)
         else:
             self.adapters.check_layout(adapter)
+            cited = _cited_schema(request.rag, request.sampling.constraint)
             prompt, grounding = self.ground(caller, request.messages, request.rag,
                                             request.sampling.max_tokens)
+            if cited is not None:
+                request.sampling.constraint = cited(grounding.sources)
         limit = self.engine.limits.max_model_len
         params = request.sampling.choice_params(default_max_tokens=max(1, limit - len(prompt)))
         return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding,

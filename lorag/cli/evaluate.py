@@ -116,6 +116,9 @@ def eval_generate(
     rag_mode: Annotated[str, typer.Option(help="vector, bm25 or hybrid.")] = SEARCH_MODE,
     rag_rerank_model: Annotated[str | None, typer.Option(
         help="Rerank rag's candidates with this relevance adapter (rag.rerank).")] = None,
+    rag_cite: Annotated[str | None, typer.Option(
+        help="The --response-format schema's property that may only name a passage rag "
+             "packed, or none (rag.cite).")] = None,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: exact_match, f1, rouge_l, bleu, chrf, accuracy, format, "
              "source, retrieved, abstain (unanswerable questions declined), supported (the "
@@ -160,8 +163,8 @@ def eval_generate(
     options = EvalOptions(
         url=url, data=data, model=model, api_key=api_key, rag_namespace=rag_namespace,
         rag_top_k=rag_top_k, rag_mode=rag_mode, rag_rerank_model=rag_rerank_model,
-        metrics=[m.strip() for m in metrics.split(",") if m.strip()], schema=schema,
-        regex=regex, answer_field=answer_field, response_format=constrained,
+        rag_cite=rag_cite, metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+        schema=schema, regex=regex, answer_field=answer_field, response_format=constrained,
         max_tokens=max_tokens, abstain_answer=abstain_answer,
         concurrency=concurrency, out=out)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

@@ -65,6 +65,7 @@ class EvalOptions:
     rag_top_k: int = RAG_TOP_K
     rag_mode: str = SEARCH_MODE
     rag_rerank_model: str | None = None  # rag.rerank with this relevance adapter
+    rag_cite: str | None = None  # rag.cite: the response_format's property citing a passage
     schema: dict | None = None
     regex: re.Pattern | None = None
     answer_field: str | None = None
@@ -90,6 +91,10 @@ class EvalOptions:
         if self.rag_rerank_model and not self.rag_namespace:
             raise InvalidRequest("reranking reorders rag's passages: --rag-rerank-model "
                                  "needs --rag-namespace", field="rag_rerank_model")
+        if self.rag_cite and not (self.rag_namespace and self.response_format):
+            raise InvalidRequest("--rag-cite limits a property of --response-format to rag's "
+                                 "sources: it needs both --rag-namespace and "
+                                 "--response-format", field="rag_cite")
 
 
 def read_examples(path: Path) -> list[dict]:
@@ -168,6 +173,8 @@ def evaluate(options: EvalOptions, on_example=None) -> dict:
                            "mode": options.rag_mode}
             if options.rag_rerank_model:
                 body["rag"] |= {"rerank": True, "rerank_model": options.rag_rerank_model}
+            if options.rag_cite:
+                body["rag"]["cite"] = options.rag_cite
         if options.response_format:
             body["response_format"] = options.response_format
         start = time.perf_counter()

@@ -278,6 +278,59 @@ def test_rag_sources_lead_the_stream_and_grpc_gives_the_same(daemon, corpus):
         lorag_pb2.FINISH_REASON_UNSPECIFIED
 
 
+CITED = {"type": "object", "required": ["answer", "source"], "additionalProperties": False,
+         "properties": {"answer": {"type": "string", "maxLength": 12},
+                        "source": {"type": "string", "minLength": 1}}}
+
+
+def test_rag_cite_lets_the_answer_name_only_a_packed_passage(daemon, corpus):
+    """rag.cite limits the response_format's `source` to the passages the prompt carries
+    and "none", over HTTP and gRPC: whatever the (random-weight) model prefers, the cited
+    name is one of them."""
+    format_ = {"type": "json_schema", "json_schema": {"name": "cited", "schema": CITED}}
+    body = {"model": BASE, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 80, "temperature": 1.0, "seed": 3, "n": 3,
+            "response_format": format_, "rag": {"namespace": "kb", "top_k": 2, "cite": "source"}}
+    reply = post(daemon, "/v1/chat/completions", body).json()
+    packed = {s["document_id"] for s in reply["sources"]}
+    assert len(packed) >= 1
+    for choice in reply["choices"]:
+        assert choice["finish_reason"] == "stop", choice
+        assert json.loads(choice["message"]["content"])["source"] in packed | {"none"}
+
+    request = lorag_pb2.ChatRequest(
+        model=BASE, messages=[lorag_pb2.ChatMessage(role="user", content=QUESTION)],
+        sampling=lorag_pb2.SamplingOptions(
+            max_tokens=80, temperature=0, response_format=lorag_pb2.ResponseFormat(
+                json_schema=json.dumps(CITED))),
+        rag=lorag_pb2.RagOptions(namespace="kb", top_k=2, cite="source"))
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        whole = lorag_pb2_grpc.LoragServiceStub(channel).Chat(
+            request, metadata=[("authorization", ALICE)], timeout=60)
+    packed = {s.document_id for s in whole.grounding.sources}
+    assert json.loads(whole.text)["source"] in packed | {"none"}
+
+
+@pytest.mark.parametrize(("format_", "message"), [
+    (None, "send response_format {type: json_schema}"),
+    ({"type": "json_object"}, "send response_format {type: json_schema}"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"answer": {"type": "string"}}}}},
+     "no top-level property 'source'"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"source": {"type": "integer"}}}}},
+     "must be a plain string"),
+], ids=["no-format", "json-object", "no-such-property", "not-a-string"])
+def test_rag_cite_refusals_name_the_field(daemon, corpus, format_, message):
+    body = {"model": BASE, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 4, "rag": {"namespace": "kb", "cite": "source"},
+            **({"response_format": format_} if format_ else {})}
+    response = post(daemon, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "rag.cite" and message in error["message"], error
+
+
 def test_grpc_chat_refusals_name_the_problem(daemon, corpus):
     with grpc.insecure_channel(daemon.grpc_target) as channel:
         stub = lorag_pb2_grpc.LoragServiceStub(channel)
@@ -418,11 +471,13 @@ BROKEN_FORMAT = json.dumps({"type": "json_schema",
     (["--model", BASE, "--response-format", "{rf}"], {"rf": ("rf.json", "[1, 2]")},
      InvalidRequest, "must hold a JSON object"),
     (["--model", "nope"], {}, NotFound, "'nope' is neither"),
+    (["--model", BASE, "--rag-cite", "source"], {}, InvalidRequest,
+     "it needs both --rag-namespace and --response-format"),
     (["--model", BASE, "--metrics", "format"], {}, InvalidRequest,
      "--format-schema or --format-regex"),
     (["--model", BASE, "--data", "{bad}"], {"bad": ("bad.jsonl", '{"question": "q"}\n')},
      InvalidRequest, 'bad.jsonl:1: "answer" must be a string'),
-], ids=["unsupported-schema", "format-not-an-object", "unknown-model",
+], ids=["unsupported-schema", "format-not-an-object", "unknown-model", "cite-alone",
         "format-metric-without-a-format", "answer-missing"])
 def test_eval_generate_refuses_what_it_cannot_run(daemon, qa, tmp_path, args, files, error,
                                                    message):
