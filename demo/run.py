@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -75,16 +76,32 @@ ADAPTERS = [
 # rag.rerank's rerankers: late interaction on the daemon's embedder (named by the
 # embedding model), and the relevance adapter trained above
 RERANKER, RELEVANCE = "all-minilm-l6-v2", "relevance"
-CONFIGS = [  # (name, model, with rag, with the schema as response_format, reranker)
-    ("base", BASE, False, False, None), ("base+rag", BASE, True, False, None),
-    ("base+rag+rerank", BASE, True, False, RERANKER),
-    ("adapter", "house-style", False, False, None),
-    ("adapter+rag", "house-style", True, False, None),
-    ("raft-adapter+rag", "raft-adapter", True, False, None),
-    ("raft-adapter+rag+rerank", "raft-adapter", True, False, RERANKER),
-    ("raft-adapter+rag+relevance", "raft-adapter", True, False, RELEVANCE),
-    ("base+rag+schema", BASE, True, True, None),
-    ("adapter+rag+schema", "house-style", True, True, None)]
+
+
+class Config(NamedTuple):
+    """One way of asking: the model, with rag or not, with the schema as response_format
+    (and `source` limited to the packed passages by rag.cite), reranked by `reranker`."""
+
+    name: str
+    model: str
+    rag: bool = False
+    schema: bool = False
+    reranker: str | None = None
+    cite: bool = False
+
+
+CONFIGS = [
+    Config("base", BASE), Config("base+rag", BASE, rag=True),
+    Config("base+rag+rerank", BASE, rag=True, reranker=RERANKER),
+    Config("adapter", "house-style"), Config("adapter+rag", "house-style", rag=True),
+    Config("raft-adapter+rag", "raft-adapter", rag=True),
+    Config("raft-adapter+rag+rerank", "raft-adapter", rag=True, reranker=RERANKER),
+    Config("raft-adapter+rag+relevance", "raft-adapter", rag=True, reranker=RELEVANCE),
+    Config("raft-adapter+rag+cite", "raft-adapter", rag=True, schema=True, cite=True),
+    Config("raft-adapter+rag+rerank+cite", "raft-adapter", rag=True, schema=True,
+           reranker=RERANKER, cite=True),
+    Config("base+rag+schema", BASE, rag=True, schema=True),
+    Config("adapter+rag+schema", "house-style", rag=True, schema=True)]
 COLUMNS = [("accuracy", "factual accuracy"), ("format", "format adherence"),
            ("source", "cites gold source"), ("abstain", "abstains on unanswerable"),
            ("false_abstain", "declines answerable"), ("stopped", "stops by itself"),
@@ -143,19 +160,10 @@ def main() -> dict:
             client.load_adapter(adapter.name, str(adapters / adapter.name))
         console.rule(f"{len(CONFIGS)} configurations on the held-out questions")
         results = {}
-        for name, model, rag, constrained, reranker in CONFIGS:
+        for config in CONFIGS:
             start = time.perf_counter()
-            options = EvalOptions(
-                url=daemon.url, data=questions, model=model, name=name,
-                metrics=["accuracy", "format", "source", "f1", "abstain"] +
-                (["retrieved"] if rag else []),
-                rag_namespace=NAMESPACE if rag else None, rag_top_k=TOP_K,
-                rag_rerank_model=reranker, schema=SCHEMA, answer_field="answer",
-                max_tokens=64, response_format={"type": "json_schema", "json_schema": {
-                    "name": "answer", "schema": SCHEMA}} if constrained else None,
-                out=OUT / f"{name}.jsonl")
-            results[name] = evaluate(options)
-            console.print(f"{name}: {results[name]['examples']} questions in "
+            results[config.name] = evaluate(ask(config, daemon.url, questions))
+            console.print(f"{config.name}: {results[config.name]['examples']} questions in "
                           f"{time.perf_counter() - start:.0f} s")
     finally:
         daemon.stop()
@@ -163,6 +171,20 @@ def main() -> dict:
               for name in results}
     write(report, training)
     return report
+
+
+def ask(config: Config, url: str, questions: Path) -> EvalOptions:
+    """`lorag eval generate`'s options for one configuration."""
+    return EvalOptions(
+        url=url, data=questions, model=config.model, name=config.name,
+        metrics=["accuracy", "format", "source", "f1", "abstain"] +
+        (["retrieved"] if config.rag else []),
+        rag_namespace=NAMESPACE if config.rag else None, rag_top_k=TOP_K,
+        rag_rerank_model=config.reranker, rag_cite="source" if config.cite else None,
+        schema=SCHEMA, answer_field="answer", max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": SCHEMA}} if config.schema else None,
+        out=OUT / f"{config.name}.jsonl")
 
 
 def write(report: dict, training: dict) -> None:
