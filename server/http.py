@@ -41,6 +41,12 @@ from lorag.server.openai_api import (
     UnloadLora,
 )
 from lorag.server.openai_responses import collected, streamed
+from lorag.server.responses_api import (
+    Responses,
+    ResponsesBody,
+    collected_response,
+    streamed_response,
+)
 from lorag.server.service import Service
 from lorag.server.tenancy import Caller
 
@@ -193,6 +199,34 @@ async def completions(body: CompletionBody, request: Request, service: ServiceDe
     if body.stream:
         return streamed(reply, body.model, False, body.include_usage(), service)
     return await collected(reply, body.model, False, request, service)
+
+
+@generation.post("/v1/responses")
+async def create_response(body: ResponsesBody, request: Request, service: ServiceDep,
+                          caller: CallerDep):
+    """OpenAI's Responses API on the chat path (server/responses_api.py): JSON or the
+    Responses events; stored per tenant unless `store: false`."""
+    responses = Responses(service)
+    reply, messages = await run_in_threadpool(responses.submit, caller, body)
+    if body.stream:
+        return streamed_response(body, reply, service,
+                                 lambda done: responses.store(caller, body, done, messages))
+    response = await collected_response(body, reply, request, service)
+    await run_in_threadpool(responses.store, caller, body, response, messages)
+    return response
+
+
+@generation.get("/v1/responses/{response_id}")
+def get_response(response_id: str, service: ServiceDep, caller: CallerDep):
+    """A stored response, as it was sent."""
+    return Responses(service).get(caller, response_id)
+
+
+@generation.delete("/v1/responses/{response_id}")
+def delete_response(response_id: str, service: ServiceDep, caller: CallerDep):
+    """Forget a stored response (a conversation can no longer continue from it)."""
+    Responses(service).delete(caller, response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 @generation.post("/v1/embeddings")

@@ -32,7 +32,7 @@ SearchMode = Literal[MODES]  # Literal["vector", "bm25", "hybrid"]
 MAX_TOOLS = 128  # functions one chat may offer (OpenAI's limit)
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
     # strict: a value of another JSON type than the schema says (`"shared": 0`, `"n": "1"`)
     # is refused, not coerced
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -51,7 +51,7 @@ class _Body(BaseModel):
         return data
 
 
-class _RouteBody(_Body):
+class RouteBody(StrictBody):
     """A route's whole body: its text is checked once, here, nested bodies included."""
 
     @model_validator(mode="before")
@@ -61,20 +61,20 @@ class _RouteBody(_Body):
         return data
 
 
-class AdapterWeight(_Body):
+class AdapterWeight(StrictBody):
     """One adapter of a composition."""
 
     name: str = Field(min_length=1)
     weight: float = Field(default=1.0, ge=-MAX_COMPOSITION_WEIGHT, le=MAX_COMPOSITION_WEIGHT)
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     """OpenAI's stream_options."""
 
     include_usage: bool = False
 
 
-class JsonSchema(_Body):
+class JsonSchema(StrictBody):
     """OpenAI's response_format.json_schema. Decoding is always constrained to the schema
     (`strict` or not), so the output always parses and validates unless cut by max_tokens."""
 
@@ -84,7 +84,7 @@ class JsonSchema(_Body):
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(StrictBody):
     """OpenAI's response_format: text (unconstrained), json_object or json_schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -106,7 +106,7 @@ class ResponseFormat(_Body):
         return Constraint.of_schema(self.json_schema.schema_)
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(StrictBody):
     """The `structured_outputs` extension (vLLM's name): a regex, or a grammar in EBNF
     (xgrammar's dialect, which reads llama.cpp's GBNF; the start rule is `root`)."""
 
@@ -126,7 +126,7 @@ class StructuredOutputs(_Body):
         return Constraint("grammar", self.grammar)
 
 
-class _Generation(_RouteBody):
+class _Generation(RouteBody):
     """Fields shared by completions and chat completions."""
 
     model: str = Field(min_length=1)
@@ -197,14 +197,14 @@ class CompletionBody(_Generation):
                                           self.sampling(self.max_tokens, self.logprobs))
 
 
-class CalledFunction(_Body):
+class CalledFunction(StrictBody):
     """A past call's function: its name and its arguments, a JSON object as a string."""
 
     name: str = Field(min_length=1)
     arguments: str
 
 
-class ToolCall(_Body):
+class ToolCall(StrictBody):
     """A call an assistant message made (OpenAI's shape), answered by a `tool` message
     with its id."""
 
@@ -213,7 +213,7 @@ class ToolCall(_Body):
     function: CalledFunction
 
 
-class Message(_Body):
+class Message(StrictBody):
     """One chat message; content is text or OpenAI's list of text parts. An assistant
     message may carry `tool_calls` (and no content); a `tool` message answers one of
     them by `tool_call_id`."""
@@ -248,7 +248,7 @@ class Message(_Body):
         return self
 
 
-class FunctionSignature(_Body):
+class FunctionSignature(StrictBody):
     """A function the model may call: its name, what it does, its parameters' JSON
     schema."""
 
@@ -258,25 +258,25 @@ class FunctionSignature(_Body):
     strict: bool | None = None  # arguments always follow the schema under required
 
 
-class Tool(_Body):
+class Tool(StrictBody):
     """OpenAI's function tool."""
 
     type: Literal["function"]
     function: FunctionSignature
 
 
-class FunctionName(_Body):
+class FunctionName(StrictBody):
     name: str = Field(min_length=1)
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(StrictBody):
     """tool_choice naming the one function the model must call."""
 
     type: Literal["function"]
     function: FunctionName
 
 
-class RagOptions(_Body):
+class RagOptions(StrictBody):
     """The `rag` extension: answer from passages retrieved out of a namespace."""
 
     namespace: str = Field(min_length=1)
@@ -352,21 +352,21 @@ class ChatBody(_Generation):
         return ToolUse(functions, choice or "auto", self.parallel_tool_calls)
 
 
-class LoadLora(_RouteBody):
+class LoadLora(RouteBody):
     """POST /v1/load_lora_adapter (vLLM's body)."""
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
-class UnloadLora(_RouteBody):
+class UnloadLora(RouteBody):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
 
 
-class AdapterLoad(_RouteBody):
+class AdapterLoad(RouteBody):
     """POST /v1/adapters."""
 
     name: str = Field(min_length=1)
@@ -374,7 +374,7 @@ class AdapterLoad(_RouteBody):
     shared: bool = False
 
 
-class Document(_Body):
+class Document(StrictBody):
     """One document to index."""
 
     id: str = Field(min_length=1, max_length=512)
@@ -382,7 +382,7 @@ class Document(_Body):
     metadata: dict = Field(default_factory=dict)
 
 
-class DocumentsBody(_RouteBody):
+class DocumentsBody(RouteBody):
     """POST /v1/namespaces/{ns}/documents: one document, or {"documents": [...]}."""
 
     id: str | None = Field(default=None, min_length=1, max_length=512)
@@ -407,7 +407,7 @@ class DocumentsBody(_RouteBody):
         return [{"id": self.id, "text": self.text, "metadata": self.metadata or {}}]
 
 
-class SearchBody(_RouteBody):
+class SearchBody(RouteBody):
     """POST /v1/namespaces/{ns}/search."""
 
     query: str = Field(min_length=1)
@@ -416,7 +416,7 @@ class SearchBody(_RouteBody):
     filter: Filter | None = None
 
 
-class EmbeddingsBody(_RouteBody):
+class EmbeddingsBody(RouteBody):
     """POST /v1/embeddings (OpenAI's body): texts embedded by the daemon's embedder."""
 
     input: str | list[str | int | list[int]]  # ids are refused by the service, by name
@@ -430,7 +430,7 @@ class EmbeddingsBody(_RouteBody):
                                  self.dimensions)
 
 
-class NamespaceBody(_RouteBody):
+class NamespaceBody(RouteBody):
     """PUT /v1/namespaces/{ns}: its settings, all of them (what is left out is reset)."""
 
     shared: bool = False
@@ -438,13 +438,13 @@ class NamespaceBody(_RouteBody):
     reranker: str | None = Field(default=None, min_length=1)
 
 
-class RerankDocument(_Body):
+class RerankDocument(StrictBody):
     """A document as an object (Cohere's and vLLM's other form)."""
 
     text: str
 
 
-class RerankBody(_RouteBody):
+class RerankBody(RouteBody):
     """POST /v1/rerank (vLLM's and llama.cpp's body): order documents by relevance to a
     query, scored by a relevance adapter (`model`)."""
 

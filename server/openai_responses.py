@@ -38,7 +38,7 @@ async def collected(reply: Reply, model: str, chat: bool, request: Request,
     error = next((whole.error for whole in wholes if whole.error is not None), None)
     if error is not None:
         raise error
-    choices = [_choice(index, whole, chat, _Logprobs(service, chat)(whole.logprobs),
+    choices = [_choice(index, whole, chat, Logprobs(service, chat)(whole.logprobs),
                        reply.tools) for index, whole in enumerate(wholes)]
     return {"id": reply.request_id, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
@@ -84,7 +84,7 @@ def streamed(reply: Reply, model: str, chat: bool, include_usage: bool,
             "model": model}
 
     async def events():
-        choices = [_StreamedChoice(index, _Logprobs(service, chat), reply.tools)
+        choices = [StreamedChoice(index, Logprobs(service, chat), reply.tools)
                    for index in range(len(reply.streams))]
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(index, stream, queue))
@@ -125,12 +125,12 @@ async def _pump(index: int, stream: TrackedStream, queue: asyncio.Queue) -> None
         queue.put_nowait((index, None))
 
 
-class _StreamedChoice:
+class StreamedChoice:
     """One choice of a stream: whether its first chunk went out, its text so far (a RAG
     reply says at the end whether it declined), its last output and, with tools, its
     calls as they complete (`delta.tool_calls`, each whole in one fragment)."""
 
-    def __init__(self, index: int, logprobs: "_Logprobs", tools: ToolUse | None):
+    def __init__(self, index: int, logprobs: "Logprobs", tools: ToolUse | None):
         self.index, self.logprobs = index, logprobs
         self.first, self.text, self.last = True, [], None
         self.calls = None if tools is None else CallStream(tools)
@@ -175,7 +175,7 @@ def grounding_fields(grounding: Grounding | None, text: str | None = None) -> di
     return {"sources": [asdict(source) for source in grounding.sources], "rag": rag}
 
 
-class _Logprobs:
+class Logprobs:
     """Token logprobs in a chat's or a completion's shape; a completion's text offsets
     count on across the chunks of one stream."""
 

@@ -1,4 +1,5 @@
-"""Tenants and the adapters they registered, in the state database (lorag/state).
+"""Tenants, the adapters they registered and the responses they stored, in the state
+database (lorag/state).
 
 A row is written only after the engine has read and validated the adapter, in one
 transaction, so a crash in the middle of a load leaves either no row (the load never
@@ -14,7 +15,7 @@ from sqlalchemy import delete, or_, select, update
 
 from lorag.server import tenancy
 from lorag.state import Database
-from lorag.state.schema import adapters, tenants
+from lorag.state.schema import adapters, responses, tenants
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,25 @@ class StateStore:
                 or_(adapters.c.tenant == tenant, adapters.c.shared))).all()
         records = [AdapterRecord(*row) for row in rows]
         return next((r for r in records if r.tenant == tenant), records[0] if records else None)
+
+    def put_response(self, tenant: str, response: dict, messages: list[dict]) -> None:
+        """Store a response object (its `id` is the key) and the chat messages of its
+        conversation, for GET /v1/responses/{id} and previous_response_id."""
+        with self.db.write() as connection:
+            connection.execute(responses.insert().values(
+                id=response["id"], tenant=tenant, created=time.time(), response=response,
+                messages=messages))
+
+    def response(self, tenant: str, response_id: str) -> tuple[dict, list[dict]] | None:
+        """`tenant`'s stored response and its conversation's messages; None when it has
+        none by that id (another tenant's included)."""
+        with self.db.read() as connection:
+            row = connection.execute(select(responses.c.response, responses.c.messages).where(
+                responses.c.id == response_id, responses.c.tenant == tenant)).first()
+        return None if row is None else (row[0], row[1])
+
+    def delete_response(self, tenant: str, response_id: str) -> bool:
+        """Remove one of `tenant`'s stored responses; says whether there was one."""
+        with self.db.write() as connection:
+            return connection.execute(delete(responses).where(
+                responses.c.id == response_id, responses.c.tenant == tenant)).rowcount > 0

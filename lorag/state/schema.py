@@ -9,6 +9,8 @@ here comes with a new migration there.
   or below `floor` were pruned (a replica behind it rebuilds instead of catching up).
 - documents, chunks: the retrieval store. A chunk's `seq` is the generation that wrote it.
 - removed_chunks: tombstones, one per chunk a write removed, at that write's generation.
+- responses: the Responses API's stored responses (the response object as sent) and the
+  chat messages of the conversation up to and including each, for previous_response_id.
 """
 
 from sqlalchemy import (
@@ -93,4 +95,13 @@ removed_chunks = Table(
     Column("chunk_id", ID, primary_key=True),
     Column("seq", BigInteger, nullable=False),
     Index("removed_by_seq", "namespace", "seq"),
+)
+
+responses = Table(
+    "responses", metadata,
+    Column("id", String, primary_key=True),
+    Column("tenant", String, ForeignKey("tenants.name"), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("response", DOCUMENT_JSON, nullable=False),
+    Column("messages", DOCUMENT_JSON, nullable=False),
 )
