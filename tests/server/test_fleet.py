@@ -73,6 +73,24 @@ def test_what_one_replica_writes_the_other_serves(fleet):
     log.info("delete through B: A's search no longer returns the document")
 
 
+def test_a_conversation_stored_by_one_replica_continues_on_the_other(fleet):
+    """A stored response (Responses API) is in the shared database: replica B returns it
+    and continues its conversation exactly as replica A would."""
+    a, b = fleet
+    first = post(a, "/v1/responses", {"model": BASE, "input": "Hello there.",
+                                      "temperature": 0, "max_output_tokens": 6})
+    assert first.status_code == 200, first.text
+    stored = httpx.get(f"{b.url}/v1/responses/{first.json()['id']}", timeout=30,
+                       headers={"Authorization": ALICE})
+    assert stored.json() == first.json()
+    turn = {"model": BASE, "input": "And then?", "temperature": 0, "max_output_tokens": 6,
+            "previous_response_id": first.json()["id"], "store": False}
+    on_a, on_b = (post(replica, "/v1/responses", turn).json() for replica in (a, b))
+    assert on_b["output"][0]["content"][0]["text"] == \
+        on_a["output"][0]["content"][0]["text"]
+    assert on_b["usage"] == on_a["usage"]
+
+
 def test_a_re_registration_replaces_the_weights_everywhere(fleet):
     a, b = fleet
     assert load(a, "moving", a.adapters / "style").status_code == 200
