@@ -60,6 +60,9 @@ class Occupancy(TypedDict):
     waiting_adapters: list[AdapterKey]  # ... and of requests waiting to run
 
 
+BATCH_PRIORITY = 1  # a batch's lines wait behind interactive requests
+
+
 @runtime_checkable
 class Backend(Protocol):
     """An engine serving one base model with many LoRA adapters."""
@@ -79,10 +82,11 @@ class Backend(Protocol):
         ...
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: AdapterKey | None,
-               request_id: str, after: str | None = None) -> TokenStream:
+               request_id: str, after: str | None = None, priority: int = 0) -> TokenStream:
         """Queue a request; raises InvalidRequest, AdapterNotFound or Overloaded. after:
         the id of a request just submitted with the same prompt and adapter (the choices
-        of an n > 1 request), whose prompt's KV this one may start from."""
+        of an n > 1 request), whose prompt's KV this one may start from. priority: lower
+        numbers first (interactive 0, a batch's lines BATCH_PRIORITY)."""
         ...
 
     def cancel(self, request_id: str) -> bool:

@@ -30,6 +30,7 @@ from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.store import DocumentStore
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
+from lorag.server.batches import CONCURRENCY, LEASE_S, BatchRunner
 from lorag.server.engine import Engine, EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import MAX_BODY_BYTES, create_app
@@ -71,6 +72,13 @@ class ServeOptions:
     max_streams_per_key: int | None = None  # requests in flight; default max_num_seqs
     tokens_per_s_per_key: float = 0.0  # 0: no rate limit
     limits: RequestLimits = field(default_factory=RequestLimits)  # per request
+    batch_concurrency: int = CONCURRENCY  # a batch's lines this replica runs at once
+    batch_lease_s: float = LEASE_S  # a dead replica's lines are taken over after this
+
+
+def batch_runner(service: Service, options: ServeOptions) -> BatchRunner:
+    """This replica's runner of batch lines, as `options` say."""
+    return BatchRunner(service, options.batch_concurrency, options.batch_lease_s)
 
 
 def build_service(options: ServeOptions) -> Service:
@@ -168,7 +176,8 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
         console.print(f"[yellow]No API keys configured (--api-keys): the daemon is OPEN to "
                       f"{where}; every caller is the admin of tenant 'default'.[/]")
     signal.signal(signal.SIGHUP, lambda *_: service.keys.reload())  # `kill -HUP`: new keys
-    config = uvicorn.Config(create_app(service, options.max_body_bytes), host=options.host,
+    app = create_app(service, options.max_body_bytes, batch_runner(service, options))
+    config = uvicorn.Config(app, host=options.host,
                             port=options.port, log_level="warning", timeout_graceful_shutdown=5,
                             # h11, not httptools: it bounds a request head while it arrives
                             # (httptools took an 8 MB header); BodyLimit answers the 431

@@ -43,6 +43,12 @@ class Embedded:
         return [{"object": "embedding", "index": i, "embedding": self._encode(row)}
                 for i, row in enumerate(self.vectors)]
 
+    def response(self) -> dict:
+        """OpenAI's embeddings response."""
+        return {"object": "list", "data": self.data(), "model": self.model,
+                "usage": {"prompt_tokens": self.prompt_tokens,
+                          "total_tokens": self.prompt_tokens}}
+
     def _encode(self, row: np.ndarray) -> list[float] | str:
         if self.encoding_format == "base64":
             return base64.b64encode(row.astype("<f4").tobytes()).decode()

@@ -10,14 +10,14 @@ holds up the event loop that streams every other request's tokens.
 
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.errors import LoragError, Overloaded, TooLarge
+from lorag.server.batches import BatchBody, Batches, BatchRunner
 from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
     ERROR_RESPONSES,
@@ -53,10 +54,22 @@ from lorag.server.tenancy import Caller
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a JSON body (`lorag serve --max-body-mb`)
 
 
-def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES,
+               batch_runner: BatchRunner | None = None) -> FastAPI:
     """The daemon's HTTP app over `service`; bodies over `max_body_bytes` get a 413
-    (uploads: the service's limits on their files)."""
-    app = FastAPI(title="lorag", version="0.1.0")
+    (uploads: the service's limits on their files). It runs this replica's share of the
+    batches while it serves (`batch_runner`, default: BatchRunner's defaults)."""
+    runner = batch_runner or BatchRunner(service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runner.stop)  # lines running here go back to pending
+
+    app = FastAPI(title="lorag", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     limits = service.limits
     app.add_middleware(BodyLimit, limit=max_body_bytes,
@@ -66,7 +79,7 @@ def create_app(service: Service, max_body_bytes: int = MAX_BODY_BYTES) -> FastAP
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
-    for router in (generation, adapters, retrieval, operations, playground):
+    for router in (generation, batches, adapters, retrieval, operations, playground):
         app.include_router(router)
     app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
     return app
@@ -148,7 +161,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["path"].startswith("/v1/namespaces/") and scope["path"].endswith("/files")
+        upload = scope["path"].endswith("/files")  # a namespace's, or /v1/files
         limit = self.upload_limit if upload else self.limit
         too_large = StarletteHTTPException(413, f"the request body is over {limit} bytes, the "
                                                 "largest this daemon takes here")
@@ -232,10 +245,7 @@ def delete_response(response_id: str, service: ServiceDep, caller: CallerDep):
 @generation.post("/v1/embeddings")
 def embeddings(body: EmbeddingsBody, service: ServiceDep, caller: CallerDep):
     """OpenAI embeddings, on the embedder retrieval indexes with (`/v1/server` names it)."""
-    embedded = service.embeddings.embed(body.to_request())
-    return {"object": "list", "data": embedded.data(), "model": embedded.model,
-            "usage": {"prompt_tokens": embedded.prompt_tokens,
-                      "total_tokens": embedded.prompt_tokens}}
+    return service.embeddings.embed(body.to_request()).response()
 
 
 @generation.post("/v1/rerank")
@@ -272,6 +282,78 @@ def models(service: ServiceDep, caller: CallerDep):
 def server_info(service: ServiceDep, caller: CallerDep):
     """The model, request defaults, limits and the caller's rights (a client's form)."""
     return service.info(caller)
+
+
+# ---- the Batch API: files and batches (server/batches.py) ----
+
+batches = APIRouter(responses=ERROR_RESPONSES)
+
+
+@batches.post("/v1/files")
+def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()],
+                service: ServiceDep, caller: CallerDep):
+    """A batch input file (OpenAI's multipart `file` and `purpose`), as large as one
+    upload file may be (--limit upload_file_mb)."""
+    limit = service.limits.upload_file_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"{file.filename} is over {service.limits.upload_file_mb} MiB, the "
+                       "largest file an upload takes (the daemon's --limit upload_file_mb)",
+                       field="file")
+    return Batches(service).upload(caller, file.filename or "", purpose, data)
+
+
+@batches.get("/v1/files")
+def list_files(service: ServiceDep, caller: CallerDep, purpose: str | None = None):
+    """The caller's tenant's files: batch inputs, and batches' output and error files."""
+    return {"object": "list", "data": service.batches.files(caller.tenant, purpose)}
+
+
+@batches.get("/v1/files/{file_id}")
+def get_file(file_id: str, service: ServiceDep, caller: CallerDep):
+    return Batches(service).file(caller, file_id)
+
+
+@batches.get("/v1/files/{file_id}/content")
+def file_content(file_id: str, service: ServiceDep, caller: CallerDep):
+    """The file's bytes as they were uploaded, or as the batch wrote them."""
+    return Response(Batches(service).content(caller, file_id),
+                    media_type="application/octet-stream")
+
+
+@batches.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, service: ServiceDep, caller: CallerDep):
+    Batches(service).file(caller, file_id)  # 404 for none, or another's
+    service.batches.delete_file(caller.tenant, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@batches.post("/v1/batches")
+def create_batch(body: BatchBody, service: ServiceDep, caller: CallerDep):
+    """A batch of the input file's requests: in_progress, or failed naming its bad lines."""
+    return Batches(service).create(caller, body)
+
+
+@batches.get("/v1/batches")
+def list_batches(service: ServiceDep, caller: CallerDep, limit: int = 20,
+                 after: str | None = None):
+    limit = max(1, min(limit, 100))
+    data = service.batches.batches(caller.tenant, limit + 1, after)
+    return {"object": "list", "data": data[:limit],
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[:limit][-1]["id"] if data else None,
+            "has_more": len(data) > limit}
+
+
+@batches.get("/v1/batches/{batch_id}")
+def get_batch(batch_id: str, service: ServiceDep, caller: CallerDep):
+    """The batch, its request counts and, once it ended, its output and error files."""
+    return Batches(service).get(caller, batch_id)
+
+
+@batches.post("/v1/batches/{batch_id}/cancel")
+def cancel_batch(batch_id: str, service: ServiceDep, caller: CallerDep):
+    return Batches(service).cancel(caller, batch_id)
 
 
 # ---- adapters: vLLM's routes and lorag's own ----

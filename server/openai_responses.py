@@ -29,10 +29,11 @@ from lorag.server.tools import CallStream, ToolUse, split_calls
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
-async def collected(reply: Reply, model: str, chat: bool, request: Request,
+async def collected(reply: Reply, model: str, chat: bool, request: Request | None,
                     service: Service) -> dict:
     """The whole completion as one `chat.completion` / `text_completion` object, a choice
-    per stream; usage counts the prompt once and every choice's tokens."""
+    per stream; usage counts the prompt once and every choice's tokens. `request`: the
+    HTTP request whose client's going away cancels it (None: no client to watch)."""
     wholes = await asyncio.gather(*(_collect(stream, request, service)
                                     for stream in reply.streams))
     error = next((whole.error for whole in wholes if whole.error is not None), None)
@@ -45,13 +46,14 @@ async def collected(reply: Reply, model: str, chat: bool, request: Request,
             "usage": _usage(wholes), **grounding_fields(reply.grounding, wholes[0].text)}
 
 
-async def _collect(stream: TrackedStream, request: Request, service: Service) -> Output:
+async def _collect(stream: TrackedStream, request: Request | None,
+                   service: Service) -> Output:
     """One choice's outputs joined; the request is cancelled if the client goes away."""
     outputs = []
     try:
         async for out in stream:
             outputs.append(out)
-            if await request.is_disconnected():
+            if request is not None and await request.is_disconnected():
                 service.cancel(stream)
     finally:
         if not outputs or outputs[-1].finish_reason is None:

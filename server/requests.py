@@ -104,6 +104,7 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
     rag: Rag | None = None
     tools: ToolUse | None = None  # offered functions (already in the messages' text)
+    priority: int = 0  # the engine's: a batch's lines wait behind interactive requests
 
     def __post_init__(self):
         if not self.messages:
@@ -127,6 +128,7 @@ class CompletionRequest:
     model: str
     adapters: list[tuple[str, float]] | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    priority: int = 0  # as ChatRequest's
 
 
 @dataclass

@@ -26,6 +26,7 @@ from lorag.retrieval.store import MODES, DocumentStore, Hit
 from lorag.server.adapters import AdapterRecords
 from lorag.server.auth import ApiKeys
 from lorag.server.backend import Backend
+from lorag.server.batch_store import BatchStore
 from lorag.server.chat_template import render_chat, render_grounded
 from lorag.server.embeddings import Embeddings
 from lorag.server.engine.stream import TokenLogprob
@@ -95,6 +96,7 @@ class Service:
         self.namespaces = Namespaces(documents, self.limits)
         self.embeddings = Embeddings(documents.embedder, self.limits)
         self.store = store
+        self.batches = BatchStore(store.db)  # the Batch API's files, batches and lines
         self.keys = keys
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
@@ -149,8 +151,8 @@ class Service:
                 request.sampling.constraint = cited(grounding.sources)
         limit = self.engine.limits.max_model_len
         params = request.sampling.choice_params(default_max_tokens=max(1, limit - len(prompt)))
-        return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl"), grounding,
-                     request.tools)
+        return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl",
+                                  request.priority), grounding, request.tools)
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
@@ -160,7 +162,7 @@ class Service:
         prompt = request.prompt
         if isinstance(prompt, str):  # as is: special tokens (BOS) the tokenizer adds
             prompt = self.engine.tokenizer.encode(prompt)
-        return Reply(self._submit(caller, prompt, params, adapter, "cmpl"))
+        return Reply(self._submit(caller, prompt, params, adapter, "cmpl", request.priority))
 
     def cancel(self, stream: TrackedStream) -> None:
         """Stop a request whose client went away; counted if it was still running."""
@@ -181,7 +183,7 @@ class Service:
                 for e in entries]
 
     def _submit(self, caller: Caller, prompt, choices: list, adapter: AdapterKey | None,
-                kind: str) -> list[TrackedStream]:
+                kind: str, priority: int = 0) -> list[TrackedStream]:
         """Submit one request per choice (`choices`: each one's SamplingParams), within the
         caller's key's share (KeyQuotas: 429 past it; a choice counts as a request). The
         choices after the first follow it: the engine computes their prompt once. If one
@@ -192,7 +194,7 @@ class Service:
             for i, params in enumerate(choices):
                 streams.append(self._submit_one(caller, prompt, params, adapter,
                                                 f"{request_id}-{i}" if i else request_id,
-                                                after=request_id if i else None))
+                                                request_id if i else None, priority))
         except BaseException:
             for stream in streams:
                 self.cancel(stream)
@@ -200,10 +202,11 @@ class Service:
         return streams
 
     def _submit_one(self, caller: Caller, prompt, params, adapter: AdapterKey | None,
-                    request_id: str, after: str | None) -> TrackedStream:
+                    request_id: str, after: str | None, priority: int) -> TrackedStream:
         self.quotas.admit(caller)
         try:
-            stream = self.engine.submit(prompt, params, adapter, request_id, after=after)
+            stream = self.engine.submit(prompt, params, adapter, request_id, after=after,
+                                        priority=priority)
         except BaseException as e:
             self.quotas.release(caller, tokens=0)
             if isinstance(e, LoragError) and e.field == "adapter":  # the engine's parameter:

@@ -172,7 +172,7 @@ class VllmBackend:
         return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}, {kv}"
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str,
-               after: str | None = None) -> TokenStream:
+               after: str | None = None, priority: int = 0) -> TokenStream:
         # `after` is not passed on: vLLM fans its own n > 1 out into requests the same way,
         # and its prefix cache shares whatever of the prompt is cached when each is scheduled
         if not self.alive:
@@ -181,7 +181,8 @@ class VllmBackend:
         self.limits.check_prompt(prompt, params.max_tokens)
         grammar = None if params.constraint is None else ebnf(params.constraint)  # or a 400
         lora = None if adapter is None else self._lora(adapter)
-        request = _Request(TokenStream(request_id), list(prompt), params, lora, grammar)
+        request = _Request(TokenStream(request_id), list(prompt), params, lora, grammar,
+                           priority)
         with self.lock:
             limit = self.config.max_num_seqs + self.config.max_waiting
             if len(self.in_flight) >= limit:
@@ -312,7 +313,8 @@ class VllmBackend:
         async for out in self.llm.generate({"prompt_token_ids": request.prompt},
                                            _sampling(request.params, request.grammar),
                                            request.stream.request_id,
-                                           lora_request=request.lora):
+                                           lora_request=request.lora,
+                                           priority=request.priority):
             completion = out.outputs[0]
             request.produced += len(completion.token_ids)
             reason = None
@@ -434,6 +436,7 @@ class _Request:
     params: SamplingParams
     lora: object | None  # vLLM's LoRARequest
     grammar: str | None  # the constraint in xgrammar's EBNF
+    priority: int = 0  # vLLM's: lower first
     produced: int = 0  # tokens so far
     finished: bool = False  # vLLM sent the last output
 

@@ -117,7 +117,8 @@ def check_for_device(options: VllmOptions, device: str) -> None:
 def engine_args(model: str, dtype: str, quantization: str | None, config: EngineConfig,
                 options: VllmOptions, kv_cache_bytes: int | None):
     """vLLM's AsyncEngineArgs: lorag's engine limits, LoRA on, xgrammar for structured
-    outputs, the KV cache sized in bytes (else by GPU memory share)."""
+    outputs, priority scheduling (FIFO within a priority), the KV cache sized in bytes
+    (else by GPU memory share)."""
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -132,6 +133,7 @@ def engine_args(model: str, dtype: str, quantization: str | None, config: Engine
         pipeline_parallel_size=o.pipeline_parallel_size,
         distributed_executor_backend=o.distributed_executor_backend,
         enforce_eager=o.enforce_eager, disable_log_stats=False,
+        scheduling_policy="priority",  # a batch's lines wait behind interactive requests
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
         **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes
            else {"gpu_memory_utilization": o.gpu_memory_utilization}))

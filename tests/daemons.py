@@ -17,7 +17,13 @@ import httpx
 import uvicorn
 
 from lorag.benchmarks.daemon import DaemonProcess, free_port
-from lorag.server.daemon import ServeOptions, build_service, start_metrics, stop_metrics
+from lorag.server.daemon import (
+    ServeOptions,
+    batch_runner,
+    build_service,
+    start_metrics,
+    stop_metrics,
+)
 from lorag.server.engine import EngineConfig
 from lorag.server.grpc_service import start_grpc
 from lorag.server.http import create_app
@@ -103,7 +109,8 @@ class LocalDaemon(_Health):
             self.service.close()
             raise
         self.server = uvicorn.Server(uvicorn.Config(
-            create_app(self.service), host=options.host, port=options.port,
+            create_app(self.service, batch_runner=batch_runner(self.service, options)),
+            host=options.host, port=options.port,
             log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()

@@ -127,6 +127,13 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
+    batch_concurrency: Annotated[int, typer.Option(
+        min=0, help="Batch API lines this replica runs at once, behind interactive "
+                    "requests; 0: it runs none (other replicas do).")] = 4,
+    batch_lease_s: Annotated[float, typer.Option(
+        min=1, help="Seconds a claimed batch line stays this replica's without a renewal: "
+                    "how soon another replica takes over the lines of one that died.")]
+        = 30.0,
 ) -> None:
     """Start the daemon: OpenAI-compatible HTTP, gRPC, adapters, metrics, in one process."""
     from lorag.server.daemon import ServeOptions
@@ -174,7 +181,8 @@ def serve(
                      max_body_bytes=int(max_body_mb * (1 << 20)),
                      max_streams_per_key=max_streams_per_key,
                      tokens_per_s_per_key=tokens_per_s_per_key,
-                     limits=RequestLimits().with_settings(limit or [])),
+                     limits=RequestLimits().with_settings(limit or []),
+                     batch_concurrency=batch_concurrency, batch_lease_s=batch_lease_s),
         console)
 
 

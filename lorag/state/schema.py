@@ -11,6 +11,9 @@ here comes with a new migration there.
 - removed_chunks: tombstones, one per chunk a write removed, at that write's generation.
 - responses: the Responses API's stored responses (the response object as sent) and the
   chat messages of the conversation up to and including each, for previous_response_id.
+- files, batches, batch_lines: the Batch API. A batch's row holds its object as sent
+  (`status` beside it, for the runners' queries); each line its request, its state
+  (pending, running: `owner` holds it until `lease`, done) and its result.
 """
 
 from sqlalchemy import (
@@ -104,4 +107,37 @@ responses = Table(
     Column("created", Float, nullable=False),
     Column("response", DOCUMENT_JSON, nullable=False),
     Column("messages", DOCUMENT_JSON, nullable=False),
+)
+
+files = Table(
+    "files", metadata,
+    Column("id", String, primary_key=True),
+    Column("tenant", String, ForeignKey("tenants.name"), nullable=False),
+    Column("purpose", String, nullable=False),
+    Column("filename", String, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+)
+
+batches = Table(
+    "batches", metadata,
+    Column("id", String, primary_key=True),
+    Column("tenant", String, ForeignKey("tenants.name"), nullable=False),
+    Column("status", String, nullable=False),
+    Column("batch", DOCUMENT_JSON, nullable=False),
+)
+
+batch_lines = Table(
+    "batch_lines", metadata,
+    Column("batch_id", String, ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("line", Integer, primary_key=True),
+    Column("custom_id", String, nullable=False),
+    Column("request", DOCUMENT_JSON, nullable=False),
+    Column("status", String, nullable=False),
+    Column("owner", String, nullable=True),
+    Column("lease", Float, nullable=True),
+    Column("result", DOCUMENT_JSON, nullable=True),
+    Column("ok", Boolean, nullable=True),  # the result's status was 2xx
+    Index("batch_lines_by_status", "status", "batch_id"),
 )

@@ -140,7 +140,7 @@ class Engine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                adapter: AdapterKey | None = None, request_id: str | None = None,
-               after: str | None = None) -> TokenStream:
+               after: str | None = None, priority: int = 0) -> TokenStream:
         """Queue a request; read its outputs from the returned stream.
 
         prompt: text (tokenized as is: apply a chat template first) or token ids.
@@ -149,6 +149,8 @@ class Engine:
         first choice of an n > 1 request): with prefix caching on, this one is queued once
         that one's prompt is in the KV cache, and starts from its blocks (only the last,
         partial block is computed again); queued at once if that one is gone.
+        priority: lower numbers are admitted first (interactive requests 0, a batch's
+        lines 1); FIFO within one.
         Raises InvalidRequest (a constraint that does not compile among others),
         AdapterNotFound, Overloaded when the queue is full, or Unavailable after shutdown.
         """
@@ -159,7 +161,8 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator)
+        seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator,
+                       priority=priority)
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
             seq.virtual = seq.weights.virtual
@@ -183,7 +186,7 @@ class Engine:
                     and self.kv.prefix_caching and leader.prefilling:
                 leader.followers.append(seq)
             else:
-                self.waiting.append(seq)
+                self.scheduler.queue(seq)
             self.wakeup.notify()
         return seq.stream
 
@@ -455,9 +458,10 @@ class Engine:
 
     def _queue_followers(self, seq: Sequence) -> None:
         """`seq`'s prompt is cached (or it ended): the requests that waited for it go to
-        the front of the queue, in the order they came."""
+        the front of their priority's queue, in the order they came."""
         with self.wakeup:
-            self.waiting.extendleft(reversed(seq.followers))
+            for follower in reversed(seq.followers):
+                self.scheduler.queue(follower, front=True)
             seq.followers = []
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None,

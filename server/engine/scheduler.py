@@ -54,6 +54,7 @@ class Sequence:
     # requests with this one's prompt and adapter (the other choices of an n > 1 request)
     # that wait for its prompt's KV blocks before they are queued
     followers: list["Sequence"] = field(default_factory=list)
+    priority: int = 0  # lower is admitted first: interactive 0, batch lines 1
 
     @property
     def offset(self) -> int:
@@ -147,6 +148,14 @@ class Scheduler:
         self.write_kv = write_kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+
+    def queue(self, seq: Sequence, front: bool = False) -> None:
+        """Queue `seq` behind every waiting request of its priority or a lower number
+        (with `front`: ahead of those of its own), ahead of the higher numbers."""
+        index = next((i for i, other in enumerate(self.waiting)
+                      if other.priority > seq.priority
+                      or front and other.priority == seq.priority), len(self.waiting))
+        self.waiting.insert(index, seq)
 
     def admit(self, weights: Callable[[Sequence], LoraWeights]
               ) -> list[tuple[Sequence, LoragError | None]]:
