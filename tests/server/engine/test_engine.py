@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from lorag.errors import InvalidRequest, Overloaded
-from lorag.server.backend import Backend
+from lorag.server.backend import BATCH_PRIORITY, Backend
 from lorag.server.engine import SamplingParams
 from lorag.server.engine.config import Limits
 
@@ -198,3 +198,30 @@ def test_the_model_stays_a_working_model_and_a_second_engine_serves_it(make_engi
         second.load_adapter("t0", str(adapter_root / "t0"))
         assert second.submit(PROMPT, params).result().token_ids
         assert second.submit(PROMPT, params, adapter="t0").result().token_ids == want
+
+
+def test_a_waiting_interactive_request_is_admitted_before_waiting_batch_lines(make_engine):
+    """One sequence at a time: batch lines queued first still wait behind an interactive
+    request queued after them (FIFO within a priority)."""
+    engine = make_engine(start=False, max_num_seqs=1)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    order = ["busy", "batch-1", "batch-2", "chat-1", "chat-2"]
+    streams = {name: engine.submit(PROMPT, params, request_id=name,
+                                   priority=BATCH_PRIORITY if "batch" in name else 0)
+               for name in order}
+    assert [seq.id for seq in engine.waiting] == ["busy", "chat-1", "chat-2", "batch-1",
+                                                  "batch-2"]
+    ended, lock = [], threading.Lock()
+
+    def read(name: str) -> None:
+        streams[name].result()
+        with lock:
+            ended.append(name)
+
+    readers = [threading.Thread(target=read, args=(name,)) for name in order]
+    for reader in readers:
+        reader.start()
+    engine.start()
+    for reader in readers:
+        reader.join(timeout=60)
+    assert ended == ["busy", "chat-1", "chat-2", "batch-1", "batch-2"]
