@@ -353,7 +353,7 @@ class Engine:
         if not self.running:
             return
         self._update_merge()
-        self._run(list(self.running))
+        self._run(self.scheduler.stepping())
 
     def _run(self, seqs: list[Sequence]) -> None:
         """Step `seqs` together, keeping a failure to the request that caused it.

@@ -246,6 +246,18 @@ class Scheduler:
             seq.computed = seq.offset
         return True
 
+    def stepping(self) -> list[Sequence]:
+        """The running sequences this step runs: all of them, but while a request of the
+        highest priority running prefills, only those of that priority (a batch line's
+        decode waits a step or a few, so that an interactive request's first token comes as
+        soon as it would without the batch)."""
+        seqs = list(self.running)
+        first = min(seq.priority for seq in seqs)
+        if any(seq.priority > first for seq in seqs) and \
+                any(seq.priority == first and seq.prefilling for seq in seqs):
+            return [seq for seq in seqs if seq.priority == first]
+        return seqs
+
     def schedule(self, seqs: list[Sequence]) -> tuple[StepInput, list[Sequence],
                                                       list[Sequence]]:
         """A step over `seqs` (running sequences): its input, the sequences it samples, and

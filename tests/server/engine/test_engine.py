@@ -225,3 +225,23 @@ def test_a_waiting_interactive_request_is_admitted_before_waiting_batch_lines(ma
     for reader in readers:
         reader.join(timeout=60)
     assert ended == ["busy", "chat-1", "chat-2", "batch-1", "batch-2"]
+
+
+def test_batch_lines_sit_out_the_steps_that_prefill_an_interactive_request(make_engine):
+    engine = make_engine(start=False, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    line = engine.submit(PROMPT, params, request_id="line", priority=BATCH_PRIORITY)
+    engine.step()  # the line's prompt, and its first token
+    (running,) = engine.running
+    assert len(running.output_ids) == 1
+    engine.submit(list(range(1, 41)), params, request_id="chat")  # 40 tokens: 3 chunks
+    for _ in range(3):
+        engine.step()
+        assert len(running.output_ids) == 1  # waiting while the chat prefills
+    engine.step()  # both decode again
+    assert len(running.output_ids) == 2
+    chat = next(seq for seq in engine.running if seq.id == "chat")
+    assert len(chat.output_ids) == 2
+    engine.cancel("line"), engine.cancel("chat")
+    engine.step()
+    assert line.result().finish_reason == "cancelled"
