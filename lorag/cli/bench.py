@@ -192,6 +192,28 @@ def bench_soak(
          json_path)
 
 
+@app.command("batch")
+def bench_batch(
+    lines: Annotated[int, typer.Option(min=1, help="Chat lines in the batch.")] = 48,
+    batch_concurrency: Annotated[int, typer.Option(
+        min=1, help="Lines the daemon runs at once (--batch-concurrency), and the peer's "
+                    "concurrent clients.")] = 4,
+    line_tokens: Annotated[int, typer.Option(min=1, help="Tokens each line generates.")]
+        = 64,
+    samples: Annotated[int, typer.Option(
+        min=3, help="Interactive requests measured each way.")] = 20,
+    model: Annotated[str, typer.Option(help="The daemon's base model.")] =
+        "smollm2-135m-instruct",
+    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    json_path: JsonOut = None,
+) -> None:
+    """Interactive TTFT idle, while a batch runs, and under the same load sent as
+    interactive requests (the peer)."""
+    from lorag.benchmarks.batch import main
+
+    main(model, quantize, lines, batch_concurrency, line_tokens, samples, json_path)
+
+
 @app.command("fleet")
 def bench_fleet(
     adapters: Annotated[int, typer.Option(min=1, help="Adapters in the traffic.")] = 24,
