@@ -13,7 +13,7 @@ export NO_MKDOCS_2_WARNING ?= 1
 # every process, each test daemon too, would compile its imports again)
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo screenshots lint clean bench fuzz \
+.PHONY: setup proto serve test test-fast test-llamacpp lint-imports demo demo-tools screenshots lint clean bench fuzz \
 	bench-setup docs docs-serve
 
 setup: $(STAMP) $(STUBS) $(KERNEL)
@@ -113,6 +113,11 @@ bench: setup bench-setup
 demo: setup
 	$(BIN)/lorag models pull
 	$(BIN)/python -m demo.run
+
+# the tool-use adapter against the base (demo/tools.py): demo-results/tools.{md,json}
+demo-tools: setup
+	$(BIN)/lorag models pull
+	$(BIN)/python -m demo.tools
 
 # the playground's pictures in docs/, with the adapters `make demo` trained
 screenshots: setup
