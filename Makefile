@@ -129,7 +129,7 @@ PROTO_BASE ?= dd31d58
 lint: setup lint-imports
 	$(BIN)/ruff check lorag server trainer retrieval benchmarks demo tests
 	cd proto && npx --yes @bufbuild/buf lint
-	npx --yes @bufbuild/buf breaking proto --against '.git#ref=$(PROTO_BASE),subdir=proto'
+	npx --yes @bufbuild/buf breaking proto --against ".git#ref=$$(git rev-parse $(PROTO_BASE)),subdir=proto"
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(STUBS) build site

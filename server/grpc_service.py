@@ -1,6 +1,8 @@
 """The gRPC API (proto/lorag/v1/lorag.proto): a thin servicer, one error interceptor,
 standard health checking and server reflection."""
 
+import json
+import re
 import threading
 import time
 from concurrent import futures
@@ -21,6 +23,7 @@ from lorag.server.errors import mapping, public_message
 from lorag.server.requests import Grounding, Reply, check_texts
 from lorag.server.service import Service
 from lorag.server.tenancy import Caller
+from lorag.server.tools import CallStream, split_calls, template_messages, tool_use
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 
 ENGINE_POLL_S = 0.5  # how often gRPC health looks at the engine
@@ -30,6 +33,9 @@ FINISH = {"stop": lorag_pb2.FINISH_REASON_STOP, "length": lorag_pb2.FINISH_REASO
           "cancelled": lorag_pb2.FINISH_REASON_CANCELLED}
 MODES = {lorag_pb2.SEARCH_MODE_UNSPECIFIED: SEARCH_MODE, lorag_pb2.SEARCH_MODE_VECTOR: "vector",
          lorag_pb2.SEARCH_MODE_BM25: "bm25", lorag_pb2.SEARCH_MODE_HYBRID: "hybrid"}
+
+
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
@@ -78,20 +84,29 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
             metadata=_struct(h.metadata)) for h in hits])
 
     def _whole(self, message: type, reply: Reply):
-        """The whole answer as one `message` (a chat's with its grounding, if any)."""
+        """The whole answer as one `message` (a chat's with its grounding and calls)."""
         out = _collect(reply)
-        return message(text=out.text, finish_reason=FINISH[out.finish_reason],
+        text, calls = out.text, {}
+        if reply.tools is not None:
+            content, found = split_calls(out.text, reply.tools)
+            text, calls = content or "", {"tool_calls": _calls(found)}
+        return message(text=text, finish_reason=FINISH[out.finish_reason],
                        usage=_usage(out), logprobs=self._logprobs(out),
-                       **_grounded(reply.grounding))
+                       **_grounded(reply.grounding), **calls)
 
     def _pieces(self, message: type, reply: Reply):
         """The answer as it is generated, one `message` per output; the first carries the
-        grounding (if any), the last the usage."""
+        grounding (if any), the last the usage; with tools, each call once it is whole."""
         grounding = _grounded(reply.grounding)
+        stream = None if reply.tools is None else CallStream(reply.tools)
         for out, finish in _deltas(reply):
-            yield message(text=out.text, finish_reason=finish,
+            text, calls = out.text, {}
+            if stream is not None:
+                text, found = stream.feed(out.text, final=out.finish_reason is not None)
+                calls = {"tool_calls": _calls(found)}
+            yield message(text=text, finish_reason=finish,
                           usage=_usage(out) if finish else None,
-                          logprobs=self._logprobs(out), **grounding)
+                          logprobs=self._logprobs(out), **grounding, **calls)
             grounding = {}
 
     def _logprobs(self, out: Output) -> list[lorag_pb2.TokenLogprob]:
@@ -114,17 +129,73 @@ class LoragServicer(lorag_pb2_grpc.LoragServiceServicer):
         return self._cancel_at_end(reply, context)
 
     def _chat(self, request, context) -> Reply:
+        parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") \
+            else True
+        tools = tool_use(_functions(request.tools), request.tool_choice or None, parallel,
+                         where="tools.{i}")
         reply = self.service.chat(self._caller(context), requests.ChatRequest(
-            [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-             for m in request.messages],
+            template_messages(_messages(request.messages), tools),
             request.model or self.service.model_name, _composition(request.adapters),
-            _sampling(request.sampling), _rag(request.rag) if request.HasField("rag") else None))
+            _sampling(request.sampling), _rag(request.rag) if request.HasField("rag") else None,
+            tools))
         return self._cancel_at_end(reply, context)
 
     def _cancel_at_end(self, reply: Reply, context) -> Reply:
         # runs when the RPC ends for any reason; after a normal end it finds nothing to stop
         context.add_callback(lambda: self.service.cancel(reply.stream))
         return reply
+
+
+def _messages(messages) -> list[dict]:
+    """ChatMessages in OpenAI's shape (calls and their results included)."""
+    out = []
+    for i, m in enumerate(messages):
+        message = {"role": m.role, "content": m.content}
+        if m.name:
+            message["name"] = m.name
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidRequest(f"messages[{i}]: only an assistant message carries "
+                                     "tool_calls", field=f"messages.{i}.tool_calls")
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequest(f"messages[{i}] is a tool message: it needs the "
+                                 "tool_call_id of the call it answers",
+                                 field=f"messages.{i}.tool_call_id")
+        out.append(message)
+    return out
+
+
+def _functions(tools) -> list[dict]:
+    """FunctionTools as {"name", "description", "parameters"}, each checked."""
+    functions = []
+    for i, tool in enumerate(tools):
+        if not FUNCTION_NAME.fullmatch(tool.name):
+            raise InvalidRequest(f"tools[{i}].name must be 1-64 letters, digits, _ or -, "
+                                 f"got {tool.name!r}", field=f"tools.{i}.name")
+        function = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters:
+            try:
+                parameters = json.loads(tool.parameters)
+            except ValueError as e:
+                raise InvalidRequest(f"tools[{i}].parameters is not JSON: {e}",
+                                     field=f"tools.{i}.parameters") from None
+            if not isinstance(parameters, dict):
+                raise InvalidRequest(f"tools[{i}].parameters must be a JSON schema object",
+                                     field=f"tools.{i}.parameters")
+            function["parameters"] = parameters
+        functions.append(function)
+    return functions
+
+
+def _calls(calls: list[dict]) -> list[lorag_pb2.ToolCall]:
+    return [lorag_pb2.ToolCall(id=c["id"], name=c["function"]["name"],
+                               arguments=c["function"]["arguments"]) for c in calls]
 
 
 def _collect(reply: Reply) -> Output:

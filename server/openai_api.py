@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from pydantic_core import PydanticCustomError
 
 from lorag.adapters import MAX_COMPOSITION, MAX_COMPOSITION_WEIGHT
-from lorag.errors import InvalidRequest
 from lorag.retrieval import MAX_TOP_K, MODES, RAG_MAX_TOP_K, SEARCH_MODE, TOP_K
 from lorag.roles import ROLES
 from lorag.server import requests
@@ -24,7 +23,7 @@ from lorag.server.engine.sampling import MAX_LOGPROBS
 from lorag.server.engine.structured import Constraint
 from lorag.server.requests import MAX_CHOICES, check_texts
 from lorag.server.rerank import RerankRequest
-from lorag.server.tools import ToolUse, template_messages
+from lorag.server.tools import ToolUse, template_messages, tool_use
 
 Scalar = str | int | float | bool
 Filter = dict[str, Scalar | list[Scalar]]
@@ -316,10 +315,6 @@ class ChatBody(_Generation):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sampling = self.sampling(self.max_completion_tokens or self.max_tokens, logprobs)
         tools = self.tool_use()
-        if tools is not None and tools.choice != "auto" and sampling.constraint is not None:
-            raise InvalidRequest("tool_choice required or a named function constrains the "
-                                 "reply to calls: send it without response_format / "
-                                 "structured_outputs", field="tool_choice")
         messages = template_messages([m.model_dump(exclude_none=True) for m in self.messages],
                                      tools)
         return requests.ChatRequest(messages, self.model, self.composition(), sampling, rag,
@@ -330,26 +325,9 @@ class ChatBody(_Generation):
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice):
             choice = choice.function.name
-        if not self.tools:
-            if choice not in (None, "none", "auto"):
-                raise InvalidRequest(f"tool_choice {choice!r} needs tools",
-                                     field="tool_choice")
-            return None
-        if choice == "none":
-            return None
-        functions = {}
-        for i, tool in enumerate(self.tools):
-            name = tool.function.name
-            if name in functions:
-                raise InvalidRequest(f"tools[{i}]: a function named {name!r} is already "
-                                     "in tools", field=f"tools.{i}.function.name")
-            functions[name] = tool.function.model_dump(
-                include={"name", "description", "parameters"}, exclude_none=True)
-        if choice not in (None, "auto", "required") and choice not in functions:
-            raise InvalidRequest(f"tool_choice names function {choice!r}, which is not in "
-                                 f"tools ({', '.join(functions)})",
-                                 field="tool_choice.function.name")
-        return ToolUse(functions, choice or "auto", self.parallel_tool_calls)
+        functions = [tool.function.model_dump(include={"name", "description", "parameters"},
+                                              exclude_none=True) for tool in self.tools or []]
+        return tool_use(functions, choice, self.parallel_tool_calls)
 
 
 class LoadLora(RouteBody):

@@ -137,6 +137,11 @@ class Service:
             self.limits.check_tools(request.tools)
             request.tools.check()
             if request.tools.choice != "auto":  # the reply is calls (no response_format)
+                if request.sampling.constraint is not None:
+                    raise InvalidRequest("tool_choice required or a named function "
+                                         "constrains the reply to calls: send it without "
+                                         "response_format / structured_outputs",
+                                         field="tool_choice")
                 request.sampling.constraint = request.tools.constraint()
         adapter = self.adapters.key_for(caller, request.model, request.adapters)
         grounding = None

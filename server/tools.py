@@ -71,6 +71,30 @@ class ToolUse:
         return TOOLS_HEADER.format(signatures=signatures)
 
 
+def tool_use(functions: list[dict], choice: str | None, parallel: bool,
+             where: str = "tools.{i}.function") -> ToolUse | None:
+    """What a chat offers: `functions` (each {"name", "description", "parameters"}),
+    `choice` (None, none, auto, required or a function's name): None when no tool is
+    offered (none of them, or `none`). `where` names a function's field in errors."""
+    if not functions:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequest(f"tool_choice {choice!r} needs tools", field="tool_choice")
+        return None
+    if choice == "none":
+        return None
+    named = {}
+    for i, function in enumerate(functions):
+        name = function["name"]
+        if name in named:
+            raise InvalidRequest(f"tools[{i}]: a function named {name!r} is already in "
+                                 "tools", field=where.format(i=i) + ".name")
+        named[name] = function
+    if choice not in (None, "auto", "required") and choice not in named:
+        raise InvalidRequest(f"tool_choice names function {choice!r}, which is not in tools "
+                             f"({', '.join(named)})", field="tool_choice.function.name")
+    return ToolUse(named, choice or "auto", parallel)
+
+
 def check_parameters(parameters: dict, where: str) -> None:
     """Refuse a function's parameters schema no grammar can be built from."""
     try:

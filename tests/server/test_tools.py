@@ -4,12 +4,14 @@ from the tools' schemas, so even the tiny random model calls a listed function w
 arguments; `auto` and `none` leave the model free; calls stream as `delta.tool_calls`;
 a conversation with past calls and their results renders; adapters and compositions
 call tools as the base does (the format is the daemon's); bad tools are 400s naming
-the field (a 413 past a limit)."""
+the field (a 413 past a limit); gRPC's Chat and ChatStream call tools as HTTP does."""
 
 import json
 
+import grpc
 import pytest
 
+from lorag.v1 import lorag_pb2, lorag_pb2_grpc
 from tests.daemons import ALICE, BASE
 from tests.server.test_http import QUESTION, client, post
 
@@ -173,3 +175,66 @@ def test_adapters_and_compositions_keep_the_tool_format(daemon, daemon_adapters)
                 [True], model
     finally:
         post(daemon, "/v1/unload_lora_adapter", {"lora_name": "tools-style"})
+
+
+def grpc_tool(tool: dict) -> lorag_pb2.FunctionTool:
+    function = tool["function"]
+    return lorag_pb2.FunctionTool(name=function["name"], description=function["description"],
+                                  parameters=json.dumps(function["parameters"]))
+
+
+def grpc_chat(daemon, method: str, **fields):
+    request = {"messages": [lorag_pb2.ChatMessage(role="user", content=ASK[0]["content"])],
+               "sampling": lorag_pb2.SamplingOptions(max_tokens=100, temperature=0),
+               **fields}
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        stub = lorag_pb2_grpc.LoragServiceStub(channel)
+        if method == "Chat":
+            return stub.Chat(lorag_pb2.ChatRequest(**request),
+                             metadata=[("authorization", ALICE)], timeout=60)
+        return list(stub.ChatStream(lorag_pb2.ChatStreamRequest(**request),
+                                    metadata=[("authorization", ALICE)], timeout=60))
+
+
+def test_grpc_chat_calls_tools_as_http_does(daemon):
+    """The same tools, choices and calls over gRPC: a required call is a valid ToolCall,
+    the same as HTTP's; streamed, the call comes whole in one piece; a conversation with
+    a call and its result renders."""
+    tools = [grpc_tool(WEATHER), grpc_tool(TIME)]
+    whole = grpc_chat(daemon, "Chat", tools=tools, tool_choice="required",
+                      parallel_tool_calls=False)
+    (call,) = whole.tool_calls
+    http = chat(daemon, tools=[WEATHER, TIME], tool_choice="required",
+                parallel_tool_calls=False).choices[0].message.tool_calls[0]
+    assert (call.name, call.arguments) == (http.function.name, http.function.arguments)
+    assert whole.text == "" and call.id.startswith("call_")
+
+    pieces = grpc_chat(daemon, "ChatStream", tools=tools, tool_choice="get_time")
+    calls = [c for piece in pieces for c in piece.tool_calls]
+    assert [c.name for c in calls][:1] == ["get_time"]
+    assert json.loads(calls[0].arguments)["zone"] in ("UTC", "CET")
+    assert "<tool_call>" not in "".join(piece.text for piece in pieces)
+
+    history = [lorag_pb2.ChatMessage(role="user", content="Weather in Paris?"),
+               lorag_pb2.ChatMessage(role="assistant", tool_calls=[lorag_pb2.ToolCall(
+                   id="call_1", name="get_weather", arguments='{"city": "Paris"}')]),
+               lorag_pb2.ChatMessage(role="tool", tool_call_id="call_1", content="21 C")]
+    answered = grpc_chat(daemon, "Chat", tools=tools, messages=history)
+    offered = grpc_chat(daemon, "Chat", tools=tools)
+    assert answered.usage.prompt_tokens > offered.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(("fields", "word"), [
+    ({"tools": [lorag_pb2.FunctionTool(name="f", parameters="{not json")]},
+     "tools[0].parameters is not JSON"),
+    ({"tools": [lorag_pb2.FunctionTool(name="bad name")]}, "tools[0].name must be"),
+    ({"tools": [lorag_pb2.FunctionTool(name="f")], "tool_choice": "g"},
+     "names function 'g', which is not in tools"),
+    ({"messages": [lorag_pb2.ChatMessage(role="tool", content="1")]},
+     "needs the tool_call_id"),
+], ids=["parameters-not-json", "bad-name", "unknown-choice", "result-without-id"])
+def test_grpc_tool_refusals_name_the_field(daemon, fields, word):
+    with pytest.raises(grpc.RpcError) as error:
+        grpc_chat(daemon, "Chat", **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert word in error.value.details()
