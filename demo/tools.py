@@ -101,7 +101,9 @@ PLAIN = (  # (question, answer): nothing to call
     [("What is the capital of Italy?", ""), ("How many legs does a spider have?", ""),
      ("Say thank you in French.", ""), ("What colour is the sky?", ""),
      ("What is 10 minus 4?", ""), ("Name an animal.", "")])
+# batches of 2, 4 accumulated: a batch of 8 chats this long took 18 GB in float32
 RECIPE = ["--quantize", "none", "--dtype", "float32", "--epochs", "3", "--lr", "1e-3",
+          "--batch-size", "2", "--grad-accum", "4",
           "--rank", "16", "--alpha", "32", "--target-modules", "all-linear",
           "--save-steps", "1000"]
 
