@@ -134,15 +134,7 @@ class Service:
         self.limits.check_chat(request.messages, request.sampling.stop,
                                request.sampling.constraint)
         if request.tools is not None:
-            self.limits.check_tools(request.tools)
-            request.tools.check()
-            if request.tools.choice != "auto":  # the reply is calls (no response_format)
-                if request.sampling.constraint is not None:
-                    raise InvalidRequest("tool_choice required or a named function "
-                                         "constrains the reply to calls: send it without "
-                                         "response_format / structured_outputs",
-                                         field="tool_choice")
-                request.sampling.constraint = request.tools.constraint()
+            self._constrain_to_calls(request)
         adapter = self.adapters.key_for(caller, request.model, request.adapters)
         grounding = None
         if request.rag is None:
@@ -158,6 +150,19 @@ class Service:
         params = request.sampling.choice_params(default_max_tokens=max(1, limit - len(prompt)))
         return Reply(self._submit(caller, prompt, params, adapter, "chatcmpl",
                                   request.priority), grounding, request.tools)
+
+    def _constrain_to_calls(self, request: ChatRequest) -> None:
+        """Check a chat's tools; under `required` or a named function, its output is the
+        calls' grammar (so it takes no response_format besides)."""
+        self.limits.check_tools(request.tools)
+        request.tools.check()
+        if request.tools.choice == "auto":
+            return
+        if request.sampling.constraint is not None:
+            raise InvalidRequest("tool_choice required or a named function constrains the "
+                                 "reply to calls: send it without response_format / "
+                                 "structured_outputs", field="tool_choice")
+        request.sampling.constraint = request.tools.constraint()
 
     def complete(self, caller: Caller, request: CompletionRequest) -> Reply:
         """Submit a raw completion: the prompt as is, no chat template."""
