@@ -114,19 +114,27 @@ class BatchStore:
         start = ids.index(after) + 1 if after in ids else 0
         return [self.batch(tenant, batch_id) for batch_id in ids[start:start + limit]]
 
-    def move(self, batch_id: str, to: str, when: tuple[str, ...], **fields) -> dict | None:
+    def move(self, batch_id: str, to: str, when: tuple[str, ...],
+             stale_before: float | None = None, **fields) -> dict | None:
         """Move a batch to status `to` (its object gains `fields`, and `<to>_at` now) if it
-        is in one of `when`; the new object, or None when it was not (another replica
-        moved it first, or it is elsewhere)."""
+        is in one of `when` (since before `stale_before`, when given); the new object, or
+        None when it was not (another replica moved it first, or it is elsewhere)."""
         with self.db.write() as connection:
             batch = connection.scalar(select(batches.c.batch).where(
                 batches.c.id == batch_id, batches.c.status.in_(when)).with_for_update())
-            if batch is None:
+            if batch is None or stale_before is not None and \
+                    (batch.get(f"{batch['status']}_at") or 0) >= stale_before:
                 return None
             batch = {**batch, **fields, "status": to, f"{to}_at": int(time.time())}
             connection.execute(update(batches).where(batches.c.id == batch_id)
                                .values(status=to, batch=batch))
         return batch
+
+    def open_batches(self) -> list[str]:
+        """Every batch not ended yet, any tenant's."""
+        with self.db.read() as connection:
+            return list(connection.scalars(select(batches.c.id).where(
+                batches.c.status.in_(("in_progress", "cancelling", "finalizing")))))
 
     def tenant_of(self, batch_id: str) -> str | None:
         with self.db.read() as connection:

@@ -77,11 +77,13 @@ class Batches:
         if purpose != "batch":
             raise InvalidRequest(f"purpose must be batch (the files lorag keeps are batch "
                                  f"input), got {purpose!r}", field="purpose")
-        file = {"id": f"file-{uuid.uuid4().hex}", "object": "file", "bytes": len(content),
-                "created_at": int(time.time()), "filename": filename or "upload.jsonl",
-                "purpose": purpose}
-        self.store.put_file(caller.tenant, file, content)
-        return self.store.file(caller.tenant, file["id"])
+        return self._put_file(caller.tenant, filename or "upload.jsonl", purpose, content)
+
+    def _put_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> dict:
+        file = {"id": f"file-{uuid.uuid4().hex}", "purpose": purpose, "filename": filename,
+                "bytes": len(content), "created_at": int(time.time())}
+        self.store.put_file(tenant, file, content)
+        return self.store.file(tenant, file["id"])
 
     def file(self, caller: Caller, file_id: str) -> dict:
         file = self.store.file(caller.tenant, file_id)
@@ -136,17 +138,29 @@ class Batches:
         self.finish_if_done(batch_id)
         return self.get(caller, batch_id)
 
-    def finish_if_done(self, batch_id: str) -> None:
+    def finish_if_done(self, batch_id: str, stale_before: float | None = None) -> None:
         """Write the output and error files and close the batch, once none of its lines
-        runs (and, unless it is being cancelled, none waits); one replica does it."""
+        runs (and, unless it is being cancelled, none waits); one replica does it. With
+        `stale_before`, also a batch left finalizing before then (its replica died)."""
         status = self.store.statuses({batch_id}).get(batch_id)
-        cancelling = status == "cancelling"
-        if status not in ("in_progress", "cancelling") or \
-                self.store.unfinished(batch_id, pending=not cancelling):
+        if status == "finalizing":
+            batch = None if stale_before is None else self.store.move(
+                batch_id, "finalizing", ("finalizing",), stale_before=stale_before)
+            if batch is None:
+                return  # its replica is finishing it
+            cancelling = batch["cancelling_at"] is not None
+        elif status in ("in_progress", "cancelling"):
+            cancelling = status == "cancelling"
+            if self.store.unfinished(batch_id, pending=not cancelling) or \
+                    self.store.move(batch_id, "finalizing", (status,)) is None:
+                return  # lines left, or another replica is finishing it
+        else:
             return
-        batch = self.store.move(batch_id, "finalizing", (status,))
-        if batch is None:
-            return  # another replica is finishing it
+        self._write_results(batch_id, cancelling)
+
+    def _write_results(self, batch_id: str, cancelling: bool) -> None:
+        """The output file (lines answered 200) and the error file (the others), in line
+        order, then the batch completed (or cancelled)."""
         output, failed = [], []
         for line, custom_id, result, ok in self.store.results(batch_id):
             body = result["body"]
@@ -156,19 +170,21 @@ class Batches:
                 "response": {"status_code": result["status_code"],
                              "request_id": body.get("id") if ok else None, "body": body},
                 "error": None}))
-        owner = self.store.tenant_of(batch_id)
-        files = {}
+        tenant, files = self.store.tenant_of(batch_id), {}
         for key, rows, suffix in (("output_file_id", output, "output"),
                                   ("error_file_id", failed, "error")):
             if rows:
                 content = ("\n".join(rows) + "\n").encode()
-                file = {"id": f"file-{uuid.uuid4().hex}", "object": "file",
-                        "bytes": len(content), "created_at": int(time.time()),
-                        "filename": f"{batch_id}_{suffix}.jsonl", "purpose": "batch_output"}
-                self.store.put_file(owner, file, content)
-                files[key] = file["id"]
+                files[key] = self._put_file(tenant, f"{batch_id}_{suffix}.jsonl",
+                                            "batch_output", content)["id"]
         self.store.move(batch_id, "cancelled" if cancelling else "completed",
                         ("finalizing",), **files)
+
+    def finish_stalled(self, lease_s: float) -> None:
+        """Finish what no replica will: batches whose last line's replica died before it
+        finished them, or died finishing them (more than a lease ago)."""
+        for batch_id in self.store.open_batches():
+            self.finish_if_done(batch_id, stale_before=time.time() - lease_s)
 
 
 def read_lines(content: bytes, endpoint: str) -> tuple[list[tuple[str, dict]], list[dict]]:
@@ -261,6 +277,7 @@ class BatchRunner:
                     self.running[key] = asyncio.create_task(self._run(line))
                 if time.monotonic() - renewed > self.lease_s / 3:
                     await asyncio.to_thread(self._renew)
+                    await asyncio.to_thread(self.batches.finish_stalled, self.lease_s)
                     renewed = time.monotonic()
                 await asyncio.sleep(0.01 if claimed else self.poll_s)
         except Exception:  # the database is away: lines wait for their leases to run out

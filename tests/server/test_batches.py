@@ -14,6 +14,7 @@ import pytest
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.state.schema import batch_lines
 from tests.daemons import BASE, BOB, LocalDaemon
 from tests.polling import wait_for
 from tests.server.test_http import client, load, post
@@ -247,3 +248,24 @@ def test_a_batch_survives_a_sigkill_of_its_replica(tiny_base, keys_file, tmp_pat
                 "content"] == alone(daemon, line)
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("daemon", ["native"], indirect=True)
+@pytest.mark.parametrize("status", ["in_progress", "finalizing"])
+def test_a_batch_its_replica_left_unfinished_is_finished_by_another(daemon, status):
+    """Every line answered, but the replica that answered the last one died before it
+    wrote the output (left in_progress), or while it did (finalizing, a lease ago): a
+    runner finishes it within a lease renewal."""
+    store = daemon.service.batches
+    now = int(time.time())
+    batch_id = f"batch_stalled_{status}"
+    store.create("alice", {"id": batch_id, "object": "batch", "status": status,
+                           "created_at": now, "finalizing_at": now - 3600,
+                           "cancelling_at": None, "errors": None, "metadata": {}},
+                 [("only", {"url": "/v1/chat/completions", "body": {}})])
+    with store.db.write() as connection:  # the line answered by the replica that died
+        connection.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id).values(
+            status="done", ok=True, result={"status_code": 200, "body": {"id": "x"}}))
+    api = client(daemon)
+    finished = ended(api, batch_id, ("completed",), timeout=60)
+    assert list(results(api, finished.output_file_id)) == ["only"]
