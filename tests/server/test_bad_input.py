@@ -85,8 +85,8 @@ CASES = [  # (id, path, body or raw bytes, status, fragment of the message)
      "temprature: unknown field 'temprature'; accepted here: adapters, "),
     ("composition-of-unknown", CHAT, chat_body(adapters=[{"name": "nope"}]), 404, "nope"),
     ("unknown-field-in-rag", CHAT, chat_body(rag={"namespace": "bad-kb", "topk": 2}), 400,
-     "rag.topk: unknown field 'topk'; accepted here: filter, mode, namespace, rerank, "
-     "rerank_model, top_k"),
+     "rag.topk: unknown field 'topk'; accepted here: cite, filter, mode, namespace, "
+     "rerank, rerank_model, top_k"),
     ("schema-that-cannot-compile", CHAT, chat_body(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}), 400,
      'response_format: the json_schema cannot be used: Unsupported type "wat"'),
