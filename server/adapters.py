@@ -16,12 +16,19 @@ import time
 from pathlib import Path
 
 from lorag.adapters import AdapterKey, Composition, adapter_kind, confine, content_version
-from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest, Unavailable
+from lorag.errors import (
+    AdapterChanged,
+    AdapterNotFound,
+    InvalidRequest,
+    LoragError,
+    Unavailable,
+)
 from lorag.retrieval.rag import RAG_LAYOUT
 from lorag.server import tenancy
 from lorag.server.backend import Backend
 from lorag.server.limits import RequestLimits
 from lorag.server.metrics import Metrics
+from lorag.server.sources import AdapterCache, is_remote
 from lorag.server.state import AdapterRecord, StateStore
 from lorag.server.tenancy import Caller
 
@@ -32,16 +39,20 @@ class AdapterRecords:
     """Tenant-scoped adapter registration, use and status over one engine."""
 
     def __init__(self, engine: Backend, store: StateStore, limits: RequestLimits,
-                 metrics: Metrics, model_name: str):
+                 metrics: Metrics, model_name: str, cache: AdapterCache | None = None):
         self.engine, self.store, self.limits = engine, store, limits
         self.metrics, self.model_name = metrics, model_name
+        self.cache = cache  # where adapters from remote sources are fetched to
         # engine key -> the record the engine serves under it; the state database is the
         # truth, and every request brings this replica's engine to it (`_current`)
         self.records: dict[str, AdapterRecord] = {}
         self.lock = threading.Lock()  # orders loads/unloads with their records
         self.layout_checked: set[tuple[str, str]] = set()  # (key, version) checked
         for record in store.adapters():  # a restart: known again, read on first use
-            self._install(record, lazy=True)
+            try:
+                self._install(record, lazy=True)
+            except LoragError as e:  # a source unreachable now: tried again on first use
+                log.warning("adapter %s not restored: %s", record.key, e.message)
 
     def load(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
         """Register `path` as the caller tenant's adapter `name` (again: other weights
@@ -50,9 +61,13 @@ class AdapterRecords:
                               field="name")
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="name")
-        if caller.adapter_roots is not None:  # this key's own folders, within the daemon's
-            confine(path, list(caller.adapter_roots))
-        version = content_version(path, list(self.engine.limits.adapter_roots))
+        if is_remote(path):
+            local = self.local(path)  # fetched (or found cached): the weights to check
+        else:
+            if caller.adapter_roots is not None:  # this key's folders, within the daemon's
+                confine(path, list(caller.adapter_roots))
+            local = path
+        version = content_version(local, list(self.engine.limits.adapter_roots))
         record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
         with self.lock:
             owned = [r.name for r in self.store.adapters() if r.tenant == caller.tenant]
@@ -90,6 +105,9 @@ class AdapterRecords:
             self.engine.pin_adapter(key)
         else:
             self.engine.unpin_adapter(key)
+        path = self.records[key].path
+        if self.cache is not None and is_remote(path) and self.cache.cached(path):
+            self.cache.pin(self.cache.cached(path), pinned)  # its files stay fetched too
 
     def visible(self, caller: Caller) -> list[dict]:
         """The adapters the caller can use, with their status in this replica's engine."""
@@ -101,7 +119,7 @@ class AdapterRecords:
             held = self.records.get(record.key) == record
             row = rows.get(record.key, {}) if held else {}
             out.append({"name": record.name, "path": record.path, "shared": record.shared,
-                        "owner": record.tenant, "kind": adapter_kind(record.path),
+                        "owner": record.tenant, "kind": self._kind(record),
                         "in_ram": row.get("in_ram", False),
                         "active": row.get("active", False),
                         "pinned": row.get("pinned", False),
@@ -144,7 +162,7 @@ class AdapterRecords:
             if record is None or (name, record.version) in self.layout_checked:
                 continue
             self.layout_checked.add((name, record.version))
-            trained = _rag_layout(Path(record.path))
+            trained = None if is_remote(record.path) else _rag_layout(Path(record.path))
             if trained is not None and trained != RAG_LAYOUT:
                 log.warning("adapter %s was trained (RAFT) on RAG prompt layout %r; this "
                             "daemon lays out %r: retrain it for this layout for its best "
@@ -199,10 +217,29 @@ class AdapterRecords:
         known = self.records.pop(record.key, None)
         if known is not None and (known.path, known.version) != (record.path, record.version):
             self.engine.unload_adapter(record.key)
-        loaded = self.engine.load_adapter(record.key, record.path, lazy=lazy,
+        loaded = self.engine.load_adapter(record.key, self.local(record.path), lazy=lazy,
                                           version=record.version or None)
         self.records[record.key] = record
         return loaded
+
+    def local(self, path: str) -> str:
+        """The local folder of a registration's path: itself, or for a remote source its
+        copy in the adapter cache (fetched now if it is not there)."""
+        if not is_remote(path):
+            return path
+        if self.cache is None:
+            raise InvalidRequest(f"lora_path {path!r} names a remote source, and this "
+                                 "daemon has no adapter cache to fetch it into",
+                                 field="path")
+        return str(self.cache.local(path))
+
+    def _kind(self, record: AdapterRecord) -> str:
+        """An adapter's kind, from its local files (a remote one's cached copy, if the
+        cache holds it: a listing fetches nothing)."""
+        if not is_remote(record.path):
+            return adapter_kind(record.path)
+        folder = None if self.cache is None else self.cache.cached(record.path)
+        return "unknown" if folder is None else adapter_kind(folder)
 
     def _forget(self, key: str) -> None:
         """Stop serving `key` on this replica (caller holds the lock)."""

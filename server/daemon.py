@@ -37,6 +37,7 @@ from lorag.server.http import MAX_BODY_BYTES, create_app
 from lorag.server.limits import RequestLimits
 from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
+from lorag.server.sources import CACHE_MB, AdapterCache
 from lorag.server.state import StateStore
 from lorag.server.vllm_config import VllmOptions
 from lorag.state import Database, state_url
@@ -74,6 +75,7 @@ class ServeOptions:
     limits: RequestLimits = field(default_factory=RequestLimits)  # per request
     batch_concurrency: int = CONCURRENCY  # a batch's lines this replica runs at once
     batch_lease_s: float = LEASE_S  # a dead replica's lines are taken over after this
+    adapter_cache_mb: int = CACHE_MB  # adapters fetched from remote sources, at most
 
 
 def batch_runner(service: Service, options: ServeOptions) -> BatchRunner:
@@ -92,6 +94,9 @@ def build_service(options: ServeOptions) -> Service:
         config = options.engine
         if not config.adapter_roots:
             config = replace(config, adapter_roots=[options.data_dir / "adapters"])
+        # adapters from remote sources are fetched here: a root the engine reads from
+        cache = AdapterCache(options.data_dir / "adapter-cache", options.adapter_cache_mb << 20)
+        config = replace(config, adapter_roots=[*config.adapter_roots, cache.folder])
         for root in config.adapter_roots:
             root.mkdir(parents=True, exist_ok=True)
         documents = DocumentStore(db, options.data_dir / "retrieval", Embedder(),  # lazy
@@ -104,7 +109,7 @@ def build_service(options: ServeOptions) -> Service:
         quotas = KeyQuotas(options.max_streams_per_key or config.max_num_seqs,
                            options.tokens_per_s_per_key)
         service = Service(engine, StateStore(db), keys, model_name=name, documents=documents,
-                          quotas=quotas, limits=options.limits)
+                          quotas=quotas, limits=options.limits, adapter_cache=cache)
         service.follow_state(options.state_poll_s)
     except BaseException:  # the engine's loop is running: it must not outlive this
         engine.shutdown()

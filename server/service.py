@@ -47,6 +47,7 @@ from lorag.server.requests import (
     Source,
 )
 from lorag.server.rerank import Reranked, Reranker, RerankRequest
+from lorag.server.sources import AdapterCache
 from lorag.server.state import StateStore
 from lorag.server.tenancy import Caller
 
@@ -89,7 +90,7 @@ class Service:
 
     def __init__(self, engine: Backend, store: StateStore, keys: ApiKeys, model_name: str,
                  documents: DocumentStore, quotas: KeyQuotas,
-                 limits: RequestLimits | None = None):
+                 limits: RequestLimits | None = None, adapter_cache: AdapterCache | None = None):
         self.engine = engine
         self.quotas = quotas  # each API key's share of the engine
         self.limits = limits or RequestLimits()  # what one request may bring
@@ -100,7 +101,8 @@ class Service:
         self.keys = keys
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
-        self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name)
+        self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name,
+                                       adapter_cache)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
         self.reranker = Reranker(engine, self.limits, self.token_bytes, documents.embedder)
         self.follower = None  # follow_state's thread

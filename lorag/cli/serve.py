@@ -127,6 +127,10 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
+    adapter_cache_mb: Annotated[int, typer.Option(
+        min=1, help="MiB of adapters fetched from remote sources (s3://, https://, hf://) "
+                    "kept under the data dir; least recently used first out, pinned "
+                    "ones never.")] = 2048,
     batch_concurrency: Annotated[int, typer.Option(
         min=0, help="Batch API lines this replica runs at once, behind interactive "
                     "requests; 0: it runs none (other replicas do).")] = 4,
@@ -182,7 +186,8 @@ def serve(
                      max_streams_per_key=max_streams_per_key,
                      tokens_per_s_per_key=tokens_per_s_per_key,
                      limits=RequestLimits().with_settings(limit or []),
-                     batch_concurrency=batch_concurrency, batch_lease_s=batch_lease_s),
+                     batch_concurrency=batch_concurrency, batch_lease_s=batch_lease_s,
+                     adapter_cache_mb=adapter_cache_mb),
         console)
 
 
