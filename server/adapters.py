@@ -21,8 +21,10 @@ from lorag.errors import (
     AdapterNotFound,
     InvalidRequest,
     LoragError,
+    NotFound,
     Unavailable,
 )
+from lorag.names import check_name
 from lorag.retrieval.rag import RAG_LAYOUT
 from lorag.server import tenancy
 from lorag.server.backend import Backend
@@ -39,10 +41,14 @@ class AdapterRecords:
     """Tenant-scoped adapter registration, use and status over one engine."""
 
     def __init__(self, engine: Backend, store: StateStore, limits: RequestLimits,
-                 metrics: Metrics, model_name: str, cache: AdapterCache | None = None):
+                 metrics: Metrics, model_name: str, cache: AdapterCache | None = None,
+                 source: str | None = None):
         self.engine, self.store, self.limits = engine, store, limits
         self.metrics, self.model_name = metrics, model_name
         self.cache = cache  # where adapters from remote sources are fetched to
+        # where an unregistered adapter a request names is looked for (<source>/<tenant>/
+        # <name>: vLLM's LoRA resolvers), when set
+        self.source = source.rstrip("/") if source else None
         # engine key -> the record the engine serves under it; the state database is the
         # truth, and every request brings this replica's engine to it (`_current`)
         self.records: dict[str, AdapterRecord] = {}
@@ -57,22 +63,24 @@ class AdapterRecords:
     def load(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
         """Register `path` as the caller tenant's adapter `name` (again: other weights
         replace the ones served under that name, on every replica); True if newly loaded."""
-        key = tenancy.own_key(caller, name, action="load adapters", what="adapter name",
-                              field="name")
+        tenancy.own_key(caller, name, action="load adapters", what="adapter name",
+                        field="name")  # an admin key, and a valid name
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="name")
-        if is_remote(path):
-            local = self.local(path)  # fetched (or found cached): the weights to check
-        else:
-            if caller.adapter_roots is not None:  # this key's folders, within the daemon's
-                confine(path, list(caller.adapter_roots))
-            local = path
+        if caller.adapter_roots is not None and not is_remote(path):
+            confine(path, list(caller.adapter_roots))  # this key's folders, within the roots
+        return self._register(caller.tenant, name, str(path), bool(shared))
+
+    def _register(self, tenant: str, name: str, path: str, shared: bool) -> bool:
+        """Read, validate and record `path` as `tenant`'s adapter `name`."""
+        key = tenancy.key(tenant, name)
+        local = self.local(path)  # a remote source's: fetched, or found cached
         version = content_version(local, list(self.engine.limits.adapter_roots))
-        record = AdapterRecord(caller.tenant, name, str(path), bool(shared), version)
+        record = AdapterRecord(tenant, name, path, shared, version)
         with self.lock:
-            owned = [r.name for r in self.store.adapters() if r.tenant == caller.tenant]
+            owned = [r.name for r in self.store.adapters() if r.tenant == tenant]
             if name not in owned:
-                self.limits.check_adapters(caller.tenant, len(owned))
+                self.limits.check_adapters(tenant, len(owned))
             if shared:
                 tenancy.check_shared_name(key, self._shared(), "adapter", "name")
             start = time.perf_counter()
@@ -189,11 +197,26 @@ class AdapterRecords:
         except Unavailable:
             key = self._held(caller, name)
             record = None if key is None else self.records[key]
+        if record is None and self.source is not None:
+            record = self._resolve(caller, name, field)
         if record is None:
             raise AdapterNotFound(f"model {name!r} is neither the base model "
                                   f"({self.model_name!r}) nor a loaded adapter; list them at "
                                   "GET /v1/models", field=field)
         return record.key
+
+    def _resolve(self, caller: Caller, name: str, field: str) -> AdapterRecord:
+        """Register the caller tenant's adapter `name` from the adapter source, where a
+        request named it first (concurrent first requests: one fetch, the others wait)."""
+        url = f"{self.source}/{caller.tenant}/{check_name(name, field, 'adapter name')}"
+        try:
+            self._register(caller.tenant, name, url, shared=False)
+        except NotFound as e:
+            raise AdapterNotFound(f"model {name!r} is neither the base model "
+                                  f"({self.model_name!r}), a loaded adapter, nor in the "
+                                  f"adapter source (looked at {url}: {e.message})",
+                                  field=field) from None
+        return self.store.visible_adapter(caller.tenant, name)
 
     def _current(self, caller: Caller, name: str) -> AdapterRecord | None:
         """The record `name` means to the caller in the state database, installed here

@@ -76,6 +76,7 @@ class ServeOptions:
     batch_concurrency: int = CONCURRENCY  # a batch's lines this replica runs at once
     batch_lease_s: float = LEASE_S  # a dead replica's lines are taken over after this
     adapter_cache_mb: int = CACHE_MB  # adapters fetched from remote sources, at most
+    adapter_source: str | None = None  # where unregistered adapters are looked for
 
 
 def batch_runner(service: Service, options: ServeOptions) -> BatchRunner:
@@ -109,7 +110,8 @@ def build_service(options: ServeOptions) -> Service:
         quotas = KeyQuotas(options.max_streams_per_key or config.max_num_seqs,
                            options.tokens_per_s_per_key)
         service = Service(engine, StateStore(db), keys, model_name=name, documents=documents,
-                          quotas=quotas, limits=options.limits, adapter_cache=cache)
+                          quotas=quotas, limits=options.limits, adapter_cache=cache,
+                          adapter_source=options.adapter_source)
         service.follow_state(options.state_poll_s)
     except BaseException:  # the engine's loop is running: it must not outlive this
         engine.shutdown()

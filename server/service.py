@@ -90,7 +90,8 @@ class Service:
 
     def __init__(self, engine: Backend, store: StateStore, keys: ApiKeys, model_name: str,
                  documents: DocumentStore, quotas: KeyQuotas,
-                 limits: RequestLimits | None = None, adapter_cache: AdapterCache | None = None):
+                 limits: RequestLimits | None = None, adapter_cache: AdapterCache | None = None,
+                 adapter_source: str | None = None):
         self.engine = engine
         self.quotas = quotas  # each API key's share of the engine
         self.limits = limits or RequestLimits()  # what one request may bring
@@ -102,7 +103,7 @@ class Service:
         self.model_name = model_name
         self.metrics = Metrics(self.engine_state)
         self.adapters = AdapterRecords(engine, store, self.limits, self.metrics, model_name,
-                                       adapter_cache)
+                                       adapter_cache, adapter_source)
         self.token_bytes = token_bytes(engine.tokenizer)  # for logprobs' token texts
         self.reranker = Reranker(engine, self.limits, self.token_bytes, documents.embedder)
         self.follower = None  # follow_state's thread

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from lorag.errors import InvalidRequest, TooLarge, Unavailable
+from lorag.errors import InvalidRequest, NotFound, TooLarge, Unavailable
 
 SCHEMES = ("s3", "https", "http", "hf")
 CACHE_MB = 2048  # the cache's default budget (`lorag serve --adapter-cache-mb`)
@@ -84,8 +84,8 @@ class S3Source:
                 Bucket=self.bucket, Prefix=self.prefix + "/")
             objects = [item for page in pages for item in page.get("Contents", [])]
             if not objects:
-                raise InvalidRequest(f"lora_path {self.url!r}: no objects under that prefix",
-                                     field="path")
+                raise NotFound(f"lora_path {self.url!r}: no objects under that prefix",
+                               field="path")
             total = sum(item["Size"] for item in objects)
             if total > self.budget:
                 raise TooLarge(f"lora_path {self.url!r} holds {total} bytes, over the "
@@ -128,6 +128,10 @@ class TarballSource:
                                            f"of {self.budget} bytes", field="path")
                         digest.update(chunk)
                         archive.write(chunk)
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code == 404:
+                    raise NotFound(f"{self.url}: not found (404)", field="path") from e
+                raise Unavailable(f"could not fetch {self.url}: {e}") from e
             except httpx.HTTPError as e:
                 raise Unavailable(f"could not fetch {self.url}: {e}") from e
             if digest.hexdigest() != self.sha256:

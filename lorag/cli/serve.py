@@ -127,6 +127,10 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds the requests in flight may take to finish (new "
                     "ones get 503 at once); then they end with an error.")] = 30.0,
+    adapter_source: Annotated[str | None, typer.Option(
+        help="Where an adapter a request names but nobody registered is looked for, at "
+             "<source>/<tenant>/<name> (s3://bucket/prefix, https://..., hf://...), then "
+             "fetched, registered and served (vLLM's LoRA resolvers).")] = None,
     adapter_cache_mb: Annotated[int, typer.Option(
         min=1, help="MiB of adapters fetched from remote sources (s3://, https://, hf://) "
                     "kept under the data dir; least recently used first out, pinned "
@@ -187,7 +191,7 @@ def serve(
                      tokens_per_s_per_key=tokens_per_s_per_key,
                      limits=RequestLimits().with_settings(limit or []),
                      batch_concurrency=batch_concurrency, batch_lease_s=batch_lease_s,
-                     adapter_cache_mb=adapter_cache_mb),
+                     adapter_cache_mb=adapter_cache_mb, adapter_source=adapter_source),
         console)
 
 

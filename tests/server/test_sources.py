@@ -155,7 +155,7 @@ def test_an_s3_prefix_serves_as_its_folder_does(daemon, daemon_adapters, s3):
     assert load(daemon, "other-folder", daemon_adapters / "other").status_code == 200
     assert chat(daemon, "from-s3") == chat(daemon, "other-folder")
     missing = load(daemon, "nothing", "s3://adapters/alice/nothing")
-    assert missing.status_code == 400 and "no objects under that prefix" in missing.text
+    assert missing.status_code == 404 and "no objects under that prefix" in missing.text
     s3.put_object(Bucket="adapters", Key="alice/escape/../../x", Body=b"x")
     escaping = load(daemon, "escape", "s3://adapters/alice/escape")
     assert escaping.status_code == 400 and "outside the adapter's folder" in escaping.text
@@ -182,3 +182,28 @@ def test_an_evicted_adapter_is_fetched_again_and_a_pinned_one_stays(daemon, daem
     over = load(daemon, "over", second)  # no room but the pinned one's: refused
     assert over.status_code == 413 and "pinned adapters stay" in over.text
     assert cache.cached(first) is not None
+
+
+def test_a_request_naming_an_adapter_in_the_source_registers_it_once(daemon, daemon_adapters,
+                                                                    s3, monkeypatch):
+    """--adapter-source: the first requests naming an unregistered adapter fetch it from
+    <source>/<tenant>/<name> once, register and serve it; a miss says where it looked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(daemon.service.adapters, "source", "s3://adapters")
+    upload(s3, daemon_adapters / "fourth", "alice/resolved")
+    assert load(daemon, "fourth-folder", daemon_adapters / "fourth").status_code == 200
+    cache = daemon.service.adapters.cache
+    fetches = cache.fetches
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: chat(daemon, "resolved"), range(8)))
+    assert answers == [chat(daemon, "fourth-folder")] * 8
+    assert cache.fetches == fetches + 1  # one fetch for the eight first requests
+    assert "resolved" in names(daemon)
+    ghost = httpx.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                       headers={"Authorization": ALICE},
+                       json={"model": "ghost", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert ghost.status_code == 404
+    assert "looked at s3://adapters/alice/ghost" in ghost.json()["error"]["message"]
+    assert "ghost" not in names(daemon)
