@@ -68,6 +68,10 @@ class DaemonClient:
         """Keep an adapter in a compute slot (or let it go again); its status after."""
         return self._call("POST", f"/v1/adapters/{name}/{'pin' if pinned else 'unpin'}")
 
+    def rollout(self, name: str, versions: dict[str, int]) -> dict:
+        """Serve `name` by weighted versions (`name@version` adapters)."""
+        return self._call("POST", f"/v1/adapters/{name}/rollout", {"versions": versions})
+
     # ---- namespaces ----
 
     def put_documents(self, namespace: str, documents: list) -> list[str]:

@@ -22,3 +22,14 @@ def check_name(value: object, field: str, what: str = "name",
                              "letters, digits and . _ : - starting with a letter or digit",
                              field=field)
     return value
+
+
+def check_adapter_name(value: object, field: str, max_length: int = MAX_LENGTH) -> str:
+    """An adapter's name (or its engine key, with `max_length` MAX_KEY_LENGTH): a name, or
+    `name@version` (a version of it, for rollouts), each part by the one rule."""
+    if isinstance(value, str) and value.count("@") == 1:
+        base, version = value.split("@")
+        check_name(base, field, "adapter name", max_length)
+        check_name(version, field, "adapter version", max_length=32)
+        return value
+    return check_name(value, field, "adapter name", max_length)

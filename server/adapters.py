@@ -24,7 +24,7 @@ from lorag.errors import (
     NotFound,
     Unavailable,
 )
-from lorag.names import check_name
+from lorag.names import check_adapter_name
 from lorag.retrieval.rag import RAG_LAYOUT
 from lorag.server import tenancy
 from lorag.server.backend import Backend
@@ -35,6 +35,7 @@ from lorag.server.state import AdapterRecord, StateStore
 from lorag.server.tenancy import Caller
 
 log = logging.getLogger("lorag.adapters")
+MAX_VERSIONS = 16  # versions one rollout splits a name between
 
 
 class AdapterRecords:
@@ -63,8 +64,8 @@ class AdapterRecords:
     def load(self, caller: Caller, name: str, path: str, shared: bool = False) -> bool:
         """Register `path` as the caller tenant's adapter `name` (again: other weights
         replace the ones served under that name, on every replica); True if newly loaded."""
-        tenancy.own_key(caller, name, action="load adapters", what="adapter name",
-                        field="name")  # an admin key, and a valid name
+        tenancy.require_admin(caller, "load adapters")
+        check_adapter_name(name, "name")  # a name, or name@version
         if name == self.model_name:
             raise InvalidRequest(f"{name!r} is the base model's name", field="name")
         if caller.adapter_roots is not None and not is_remote(path):
@@ -193,6 +194,7 @@ class AdapterRecords:
         has it now, with this replica's engine brought to it. While the database cannot
         be reached, the records last seen here serve: no unload can commit meanwhile."""
         try:
+            name = self._version(caller, name)
             record = self._current(caller, name)
         except Unavailable:
             key = self._held(caller, name)
@@ -205,10 +207,46 @@ class AdapterRecords:
                                   "GET /v1/models", field=field)
         return record.key
 
+    def _version(self, caller: Caller, name: str) -> str:
+        """`name`, or under a rollout of the caller's tenant the version of it this
+        caller's key gets (`name@version`: the same every time until the rollout
+        changes; server/state.py `rollout_version`)."""
+        if "@" in name:
+            return name
+        versions = self.store.rollout(caller.tenant, name)
+        if not versions:
+            return name
+        version = self.store.rollout_version(caller.tenant, name,
+                                             caller.key_id or caller.tenant, versions)
+        return f"{name}@{version}"
+
+    def rollout(self, caller: Caller, name: str, versions: dict[str, int]) -> dict:
+        """Serve the caller tenant's `name` by weighted versions (each `name@version`
+        registered), on every replica from their next request; weights are relative."""
+        tenancy.require_admin(caller, "roll out adapters")
+        check_adapter_name(name, "name")
+        if "@" in name or not versions or len(versions) > MAX_VERSIONS:
+            raise InvalidRequest(f"a rollout splits a name without @ between 1 and "
+                                 f"{MAX_VERSIONS} of its versions", field="versions")
+        registered = {record.name for record in self.store.adapters()
+                      if record.tenant == caller.tenant}
+        for version, weight in versions.items():
+            if f"{name}@{version}" not in registered:
+                raise AdapterNotFound(f"{name}@{version} is not one of your adapters: "
+                                      "register each version first", field="versions")
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise InvalidRequest(f"versions.{version}: a weight is an integer >= 0, "
+                                     f"got {weight!r}", field=f"versions.{version}")
+        if sum(versions.values()) <= 0:
+            raise InvalidRequest("versions: at least one weight must be above 0",
+                                 field="versions")
+        self.store.put_rollout(caller.tenant, name, dict(versions))
+        return {"name": name, "versions": dict(versions)}
+
     def _resolve(self, caller: Caller, name: str, field: str) -> AdapterRecord:
         """Register the caller tenant's adapter `name` from the adapter source, where a
         request named it first (concurrent first requests: one fetch, the others wait)."""
-        url = f"{self.source}/{caller.tenant}/{check_name(name, field, 'adapter name')}"
+        url = f"{self.source}/{caller.tenant}/{check_adapter_name(name, field)}"
         try:
             self._register(caller.tenant, name, url, shared=False)
         except NotFound as e:

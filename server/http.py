@@ -25,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorag.errors import LoragError, Overloaded, TooLarge
+from lorag.errors import LoragError, NotFound, Overloaded, TooLarge
+from lorag.server import tenancy
 from lorag.server.batches import BatchBody, Batches, BatchRunner
 from lorag.server.errors import INTERNAL, mapping, openai_error, public_message
 from lorag.server.openai_api import (
@@ -38,6 +39,7 @@ from lorag.server.openai_api import (
     LoadLora,
     NamespaceBody,
     RerankBody,
+    RolloutBody,
     SearchBody,
     UnloadLora,
 )
@@ -421,6 +423,31 @@ def pin_adapter(name: str, service: ServiceDep, caller: CallerDep):
     """Keep an adapter in a compute slot until unpinned."""
     service.adapters.pin(caller, name, pinned=True)
     return service.adapters.get(caller, name)
+
+
+@adapters.post("/v1/adapters/{name}/rollout")
+def rollout_adapter(name: str, body: RolloutBody, service: ServiceDep, caller: CallerDep):
+    """Serve `name` by weighted versions (`name@version` adapters), sticky per API key, on
+    every replica from its next request: a new rollout, a changed split, a promotion
+    (`{v2: 100}`) or a rollback."""
+    return service.adapters.rollout(caller, name, body.versions)
+
+
+@adapters.get("/v1/adapters/{name}/rollout")
+def get_rollout(name: str, service: ServiceDep, caller: CallerDep):
+    versions = service.store.rollout(caller.tenant, name)
+    if versions is None:
+        raise NotFound(f"no rollout of {name!r}", field="name")
+    return {"name": name, "versions": versions}
+
+
+@adapters.delete("/v1/adapters/{name}/rollout")
+def delete_rollout(name: str, service: ServiceDep, caller: CallerDep):
+    """End a rollout: `name` means the adapter registered under it again (if any)."""
+    tenancy.require_admin(caller, "roll out adapters")
+    if not service.store.delete_rollout(caller.tenant, name):
+        raise NotFound(f"no rollout of {name!r}", field="name")
+    return {"name": name, "deleted": True}
 
 
 @adapters.post("/v1/adapters/{name}/unpin")

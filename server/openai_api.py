@@ -337,6 +337,12 @@ class LoadLora(RouteBody):
     lora_path: str = Field(min_length=1)
 
 
+class RolloutBody(RouteBody):
+    """POST /v1/adapters/{name}/rollout: {version: weight}, weights relative."""
+
+    versions: dict[str, int] = Field(min_length=1)
+
+
 class UnloadLora(RouteBody):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 

@@ -11,11 +11,11 @@ digest at registration) tells a replica holding other weights under that name to
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from lorag.server import tenancy
 from lorag.state import Database
-from lorag.state.schema import adapters, responses, tenants
+from lorag.state.schema import adapters, responses, rollout_keys, rollouts, tenants
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,50 @@ class StateStore:
         with self.db.write() as connection:
             return connection.execute(delete(responses).where(
                 responses.c.id == response_id, responses.c.tenant == tenant)).rowcount > 0
+
+    def put_rollout(self, tenant: str, name: str, versions: dict[str, int]) -> None:
+        """Serve `tenant`'s `name` by `versions` ({version: weight}) from now on, on every
+        replica (each reads it per request); the keys are given versions afresh."""
+        with self.db.write() as connection:
+            for table in (rollouts, rollout_keys):
+                connection.execute(delete(table).where(table.c.tenant == tenant,
+                                                       table.c.name == name))
+            connection.execute(rollouts.insert().values(tenant=tenant, name=name,
+                                                        versions=versions,
+                                                        updated=time.time()))
+
+    def rollout(self, tenant: str, name: str) -> dict[str, int] | None:
+        with self.db.read() as connection:
+            return connection.scalar(select(rollouts.c.versions).where(
+                rollouts.c.tenant == tenant, rollouts.c.name == name))
+
+    def delete_rollout(self, tenant: str, name: str) -> bool:
+        with self.db.write() as connection:
+            connection.execute(delete(rollout_keys).where(
+                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name))
+            return connection.execute(delete(rollouts).where(
+                rollouts.c.tenant == tenant, rollouts.c.name == name)).rowcount > 0
+
+    def rollout_version(self, tenant: str, name: str, key_id: str,
+                        versions: dict[str, int]) -> str:
+        """The version of `name` the key `key_id` gets: the one it was given, else the
+        version furthest below its share of the keys given one so far (so a few dozen
+        keys already split as the weights say), recorded for every replica."""
+        with self.db.write() as connection:
+            given = connection.scalar(select(rollout_keys.c.version).where(
+                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name,
+                rollout_keys.c.key_id == key_id))
+            if given is not None:
+                return given
+            counts = dict(connection.execute(
+                select(rollout_keys.c.version, func.count()).where(
+                    rollout_keys.c.tenant == tenant, rollout_keys.c.name == name)
+                .group_by(rollout_keys.c.version)).all())
+            keys, total = sum(counts.values()) + 1, sum(versions.values())
+            version = max(sorted(versions), key=lambda v: versions[v] / total * keys
+                          - counts.get(v, 0))
+            connection.execute(self.db.insert_ignore(rollout_keys).values(
+                tenant=tenant, name=name, key_id=key_id, version=version))
+            return connection.scalar(select(rollout_keys.c.version).where(
+                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name,
+                rollout_keys.c.key_id == key_id))

@@ -14,6 +14,8 @@ here comes with a new migration there.
 - files, batches, batch_lines: the Batch API. A batch's row holds its object as sent
   (`status` beside it, for the runners' queries); each line its request, its state
   (pending, running: `owner` holds it until `lease`, done) and its result.
+- rollouts: a tenant's adapter name served by weighted versions (`name@version` adapters);
+  rollout_keys: the version each API key was given under the rollout as it is now.
 """
 
 from sqlalchemy import (
@@ -140,4 +142,20 @@ batch_lines = Table(
     Column("result", DOCUMENT_JSON, nullable=True),
     Column("ok", Boolean, nullable=True),  # the result's status was 2xx
     Index("batch_lines_by_status", "status", "batch_id"),
+)
+
+rollouts = Table(
+    "rollouts", metadata,
+    Column("tenant", String, ForeignKey("tenants.name"), primary_key=True),
+    Column("name", String, primary_key=True),
+    Column("versions", DOCUMENT_JSON, nullable=False),  # {version: weight}
+    Column("updated", Float, nullable=False),
+)
+
+rollout_keys = Table(
+    "rollout_keys", metadata,
+    Column("tenant", String, primary_key=True),
+    Column("name", String, primary_key=True),
+    Column("key_id", String, primary_key=True),
+    Column("version", String, nullable=False),
 )

@@ -9,7 +9,7 @@ import torch
 
 from lorag.adapters import BaseShape, LoraWeights, load_lora
 from lorag.errors import AdapterChanged, AdapterNotFound, InvalidRequest
-from lorag.names import MAX_KEY_LENGTH, check_name
+from lorag.names import MAX_KEY_LENGTH, check_adapter_name
 
 
 class Registration(NamedTuple):
@@ -47,7 +47,7 @@ class AdapterRegistry:
         Idempotent: the same name and path again refreshes its LRU position and returns
         False; a new adapter returns True. A name already taken by another path is refused.
         """
-        check_name(name, "name", "adapter name", MAX_KEY_LENGTH)
+        check_adapter_name(name, "name", MAX_KEY_LENGTH)
         resolved = Path(path).expanduser().resolve()
         with self.lock:
             known = self.registered.get(name)
