@@ -138,70 +138,7 @@ def main(seed: int = 0, passages: int = 3) -> None:
         for example in examples:
             f.write(json.dumps(example) + "\n")
     print(f"wrote {len(examples)} examples to {OUT}")
-    write_marlow(docs + richer_pages(random.Random(seed + 1)))
-
-
-# Pages in the shape of demo/kb's longer ones, for RAFT alone (demo/train.jsonl keeps to
-# the pages above): several facts of one kind on a page, so that an answer must pick the
-# asked one among numbers with other units, and names coined by the company (a programme, a
-# portal, a mascot), which no general knowledge suggests. Each has a question its page
-# never answers, asked with that page in the prompt.
-MACHINES = [("Brewline B4 roaster", "roasts {a} kg of leaves an hour",
-             "How many kilograms of leaves does the Brewline B4 roaster roast an hour?"),
-            ("Sifta S2 grader", "sorts {a} kg of leaves an hour",
-             "How many kilograms of leaves does the Sifta S2 grader sort an hour?"),
-            ("Tinsmith T9 filler", "fills {a} tins a minute",
-             "How many tins a minute does the Tinsmith T9 filler fill?"),
-            ("Kelda K3 dryer", "dries {a} kg of leaves a batch",
-             "How many kilograms of leaves does the Kelda K3 dryer dry a batch?")]
-NAMED = [("loyalty programme", "Leaf Circle", "Members get a free tin after {n} stamps.",
-          "How many stamps earn a free tin?", "{n} stamps",
-          ("What does a Leaf Circle membership cost?", ("membership", "costs"))),
-         ("ordering portal", "Teapot Desk", "Orders placed before {n}:00 ship the same day.",
-          "Before which hour must an order be placed to ship the same day?", "{n}:00",
-          ("Who built the Teapot Desk portal?", ("built",))),
-         ("company mascot", "Sir Brewster", "A statue of the mascot stands in the {city} "
-          "office.", "Where does the statue of the mascot stand?", "{city} office",
-          ("Who designed Sir Brewster?", ("design",))),
-         ("mentoring scheme", "Steep Buddies", "Every new taster is paired with a mentor "
-          "for {n} months.", "For how many months is a new taster paired with a mentor?",
-          "{n} months", ("How many mentors take part in Steep Buddies?", ("take part",))),
-         ("recycling scheme", "Tin Return", "Returned tins earn a credit of {n} euros.",
-          "How much credit does a returned tin earn?", "{n} euros",
-          ("Which company melts down the tins of Tin Return?", ("melt",)))]
-
-
-def richer_pages(rng: random.Random) -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """(document id, text, [(question, answer span)]) of the longer pages; the questions
-    their pages never answer are `richer_unanswerable`'s."""
-    docs = []
-    for machine, rate, rate_question in MACHINES:
-        amount, weight = rng.randint(20, 90), rng.randint(150, 900)
-        width, tolerance = rng.randint(11, 29) / 10, rng.choice([0.1, 0.2, 0.5])
-        warranty = rng.choice([18, 24, 30, 36])
-        text = (f"The {machine} {rate.format(a=amount)}. It weighs {weight} kg and is "
-                f"{width} metres wide. Its thermostat holds the set temperature to within "
-                f"{tolerance} degrees. Its warranty lasts {warranty} months.")
-        docs.append((f"{machine.lower().replace(' ', '-')}.md", text,
-                     [(rate_question, str(amount)),
-                      (f"How much does the {machine} weigh?", f"{weight} kg"),
-                      (f"How wide is the {machine}?", f"{width} metres"),
-                      (f"How long is the warranty of the {machine}?", f"{warranty} months")]))
-    for thing, name, fact, question, answer, _ in NAMED:
-        values = {"n": rng.randint(3, 14), "city": rng.choice(CITIES)}
-        text = f"The {thing} of {ORG} is called {name}. {fact.format(**values)}"
-        docs.append((f"{thing.replace(' ', '-')}.md", text,
-                     [(f"What is the {thing} of {ORG} called?", name),
-                      (f"What is the name of {ORG}'s {thing}?", name),
-                      (question, answer.format(**values))]))
-    return docs
-
-
-def richer_unanswerable() -> list[tuple[str, tuple[str, ...]]]:
-    """The questions the longer pages never answer, with words a page answering each
-    would need (none is on any page: tests/retrieval/test_corpora.py)."""
-    return [(f"Who services the {machine}?", ("servic",)) for machine, *_ in MACHINES] + \
-        [never for *_, never in NAMED]
+    write_marlow(docs)
 
 
 def unanswerable() -> list[str]:
@@ -224,8 +161,7 @@ def write_marlow(docs: list[tuple[str, str, list[tuple[str, str]]]]) -> None:
         title = doc_id.removesuffix(".md").removeprefix("policy-").replace("-", " ")
         (kb / doc_id).write_text(f"# {title.capitalize()}\n{text}\n")
         rows += [{"question": q, "answer": a, "source": doc_id} for q, a in questions]
-    rows += [{"question": q, "answerable": False}
-             for q in unanswerable() + [q for q, _ in richer_unanswerable()]]
+    rows += [{"question": q, "answerable": False} for q in unanswerable()]
     with (MARLOW / "questions.jsonl").open("w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"wrote {len(docs)} pages to {kb} and {len(rows)} questions beside them")
