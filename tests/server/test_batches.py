@@ -198,7 +198,8 @@ def test_a_cancelled_batch_keeps_what_finished(daemon):
                                completion_window="24h")
     wait_for(lambda: api.batches.retrieve(batch.id).request_counts.completed >= 1, 120,
              interval=0.2, what="a first finished line")
-    assert api.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    # finalizing: a runner whose line stopped is writing the output file just then
+    assert api.batches.cancel(batch.id).status in ("cancelling", "finalizing", "cancelled")
     cancelled = ended(api, batch.id, ("cancelled",), 120)
     done = cancelled.request_counts.completed
     assert 1 <= done < 40
