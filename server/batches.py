@@ -99,10 +99,10 @@ class Batches:
 
     def create(self, caller: Caller, body: BatchBody) -> dict:
         """A batch of the input file's lines: in progress, or failed naming its bad lines."""
-        content = self.content(caller, body.input_file_id)  # 404 for another's
-        if self.store.file(caller.tenant, body.input_file_id)["purpose"] != "batch":
+        if self.file(caller, body.input_file_id)["purpose"] != "batch":  # 404: another's
             raise InvalidRequest(f"file {body.input_file_id!r} is not a batch input "
                                  "(purpose batch)", field="input_file_id")
+        content = self.store.content(caller.tenant, body.input_file_id)
         lines, errors = read_lines(content, body.endpoint)
         now = int(time.time())
         batch = {"id": f"batch_{uuid.uuid4().hex}", "object": "batch",

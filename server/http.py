@@ -325,8 +325,8 @@ def file_content(file_id: str, service: ServiceDep, caller: CallerDep):
 
 @batches.delete("/v1/files/{file_id}")
 def delete_file(file_id: str, service: ServiceDep, caller: CallerDep):
-    Batches(service).file(caller, file_id)  # 404 for none, or another's
-    service.batches.delete_file(caller.tenant, file_id)
+    if not service.batches.delete_file(caller.tenant, file_id):  # none, or another's
+        raise NotFound(f"no file {file_id!r} (or it is another key's)", field="file_id")
     return {"id": file_id, "object": "file", "deleted": True}
 
 
