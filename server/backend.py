@@ -30,7 +30,10 @@ from lorag.server.engine.stream import TokenStream
 SERVICE_FAMILIES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting",
                               "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
                               "vllm:lora_requests_info", "vllm:prefix_cache_queries",
-                              "vllm:prefix_cache_hits"})
+                              "vllm:prefix_cache_hits", "vllm:lora_adapter_loaded",
+                              "vllm:num_gpu_loaded_lora_adapters",
+                              "vllm:num_cpu_loaded_lora_adapters",
+                              "vllm:max_gpu_lora_adapters"})
 
 
 class AdapterStatus(TypedDict):

@@ -146,6 +146,7 @@ def _router_families(state: dict, tenant: str | None):
                      ",".join(_request_names(state["running_adapters"], tenant)),
                      ",".join(_request_names(state["waiting_adapters"], tenant))], time.time())
     yield lora
+    yield from _residency_families(state, tenant)
     for name, help_text, value in (
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              state["prefix_cache_queries"]),
@@ -153,6 +154,36 @@ def _router_families(state: dict, tenant: str | None):
              state["prefix_cache_hits"])):
         family = CounterMetricFamily(name, help_text, labels=["model_name"])
         family.add_metric(model, value)
+        yield family
+
+
+def _residency_families(state: dict, tenant: str | None):
+    """Which adapters this replica holds, as vLLM's residency gauges name them (vLLM PR
+    #54830, read by llm-d's lora-load-state-scorer): `vllm:lora_adapter_loaded` is 1 per
+    resident adapter, at `level` "gpu" while it holds a compute slot (on a CPU replica
+    the slot is in RAM too: the level names the tier, as routers score it) or "cpu" while
+    it is loaded but slotless; with counts of each and the number of compute slots. An
+    adapter only registered (its weights on disk) has no series: loading it costs a read."""
+    loaded = GaugeMetricFamily("vllm:lora_adapter_loaded", "1 per adapter loaded, at the "
+                               "tier it is in: gpu (a compute slot) or cpu (memory only).",
+                               labels=["model_name", "adapter_name", "level", "pinned"])
+    levels = {"gpu": 0, "cpu": 0}
+    for row in state["adapters"]:
+        if not _owns(tenant, row["name"]) or not (row["active"] or row["in_ram"]):
+            continue
+        level = "gpu" if row["active"] else "cpu"
+        levels[level] += 1
+        loaded.add_metric([state["model"], tenancy.split(row["name"])[1], level,
+                           str(row["pinned"]).lower()], 1.0)
+    yield loaded
+    for name, help_text, value in (
+            ("vllm:num_gpu_loaded_lora_adapters", "Adapters in a compute slot.",
+             levels["gpu"]),
+            ("vllm:num_cpu_loaded_lora_adapters", "Adapters loaded, not in a compute slot.",
+             levels["cpu"]),
+            ("vllm:max_gpu_lora_adapters", "Compute slots for adapters.", state["max_lora"])):
+        family = GaugeMetricFamily(name, help_text, labels=["model_name"])
+        family.add_metric([state["model"]], value)
         yield family
 
 

@@ -390,6 +390,30 @@ def test_metrics_speak_the_routers_vllm_names(daemon, daemon_adapters):
     assert info.labels["running_lora_adapters"] == info.labels["waiting_lora_adapters"] == ""
     assert abs(info.value - time.time()) < 60  # the Unix time of the reading
     assert idle["vllm:num_requests_waiting"].value == 0
+    # residency: both adapters stay loaded after their requests; a pinned one holds a slot
+    assert post(daemon, "/v1/adapters/style/pin", {}).status_code == 200
+    try:
+        resident = residency(daemon)
+    finally:
+        assert post(daemon, "/v1/adapters/style/unpin", {}).status_code == 200
+    loaded = {s.labels["adapter_name"]: s.labels for s in resident["vllm:lora_adapter_loaded"]}
+    assert {"style", "other"} <= set(loaded), loaded  # by the name requests give
+    assert loaded["style"] == {"model_name": BASE, "adapter_name": "style", "level": "gpu",
+                               "pinned": "true"}
+    assert loaded["other"]["pinned"] == "false"
+    levels = [labels["level"] for labels in loaded.values()]
+    assert resident["vllm:num_gpu_loaded_lora_adapters"][0].value == levels.count("gpu")
+    assert resident["vllm:num_cpu_loaded_lora_adapters"][0].value == levels.count("cpu")
+    assert resident["vllm:max_gpu_lora_adapters"][0].value == int(info.labels["max_lora"])
+
+
+def residency(daemon) -> dict:
+    """vLLM's adapter residency families from the metrics port, each family's samples."""
+    text = httpx.get(daemon.metrics_url, timeout=10).text
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    return {name: families[name] for name in (
+        "vllm:lora_adapter_loaded", "vllm:num_gpu_loaded_lora_adapters",
+        "vllm:num_cpu_loaded_lora_adapters", "vllm:max_gpu_lora_adapters")}
 
 
 def test_the_fleet_dashboard_reads_metrics_the_daemon_writes(daemon):
