@@ -205,7 +205,21 @@ class AdapterRecords:
             raise AdapterNotFound(f"model {name!r} is neither the base model "
                                   f"({self.model_name!r}) nor a loaded adapter; list them at "
                                   "GET /v1/models", field=field)
+        if self.cache is not None and is_remote(record.path):
+            self._fetched(record)
         return record.key
+
+    def _fetched(self, record: AdapterRecord) -> None:
+        """A remote adapter's files in the cache for a request on it: marked used (least
+        recently used goes first), or fetched again where the cache evicted them (the
+        engine checks that they still hold the registered content version when it reads
+        them)."""
+        try:
+            self.cache.local(record.path)
+        except NotFound as e:
+            raise Unavailable(f"adapter {record.name!r} left the adapter cache and is no "
+                              f"longer at {record.path} ({e.message}); register it again "
+                              "or unload it") from None
 
     def _version(self, caller: Caller, name: str) -> str:
         """`name`, or under a rollout of the caller's tenant the version of it this

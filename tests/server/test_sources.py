@@ -13,6 +13,7 @@ import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import boto3
 import httpx
@@ -122,19 +123,33 @@ def test_bad_sources_are_refused_by_name_leaving_nothing(daemon, daemon_adapters
     assert f"bad-{case}" not in names(daemon) and cached(daemon) == before
 
 
+class S3(NamedTuple):
+    client: object  # boto3's
+    gets: list[str]  # the paths of the GET requests the server answered, in order
+
+
 @pytest.fixture(scope="module")
 def s3(monkeypatch_module):
-    """moto's S3 API server on loopback, with boto3 pointed at it (AWS_ENDPOINT_URL)."""
+    """moto's S3 API server on loopback, with boto3 pointed at it (AWS_ENDPOINT_URL), and
+    the GETs it answers logged."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    gets, app = [], server._server.app  # werkzeug's server calls .app per request
+
+    def logged(environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET":
+            gets.append(environ["PATH_INFO"])
+        return app(environ, start_response)
+
+    server._server.app = logged
     for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
                         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch_module.setenv(name, value)
     client = boto3.client("s3")
     client.create_bucket(Bucket="adapters")
-    yield client
+    yield S3(client, gets)
     server.stop()
 
 
@@ -144,9 +159,11 @@ def monkeypatch_module():
         yield patch
 
 
-def upload(client, folder: Path, prefix: str) -> None:
+def upload(s3: S3, folder: Path, prefix: str) -> int:
+    """`folder`'s files under `prefix`; how many."""
     for path in folder.iterdir():
-        client.upload_file(str(path), "adapters", f"{prefix}/{path.name}")
+        s3.client.upload_file(str(path), "adapters", f"{prefix}/{path.name}")
+    return len(list(folder.iterdir()))
 
 
 def test_an_s3_prefix_serves_as_its_folder_does(daemon, daemon_adapters, s3):
@@ -156,7 +173,7 @@ def test_an_s3_prefix_serves_as_its_folder_does(daemon, daemon_adapters, s3):
     assert chat(daemon, "from-s3") == chat(daemon, "other-folder")
     missing = load(daemon, "nothing", "s3://adapters/alice/nothing")
     assert missing.status_code == 404 and "no objects under that prefix" in missing.text
-    s3.put_object(Bucket="adapters", Key="alice/escape/../../x", Body=b"x")
+    s3.client.put_object(Bucket="adapters", Key="alice/escape/../../x", Body=b"x")
     escaping = load(daemon, "escape", "s3://adapters/alice/escape")
     assert escaping.status_code == 400 and "outside the adapter's folder" in escaping.text
 
@@ -174,8 +191,10 @@ def test_an_evicted_adapter_is_fetched_again_and_a_pinned_one_stays(daemon, daem
     assert load(daemon, "newer", second).status_code == 200  # the first goes
     assert cache.cached(first) is None
     fetches = cache.fetches
-    assert load(daemon, "evictable", first).status_code == 200  # fetched again
-    assert cache.fetches == fetches + 1
+    assert load(daemon, "third-folder", daemon_adapters / "third").status_code == 200
+    assert chat(daemon, "evictable") == chat(daemon, "third-folder")  # its next request
+    assert cache.fetches == fetches + 1 and cache.cached(first) is not None
+    assert cache.cached(second) is None  # the budget holds one: the other went
     pinned = httpx.post(f"{daemon.url}/v1/adapters/evictable/pin", timeout=30,
                         headers={"Authorization": ALICE})
     assert pinned.status_code == 200, pinned.text
@@ -191,14 +210,16 @@ def test_a_request_naming_an_adapter_in_the_source_registers_it_once(daemon, dae
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(daemon.service.adapters, "source", "s3://adapters")
-    upload(s3, daemon_adapters / "fourth", "alice/resolved")
+    files = upload(s3, daemon_adapters / "fourth", "alice/resolved")
     assert load(daemon, "fourth-folder", daemon_adapters / "fourth").status_code == 200
-    cache = daemon.service.adapters.cache
-    fetches = cache.fetches
+    s3.gets.clear()
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: chat(daemon, "resolved"), range(8)))
     assert answers == [chat(daemon, "fourth-folder")] * 8
-    assert cache.fetches == fetches + 1  # one fetch for the eight first requests
+    # one fetch for the eight first requests: one listing, each object read once
+    assert sorted(s3.gets) == ["/adapters"] + sorted(
+        f"/adapters/alice/resolved/{p.name}" for p in (daemon_adapters / "fourth").iterdir())
+    assert len(s3.gets) == files + 1
     assert "resolved" in names(daemon)
     ghost = httpx.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                        headers={"Authorization": ALICE},
