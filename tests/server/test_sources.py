@@ -228,3 +228,29 @@ def test_a_request_naming_an_adapter_in_the_source_registers_it_once(daemon, dae
     assert ghost.status_code == 404
     assert "looked at s3://adapters/alice/ghost" in ghost.json()["error"]["message"]
     assert "ghost" not in names(daemon)
+
+
+def test_grpc_registers_a_tarball_and_refuses_a_wrong_digest(daemon, daemon_adapters, web):
+    """LoadAdapter takes a remote source as HTTP's lora_path does; a refusal is
+    INVALID_ARGUMENT with the reason, and nothing is registered."""
+    import grpc
+
+    from lorag.v1 import lorag_pb2, lorag_pb2_grpc
+    from tests.server.test_grpc import GREEDY, PROMPT, call
+
+    url = publish(web, "grpc.tar.gz", tarball(daemon_adapters / "other"))
+    with grpc.insecure_channel(daemon.grpc_target) as channel:
+        stub = lorag_pb2_grpc.LoragServiceStub(channel)
+        assert call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(name="grpc-tar",
+                                                                   path=url)).loaded
+        assert load(daemon, "other-folder", daemon_adapters / "other").status_code == 200
+        answers = [call(stub.Generate, lorag_pb2.GenerateRequest(
+            prompt=PROMPT, adapter=name, sampling=GREEDY)).text
+            for name in ("grpc-tar", "other-folder")]
+        assert answers[0] == answers[1]
+        wrong = url.split("#")[0] + "#sha256=" + "0" * 64
+        with pytest.raises(grpc.RpcError) as refused:
+            call(stub.LoadAdapter, lorag_pb2.LoadAdapterRequest(name="grpc-bad", path=wrong))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256" in refused.value.details()
+    assert "grpc-bad" not in names(daemon)
