@@ -110,8 +110,11 @@ class VllmBackend:
         hf_config = AutoConfig.from_pretrained(model)
         self.base = BaseShape.from_config(hf_config)
         self.vocab_size = hf_config.vocab_size
+        if options.gpu_memory_utilization is not None and config.kv_cache_memory is not None:
+            raise InvalidRequest("give --kv-cache-memory or --gpu-memory-utilization, not "
+                                 "both", field="kv_cache_memory")
         self.kv_cache_bytes = None if options.gpu_memory_utilization is not None else \
-            kv_cache_bytes(options, config, hf_config, getattr(torch, dtype))
+            kv_cache_bytes(config, hf_config, getattr(torch, dtype))
         self.adapter_dir = adapter_dir
         shutil.rmtree(adapter_dir, ignore_errors=True)  # copies of a previous run
         adapter_dir.mkdir(parents=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lorag.errors import InvalidRequest
-from lorag.server.engine.config import EngineConfig
+from lorag.server.engine.config import EngineConfig, kv_bytes_per_token
 
 log = logging.getLogger("lorag.vllm")
 
@@ -24,11 +24,11 @@ EXECUTORS = ("mp", "ray")
 class VllmOptions:
     """vLLM's own knobs (`lorag serve --backend vllm`), passed to its AsyncEngineArgs.
 
-    None leaves vLLM's default. kv_cache_gb sizes vLLM's KV cache on either build (vLLM's
-    `kv_cache_memory_bytes`); None: enough for max_num_seqs sequences of max_model_len
-    tokens, the native engine's rule. gpu_memory_utilization (GPUs only) instead hands the
-    sizing to vLLM's profiling. Without either, vLLM would reserve 92% of the machine's
-    memory on the CPU build and refuse to start whenever less than that is free.
+    None leaves vLLM's default. lorag sizes vLLM's KV cache on either build (vLLM's
+    `kv_cache_memory_bytes`) by the native engine's rule (`kv_cache_bytes`), unless
+    gpu_memory_utilization (GPUs only) hands the sizing to vLLM's profiling. Without
+    either, vLLM would reserve 92% of the machine's memory on the CPU build and refuse to
+    start whenever less than that is free.
     """
 
     tensor_parallel_size: int = 1
@@ -39,7 +39,6 @@ class VllmOptions:
     enable_prefix_caching: bool | None = None
     distributed_executor_backend: str | None = None  # mp or ray
     enforce_eager: bool = False  # skip torch.compile / CUDA graphs: faster start-up
-    kv_cache_gb: float | None = None
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
@@ -48,12 +47,6 @@ class VllmOptions:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise InvalidRequest(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= "
                                  f"--max-loras ({self.max_loras})", field="max_cpu_loras")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise InvalidRequest(f"--kv-cache-gb must be > 0, got {self.kv_cache_gb}",
-                                 field="kv_cache_gb")
-        if self.kv_cache_gb is not None and self.gpu_memory_utilization is not None:
-            raise InvalidRequest("give --kv-cache-gb or --gpu-memory-utilization, not both",
-                                 field="kv_cache_gb")
         utilization = self.gpu_memory_utilization
         if utilization is not None and not 0 < utilization <= 1:
             raise InvalidRequest(f"--gpu-memory-utilization must be in (0, 1], got "
@@ -82,21 +75,17 @@ def vllm_quantization(quantize: str, device: str) -> str | None:
         "--quantize nf4 (CUDA) or none, or int8 on --backend native", field="quantize")
 
 
-def kv_cache_bytes(options: VllmOptions, config: EngineConfig, hf_config,
-                    dtype: torch.dtype) -> int:
-    """The KV cache vLLM reserves: --kv-cache-gb, else room for max_num_seqs sequences of
-    max_model_len tokens (K and V of every layer's KV heads). VLLM_CPU_KVCACHE_SPACE, if
-    set, still wins on the CPU build (vLLM reads it itself): said in the log."""
+def kv_cache_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> int:
+    """The KV cache vLLM reserves: the native engine's rule (EngineConfig.sized: the
+    --kv-cache-memory budget, else room for max_num_seqs sequences of max_model_len
+    tokens up to a default cap). VLLM_CPU_KVCACHE_SPACE, if set, still wins on the CPU
+    build (vLLM reads it itself): said in the log."""
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB overrides lorag's KV cache size on vLLM-CPU",
                     os.environ["VLLM_CPU_KVCACHE_SPACE"])
-    if options.kv_cache_gb is not None:
-        return int(options.kv_cache_gb * 2**30)
-    head_dim = getattr(hf_config, "head_dim", None) or \
-        hf_config.hidden_size // hf_config.num_attention_heads
-    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim \
-        * torch.finfo(dtype).bits // 8
-    return config.max_num_seqs * config.max_model_len * per_token
+    token_bytes = kv_bytes_per_token(hf_config, dtype)
+    sized = config.sized(token_bytes)
+    return sized.kv_blocks * sized.kv_block_size * token_bytes
 
 
 def check_lora_rank(rank: int) -> None:
@@ -108,7 +97,8 @@ def check_lora_rank(rank: int) -> None:
 def check_for_device(options: VllmOptions, device: str) -> None:
     if device == "cpu" and options.gpu_memory_utilization is not None:
         raise InvalidRequest("--gpu-memory-utilization applies to GPUs; on the CPU build "
-                             "size the KV cache with --kv-cache-gb", field="gpu_memory_utilization")
+                             "size the KV cache with --kv-cache-memory",
+                             field="gpu_memory_utilization")
     if options.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise InvalidRequest("--distributed-executor-backend ray: ray is not installed "
                              "(pip install ray)", field="distributed_executor_backend")

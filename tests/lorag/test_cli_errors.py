@@ -31,15 +31,16 @@ from lorag.cli import app
      "has no bitsandbytes kernels on cpu"),
     (["serve", "--backend", "vllm", "--gpu-memory-utilization", "0.5"], 2,
      "error: --gpu-memory-utilization applies to GPUs; on the CPU build size the KV cache "
-     "with --kv-cache-gb"),
-    (["serve", "--kv-cache-gb", "2"], 2, "error: --kv-cache-gb applies to the vLLM backend"),
+     "with --kv-cache-memory"),
+    (["serve", "--kv-cache-memory", "2"], 2, "error: --kv-cache-memory takes a size above 0 "
+     "with its unit, like 512MiB or 2GiB"),
     (["bench", "compile", "--sizes", "8,0"], 2, "error: --sizes takes positive token "
      "counts like 8,64,128; got '8,0'"),
     (["bench", "compile", "--sizes", "eight"], 2, "error: --sizes takes positive token "
      "counts like 8,64,128; got 'eight'"),
 ], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon",
         "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4",
-        "vllm-cpu-memory-utilization", "kv-cache-gb-on-native",
+        "vllm-cpu-memory-utilization", "kv-cache-memory-no-unit",
         "compile-size-zero", "compile-size-word"])
 def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys, tmp_path):
     if args[0] == "serve":

@@ -18,6 +18,7 @@ from lorag.benchmarks.daemon import DaemonProcess
 from lorag.errors import AdapterChanged
 from lorag.models import load_base, resolve_dtype
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
+from lorag.server.engine.config import DEFAULT_KV_CACHE_MEMORY
 from tests.daemons import ALICE, BASE, MAX_LORA_RANK, MAX_MODEL_LEN
 
 # different ranks, targets, scalings: every path of vLLM's LoRA kernels and lorag's copy
@@ -143,8 +144,9 @@ def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, b
                                env=env)
         try:
             # the defaults: 64 sequences of 2048 tokens, K and V of 30 layers x 3 KV heads
-            # x 64, in the dtype `auto` picks here (5.62 GiB in float32)
-            size = 64 * 2048 * 2 * 30 * 3 * 64 * torch.finfo(resolve_dtype("auto")).bits // 8
+            # x 64, in the dtype `auto` picks here (5.62 GiB in float32), capped at 2 GiB
+            token = 2 * 30 * 3 * 64 * torch.finfo(resolve_dtype("auto")).bits // 8
+            size = min(64 * 2048 * token, DEFAULT_KV_CACHE_MEMORY // (32 * token) * 32 * token)
             assert f"KV cache {size / 2**30:.2f} GiB" in \
                 daemon.log.read_text().replace("\n", " ")
             answer = httpx.post(f"{daemon.url}/v1/completions", timeout=120, json={

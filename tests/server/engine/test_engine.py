@@ -4,11 +4,13 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from lorag.errors import InvalidRequest, Overloaded
 from lorag.server.backend import BATCH_PRIORITY, Backend
 from lorag.server.engine import SamplingParams
-from lorag.server.engine.config import Limits
+from lorag.server.engine.config import Limits, kv_bytes_per_token
+from tests.tiny import tiny_model
 
 PROMPT = [1, 2, 3, 4]
 
@@ -23,7 +25,8 @@ def test_the_native_engine_is_a_backend(make_engine, adapter_root):
                                   "prefix_cache_queries": 0, "prefix_cache_hits": 0,
                                   "running_adapters": [], "waiting_adapters": []}
     assert engine.describe() == ("native engine on cpu, torch.float32, torch attention, "
-                                 "prefix caching on")
+                                 "prefix caching on, KV cache 0.5 MiB (32 blocks: 1024 "
+                                 "tokens, 8.0 sequences of 128)")
 
 
 def test_occupancy_names_the_adapters_of_running_and_waiting_requests(make_engine):
@@ -98,6 +101,30 @@ def test_cancel_frees_kv_and_adapter_slots(make_engine, adapter_root):
     outputs = list(stream)
     assert outputs[-1].finish_reason == "cancelled"
     assert engine.cancel("r1") is False
+
+
+def test_a_kv_cache_budget_sizes_the_cache_and_what_does_not_fit_waits(make_engine):
+    """--kv-cache-memory: the blocks a budget holds on this model; requests beyond them
+    wait for blocks (never an allocation failure) and all finish; a budget below one
+    max_model_len sequence is refused at start, naming the option."""
+    token_bytes = kv_bytes_per_token(tiny_model().config, torch.float32)
+    engine = make_engine(start=False, kv_cache_memory=8 * 32 * token_bytes + 1)
+    assert engine.config.kv_blocks == 8  # two sequences of 4 blocks (128 tokens)
+    assert engine.runner.kv_cache.shape[1] == 8
+    params = SamplingParams(max_tokens=120, ignore_eos=True)  # 124 tokens: 4 blocks each
+    streams = [engine.submit(PROMPT, params) for _ in range(4)]
+    engine.step()
+    occupancy = engine.occupancy()
+    assert (occupancy["running"], occupancy["waiting"]) == (2, 2)
+    while engine.stats()["waiting"] or engine.stats()["running"]:
+        engine.step()
+    results = [stream.result() for stream in streams]
+    assert [(r.finish_reason, len(r.token_ids)) for r in results] == [("length", 120)] * 4
+    with pytest.raises(InvalidRequest, match="kv_cache_memory 0 MiB cannot hold one "
+                                             "sequence of max_model_len 128 tokens"):
+        make_engine(start=False, kv_cache_memory=3 * 32 * token_bytes)
+    with pytest.raises(InvalidRequest, match="give num_kv_blocks or kv_cache_memory"):
+        make_engine(start=False, kv_cache_memory=1 << 30, num_kv_blocks=8)
 
 
 def test_full_queue_is_overloaded_and_loses_nothing(make_engine):
