@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorag.adapters import IA3_INPUT_MODULES
+from lorag.server.engine.memory import lazy_zeros
 
 
 class LoraBatch:
@@ -253,9 +254,10 @@ class MultiLoraLinear(nn.Module):
         self.keys = [part.key for part in parts]
         self.offsets = [part.offset for part in parts]  # each part's first output column
         device = next(base.parameters()).device
-        self.a = torch.zeros(slots, max_rank, len(parts), in_features, dtype=dtype,
-                             device=device)
-        self.b = [torch.zeros(slots, max_rank, part.out_features, dtype=dtype, device=device)
+        # RAM is taken slot by slot, as adapters fill them (all 16 slots of rank 64 of the
+        # default model would hold 1.3 GB in float32 from start-up)
+        self.a = lazy_zeros((slots, max_rank, len(parts), in_features), dtype, device)
+        self.b = [lazy_zeros((slots, max_rank, part.out_features), dtype, device)
                   for part in parts]
         # per slot, each output column's scale: DoRA's m / ||W + B A||_row, or IA3's
         # vector (1 for LoRA's)

@@ -36,6 +36,7 @@ from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.kernels import sgmv_available
 from lorag.server.engine.kv import AttentionInput, attention_backend, slot_mapping
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
+from lorag.server.engine.memory import lazy_zeros
 
 # the projections of a layer run as these five matmuls (a group shares its input)
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
@@ -101,9 +102,9 @@ class ModelRunner:
         self.device = model.model.embed_tokens.weight.device
         self.quantized = getattr(hf, "quantization_config", None) is not None
         size = config.kv_block_size
-        self.kv_cache = torch.zeros(len(self.layers), config.kv_blocks, self.num_kv_heads,
-                                    2 * size, self.head_dim, dtype=self.dtype,
-                                    device=self.device)
+        # RAM is taken block by block, as requests reach them
+        self.kv_cache = lazy_zeros((len(self.layers), config.kv_blocks, self.num_kv_heads,
+                                    2 * size, self.head_dim), self.dtype, self.device)
         self.attention = attention_backend(config.attention_backend, self.device, self.dtype,
                                            self.num_heads, self.num_kv_heads, self.head_dim,
                                            size)
