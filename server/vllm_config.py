@@ -12,6 +12,7 @@ import torch
 
 from lorag.errors import InvalidRequest
 from lorag.server.engine.config import EngineConfig, kv_bytes_per_token
+from lorag.server.engine.speculative import MAX_NGRAM, MIN_NGRAM
 
 log = logging.getLogger("lorag.vllm")
 
@@ -125,5 +126,11 @@ def engine_args(model: str, dtype: str, quantization: str | None, config: Engine
         enforce_eager=o.enforce_eager, disable_log_stats=False,
         scheduling_policy="priority",  # a batch's lines wait behind interactive requests
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
+        # --speculative-tokens: vLLM's own prompt lookup, with the native engine's n-grams
+        **({"speculative_config": {"method": "ngram",
+                                   "num_speculative_tokens": c.speculative_tokens,
+                                   "prompt_lookup_max": MAX_NGRAM,
+                                   "prompt_lookup_min": MIN_NGRAM}}
+           if c.speculative_tokens else {}),
         **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes
            else {"gpu_memory_utilization": o.gpu_memory_utilization}))

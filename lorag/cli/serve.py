@@ -72,6 +72,11 @@ def serve(
         min=1, help="[native] Compute slots (default 16).")] = None,
     max_cpu_adapters_mb: Annotated[int | None, typer.Option(
         min=1, help="[native] RAM tier budget (default 2048).")] = None,
+    speculative_tokens: Annotated[int, typer.Option(
+        min=0, max=16, help="Tokens a decoding request drafts from its own prompt per step "
+                            "(prompt lookup, verified in one pass: greedy output "
+                            "unchanged); 0: off. vLLM's ngram method on --backend vllm.")]
+        = 0,
     kv_cache_memory: Annotated[str | None, typer.Option(
         help="KV cache size, like 512MiB or 2GiB (vLLM's too, on CPU or GPU); default: "
              "max-num-seqs sequences of max-model-len tokens, at most 2GiB. Requests whose "
@@ -171,7 +176,7 @@ def serve(
     engine = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
-        max_lora_rank=max_lora_rank,
+        max_lora_rank=max_lora_rank, speculative_tokens=speculative_tokens,
         adapter_roots=[root.expanduser() for root in adapter_root or []],
         **given_only({"max_active_adapters": max_active_adapters, "auto_merge": auto_merge,
                       "max_cpu_adapter_bytes": memory, "num_kv_blocks": num_kv_blocks,

@@ -98,6 +98,8 @@ class EngineConfig:
         (unquantized bases only; see server/engine/lora.py for why).
     grammar_compile_s: the longest a structured-output constraint may take to compile;
         past it the request gets a 400 (server/engine/structured.py).
+    speculative_tokens: tokens a decoding sequence drafts from its own context per step
+        (prompt lookup, server/engine/speculative.py); 0 turns speculation off.
     """
 
     max_model_len: int = 2048
@@ -116,6 +118,7 @@ class EngineConfig:
     adapter_roots: list[Path] = field(default_factory=list)
     auto_merge: bool = True
     grammar_compile_s: float = COMPILE_S
+    speculative_tokens: int = 0
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
@@ -125,6 +128,10 @@ class EngineConfig:
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be a positive integer, got {value!r}",
                                      field="num_kv_blocks" if name == "kv_blocks" else name)
+        if isinstance(self.speculative_tokens, bool) or not isinstance(
+                self.speculative_tokens, int) or not 0 <= self.speculative_tokens <= 16:
+            raise InvalidRequest(f"speculative_tokens must be an integer in 0..16, got "
+                                 f"{self.speculative_tokens!r}", field="speculative_tokens")
         if isinstance(self.grammar_compile_s, bool) or not isinstance(
                 self.grammar_compile_s, int | float) or not self.grammar_compile_s > 0:
             raise InvalidRequest(f"grammar_compile_s must be a number > 0, got "

@@ -37,6 +37,7 @@ from lorag.server.engine.registry import AdapterRegistry
 from lorag.server.engine.runner import ModelRunner, StepInput
 from lorag.server.engine.sampling import Logprobs, SamplingParams, penalize, sample
 from lorag.server.engine.scheduler import Scheduler, Sequence, distinct_adapters
+from lorag.server.engine.speculative import Speculator, speculable, verify
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream, releasable
 from lorag.server.engine.structured import Grammars, mask_logits
 
@@ -82,6 +83,7 @@ class Engine:
                                    self.runner.write_kv)
         self.ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.speculator = Speculator(self.config.speculative_tokens)
 
     # ---- lifecycle ----
 
@@ -295,12 +297,12 @@ class Engine:
                 "waiting_adapters": distinct_adapters(waiting)}
 
     def metric_families(self) -> list:
-        """The compiled-grammar cache's size (bounded, LRU); lorag's other metrics are this
-        engine's."""
+        """The compiled-grammar cache's size (bounded, LRU) and, with speculation on, its
+        counts under vLLM's names; lorag's other metrics are this engine's."""
         cache = GaugeMetricFamily("lorag_grammar_cache_bytes",
                                   "Bytes of compiled grammars the engine keeps (LRU).",
                                   value=self.grammars.cache_bytes())
-        return [cache]
+        return [cache, *(self.speculator.families() if self.speculator.tokens else [])]
 
     def stats(self) -> dict:
         """Occupancy plus the step counters, slot map and merge state: for benchmarks and
@@ -361,7 +363,20 @@ class Engine:
         if not self.running:
             return
         self._update_merge()
-        self._run(self.scheduler.stepping())
+        seqs = self.scheduler.stepping()
+        self._draft(seqs)
+        self._run(seqs)
+
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """Each decoding sequence's drafts for this step (server/engine/speculative.py)."""
+        decoding = [seq for seq in seqs if not seq.prefilling]
+        for seq in decoding:
+            seq.draft = []
+            if speculable(seq.params, seq.matcher is not None, seq.virtual is not None):
+                room = min(seq.params.max_tokens - len(seq.output_ids),
+                           self.config.max_model_len - seq.length) - 1
+                seq.draft = self.speculator.draft(seq.drafting, seq.context_ids() +
+                                                  seq.output_ids, room, len(decoding))
 
     def _run(self, seqs: list[Sequence]) -> None:
         """Step `seqs` together, keeping a failure to the request that caused it.
@@ -374,12 +389,13 @@ class Engine:
         the same way without a rerun: rows of a batch do not mix, so the others are sound.
         """
         step, sampled, prefilled = self.scheduler.schedule(seqs)
-        generators = [(seq.generator, seq.generator.get_state()) for seq in sampled
-                      if seq.generator is not None]
+        prompt_chunks = step.prefills[len(step.prefills) - len(prefilled):]  # after drafts'
+        generators = [(seq.generator, seq.generator.get_state())
+                      for seq in dict.fromkeys(sampled) if seq.generator is not None]
         try:
             sampled, broken, tokens, logprobs = self._compute(step, sampled)
         except Exception as e:
-            for seq, chunk in zip(prefilled, step.prefills, strict=True):
+            for seq, chunk in zip(prefilled, prompt_chunks, strict=True):
                 seq.computed -= chunk.length
             for generator, state in generators:
                 generator.set_state(state)
@@ -398,12 +414,19 @@ class Engine:
                 if not seq.prefilling:
                     self._queue_followers(seq)
         self.counters["steps"] += 1
-        self.counters["prompt_tokens"] += sum(chunk.length for chunk in step.prefills)
+        self.counters["prompt_tokens"] += sum(chunk.length for chunk in prompt_chunks)
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            try:
-                self._append(seq, token, logprob)
-            except Exception as e:  # decoding or the grammar: this request's own
-                self._fail(seq, "its output could not be decoded", e)
+            if seq.draft:  # a drafted sequence's tokens: accepted drafts, then one more
+                accepted = len(token) - 1
+                self.speculator.record(seq.drafting, len(seq.draft), accepted)
+                seq.draft = []
+            for one in token if isinstance(token, list) else [token]:
+                try:
+                    self._append(seq, one, logprob)
+                except Exception as e:  # decoding or the grammar: this request's own
+                    self._fail(seq, "its output could not be decoded", e)
+                if seq.id not in self.by_id:  # finished: the rest is not its output
+                    break
 
     def _compute(self, step: StepInput, sampled: list[Sequence]):
         """The forward pass and sampling: (the sequences sampled, those whose logits were
@@ -412,11 +435,28 @@ class Engine:
         if self.fault_hook is not None:
             self.fault_hook(sampled, logits)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        broken = [seq for seq, ok in zip(sampled, finite, strict=True) if not ok]
-        if broken:
-            logits = logits[torch.tensor(finite, device=logits.device)]
+        broken = list(dict.fromkeys(seq for seq, ok in zip(sampled, finite, strict=True)
+                                    if not ok))
+        if broken:  # every row of a drafted sequence goes with it
+            keep = [seq not in broken for seq in sampled]
+            logits = logits[torch.tensor(keep, device=logits.device)]
             sampled = [seq for seq in sampled if seq not in broken]
-        return sampled, broken, *self._sample(logits, sampled)
+        if not any(seq.draft for seq in sampled):
+            return sampled, broken, *self._sample(logits, sampled)
+        # a drafted sequence's rows are verified together: one entry, its tokens a list
+        rows: dict[Sequence, list[int]] = {}
+        for row, seq in enumerate(sampled):
+            rows.setdefault(seq, []).append(row)
+        plain = [seq for seq in rows if not seq.draft]
+        tokens, logprobs = self._sample(logits[[rows[seq][0] for seq in plain]], plain)
+        picked = dict(zip(plain, zip(tokens, logprobs, strict=True), strict=True))
+        for seq in rows:
+            if seq.draft:
+                picked[seq] = (verify(logits[rows[seq]], seq.draft, seq.params,
+                                      seq.generator), None)
+        order = list(rows)
+        return order, broken, [picked[seq][0] for seq in order], \
+            [picked[seq][1] for seq in order]
 
     def _fail(self, seq: Sequence, what: str, cause: Exception | None) -> None:
         """End `seq` alone with an error that names the request and nothing internal;

@@ -109,21 +109,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """Pick one token per row of `logits` [rows, vocab] (float32)."""
     tokens = logits.argmax(dim=-1).tolist()  # greedy for everyone, overwritten below
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        scores = logits[row] / p.temperature
-        if p.top_k:
-            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            sorted_probs = torch.softmax(sorted_scores, dim=-1)
-            # drop tokens whose preceding mass already exceeds top_p (the first always stays)
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs > p.top_p
-            scores = scores.scatter(0, order[drop], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
+        if not p.greedy:
+            tokens[row] = int(torch.multinomial(distribution(logits[row], p), 1,
+                                                generator=generator))
     return tokens
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """What a sampled (not greedy) request draws its next token from, given one row of
+    logits [vocab]: temperature, then top-k, then top-p."""
+    scores = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
+        # drop tokens whose preceding mass already exceeds top_p (the first always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > p.top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 class Logprobs:

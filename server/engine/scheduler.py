@@ -24,6 +24,7 @@ from lorag.server.engine.merge import AutoMerge
 from lorag.server.engine.pool import AdapterPool
 from lorag.server.engine.runner import Prefill, StepInput
 from lorag.server.engine.sampling import SamplingParams
+from lorag.server.engine.speculative import DraftState
 from lorag.server.engine.stream import TokenStream
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Sequence:
     # that wait for its prompt's KV blocks before they are queued
     followers: list["Sequence"] = field(default_factory=list)
     priority: int = 0  # lower is admitted first: interactive 0, batch lines 1
+    draft: list[int] = field(default_factory=list)  # this step's drafted tokens, if any
+    drafting: DraftState = field(default_factory=DraftState)
 
     @property
     def offset(self) -> int:
@@ -263,8 +266,10 @@ class Scheduler:
         """A step over `seqs` (running sequences): its input, the sequences it samples, and
         those it prefills (their `computed` already advanced by their chunk)."""
         budget = self.config.max_num_batched_tokens
-        decodes = [s for s in seqs if not s.prefilling]  # one token each, first in the step
-        budget -= len(decodes)
+        # one token each, first in the step; a drafted sequence runs as a chunk below
+        decodes = [s for s in seqs if not s.prefilling and not s.draft]
+        drafted = [s for s in seqs if not s.prefilling and s.draft]
+        budget -= len(decodes) + len(drafted)
         ids = [s.output_ids[-1] for s in decodes]  # ids: [tokens], the step's input
         positions = [s.length - 1 for s in decodes]  # positions: [tokens]
         lora = [self._route(s) for s in decodes]  # lora: [tokens], slot (-1: none/merged)
@@ -275,6 +280,20 @@ class Scheduler:
         sample_at = list(range(len(decodes)))  # sample_at: [samples], their row in ids
         prefills, prefilled = [], []  # [prefilling seqs]: each one's chunk; the seqs
         embeds = []  # (row in ids, [n, hidden]): virtual tokens' embeddings
+        for seq in drafted:  # its last token and drafts: a chunk sampled at every row
+            if len(seq.draft) > budget:
+                seq.draft = seq.draft[:max(budget, 0)]
+            budget -= len(seq.draft)
+            n, slot = 1 + len(seq.draft), self._route(seq)
+            prefills.append(Prefill(seq.length - 1, n, slot))
+            sample_at += range(len(ids), len(ids) + n)
+            sampled += [seq] * n
+            ids += [seq.output_ids[-1], *seq.draft]
+            positions += range(seq.length - 1, seq.length - 1 + n)
+            lora += [slot] * n
+            q_starts.append(len(ids))
+            seq_lens.append(seq.length - 1 + n)
+            tables.append(seq.blocks)
         for seq in seqs:
             if not seq.prefilling or budget <= 0:
                 continue

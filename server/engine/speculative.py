@@ -1,0 +1,163 @@
+"""Speculative decoding from the prompt (prompt lookup: vLLM's `ngram` method).
+
+An answer grounded in retrieved passages copies spans of them. So before a step, a
+decoding sequence whose last few tokens also occur earlier in its own context (the
+passages, the question, its output so far) drafts the tokens that followed there
+(`propose`). The step then runs those k drafts behind the sequence's last token as one
+k+1-token chunk, which gives the target's logits after each of them at once, and
+`verify` keeps the longest prefix the target agrees with plus one token of its own: up to
+k+1 tokens for one forward pass, whose cost on a CPU is mostly reading the weights once.
+
+Verification is exact. Greedy: a draft is kept while it is the argmax, so the output is
+the one decoding without drafts gives (up to ties the chunk's different arithmetic can
+break in the last bit). Sampled: the standard rejection rule for a draft that is one
+token with certainty: draft d is kept with probability p(d) under the request's own
+distribution (temperature, top-k, top-p); on rejection the token is drawn from p with d
+removed, renormalized, which leaves every token's probability exactly p.
+
+Which requests draft (`speculable`): those whose next token depends on nothing but the
+logits: not constrained by a grammar (the matcher would have to walk the drafts), not
+penalized (each row's penalties would depend on the drafts before it), not asking for
+logprobs, and without a prompt-tuning adapter's virtual tokens. The others decode one
+token a step as before, in the same batches.
+
+`Speculator` keeps it adaptive: a sequence whose drafts keep being rejected backs off
+(drafts every 2nd, 4th, ... step), and a step with more than `max_batch` decoding
+sequences drafts nothing, since a full batch is compute-bound and extra verified tokens
+would cost throughput.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from prometheus_client.core import CounterMetricFamily
+
+from lorag.server.engine.sampling import SamplingParams, distribution
+
+MAX_NGRAM, MIN_NGRAM = 3, 1  # the tail lengths looked up, longest first
+MAX_BATCH = 8  # decoding sequences beyond which a step drafts nothing
+# a sequence's drafts are judged once this many tokens were drafted for it ...
+JUDGED_AFTER = 8
+LOW_ACCEPTANCE = 0.3  # ... and back off below this share accepted
+MAX_BACKOFF = 16  # steps without drafting, at most
+
+
+def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
+            min_n: int = MIN_NGRAM) -> list[int]:
+    """Up to k tokens that followed an earlier occurrence of `tokens`' last n tokens
+    (the longest n in max_n..min_n that occurs): the latest occurrence with k tokens after
+    it, else the earliest (a run of one repeated token drafts k, not the one before the
+    end); [] when none occurs."""
+    if k < 1 or len(tokens) < 2:
+        return []
+    ids = np.asarray(tokens)
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        windows = sliding_window_view(ids[:-1], n)  # every n-gram but the tail itself
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            full = hits[hits + n + k <= len(ids)]
+            start = int(full[-1] if full.size else hits[0]) + n
+            return ids[start:start + k].tolist()
+    return []
+
+
+@torch.inference_mode()
+def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
+           generator: torch.Generator | None) -> list[int]:
+    """The tokens a drafted sequence emits, from the target's logits [len(draft) + 1,
+    vocab] after its last token and after each draft: the drafts the target keeps, then
+    one token of its own (the correction of the first rejected draft, or the next token
+    after all of them)."""
+    if params.greedy:
+        best = logits.argmax(dim=-1).tolist()
+        for i, token in enumerate(draft):
+            if best[i] != token:
+                return best[:i + 1]
+        return best
+    kept = []
+    for i, token in enumerate(draft):
+        probs = distribution(logits[i], params)
+        if torch.rand((), generator=generator, device=probs.device) < probs[token]:
+            kept.append(token)
+            continue
+        probs[token] = 0  # what is left of p once d is not drawn (multinomial renormalizes)
+        return kept + [int(torch.multinomial(probs, 1, generator=generator))]
+    last = distribution(logits[len(draft)], params)
+    return kept + [int(torch.multinomial(last, 1, generator=generator))]
+
+
+def speculable(params: SamplingParams, constrained: bool, virtual: bool) -> bool:
+    """Whether a request may draft (the module docstring says why the others do not)."""
+    return not (constrained or virtual or params.penalized or params.logprobs is not None)
+
+
+@dataclass
+class DraftState:
+    """One sequence's record: tokens drafted and kept, and its back-off."""
+
+    drafted: int = 0
+    accepted: int = 0
+    backoff: int = 0  # steps to wait between drafts now (0: every step)
+    wait: int = 0  # steps left before the next draft
+
+
+class Speculator:
+    """Drafts for the decoding sequences of a step, and what became of them: the counts
+    vLLM's spec-decode metrics report."""
+
+    def __init__(self, tokens: int, max_batch: int = MAX_BATCH):
+        self.tokens = tokens  # drafts per sequence and step, at most (0: off)
+        self.max_batch = max_batch
+        self.drafts = 0  # drafts made (one per sequence and step that drafted)
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.accepted_per_pos = [0] * tokens  # drafts kept at each position
+
+    def draft(self, state: DraftState, tokens: list[int], room: int, decoding: int
+              ) -> list[int]:
+        """A sequence's drafts this step: none when speculation is off, the batch is past
+        max_batch decoding sequences, the sequence is backing off, or nothing in its
+        context matches; at most `room` (the tokens it may still emit, less one)."""
+        if not self.tokens or decoding > self.max_batch or room < 1:
+            return []
+        if state.wait:
+            state.wait -= 1
+            return []
+        return propose(tokens, min(self.tokens, room))
+
+    def record(self, state: DraftState, drafted: int, accepted: int) -> None:
+        """`accepted` of a sequence's `drafted` drafts were kept: count them, and back off
+        a sequence whose drafts are mostly rejected (undone once they are kept again)."""
+        self.drafts += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        for position in range(accepted):
+            self.accepted_per_pos[position] += 1
+        state.drafted += drafted
+        state.accepted += accepted
+        if state.drafted >= JUDGED_AFTER and state.accepted < LOW_ACCEPTANCE * state.drafted:
+            state.backoff = min(MAX_BACKOFF, max(1, 2 * state.backoff))
+            state.drafted = state.accepted = 0  # judged again on the next ones
+        elif accepted == drafted:
+            state.backoff = 0
+        state.wait = state.backoff
+
+    def families(self) -> list[CounterMetricFamily]:
+        """The counts under vLLM's spec-decode names (vllm/v1/spec_decode/metrics.py):
+        acceptance rate is accepted_tokens / draft_tokens, mean accepted length
+        1 + accepted_tokens / drafts."""
+        families = [CounterMetricFamily(name, help_text, value=value) for name, help_text, value
+                    in (("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.",
+                         self.drafts),
+                        ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+                         self.draft_tokens),
+                        ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                         self.accepted_tokens))]
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.",
+                                      labels=["position"])
+        for position, count in enumerate(self.accepted_per_pos):
+            per_pos.add_metric([str(position)], count)
+        return families + [per_pos]
