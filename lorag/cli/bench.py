@@ -270,6 +270,35 @@ def bench_rag(
     main(workload, json_path)
 
 
+@app.command("latency")
+def bench_latency(
+    adapter: Annotated[Path | None, typer.Option(
+        help="The format adapter answering (default: the one `make demo` trains, "
+             "demo-results/adapters/house-style).")] = None,
+    speculative_tokens: Annotated[int, typer.Option(
+        min=1, max=16, help="Drafts per step of the peer with speculation on.")] = 4,
+    questions: Annotated[int, typer.Option(min=1, help="Demo questions asked.")] = 16,
+    streams: Annotated[int, typer.Option(min=1, help="Clients at once, the second pass.")]
+        = 8,
+    max_tokens: Annotated[int, typer.Option(min=2, help="Tokens per answer, at most.")]
+        = 96,
+    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    json_path: JsonOut = None,
+) -> None:
+    """RAG chat through a format adapter, speculative decoding off vs on: decode tok/s,
+    TTFT, end to end, 8 streams, identical greedy answers, acceptance."""
+    from lorag.benchmarks.latency import ADAPTER, main
+
+    adapter = adapter or ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise InvalidRequest(f"--adapter {adapter} holds no adapter; run `make demo` (it "
+                             "trains house-style) or give an adapter folder",
+                             field="adapter")
+    main(adapter.resolve(), speculative_tokens, questions, streams, max_tokens, quantize,
+         dtype, json_path)
+
+
 @app.command("compile")
 def bench_compile(
     sizes: Annotated[str, typer.Option(help="Comma-separated step sizes (tokens).")] =

@@ -369,6 +369,8 @@ class Engine:
 
     def _draft(self, seqs: list[Sequence]) -> None:
         """Each decoding sequence's drafts for this step (server/engine/speculative.py)."""
+        if not self.speculator.tokens:
+            return
         decoding = [seq for seq in seqs if not seq.prefilling]
         for seq in decoding:
             seq.draft = []
