@@ -105,8 +105,8 @@ def peer(folder: Path, flags: list[str], adapter: Path, questions: list[str],
         loaded = concurrent(daemon.url, questions, streams, max_tokens)
     finally:
         daemon.stop()
-    drafted = after.get("draft_tokens_total", 0) - before.get("draft_tokens_total", 0)
-    accepted = after.get("accepted_tokens_total", 0) - before.get("accepted_tokens_total", 0)
+    drafted = after.get("draft_tokens", 0) - before.get("draft_tokens", 0)
+    accepted = after.get("accepted_tokens", 0) - before.get("accepted_tokens", 0)
     rates = [a["decode_tok_s"] for a in answers if a["decode_tok_s"]]
     return {"single_stream": {
                 "decode_tok_s_p50": round(statistics.median(rates), 1),

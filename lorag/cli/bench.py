@@ -276,7 +276,7 @@ def bench_latency(
         help="The format adapter answering (default: the one `make demo` trains, "
              "demo-results/adapters/house-style).")] = None,
     speculative_tokens: Annotated[int, typer.Option(
-        min=1, max=16, help="Drafts per step of the peer with speculation on.")] = 4,
+        min=1, max=16, help="Drafts per step of the peer with speculation on.")] = 8,
     questions: Annotated[int, typer.Option(min=1, help="Demo questions asked.")] = 16,
     streams: Annotated[int, typer.Option(min=1, help="Clients at once, the second pass.")]
         = 8,

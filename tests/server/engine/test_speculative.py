@@ -58,7 +58,7 @@ def test_the_rejection_rule_leaves_the_distribution_as_it_was(params):
         assert chi2 < 20.5, (draft, counts / draws, expected)
 
 
-def test_a_sequence_whose_drafts_are_rejected_backs_off_and_a_full_batch_drafts_nothing():
+def test_drafts_follow_acceptance_back_off_and_stop_in_a_full_batch():
     speculator = Speculator(tokens=4, max_batch=8)
     state = DraftState()
     tokens = [1, 2, 3, 1, 2]
@@ -66,14 +66,14 @@ def test_a_sequence_whose_drafts_are_rejected_backs_off_and_a_full_batch_drafts_
     assert speculator.draft(state, tokens, room=2, decoding=1) == [3, 1]  # room bounds it
     speculator.record(state, drafted=4, accepted=0)
     speculator.record(state, drafted=4, accepted=1)  # 1 of 8 kept: back off one step
-    assert state.backoff == 1
+    assert state.backoff == 1 and state.length == 2  # one more than it kept
     assert speculator.draft(state, tokens, room=10, decoding=1) == []
-    assert speculator.draft(state, tokens, room=10, decoding=1) == [3, 1, 2]
-    speculator.record(state, drafted=3, accepted=3)
-    assert state.backoff == 0
+    assert speculator.draft(state, tokens, room=10, decoding=1) == [3, 1]
+    speculator.record(state, drafted=2, accepted=2)
+    assert state.backoff == 0 and state.length == 4  # kept whole: doubled, up to tokens
     assert (speculator.drafts, speculator.draft_tokens, speculator.accepted_tokens) == \
-        (3, 11, 4)
-    assert speculator.accepted_per_pos == [2, 1, 1, 0]
+        (3, 10, 3)
+    assert speculator.accepted_per_pos == [2, 1, 0, 0]
 
 
 def mixed_batch(engine, adapter_root) -> list:
