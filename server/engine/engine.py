@@ -395,7 +395,7 @@ class Engine:
         generators = [(seq.generator, seq.generator.get_state())
                       for seq in dict.fromkeys(sampled) if seq.generator is not None]
         try:
-            sampled, broken, tokens, logprobs = self._compute(step, sampled)
+            broken, sampled, tokens, logprobs = self._compute(step, sampled)
         except Exception as e:
             for seq, chunk in zip(prefilled, prompt_chunks, strict=True):
                 seq.computed -= chunk.length
@@ -431,8 +431,8 @@ class Engine:
                     break
 
     def _compute(self, step: StepInput, sampled: list[Sequence]):
-        """The forward pass and sampling: (the sequences sampled, those whose logits were
-        not finite and were left out, their tokens, their logprobs)."""
+        """The forward pass and sampling: (those whose logits were not finite and were left
+        out, the sequences sampled, their tokens, their logprobs)."""
         logits = self.runner.forward(step)
         if self.fault_hook is not None:
             self.fault_hook(sampled, logits)
@@ -444,8 +444,13 @@ class Engine:
             logits = logits[torch.tensor(keep, device=logits.device)]
             sampled = [seq for seq in sampled if seq not in broken]
         if not any(seq.draft for seq in sampled):
-            return sampled, broken, *self._sample(logits, sampled)
-        # a drafted sequence's rows are verified together: one entry, its tokens a list
+            return broken, sampled, *self._sample(logits, sampled)
+        return broken, *self._verify(logits, sampled)
+
+    def _verify(self, logits: torch.Tensor, sampled: list[Sequence]):
+        """`_sample` for a step with drafted sequences, whose rows (one per draft, and
+        one after them) are verified together: (each sequence once, its token or for a
+        drafted one its list of tokens, logprobs)."""
         rows: dict[Sequence, list[int]] = {}
         for row, seq in enumerate(sampled):
             rows.setdefault(seq, []).append(row)
@@ -457,8 +462,7 @@ class Engine:
                 picked[seq] = (verify(logits[rows[seq]], seq.draft, seq.params,
                                       seq.generator), None)
         order = list(rows)
-        return order, broken, [picked[seq][0] for seq in order], \
-            [picked[seq][1] for seq in order]
+        return order, [picked[seq][0] for seq in order], [picked[seq][1] for seq in order]
 
     def _fail(self, seq: Sequence, what: str, cause: Exception | None) -> None:
         """End `seq` alone with an error that names the request and nothing internal;
