@@ -74,8 +74,18 @@ class AdapterRecords:
 
     def _register(self, tenant: str, name: str, path: str, shared: bool) -> bool:
         """Read, validate and record `path` as `tenant`'s adapter `name`."""
-        key = tenancy.key(tenant, name)
+        fetched = is_remote(path) and self.cache is not None and not self.cache.cached(path)
         local = self.local(path)  # a remote source's: fetched, or found cached
+        try:
+            return self._record(tenant, name, path, local, shared)
+        except LoragError:
+            if fetched and not any(r.path == path for r in self.records.values()):
+                self.cache.drop(path)  # refused (another base, bad weights): not kept
+            raise
+
+    def _record(self, tenant: str, name: str, path: str, local: str, shared: bool) -> bool:
+        """`_register` once `path`'s files are local."""
+        key = tenancy.key(tenant, name)
         version = content_version(local, list(self.engine.limits.adapter_roots))
         record = AdapterRecord(tenant, name, path, shared, version)
         with self.lock:

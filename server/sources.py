@@ -237,6 +237,14 @@ class AdapterCache:
                 shutil.rmtree(partial, ignore_errors=True)
         return folder
 
+    def drop(self, url: str) -> None:
+        """Forget `url`'s cached copy (one the engine refused)."""
+        name = self._name(url)
+        with self.lock:
+            gate = self.fetching.setdefault(name, threading.Lock())
+        with gate:
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+
     def pin(self, folder: Path, pinned: bool) -> None:
         """Keep a cached adapter (a pinned one) out of eviction, or let it go again."""
         if folder.parent == self.folder:

@@ -20,9 +20,11 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
+from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import free_port
 from tests.daemons import ALICE
 from tests.server.test_http import chat, load
+from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.parametrize("daemon", ["native"], indirect=True)
 
@@ -94,9 +96,11 @@ def test_a_tarball_serves_as_its_folder_does(daemon, daemon_adapters, web):
     ("unknown-scheme", 400, "unknown source 'ftp'"),
     ("hub-without-revision", 400, "hf://org/name@revision"),
     ("hub-offline", 503, "needs a Hugging Face hub"),
+    ("another-base", 400, "the adapter was trained for a different base model"),
 ])
 def test_bad_sources_are_refused_by_name_leaving_nothing(daemon, daemon_adapters, web, case,
-                                                        status, message, monkeypatch):
+                                                        status, message, monkeypatch,
+                                                        tmp_path):
     style = daemon_adapters / "style"
     before = cached(daemon)
     if case == "wrong-digest":
@@ -114,6 +118,11 @@ def test_bad_sources_are_refused_by_name_leaving_nothing(daemon, daemon_adapters
         url = "ftp://example.com/adapter"
     elif case == "hub-without-revision":
         url = "hf://org/adapter"
+    elif case == "another-base":  # an adapter trained on a model twice as wide
+        other = tmp_path / "wide"
+        make_adapters(tiny_model(hidden_size=128, intermediate_size=256), other,
+                      {"wide": AdapterSpec(rank=4, alpha=8)})
+        url = publish(web, "wide.tar.gz", tarball(other / "wide"))
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         url = "hf://org/adapter@main"
