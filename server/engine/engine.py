@@ -377,8 +377,9 @@ class Engine:
             if speculable(seq.params, seq.matcher is not None, seq.virtual is not None):
                 room = min(seq.params.max_tokens - len(seq.output_ids),
                            self.config.max_model_len - seq.length) - 1
-                seq.draft = self.speculator.draft(seq.drafting, seq.context_ids() +
-                                                  seq.output_ids, room, len(decoding))
+                seq.draft = self.speculator.draft(
+                    seq.drafting, lambda seq=seq: seq.context_ids() + seq.output_ids, room,
+                    len(decoding))
 
     def _run(self, seqs: list[Sequence]) -> None:
         """Step `seqs` together, keeping a failure to the request that caused it.

@@ -30,6 +30,7 @@ extra verified tokens would cost throughput (measured: 8 streams through the NF4
 default model lost 19% with drafts at 8 sequences).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,18 +121,18 @@ class Speculator:
         self.accepted_tokens = 0
         self.accepted_per_pos = [0] * tokens  # drafts kept at each position
 
-    def draft(self, state: DraftState, tokens: list[int], room: int, decoding: int
-              ) -> list[int]:
+    def draft(self, state: DraftState, tokens: Callable[[], list[int]], room: int,
+              decoding: int) -> list[int]:
         """A sequence's drafts this step: none when speculation is off, the batch is past
         max_batch decoding sequences, the sequence is backing off, or nothing in its
         context matches; at most its draft length and `room` (the tokens it may still
-        emit, less one)."""
+        emit, less one). `tokens()` gives its context, read only when it drafts."""
         if not self.tokens or decoding > self.max_batch or room < 1:
             return []
         if state.wait:
             state.wait -= 1
             return []
-        return propose(tokens, min(self.tokens, state.length, room))
+        return propose(tokens(), min(self.tokens, state.length, room))
 
     def record(self, state: DraftState, drafted: int, accepted: int) -> None:
         """`accepted` of a sequence's `drafted` drafts were kept: count them, and back off

@@ -61,7 +61,7 @@ def test_the_rejection_rule_leaves_the_distribution_as_it_was(params):
 def test_drafts_follow_acceptance_back_off_and_stop_in_a_full_batch():
     speculator = Speculator(tokens=4, max_batch=8)
     state = DraftState()
-    tokens = [1, 2, 3, 1, 2]
+    tokens = lambda: [1, 2, 3, 1, 2]  # noqa: E731
     assert speculator.draft(state, tokens, room=10, decoding=9) == []  # past max_batch
     assert speculator.draft(state, tokens, room=2, decoding=1) == [3, 1]  # room bounds it
     speculator.record(state, drafted=4, accepted=0)
