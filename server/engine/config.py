@@ -145,7 +145,8 @@ class EngineConfig:
             raise InvalidRequest(f"kv_cache_memory must be a positive number of bytes, got "
                                  f"{memory!r}", field="kv_cache_memory")
         if self.num_kv_blocks is not None and memory is not None:
-            raise InvalidRequest("give num_kv_blocks or kv_cache_memory, not both",
+            raise InvalidRequest("give num_kv_blocks (--num-kv-blocks) or kv_cache_memory "
+                                 "(--kv-cache-memory), not both",
                                  field="kv_cache_memory")
         if self.kv_blocks < self.blocks_for(self.max_model_len):
             raise InvalidRequest(

@@ -123,7 +123,7 @@ def test_a_kv_cache_budget_sizes_the_cache_and_what_does_not_fit_waits(make_engi
     with pytest.raises(InvalidRequest, match="kv_cache_memory 0 MiB cannot hold one "
                                              "sequence of max_model_len 128 tokens"):
         make_engine(start=False, kv_cache_memory=3 * 32 * token_bytes)
-    with pytest.raises(InvalidRequest, match="give num_kv_blocks or kv_cache_memory"):
+    with pytest.raises(InvalidRequest, match="give num_kv_blocks .--num-kv-blocks. or"):
         make_engine(start=False, kv_cache_memory=1 << 30, num_kv_blocks=8)
 
 
