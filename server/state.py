@@ -122,9 +122,7 @@ class StateStore:
         """Serve `tenant`'s `name` by `versions` ({version: weight}) from now on, on every
         replica (each reads it per request); the keys are given versions afresh."""
         with self.db.write() as connection:
-            for table in (rollouts, rollout_keys):
-                connection.execute(delete(table).where(table.c.tenant == tenant,
-                                                       table.c.name == name))
+            _clear_rollout(connection, tenant, name)
             connection.execute(rollouts.insert().values(tenant=tenant, name=name,
                                                         versions=versions,
                                                         updated=time.time()))
@@ -136,20 +134,20 @@ class StateStore:
 
     def delete_rollout(self, tenant: str, name: str) -> bool:
         with self.db.write() as connection:
-            connection.execute(delete(rollout_keys).where(
-                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name))
-            return connection.execute(delete(rollouts).where(
-                rollouts.c.tenant == tenant, rollouts.c.name == name)).rowcount > 0
+            return _clear_rollout(connection, tenant, name)
 
     def rollout_version(self, tenant: str, name: str, key_id: str,
                         versions: dict[str, int]) -> str:
-        """The version of `name` the key `key_id` gets: the one it was given, else the
-        version furthest below its share of the keys given one so far (so a few dozen
-        keys already split as the weights say), recorded for every replica."""
+        """The version of `name` the key `key_id` gets: the one it was given (a read, the
+        common case), else the version furthest below its share of the keys given one so
+        far (so a few dozen keys already split as the weights say), recorded for every
+        replica."""
+        with self.db.read() as connection:
+            given = _given_version(connection, tenant, name, key_id)
+        if given is not None:
+            return given
         with self.db.write() as connection:
-            given = connection.scalar(select(rollout_keys.c.version).where(
-                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name,
-                rollout_keys.c.key_id == key_id))
+            given = _given_version(connection, tenant, name, key_id)  # meanwhile?
             if given is not None:
                 return given
             counts = dict(connection.execute(
@@ -161,6 +159,20 @@ class StateStore:
                           - counts.get(v, 0))
             connection.execute(self.db.insert_ignore(rollout_keys).values(
                 tenant=tenant, name=name, key_id=key_id, version=version))
-            return connection.scalar(select(rollout_keys.c.version).where(
-                rollout_keys.c.tenant == tenant, rollout_keys.c.name == name,
-                rollout_keys.c.key_id == key_id))
+            return _given_version(connection, tenant, name, key_id)
+
+
+def _given_version(connection, tenant: str, name: str, key_id: str) -> str | None:
+    """The version of `name` key `key_id` was given under the current rollout, if any."""
+    return connection.scalar(select(rollout_keys.c.version).where(
+        rollout_keys.c.tenant == tenant, rollout_keys.c.name == name,
+        rollout_keys.c.key_id == key_id))
+
+
+def _clear_rollout(connection, tenant: str, name: str) -> bool:
+    """Delete `tenant`'s rollout of `name` and the versions its keys were given; whether
+    there was one."""
+    connection.execute(delete(rollout_keys).where(rollout_keys.c.tenant == tenant,
+                                                  rollout_keys.c.name == name))
+    return connection.execute(delete(rollouts).where(
+        rollouts.c.tenant == tenant, rollouts.c.name == name)).rowcount > 0
