@@ -217,15 +217,15 @@ class AdapterCache:
     def local(self, url: str) -> Path:
         """The cached folder of `url`'s adapter, fetched first if it is not there (once,
         however many callers ask at once: the others wait for that fetch)."""
-        source = source_of(url, self.budget)
         name = self._name(url)
         folder = self.folder / name
         with self.lock:
             gate = self.fetching.setdefault(name, threading.Lock())
         with gate:
-            if folder.is_dir():
+            if folder.is_dir():  # found (every request on it asks): nothing to fetch
                 folder.touch()  # its use, for least-recently-used eviction
                 return folder
+            source = source_of(url, self.budget)
             partial = self.folder / f".partial-{name}-{uuid.uuid4().hex[:8]}"
             partial.mkdir()
             try:
