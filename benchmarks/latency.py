@@ -22,7 +22,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
-from lorag.client import DaemonClient, sse_data
+from lorag.client import DaemonClient, sse_event
 from lorag.models import cpu_has_bf16
 from lorag.retrieval.ingest import ingest
 
@@ -43,10 +43,9 @@ def ask(http: httpx.Client, question: str, max_tokens: int) -> dict:
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            data = sse_data(line)
-            if not data or data == "[DONE]":
+            chunk = sse_event(line)
+            if chunk is None:
                 continue
-            chunk = json.loads(data)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk["choices"]:
