@@ -278,45 +278,45 @@ class Scheduler:
         tables = [s.blocks for s in decodes]  # tables: [seqs], each one's KV blocks
         sampled = list(decodes)  # sampled: [samples], the sequences that get a token
         sample_at = list(range(len(decodes)))  # sample_at: [samples], their row in ids
-        prefills, prefilled = [], []  # [prefilling seqs]: each one's chunk; the seqs
+        prefills, prefilled = [], []  # every chunk (drafted ones first); the prompts' seqs
         embeds = []  # (row in ids, [n, hidden]): virtual tokens' embeddings
+
+        def add_chunk(seq: Sequence, start: int, tokens: list[int], slot: int) -> range:
+            """`seq`'s `tokens` from position `start` on as one chunk; their rows in ids."""
+            rows = range(len(ids), len(ids) + len(tokens))
+            prefills.append(Prefill(start, len(tokens), slot))
+            ids.extend(tokens)
+            positions.extend(range(start, start + len(tokens)))
+            lora.extend([slot] * len(tokens))
+            q_starts.append(len(ids))
+            seq_lens.append(start + len(tokens))
+            tables.append(seq.blocks)
+            return rows
+
         for seq in drafted:  # its last token and drafts: a chunk sampled at every row
             if len(seq.draft) > budget:
                 seq.draft = seq.draft[:max(budget, 0)]
             budget -= len(seq.draft)
-            n, slot = 1 + len(seq.draft), self._route(seq)
-            prefills.append(Prefill(seq.length - 1, n, slot))
-            sample_at += range(len(ids), len(ids) + n)
-            sampled += [seq] * n
-            ids += [seq.output_ids[-1], *seq.draft]
-            positions += range(seq.length - 1, seq.length - 1 + n)
-            lora += [slot] * n
-            q_starts.append(len(ids))
-            seq_lens.append(seq.length - 1 + n)
-            tables.append(seq.blocks)
+            rows = add_chunk(seq, seq.length - 1, [seq.output_ids[-1], *seq.draft],
+                             self._route(seq))
+            sample_at += rows
+            sampled += [seq] * len(rows)
         for seq in seqs:
             if not seq.prefilling or budget <= 0:
                 continue
             n = min(seq.context_length - seq.computed, budget)  # this step's chunk
             budget -= n
-            slot = self._route(seq)
-            prefills.append(Prefill(seq.computed, n, slot))
-            prefilled.append(seq)
             chunk = seq.context_ids(seq.computed, seq.computed + n)
             if seq.computed < seq.offset:  # a prompt-tuning adapter's virtual tokens
                 embeds.append((len(ids), seq.virtual.tensor[seq.computed:seq.offset]
                                [:n]))
                 chunk = [max(token, 0) for token in chunk]
-            ids += chunk
-            positions += range(seq.computed, seq.computed + n)
-            lora += [slot] * n
+            rows = add_chunk(seq, seq.computed, chunk, self._route(seq))
+            prefilled.append(seq)
             seq.computed += n
-            q_starts.append(len(ids))
-            seq_lens.append(seq.computed)
-            tables.append(seq.blocks)
             if not seq.prefilling:  # its last prompt token yields the first output token
                 sampled.append(seq)
-                sample_at.append(len(ids) - 1)
+                sample_at.append(rows[-1])
         used = [self.pool.ranks[slot] for slot in set(lora) if slot >= 0]
         tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         attention = AttentionInput(q_starts, seq_lens, tables, self.config.kv_block_size,
