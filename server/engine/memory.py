@@ -1,11 +1,9 @@
 """Buffers that hold RAM only where they are used."""
 
 import math
+import mmap
 
-import numpy as np
 import torch
-
-ALIGN = 64  # bytes: a cache line, and what torch's own CPU allocator aligns to
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype,
@@ -13,13 +11,15 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype,
     """Zeros that on CPU take RAM page by page as they are written.
 
     torch.zeros writes every page at once, so a KV cache or a stack of adapter slots is
-    resident from start-up whatever the load. numpy's zeros come from calloc, whose large
-    blocks are fresh anonymous pages the kernel maps to its zero page until written: a KV
-    block no request has reached, or an adapter slot no adapter has filled, costs nothing
-    (measured in docs/engine.md). Elsewhere (GPU) plain torch.zeros."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
+    resident from start-up whatever the load. An anonymous mapping is zero pages the kernel
+    commits one by one as they are written: a KV block no request has reached, or an
+    adapter slot no adapter has filled, costs nothing (measured in docs/engine.md). The
+    mapping is asked of the kernel directly, not of malloc: calloc in a long-lived process
+    may hand back freed heap memory that is already resident (and was, in one CI run).
+    Elsewhere (GPU) plain torch.zeros."""
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(size + ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return torch.from_numpy(raw[start:start + size]).view(dtype).view(shape)
+    if torch.device(device).type != "cpu" or size == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # private (a shared one is shmem, committed when read), page-aligned; kept alive by the tensor
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.uint8, count=size).view(dtype).view(shape)
