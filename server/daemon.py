@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
+import torch
 import uvicorn
 from prometheus_client import start_http_server
 from rich.console import Console
@@ -39,8 +40,9 @@ from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.sources import CACHE_MB, AdapterCache
 from lorag.server.state import StateStore
-from lorag.server.vllm_config import VllmOptions
+from lorag.server.vllm_config import VllmOptions, size_cpu_workers
 from lorag.state import Database, state_url
+from lorag.threads import use_threads
 
 log = logging.getLogger("lorag.daemon")
 
@@ -77,6 +79,7 @@ class ServeOptions:
     batch_lease_s: float = LEASE_S  # a dead replica's lines are taken over after this
     adapter_cache_mb: int = CACHE_MB  # adapters fetched from remote sources, at most
     adapter_source: str | None = None  # where unregistered adapters are looked for
+    threads: int | None = None  # every pool's threads (lorag/threads.py); None: torch's own
 
 
 def batch_runner(service: Service, options: ServeOptions) -> BatchRunner:
@@ -90,6 +93,8 @@ def build_service(options: ServeOptions) -> Service:
     name = check_name(options.served_model_name or Path(options.model).name,
                       "served_model_name", "served model name")
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
+    if options.threads is not None:
+        use_threads(options.threads)
     db = Database(state_url(options.state, options.data_dir))
     try:
         config = options.engine
@@ -126,6 +131,8 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
         from lorag.server.vllm_backend import VllmBackend
 
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
+        if options.threads is not None:
+            size_cpu_workers(options.threads)
         return VllmBackend(options.model, dtype, options.quantize, config,
                            options.vllm or VllmOptions(), options.data_dir / "vllm-adapters")
     if options.backend != "native":
@@ -169,7 +176,8 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
     """The banner, then HTTP until a signal ends it."""
     roots = ", ".join(str(r) for r in service.engine.limits.adapter_roots)
     parts = [f"[bold]lorag[/] serving {service.model_name} "
-             f"({options.quantize}; {service.engine.describe()})",
+             f"({options.quantize}; {service.engine.describe()}; "
+             f"{options.threads or torch.get_num_threads()} threads)",
              f"HTTP http://{options.host}:{options.port}/v1",
              f"gRPC {options.host}:{options.grpc_port}"]
     if options.metrics_port is not None:

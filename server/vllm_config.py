@@ -89,6 +89,21 @@ def kv_cache_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> int:
     return sized.kv_blocks * sized.kv_block_size * token_bytes
 
 
+def size_cpu_workers(threads: int) -> None:
+    """vLLM-CPU binds its workers' OpenMP threads to cores of its own choosing
+    (VLLM_CPU_OMP_THREADS_BIND=auto: a NUMA node's cores but one, whatever a cgroup quota
+    allows). Where the daemon has fewer threads than cores to run on, the workers are
+    left unbound and take OMP_NUM_THREADS (lorag/threads.py) instead: two replicas on one
+    box would otherwise bind to the same cores. A VLLM_CPU_OMP_THREADS_BIND set by hand
+    wins, as does vLLM's binding where the daemon has every core."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        log.warning("VLLM_CPU_OMP_THREADS_BIND=%s binds vLLM's CPU workers; --threads does "
+                    "not size them", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+    elif threads < len(os.sched_getaffinity(0)):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def check_lora_rank(rank: int) -> None:
     if rank not in VLLM_LORA_RANKS:
         raise InvalidRequest(f"--max-lora-rank {rank}: vLLM's LoRA kernels take one of "

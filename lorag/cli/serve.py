@@ -144,12 +144,20 @@ def serve(
     batch_concurrency: Annotated[int, typer.Option(
         min=0, help="Batch API lines this replica runs at once, behind interactive "
                     "requests; 0: it runs none (other replicas do).")] = 4,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads for the engine's step loop, the embedder and vLLM's CPU "
+                    "workers; default: the CPUs this process may use (its CPU affinity, or "
+                    "its cgroup's CPU quota where that is smaller).")] = None,
     batch_lease_s: Annotated[float, typer.Option(
         min=1, help="Seconds a claimed batch line stays this replica's without a renewal: "
                     "how soon another replica takes over the lines of one that died.")]
         = 30.0,
 ) -> None:
     """Start the daemon: OpenAI-compatible HTTP, gRPC, adapters, metrics, in one process."""
+    from lorag.threads import available_cpus, use_threads
+
+    threads = threads or available_cpus()
+    use_threads(threads)  # first: every OpenMP runtime the daemon loads then sizes to it
     from lorag.server.daemon import ServeOptions
     from lorag.server.daemon import serve as run
     from lorag.server.engine import EngineConfig
@@ -200,7 +208,8 @@ def serve(
                      tokens_per_s_per_key=tokens_per_s_per_key,
                      limits=RequestLimits().with_settings(limit or []),
                      batch_concurrency=batch_concurrency, batch_lease_s=batch_lease_s,
-                     adapter_cache_mb=adapter_cache_mb, adapter_source=adapter_source),
+                     adapter_cache_mb=adapter_cache_mb, adapter_source=adapter_source,
+                     threads=threads),
         console)
 
 

@@ -1,0 +1,108 @@
+"""The CPUs a process may use (affinity, cgroup v1 and v2 quotas), and pools sized to them.
+
+The cgroup hierarchy of the test machine is v1: a real cgroup with a CPU quota is made
+there, and v2's files (what Kubernetes nodes mostly run now) are laid out in a folder in
+the format the kernel writes them."""
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lorag.threads import cgroup_cpu_limit
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def write(folder: Path, **files: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def test_v2_takes_the_tightest_quota_of_the_cgroup_and_its_ancestors(tmp_path):
+    write(tmp_path, cgroup_controllers="cpuset cpu io memory pids", cpu_max="max 100000")
+    write(tmp_path / "kubepods", cpu_max="400000 100000")
+    write(tmp_path / "kubepods" / "pod1", cpu_max="150000 100000")
+    write(tmp_path / "kubepods" / "pod1" / "app", cpu_max="max 100000")
+    assert cgroup_cpu_limit("0::/kubepods/pod1/app\n", tmp_path) == 1.5
+    assert cgroup_cpu_limit("0::/kubepods\n", tmp_path) == 4.0
+    assert cgroup_cpu_limit("0::/\n", tmp_path) is None  # "max": unlimited
+
+
+def test_v1_reads_the_cpu_hierarchy_under_either_mount_name(tmp_path):
+    for mount in ("cpu,cpuacct", "cpu"):
+        root = tmp_path / mount.replace(",", "-")
+        write(root / mount, cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+        write(root / mount / "docker" / "abc", cpu_cfs_quota_us="250000",
+              cpu_cfs_period_us="100000")
+        proc = f"12:memory:/docker/abc\n4:{mount}:/docker/abc\n1:name=systemd:/docker/abc\n"
+        assert cgroup_cpu_limit(proc, root) == 2.5
+    root = tmp_path / "named-cpu"  # the hierarchy "cpu,cpuacct", mounted as .../cpu
+    write(root / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    assert cgroup_cpu_limit("3:cpu,cpuacct:/\n", root) == 0.5
+
+
+def test_a_path_the_container_does_not_see_falls_back_to_its_own_root(tmp_path):
+    """Without a cgroup namespace /proc names the host's path; the container's own cgroup
+    is the mount's root."""
+    write(tmp_path / "cpu", cpu_cfs_quota_us="200000", cpu_cfs_period_us="100000")
+    assert cgroup_cpu_limit("5:cpu:/kubepods/besteffort/pod9/abc\n", tmp_path) == 2.0
+    assert cgroup_cpu_limit("5:cpu:/x\n", tmp_path / "nothing-mounted") is None
+    assert cgroup_cpu_limit("0::/x\n", tmp_path) is None  # no unified mount here
+
+
+PROBE = """
+import os, threading
+os.environ.pop("OMP_NUM_THREADS", None)
+from lorag.threads import available_cpus, use_threads
+cpus = available_cpus()
+use_threads(cpus)
+import faiss, torch
+seen = []
+thread = threading.Thread(target=lambda: seen.extend(
+    [torch.get_num_threads(), faiss.omp_get_max_threads()]))
+thread.start(); thread.join()
+print(cpus, torch.get_num_threads(), *seen)
+"""
+
+
+def probe(*prefix: str, preexec=None) -> list[int]:
+    """available_cpus in a fresh process started under `prefix`, then the threads torch
+    has in the main thread, and torch and faiss in a thread started after it."""
+    out = subprocess.run([*prefix, sys.executable, "-c", PROBE], capture_output=True,
+                         text=True, timeout=120, preexec_fn=preexec, check=True).stdout
+    return [int(word) for word in out.split()]
+
+
+def test_affinity_sizes_every_pool_of_a_fresh_process():
+    cpus = len(os.sched_getaffinity(0))
+    assert probe() == [cpus] * 4
+    if cpus > 1:
+        assert probe("taskset", "-c", "0") == [1] * 4
+
+
+@pytest.fixture
+def quota_cgroup():
+    """A real cgroup (v1's cpu hierarchy) with a quota of one CPU, removed after."""
+    if not os.access(CGROUP_V1_CPU, os.W_OK):
+        pytest.fail(f"{CGROUP_V1_CPU} is not writable: this test makes a cgroup there and "
+                    "needs root on a machine with cgroup v1's cpu hierarchy mounted")
+    folder = CGROUP_V1_CPU / f"lorag-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        (folder / "cpu.cfs_period_us").write_text("100000")
+        (folder / "cpu.cfs_quota_us").write_text("100000")
+        yield folder
+    finally:
+        folder.rmdir()  # its process has exited: the cgroup is empty
+
+
+def test_a_cgroup_quota_below_the_affinity_sizes_the_pools(quota_cgroup):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs a machine with 2 CPUs or more")
+    procs = quota_cgroup / "cgroup.procs"
+    assert probe(preexec=lambda: procs.write_text(str(os.getpid()))) == [1] * 4
