@@ -164,7 +164,7 @@ def counter(metrics: dict[str, list], family: str) -> float:
     return sum(s.value for s in metrics.get(family, []) if s.name.endswith("_total"))
 
 
-async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int
+async def stream_plan(url: str, plan: list[str], concurrency: int, max_tokens: int
                    ) -> list[dict]:
     """Stream each request of `plan` (adapter names), `concurrency` at once."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -196,7 +196,7 @@ async def _traffic(url: str, plan: list[str], concurrency: int, max_tokens: int
 def send(url: str, plan: list[str], concurrency: int = 4, max_tokens: int = 4) -> list[dict]:
     """Send `plan` (one streamed chat per adapter name, `max_tokens` each: ignore_eos)
     through `url`; per request: the adapter and its time to first token."""
-    return asyncio.run(_traffic(url, plan, concurrency, max_tokens))
+    return asyncio.run(stream_plan(url, plan, concurrency, max_tokens))
 
 
 def plan(adapters: list[str], per_adapter: int, seed: int = 0) -> list[str]:

@@ -299,6 +299,21 @@ def bench_latency(
          dtype, json_path)
 
 
+@app.command("threads")
+def bench_threads(
+    requests: Annotated[int, typer.Option(min=2, help="Streams per peer, over its daemons.")]
+        = 32,
+    concurrency: Annotated[int, typer.Option(min=2, help="Streams at once, in all.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens each.")] = 64,
+    json_path: JsonOut = None,
+) -> None:
+    """One daemon with every core against two side by side, each with half the cores
+    (--threads) or each with every core (oversubscribed)."""
+    from lorag.benchmarks.threads import main
+
+    main(requests, concurrency, max_tokens, json_path)
+
+
 @app.command("compile")
 def bench_compile(
     sizes: Annotated[str, typer.Option(help="Comma-separated step sizes (tokens).")] =
