@@ -28,6 +28,7 @@ from lorag.benchmarks.daemon import DaemonProcess, free_port, register_adapters
 from lorag.benchmarks.retrieval import percentiles
 from lorag.client import sse_event
 from lorag.errors import InvalidRequest
+from lorag.threads import available_cpus
 
 HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
 REPLICAS = 3  # the servers haproxy.cfg names
@@ -36,16 +37,18 @@ MODEL = "smollm2-135m-instruct"
 
 class Fleet:
     """REPLICAS `lorag serve` processes on one state database and one adapter root,
-    started at once; `flags` go to every replica."""
+    started at once; `flags` go to every replica, and each gets its share of the cores
+    (--threads; at least 1: three replicas on two cores run three threads)."""
 
     def __init__(self, folder: Path, flags: list[str], state: str):
         self.folder = folder
+        share = str(max(1, available_cpus() // REPLICAS))
 
         def start(index: int) -> DaemonProcess:
             data = folder / f"replica-{index + 1}"
             data.mkdir(parents=True, exist_ok=True)
-            return DaemonProcess(data, [*flags, "--state", state, "--state-poll-interval",
-                                        "0.5"], data / "daemon.log")
+            return DaemonProcess(data, ["--threads", share, *flags, "--state", state,
+                                        "--state-poll-interval", "0.5"], data / "daemon.log")
 
         with ThreadPoolExecutor(REPLICAS) as pool:
             starts = [pool.submit(start, index) for index in range(REPLICAS)]
