@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, BOB
+from tests.daemons import ALICE, BOB, client
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -25,10 +25,6 @@ BASE = "smollm2-135m-instruct"
 CORPUS = Path(__file__).parents[1] / "data" / "corpus"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 BAKER = "Who is the head baker at the Zephyr Street bakery?"
-
-
-def client(daemon, key: str = ALICE) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=key.split()[1], max_retries=0)
 
 
 def chat(daemon, model: str, key: str = ALICE) -> str:

@@ -5,16 +5,11 @@ import base64
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
-from tests.daemons import ALICE, embedding_model
+from tests.daemons import ALICE, client, embedding_model
 
 TEXTS = ["The bakery opens at seven.", "Hekla is a volcano in Iceland."]
-
-
-def client(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=ALICE.split()[1], max_retries=0)
 
 
 def post(daemon, body: dict, key: str | None = ALICE) -> httpx.Response:

@@ -29,16 +29,13 @@ from tests.daemons import (
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
     MAX_WAITING,
+    client,
 )
 from tests.polling import wait_for
 from tests.tiny import tiny_model
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def client(daemon, key: str = ALICE) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=key.split()[1], max_retries=0)
 
 
 def post(daemon, path: str, body: dict, key: str = ALICE) -> httpx.Response:

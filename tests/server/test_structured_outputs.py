@@ -7,14 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
-import openai
 import pytest
 import torch
 
 from lorag.models import load_base
 from lorag.server.engine.structured import Constraint, Grammars
 from lorag.v1 import lorag_pb2, lorag_pb2_grpc
-from tests.daemons import ALICE, BASE, MAX_WAITING
+from tests.daemons import ALICE, BASE, MAX_WAITING, client
 from tests.schemas import SCHEMAS, validate
 
 ADAPTERS = ["json-style", "json-other", "json-third", "json-fourth"]
@@ -24,10 +23,6 @@ MODELS = [BASE, *ADAPTERS]
 # once)
 REQUESTS = {"native": 20, "vllm": 5}
 ASK = [{"role": "user", "content": "Describe one example as JSON."}]
-
-
-def client(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=ALICE.split()[1], max_retries=0)
 
 
 @pytest.fixture(scope="module")
