@@ -7,6 +7,7 @@ field."""
 
 import json
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -42,15 +43,20 @@ def rollout(replica, versions: dict) -> httpx.Response:
     return post(replica, "/v1/adapters/support/rollout", {"versions": versions})
 
 
+@pytest.mark.slow
 def test_a_rollout_splits_by_weight_sticks_per_key_and_promotes_everywhere(fleet):
     a, b = fleet
     answers = {chat(a, f"support@{v}"): v for v in ("v1", "v2")}
     assert len(answers) == 2, "the two versions must answer differently"
     assert rollout(a, {"v1": 80, "v2": 20}).status_code == 200
     seen = defaultdict(set)
-    for i in range(500):
+
+    def ask(i: int) -> None:
         user = USERS[i % 50]
         seen[user].add(answers[chat(fleet[i % 2], "support", key=user)])
+
+    with ThreadPoolExecutor(8) as pool:  # as clients would: a few at once on each replica
+        list(pool.map(ask, range(500)))
     assert all(len(versions) == 1 for versions in seen.values()), seen  # sticky per key
     share = Counter(next(iter(v)) for v in seen.values())["v1"] / 50
     assert 0.75 <= share <= 0.85, share  # 80/20 within 5 points
