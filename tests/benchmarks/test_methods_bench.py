@@ -1,8 +1,9 @@
-"""`lorag bench methods` on the tiny Llama (fast lane): every method trains in its own
+"""`lorag bench methods` on the tiny Llama: every method trains in its own
 process and every column of the table is filled, the chart drawn."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lorag.cli import app
@@ -20,6 +21,7 @@ def bench(tiny_base, folder, *flags: str):
         *flags])
 
 
+@pytest.mark.slow
 def test_every_method_fills_every_column(tiny_base, tmp_path):
     out, chart, folder = tmp_path / "methods.json", tmp_path / "methods.png", tmp_path / "run"
     result = bench(tiny_base, folder, "--steps", "1", "--json", str(out), "--chart", str(chart))

@@ -35,6 +35,7 @@ def test_greedy_verification_keeps_the_drafts_the_argmax_agrees_with():
     assert verify(logits, [2, 4, 9], greedy, None) == [3]  # the first rejected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
                                     SamplingParams(temperature=0.7, top_p=0.8),
                                     SamplingParams(temperature=1.3, top_k=3)],
