@@ -132,7 +132,9 @@ def test_a_restored_adapter_is_read_and_validated_on_first_use(daemon):
 def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, base_model_dir):
     """`lorag serve --backend vllm` as docs/backends.md gives it (no environment variables)
     while another process holds 4 GiB: vLLM-CPU would reserve 92% of the machine's memory and
-    refuse to start; lorag sizes its KV cache instead and says how much at start."""
+    refuse to start; lorag sizes its KV cache instead and says how much at start. With
+    --enforce-eager alone: compiling the model at start (which the session's vLLM daemon
+    does) took two of this test's three minutes and has nothing to do with the sizing."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     hog = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
                             "held = bytearray(4 << 30)  # zero-filled: resident\n"
@@ -140,8 +142,8 @@ def test_the_plain_vllm_command_starts_with_gigabytes_held_elsewhere(tmp_path, b
                            stdout=subprocess.PIPE, text=True)
     try:
         assert hog.stdout.readline() == "held\n"
-        daemon = DaemonProcess(tmp_path / "data", ["--backend", "vllm"], tmp_path / "log",
-                               env=env)
+        daemon = DaemonProcess(tmp_path / "data", ["--backend", "vllm", "--enforce-eager"],
+                               tmp_path / "log", env=env)
         try:
             # the defaults: 64 sequences of 2048 tokens, K and V of 30 layers x 3 KV heads
             # x 64, in the dtype `auto` picks here (5.62 GiB in float32), capped at 2 GiB
