@@ -40,7 +40,7 @@ from lorag.server.quotas import KeyQuotas
 from lorag.server.service import Service
 from lorag.server.sources import CACHE_MB, AdapterCache
 from lorag.server.state import StateStore
-from lorag.server.vllm_config import VllmOptions, size_cpu_workers
+from lorag.server.vllm_config import VllmOptions
 from lorag.state import Database, state_url
 from lorag.threads import use_threads
 
@@ -131,10 +131,9 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
         from lorag.server.vllm_backend import VllmBackend
 
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
-        if options.threads is not None:
-            size_cpu_workers(options.threads)
         return VllmBackend(options.model, dtype, options.quantize, config,
-                           options.vllm or VllmOptions(), options.data_dir / "vllm-adapters")
+                           options.vllm or VllmOptions(), options.data_dir / "vllm-adapters",
+                           options.threads or torch.get_num_threads())
     if options.backend != "native":
         raise InvalidRequest(f"backend must be native or vllm, got {options.backend!r}",
                              field="backend")

@@ -89,17 +89,29 @@ def kv_cache_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> int:
     return sized.kv_blocks * sized.kv_block_size * token_bytes
 
 
-def size_cpu_workers(threads: int) -> None:
-    """vLLM-CPU binds its workers' OpenMP threads to cores of its own choosing
-    (VLLM_CPU_OMP_THREADS_BIND=auto: a NUMA node's cores but one, whatever a cgroup quota
-    allows). Where the daemon has fewer threads than cores to run on, the workers are
-    left unbound and take OMP_NUM_THREADS (lorag/threads.py) instead: two replicas on one
-    box would otherwise bind to the same cores. A VLLM_CPU_OMP_THREADS_BIND set by hand
-    wins, as does vLLM's binding where the daemon has every core."""
+def bind_cpu_workers(threads: int, workers: int) -> None:
+    """vLLM-CPU binds each worker's OpenMP threads to cores (VLLM_CPU_OMP_THREADS_BIND):
+    `auto` gives a worker a NUMA node's cores but one, whatever a cgroup quota allows, and
+    refuses more workers than NUMA nodes. lorag sets the binding from the daemon's
+    `threads` instead: pipeline or tensor stages get the first `threads` cores split
+    evenly, one list each; a lone worker with fewer threads than cores is left unbound with
+    OMP_NUM_THREADS (lorag/threads.py), so that two replicas on one box do not bind the
+    same cores; with every core it keeps vLLM's own binding. A VLLM_CPU_OMP_THREADS_BIND
+    set by hand wins."""
+    cpus = sorted(os.sched_getaffinity(0))
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         log.warning("VLLM_CPU_OMP_THREADS_BIND=%s binds vLLM's CPU workers; --threads does "
                     "not size them", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
-    elif threads < len(os.sched_getaffinity(0)):
+    elif workers > 1:
+        share = min(threads, len(cpus)) // workers
+        if share < 1:
+            raise InvalidRequest(
+                f"{workers} vLLM workers (--pipeline-parallel-size x --tensor-parallel-size) "
+                f"need a core each; this daemon has {min(threads, len(cpus))} (--threads, "
+                "CPU affinity, cgroup quota)", field="pipeline_parallel_size")
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cpus[i * share:(i + 1) * share])) for i in range(workers))
+    elif threads < len(cpus):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
@@ -115,6 +127,20 @@ def check_for_device(options: VllmOptions, device: str) -> None:
         raise InvalidRequest("--gpu-memory-utilization applies to GPUs; on the CPU build "
                              "size the KV cache with --kv-cache-memory",
                              field="gpu_memory_utilization")
+    if device == "cpu" and options.distributed_executor_backend == "ray":
+        # vLLM 0.32's own words, 20 s into the start: CpuPlatform has no ray_device_key
+        raise InvalidRequest("--distributed-executor-backend ray: vLLM's CPU build runs no "
+                             "Ray workers (vLLM: \"current platform cpu does not support "
+                             "ray.\"); Ray's workers are for GPUs (docs/backends.md)",
+                             field="distributed_executor_backend")
+    if device == "cpu" and options.pipeline_parallel_size > 1:
+        # run by hand on vLLM-CPU 0.32: stages start, then the first step fails
+        raise InvalidRequest("--pipeline-parallel-size above 1: vLLM's CPU build runs a "
+                             "model with LoRA eagerly and skips its warm-up step, so a "
+                             "later pipeline stage fails its first step (vLLM 0.32: "
+                             "AssertionError in sync_and_gather_intermediate_tensors), "
+                             "and lorag always serves with LoRA; pipeline stages are for "
+                             "GPUs (docs/backends.md)", field="pipeline_parallel_size")
     if options.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
         raise InvalidRequest("--distributed-executor-backend ray: ray is not installed "
                              "(pip install ray)", field="distributed_executor_backend")

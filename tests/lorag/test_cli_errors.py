@@ -32,6 +32,12 @@ from lorag.cli import app
     (["serve", "--backend", "vllm", "--gpu-memory-utilization", "0.5"], 2,
      "error: --gpu-memory-utilization applies to GPUs; on the CPU build size the KV cache "
      "with --kv-cache-memory"),
+    (["serve", "--backend", "vllm", "--distributed-executor-backend", "ray"], 2,
+     "error: --distributed-executor-backend ray: vLLM's CPU build runs no Ray workers (vLLM: "
+     "\"current platform cpu does not support ray.\")"),
+    (["serve", "--backend", "vllm", "--pipeline-parallel-size", "2"], 2,
+     "error: --pipeline-parallel-size above 1: vLLM's CPU build runs a model with LoRA "
+     "eagerly and skips its warm-up step"),
     (["serve", "--kv-cache-memory", "2"], 2, "error: --kv-cache-memory takes a size above 0 "
      "with its unit, like 512MiB or 2GiB"),
     (["bench", "compile", "--sizes", "8,0"], 2, "error: --sizes takes positive token "
@@ -40,7 +46,8 @@ from lorag.cli import app
      "counts like 8,64,128; got 'eight'"),
 ], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon",
         "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4",
-        "vllm-cpu-memory-utilization", "kv-cache-memory-no-unit",
+        "vllm-cpu-memory-utilization", "vllm-cpu-ray", "vllm-cpu-pipeline",
+        "kv-cache-memory-no-unit",
         "compile-size-zero", "compile-size-word"])
 def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys, tmp_path):
     if args[0] == "serve":

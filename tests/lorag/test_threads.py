@@ -106,3 +106,36 @@ def test_a_cgroup_quota_below_the_affinity_sizes_the_pools(quota_cgroup):
         pytest.fail("this test needs a machine with 2 CPUs or more")
     procs = quota_cgroup / "cgroup.procs"
     assert probe(preexec=lambda: procs.write_text(str(os.getpid()))) == [1] * 4
+
+
+@pytest.mark.parametrize("threads, workers, cpus, bound", [
+    (4, 2, [0, 1, 2, 3], "0,1|2,3"),  # pipeline or tensor stages: the cores split evenly
+    (2, 2, [4, 5, 6, 7], "4|5"),  # the first `threads` of the affinity
+    (2, 1, [0, 1, 2, 3], "nobind"),  # a lone worker with its share: unbound, OMP_NUM_THREADS
+    (4, 1, [0, 1, 2, 3], None),  # every core: vLLM's own binding
+], ids=["stages", "stages-share", "share", "every-core"])
+def test_vllm_cpu_workers_are_bound_to_the_daemons_threads(threads, workers, cpus, bound,
+                                                           monkeypatch):
+    from lorag.server.vllm_config import bind_cpu_workers
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "99")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    bind_cpu_workers(threads, workers)
+    assert os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == bound
+    assert os.environ["OMP_NUM_THREADS"] == (str(threads) if bound == "nobind" else "99")
+
+
+def test_a_binding_set_by_hand_wins_and_too_few_cores_are_refused(monkeypatch):
+    from lorag.errors import InvalidRequest
+    from lorag.server.vllm_config import bind_cpu_workers
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")
+    bind_cpu_workers(1, 1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "3"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(InvalidRequest, match="4 vLLM workers .* need a core each; this daemon "
+                                             "has 2"):
+        bind_cpu_workers(2, 4)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
