@@ -133,7 +133,7 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
         return VllmBackend(options.model, dtype, options.quantize, config,
                            options.vllm or VllmOptions(), options.data_dir / "vllm-adapters",
-                           options.threads or torch.get_num_threads())
+                           options.threads)
     if options.backend != "native":
         raise InvalidRequest(f"backend must be native or vllm, got {options.backend!r}",
                              field="backend")

@@ -93,6 +93,10 @@ def serve(
     grammar_compile_s: Annotated[float | None, typer.Option(
         min=0.001, help="[native] The longest a structured-output constraint may take to "
                         "compile (then 400; default 10).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Threads for the engine's step loop, the embedder and vLLM's CPU "
+                    "workers; default: the CPUs this process may use (its CPU affinity, or "
+                    "its cgroup's CPU quota where that is smaller).")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(
         min=1, help="[vllm] GPUs each layer is split over.")] = None,
     pipeline_parallel_size: Annotated[int | None, typer.Option(
@@ -144,10 +148,6 @@ def serve(
     batch_concurrency: Annotated[int, typer.Option(
         min=0, help="Batch API lines this replica runs at once, behind interactive "
                     "requests; 0: it runs none (other replicas do).")] = 4,
-    threads: Annotated[int | None, typer.Option(
-        min=1, help="Threads for the engine's step loop, the embedder and vLLM's CPU "
-                    "workers; default: the CPUs this process may use (its CPU affinity, or "
-                    "its cgroup's CPU quota where that is smaller).")] = None,
     batch_lease_s: Annotated[float, typer.Option(
         min=1, help="Seconds a claimed batch line stays this replica's without a renewal: "
                     "how soon another replica takes over the lines of one that died.")]
