@@ -43,12 +43,12 @@ async def _load(daemons: list[DaemonProcess], requests: int, concurrency: int,
 
 def _peer(name: str, threads: list[int], folder: Path, requests: int, concurrency: int,
           max_tokens: int) -> dict:
-    """Start one daemon per entry of `threads` (its --threads), warm each with one request,
-    then time the traffic."""
+    """Start one daemon per entry of `threads` (its --threads) with its data under
+    `folder`, warm each with one request, then time the traffic."""
     daemons: list[DaemonProcess] = []
     try:
         for index, count in enumerate(threads):
-            data = folder / f"{name}-{index}"
+            data = folder / f"daemon-{index}"
             data.mkdir(parents=True)
             daemons.append(DaemonProcess(data, ["--threads", str(count), "--served-model-name",
                                                 MODEL], data / "daemon.log"))
@@ -77,8 +77,8 @@ def main(requests: int = 32, concurrency: int = 8, max_tokens: int = 64,
     peers = [("one daemon, every core", [cores]),
              ("two daemons, half the cores each", [cores // 2] * 2),
              ("two daemons, every core each", [cores] * 2)]
-    results = [_peer(f"peer{i}", threads, folder, requests, concurrency, max_tokens)
-               | {"peer": name} for i, (name, threads) in enumerate(peers)]
+    results = [_peer(name, threads, folder / f"peer-{i}", requests, concurrency, max_tokens)
+               for i, (name, threads) in enumerate(peers)]
     report = {"workload": {"model": MODEL, "quantize": "nf4", "requests": requests,
                            "concurrency": concurrency, "max_tokens": max_tokens,
                            "cores": cores, "affinity": len(os.sched_getaffinity(0)),
