@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from lorag.benchmarks.daemon import DaemonProcess
-from lorag.benchmarks.stats import ttft_ms
+from lorag.benchmarks.stats import print_json, ttft_ms
 from lorag.client import sse_data
 from lorag.models import cpu_has_bf16
 
@@ -128,8 +128,5 @@ def main(model: str, quantize: str, lines: int, concurrency: int, max_tokens: in
                            "batch_concurrency": concurrency, "line_max_tokens": max_tokens,
                            "interactive_samples": samples},
               "ttft": ways}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

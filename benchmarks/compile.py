@@ -11,7 +11,6 @@ the first call at that size (compiling, or recompiling for a new shape range). P
 JSON.
 """
 
-import json
 import random
 import time
 from functools import partial
@@ -22,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from lorag.benchmarks.stats import print_json
 from lorag.provision import ModelCache
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 from lorag.settings import Settings
@@ -37,9 +37,7 @@ def main(sizes: list[int], slots: int = 64, rank: int = 16,
               "elementwise": _elementwise(config, sizes),
               # decode tokens: at most one per running sequence (the engine's 128)
               "lora_delta": _lora_delta(config, [n for n in sizes if n <= 128], slots, rank)}
-    print(json.dumps(result, indent=2))
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result, json_path)
     return result
 
 

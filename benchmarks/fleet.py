@@ -10,7 +10,6 @@ The affinity test (tests/deploy/test_affinity.py) uses the same parts.
 """
 
 import asyncio
-import json
 import os
 import random
 import re
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.benchmarks.daemon import DaemonProcess, free_port, register_adapters
 from lorag.benchmarks.retrieval import percentiles
+from lorag.benchmarks.stats import print_json
 from lorag.client import sse_event
 from lorag.errors import InvalidRequest
 from lorag.threads import available_cpus
@@ -278,10 +278,7 @@ def main(adapters: int = 24, per_adapter: int = 8, slots: int = 8, concurrency: 
                            "slots_per_replica": slots, "concurrency": concurrency,
                            "max_tokens": max_tokens, "router": "haproxy " + _haproxy_version()},
               "peers": peers}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     shutil.rmtree(folder, ignore_errors=True)
     return result
 

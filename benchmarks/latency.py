@@ -22,6 +22,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.benchmarks.stats import print_json
 from lorag.client import DaemonClient, sse_event
 from lorag.models import cpu_has_bf16
 from lorag.retrieval.ingest import ingest
@@ -144,8 +145,5 @@ def main(adapter: Path, tokens: int, questions: int, streams: int, max_tokens: i
                              / on["single_stream"]["e2e_ms_p50"], 2),
             "concurrent_tok_s": round(on["concurrent"]["tok_s"] / off["concurrent"]["tok_s"],
                                       2)}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

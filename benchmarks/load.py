@@ -8,7 +8,6 @@ many requests completed, disconnected, failed, and whether the engine is clean a
 """
 
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -18,6 +17,7 @@ import httpx
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.benchmarks.stats import print_json
 from lorag.client import DONE, sse_data
 from lorag.models import load_base
 
@@ -118,8 +118,5 @@ def main(requests: int = 200, adapters: int = 16, disconnect: float = 0.2,
     result = {"workload": {"model": MODEL, "quantize": "nf4", "adapters": adapters,
                            "disconnect_fraction": disconnect, "max_tokens": max_tokens},
               **result}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

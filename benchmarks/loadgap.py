@@ -10,7 +10,6 @@ outside it (p50 and max). A registration that ran on the step loop or the event 
 shows as a gap as long as itself. Prints JSON.
 """
 
-import json
 import statistics
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import httpx
 from lorag.adapters import TARGET_MODULES
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess
+from lorag.benchmarks.stats import print_json
 from lorag.client import sse_data
 from lorag.models import load_base
 
@@ -103,8 +103,5 @@ def main(loads: int = 3, max_tokens: int = 200, backends: tuple[str, ...] = ("na
                                        "mb": round(size / len(paths) / 1e6, 1)}},
               **{backend: measure(backend, root, paths, folder, max_tokens)
                  for backend in backends}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorag import catalog
+from lorag.benchmarks.stats import print_json
 from lorag.errors import InvalidRequest
 from lorag.evaluation.generate import read_examples
 from lorag.evaluation.scoring import contains, follows_schema
@@ -284,10 +285,7 @@ def main(workload: Workload, json_path: Path | None = None, chart: Path | None =
                        "held_out": len(held_out), "facts_questions": len(questions),
                        "neutral_prompts": len(evaluator.neutral)},
               "methods": rows, "folder": str(folder)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     if chart:
         draw(result, Path(chart))
     return result

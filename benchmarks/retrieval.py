@@ -30,6 +30,8 @@ import faiss
 import numpy as np
 from sqlalchemy import select
 
+from lorag.benchmarks.stats import print_json
+
 NAMES = ["Ada Varga", "Bram Okafor", "Cleo Lindqvist", "Dario Mensah", "Elin Takeda",
          "Farid Novak", "Greta Ocampo", "Hugo Brennan", "Ines Kowalski", "Jonas Adeyemi",
          "Kira Halvorsen", "Luca Moreau", "Mira Castellanos", "Nils Fonseca", "Oona Reyes"]
@@ -254,8 +256,5 @@ def main(sizes: list[int], documents: int, queries: int, nprobes: list[int],
                           "faiss": faiss.__version__},
               "ingest": ingest, **({"state": states} if states else {}),
               "scale": [bench_scale(n, seed_vectors, query_vectors, nprobes) for n in sizes]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

@@ -28,6 +28,7 @@ import httpx
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
 from lorag.benchmarks.daemon import DaemonProcess, register_adapters
+from lorag.benchmarks.stats import print_json
 from lorag.client import DONE, sse_data
 from lorag.models import load_base
 
@@ -255,8 +256,5 @@ def main(minutes: float = 30, rate: float = 4.0, concurrency: int = 16,
                            "rate_per_s": rate, "concurrency": concurrency,
                            "warmup_minutes": warmup_minutes},
               **run, "verdict": verdict(run["samples"], run["outcomes"], warmup_minutes)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result

@@ -1,6 +1,9 @@
-"""The figures every serving benchmark reports, computed one way."""
+"""The figures every serving benchmark reports, computed one way, and how a benchmark
+hands its result over."""
 
+import json
 import statistics
+from pathlib import Path
 
 
 def ttft_ms(ttfts: list[float]) -> dict:
@@ -16,3 +19,11 @@ def summary(tokens: int, wall: float, ttfts: list[float]) -> dict:
     """Generated tokens per second over the wall time, the wall time, and `ttft_ms`."""
     return {"tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2),
             **ttft_ms(ttfts)}
+
+
+def print_json(result: dict, json_path: Path | str | None = None) -> None:
+    """Print `result` as indented JSON, and write it to `json_path` too if given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")

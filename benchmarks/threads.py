@@ -15,7 +15,6 @@ from the clients: generated tokens per second over the wall time of all of them,
 """
 
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 from lorag import catalog
 from lorag.benchmarks.daemon import DaemonProcess
 from lorag.benchmarks.fleet import stream_plan
-from lorag.benchmarks.stats import summary
+from lorag.benchmarks.stats import print_json, summary
 from lorag.threads import available_cpus
 
 MODEL = catalog.DEFAULT_BASE_MODEL
@@ -84,8 +83,5 @@ def main(requests: int = 32, concurrency: int = 8, max_tokens: int = 64,
                            "cores": cores, "affinity": len(os.sched_getaffinity(0)),
                            "torch": torch.__version__},
               "peers": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(report, json_path)
     return report

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lorag import catalog
+from lorag.benchmarks.stats import print_json
 from lorag.provision import ModelCache
 from lorag.settings import Settings
 
@@ -108,10 +109,7 @@ def main(examples: int = 64, steps: int = 16, batch: int = 8, lr: float = 2e-4,
                           "lorag_train": {**ours, "loss_on": "final assistant turn"}}}
     if "tokens_per_s" in plain and "tokens_per_s" in ours:
         result["speedup"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
+    print_json(result, json_path)
     return result
 
 
