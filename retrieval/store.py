@@ -45,7 +45,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 from lorag.errors import InvalidRequest
 from lorag.names import MAX_KEY_LENGTH, check_name
 from lorag.retrieval import MAX_TOP_K, MODES, SEARCH_MODE, TOP_K
-from lorag.retrieval.chunking import chunk_text
 from lorag.retrieval.embedder import Embedder
 from lorag.retrieval.indexes import ReplicaIndexes
 from lorag.retrieval.lexical import fuse
@@ -295,7 +294,7 @@ class DocumentStore:
         limit = min(self.chunk_tokens, self.embedder.max_tokens)
         pieces = [(document_id, metadata, chunk)
                   for document_id, text, metadata, _ in prepared
-                  for chunk in chunk_text(text, self.embedder.tokenizer, limit, self.overlap)]
+                  for chunk in self.embedder.chunks(text, limit, self.overlap)]
         vectors = self.embedder.encode([chunk.text for *_, chunk in pieces])
         return [{"namespace": namespace, "document_id": document_id,
                  "position": chunk.position, "text": chunk.text,
