@@ -1,8 +1,8 @@
 """The CPUs a process may use (affinity, cgroup v1 and v2 quotas), and pools sized to them.
 
-The cgroup hierarchy of the test machine is v1: a real cgroup with a CPU quota is made
-there, and v2's files (what Kubernetes nodes mostly run now) are laid out in a folder in
-the format the kernel writes them."""
+A real cgroup with a CPU quota is made on the test machine (its hierarchy is v1; v2 where
+that is mounted), and both versions' files are also laid out in folders in the format the
+kernel writes them (v2 is what Kubernetes nodes mostly run now)."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorag.threads import cgroup_cpu_limit
+from lorag.threads import CGROUP_ROOT, cgroup_cpu_limit
 
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 
@@ -87,15 +87,23 @@ def test_affinity_sizes_every_pool_of_a_fresh_process():
 
 @pytest.fixture
 def quota_cgroup():
-    """A real cgroup (v1's cpu hierarchy) with a quota of one CPU, removed after."""
-    if not os.access(CGROUP_V1_CPU, os.W_OK):
-        pytest.fail(f"{CGROUP_V1_CPU} is not writable: this test makes a cgroup there and "
-                    "needs root on a machine with cgroup v1's cpu hierarchy mounted")
-    folder = CGROUP_V1_CPU / f"lorag-test-{uuid.uuid4().hex[:8]}"
+    """A real cgroup with a quota of one CPU, removed after: under cgroup v1's cpu
+    hierarchy (this machine's), or the unified v2 one where that is what is mounted."""
+    unified = (CGROUP_ROOT / "cgroup.controllers").exists()
+    parent = CGROUP_ROOT if unified else CGROUP_V1_CPU
+    if not os.access(parent, os.W_OK):
+        pytest.fail(f"{parent} is not writable: this test makes a cgroup there and needs "
+                    "root on a machine with cgroups mounted (v1's cpu hierarchy or v2)")
+    folder = parent / f"lorag-test-{uuid.uuid4().hex[:8]}"
+    if unified:  # the cpu controller must be on for the root's children
+        (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
     folder.mkdir()
     try:
-        (folder / "cpu.cfs_period_us").write_text("100000")
-        (folder / "cpu.cfs_quota_us").write_text("100000")
+        if unified:
+            (folder / "cpu.max").write_text("100000 100000")
+        else:
+            (folder / "cpu.cfs_period_us").write_text("100000")
+            (folder / "cpu.cfs_quota_us").write_text("100000")
         yield folder
     finally:
         folder.rmdir()  # its process has exited: the cgroup is empty
