@@ -93,7 +93,8 @@ def build_service(options: ServeOptions) -> Service:
     name = check_name(options.served_model_name or Path(options.model).name,
                       "served_model_name", "served model name")
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
-    if options.threads is not None:
+    if options.threads is not None:  # torch.get_num_threads() is it from here on: the
+        # banner and vLLM-CPU's workers read it there
         use_threads(options.threads)
     db = Database(state_url(options.state, options.data_dir))
     try:
@@ -132,8 +133,7 @@ def start_backend(options: ServeOptions, config: EngineConfig) -> Backend:
 
         dtype = str(resolve_dtype(options.dtype)).removeprefix("torch.")
         return VllmBackend(options.model, dtype, options.quantize, config,
-                           options.vllm or VllmOptions(), options.data_dir / "vllm-adapters",
-                           options.threads)
+                           options.vllm or VllmOptions(), options.data_dir / "vllm-adapters")
     if options.backend != "native":
         raise InvalidRequest(f"backend must be native or vllm, got {options.backend!r}",
                              field="backend")
@@ -176,7 +176,7 @@ def _serve(service: Service, options: ServeOptions, console: Console) -> None:
     roots = ", ".join(str(r) for r in service.engine.limits.adapter_roots)
     parts = [f"[bold]lorag[/] serving {service.model_name} "
              f"({options.quantize}; {service.engine.describe()}; "
-             f"{options.threads or torch.get_num_threads()} threads)",
+             f"{torch.get_num_threads()} threads)",
              f"HTTP http://{options.host}:{options.port}/v1",
              f"gRPC {options.host}:{options.grpc_port}"]
     if options.metrics_port is not None:

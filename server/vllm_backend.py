@@ -95,11 +95,11 @@ class VllmBackend:
     """Serves one base model with many LoRA adapters on vLLM's engine."""
 
     def __init__(self, model: str, dtype: str, quantize: str, config: EngineConfig,
-                 options: VllmOptions, adapter_dir: Path, threads: int | None = None):
+                 options: VllmOptions, adapter_dir: Path):
         """model: a catalog name, HF folder, .gguf file or hub id, provisioned only once the
         options are known to be servable; dtype: "bfloat16" / "float32" / ...; quantize:
-        lorag's name (none, nf4, int8), refused where vLLM cannot serve it on this device;
-        threads: the CPU workers' (default: torch's here)."""
+        lorag's name (none, nf4, int8), refused where vLLM cannot serve it on this device.
+        vLLM-CPU's workers get the threads torch has here (the daemon's --threads)."""
         from vllm.platforms import current_platform
 
         self.config, self.options = config, options
@@ -108,7 +108,7 @@ class VllmBackend:
         check_lora_rank(config.max_lora_rank)
         check_for_device(options, self.device)
         if self.device == "cpu":
-            bind_cpu_workers(threads or torch.get_num_threads(),
+            bind_cpu_workers(torch.get_num_threads(),
                              options.pipeline_parallel_size * options.tensor_parallel_size)
         model = str(resolve_model(model, ModelCache(Settings().models_dir)))
         self.tokenizer = AutoTokenizer.from_pretrained(model)
