@@ -3,20 +3,20 @@
 torch has no segmented GEMM for CPU, and the batched matmuls that stand in for one
 (server/engine/lora.py) spend most of their time padding tokens and reading small
 matrices slowly. The C++ kernel reads each active adapter once per call, unpadded. It is
-compiled for this machine's CPU (`-march=native`, AVX512-BF16 dot products where the
-CPU has them) by torch's extension builder into torch's extension cache
-(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once: ~15 s, which `make
-setup` pays; later starts only find it there. The build name carries a hash of the
-CPU's feature flags, so a cache shared between different machines never hands one a
-binary with instructions it lacks, of the source's text (a changed kernel gets a build
-of its own) and of the Python environment (its torch headers are in the build's
-commands: two venvs sharing one build would rebuild it in turn). It builds from a copy of
-the source kept in that build's folder, since the builder rebuilds whenever its source
-file is newer than the binary, as every fresh clone's is: a fresh clone into the same
-place finds its build.
+compiled for this machine's CPU (`-march=native`: AVX512-BF16 dot products where the
+CPU has them, float32 GEMM tiles on AVX2, fast enough for prompt chunks too) by torch's
+extension builder into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), once: ~15 s, which `make setup` pays; later starts only find
+it there. The build name carries a hash of the CPU's feature flags, so a cache shared
+between different machines never hands one a binary with instructions it lacks, of the
+source's text (a changed kernel gets a build of its own) and of the Python environment
+(its torch headers are in the build's commands: two venvs sharing one build would
+rebuild it in turn). It builds from a copy of the source kept in that build's folder,
+since the builder rebuilds whenever its source file is newer than the binary, as every
+fresh clone's is: a fresh clone into the same place finds its build.
 
-When the build fails (no C++ compiler), the engine says why once and runs decode
-tokens' LoRA as batched matmuls, the path accelerators use anyway.
+When the build fails (no C++ compiler), the engine says why once and runs LoRA as
+batched matmuls, the path accelerators use anyway.
 """
 
 import functools
@@ -83,3 +83,12 @@ def sgmv_available() -> bool:
         return False
     return True
 
+
+
+def kernel_takes_chunks(dtype) -> bool:
+    """Whether the built kernel has a GEMM path for long segments of `dtype` (float32 on
+    AVX2 + FMA), so that prompt chunks run faster in it than padded into batched matmuls
+    (`lorag bench kernels`). False where the kernel did not build."""
+    import torch
+
+    return sgmv_available() and bool(torch.ops.lorag.gemm_path(dtype))

@@ -14,15 +14,15 @@ expand reads contiguous [rank, out] matrices: 20% faster than bmm on B's transpo
 
 Per step, `LoraBatch.route` groups the tokens ONCE by adapter; every layer then reads
 each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
-- decode tokens, a few per adapter, by the engine's own SGMV kernel on CPU
-  (csrc/sgmv.cpp, server/engine/kernels.py). Measured here (bf16, 128 decode tokens over
-  64 r16 slots, fused q/k/v; best of 15): 0.17 ms beside 0.38 ms for the base matmul,
-  against 0.58 ms padded into batched matmuls, most of that padding and oneDNN reading
-  small matrices at a third of memory speed;
-- prompt chunks (a run of tokens of one adapter each), and decode tokens off CPU or
-  where the kernel did not build: padded into [groups, tokens_per_group, in] for batched
-  matmuls. At 128 tokens a chunk is a real GEMM, which oneDNN does about 2x faster than the
-  kernel's loops.
+- by the engine's own SGMV kernel on CPU (csrc/sgmv.cpp, server/engine/kernels.py):
+  decode tokens always, prompt chunks (a run of tokens of one adapter each) where the
+  kernel has a GEMM path for the dtype (float32 on AVX2). Measured here (bf16, 128
+  decode tokens over 64 r16 slots, fused q/k/v; best of 15): 0.17 ms beside 0.38 ms for
+  the base matmul, against 0.58 ms padded into batched matmuls, most of that padding and
+  oneDNN reading small matrices at a third of memory speed; prompt chunks of 128-1024
+  tokens: `lorag bench kernels`;
+- otherwise (off CPU, where the kernel did not build, bf16 prompt chunks): padded into
+  [groups, tokens_per_group, in] for batched matmuls.
 Fusing q/k/v shares the shrink's input reads in both.
 
 DoRA adapters run the same path; each slot has a column scale (1 for LoRA's) that DoRA
@@ -54,16 +54,18 @@ class LoraBatch:
     """Token -> slot routing for one step, shared by every LoRA layer of the model.
 
     With the SGMV kernel (`use_kernel`: the runner's choice, on CPU where it built),
-    decode tokens (one per sequence, first in the step) become `segments`, one per slot.
-    Otherwise they are padded into groups for batched matmuls, and group g IS slot g, so
-    the layers read the slot stack as a view (gathering 64 slots' A and B costs more than
-    the matmuls). Prompt chunks, a contiguous run of one slot each, are always one group
-    per chunk (their few slots are gathered).
+    decode tokens (one per sequence, first in the step) become `segments`, one per slot,
+    and so do prompt chunks with `kernel_chunks` (where the kernel has a GEMM path).
+    Otherwise decode tokens are padded into groups for batched matmuls, and group g IS
+    slot g, so the layers read the slot stack as a view (gathering 64 slots' A and B
+    costs more than the matmuls); prompt chunks, a contiguous run of one slot each, are
+    one group per chunk (their few slots are gathered).
     """
 
-    def __init__(self, use_kernel: bool):
+    def __init__(self, use_kernel: bool, kernel_chunks: bool = False):
         self.active = False
         self.use_kernel = use_kernel
+        self.kernel_chunks = use_kernel and kernel_chunks
         # slots whose tokens' rows are scaled (a DoRA or an IA3 adapter's): the pool's
         self.scaled_slots: set[int] = set()
         self.scaled = None  # this step's (tokens, their slots) on those slots, if any
@@ -80,21 +82,28 @@ class LoraBatch:
             return
         if not self.scaled_slots.isdisjoint(self.slot_set):
             self.scaled = _rows_on(decode_slots, chunks, self.scaled_slots)
+        device = decode_slots.device  # every index on the step's device
         tokens = (decode_slots >= 0).nonzero().squeeze(1)
+        slots = decode_slots[tokens]
+        if chunks:
+            chunk_tokens = torch.cat([torch.arange(start, end, device=device)
+                                      for start, end, _ in chunks])
+            lengths = torch.tensor([end - start for start, end, _ in chunks], device=device)
+            if self.kernel_chunks:  # segments of the kernel, with the decode tokens'
+                chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
+                tokens = torch.cat([tokens, chunk_tokens])
+                slots = torch.cat([slots, torch.repeat_interleave(chunk_slots, lengths)])
+            else:  # one group per chunk: chunks come in token order
+                group = torch.repeat_interleave(torch.arange(len(chunks), device=device),
+                                                lengths)
+                self.chunks = _Groups.of(chunk_tokens, group)
+                self.chunk_slots = torch.tensor([slot for _, _, slot in chunks],
+                                                device=device)
         if len(tokens):
-            slots = decode_slots[tokens]
             if self.use_kernel:
                 self.segments = _Segments(tokens, slots)
             else:
                 self.decode = _Groups.of(tokens, slots)
-        if chunks:
-            device = decode_slots.device  # every index on the step's device
-            tokens = torch.cat([torch.arange(start, end, device=device)
-                                for start, end, _ in chunks])
-            lengths = torch.tensor([end - start for start, end, _ in chunks], device=device)
-            group = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)
-            self.chunks = _Groups.of(tokens, group)  # chunks come in token order
-            self.chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
 
 
 def _rows_on(decode_slots: torch.Tensor, chunks: list[tuple[int, int, int]],

@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorag.adapters import BaseShape
 from lorag.server.engine.config import EngineConfig
-from lorag.server.engine.kernels import sgmv_available
+from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available
 from lorag.server.engine.kv import AttentionInput, attention_backend, slot_mapping
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 from lorag.server.engine.memory import lazy_zeros
@@ -109,7 +109,8 @@ class ModelRunner:
                                            self.num_heads, self.num_kv_heads, self.head_dim,
                                            size)
         # the SGMV kernel on CPU (built at `make setup`; compiled here if not, ~15 s)
-        self.lora_batch = LoraBatch(self.device.type == "cpu" and sgmv_available())
+        kernel = self.device.type == "cpu" and sgmv_available()
+        self.lora_batch = LoraBatch(kernel, kernel and kernel_takes_chunks(self.dtype))
         # per layer, FUSED's group -> its layer; those with LoRA slots also listed apart
         self.projections: list[dict[str, nn.Module]] = []
         self.lora_layers: list[MultiLoraLinear] = []

@@ -16,23 +16,31 @@
 // segment, each B row scaled into an fp32 accumulator per token; fp32 accumulation
 // throughout, and `y` is fp32.
 //
-// It is made for short segments: decode tokens, a few per adapter, where it is ~3x
-// faster than batched matmuls (bf16, 128 tokens over 64 adapters, q/k/v: 0.17 ms against
-// 0.58). On long ones (prompt chunks of 128 tokens) oneDNN's GEMM is faster than these
-// loops, so the engine runs prompt chunks as batched matmuls; calling oneDNN per segment
-// from here costs ~25 us a call, more than it saves.
+// Decode tokens, a few per adapter, are short segments: there the kernel is ~3x faster
+// than batched matmuls (bf16, 128 tokens over 64 adapters, q/k/v: 0.17 ms against 0.58;
+// float32 on AVX2: 0.28 against 1.18). Prompt chunks and speculative verify chunks are
+// long ones, GEMMs: in float32 on AVX2 the register-blocked tiles (LORAG_AVX2 below)
+// match oneDNN's sgemm on them, so the engine sends them here too; the bf16 tiles were
+// measured ~2x slower than oneDNN at 128 tokens, so there the engine pads prompt chunks
+// into batched matmuls (`gemm_path` tells it which). Calling oneDNN per segment from
+// here costs ~25 us a call, more than it saves.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LORAG_AVX512_BF16 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LORAG_AVX2 1
 #endif
 
 namespace {
@@ -166,6 +174,204 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const Parts& parts,
     }
   });
 }
+
+#ifdef LORAG_AVX2
+// float32 on AVX2 + FMA (16 registers of 8 lanes), every segment, short or long. Both
+// kernels work on tiles of up to 4 tokens of a segment, so that each adapter value
+// loaded serves 4 tokens, with 12 accumulators, so that the FMA units set the pace:
+// - shrink: 4 tokens x 3 A rows, 8-lane partial dot products summed at the end; per 8
+//   inputs, 3 + 4 loads feed 12 FMAs. Consecutive work items share their tokens, whose
+//   inputs stay in L1 while the segment's A rows stream from L2.
+// - expand: 4 tokens x 24 outputs; per rank, 3 loads of a B row and 4 broadcasts of the
+//   tokens' shrunk values feed 12 FMAs.
+// Plain (unmasked) loads and stores except at a row's end: a masked store is microcoded
+// on some CPUs (AMD's), 10x a plain one. At prompt chunks of 128-1024 tokens this is as
+// fast as oneDNN's sgemm on the same rows (`lorag bench kernels`), without padding them.
+
+constexpr int64_t kTokens = 4;  // tokens per tile
+constexpr int64_t kRows = 3;    // A rows per shrink tile
+constexpr int64_t kCols = 24;   // outputs per expand tile (3 vectors)
+
+// Lane mask for the first `n` of a vector's 8 lanes (n may be <= 0 or >= 8).
+inline __m256i lanes(int64_t n) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                            index);
+}
+
+inline float lane_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Calls tile(std::integral_constant<int, n>{}, i) over tokens [first, last) in tiles of
+// kTokens, the last one short (n is a compile-time constant: the accumulators stay in
+// registers).
+template <typename Tile>
+inline void for_each_f32_tile(int64_t first, int64_t last, Tile&& tile) {
+  int64_t i = first;
+  for (; i + kTokens <= last; i += kTokens) tile(std::integral_constant<int, kTokens>{}, i);
+  switch (last - i) {
+    case 3: tile(std::integral_constant<int, 3>{}, i); break;
+    case 2: tile(std::integral_constant<int, 2>{}, i); break;
+    case 1: tile(std::integral_constant<int, 1>{}, i); break;
+    default: break;
+  }
+}
+
+// Every segment's tiles, in order: (segment, first token) per tile of kTokens tokens.
+std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t s = 0; s < route.segments; ++s) {
+    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTokens) {
+      tiles.emplace_back(s, i);
+    }
+  }
+  return tiles;
+}
+
+// y[token i, r0 + q] = row[q] . x[i] for NT tokens and q < count (<= 3).
+template <int NT>
+inline void shrink_tile_f32(const float* const* row, const float* const* x, int64_t in,
+                            float* y, int64_t y_row, int64_t count) {
+  __m256 acc[NT][kRows];
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < kRows; ++q) acc[t][q] = _mm256_setzero_ps();
+  int64_t k = 0;
+#pragma GCC unroll 4
+  for (; k + 8 <= in; k += 8) {
+    const __m256 a0 = _mm256_loadu_ps(row[0] + k), a1 = _mm256_loadu_ps(row[1] + k),
+                 a2 = _mm256_loadu_ps(row[2] + k);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x[t] + k);
+      acc[t][0] = _mm256_fmadd_ps(xv, a0, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(xv, a1, acc[t][1]);
+      acc[t][2] = _mm256_fmadd_ps(xv, a2, acc[t][2]);
+    }
+  }
+  if (k < in) {  // the last inputs, fewer than 8
+    const __m256i m = lanes(in - k);
+    const __m256 a0 = _mm256_maskload_ps(row[0] + k, m), a1 = _mm256_maskload_ps(row[1] + k, m),
+                 a2 = _mm256_maskload_ps(row[2] + k, m);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xv = _mm256_maskload_ps(x[t] + k, m);
+      acc[t][0] = _mm256_fmadd_ps(xv, a0, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(xv, a1, acc[t][1]);
+      acc[t][2] = _mm256_fmadd_ps(xv, a2, acc[t][2]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < count; ++q) y[t * y_row + q] = lane_sum(acc[t][q]);
+}
+
+template <>
+void shrink_kernel<float>(const at::Tensor& x, const at::Tensor& a, const Route& route,
+                          at::Tensor& y) {
+  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kRows - 1) / kRows;
+  const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
+  const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>();
+  const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
+  float* yp = y.data_ptr<float>();
+  const auto tiles = tiles_of(route);
+
+  // One work item per (tile, block of 3 A rows), a tile's blocks one after another.
+  at::parallel_for(0, tiles.size() * blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [s, first] = tiles[item / blocks];
+      const int64_t r0 = (item % blocks) * kRows, count = std::min(kRows, rows - r0);
+      const float* row[kRows];
+      for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
+        row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
+      }
+      for_each_f32_tile(first, std::min(first + kTokens, start[s + 1]),
+                        [&](auto tokens, int64_t i) {
+        constexpr int NT = decltype(tokens)::value;
+        const float* inputs[NT];
+        for (int t = 0; t < NT; ++t) inputs[t] = xp + tok[i + t] * x_stride;
+        shrink_tile_f32<NT>(row, inputs, in, yp + i * rows + r0, rows, count);
+      });
+    }
+  });
+}
+
+// acc[t] (NT tokens x 24 outputs) = sum over r < rows of B row r's 24 outputs (the first
+// `cols` of them, unless Full: all, by plain loads) times y(t, r) = `y[t][r * y_step]`.
+template <int NT, bool Full>
+inline void expand_tile_f32(const float* b, int64_t b_row, int64_t cols, const float* const* y,
+                            int64_t y_step, int64_t rows, __m256 (&acc)[NT][3]) {
+  const __m256i m[3] = {lanes(cols), lanes(cols - 8), lanes(cols - 16)};
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 3; ++v) acc[t][v] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* br = b + r * b_row;
+    const __m256 w0 = Full ? _mm256_loadu_ps(br) : _mm256_maskload_ps(br, m[0]);
+    const __m256 w1 = Full ? _mm256_loadu_ps(br + 8) : _mm256_maskload_ps(br + 8, m[1]);
+    const __m256 w2 = Full ? _mm256_loadu_ps(br + 16) : _mm256_maskload_ps(br + 16, m[2]);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 yt = _mm256_broadcast_ss(y[t] + r * y_step);
+      acc[t][0] = _mm256_fmadd_ps(yt, w0, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(yt, w1, acc[t][1]);
+      acc[t][2] = _mm256_fmadd_ps(yt, w2, acc[t][2]);
+    }
+  }
+}
+
+// dst[0:cols] += v, cols <= 24: masked only past a short row's end.
+inline void add_row(float* dst, int64_t cols, const __m256 (&v)[3]) {
+  for (int q = 0; q < 3; ++q) {
+    const int64_t left = cols - 8 * q;
+    if (left >= 8) {
+      _mm256_storeu_ps(dst + 8 * q, _mm256_add_ps(_mm256_loadu_ps(dst + 8 * q), v[q]));
+    } else if (left > 0) {
+      const __m256i m = lanes(left);
+      _mm256_maskstore_ps(dst + 8 * q, m, _mm256_add_ps(_mm256_maskload_ps(dst + 8 * q, m), v[q]));
+    }
+  }
+}
+
+template <>
+void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& parts,
+                          const Route& route) {
+  const int64_t count = parts.count, rows = parts.rows;
+  const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
+  const float* yp = y.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t y_row = y.stride(0), out_stride = out.stride(0);
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (part, first output) per 24 outputs
+  for (int64_t j = 0; j < count; ++j) {
+    for (int64_t o = 0; o < parts.width[j]; o += kCols) blocks.emplace_back(j, o);
+  }
+  const int64_t per_tile = blocks.size();
+  const auto tiles = tiles_of(route);
+
+  // One work item per (tile, block of 24 outputs of a part), a tile's blocks in a row.
+  at::parallel_for(0, tiles.size() * per_tile, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [s, first] = tiles[item / per_tile];
+      const auto [j, o] = blocks[item % per_tile];
+      const float* b = static_cast<const float*>(parts.b[j]) + slot[s] * parts.slot_stride[j] + o;
+      const int64_t b_row = parts.row_stride[j], cols = std::min(kCols, parts.width[j] - o);
+      for_each_f32_tile(first, std::min(first + kTokens, start[s + 1]),
+                        [&](auto tokens, int64_t i) {
+        constexpr int NT = decltype(tokens)::value;
+        const float* shrunk[NT];  // part j's column of rank r is r * count + j
+        for (int t = 0; t < NT; ++t) shrunk[t] = yp + (i + t) * y_row + j;
+        __m256 acc[NT][3];
+        if (cols == kCols) {
+          expand_tile_f32<NT, true>(b, b_row, cols, shrunk, count, rows, acc);
+        } else {
+          expand_tile_f32<NT, false>(b, b_row, cols, shrunk, count, rows, acc);
+        }
+        for (int t = 0; t < NT; ++t) {
+          add_row(op + tok[i + t] * out_stride + parts.offset[j] + o, cols, acc[t]);
+        }
+      });
+    }
+  });
+}
+#endif  // LORAG_AVX2
 
 #ifdef LORAG_AVX512_BF16
 // bf16 on CPUs with AVX512-BF16. Both kernels work on tiles of up to four tokens of a
@@ -410,9 +616,20 @@ void lora_expand(at::Tensor out, const at::Tensor& y, at::TensorList b,
   });
 }
 
+// Whether long segments of `dtype` take a GEMM path here (the engine sends prompt
+// chunks to the kernel only then).
+bool gemm_path(at::ScalarType dtype) {
+#ifdef LORAG_AVX2
+  return dtype == at::kFloat;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lorag, m) {
+  m.def("gemm_path(ScalarType dtype) -> bool", &gemm_path);
   m.def("lora_shrink(Tensor x, Tensor a, Tensor tokens, Tensor starts, Tensor slots) "
         "-> Tensor");
   m.def("lora_expand(Tensor(a!) out, Tensor y, Tensor[] b, int[] offsets, Tensor tokens, "

@@ -1,9 +1,12 @@
 """The grouped multi-LoRA layer against a per-token loop of `W x + B_s (A_s x)`, for the
 routings a step can have: every decode token on an adapter (one contiguous run), decode
-tokens without one between them, prompt chunks with and without adapters, a rank below
-the slots' maximum. Both ways of computing decode tokens' deltas: the SGMV CPU kernel
-(fp32, and bf16 by AVX512-BF16 where the CPU has it) and batched matmuls. The widths
-leave partial vector blocks in the kernel (40 inputs: 32 + 8; 136 outputs: 128 + 8)."""
+tokens without one between them, prompt chunks with and without adapters, long ones
+(many tiles of 4 tokens, then a short one) and a decode token sharing a long chunk's
+slot, a rank below the slots' maximum. Both ways of computing the deltas: the SGMV CPU kernel
+(fp32, prompt chunks included where it has a GEMM path, as the engine runs it; bf16 by
+AVX512-BF16 where the CPU has it) and batched matmuls. The widths leave partial vector
+blocks in the kernel (44 inputs: 32 + 12, and 5 vectors of 8 + 4; 136 outputs: 128 + 8,
+and 5 tiles of 24 + 16)."""
 
 import os
 import subprocess
@@ -13,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from lorag.server.engine.kernels import sgmv_available
+from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 
-IN, OUTS, SLOTS, MAX_RANK = 40, [136, 8, 8], 6, 8
+IN, OUTS, SLOTS, MAX_RANK = 44, [136, 8, 8], 6, 8
 PATHS = [pytest.param(True, torch.float32, id="sgmv-fp32"),
          pytest.param(True, torch.bfloat16, id="sgmv-bf16"),
          pytest.param(False, torch.float32, id="bmm-fp32"),
@@ -33,7 +36,7 @@ def test_a_failed_build_is_reported_and_falls_back(tmp_path):
     """In a process of its own: this one has the kernel loaded, and a second build of
     the same op library in one process would abort it (torch registers a namespace once)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/bin/false"}
-    probe = ("from lorag.server.engine.kernels import sgmv_available; "
+    probe = ("from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available; "
              "print('available' if sgmv_available() else 'fell back')")
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -42,21 +45,23 @@ def test_a_failed_build_is_reported_and_falls_back(tmp_path):
     assert "the SGMV CPU kernel could not be built" in done.stderr
 
 
-def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32):
-    """A fused q/k/v-shaped layer with random adapters in slots 0-4 (slot 3 targets only
-    the first part), and the adapters as a dict slot -> (a, b) per part."""
+def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32,
+                        outs: list[int] = OUTS):
+    """A fused q/k/v-shaped layer (or one of `outs`' parts) with random adapters in slots
+    0-4 (slot 3 targets only the first part), and the adapters as a dict slot -> (a, b)
+    per part."""
     torch.manual_seed(0)
-    modules = [nn.Linear(IN, out, bias=False, dtype=dtype) for out in OUTS]
-    parts = [Part((0, name), sum(OUTS[:j]), out)
-             for j, (name, out) in enumerate(zip(["q", "k", "v"], OUTS, strict=True))]
-    batch = LoraBatch(use_kernel=use_kernel)
-    layer = MultiLoraLinear(fuse(modules, OUTS), IN, parts, SLOTS, MAX_RANK, dtype, batch)
+    modules = [nn.Linear(IN, out, bias=False, dtype=dtype) for out in outs]
+    parts = [Part((0, name), sum(outs[:j]), out)
+             for j, (name, out) in enumerate(zip(["q", "k", "v"], outs, strict=False))]
+    batch = LoraBatch(use_kernel, use_kernel and kernel_takes_chunks(dtype))
+    layer = MultiLoraLinear(fuse(modules, outs), IN, parts, SLOTS, MAX_RANK, dtype, batch)
     adapters = {}
     for slot in range(5):
-        a = [torch.randn(rank, IN, dtype=dtype) for _ in OUTS]
-        b = [torch.randn(out, rank, dtype=dtype) for out in OUTS]
+        a = [torch.randn(rank, IN, dtype=dtype) for _ in outs]
+        b = [torch.randn(out, rank, dtype=dtype) for out in outs]
         if slot == 3:
-            a[1:], b[1:] = [None, None], [None, None]
+            a[1:] = b[1:] = [None] * (len(outs) - 1)
         layer.install(slot, a, b)
         adapters[slot] = (a, b)
     return layer, batch, adapters
@@ -94,6 +99,8 @@ def assert_close(got, expected):
     ([1, 1, 2, 1, 1, 1, 2, 1, 1, -1, 1, 1], []),  # 9 on slot 1: tiles of 4, 4 and 1
     ([], [(0, 5, 1), (5, 9, 3)]),  # prompt chunks only
     ([0, -1, 4], [(3, 7, 1), (9, 12, 2)]),  # tokens 7-8: a chunk without an adapter
+    ([], [(0, 37, 1), (37, 40, 3), (40, 57, 3)]),  # long chunks: tiles of 4, then 1
+    ([1, 2, 1], [(3, 23, 1), (30, 61, 4)]),  # slot 1: 2 decode tokens + a long chunk
 ])
 def test_grouped_delta_matches_a_per_token_loop(use_kernel, dtype, rank, decode_slots,
                                                 chunks):
@@ -108,6 +115,23 @@ def test_grouped_delta_matches_a_per_token_loop(use_kernel, dtype, rank, decode_
         got = layer(x)
     if any(slot >= 0 for slot in decode_slots):  # the path asked for ran
         assert (batch.segments is not None) == use_kernel
+    if chunks:  # fp32 chunks by the kernel here (AVX2), bf16 ones padded
+        assert (batch.chunks is None) == batch.kernel_chunks
+        assert batch.kernel_chunks == (use_kernel and dtype == torch.float32)
+    assert_close(got, reference(layer, adapters, x, slot_of_token))
+
+
+@pytest.mark.parametrize("use_kernel, dtype", PATHS)
+def test_a_single_projection_with_a_rank_that_leaves_a_short_block(use_kernel, dtype):
+    """o_proj-like: one part, rank 5, so the shrink's last block of A rows is short (3 +
+    2 in float32's blocks of 3, 4 + 1 in bf16's of 4), on decode tokens and chunks."""
+    layer, batch, adapters = layer_with_adapters(5, use_kernel, dtype, outs=[136])
+    decode_slots, chunks = [1, 4, 1], [(3, 25, 2), (25, 30, 1)]
+    x = torch.randn(30, IN, dtype=dtype)
+    slot_of_token = decode_slots + [2] * 22 + [1] * 5
+    batch.route(torch.tensor(decode_slots), chunks, 5)
+    with torch.inference_mode():
+        got = layer(x)
     assert_close(got, reference(layer, adapters, x, slot_of_token))
 
 
