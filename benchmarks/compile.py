@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from lorag.benchmarks.stats import print_json
+from lorag.benchmarks.stats import median_us, print_json
 from lorag.provision import ModelCache
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 from lorag.settings import Settings
@@ -102,23 +102,11 @@ def _compare(fn, inputs: dict, beside, beside_name: str, compiled=None) -> dict:
             first = time.perf_counter() - start
             for a, b in zip(_flat(got), _flat(fn(*args)), strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            rows[n] = {"eager_us": _time(fn, args), "compiled_us": _time(compiled, args),
+            rows[n] = {"eager_us": median_us(fn, *args), "compiled_us": median_us(compiled, *args),
                        "first_call_ms": round(first * 1e3, 1),
-                       beside_name: _time(lambda *a: beside(a), args)}
+                       beside_name: median_us(lambda *a: beside(a), *args)}
     return rows
 
 
 def _flat(value):
     return value if isinstance(value, tuple) else (value,)
-
-
-def _time(fn, args, seconds: float = 0.5) -> float:
-    """Median microseconds of a call, over about `seconds` of calls."""
-    for _ in range(3):
-        fn(*args)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return round(sorted(times)[len(times) // 2] * 1e6, 1)

@@ -3,6 +3,7 @@ hands its result over."""
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 
@@ -27,3 +28,16 @@ def print_json(result: dict, json_path: Path | str | None = None) -> None:
     print(text)
     if json_path:
         Path(json_path).write_text(text + "\n")
+
+
+def median_us(fn, *args, seconds: float = 0.5) -> float:
+    """Median microseconds of `fn(*args)` over about `seconds` of calls (at least 5),
+    after 3 to warm up."""
+    for _ in range(3):
+        fn(*args)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2] * 1e6, 1)

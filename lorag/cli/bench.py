@@ -1,5 +1,5 @@
-"""`lorag bench serving|training|methods|retrieval|load|soak|fleet|rag|compile`: every peer in one
-run, JSON."""
+"""`lorag bench serving|training|methods|retrieval|load|soak|fleet|rag|latency|threads|kernels|
+compile`: every peer in one run, JSON."""
 
 import signal
 from pathlib import Path
@@ -314,6 +314,22 @@ def bench_threads(
     main(requests, concurrency, max_tokens, json_path)
 
 
+@app.command("kernels")
+def bench_kernels(
+    rows: Annotated[str, typer.Option(help="Comma-separated prompt chunk sizes (rows).")] =
+        "16,32,64,128,256,512,1024",
+    prompt_tokens: Annotated[int, typer.Option(min=16, max=4096,
+                                               help="Prompt length, the prefill part.")] = 800,
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts per prefill peer.")] = 5,
+    json_path: JsonOut = None,
+) -> None:
+    """The SGMV kernel against oneDNN per chunk size, on decode tokens, and in a long
+    prompt's time to first token."""
+    from lorag.benchmarks.kernels import main
+
+    main(_sizes(rows, "rows"), prompt_tokens, prompts, json_path)
+
+
 @app.command("compile")
 def bench_compile(
     sizes: Annotated[str, typer.Option(help="Comma-separated step sizes (tokens).")] =
@@ -323,11 +339,16 @@ def bench_compile(
     """torch.compile vs eager on a step's elementwise work and its LoRA delta."""
     from lorag.benchmarks.compile import main
 
+    main(_sizes(sizes, "sizes"), json_path=json_path)
+
+
+def _sizes(text: str, field: str) -> list[int]:
+    """A comma-separated list of positive token counts, or a clear error naming `field`."""
     try:
-        counts = [int(size) for size in sizes.split(",")]
+        counts = [int(size) for size in text.split(",")]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise InvalidRequest(f"--sizes takes positive token counts like 8,64,128; got "
-                             f"{sizes!r}", field="sizes")
-    main(counts, json_path=json_path)
+        raise InvalidRequest(f"--{field} takes positive token counts like 8,64,128; got "
+                             f"{text!r}", field=field)
+    return counts
