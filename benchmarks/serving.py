@@ -58,10 +58,11 @@ def workload(requests: int, adapters: int, seed: int = 0):
              f"ad{rng.randrange(adapters)}") for _ in range(requests)]
 
 
-def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
+def bench_engine(model, tokenizer, paths, slots: int, speculative_tokens: int = 0) -> Engine:
     """The engine as every run here configures it, with `paths` registered."""
     config = EngineConfig(max_model_len=256, max_num_seqs=128, max_num_batched_tokens=1024,
                           max_lora_rank=16, max_active_adapters=slots,
+                          speculative_tokens=speculative_tokens,
                           adapter_roots=[next(iter(paths.values())).parent])
     engine = Engine(model, tokenizer, config).start()
     try:
@@ -74,19 +75,24 @@ def bench_engine(model, tokenizer, paths, slots: int) -> Engine:
 
 
 def run_engine(model, tokenizer, jobs, paths, max_new: int, slots: int,
-               constrained_share: float = 0.0, tracker: Tracker | None = None) -> dict:
+               constrained_share: float = 0.0, speculative_tokens: int = 0,
+               tracker: Tracker | None = None) -> dict:
     """jobs: (prompt ids, adapter name or None); all submitted at t=0. A share of them
-    (drawn with a fixed seed) constrained to the RECORDS schema."""
-    with bench_engine(model, tokenizer, paths, slots) as engine:
+    (drawn with a fixed seed) constrained to the RECORDS schema. With speculative_tokens,
+    the draft tokens made and kept are reported."""
+    with bench_engine(model, tokenizer, paths, slots, speculative_tokens) as engine:
         results, wall = _run_jobs(engine, jobs, max_new, constrained_share, tracker)
         merges = engine.stats()["merges"]
+        speculator = engine.speculator
+        drafts = {"draft_tokens": speculator.draft_tokens,
+                  "accepted_tokens": speculator.accepted_tokens} if speculative_tokens else {}
     tokens = sum(count for _, count in results)
     if tokens != len(jobs) * max_new:  # every request must be as long, or rates mislead
         raise RuntimeError(f"{len(jobs) * max_new - tokens} tokens short: a request ended "
                            "before its output length")
     chosen = round(constrained_share * len(jobs))
     return {**summary(tokens, wall, [first for first, _ in results]),
-            **({"merges": merges} if merges else {}),
+            **({"merges": merges} if merges else {}), **drafts,
             **({"constrained_requests": chosen} if chosen else {})}
 
 
@@ -180,7 +186,8 @@ def _hot_load(engine: Engine, names: list[str], fresh: dict, background: int):
     return cold, warm, gaps
 
 
-SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_registered",
+SPECULATIVE_TOKENS = 8  # lorag_speculative's --speculative-tokens
+SYSTEMS = ("lorag", "lorag_no_adapters", "lorag_merged", "lorag_speculative", "lorag_registered",
            "lorag_constrained", "hot_load", "lorag_nf4", "peft_mixed", "peft_sequential",
            "vllm_cpu", "lorag_vllm", "llamacpp", "llamacpp_no_adapters", "llamacpp_q4_0")
 
@@ -234,6 +241,9 @@ def _engine_rows(jobs, used: dict, paths: dict, registered: int,
         "lorag_no_adapters": ([(ids, None) for ids, _ in jobs], used, slots),
         # every request on one adapter: the engine merges it into the base weights
         "lorag_merged": ([(ids, "ad0") for ids, _ in jobs], used, slots),
+        # the lorag workload with prompt-lookup speculation: off while more than 4
+        # sequences decode, so at full load it must cost nothing
+        "lorag_speculative": (jobs, used, slots),
     }
     if registered:
         rows["lorag_registered"] = (workload(len(jobs), registered, seed=1),
@@ -269,10 +279,11 @@ class _Bench:
             for name, results in runs.items():
                 jobs, adapters, slots = rows[name]
                 share = constrained_share if name == "lorag_constrained" else 0.0
+                speculative = SPECULATIVE_TOKENS if name == "lorag_speculative" else 0
                 label = f"{name} {round_}/{repeats}" if repeats > 1 else name
                 with self.progress.system(label, self.requests) as tracker:
                     results.append(run_engine(model, tokenizer, jobs, adapters, self.max_new,
-                                              slots, share, tracker=tracker))
+                                              slots, share, speculative, tracker=tracker))
                 self.report.add(name, median_run(results))
 
     def peers(self, tokenizer, jobs, used: dict, dtype: str, quantize: str,
@@ -320,6 +331,8 @@ def _result(workload_row: dict, measured: dict) -> dict:
         "merged_vs_no_adapters": ratio(systems, "lorag_merged", "lorag_no_adapters"),
         # what the grammar masks cost: the same workload, a share of it constrained
         "constrained_vs_free": ratio(systems, "lorag_constrained", "lorag", digits=3),
+        # speculation on against off at full load
+        "speculative_vs_off": ratio(systems, "lorag_speculative", "lorag", digits=3),
         # lorag's layer (HTTP, tenancy, metrics, validation) on top of vLLM, in throughput
         "lorag_vllm_vs_vllm_cpu": ratio(systems, "lorag_vllm", "vllm_cpu", digits=3),
         # both engines without adapters: the kernels alone, no LoRA
