@@ -175,6 +175,24 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const Parts& parts,
   });
 }
 
+// The vector kernels below work on tiles of up to kTile tokens of a segment.
+constexpr int64_t kTile = 4;
+
+// Calls tile(std::integral_constant<int, n>{}, i) over tokens [first, last): tiles of
+// kTile tokens, then one of the n < kTile left (n is a compile-time constant, so each
+// tile's accumulators stay in registers).
+template <typename Tile>
+inline void for_each_tile(int64_t first, int64_t last, Tile&& tile) {
+  int64_t i = first;
+  for (; i + kTile <= last; i += kTile) tile(std::integral_constant<int, kTile>{}, i);
+  switch (last - i) {
+    case 3: tile(std::integral_constant<int, 3>{}, i); break;
+    case 2: tile(std::integral_constant<int, 2>{}, i); break;
+    case 1: tile(std::integral_constant<int, 1>{}, i); break;
+    default: break;
+  }
+}
+
 #ifdef LORAG_AVX2
 // float32 on AVX2 + FMA (16 registers of 8 lanes), every segment, short or long. Both
 // kernels work on tiles of up to 4 tokens of a segment, so that each adapter value
@@ -188,8 +206,7 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const Parts& parts,
 // on some CPUs (AMD's), 10x a plain one. At prompt chunks of 128-1024 tokens this is as
 // fast as oneDNN's sgemm on the same rows (`lorag bench kernels`), without padding them.
 
-constexpr int64_t kTokens = 4;  // tokens per tile
-constexpr int64_t kRows = 3;    // A rows per shrink tile
+constexpr int64_t kF32Rows = 3;  // A rows per shrink tile
 constexpr int64_t kCols = 24;   // outputs per expand tile (3 vectors)
 
 // Lane mask for the first `n` of a vector's 8 lanes (n may be <= 0 or >= 8).
@@ -205,26 +222,11 @@ inline float lane_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Calls tile(std::integral_constant<int, n>{}, i) over tokens [first, last) in tiles of
-// kTokens, the last one short (n is a compile-time constant: the accumulators stay in
-// registers).
-template <typename Tile>
-inline void for_each_f32_tile(int64_t first, int64_t last, Tile&& tile) {
-  int64_t i = first;
-  for (; i + kTokens <= last; i += kTokens) tile(std::integral_constant<int, kTokens>{}, i);
-  switch (last - i) {
-    case 3: tile(std::integral_constant<int, 3>{}, i); break;
-    case 2: tile(std::integral_constant<int, 2>{}, i); break;
-    case 1: tile(std::integral_constant<int, 1>{}, i); break;
-    default: break;
-  }
-}
-
-// Every segment's tiles, in order: (segment, first token) per tile of kTokens tokens.
+// Every segment's tiles, in order: (segment, first token) per tile of kTile tokens.
 std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t s = 0; s < route.segments; ++s) {
-    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTokens) {
+    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTile) {
       tiles.emplace_back(s, i);
     }
   }
@@ -235,9 +237,9 @@ std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
 template <int NT>
 inline void shrink_tile_f32(const float* const* row, const float* const* x, int64_t in,
                             float* y, int64_t y_row, int64_t count) {
-  __m256 acc[NT][kRows];
+  __m256 acc[NT][kF32Rows];
   for (int t = 0; t < NT; ++t)
-    for (int q = 0; q < kRows; ++q) acc[t][q] = _mm256_setzero_ps();
+    for (int q = 0; q < kF32Rows; ++q) acc[t][q] = _mm256_setzero_ps();
   int64_t k = 0;
 #pragma GCC unroll 4
   for (; k + 8 <= in; k += 8) {
@@ -268,7 +270,7 @@ inline void shrink_tile_f32(const float* const* row, const float* const* x, int6
 template <>
 void shrink_kernel<float>(const at::Tensor& x, const at::Tensor& a, const Route& route,
                           at::Tensor& y) {
-  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kRows - 1) / kRows;
+  const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kF32Rows - 1) / kF32Rows;
   const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
   const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>();
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
@@ -279,12 +281,12 @@ void shrink_kernel<float>(const at::Tensor& x, const at::Tensor& a, const Route&
   at::parallel_for(0, tiles.size() * blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const auto [s, first] = tiles[item / blocks];
-      const int64_t r0 = (item % blocks) * kRows, count = std::min(kRows, rows - r0);
-      const float* row[kRows];
-      for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
+      const int64_t r0 = (item % blocks) * kF32Rows, count = std::min(kF32Rows, rows - r0);
+      const float* row[kF32Rows];
+      for (int64_t q = 0; q < kF32Rows; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      for_each_f32_tile(first, std::min(first + kTokens, start[s + 1]),
+      for_each_tile(first, std::min(first + kTile, start[s + 1]),
                         [&](auto tokens, int64_t i) {
         constexpr int NT = decltype(tokens)::value;
         const float* inputs[NT];
@@ -353,7 +355,7 @@ void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& par
       const auto [j, o] = blocks[item % per_tile];
       const float* b = static_cast<const float*>(parts.b[j]) + slot[s] * parts.slot_stride[j] + o;
       const int64_t b_row = parts.row_stride[j], cols = std::min(kCols, parts.width[j] - o);
-      for_each_f32_tile(first, std::min(first + kTokens, start[s + 1]),
+      for_each_tile(first, std::min(first + kTile, start[s + 1]),
                         [&](auto tokens, int64_t i) {
         constexpr int NT = decltype(tokens)::value;
         const float* shrunk[NT];  // part j's column of rank r is r * count + j
@@ -385,7 +387,6 @@ void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& par
 // prefetched while the current ones compute: in a real step adapters come from DRAM (30
 // layers of 64 adapters do not stay cached).
 
-constexpr int64_t kTile = 4;  // tokens per tile
 constexpr int64_t kRows = 4;  // A rows per shrink tile (reduce4 sums four)
 
 inline __mmask32 mask32(int64_t remaining) {
@@ -400,21 +401,6 @@ inline __m512 widen(__m256i bf16) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's high 
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-}
-
-// Calls tile(std::integral_constant<int, n>{}, i) over tokens [first, last): tiles of
-// kTile tokens, then one of the n < kTile left (n is a compile-time constant, so each
-// tile's accumulators stay in registers).
-template <typename Tile>
-inline void for_each_tile(int64_t first, int64_t last, Tile&& tile) {
-  int64_t i = first;
-  for (; i + kTile <= last; i += kTile) tile(std::integral_constant<int, kTile>{}, i);
-  switch (last - i) {
-    case 3: tile(std::integral_constant<int, 3>{}, i); break;
-    case 2: tile(std::integral_constant<int, 2>{}, i); break;
-    case 1: tile(std::integral_constant<int, 1>{}, i); break;
-    default: break;
-  }
 }
 
 // The sums of four vectors' lanes, as one 4-lane vector (a, b, c, d).
