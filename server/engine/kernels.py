@@ -84,7 +84,6 @@ def sgmv_available() -> bool:
     return True
 
 
-
 def kernel_takes_chunks(dtype) -> bool:
     """Whether the built kernel has a GEMM path for long segments of `dtype` (float32 on
     AVX2 + FMA), so that prompt chunks run faster in it than padded into batched matmuls

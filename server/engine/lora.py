@@ -89,16 +89,14 @@ class LoraBatch:
             chunk_tokens = torch.cat([torch.arange(start, end, device=device)
                                       for start, end, _ in chunks])
             lengths = torch.tensor([end - start for start, end, _ in chunks], device=device)
+            chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
             if self.kernel_chunks:  # segments of the kernel, with the decode tokens'
-                chunk_slots = torch.tensor([slot for _, _, slot in chunks], device=device)
                 tokens = torch.cat([tokens, chunk_tokens])
                 slots = torch.cat([slots, torch.repeat_interleave(chunk_slots, lengths)])
             else:  # one group per chunk: chunks come in token order
                 group = torch.repeat_interleave(torch.arange(len(chunks), device=device),
                                                 lengths)
-                self.chunks = _Groups.of(chunk_tokens, group)
-                self.chunk_slots = torch.tensor([slot for _, _, slot in chunks],
-                                                device=device)
+                self.chunks, self.chunk_slots = _Groups.of(chunk_tokens, group), chunk_slots
         if len(tokens):
             if self.use_kernel:
                 self.segments = _Segments(tokens, slots)
