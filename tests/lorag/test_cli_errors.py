@@ -44,11 +44,13 @@ from lorag.cli import app
      "counts like 8,64,128; got '8,0'"),
     (["bench", "compile", "--sizes", "eight"], 2, "error: --sizes takes positive token "
      "counts like 8,64,128; got 'eight'"),
+    (["bench", "kernels", "--rows", "128,-1"], 2, "error: --rows takes positive token "
+     "counts like 8,64,128; got '128,-1'"),
 ], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon",
         "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4",
         "vllm-cpu-memory-utilization", "vllm-cpu-ray", "vllm-cpu-pipeline",
         "kv-cache-memory-no-unit",
-        "compile-size-zero", "compile-size-word"])
+        "compile-size-zero", "compile-size-word", "kernels-rows-negative"])
 def test_a_mistake_is_one_line_and_an_exit_code(args, code, message, capsys, tmp_path):
     if args[0] == "serve":
         args = [*args, "--data-dir", str(tmp_path)]
