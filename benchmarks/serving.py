@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -224,7 +225,7 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     with BenchProgress() as progress:
         bench = _Bench(report, progress, set(only or SYSTEMS), requests, max_new_tokens)
         rows = _engine_rows(jobs, used, paths, registered, constrained_share)
-        bench.engine_rounds(model, tokenizer, rows, constrained_share, repeats)
+        bench.engine_rounds(model, tokenizer, rows, repeats)
         fresh = {f"ad{i}": paths[f"ad{i}"] for i in range(count, count + 16)}
         bench.measure("hot_load", run_hot_load, model, tokenizer, used, fresh, counted=False)
         del model
@@ -232,25 +233,37 @@ def main(adapters: int = 64, requests: int = 256, max_new_tokens: int = 32,
     return report.finish()
 
 
+class EngineRow(NamedTuple):
+    """One of the native engine's rows: its jobs, the adapters registered, the adapter
+    slots, and the share of the jobs constrained and the draft tokens per step."""
+
+    jobs: list
+    adapters: dict
+    slots: int
+    constrained_share: float = 0.0
+    speculative_tokens: int = 0
+
+
 def _engine_rows(jobs, used: dict, paths: dict, registered: int,
-                 constrained_share: float) -> dict[str, tuple]:
-    """The native engine's rows: name -> (jobs, adapters, adapter slots)."""
+                 constrained_share: float) -> dict[str, EngineRow]:
+    """The native engine's rows by name."""
     slots = min(64, len(used))
     rows = {
-        "lorag": (jobs, used, slots),
-        "lorag_no_adapters": ([(ids, None) for ids, _ in jobs], used, slots),
+        "lorag": EngineRow(jobs, used, slots),
+        "lorag_no_adapters": EngineRow([(ids, None) for ids, _ in jobs], used, slots),
         # every request on one adapter: the engine merges it into the base weights
-        "lorag_merged": ([(ids, "ad0") for ids, _ in jobs], used, slots),
+        "lorag_merged": EngineRow([(ids, "ad0") for ids, _ in jobs], used, slots),
         # the lorag workload with prompt-lookup speculation: off while more than 4
         # sequences decode, so at full load it must cost nothing
-        "lorag_speculative": (jobs, used, slots),
+        "lorag_speculative": EngineRow(jobs, used, slots,
+                                       speculative_tokens=SPECULATIVE_TOKENS),
     }
     if registered:
-        rows["lorag_registered"] = (workload(len(jobs), registered, seed=1),
-                                    {f"ad{i}": paths[f"ad{i}"] for i in range(registered)},
-                                    64)
+        rows["lorag_registered"] = EngineRow(
+            workload(len(jobs), registered, seed=1),
+            {f"ad{i}": paths[f"ad{i}"] for i in range(registered)}, 64)
     if constrained_share:  # the lorag workload, a share of it under a JSON schema
-        rows["lorag_constrained"] = (jobs, used, slots)
+        rows["lorag_constrained"] = EngineRow(jobs, used, slots, constrained_share)
     return rows
 
 
@@ -269,7 +282,7 @@ class _Bench:
             with self.progress.system(name, self.requests if counted else None) as tracker:
                 self.report.add(name, run(*args, tracker=tracker))
 
-    def engine_rounds(self, model, tokenizer, rows: dict, constrained_share: float,
+    def engine_rounds(self, model, tokenizer, rows: dict[str, EngineRow],
                       repeats: int) -> None:
         """The engine's rows in `repeats` interleaved rounds: this machine's speed drifts
         between runs by more than the rows differ, and rows measured side by side in every
@@ -277,13 +290,12 @@ class _Bench:
         runs: dict[str, list[dict]] = {name: [] for name in rows if name in self.wanted}
         for round_ in range(1, repeats + 1):
             for name, results in runs.items():
-                jobs, adapters, slots = rows[name]
-                share = constrained_share if name == "lorag_constrained" else 0.0
-                speculative = SPECULATIVE_TOKENS if name == "lorag_speculative" else 0
+                row = rows[name]
                 label = f"{name} {round_}/{repeats}" if repeats > 1 else name
                 with self.progress.system(label, self.requests) as tracker:
-                    results.append(run_engine(model, tokenizer, jobs, adapters, self.max_new,
-                                              slots, share, speculative, tracker=tracker))
+                    results.append(run_engine(model, tokenizer, row.jobs, row.adapters,
+                                              self.max_new, row.slots, row.constrained_share,
+                                              row.speculative_tokens, tracker=tracker))
                 self.report.add(name, median_run(results))
 
     def peers(self, tokenizer, jobs, used: dict, dtype: str, quantize: str,
