@@ -130,7 +130,6 @@ def _decode_row(config, dtype, tokens: int = 128, slots: int = 64) -> dict:
     y = layer.base(x)
     rng = random.Random(0)
     decode = torch.tensor([rng.randrange(slots) for _ in range(tokens)])
-
     for batch in (kernel, padded):
         batch.route(decode, [], RANK)
     return {"tokens": tokens, "slots": slots, "kernel_us": _time(_delta, layer, kernel, y, x),
@@ -165,7 +164,6 @@ def _prefill(quantize: str, prompt_tokens: int, prompts: int) -> dict:
                                 adapters=[adapter])
                 if round_:  # the first round warms up
                     times[peer].append(time.perf_counter() - start)
-        batch.kernel_chunks = takes_chunks
     row = {peer: round(1000 * statistics.median(ts)) for peer, ts in times.items()}
     return {"prompt_tokens": prompt_tokens, "prompts": prompts,
             **{f"{peer}_ttft_ms_p50": ms for peer, ms in row.items()},

@@ -93,8 +93,9 @@ def build_service(options: ServeOptions) -> Service:
     name = check_name(options.served_model_name or Path(options.model).name,
                       "served_model_name", "served model name")
     keys = ApiKeys.from_file(options.api_keys) if options.api_keys else ApiKeys()
-    if options.threads is not None:  # torch.get_num_threads() is it from here on: the
-        # banner and vLLM-CPU's workers read it there
+    # from here on torch.get_num_threads() is the thread count: the banner and vLLM-CPU's
+    # workers read it there
+    if options.threads is not None:
         use_threads(options.threads)
     db = Database(state_url(options.state, options.data_dir))
     try:
