@@ -78,6 +78,7 @@ def probe(*prefix: str, preexec=None) -> list[int]:
     return [int(word) for word in out.split()]
 
 
+@pytest.mark.slow
 def test_affinity_sizes_every_pool_of_a_fresh_process():
     cpus = len(os.sched_getaffinity(0))
     assert probe() == [cpus] * 4
@@ -109,6 +110,7 @@ def quota_cgroup():
         folder.rmdir()  # its process has exited: the cgroup is empty
 
 
+@pytest.mark.slow
 def test_a_cgroup_quota_below_the_affinity_sizes_the_pools(quota_cgroup):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.fail("this test needs a machine with 2 CPUs or more")

@@ -91,7 +91,7 @@ def eight_adapters(daemon, daemon_adapters) -> list[str]:
 @pytest.mark.slow
 def test_every_line_of_a_batch_across_8_adapters_is_its_request_answered_alone(
         daemon, eight_adapters):
-    count = 200 if daemon.backend == "native" else 24  # vLLM-CPU on the real model: slower
+    count = 200 if daemon.backend == "native" else 16  # vLLM-CPU on the real model: slower
     lines = [chat_line(f"req-{i}", eight_adapters[i % 8], QUESTIONS[i // 8 % 8])
              for i in range(count)]
     lines[7]["body"]["model"] = BASE  # the base model among them
@@ -193,6 +193,7 @@ def test_files_and_batches_are_their_tenants_alone(daemon):
         api.files.retrieve(upload.id)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("daemon", ["native"], indirect=True)
 def test_a_cancelled_batch_keeps_what_finished(daemon):
     lines = [chat_line(f"c{i}", BASE, "Tell a long story.", max_tokens=200)

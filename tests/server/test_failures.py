@@ -99,6 +99,7 @@ def text_of(events: list[dict]) -> str:
     return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
 
+@pytest.mark.slow
 def test_a_dead_step_loop_is_visible_at_once(daemon):
     """Runs last in this module: it kills the daemon's engine."""
     engine = daemon.service.engine

@@ -83,6 +83,7 @@ def test_bad_rollouts_are_refused_naming_the_field(fleet, versions, status, mess
     assert user.status_code == 403
 
 
+@pytest.mark.slow
 def test_the_cli_rolls_out_and_refuses_a_bad_weight(fleet):
     from typer.testing import CliRunner
 

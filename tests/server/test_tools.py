@@ -196,6 +196,7 @@ def grpc_chat(daemon, method: str, **fields):
                                     metadata=[("authorization", ALICE)], timeout=60))
 
 
+@pytest.mark.slow
 def test_grpc_chat_calls_tools_as_http_does(daemon):
     """The same tools, choices and calls over gRPC: a required call is a valid ToolCall,
     the same as HTTP's; streamed, the call comes whole in one piece; a conversation with

@@ -103,6 +103,7 @@ def test_cancel_frees_kv_and_adapter_slots(make_engine, adapter_root):
     assert engine.cancel("r1") is False
 
 
+@pytest.mark.slow
 def test_a_kv_cache_budget_sizes_the_cache_and_what_does_not_fit_waits(make_engine):
     """--kv-cache-memory: the blocks a budget holds on this model; requests beyond them
     wait for blocks (never an allocation failure) and all finish; a budget below one

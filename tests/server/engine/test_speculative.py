@@ -98,6 +98,7 @@ def mixed_batch(engine, adapter_root) -> list:
     return [stream.result() for stream in streams]
 
 
+@pytest.mark.slow
 def test_greedy_output_is_the_same_with_speculation_over_a_mixed_batch(make_engine,
                                                                        adapter_root):
     """Base, adapters, a composition, a stop string, logprobs, penalties, a grammar and a
