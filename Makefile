@@ -77,8 +77,12 @@ fuzz: setup
 	$(BIN)/pytest -q tests/server/test_fuzz_http.py --fuzz-examples 1000
 
 # The fast lane alone: the tiny model; no e2e, fuzzing or slow tests (over a second each).
+# Its tests are short and mostly single-threaded Python, so two pytest-xdist workers (each
+# module on one of them, its fixtures set up once) share the cores, each with one OpenMP
+# thread: with torch's default two each, their spinning threads fought over the two cores
+# and the lane got slower (docs/tests.md).
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e and not fuzz and not slow"
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadscope -m "not e2e and not fuzz and not slow"
 
 # The reference site (docs/, mkdocs.yml) into site/; strict: a broken link or a page left
 # out of the nav fails it. docs-serve serves it while you edit.
