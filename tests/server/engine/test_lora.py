@@ -36,7 +36,7 @@ def test_a_failed_build_is_reported_and_falls_back(tmp_path):
     """In a process of its own: this one has the kernel loaded, and a second build of
     the same op library in one process would abort it (torch registers a namespace once)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/bin/false"}
-    probe = ("from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available; "
+    probe = ("from lorag.server.engine.kernels import sgmv_available; "
              "print('available' if sgmv_available() else 'fell back')")
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -54,7 +54,7 @@ def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32,
     modules = [nn.Linear(IN, out, bias=False, dtype=dtype) for out in outs]
     parts = [Part((0, name), sum(outs[:j]), out)
              for j, (name, out) in enumerate(zip(["q", "k", "v"], outs, strict=False))]
-    batch = LoraBatch(use_kernel, use_kernel and kernel_takes_chunks(dtype))
+    batch = LoraBatch(use_kernel, kernel_takes_chunks(dtype))
     layer = MultiLoraLinear(fuse(modules, outs), IN, parts, SLOTS, MAX_RANK, dtype, batch)
     adapters = {}
     for slot in range(5):
