@@ -193,6 +193,16 @@ inline void for_each_tile(int64_t first, int64_t last, Tile&& tile) {
   }
 }
 
+// Every part's outputs in blocks of `width`: (part, first output) per block, in order.
+inline std::vector<std::pair<int64_t, int64_t>> output_blocks(const Parts& parts,
+                                                              int64_t width) {
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t j = 0; j < parts.count; ++j) {
+    for (int64_t o = 0; o < parts.width[j]; o += width) blocks.emplace_back(j, o);
+  }
+  return blocks;
+}
+
 #ifdef LORAG_AVX2
 // float32 on AVX2 + FMA (16 registers of 8 lanes), every segment, short or long. Both
 // kernels work on tiles of up to 4 tokens of a segment, so that each adapter value
@@ -341,10 +351,7 @@ void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& par
   const float* yp = y.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t y_row = y.stride(0), out_stride = out.stride(0);
-  std::vector<std::pair<int64_t, int64_t>> blocks;  // (part, first output) per 24 outputs
-  for (int64_t j = 0; j < count; ++j) {
-    for (int64_t o = 0; o < parts.width[j]; o += kCols) blocks.emplace_back(j, o);
-  }
+  const auto blocks = output_blocks(parts, kCols);
   const int64_t per_tile = blocks.size();
   const auto tiles = tiles_of(route);
 
@@ -515,10 +522,7 @@ void expand_kernel<at::BFloat16>(at::Tensor& out, const at::Tensor& y, const Par
   const float* yp = y.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t y_row = y.stride(0), out_stride = out.stride(0);
-  std::vector<std::pair<int64_t, int64_t>> blocks;  // (part, first output) per 64 outputs
-  for (int64_t j = 0; j < count; ++j) {
-    for (int64_t o = 0; o < parts.width[j]; o += kWidth) blocks.emplace_back(j, o);
-  }
+  const auto blocks = output_blocks(parts, kWidth);
   const int64_t per_segment = blocks.size();
   auto b_block = [&](int64_t s, int64_t blk) {
     const auto [j, o] = blocks[blk];
