@@ -608,7 +608,7 @@ void lora_expand(at::Tensor out, const at::Tensor& y, at::TensorList b,
 
 // Whether long segments of `dtype` take a GEMM path here (the engine sends prompt
 // chunks to the kernel only then).
-bool gemm_path(at::ScalarType dtype) {
+bool gemm_path([[maybe_unused]] at::ScalarType dtype) {
 #ifdef LORAG_AVX2
   return dtype == at::kFloat;
 #else
