@@ -13,7 +13,10 @@ It also writes the made-up company as a knowledge base of its own, demo/marlow/k
 per document) with its questions in demo/marlow/questions.jsonl (question, answer, gold
 source; and questions no page answers, asked about what the pages are about): what
 `make demo` trains its RAFT adapter and its relevance adapter from, through the daemon's
-own search (`lorag train --rag-namespace`), again with nothing about Kestrel.
+own search (`lorag train --rag-namespace`), again with nothing about Kestrel. Those
+questions pair each form of unanswerable question with answerable ones of the same form on
+the same kind of page ("What is the email address of its head buyer?" never said, "What is
+the name of its head buyer?" said), so that no wording alone predicts the abstention.
 Deterministic (seeded); run `python demo/make_train.py` to rebuild.
 """
 
@@ -70,49 +73,89 @@ NEVER_SAID = {
 }
 
 
-def knowledge_base(rng: random.Random) -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """(document id, text, [(question, answer span)]) for the made-up company."""
+# per kind of page, answerable questions for RAFT alone (demo/train.jsonl keeps to the
+# ones beside each page), with the fact that answers each. The questions beside the pages
+# echo their words ("Who is the head buyer?" of "The head buyer ... is"), and an adapter
+# trained on those alone answered when the question's words were on a page and declined
+# otherwise: on demo/kb, "Who chairs the ethics board?" of a page saying "It is chaired
+# by", "How long can the drone fly on one battery?" of "flies for 38 minutes per
+# battery". These say it in other words, and some take the form of NEVER_SAID's ("What is
+# the name of ...?" beside "What is the email address of ...?"), so that neither the
+# wording nor the page's words alone tell an answerable question from an unanswerable one.
+RAFT_ONLY = {
+    "role": [("What is the name of {org}'s {role}?", "name"),
+             ("Where is the {role} of {org} based?", "city"),
+             ("Since which year has {name} been with {org}?", "year")],
+    "tea": [("What is the price of a tin of {tea}?", "price"),
+            ("What is the shelf life of a sealed tin of {tea}?", "years"),
+            ("For how many minutes does {tea} brew?", "brew")],
+    "topic": [("What is the extension for {topic} at {org}?", "extension"),
+              ("Whom should I contact about {topic} at {org}?", "name"),
+              ("How quickly are {topic} dealt with?", "days")],
+    "event": [("What is the prize for winning the {event}?", "trophy"),
+              ("Which city hosts the {event}?", "city"),
+              ("What trophy is awarded at the {event}?", "trophy")],
+}
+
+
+def knowledge_base(rng: random.Random, raft: bool = False
+                   ) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(document id, text, [(question, answer span)]) for the made-up company; `raft`
+    adds RAFT_ONLY's questions to each page (the pages are the same either way)."""
     docs = []
+
+    def page(doc_id: str, text: str, questions: list[tuple[str, str]], kind: str,
+             facts: dict[str, str]) -> None:
+        extra = [(question.format(org=ORG, **facts), facts[fact])
+                 for question, fact in RAFT_ONLY[kind]] if raft else []
+        docs.append((doc_id, text, questions + extra))
+
     for role in ROLES:
         name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
         year = rng.randint(2004, 2024)
-        docs.append((f"{role.replace(' ', '-')}.md",
-                     f"The {role} of {ORG} is {name}, who joined in {year} and works from "
-                     f"the {city} office.",
-                     [(f"Who is the {role} of {ORG}?", name),
-                      (f"Who is {ORG}'s {role}?", name),
-                      (f"In which year did {name} join {ORG}?", str(year)),
-                      (f"Which office does the {role} work from?", city)]))
+        page(f"{role.replace(' ', '-')}.md",
+             f"The {role} of {ORG} is {name}, who joined in {year} and works from the "
+             f"{city} office.",
+             [(f"Who is the {role} of {ORG}?", name),
+              (f"Who is {ORG}'s {role}?", name),
+              (f"In which year did {name} join {ORG}?", str(year)),
+              (f"Which office does the {role} work from?", city)],
+             "role", {"role": role, "name": name, "city": city, "year": str(year)})
     for tea in TEAS:
         grams, price, years = rng.choice([50, 100, 125, 250]), rng.randint(6, 40), \
             rng.randint(1, 4)
         brew = rng.randint(2, 6)
-        docs.append((f"{tea.lower().replace(' ', '-')}.md",
-                     f"{tea} is sold in tins of {grams} grams for {price} euros. Steep it "
-                     f"for {brew} minutes. Sealed tins keep for {years} years.",
-                     [(f"How much does a tin of {tea} cost?", f"{price} euros"),
-                      (f"How long should {tea} be steeped?", f"{brew} minutes"),
-                      (f"How many grams are in a tin of {tea}?", f"{grams} grams"),
-                      (f"How long does a sealed tin of {tea} keep?", f"{years} years")]))
+        page(f"{tea.lower().replace(' ', '-')}.md",
+             f"{tea} is sold in tins of {grams} grams for {price} euros. Steep it for "
+             f"{brew} minutes. Sealed tins keep for {years} years.",
+             [(f"How much does a tin of {tea} cost?", f"{price} euros"),
+              (f"How long should {tea} be steeped?", f"{brew} minutes"),
+              (f"How many grams are in a tin of {tea}?", f"{grams} grams"),
+              (f"How long does a sealed tin of {tea} keep?", f"{years} years")],
+             "tea", {"tea": tea, "price": f"{price} euros", "years": f"{years} years",
+                     "brew": f"{brew} minutes"})
     for topic in TOPICS:
         name, days = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.randint(2, 12)
         extension = rng.randint(1000, 9999)
-        docs.append((f"policy-{topic.replace(' ', '-')}.md",
-                     f"{topic.capitalize()} go to {name} on extension {extension} and are "
-                     f"answered within {days} working days.",
-                     [(f"Who handles {topic} at {ORG}?", name),
-                      (f"Within how many working days are {topic} answered?",
-                       f"{days} working days"),
-                      (f"Which extension do you call about {topic}?", str(extension))]))
+        page(f"policy-{topic.replace(' ', '-')}.md",
+             f"{topic.capitalize()} go to {name} on extension {extension} and are answered "
+             f"within {days} working days.",
+             [(f"Who handles {topic} at {ORG}?", name),
+              (f"Within how many working days are {topic} answered?",
+               f"{days} working days"),
+              (f"Which extension do you call about {topic}?", str(extension))],
+             "topic", {"topic": topic, "name": name, "extension": str(extension),
+                       "days": f"{days} working days"})
     for event in EVENTS:
         month, trophy, city = rng.choice(MONTHS), rng.choice(TROPHIES), rng.choice(CITIES)
-        docs.append((f"{event.lower().replace(' ', '-')}.md",
-                     f"The {event} takes place every {month} in {city}. The winning team "
-                     f"receives the {trophy} trophy.",
-                     [(f"In which month is the {event} held?", month),
-                      (f"What does the winning team of the {event} receive?",
-                       f"the {trophy} trophy"),
-                      (f"Where does the {event} take place?", city)]))
+        page(f"{event.lower().replace(' ', '-')}.md",
+             f"The {event} takes place every {month} in {city}. The winning team receives "
+             f"the {trophy} trophy.",
+             [(f"In which month is the {event} held?", month),
+              (f"What does the winning team of the {event} receive?",
+               f"the {trophy} trophy"),
+              (f"Where does the {event} take place?", city)],
+             "event", {"event": event, "city": city, "trophy": f"the {trophy} trophy"})
     return docs
 
 
@@ -138,7 +181,7 @@ def main(seed: int = 0, passages: int = 3) -> None:
         for example in examples:
             f.write(json.dumps(example) + "\n")
     print(f"wrote {len(examples)} examples to {OUT}")
-    write_marlow(docs)
+    write_marlow(knowledge_base(random.Random(seed), raft=True))  # the same pages
 
 
 def unanswerable() -> list[str]:

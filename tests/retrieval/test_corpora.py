@@ -83,3 +83,20 @@ def test_the_other_companys_unanswerable_questions_ask_what_its_pages_never_say(
     for kind in NEVER_SAID.values():
         for _, words in kind:
             assert not any(word in pages for word in words), words
+
+
+def test_no_wording_of_the_other_companys_questions_alone_says_unanswerable():
+    """Each opening of an unanswerable question (its first word; "What is the ...")
+    also opens answerable ones, whose answers are on their gold pages."""
+    rows = read_jsonl(DEMO / "marlow" / "questions.jsonl")
+    answerable = [row for row in rows if row.get("answerable", True)]
+    for row in answerable:
+        page = (DEMO / "marlow" / "kb" / row["source"]).read_text()
+        assert row["answer"] in page, row
+    openings = {" ".join(row["question"].split()[:n]) for row in answerable for n in (1, 3)}
+    for row in rows:
+        if row.get("answerable") is False:
+            words = row["question"].split()
+            assert words[0] in openings, row
+            assert not row["question"].startswith("What is the ") or \
+                " ".join(words[:3]) in openings, row
