@@ -14,9 +14,10 @@ per document) with its questions in demo/marlow/questions.jsonl (question, answe
 source; and questions no page answers, asked about what the pages are about): what
 `make demo` trains its RAFT adapter and its relevance adapter from, through the daemon's
 own search (`lorag train --rag-namespace`), again with nothing about Kestrel. Those
-questions pair each form of unanswerable question with answerable ones of the same form on
-the same kind of page ("What is the email address of its head buyer?" never said, "What is
-the name of its head buyer?" said), so that no wording alone predicts the abstention.
+questions also ask each fact in other words than its page's, some in the unanswerable
+ones' form ("What is the name of its head buyer?" said, "What is the email address of its
+head buyer?" never), so that neither the wording nor the page's words alone tell an
+answerable question from an unanswerable one (RAFT_ONLY).
 Deterministic (seeded); run `python demo/make_train.py` to rebuild.
 """
 
