@@ -77,10 +77,10 @@ NEVER_SAID = {
 # per kind of page, answerable questions for RAFT alone (demo/train.jsonl keeps to the
 # ones beside each page), with the fact that answers each. The questions beside the pages
 # echo their words ("Who is the head buyer?" of "The head buyer ... is"), and an adapter
-# trained on those alone answered when the question's words were on a page and declined
-# otherwise: on demo/kb, "Who chairs the ethics board?" of a page saying "It is chaired
-# by", "How long can the drone fly on one battery?" of "flies for 38 minutes per
-# battery". These say it in other words, and some take the form of NEVER_SAID's ("What is
+# trained on those alone declined questions that ask in other words than their page: on
+# demo/kb, "Who chairs the ethics board?" of a page saying "It is chaired by", "How long
+# can the drone fly on one battery?" of "flies for 38 minutes per battery". These say it
+# in other words, and some take the form of NEVER_SAID's ("What is
 # the name of ...?" beside "What is the email address of ...?"), so that neither the
 # wording nor the page's words alone tell an answerable question from an unanswerable one.
 RAFT_ONLY = {
