@@ -80,9 +80,9 @@ NEVER_SAID = {
 # trained on those alone declined questions that ask in other words than their page: on
 # demo/kb, "Who chairs the ethics board?" of a page saying "It is chaired by", "How long
 # can the drone fly on one battery?" of "flies for 38 minutes per battery". These say it
-# in other words, and some take the form of NEVER_SAID's ("What is
-# the name of ...?" beside "What is the email address of ...?"), so that neither the
-# wording nor the page's words alone tell an answerable question from an unanswerable one.
+# in other words, and some take the form of NEVER_SAID's ("What is the name of ...?"
+# beside "What is the email address of ...?"), so that neither the wording nor the page's
+# words alone tell an answerable question from an unanswerable one.
 RAFT_ONLY = {
     "role": [("What is the name of {org}'s {role}?", "name"),
              ("Where is the {role} of {org} based?", "city"),
