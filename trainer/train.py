@@ -137,7 +137,14 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         eval_data = load_jsonl(options.eval_data)
     elif options.eval_split is not None:
         train_data, eval_data = data.split(options.eval_split, options.seed)
-    model, tokenizer = load_base(options.base, quantize=options.quantize, dtype=options.dtype)
+    method = METHODS[options.method]
+    # Mixed precision: weights the optimizer updates stay float32 (master weights) and the
+    # forward pass runs in the compute dtype under autocast. A full or freeze fine-tune on
+    # weights loaded in bf16 would round away every update smaller than bf16's step at
+    # the weight's size (1.0 + 1e-4 is 1.0 in bf16): the norms would never move. PEFT
+    # keeps an adapter's own weights in float32 over a bf16 base by itself.
+    weights = options.dtype if method.adapter else "float32"
+    model, tokenizer = load_base(options.base, quantize=options.quantize, dtype=weights)
     truncated, skipped = _over_length(train_data, tokenizer, options)
     if skipped == len(train_data.rows):
         raise InvalidRequest(f"every example's prompt is at least --max-seq-len "
@@ -154,12 +161,11 @@ def train(options: TrainOptions, console: Console | None = None) -> dict:
         # for these sizes, so only the part checkpointing needs is done.
         model.enable_input_require_grads()
     _release_freed_memory()  # loading's transient buffers, back to the OS
-    method = METHODS[options.method]
     if options.method == "freeze":
         freeze_all_but_last(model, options.train_last_layers)
     out = Path(options.out)
     trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, args=_sft_config(options, model, out),
+        model=model, processing_class=tokenizer, args=_sft_config(options, out),
         train_dataset=train_data.dataset(),
         eval_dataset=eval_data.dataset() if eval_data else None,
         peft_config=peft_config(method, asdict(options), tokenizer) if method.adapter
@@ -225,10 +231,10 @@ def _written(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name not in records}
 
 
-def _sft_config(options: TrainOptions, model, out: Path) -> SFTConfig:
-    # a 4-bit base computes in the dtype `auto` resolves to: bf16 where the CPU has it
-    bf16 = next(model.parameters()).dtype == torch.bfloat16 or (
-        options.quantize == "nf4" and resolve_dtype(options.dtype) == torch.bfloat16)
+def _sft_config(options: TrainOptions, out: Path) -> SFTConfig:
+    # autocast to the dtype `auto` resolves to (bf16 where the CPU has it), whatever the
+    # weights are stored in: a 4-bit base, float32 master weights, or a bf16 frozen base
+    bf16 = resolve_dtype(options.dtype) == torch.bfloat16
     return SFTConfig(
         output_dir=str(out / "checkpoints"), num_train_epochs=options.epochs,
         max_steps=options.max_steps, learning_rate=options.lr,
