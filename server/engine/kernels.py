@@ -86,8 +86,8 @@ def sgmv_available() -> bool:
 
 def kernel_takes_chunks(dtype) -> bool:
     """Whether the built kernel has a GEMM path for long segments of `dtype` (float32 on
-    AVX2 + FMA), so that prompt chunks run faster in it than padded into batched matmuls
-    (`lorag bench kernels`). False where the kernel did not build."""
+    AVX2 + FMA, bf16 on AVX512-BF16), so that prompt chunks run faster in it than padded
+    into batched matmuls (`lorag bench kernels`). False where the kernel did not build."""
     import torch
 
     return sgmv_available() and bool(torch.ops.lorag.gemm_path(dtype))

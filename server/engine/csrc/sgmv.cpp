@@ -19,11 +19,10 @@
 // Decode tokens, a few per adapter, are short segments: there the kernel is ~3x faster
 // than batched matmuls (bf16, 128 tokens over 64 adapters, q/k/v: 0.17 ms against 0.58;
 // float32 on AVX2: 0.28 against 1.18). Prompt chunks and speculative verify chunks are
-// long ones, GEMMs: in float32 on AVX2 the register-blocked tiles (LORAG_AVX2 below)
-// match oneDNN's sgemm on them, so the engine sends them here too; the bf16 tiles were
-// measured ~2x slower than oneDNN at 128 tokens, so there the engine pads prompt chunks
-// into batched matmuls (`gemm_path` tells it which). Calling oneDNN per segment from
-// here costs ~25 us a call, more than it saves.
+// long ones, GEMMs: the register-blocked tiles (float32 on AVX2, bf16 on AVX512-BF16)
+// are about as fast as oneDNN's GEMM on them and skip the padding around it, so the
+// engine sends them here too (`gemm_path` tells it where: `lorag bench kernels`).
+// Calling oneDNN per segment from here costs ~25 us a call, more than it saves.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -203,6 +202,17 @@ inline std::vector<std::pair<int64_t, int64_t>> output_blocks(const Parts& parts
   return blocks;
 }
 
+// Every segment's tiles, in order: (segment, first token) per tile of kTile tokens.
+std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t s = 0; s < route.segments; ++s) {
+    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTile) {
+      tiles.emplace_back(s, i);
+    }
+  }
+  return tiles;
+}
+
 #ifdef LORAG_AVX2
 // float32 on AVX2 + FMA (16 registers of 8 lanes), every segment, short or long. Both
 // kernels work on tiles of up to 4 tokens of a segment, so that each adapter value
@@ -230,17 +240,6 @@ inline float lane_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Every segment's tiles, in order: (segment, first token) per tile of kTile tokens.
-std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t s = 0; s < route.segments; ++s) {
-    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTile) {
-      tiles.emplace_back(s, i);
-    }
-  }
-  return tiles;
 }
 
 // y[token i, r0 + q] = row[q] . x[i] for NT tokens and q < count (<= 3).
@@ -452,28 +451,33 @@ template <>
 void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
                                  const Route& route, at::Tensor& y) {
   const int64_t in = x.size(1), rows = a.size(1), blocks = (rows + kRows - 1) / kRows;
-  const int64_t segments = route.segments;
   const int64_t *tok = route.tok, *start = route.start, *slot = route.slot;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
   float* yp = y.data_ptr<float>();
+  const auto tiles = tiles_of(route);
 
-  // One work item per (segment, block of 4 A rows): the rows are read once.
-  at::parallel_for(0, segments * blocks, 4, [&](int64_t begin, int64_t end) {
+  // One work item per (tile, block of 4 A rows), a tile's blocks one after another: the
+  // tile's inputs stay in L1 while its segment's rows stream, and a long segment (a
+  // prompt chunk) spreads over every thread, not over its row blocks alone.
+  at::parallel_for(0, tiles.size() * blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / blocks, r0 = (item % blocks) * kRows;
-      const int64_t count = std::min(kRows, rows - r0);
+      const auto [s, first] = tiles[item / blocks];
+      const int64_t r0 = (item % blocks) * kRows, count = std::min(kRows, rows - r0);
       const uint16_t* row[kRows];
       for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      if (item + 1 < end) {  // the next item's rows, while this one computes
-        const int64_t sn = (item + 1) / blocks, rn = ((item + 1) % blocks) * kRows;
-        prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kRows, rows - rn) * a_row * 2);
+      if (item + 1 < end) {  // the next item's rows while this one computes, unless a
+        const auto [sn, next_first] = tiles[(item + 1) / blocks];  // tile before read them
+        if (next_first == start[sn]) {
+          const int64_t rn = ((item + 1) % blocks) * kRows;
+          prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kRows, rows - rn) * a_row * 2);
+        }
       }
       const __mmask8 out_mask = (1 << count) - 1;
-      for_each_tile(start[s], start[s + 1], [&](auto tokens, int64_t i) {
+      for_each_tile(first, std::min(first + kTile, start[s + 1]), [&](auto tokens, int64_t i) {
         constexpr int n = decltype(tokens)::value;
         shrink_tile<n>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask);
       });
@@ -609,6 +613,9 @@ void lora_expand(at::Tensor out, const at::Tensor& y, at::TensorList b,
 // Whether long segments of `dtype` take a GEMM path here (the engine sends prompt
 // chunks to the kernel only then).
 bool gemm_path([[maybe_unused]] at::ScalarType dtype) {
+#ifdef LORAG_AVX512_BF16
+  if (dtype == at::kBFloat16) return true;
+#endif
 #ifdef LORAG_AVX2
   return dtype == at::kFloat;
 #else
