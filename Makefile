@@ -113,7 +113,7 @@ bench: setup bench-setup
 	$(BIN)/lorag bench serving --registered 1024 --json bench-serving.json
 
 # fine-tuning for form, retrieval for facts: train three adapters, ingest, serve, evaluate
-# nine ways (about 45 minutes on 2 CPU cores); writes demo-results/results.{md,json,png}
+# twelve ways (51 minutes on 2 cores with AVX512-BF16); writes demo-results/results.{md,json,png}
 demo: setup
 	$(BIN)/lorag models pull
 	$(BIN)/python -m demo.run
