@@ -469,8 +469,10 @@ void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
       for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      if (item + 1 < end) {  // the next item's rows while this one computes, unless a
-        const auto [sn, next_first] = tiles[(item + 1) / blocks];  // tile before read them
+      // The next item's rows while this one computes, when its tile is its segment's
+      // first (the segment's later tiles find the rows in cache).
+      if (item + 1 < end) {
+        const auto [sn, next_first] = tiles[(item + 1) / blocks];
         if (next_first == start[sn]) {
           const int64_t rn = ((item + 1) % blocks) * kRows;
           prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kRows, rows - rn) * a_row * 2);
