@@ -16,11 +16,11 @@ Per step, `LoraBatch.route` groups the tokens ONCE by adapter; every layer then 
 each active adapter's A and B once (the SGMV idea of Punica / S-LoRA), two ways:
 - by the engine's own SGMV kernel on CPU (csrc/sgmv.cpp, server/engine/kernels.py):
   decode tokens always, prompt chunks (a run of tokens of one adapter each) where the
-  kernel has a GEMM path for the dtype (float32 on AVX2, bf16 on AVX512-BF16). Measured here (bf16, 128
-  decode tokens over 64 r16 slots, fused q/k/v; best of 15): 0.17 ms beside 0.38 ms for
-  the base matmul, against 0.58 ms padded into batched matmuls, most of that padding and
-  oneDNN reading small matrices at a third of memory speed; prompt chunks of 128-1024
-  tokens: `lorag bench kernels`;
+  kernel has a GEMM path for the dtype (float32 on AVX2, bf16 on AVX512-BF16). Measured
+  here (bf16, 128 decode tokens over 64 r16 slots, fused q/k/v; best of 15): 0.17 ms
+  beside 0.38 ms for the base matmul, against 0.58 ms padded into batched matmuls, most
+  of that padding and oneDNN reading small matrices at a third of memory speed; prompt
+  chunks of 128-1024 tokens: `lorag bench kernels`;
 - otherwise (off CPU, where the kernel did not build, or has no GEMM path): padded into
   [groups, tokens_per_group, in] for batched matmuls.
 Fusing q/k/v shares the shrink's input reads in both.
