@@ -202,11 +202,12 @@ inline std::vector<std::pair<int64_t, int64_t>> output_blocks(const Parts& parts
   return blocks;
 }
 
-// Every segment's tiles, in order: (segment, first token) per tile of kTile tokens.
-std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route) {
+// Every segment's runs of `span` tokens (the last may be shorter), in order: (segment,
+// first token) per run; by default a run is one tile.
+std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route, int64_t span = kTile) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t s = 0; s < route.segments; ++s) {
-    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += kTile) {
+    for (int64_t i = route.start[s]; i < route.start[s + 1]; i += span) {
       tiles.emplace_back(s, i);
     }
   }
@@ -394,6 +395,7 @@ void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& par
 // layers of 64 adapters do not stay cached).
 
 constexpr int64_t kRows = 4;  // A rows per shrink tile (reduce4 sums four)
+constexpr int64_t kSpan = 16;  // tokens per shrink work item: 4 tiles share each A row read
 
 inline __mmask32 mask32(int64_t remaining) {
   return remaining >= 32 ? ~__mmask32(0)
@@ -456,30 +458,31 @@ void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
   const auto* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
   float* yp = y.data_ptr<float>();
-  const auto tiles = tiles_of(route);
+  const auto runs = tiles_of(route, kSpan);
 
-  // One work item per (tile, block of 4 A rows), a tile's blocks one after another: the
-  // tile's inputs stay in L1 while its segment's rows stream, and a long segment (a
-  // prompt chunk) spreads over every thread, not over its row blocks alone.
-  at::parallel_for(0, tiles.size() * blocks, 8, [&](int64_t begin, int64_t end) {
+  // One work item per (run of up to 16 tokens of a segment, block of 4 A rows), a run's
+  // blocks one after another: the run's inputs stay in cache while its segment's rows
+  // stream, each block's rows serve 4 tiles, and a long segment (a prompt chunk) spreads
+  // over every thread, not over its row blocks alone.
+  at::parallel_for(0, runs.size() * blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const auto [s, first] = tiles[item / blocks];
+      const auto [s, first] = runs[item / blocks];
       const int64_t r0 = (item % blocks) * kRows, count = std::min(kRows, rows - r0);
       const uint16_t* row[kRows];
       for (int64_t q = 0; q < kRows; ++q) {  // a short block repeats its last row
         row[q] = ap + slot[s] * a_slot + (r0 + std::min(q, count - 1)) * a_row;
       }
-      // The next item's rows while this one computes, when its tile is its segment's
-      // first (the segment's later tiles find the rows in cache).
+      // The next item's rows while this one computes, when its run is its segment's
+      // first (the segment's later runs find the rows in cache).
       if (item + 1 < end) {
-        const auto [sn, next_first] = tiles[(item + 1) / blocks];
+        const auto [sn, next_first] = runs[(item + 1) / blocks];
         if (next_first == start[sn]) {
           const int64_t rn = ((item + 1) % blocks) * kRows;
           prefetch(ap + slot[sn] * a_slot + rn * a_row, std::min(kRows, rows - rn) * a_row * 2);
         }
       }
       const __mmask8 out_mask = (1 << count) - 1;
-      for_each_tile(first, std::min(first + kTile, start[s + 1]), [&](auto tokens, int64_t i) {
+      for_each_tile(first, std::min(first + kSpan, start[s + 1]), [&](auto tokens, int64_t i) {
         constexpr int n = decltype(tokens)::value;
         shrink_tile<n>(row, xp, x_stride, tok, i, in, yp, rows, r0, out_mask);
       });
