@@ -203,8 +203,8 @@ inline std::vector<std::pair<int64_t, int64_t>> output_blocks(const Parts& parts
 }
 
 // Every segment's runs of `span` tokens (the last may be shorter), in order: (segment,
-// first token) per run; by default a run is one tile.
-std::vector<std::pair<int64_t, int64_t>> tiles_of(const Route& route, int64_t span = kTile) {
+// first token) per run. With span kTile, a run is one tile.
+std::vector<std::pair<int64_t, int64_t>> runs_of(const Route& route, int64_t span) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t s = 0; s < route.segments; ++s) {
     for (int64_t i = route.start[s]; i < route.start[s + 1]; i += span) {
@@ -285,7 +285,7 @@ void shrink_kernel<float>(const at::Tensor& x, const at::Tensor& a, const Route&
   const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>();
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
   float* yp = y.data_ptr<float>();
-  const auto tiles = tiles_of(route);
+  const auto tiles = runs_of(route, kTile);
 
   // One work item per (tile, block of 3 A rows), a tile's blocks one after another.
   at::parallel_for(0, tiles.size() * blocks, 8, [&](int64_t begin, int64_t end) {
@@ -353,7 +353,7 @@ void expand_kernel<float>(at::Tensor& out, const at::Tensor& y, const Parts& par
   const int64_t y_row = y.stride(0), out_stride = out.stride(0);
   const auto blocks = output_blocks(parts, kCols);
   const int64_t per_tile = blocks.size();
-  const auto tiles = tiles_of(route);
+  const auto tiles = runs_of(route, kTile);
 
   // One work item per (tile, block of 24 outputs of a part), a tile's blocks in a row.
   at::parallel_for(0, tiles.size() * per_tile, 8, [&](int64_t begin, int64_t end) {
@@ -458,7 +458,7 @@ void shrink_kernel<at::BFloat16>(const at::Tensor& x, const at::Tensor& a,
   const auto* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   const int64_t x_stride = x.stride(0), a_slot = a.stride(0), a_row = a.stride(1);
   float* yp = y.data_ptr<float>();
-  const auto runs = tiles_of(route, kSpan);
+  const auto runs = runs_of(route, kSpan);
 
   // One work item per (run of up to 16 tokens of a segment, block of 4 A rows), a run's
   // blocks one after another: the run's inputs stay in cache while its segment's rows
