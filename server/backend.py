@@ -13,7 +13,7 @@ values passed across (Limits, SamplingParams, TokenStream) are the native engine
 every backend shares.
 """
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Protocol, TypedDict, runtime_checkable
 
 from prometheus_client import Metric
@@ -85,11 +85,13 @@ class Backend(Protocol):
         ...
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: AdapterKey | None,
-               request_id: str, after: str | None = None, priority: int = 0) -> TokenStream:
+               request_id: str, after: str | None = None, priority: int = 0,
+               history: Hashable | None = None) -> TokenStream:
         """Queue a request; raises InvalidRequest, AdapterNotFound or Overloaded. after:
         the id of a request just submitted with the same prompt and adapter (the choices
         of an n > 1 request), whose prompt's KV this one may start from. priority: lower
-        numbers first (interactive 0, a batch's lines BATCH_PRIORITY)."""
+        numbers first (interactive 0, a batch's lines BATCH_PRIORITY). history: requests
+        of one key may draft speculative tokens from each other's outputs."""
         ...
 
     def cancel(self, request_id: str) -> bool:

@@ -219,7 +219,7 @@ class Service:
         self.quotas.admit(caller)
         try:
             stream = self.engine.submit(prompt, params, adapter, request_id, after=after,
-                                        priority=priority)
+                                        priority=priority, history=(caller.tenant, adapter))
         except BaseException as e:
             self.quotas.release(caller, tokens=0)
             if isinstance(e, LoragError) and e.field == "adapter":  # the engine's parameter:

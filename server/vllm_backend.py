@@ -180,9 +180,11 @@ class VllmBackend:
         return f"vLLM {__version__} on {self.device}, torch.{self.dtype}{quantization}, {kv}"
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter, request_id: str,
-               after: str | None = None, priority: int = 0) -> TokenStream:
+               after: str | None = None, priority: int = 0, history=None) -> TokenStream:
         # `after` is not passed on: vLLM fans its own n > 1 out into requests the same way,
-        # and its prefix cache shares whatever of the prompt is cached when each is scheduled
+        # and its prefix cache shares whatever of the prompt is cached when each is scheduled.
+        # Nor `history`: vLLM's ngram method drafts from the prompt alone (its `suffix`
+        # method, which would draft from earlier outputs, needs arctic-inference)
         if not self.alive:
             raise Unavailable("vLLM's engine stopped (the daemon's log says why); this "
                               "replica serves no requests until it is restarted")

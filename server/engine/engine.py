@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 
 import torch
@@ -144,7 +144,8 @@ class Engine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                adapter: AdapterKey | None = None, request_id: str | None = None,
-               after: str | None = None, priority: int = 0) -> TokenStream:
+               after: str | None = None, priority: int = 0,
+               history: Hashable | None = None) -> TokenStream:
         """Queue a request; read its outputs from the returned stream.
 
         prompt: text (tokenized as is: apply a chat template first) or token ids.
@@ -155,6 +156,8 @@ class Engine:
         partial block is computed again); queued at once if that one is gone.
         priority: lower numbers are admitted first (interactive requests 0, a batch's
         lines 1); FIFO within one.
+        history: with speculation on, requests of one history key draft from each other's
+        outputs (server/engine/speculative.py); None: from their own context only.
         Raises InvalidRequest (a constraint that does not compile among others),
         AdapterNotFound, Overloaded when the queue is full, or Unavailable after shutdown.
         """
@@ -166,7 +169,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, ids, params, key, TokenStream(request_id), generator,
-                       priority=priority)
+                       priority=priority, history=history)
         if key is not None and self.pool.slot_of(key) is None:
             seq.weights = self._weights(seq)  # disk read and validation here, not on the loop
             seq.virtual = seq.weights.virtual
@@ -379,7 +382,7 @@ class Engine:
                            self.config.max_model_len - seq.length) - 1
                 seq.draft = self.speculator.draft(
                     seq.drafting, lambda seq=seq: seq.context_ids() + seq.output_ids, room,
-                    len(decoding))
+                    len(decoding), seq.history)
 
     def _run(self, seqs: list[Sequence]) -> None:
         """Step `seqs` together, keeping a failure to the request that caused it.
@@ -503,6 +506,8 @@ class Engine:
         if reason is None:
             seq.stream.put(Output(text, [token], logprobs=logprobs))
         else:
+            if self.speculator.tokens and seq.history is not None:
+                self.speculator.history.remember(seq.history, seq.prompt_ids, seq.output_ids)
             self._finish(seq, reason, text=text, last=[token], logprobs=logprobs)
 
     def _new_text(self, seq: Sequence, final: bool) -> tuple[str, bool]:

@@ -9,7 +9,7 @@ chunks of sequences being prefilled, up to `max_num_batched_tokens`.
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -58,6 +58,7 @@ class Sequence:
     priority: int = 0  # lower is admitted first: interactive 0, batch lines 1
     draft: list[int] = field(default_factory=list)  # this step's drafted tokens, if any
     drafting: DraftState = field(default_factory=DraftState)
+    history: Hashable | None = None  # whose recent outputs it may draft from
 
     @property
     def offset(self) -> int:

@@ -15,6 +15,18 @@ token with certainty: draft d is kept with probability p(d) under the request's 
 distribution (temperature, top-k, top-p); on rejection the token is drawn from p with d
 removed, renormalized, which leaves every token's probability exactly p.
 
+An answer also repeats its own form: the demo's adapter answers every question in one JSON
+shape, whose keys and punctuation are half its tokens and occur nowhere in the prompt. So
+a sequence that finds no match in its own context looks in the recent outputs of requests
+that share its `history` key (`History`: the service gives the tenant and the adapter,
+so no tenant's drafts come from another's outputs), as suffix decoding does (Oliaro et
+al. 2024; vLLM's `suffix` method, whose suffix trees come from the arctic-inference
+package: source only on PyPI, built with CMake, and a plugin that patches any vLLM in the
+same environment; lorag looks up the few outputs it keeps with the same n-gram match
+instead). The longest tail (up to 6 tokens) that occurs anywhere wins; on a tie the
+sequence's own context comes first. On the demo's questions this took the format
+adapter's single-stream decode from 1.3x to 2.0-2.5x (docs/engine.md).
+
 Which requests draft (`speculable`): those whose next token depends on nothing but the
 logits: not constrained by a grammar (the matcher would have to walk the drafts), not
 penalized (each row's penalties would depend on the drafts before it), not asking for
@@ -23,14 +35,16 @@ token a step as before, in the same batches.
 
 `Speculator` keeps it adaptive. A sequence drafts as far as its drafts have lately been
 kept: it starts at 4 tokens (or `tokens`, if fewer), doubles up to `tokens` after a
-draft kept whole, and drops to one more than it kept after a rejection; one whose drafts
+draft kept whole, and drops to one more than it kept after a rejection, never below 4 (a
+rejected draft is often followed by a run of its answer's form); one whose drafts
 keep being rejected backs off (drafts every 2nd, 4th, ... step). A step with more than
 `max_batch` decoding sequences drafts nothing: a batch that full is compute-bound, and
 extra verified tokens would cost throughput (measured: 8 streams through the NF4
 default model lost 19% with drafts at 8 sequences).
 """
 
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +54,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from lorag.server.engine.sampling import SamplingParams, distribution
 
-MAX_NGRAM, MIN_NGRAM = 3, 1  # the tail lengths looked up, longest first
+MAX_NGRAM, MIN_NGRAM = 6, 1  # the tail lengths looked up, longest first
 MAX_BATCH = 4  # decoding sequences beyond which a step drafts nothing
 FIRST_LENGTH = 4  # a sequence's first draft, at most
 # a sequence's drafts are judged once this many tokens were drafted for it ...
@@ -49,23 +63,61 @@ LOW_ACCEPTANCE = 0.3  # ... and back off below this share accepted
 MAX_BACKOFF = 16  # steps without drafting, at most
 
 
-def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM,
-            min_n: int = MIN_NGRAM) -> list[int]:
+def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM,
+            elsewhere: Iterable[np.ndarray] = ()) -> list[int]:
     """Up to k tokens that followed an earlier occurrence of `tokens`' last n tokens
-    (the longest n in max_n..min_n that occurs): the latest occurrence with k tokens after
-    it, else the earliest (a run of one repeated token drafts k, not the one before the
-    end); [] when none occurs."""
+    (the longest n in max_n..min_n that occurs), in `tokens` itself or else in one of
+    `elsewhere` (other outputs, latest first); [] when none occurs."""
     if k < 1 or len(tokens) < 2:
         return []
     ids = np.asarray(tokens)
+    elsewhere = list(elsewhere)
     for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
-        windows = sliding_window_view(ids[:-1], n)  # every n-gram but the tail itself
-        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
-        if hits.size:
-            full = hits[hits + n + k <= len(ids)]
-            start = int(full[-1] if full.size else hits[0]) + n
-            return ids[start:start + k].tolist()
+        for corpus in (ids, *elsewhere):
+            draft = _after(corpus, ids[-n:], k)
+            if draft:
+                return draft
     return []
+
+
+def _after(corpus: np.ndarray, tail: np.ndarray, k: int) -> list[int]:
+    """Up to k tokens that followed `tail` in `corpus`: after its latest occurrence with
+    k tokens after it, else after its earliest (a run of one repeated token drafts k, not
+    the one before the end). An occurrence at corpus' very end (the tail itself, when the
+    corpus is the sequence's own context) has nothing after it and does not count."""
+    if len(corpus) <= len(tail):
+        return []
+    windows = sliding_window_view(corpus[:-1], len(tail))
+    hits = np.flatnonzero((windows == tail).all(axis=1))
+    if not hits.size:
+        return []
+    full = hits[hits + len(tail) + k <= len(corpus)]
+    start = int(full[-1] if full.size else hits[0]) + len(tail)
+    return corpus[start:start + k].tolist()
+
+
+class History:
+    """The recent outputs of each `history` key, as token arrays a sequence of that key
+    drafts from: each begins with the last MAX_NGRAM tokens of its prompt (so a new
+    answer's first tokens match how earlier ones began). Bounded: `per_key` outputs of at
+    most `tokens` tokens for each of the `keys` keys used last."""
+
+    def __init__(self, per_key: int = 8, tokens: int = 512, keys: int = 1024):
+        self.per_key, self.tokens, self.keys = per_key, tokens, keys
+        self.outputs: OrderedDict[Hashable, deque[np.ndarray]] = OrderedDict()
+
+    def remember(self, key: Hashable, prompt: list[int], output: list[int]) -> None:
+        if not output:
+            return
+        kept = self.outputs.setdefault(key, deque(maxlen=self.per_key))
+        self.outputs.move_to_end(key)
+        kept.appendleft(np.asarray(prompt[-MAX_NGRAM:] + output[:self.tokens]))
+        while len(self.outputs) > self.keys:
+            self.outputs.popitem(last=False)
+
+    def of(self, key: Hashable | None) -> Iterable[np.ndarray]:
+        """Key's outputs, latest first (none for None)."""
+        return self.outputs.get(key, ()) if key is not None else ()
 
 
 @torch.inference_mode()
@@ -120,19 +172,22 @@ class Speculator:
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.accepted_per_pos = [0] * tokens  # drafts kept at each position
+        self.history = History()
 
     def draft(self, state: DraftState, tokens: Callable[[], list[int]], room: int,
-              decoding: int) -> list[int]:
+              decoding: int, history: Hashable | None = None) -> list[int]:
         """A sequence's drafts this step: none when speculation is off, the batch is past
         max_batch decoding sequences, the sequence is backing off, or nothing in its
-        context matches; at most its draft length and `room` (the tokens it may still
-        emit, less one). `tokens()` gives its context, read only when it drafts."""
+        context or its `history` key's outputs matches; at most its draft length and
+        `room` (the tokens it may still emit, less one). `tokens()` gives its context,
+        read only when it drafts."""
         if not self.tokens or decoding > self.max_batch or room < 1:
             return []
         if state.wait:
             state.wait -= 1
             return []
-        return propose(tokens(), min(self.tokens, state.length, room))
+        return propose(tokens(), min(self.tokens, state.length, room),
+                       elsewhere=self.history.of(history))
 
     def record(self, state: DraftState, drafted: int, accepted: int) -> None:
         """`accepted` of a sequence's `drafted` drafts were kept: count them, and back off
@@ -144,7 +199,8 @@ class Speculator:
             self.accepted_per_pos[position] += 1
         state.drafted += drafted
         state.accepted += accepted
-        state.length = min(self.tokens, 2 * drafted) if accepted == drafted else accepted + 1
+        state.length = min(self.tokens, 2 * drafted) if accepted == drafted else \
+            max(FIRST_LENGTH, accepted + 1)
         if state.drafted >= JUDGED_AFTER and state.accepted < LOW_ACCEPTANCE * state.drafted:
             state.backoff = min(MAX_BACKOFF, max(1, 2 * state.backoff))
             state.drafted = state.accepted = 0  # judged again on the next ones

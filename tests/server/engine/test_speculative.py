@@ -2,13 +2,21 @@
 verification rules, and the engine's output with speculation equal to its output without,
 over mixed batches on the tiny model."""
 
+import numpy as np
 import pytest
 import torch
 
 from lorag.adapters import Composition
 from lorag.server.engine import SamplingParams
 from lorag.server.engine.sampling import distribution
-from lorag.server.engine.speculative import DraftState, Speculator, propose, verify
+from lorag.server.engine.speculative import (
+    MAX_NGRAM,
+    DraftState,
+    History,
+    Speculator,
+    propose,
+    verify,
+)
 from lorag.server.engine.structured import Constraint
 
 # a prompt that repeats itself, as a RAG answer repeats its passages: lookups find it
@@ -23,6 +31,35 @@ def test_propose_takes_what_followed_the_latest_occurrence_of_the_longest_tail()
     assert propose([1, 2, 3, 4], 4) == []  # nothing repeats
     assert propose([7, 8, 7], 5) == [8, 7]  # what is there, up to k
     assert propose([7], 3) == [] and propose([7, 7], 0) == []
+
+
+def test_a_sequence_drafts_from_other_outputs_where_they_match_a_longer_tail():
+    other = [np.array([3, 4, 5, 6, 7])]
+    assert propose([1, 2, 4, 5], 3, elsewhere=other) == [6, 7]  # its own context: nothing
+    # "1 2" occurs only in the other output: the longer tail wins over its own "2 9"
+    assert propose([5, 2, 9, 1, 2], 2, elsewhere=[np.array([1, 2, 6])]) == [6]
+    # the same tail length in both: its own context first
+    assert propose([2, 9, 5, 2], 2, elsewhere=[np.array([2, 7])]) == [9, 5]
+    # the outputs in the order given (latest first)
+    assert propose([1, 3], 1, elsewhere=[np.array([3, 4]), np.array([3, 5])]) == [4]
+    assert propose([1, 3], 1, elsewhere=[np.array([3])]) == []  # nothing after it
+
+
+def test_history_keeps_the_latest_outputs_of_the_keys_used_last():
+    history = History(per_key=2, tokens=3, keys=2)
+    prompt = list(range(100, 100 + MAX_NGRAM + 2))
+    history.remember("a", prompt, [1, 2, 3, 4])
+    assert [x.tolist() for x in history.of("a")] == [prompt[-MAX_NGRAM:] + [1, 2, 3]]
+    history.remember("a", prompt, [5])
+    history.remember("a", prompt, [6])
+    assert [x[-1] for x in history.of("a")] == [6, 5]  # the latest first, per_key of them
+    history.remember("a", prompt, [])  # an empty output is not kept
+    assert len(history.of("a")) == 2
+    history.remember("b", prompt, [7])
+    history.remember("a", prompt, [8])  # "a" used last again
+    history.remember("c", prompt, [9])  # past 2 keys: "b" goes
+    assert list(history.outputs) == ["a", "c"] and list(history.of("b")) == []
+    assert list(history.of(None)) == []
 
 
 def test_greedy_verification_keeps_the_drafts_the_argmax_agrees_with():
@@ -60,21 +97,23 @@ def test_the_rejection_rule_leaves_the_distribution_as_it_was(params):
 
 
 def test_drafts_follow_acceptance_back_off_and_stop_in_a_full_batch():
-    speculator = Speculator(tokens=4, max_batch=8)
+    speculator = Speculator(tokens=8, max_batch=8)
     state = DraftState()
     tokens = lambda: [1, 2, 3, 1, 2]  # noqa: E731
     assert speculator.draft(state, tokens, room=10, decoding=9) == []  # past max_batch
     assert speculator.draft(state, tokens, room=2, decoding=1) == [3, 1]  # room bounds it
     speculator.record(state, drafted=4, accepted=0)
     speculator.record(state, drafted=4, accepted=1)  # 1 of 8 kept: back off one step
-    assert state.backoff == 1 and state.length == 2  # one more than it kept
+    assert state.backoff == 1 and state.length == 4  # never below its first length
     assert speculator.draft(state, tokens, room=10, decoding=1) == []
-    assert speculator.draft(state, tokens, room=10, decoding=1) == [3, 1]
-    speculator.record(state, drafted=2, accepted=2)
-    assert state.backoff == 0 and state.length == 4  # kept whole: doubled, up to tokens
+    assert speculator.draft(state, tokens, room=10, decoding=1) == [3, 1, 2]
+    speculator.record(state, drafted=3, accepted=3)
+    assert state.backoff == 0 and state.length == 6  # kept whole: doubled, up to tokens
     assert (speculator.drafts, speculator.draft_tokens, speculator.accepted_tokens) == \
-        (3, 10, 3)
-    assert speculator.accepted_per_pos == [2, 1, 0, 0]
+        (3, 11, 4)
+    assert speculator.accepted_per_pos == [2, 1, 1, 0, 0, 0, 0, 0]
+    speculator.record(state, drafted=6, accepted=5)
+    assert state.length == 6  # rejected: one more than it kept
 
 
 def mixed_batch(engine, adapter_root) -> list:
@@ -120,3 +159,25 @@ def test_greedy_output_is_the_same_with_speculation_over_a_mixed_batch(make_engi
     assert speculator.draft_tokens > 0 and speculator.accepted_tokens > 0
     names = [family.name for family in fast_engine.metric_families()]
     assert "vllm:spec_decode_num_accepted_tokens" in names
+
+
+def test_a_request_drafts_from_earlier_outputs_of_its_own_history_key_alone(make_engine):
+    """A request drafts its answer from an earlier request's output of its history key
+    (the same prompt, greedy: the same answer) and answers as without drafts; a request
+    of another key (another tenant's, in the daemon) drafts nothing from it."""
+    prompt = list(range(300, 340))  # nothing repeats: its own context drafts nothing
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = make_engine().submit(prompt, greedy).result().token_ids
+    engine = make_engine(speculative_tokens=8)
+    speculator = engine.speculator
+
+    def accepted(history) -> int:
+        before = speculator.accepted_tokens
+        assert engine.submit(prompt, greedy, history=history).result().token_ids == plain
+        return speculator.accepted_tokens - before
+
+    own = accepted(("acme", None))  # what its own output's repeats give
+    assert accepted(("beta", None)) == own  # acme's output is not beta's history
+    # the first two steps draft 4 and then 8 tokens of acme's earlier output, all kept
+    assert accepted(("acme", None)) >= 12 > own
+    assert len(speculator.history.of(("acme", None))) == 2
