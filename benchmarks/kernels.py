@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from lorag.benchmarks.adapters import AdapterSpec, make_adapters
-from lorag.benchmarks.stats import median_us, print_json
+from lorag.benchmarks.stats import interleaved_us, median_us, print_json
 from lorag.models import cpu_has_bf16, load_base, resolve_dtype
 from lorag.provision import ModelCache
 from lorag.server.engine.config import EngineConfig
@@ -105,11 +105,12 @@ def _chunk_row(inputs: int, outs: list[int], n: int, dtype) -> dict:
     y = layer.base(x)
     for batch in (kernel, padded):  # once per step in the engine, not per layer
         batch.route(torch.empty(0, dtype=torch.long), [(0, n, 1)], RANK)
-    row = {"kernel_shrink_us": _time(torch.ops.lorag.lora_shrink, x, a, *route),
-           "onednn_shrink_us": _time(torch.mm, x, a_t),
-           "kernel_delta_us": _time(_delta, layer, kernel, y, x),
-           "padded_delta_us": _time(_delta, layer, padded, y, x),
-           "base_matmul_us": _time(layer.base, x)}
+    with torch.inference_mode():
+        row = interleaved_us({"kernel_shrink_us": (torch.ops.lorag.lora_shrink, x, a, *route),
+                              "onednn_shrink_us": (torch.mm, x, a_t),
+                              "kernel_delta_us": (_delta, layer, kernel, y, x),
+                              "padded_delta_us": (_delta, layer, padded, y, x),
+                              "base_matmul_us": (layer.base, x)}, seconds=1.5)
     row["shrink_speedup"] = round(row["onednn_shrink_us"] / row["kernel_shrink_us"], 2)
     row["delta_speedup"] = round(row["padded_delta_us"] / row["kernel_delta_us"], 2)
     return row

@@ -41,3 +41,22 @@ def median_us(fn, *args, seconds: float = 0.5) -> float:
         fn(*args)
         times.append(time.perf_counter() - start)
     return round(sorted(times)[len(times) // 2] * 1e6, 1)
+
+
+def interleaved_us(calls: dict[str, tuple], seconds: float = 1.0) -> dict[str, float]:
+    """Median microseconds of each of `calls` (name -> (fn, *args)), timed in turns, one
+    call of each per round, over about `seconds` in all (at least 5 rounds) after 3 rounds
+    to warm up: a machine whose speed drifts (a neighbour on the host) moves every peer
+    alike, so their ratios hold where timing one after another would not."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    rounds, deadline = 0, None
+    while deadline is None or time.perf_counter() < deadline or rounds < 8:
+        for name, (fn, *args) in calls.items():
+            start = time.perf_counter()
+            fn(*args)
+            times[name].append(time.perf_counter() - start)
+        rounds += 1
+        if rounds == 3:  # warm-up done
+            times = {name: [] for name in calls}
+            deadline = time.perf_counter() + seconds
+    return {name: round(sorted(t)[len(t) // 2] * 1e6, 1) for name, t in times.items()}

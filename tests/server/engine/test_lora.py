@@ -136,6 +136,24 @@ def test_a_single_projection_with_a_rank_that_leaves_a_short_block(use_kernel, d
     assert_close(got, reference(layer, adapters, x, slot_of_token))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, inputs", [(5, 44), (24, 44), (100, 64), (24, 45)])
+def test_the_shrink_is_fp32_math_on_short_and_long_segments(dtype, rows, inputs):
+    """Segments of 3, 40 and 300 tokens, routed out of order from rows of x further apart
+    than their width, A rows in counts that leave short blocks (5, 24, 100) and an odd
+    number of inputs (45): each y row is its segment's A rows dotted with its token's
+    inputs, summed in fp32."""
+    assert sgmv_available()  # loads the ops
+    torch.manual_seed(1)
+    x = torch.randn(360, inputs + 3, dtype=dtype)[:, :inputs]
+    a = torch.randn(4, rows, inputs, dtype=dtype)
+    tokens, starts, slots = torch.randperm(360)[:343], [0, 3, 43, 343], [2, 0, 3]
+    y = torch.ops.lorag.lora_shrink(x, a, tokens, torch.tensor(starts), torch.tensor(slots))
+    expected = torch.cat([x[tokens[start:end]].float() @ a[slot].float().T
+                          for start, end, slot in zip(starts, starts[1:], slots, strict=False)])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_merged_weight_serves_what_the_lora_path_does(use_kernel):
     layer, batch, _ = layer_with_adapters(MAX_RANK, use_kernel)
