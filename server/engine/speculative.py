@@ -49,7 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from prometheus_client.core import CounterMetricFamily
 
 from lorag.server.engine.sampling import SamplingParams, distribution
@@ -67,33 +66,45 @@ def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_
             elsewhere: Iterable[np.ndarray] = ()) -> list[int]:
     """Up to k tokens that followed an earlier occurrence of `tokens`' last n tokens
     (the longest n in max_n..min_n that occurs), in `tokens` itself or else in one of
-    `elsewhere` (other outputs, latest first); [] when none occurs."""
+    `elsewhere` (other outputs, latest first; on equal n the first wins); [] when none
+    occurs. Of the occurrences, the latest with k tokens after it, else the earliest (a
+    run of one repeated token drafts k, not the one before the end)."""
     if k < 1 or len(tokens) < 2:
         return []
     ids = np.asarray(tokens)
-    elsewhere = list(elsewhere)
-    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
-        for corpus in (ids, *elsewhere):
-            draft = _after(corpus, ids[-n:], k)
-            if draft:
-                return draft
-    return []
-
-
-def _after(corpus: np.ndarray, tail: np.ndarray, k: int) -> list[int]:
-    """Up to k tokens that followed `tail` in `corpus`: after its latest occurrence with
-    k tokens after it, else after its earliest (a run of one repeated token drafts k, not
-    the one before the end). An occurrence at corpus' very end (the tail itself, when the
-    corpus is the sequence's own context) has nothing after it and does not count."""
-    if len(corpus) <= len(tail):
+    tail = ids[-max_n:]
+    best, corpus, starts = 0, ids, None
+    for candidate in (ids, *elsewhere):
+        n, after = _occurrences(candidate, tail)
+        if n > best:
+            best, corpus, starts = n, candidate, after
+    if best < min_n:
         return []
-    windows = sliding_window_view(corpus[:-1], len(tail))
-    hits = np.flatnonzero((windows == tail).all(axis=1))
-    if not hits.size:
-        return []
-    full = hits[hits + len(tail) + k <= len(corpus)]
-    start = int(full[-1] if full.size else hits[0]) + len(tail)
+    full = starts[starts + k <= len(corpus)]
+    start = int(full[-1] if full.size else starts[0])
     return corpus[start:start + k].tolist()
+
+
+def _occurrences(corpus: np.ndarray, tail: np.ndarray) -> tuple[int, np.ndarray]:
+    """The longest n for which `tail`'s last n tokens occur in `corpus` with a token
+    after them, and where those tokens after begin (in order). Found from the last
+    token's occurrences, each extended backwards while it matches: one pass over the
+    corpus, not one per n. An occurrence at corpus' very end (the tail itself, when the
+    corpus is the sequence's own context) has nothing after it and does not count."""
+    ends = np.flatnonzero(corpus[:-1] == tail[-1])
+    if not ends.size:
+        return 0, ends
+    length = np.ones(ends.size, dtype=np.int64)
+    alive = np.ones(ends.size, dtype=bool)
+    for back in range(1, len(tail)):
+        before = ends - back
+        alive &= before >= 0
+        alive[alive] = corpus[before[alive]] == tail[-1 - back]
+        if not alive.any():
+            break
+        length += alive
+    n = int(length.max())
+    return n, ends[length == n] + 1
 
 
 class History:
@@ -111,7 +122,8 @@ class History:
             return
         kept = self.outputs.setdefault(key, deque(maxlen=self.per_key))
         self.outputs.move_to_end(key)
-        kept.appendleft(np.asarray(prompt[-MAX_NGRAM:] + output[:self.tokens]))
+        kept.appendleft(np.asarray(prompt[-MAX_NGRAM:] + output[:self.tokens],
+                                   dtype=np.int32))
         while len(self.outputs) > self.keys:
             self.outputs.popitem(last=False)
 
