@@ -17,9 +17,9 @@ removed, renormalized, which leaves every token's probability exactly p.
 
 An answer also repeats its own form: the demo's adapter answers every question in one JSON
 shape, whose keys and punctuation are half its tokens and occur nowhere in the prompt. So
-a sequence that finds no match in its own context looks in the recent outputs of requests
-that share its `history` key (`History`: the service gives the tenant and the adapter,
-so no tenant's drafts come from another's outputs), as suffix decoding does (Oliaro et
+a sequence also looks up its tail in the recent outputs of requests that share its
+`history` key (`History`: the service gives the tenant and the adapter, so no tenant's
+drafts come from another's outputs), as suffix decoding does (Oliaro et
 al. 2024; vLLM's `suffix` method, whose suffix trees come from the arctic-inference
 package: source only on PyPI, built with CMake, and a plugin that patches any vLLM in the
 same environment; lorag looks up the few outputs it keeps with the same n-gram match
@@ -65,10 +65,11 @@ MAX_BACKOFF = 16  # steps without drafting, at most
 def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM,
             elsewhere: Iterable[np.ndarray] = ()) -> list[int]:
     """Up to k tokens that followed an earlier occurrence of `tokens`' last n tokens
-    (the longest n in max_n..min_n that occurs), in `tokens` itself or else in one of
-    `elsewhere` (other outputs, latest first; on equal n the first wins); [] when none
-    occurs. Of the occurrences, the latest with k tokens after it, else the earliest (a
-    run of one repeated token drafts k, not the one before the end)."""
+    (the longest n in max_n..min_n that occurs), in `tokens` itself or in one of
+    `elsewhere` (other outputs, latest first; on equal n, `tokens` first, then
+    `elsewhere` in order); [] when none occurs. Of the occurrences, the latest with k
+    tokens after it, else the earliest (a run of one repeated token drafts k, not the
+    one before the end)."""
     if k < 1 or len(tokens) < 2:
         return []
     ids = np.asarray(tokens)

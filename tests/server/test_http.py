@@ -274,6 +274,30 @@ def test_shared_adapters_are_visible_to_every_tenant(daemon, daemon_adapters):
                         headers={"Authorization": ALICE}).status_code == 200
 
 
+def test_requests_draft_only_from_their_own_tenants_answers(daemon, daemon_adapters,
+                                                            monkeypatch):
+    """Speculation's history key (server/engine/speculative.py) is the tenant and the
+    adapter: two tenants on one shared adapter never draft from each other's answers."""
+    assert post(daemon, "/v1/adapters", {"name": "shared-style", "shared": True, "path":
+                                         str(daemon_adapters / "style")}).status_code == 200
+    keys = []
+    submit = daemon.service.engine.submit
+
+    def spy(*args, **kwargs):
+        keys.append(kwargs["history"])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.service.engine, "submit", spy)
+    try:
+        for key in (ALICE, BOB, ALICE):
+            assert chat(daemon, "shared-style", key=key)
+    finally:
+        httpx.delete(f"{daemon.url}/v1/adapters/shared-style",
+                     headers={"Authorization": ALICE})
+    assert [tenant for tenant, _ in keys] == ["alice", "bob", "alice"]
+    assert len({adapter for _, adapter in keys}) == 1  # the one shared adapter
+
+
 def test_a_pinned_adapter_is_listed_active_and_pinned_until_unpinned(daemon, daemon_adapters):
     assert load(daemon, "other", daemon_adapters / "other").status_code == 200
     pinned = post(daemon, "/v1/adapters/other/pin", {})
