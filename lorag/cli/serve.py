@@ -73,9 +73,10 @@ def serve(
     max_cpu_adapters_mb: Annotated[int | None, typer.Option(
         min=1, help="[native] RAM tier budget (default 2048).")] = None,
     speculative_tokens: Annotated[int, typer.Option(
-        min=0, max=16, help="Tokens a decoding request drafts from its own prompt per step "
-                            "(prompt lookup, verified in one pass: greedy output "
-                            "unchanged); 0: off. vLLM's ngram method on --backend vllm.")]
+        min=0, max=16, help="Tokens a decoding request drafts per step from its own prompt "
+                            "and its tenant's recent answers on the same adapter "
+                            "(verified in one pass: greedy output unchanged); 0: off. "
+                            "vLLM's ngram method (prompt only) on --backend vllm.")]
         = 0,
     kv_cache_memory: Annotated[str | None, typer.Option(
         help="KV cache size, like 512MiB or 2GiB (vLLM's too, on CPU or GPU); default: "

@@ -98,8 +98,9 @@ class EngineConfig:
         (unquantized bases only; see server/engine/lora.py for why).
     grammar_compile_s: the longest a structured-output constraint may take to compile;
         past it the request gets a 400 (server/engine/structured.py).
-    speculative_tokens: tokens a decoding sequence drafts from its own context per step
-        (prompt lookup, server/engine/speculative.py); 0 turns speculation off.
+    speculative_tokens: tokens a decoding sequence drafts per step from its own context
+        and its history key's recent outputs (server/engine/speculative.py); 0 turns
+        speculation off.
     """
 
     max_model_len: int = 2048
