@@ -1,4 +1,4 @@
-"""`lorag bench latency`: what speculative decoding from the prompt does for RAG chat.
+"""`lorag bench latency`: what speculative decoding does for RAG chat.
 
 The demo's knowledge base (demo/kb) in a namespace, the demo's questions asked through a
 trained format adapter (the demo's `house-style`, or `--adapter`) with server-side RAG,
@@ -6,9 +6,10 @@ greedy, streamed. Two peers in one run, each a fresh `lorag serve` with the same
 speculation off (`--speculative-tokens 0`) and on (`--speculative-tokens K`). Each peer
 answers the questions one at a time (single-stream latency: time to first token, decode
 tokens per second after it, end to end), then all of them again by `--streams` clients at
-once (throughput). Reported beside: whether every answer is the same with and without
-speculation (greedy: it must be), and the acceptance the daemon's
-vllm:spec_decode_* counters give. Prints JSON.
+once (throughput). `--schema` asks with the demo's answer schema as response_format
+(constrained decoding, which drafts within its grammar). Reported beside: whether every
+answer is the same with and without speculation (greedy: it must be), and the acceptance
+the daemon's vllm:spec_decode_* counters give. Prints JSON.
 """
 
 import json
@@ -31,15 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo"
 ADAPTER = ROOT / "demo-results" / "adapters" / "house-style"
 NAMESPACE = "kestrel"
+SCHEMA = json.loads((DEMO / "answer.schema.json").read_text())
 SPEC = "vllm:spec_decode_num_"
 
 
-def ask(http: httpx.Client, question: str, max_tokens: int) -> dict:
-    """One streamed RAG chat: its text, tokens, and when its first and last token came."""
+def ask(http: httpx.Client, question: str, max_tokens: int, schema: bool = False) -> dict:
+    """One streamed RAG chat (with the demo's answer schema as its response_format, if
+    `schema`): its text, tokens, and when its first and last token came."""
     body = {"model": "house-style", "stream": True, "temperature": 0,
             "max_tokens": max_tokens, "stream_options": {"include_usage": True},
             "rag": {"namespace": NAMESPACE, "top_k": 3},
             "messages": [{"role": "user", "content": question}]}
+    if schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": SCHEMA, "strict": True}}
     start, first, text, tokens = time.perf_counter(), None, [], 0
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -67,7 +73,8 @@ def spec_counts(url: str) -> dict[str, float]:
             if family.name.startswith(SPEC) and "per_pos" not in family.name}
 
 
-def concurrent(url: str, questions: list[str], streams: int, max_tokens: int) -> dict:
+def concurrent(url: str, questions: list[str], streams: int, max_tokens: int,
+               schema: bool) -> dict:
     """Every question once, by `streams` clients at a time: tokens per second overall."""
     pending, lock, tokens = list(questions), threading.Lock(), []
 
@@ -78,7 +85,7 @@ def concurrent(url: str, questions: list[str], streams: int, max_tokens: int) ->
                     if not pending:
                         return
                     question = pending.pop()
-                tokens.append(ask(http, question, max_tokens)["tokens"])
+                tokens.append(ask(http, question, max_tokens, schema)["tokens"])
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(streams)]
@@ -91,7 +98,7 @@ def concurrent(url: str, questions: list[str], streams: int, max_tokens: int) ->
 
 
 def peer(folder: Path, flags: list[str], adapter: Path, questions: list[str],
-         streams: int, max_tokens: int) -> dict:
+         streams: int, max_tokens: int, schema: bool) -> dict:
     daemon = DaemonProcess(folder / "data", [*flags, "--adapter-root", str(adapter.parent)],
                            folder / "daemon.log")
     try:
@@ -100,9 +107,9 @@ def peer(folder: Path, flags: list[str], adapter: Path, questions: list[str],
         with httpx.Client(base_url=daemon.url, timeout=600) as http:
             ask(http, questions[0], 8)  # warm-up
             before = spec_counts(daemon.url)
-            answers = [ask(http, question, max_tokens) for question in questions]
+            answers = [ask(http, question, max_tokens, schema) for question in questions]
             after = spec_counts(daemon.url)
-        loaded = concurrent(daemon.url, questions, streams, max_tokens)
+        loaded = concurrent(daemon.url, questions, streams, max_tokens, schema)
     finally:
         daemon.stop()
     drafted = after.get("draft_tokens", 0) - before.get("draft_tokens", 0)
@@ -119,7 +126,7 @@ def peer(folder: Path, flags: list[str], adapter: Path, questions: list[str],
 
 
 def main(adapter: Path, tokens: int, questions: int, streams: int, max_tokens: int,
-         quantize: str, dtype: str, json_path: Path | None) -> dict:
+         quantize: str, dtype: str, json_path: Path | None, schema: bool = False) -> dict:
     asked = [json.loads(line)["question"] for line in
              (DEMO / "questions.jsonl").read_text().splitlines()][:questions]
     folder = Path(tempfile.mkdtemp(prefix="lorag-bench-latency-"))
@@ -128,14 +135,15 @@ def main(adapter: Path, tokens: int, questions: int, streams: int, max_tokens: i
     for name, k in (("speculation off", 0), (f"speculation on (k={tokens})", tokens)):
         (folder / name).mkdir()
         peers[name] = peer(folder / name, [*flags, "--speculative-tokens", str(k)], adapter,
-                           asked, streams, max_tokens)
+                           asked, streams, max_tokens, schema)
     off, on = peers.values()
     same = sum(a == b for a, b in zip(off.pop("answers"), on.pop("answers"), strict=True))
     result = {
         "machine": {"cpu_bf16": cpu_has_bf16()},
         "workload": {"adapter": str(adapter), "questions": len(asked), "rag_top_k": 3,
                      "max_tokens": max_tokens, "quantize": quantize, "dtype": dtype,
-                     "concurrent_streams": streams},
+                     "concurrent_streams": streams,
+                     "response_format": "demo/answer.schema.json" if schema else None},
         "peers": peers,
         "identical_greedy_answers": f"{same}/{len(asked)}",
         "speedup": {

@@ -284,6 +284,9 @@ def bench_latency(
         = 96,
     quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    schema: Annotated[bool, typer.Option(
+        help="Ask with the demo's answer schema as response_format (constrained "
+             "decoding).")] = False,
     json_path: JsonOut = None,
 ) -> None:
     """RAG chat through a format adapter, speculative decoding off vs on: decode tok/s,
@@ -296,7 +299,7 @@ def bench_latency(
                              "trains house-style) or give an adapter folder",
                              field="adapter")
     main(adapter.resolve(), speculative_tokens, questions, streams, max_tokens, quantize,
-         dtype, json_path)
+         dtype, json_path, schema)
 
 
 @app.command("threads")

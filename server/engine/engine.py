@@ -39,7 +39,7 @@ from lorag.server.engine.sampling import Logprobs, SamplingParams, penalize, sam
 from lorag.server.engine.scheduler import Scheduler, Sequence, distinct_adapters
 from lorag.server.engine.speculative import Speculator, speculable, verify
 from lorag.server.engine.stream import Output, TokenLogprob, TokenStream, releasable
-from lorag.server.engine.structured import Grammars, mask_logits
+from lorag.server.engine.structured import Grammars, grammar_prefix, mask_drafted, mask_logits
 
 log = logging.getLogger("lorag.engine")
 STOPPED = ("the engine stopped after an internal error (the daemon's log has it); this "
@@ -68,6 +68,8 @@ class Engine:
         self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids,
                                  compile_s=self.config.grammar_compile_s)
         self.bitmask = self.grammars.bitmask(self.config.max_num_seqs)  # one row per sample
+        # a drafted sequence's verify rows
+        self.draft_bitmask = self.grammars.bitmask(self.config.speculative_tokens + 1)
         self.by_id: dict[str, Sequence] = {}
         self.control: deque[tuple] = deque()  # (fn, args, Future) run between steps
         self.wakeup = threading.Condition()
@@ -377,12 +379,14 @@ class Engine:
         decoding = [seq for seq in seqs if not seq.prefilling]
         for seq in decoding:
             seq.draft = []
-            if speculable(seq.params, seq.matcher is not None, seq.virtual is not None):
+            if speculable(seq.params, seq.virtual is not None):
                 room = min(seq.params.max_tokens - len(seq.output_ids),
                            self.config.max_model_len - seq.length) - 1
                 seq.draft = self.speculator.draft(
                     seq.drafting, lambda seq=seq: seq.context_ids() + seq.output_ids, room,
                     len(decoding), seq.history)
+                if seq.draft and seq.matcher is not None:
+                    seq.draft = grammar_prefix(seq.matcher, seq.draft)
 
     def _run(self, seqs: list[Sequence]) -> None:
         """Step `seqs` together, keeping a failure to the request that caused it.
@@ -463,8 +467,10 @@ class Engine:
         picked = dict(zip(plain, zip(tokens, logprobs, strict=True), strict=True))
         for seq in rows:
             if seq.draft:
-                picked[seq] = (verify(logits[rows[seq]], seq.draft, seq.params,
-                                      seq.generator), None)
+                drafted = logits[rows[seq]]
+                if seq.matcher is not None:
+                    mask_drafted(drafted, self.draft_bitmask, seq.matcher, seq.draft)
+                picked[seq] = (verify(drafted, seq.draft, seq.params, seq.generator), None)
         order = list(rows)
         return order, [picked[seq][0] for seq in order], [picked[seq][1] for seq in order]
 

@@ -27,11 +27,14 @@ instead). The longest tail (up to 6 tokens) that occurs anywhere wins; on a tie 
 sequence's own context comes first. On the demo's questions this took the format
 adapter's single-stream decode from 1.3x to 2.0-2.5x (docs/engine.md).
 
-Which requests draft (`speculable`): those whose next token depends on nothing but the
-logits: not constrained by a grammar (the matcher would have to walk the drafts), not
-penalized (each row's penalties would depend on the drafts before it), not asking for
-logprobs, and without a prompt-tuning adapter's virtual tokens. The others decode one
-token a step as before, in the same batches.
+Which requests draft (`speculable`): not penalized (each row's penalties would depend on
+the drafts before it), not asking for logprobs, and without a prompt-tuning adapter's
+virtual tokens. The others decode one token a step as before, in the same batches. A
+request constrained by a grammar drafts too, where a JSON schema's keys and punctuation
+make drafts most likely to be kept: its drafts are cut where its grammar would refuse
+them (`grammar_prefix` in server/engine/structured.py), and each of its verify rows is
+masked by the grammar's state after the drafts before it (`mask_drafted`), so the
+target's distribution at every row is the one the request samples from.
 
 `Speculator` keeps it adaptive. A sequence drafts as far as its drafts have lately been
 kept: it starts at 4 tokens (or `tokens`, if fewer), doubles up to `tokens` after a
@@ -158,9 +161,9 @@ def verify(logits: torch.Tensor, draft: list[int], params: SamplingParams,
     return kept + [int(torch.multinomial(last, 1, generator=generator))]
 
 
-def speculable(params: SamplingParams, constrained: bool, virtual: bool) -> bool:
+def speculable(params: SamplingParams, virtual: bool) -> bool:
     """Whether a request may draft (the module docstring says why the others do not)."""
-    return not (constrained or virtual or params.penalized or params.logprobs is not None)
+    return not (virtual or params.penalized or params.logprobs is not None)
 
 
 @dataclass

@@ -243,3 +243,35 @@ def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor,
         matchers[row].fill_next_token_bitmask(bitmask, row)
     xgr.apply_token_bitmask_inplace(logits, bitmask[:len(matchers)].to(logits.device),
                                     indices=rows)
+
+
+def grammar_prefix(matcher: xgr.GrammarMatcher, tokens: list[int]) -> list[int]:
+    """The longest prefix of `tokens` (speculative drafts) that the matcher's grammar
+    allows from its state, ending at a stop token that completes it at the latest; the
+    matcher is left in the state it was in."""
+    kept = []
+    for token in tokens:
+        if matcher.is_terminated() or not matcher.accept_token(token):
+            break
+        kept.append(token)
+    if kept:
+        matcher.rollback(len(kept))
+    return kept
+
+
+def mask_drafted(logits: torch.Tensor, bitmask: torch.Tensor, matcher: xgr.GrammarMatcher,
+                 draft: list[int]) -> None:
+    """Mask a drafted sequence's verify rows in place: logits [len(draft) + 1, vocab],
+    row i by the grammar's state after draft[:i] (`grammar_prefix` made the drafts ones
+    it allows); bitmask: a buffer with at least that many rows. A row after a stop token
+    is left as it is (the sequence ends there). The matcher is left as it was."""
+    for row, token in enumerate([*draft, None]):
+        if matcher.is_terminated():
+            bitmask[row] = -1  # every token allowed: never sampled
+        else:
+            matcher.fill_next_token_bitmask(bitmask, row)
+        if token is not None:
+            matcher.accept_token(token)
+    if draft:
+        matcher.rollback(len(draft))
+    xgr.apply_token_bitmask_inplace(logits, bitmask[:len(draft) + 1].to(logits.device))

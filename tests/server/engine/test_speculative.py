@@ -17,7 +17,12 @@ from lorag.server.engine.speculative import (
     propose,
     verify,
 )
-from lorag.server.engine.structured import Constraint
+from lorag.server.engine.structured import (
+    Constraint,
+    Grammars,
+    grammar_prefix,
+    mask_drafted,
+)
 
 # a prompt that repeats itself, as a RAG answer repeats its passages: lookups find it
 PASSAGE = [101, 202, 303, 404, 505, 606, 707, 808]
@@ -181,3 +186,39 @@ def test_a_request_drafts_from_earlier_outputs_of_its_own_history_key_alone(make
     # the first two steps draft 4 and then 8 tokens of acme's earlier output, all kept
     assert accepted(("acme", None)) >= 12 > own
     assert len(speculator.history.of(("acme", None))) == 2
+
+
+ANSWER = Constraint.of_schema({"type": "object", "properties": {"answer": {"type": "string"}},
+                               "required": ["answer"], "additionalProperties": False})
+
+
+def test_drafts_are_cut_where_the_grammar_refuses_them_and_rows_masked_by_its_state(
+        tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    matcher = grammars.matcher(ANSWER)
+    answer = tokenizer.encode('{"answer": "hi"}')
+    eos = tokenizer.eos_token_id
+    # a stop token ends what the grammar takes; a token the grammar refuses cuts the rest
+    assert grammar_prefix(matcher, [*answer, eos, *answer]) == [*answer, eos]
+    assert grammar_prefix(matcher, [answer[0], eos, answer[1]]) == [answer[0]]
+    assert grammar_prefix(matcher, answer[1:]) == []  # not how a JSON object begins
+    logits = torch.zeros(3, len(tokenizer))
+    mask_drafted(logits, grammars.bitmask(3), matcher, answer[:2])
+    allowed = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in logits]
+    assert answer[0] in allowed[0] and answer[1] not in allowed[0]
+    assert answer[1] in allowed[1] and answer[0] not in allowed[1]
+    assert answer[2] in allowed[2]
+    assert matcher.accept_token(answer[0])  # the matcher is where it was: at the start
+
+
+def test_a_constrained_request_drafts_within_its_grammar(make_engine):
+    """A JSON-schema request drafts from an earlier answer of its history key, and
+    answers as it does without speculation."""
+    prompt = list(range(300, 340))
+    params = SamplingParams(max_tokens=24, constraint=ANSWER)
+    plain = make_engine().submit(prompt, params).result().token_ids
+    engine = make_engine(speculative_tokens=8)
+    assert engine.submit(prompt, params, history="k").result().token_ids == plain
+    before = engine.speculator.accepted_tokens
+    assert engine.submit(prompt, params, history="k").result().token_ids == plain
+    assert engine.speculator.accepted_tokens - before >= len(plain) // 2  # most, by drafts
