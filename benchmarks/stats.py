@@ -32,15 +32,8 @@ def print_json(result: dict, json_path: Path | str | None = None) -> None:
 
 def median_us(fn, *args, seconds: float = 0.5) -> float:
     """Median microseconds of `fn(*args)` over about `seconds` of calls (at least 5),
-    after 3 to warm up."""
-    for _ in range(3):
-        fn(*args)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return round(sorted(times)[len(times) // 2] * 1e6, 1)
+    after 3 to warm up: `interleaved_us` of one call."""
+    return interleaved_us({"call": (fn, *args)}, seconds)["call"]
 
 
 def interleaved_us(calls: dict[str, tuple], seconds: float = 1.0) -> dict[str, float]:
