@@ -22,6 +22,11 @@ say what is asked, where distractor-only prompts teach only "no passage is on to
 
 A question whose gold document is not among the search's first MAX_TOP_K hits is left out
 (counted), since no prompt the daemon builds for it would hold its answer.
+
+`draws` > 1 makes that many chats per question, each drawn anew, so that one question is
+seen both with its gold passage (answer) and without it (abstain): trained for one epoch,
+N draws replace N epochs of the same chats, in which an adapter can learn a question's
+target by heart instead of reading the passages for it.
 """
 
 import functools
@@ -38,6 +43,7 @@ from lorag.retrieval.rag import ABSTAIN, NO_SOURCE, RAG_LAYOUT, with_context
 from lorag.retrieval.store import Hit
 
 ANSWER_FORMATS = ("text", "json")  # json: {"answer", "source"}, the demo's schema
+MAX_DRAWS = 64
 
 # (question, k) -> hits best first: the namespace's search, local or on a daemon
 Search = Callable[[str, int], list[Hit]]
@@ -56,6 +62,7 @@ class RaftOptions:
     answer_format: str = "text"
     abstain: str = ABSTAIN
     seed: int = 0
+    draws: int = 1  # chats per question, each drawn anew
 
     def __post_init__(self):
         checks = [("rag-top-k", self.top_k, isinstance(self.top_k, int) and
@@ -64,7 +71,9 @@ class RaftOptions:
                   ("oracle-p", self.oracle_p, 0 <= self.oracle_p <= 1, "in [0, 1]"),
                   ("answer-format", self.answer_format, self.answer_format in ANSWER_FORMATS,
                    f"one of {', '.join(ANSWER_FORMATS)}"),
-                  ("abstain-answer", self.abstain, bool(self.abstain.strip()), "some text")]
+                  ("abstain-answer", self.abstain, bool(self.abstain.strip()), "some text"),
+                  ("rag-draws", self.draws, isinstance(self.draws, int) and
+                   1 <= self.draws <= MAX_DRAWS, f"an integer in 1..{MAX_DRAWS}")]
         for flag, value, ok, allowed in checks:
             if not ok:
                 raise InvalidRequest(f"--{flag} must be {allowed}, got {value!r}",
@@ -75,7 +84,7 @@ class RaftOptions:
         return {"namespace": self.namespace, "layout": RAG_LAYOUT, "top_k": self.top_k,
                 "mode": self.mode, "oracle_p": self.oracle_p,
                 "answer_format": self.answer_format, "abstain": self.abstain,
-                "seed": self.seed, "examples": len(examples),
+                "seed": self.seed, "draws": self.draws, "examples": len(examples),
                 "with_oracle": sum(e.oracle for e in examples),
                 "unanswerable": sum(e.gold is None for e in examples), "left_out": left_out}
 
@@ -103,18 +112,20 @@ class RaftExample:
 
 def raft_examples(questions: list[dict], search: Search, options: RaftOptions,
                   fit: Fit | None = None) -> tuple[list[RaftExample], int]:
-    """The examples for `questions`, and how many questions were left out. `fit` drops
-    the passages a prompt budget has no room for, as the daemon drops them; a chat whose
-    gold passage is dropped that way is an abstention, since its prompt lacks the answer."""
+    """The examples for `questions` (`options.draws` rounds over them), and how many
+    questions were left out. `fit` drops the passages a prompt budget has no room for, as
+    the daemon drops them; a chat whose gold passage is dropped that way is an abstention,
+    since its prompt lacks the answer."""
     rng = random.Random(options.seed)
     search = functools.cache(search)  # a question asked twice is searched once
     examples, left_out = [], 0
-    for record in questions:
-        example = _example(record, search, options, rng, fit)
-        if example is None:
-            left_out += 1
-        else:
-            examples.append(example)
+    for draw in range(options.draws):
+        for record in questions:
+            example = _example(record, search, options, rng, fit)
+            if example is not None:
+                examples.append(example)
+            elif draw == 0:
+                left_out += 1
     return examples, left_out
 
 

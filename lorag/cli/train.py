@@ -84,6 +84,10 @@ def train(
         help="[RAFT] text ('answer (source: id)') or json ({answer, source}).")] = None,
     abstain_answer: Annotated[str | None, typer.Option(
         help="[RAFT] The answer when the passages do not hold it.")] = None,
+    rag_draws: Annotated[int | None, typer.Option(
+        help="[RAFT] Chats per question, each drawn anew (gold passage or distractors): "
+             "with --epochs 1, N draws train like N epochs whose prompts differ "
+             "(default 1).")] = None,
     rag_max_prompt_tokens: Annotated[int | None, typer.Option(
         min=1, help="[RAFT] The serving daemon's prompt budget (its --max-model-len minus "
                     "the answer's room: max_tokens, else 256): passages past it are dropped "
@@ -123,7 +127,7 @@ def train(
     if task == "rerank":
         raft_only = {"--rag-top-k": rag_top_k, "--oracle-p": oracle_p,
                      "--answer-format": answer_format, "--abstain-answer": abstain_answer,
-                     "--rag-max-prompt-tokens": rag_max_prompt_tokens}
+                     "--rag-max-prompt-tokens": rag_max_prompt_tokens, "--rag-draws": rag_draws}
         for flag, value in raft_only.items():
             if value is not None:
                 raise typer.BadParameter("a RAFT option; --task rerank takes --rag-namespace, "
@@ -141,7 +145,8 @@ def train(
         chats, rag = _raft_data(data, out, rag_namespace, dump_examples, seed,
                                 namespaces_at(url, api_key, data_dir, state, tenant), fit,
                                 top_k=rag_top_k, mode=rag_mode, oracle_p=oracle_p,
-                                answer_format=answer_format, abstain=abstain_answer)
+                                answer_format=answer_format, abstain=abstain_answer,
+                                draws=rag_draws)
         options = replace(options, data=chats, rag=rag)
     report = run(options, console)
     console.print(f"{report['wrote']['kind']} ({report['method']}): {out} | steps "

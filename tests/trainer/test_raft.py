@@ -66,6 +66,22 @@ def test_the_oracle_share_follows_oracle_p(search):
     assert 0.72 <= share <= 0.88  # 200 draws: 0.8 +- 2 standard deviations
 
 
+def test_each_draw_decides_the_oracle_anew(search):
+    examples, left_out = raft_examples(QUESTIONS, search, RaftOptions("kb", oracle_p=0.5,
+                                                                      draws=8, seed=2))
+    assert left_out == 0 and len(examples) == 8 * len(QUESTIONS)
+    for question in QUESTIONS:  # each question both with its gold passage and without
+        drawn = [e for e in examples if e.question == question["question"]]
+        assert len(drawn) == 8 and {e.oracle for e in drawn} == {True, False}
+
+
+def test_a_question_left_out_is_counted_once_over_the_draws(search):
+    missing = {**QUESTIONS[0], "source": "guides/no-such-page.md"}
+    examples, left_out = raft_examples([missing, QUESTIONS[1]], search,
+                                       RaftOptions("kb", draws=3))
+    assert left_out == 1 and [e.gold for e in examples] == ["faq-shipping"] * 3
+
+
 def test_json_answers_cite_the_gold_source_and_abstentions_none(search):
     options = RaftOptions("kb", oracle_p=0.5, answer_format="json", seed=1)
     examples, _ = raft_examples(QUESTIONS * 4, search, options)
@@ -145,8 +161,8 @@ def test_a_bad_question_line_is_named(tmp_path, line, message):
 @pytest.mark.parametrize(("options", "flag"), [
     ({"oracle_p": 1.5}, "oracle_p"), ({"top_k": 0}, "rag_top_k"),
     ({"answer_format": "xml"}, "answer_format"), ({"mode": "fuzzy"}, "rag_mode"),
-    ({"abstain": " "}, "abstain_answer"),
-], ids=["oracle-p", "top-k", "format", "mode", "abstain"])
+    ({"abstain": " "}, "abstain_answer"), ({"draws": 0}, "rag_draws"),
+], ids=["oracle-p", "top-k", "format", "mode", "abstain", "draws"])
 def test_options_out_of_range_name_their_flag(options, flag):
     with pytest.raises(InvalidRequest) as error:
         RaftOptions("kb", **options)
@@ -166,15 +182,15 @@ def test_lorag_train_with_a_namespace_trains_on_the_chats_and_records_how(tiny_b
         "train", "--data", str(questions), "--rag-namespace", "kb", "--data-dir",
         str(data_dir), "--base", str(tiny_base), "--out", str(out), "--max-steps", "1",
         "--batch-size", "2", "--answer-format", "json", "--rag-max-prompt-tokens", "300",
-        "--dump-examples", str(tmp_path / "dump.jsonl")])
+        "--rag-draws", "2", "--dump-examples", str(tmp_path / "dump.jsonl")])
     assert trained.exit_code == 0, trained.output
     report = json.loads((out / "training.json").read_text())
     assert report["data"]["path"] == str(out / "raft.jsonl")
-    assert report["data"]["train_examples"] == len(QUESTIONS)
+    assert report["data"]["train_examples"] == 2 * len(QUESTIONS)
     assert report["rag"]["namespace"] == "kb" and report["rag"]["answer_format"] == "json"
-    assert len(report["chat_template_sha256"]) == 64
+    assert report["rag"]["draws"] == 2 and len(report["chat_template_sha256"]) == 64
     dumped = [json.loads(line) for line in (tmp_path / "dump.jsonl").read_text().splitlines()]
-    assert len(dumped) == len(QUESTIONS) and all(row["passages"] for row in dumped)
+    assert len(dumped) == 2 * len(QUESTIONS) and all(row["passages"] for row in dumped)
 
 
 def test_a_bad_training_flag_is_refused_before_raft_searches_or_writes(tmp_path):
