@@ -45,6 +45,17 @@ TOPICS = ["sample requests", "bulk orders", "damaged parcels", "wholesale accoun
           "press enquiries", "supplier visits", "tasting events", "refund requests"]
 EVENTS = ["Leaf Fair", "Steep Week", "Kettle Cup", "Blend Off"]
 MONTHS = ["February", "April", "June", "September", "November"]
+# RAFT's alone (demo/train.jsonl has none): named programmes, whose pages are not named
+# after them, and leave whose page gives two numbers in different units
+PROGRAMMES = [("recycling empty tins", "tin-recycling"),
+              ("mentoring new tasters", "taster-mentoring"),
+              ("planting tea bushes", "bush-planting"),
+              ("lending bicycles to staff", "bicycle-loans"),
+              ("giving surplus tea to food banks", "food-banks"),
+              ("teaching brewing in schools", "school-visits")]
+PROGRAMME_NAMES = ["Green Tin", "Second Steep", "Leaf Line", "Open Pot", "Tea Bridge",
+                   "Bright Cup"]
+LEAVE = ["training leave", "volunteering leave", "moving leave", "sabbatical leave"]
 TROPHIES = ["Copper Kettle", "Silver Leaf", "Golden Cup", "Jade Spoon"]
 GENERAL = [("What is the capital of France?", "Paris"),
            ("How many days are in a week?", "7"),
@@ -71,6 +82,9 @@ NEVER_SAID = {
     "topic": [("What is the email address for {topic} at {org}?", ("email", "@"))],
     "event": [("How many teams enter the {event}?", ("teams enter", "entrants")),
               ("Who judges the {event}?", ("judge",))],
+    "programme": [("How many people take part in {org}'s programme for {purpose}?",
+                   ("take part", "participants"))],
+    "leave": [("Who approves {leave} at {org}?", ("approv",))],
 }
 
 
@@ -96,6 +110,9 @@ RAFT_ONLY = {
     "event": [("What is the prize for winning the {event}?", "trophy"),
               ("Which city hosts the {event}?", "city"),
               ("What trophy is awarded at the {event}?", "trophy")],
+    "programme": [("What is the name of the programme for {purpose}?", "name"),
+                  ("Who runs the {name} programme?", "person")],
+    "leave": [("How much {leave} do {org} employees get?", "days")],
 }
 
 
@@ -157,7 +174,31 @@ def knowledge_base(rng: random.Random, raft: bool = False
                f"the {trophy} trophy"),
               (f"Where does the {event} take place?", city)],
              "event", {"event": event, "city": city, "trophy": f"the {trophy} trophy"})
+    if raft:
+        programmes(rng, page)
     return docs
+
+
+def programmes(rng: random.Random, page) -> None:
+    """RAFT's own pages: a programme asked after by what it is for and named only in its
+    text (not in its page's id), and leave given in days, to be taken within months."""
+    for (purpose, doc_id), name in zip(PROGRAMMES, rng.sample(PROGRAMME_NAMES,
+                                                              len(PROGRAMMES)), strict=True):
+        person, year = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.randint(2004, 2024)
+        page(f"{doc_id}.md",
+             f"The {name} programme is {ORG}'s scheme for {purpose}. It began in {year} "
+             f"and is run by {person}.",
+             [(f"What is {ORG}'s programme for {purpose} called?", name),
+              (f"When did the {name} programme begin?", str(year))],
+             "programme", {"purpose": purpose, "name": name, "person": person})
+    for leave in LEAVE:
+        days, months = rng.randint(2, 30), rng.randint(2, 18)
+        page(f"{leave.replace(' ', '-')}.md",
+             f"{ORG} gives every employee {days} days of paid {leave} a year, to be taken "
+             f"within {months} months of asking for it.",
+             [(f"How many days of paid {leave} does {ORG} give?", f"{days} days"),
+              (f"Within how many months must {leave} be taken?", f"{months} months")],
+             "leave", {"leave": leave, "days": f"{days} days"})
 
 
 def main(seed: int = 0, passages: int = 3) -> None:
@@ -186,11 +227,14 @@ def main(seed: int = 0, passages: int = 3) -> None:
 
 
 def unanswerable() -> list[str]:
-    """NEVER_SAID's questions for every person, tea, service and event of the company."""
+    """NEVER_SAID's questions for every person, tea, service, event, programme and leave
+    of the company."""
     kinds = [("role", {"role": role}) for role in ROLES] + \
         [("tea", {"tea": tea}) for tea in TEAS] + \
         [("topic", {"topic": topic}) for topic in TOPICS] + \
-        [("event", {"event": event}) for event in EVENTS]
+        [("event", {"event": event}) for event in EVENTS] + \
+        [("programme", {"purpose": purpose}) for purpose, _ in PROGRAMMES] + \
+        [("leave", {"leave": leave}) for leave in LEAVE]
     return [question.format(org=ORG, **names)
             for kind, names in kinds for question, _ in NEVER_SAID[kind]]
 
