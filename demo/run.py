@@ -70,7 +70,8 @@ ADAPTERS = [
                             *RECIPE], [HERE / "train.jsonl"]),
     Adapter("raft-adapter", ["--data", str(MARLOW[0]), "--rag-namespace", OTHER,
                              "--rag-top-k", str(TOP_K), "--answer-format", "json",
-                             "--oracle-p", "0.9", "--epochs", "4", *RECIPE], MARLOW,
+                             "--oracle-p", "0.9", "--rag-draws", "4", "--epochs", "1",
+                             *RECIPE], MARLOW,
             on_daemon=True),
     Adapter("relevance", ["--task", "rerank", "--data", str(MARLOW[0]), "--rag-namespace",
                           OTHER, "--epochs", "1", *RECIPE], MARLOW, on_daemon=True)]
