@@ -43,7 +43,7 @@ from lorag.retrieval.rag import ABSTAIN, NO_SOURCE, RAG_LAYOUT, with_context
 from lorag.retrieval.store import Hit
 
 ANSWER_FORMATS = ("text", "json")  # json: {"answer", "source"}, the demo's schema
-MAX_DRAWS = 64
+MAX_DRAWS = 64  # a bound on the chats written, far past where more draws stop adding
 
 # (question, k) -> hits best first: the namespace's search, local or on a daemon
 Search = Callable[[str, int], list[Hit]]
