@@ -175,11 +175,11 @@ def knowledge_base(rng: random.Random, raft: bool = False
               (f"Where does the {event} take place?", city)],
              "event", {"event": event, "city": city, "trophy": f"the {trophy} trophy"})
     if raft:
-        programmes(rng, page)
+        raft_only_pages(rng, page)
     return docs
 
 
-def programmes(rng: random.Random, page) -> None:
+def raft_only_pages(rng: random.Random, page) -> None:
     """RAFT's own pages: a programme asked after by what it is for and named only in its
     text (not in its page's id), and leave given in days, to be taken within months."""
     for (purpose, doc_id), name in zip(PROGRAMMES, rng.sample(PROGRAMME_NAMES,
