@@ -38,20 +38,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip uninstall $(UV_FLAGS) torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-# The engine's SGMV CPU kernel (server/engine/kernels.py), compiled once for this CPU
-# (~15 s) so that the first engine start does not pay it; rebuilt when its source changes.
-# It needs a C++ compiler: Debian's g++ is installed when missing (as root); without one
-# the engine falls back to batched matmuls, and the test suite fails saying so.
+# The engine's CPU kernels (SGMV and w8a8; server/engine/kernels.py), compiled once for
+# this CPU (~15 s) so that the first engine start does not pay it; rebuilt when a source
+# changes. It needs a C++ compiler: Debian's g++ is installed when missing (as root);
+# without one the engine falls back to batched matmuls and bitsandbytes, and the test
+# suite fails saying so.
 # The compiler keeps one core busy; on another, collecting the tests (output discarded)
 # imports what they import, and so writes its bytecode, which a fresh venv's first test
 # run would otherwise compile as it goes (~35 s of the fast lane on 2 cores).
-$(KERNEL): server/engine/csrc/sgmv.cpp $(STAMP) $(STUBS)
+$(KERNEL): server/engine/csrc/sgmv.cpp server/engine/csrc/w8a8.cpp $(STAMP) $(STUBS)
 	command -v c++ >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends g++)
 	$(BIN)/pytest --collect-only -q -p no:cacheprovider >/dev/null 2>&1 & \
-	$(BIN)/python -c "from lorag.server.engine.kernels import sgmv_available as ok; \
-		print('SGMV CPU kernel:', 'ready' if ok() else 'unavailable (see the warning)')"; \
+	$(BIN)/python -c "from lorag.server.engine.kernels import kernels_available as ok; \
+		print('the engine CPU kernels:', 'ready' if ok() else 'unavailable (see the warning)')"; \
 	built=$$?; wait; exit $$built
 	touch $(KERNEL)
 

@@ -26,7 +26,7 @@ from lorag.errors import InvalidRequest
 from lorag.provision import ModelCache
 from lorag.settings import Settings
 
-Quantize = Literal["nf4", "int8", "none"]
+Quantize = Literal["nf4", "int8", "w8a8", "none"]
 DType = Literal["auto", "bfloat16", "float32"]
 
 
@@ -57,8 +57,10 @@ def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndByt
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=compute_dtype)
-    if quantize == "int8":
+    if quantize == "int8":  # LLM.int8: activations past 6.0 multiply in float16
         return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "w8a8":  # the same weights; every activation in int8 (per token)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     if quantize == "none":
         return None
     raise InvalidRequest(
@@ -139,8 +141,10 @@ def load_base(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model `ref` and its tokenizer, ready for inference.
 
-    quantize: `nf4` or `int8` quantize the linear layers with bitsandbytes, `none` keeps
-        them in `dtype`.
+    quantize: `nf4`, `int8` or `w8a8` quantize the linear layers with bitsandbytes,
+        `none` keeps them in `dtype`. `w8a8` is `int8` without its outlier threshold, so
+        that every product is an int8 one (the engine's fastest prefill on CPUs with
+        VNNI; server/engine/w8a8.py).
     dtype: compute dtype; `auto` picks bf16 where the hardware runs it natively, else fp32.
     models: the model cache to provision into; defaults to the one under `$LORAG_HOME`.
     """

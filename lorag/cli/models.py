@@ -63,7 +63,7 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The user message.")],
     model: Annotated[str, typer.Option(
         help="Catalog name, HF folder, .gguf file or hub id.")] = catalog.DEFAULT_BASE_MODEL,
-    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    quantize: Annotated[str, typer.Option(help="nf4, int8, w8a8 or none.")] = "nf4",
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens.")] = 128,

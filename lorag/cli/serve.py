@@ -40,7 +40,8 @@ def serve(
         help="native: lorag's engine (CPU or CUDA). vllm: vLLM's engine (pip install "
              "'lorag[vllm]').")] = BackendName.native,
     quantize: Annotated[str | None, typer.Option(
-        help="nf4, int8 or none; default nf4 on native, none on vllm.")] = None,
+        help="nf4, int8, w8a8 (int8 activations too) or none; default nf4 on native, none "
+             "on vllm.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16 or float32.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 
 from lorag.adapters import IA3_INPUT_MODULES
 from lorag.server.engine.memory import lazy_zeros
+from lorag.server.engine.w8a8 import W8A8Linear
 
 
 class LoraBatch:
@@ -336,11 +337,14 @@ class MultiLoraLinear(nn.Module):
         served (bitsandbytes repacks a CPU weight on its first call, and dequantizing
         the packed form is not guaranteed to give the served values): ||W||^2 once per
         part, from the identity, and W A^T from A's rows, so that
-        ||W + B A||^2 = ||W||^2 + 2 (B * W A^T) 1 + ||B A||^2."""
+        ||W + B A||^2 = ||W||^2 + 2 (B * W A^T) 1 + ||B A||^2. A w8a8 layer's weights
+        are its int8 rows times their scales, read as such."""
+        part = self.parts[j]
+        span = slice(part.offset, part.offset + part.out_features)
         if type(self.base) is nn.Linear:  # unquantized, fused or not
-            part = self.parts[j]
-            weight = self.base.weight[part.offset:part.offset + part.out_features].float()
-            return torch.linalg.norm(weight + b @ a, dim=1)
+            return torch.linalg.norm(self.base.weight[span].float() + b @ a, dim=1)
+        if isinstance(self.base, W8A8Linear):
+            return torch.linalg.norm(self.base.dequantized(span) + b @ a, dim=1)
         module = self.base.parts[j] if isinstance(self.base, Concatenated) else self.base
         if j not in self.squared_norms:
             eye = torch.eye(a.shape[1], device=a.device)

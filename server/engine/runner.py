@@ -33,10 +33,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorag.adapters import BaseShape
 from lorag.server.engine.config import EngineConfig
-from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available
+from lorag.server.engine.kernels import kernel_takes_chunks, kernels_available
 from lorag.server.engine.kv import AttentionInput, attention_backend, slot_mapping
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 from lorag.server.engine.memory import lazy_zeros
+from lorag.server.engine.w8a8 import W8A8Linear, w8a8_modules
 
 # the projections of a layer run as these five matmuls (a group shares its input)
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
@@ -109,7 +110,7 @@ class ModelRunner:
                                            self.num_heads, self.num_kv_heads, self.head_dim,
                                            size)
         # the SGMV kernel on CPU (built at `make setup`; compiled here if not, ~15 s)
-        kernel = self.device.type == "cpu" and sgmv_available()
+        kernel = self.device.type == "cpu" and kernels_available()
         self.lora_batch = LoraBatch(kernel, kernel and kernel_takes_chunks(self.dtype))
         # per layer, FUSED's group -> its layer; those with LoRA slots also listed apart
         self.projections: list[dict[str, nn.Module]] = []
@@ -124,7 +125,8 @@ class ModelRunner:
         fused weight), so the model is still a working model."""
         parent = layer.self_attn if names[0] in FUSED["qkv"] + FUSED["o"] else layer.mlp
         outs = [self.shape.shapes[name][1] for name in names]
-        base = fuse([getattr(parent, name) for name in names], outs)
+        modules = [getattr(parent, name) for name in names]
+        base = W8A8Linear(modules, self.dtype) if w8a8_modules(modules) else fuse(modules, outs)
         offsets = [sum(outs[:j]) for j in range(len(names))]
         parts = [Part((index, name), offset, out)
                  for name, offset, out in zip(names, offsets, outs, strict=True)

@@ -80,7 +80,7 @@ def test_a_dtype_is_one_of_the_allowed_names():
 
 
 def test_a_quantization_is_one_of_the_allowed_names_and_configures_bitsandbytes():
-    with pytest.raises(InvalidRequest, match="quantize must be one of nf4, int8, none, "
+    with pytest.raises(InvalidRequest, match="quantize must be one of nf4, int8, w8a8, none, "
                                              "got 'gptq'") as err:
         quantization_config("gptq", torch.float32)
     assert err.value.field == "quantize"
@@ -88,4 +88,7 @@ def test_a_quantization_is_one_of_the_allowed_names_and_configures_bitsandbytes(
     nf4 = quantization_config("nf4", torch.bfloat16)
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4"
     assert nf4.bnb_4bit_compute_dtype is torch.bfloat16
-    assert quantization_config("int8", torch.bfloat16).load_in_8bit
+    int8 = quantization_config("int8", torch.bfloat16)
+    assert int8.load_in_8bit and int8.llm_int8_threshold == 6.0
+    w8a8 = quantization_config("w8a8", torch.bfloat16)
+    assert w8a8.load_in_8bit and w8a8.llm_int8_threshold == 0.0

@@ -13,7 +13,7 @@ from lorag.cli import app
 
 @pytest.mark.parametrize("args, code, message", [
     (["generate", "--prompt", "hi", "--quantize", "gptq"], 2,
-     "error: quantize must be one of nf4, int8, none, got 'gptq'"),
+     "error: quantize must be one of nf4, int8, w8a8, none, got 'gptq'"),
     (["serve", "--api-keys", "/nonexistent/keys.json"], 2,
      "error: cannot read API keys from /nonexistent/keys.json"),
     (["models", "pull", "no-such-model"], 2, "error: unknown model 'no-such-model'"),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorag.models import cpu_has_bf16
-from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available
+from lorag.server.engine.kernels import kernel_takes_chunks, kernels_available
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 
 IN, OUTS, SLOTS, MAX_RANK = 44, [136, 8, 8], 6, 8
@@ -27,9 +27,9 @@ PATHS = [pytest.param(True, torch.float32, id="sgmv-fp32"),
          pytest.param(False, torch.bfloat16, id="bmm-bf16")]
 
 
-def test_the_sgmv_kernel_builds_here():
+def test_the_kernels_build_here():
     """The suite must exercise the kernel, not quietly fall back to batched matmuls."""
-    assert sgmv_available(), "the SGMV CPU kernel did not build: see the warning logged"
+    assert kernels_available(), "the engine's CPU kernels did not build: see the warning logged"
 
 
 @pytest.mark.slow
@@ -37,13 +37,13 @@ def test_a_failed_build_is_reported_and_falls_back(tmp_path):
     """In a process of its own: this one has the kernel loaded, and a second build of
     the same op library in one process would abort it (torch registers a namespace once)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/bin/false"}
-    probe = ("from lorag.server.engine.kernels import sgmv_available; "
-             "print('available' if sgmv_available() else 'fell back')")
+    probe = ("from lorag.server.engine.kernels import kernels_available; "
+             "print('available' if kernels_available() else 'fell back')")
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "fell back"
-    assert "the SGMV CPU kernel could not be built" in done.stderr
+    assert "the engine's CPU kernels could not be built" in done.stderr
 
 
 def layer_with_adapters(rank: int, use_kernel: bool = True, dtype=torch.float32,
@@ -143,7 +143,7 @@ def test_the_shrink_is_fp32_math_on_short_and_long_segments(dtype, rows, inputs)
     than their width, A rows in counts that leave short blocks (5, 24, 100) and an odd
     number of inputs (45): each y row is its segment's A rows dotted with its token's
     inputs, summed in fp32."""
-    assert sgmv_available()  # loads the ops
+    assert kernels_available()  # loads the ops
     torch.manual_seed(1)
     x = torch.randn(360, inputs + 3, dtype=dtype)[:, :inputs]
     a = torch.randn(4, rows, inputs, dtype=dtype)
@@ -168,7 +168,7 @@ def test_merged_weight_serves_what_the_lora_path_does(use_kernel):
 
 
 def test_the_kernel_refuses_mismatched_inputs_by_name():
-    assert sgmv_available()  # loads the ops
+    assert kernels_available()  # loads the ops
     x, a = torch.randn(3, IN), torch.randn(2, 4, IN, dtype=torch.bfloat16)
     route = (torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.tensor([1]))
     with pytest.raises(RuntimeError, match="x is Float but a is BFloat16"):
