@@ -1,5 +1,6 @@
-"""`lorag bench kernels`: the engine's SGMV kernel against oneDNN's batched matmuls, and
-what it does for a long prompt's time to first token.
+"""`lorag bench kernels`: the engine's SGMV kernel against oneDNN's batched matmuls, the
+w8a8 base's int8 projections against bf16 / float32 ones, and what they do for a long
+prompt's time to first token.
 
 Three parts, in the default model's shapes, the engine's compute dtype (float32 here
 without AVX512-BF16), rank 16:
@@ -8,12 +9,13 @@ without AVX512-BF16), rank 16:
   kernel's against one oneDNN matmul on the rows as they are (no padding: the best the
   batched-matmul path could do), and the whole delta (shrink and expand added into the
   output) as the layer runs it with chunks by the kernel against chunks padded into
-  batched matmuls (what the engine did before), beside the base matmul it sits next to;
+  batched matmuls (what the engine did before), beside the base matmul it sits next to,
+  and that matmul on the w8a8 base (int8 weights and per-token int8 activations);
 - `decode`: 128 decode tokens over 64 adapters, the kernel against batched matmuls;
 - `prefill`: time to first token of 800-token prompts (distinct random token ids, so no
-  prefix cache hit; one step each) on the default model, NF4 and unquantized, in one
-  engine: no adapter, an r16 adapter on every projection with chunks padded, the same
-  with chunks by the kernel.
+  prefix cache hit; one step each) on the default model, NF4, w8a8 and unquantized, in
+  one engine each: no adapter, an r16 adapter on every projection with chunks padded,
+  the same with chunks by the kernel.
 Medians of repeated calls. Prints JSON.
 """
 
@@ -33,7 +35,7 @@ from lorag.models import cpu_has_bf16, load_base, resolve_dtype
 from lorag.provision import ModelCache
 from lorag.server.engine.config import EngineConfig
 from lorag.server.engine.engine import Engine
-from lorag.server.engine.kernels import kernel_takes_chunks, sgmv_available
+from lorag.server.engine.kernels import kernel_takes_chunks, kernels_available
 from lorag.server.engine.lora import LoraBatch, MultiLoraLinear, Part, fuse
 from lorag.server.engine.sampling import SamplingParams
 from lorag.settings import Settings
@@ -45,7 +47,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def main(rows: list[int], prompt_tokens: int = 800, prompts: int = 5,
          json_path: Path | None = None) -> dict:
-    if not sgmv_available():
+    if not kernels_available():
         raise RuntimeError("the SGMV kernel did not build here (see the warning above): "
                            "nothing to measure")
     dtype = resolve_dtype("auto")
@@ -57,7 +59,7 @@ def main(rows: list[int], prompt_tokens: int = 800, prompts: int = 5,
               "prompt_chunk": {n: _chunk_rows(config, n, dtype) for n in rows},
               "decode": _decode_row(config, dtype),
               "prefill": {quantize: _prefill(quantize, prompt_tokens, prompts)
-                          for quantize in ("nf4", "none")}}
+                          for quantize in ("nf4", "w8a8", "none")}}
     print_json(result, json_path)
     return result
 
@@ -91,7 +93,8 @@ def _chunk_rows(config, n: int, dtype) -> dict:
     row = {name: _chunk_row(inputs, outs, n, dtype)
            for name, (inputs, outs) in _layers(config).items()}
     total = {key: round(sum(layer[key] for layer in row.values()), 1)
-             for key in ("kernel_delta_us", "padded_delta_us", "base_matmul_us")}
+             for key in ("kernel_delta_us", "padded_delta_us", "base_matmul_us",
+                         "w8a8_matmul_us")}
     return {**row, "all_layers": total}
 
 
@@ -105,14 +108,20 @@ def _chunk_row(inputs: int, outs: list[int], n: int, dtype) -> dict:
     y = layer.base(x)
     for batch in (kernel, padded):  # once per step in the engine, not per layer
         batch.route(torch.empty(0, dtype=torch.long), [(0, n, 1)], RANK)
+    weight = layer.base.weight.detach().float()  # the same weights, row-wise int8
+    scale = weight.abs().amax(1) / 127
+    int8 = torch.round(weight / scale[:, None]).to(torch.int8)
     with torch.inference_mode():
         row = interleaved_us({"kernel_shrink_us": (torch.ops.lorag.lora_shrink, x, a, *route),
                               "onednn_shrink_us": (torch.mm, x, a_t),
                               "kernel_delta_us": (_delta, layer, kernel, y, x),
                               "padded_delta_us": (_delta, layer, padded, y, x),
-                              "base_matmul_us": (layer.base, x)}, seconds=1.5)
+                              "base_matmul_us": (layer.base, x),
+                              "w8a8_matmul_us": (torch.ops.lorag.w8a8_linear, x, int8, scale,
+                                                 None)}, seconds=1.5)
     row["shrink_speedup"] = round(row["onednn_shrink_us"] / row["kernel_shrink_us"], 2)
     row["delta_speedup"] = round(row["padded_delta_us"] / row["kernel_delta_us"], 2)
+    row["w8a8_speedup"] = round(row["base_matmul_us"] / row["w8a8_matmul_us"], 2)
     return row
 
 

@@ -178,7 +178,7 @@ def bench_soak(
         min=0, help="Minutes before the memory bound is measured from.")] = 5,
     model: Annotated[str, typer.Option(help="The daemon's base model.")] =
         "smollm2-135m-instruct",
-    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    quantize: Annotated[str, typer.Option(help="nf4, int8, w8a8 or none.")] = "nf4",
     json_path: JsonOut = None,
 ) -> None:
     """Mixed traffic at a steady rate; memory (RssAnon + VmSwap), fds, threads and /metrics
@@ -204,7 +204,7 @@ def bench_batch(
         min=3, help="Interactive requests measured each way.")] = 20,
     model: Annotated[str, typer.Option(help="The daemon's base model.")] =
         "smollm2-135m-instruct",
-    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    quantize: Annotated[str, typer.Option(help="nf4, int8, w8a8 or none.")] = "nf4",
     json_path: JsonOut = None,
 ) -> None:
     """Interactive TTFT idle, while a batch runs, and under the same load sent as
@@ -282,7 +282,7 @@ def bench_latency(
         = 8,
     max_tokens: Annotated[int, typer.Option(min=2, help="Tokens per answer, at most.")]
         = 96,
-    quantize: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    quantize: Annotated[str, typer.Option(help="nf4, int8, w8a8 or none.")] = "nf4",
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
     schema: Annotated[bool, typer.Option(
         help="Ask with the demo's answer schema as response_format (constrained "
@@ -326,8 +326,8 @@ def bench_kernels(
     prompts: Annotated[int, typer.Option(min=1, help="Prompts per prefill peer.")] = 5,
     json_path: JsonOut = None,
 ) -> None:
-    """The SGMV kernel against oneDNN per chunk size, on decode tokens, and in a long
-    prompt's time to first token."""
+    """The SGMV kernel against oneDNN per chunk size and on decode tokens, the w8a8 base's
+    int8 matmuls beside the base's, and a long prompt's time to first token."""
     from lorag.benchmarks.kernels import main
 
     main(_sizes(rows, "rows"), prompt_tokens, prompts, json_path)
