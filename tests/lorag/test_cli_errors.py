@@ -29,6 +29,9 @@ from lorag.cli import app
      "vLLM's LoRA kernels take one of 1, 8, 16, 32, 64, 128, 256, 320, 512"),
     (["serve", "--backend", "vllm", "--quantize", "nf4"], 2, "error: --quantize nf4: vLLM "
      "has no bitsandbytes kernels on cpu"),
+    (["serve", "--backend", "vllm", "--quantize", "w8a8"], 2, "error: --quantize w8a8: vLLM "
+     "quantizes in flight to bitsandbytes 4-bit only; use --quantize nf4 (CUDA) or none, or "
+     "int8 / w8a8 on --backend native"),
     (["serve", "--backend", "vllm", "--gpu-memory-utilization", "0.5"], 2,
      "error: --gpu-memory-utilization applies to GPUs; on the CPU build size the KV cache "
      "with --kv-cache-memory"),
@@ -47,7 +50,7 @@ from lorag.cli import app
     (["bench", "kernels", "--rows", "128,-1"], 2, "error: --rows takes positive token "
      "counts like 8,64,128; got '128,-1'"),
 ], ids=["bad-choice", "missing-keys-file", "unknown-model", "missing-data", "no-daemon",
-        "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4",
+        "vllm-flag-on-native", "native-flag-on-vllm", "vllm-rank", "vllm-cpu-nf4", "vllm-w8a8",
         "vllm-cpu-memory-utilization", "vllm-cpu-ray", "vllm-cpu-pipeline",
         "kv-cache-memory-no-unit",
         "compile-size-zero", "compile-size-word", "kernels-rows-negative"])
