@@ -17,14 +17,22 @@ from torch import nn
 from lorag.server.engine.kernels import kernels_available
 
 
+def int8_dot_products() -> bool:
+    """Whether this CPU has AVX512-VNNI, where torch's int8 matmul runs on oneDNN. Without
+    it torch computes int8 matmuls in scalar loops (oneDNN's int8 GEMM could overflow its
+    16-bit sums there: pytorch#136942), slower than bitsandbytes' float32 products."""
+    return torch.cpu._is_vnni_supported()
+
+
 def w8a8_modules(modules: list[nn.Module]) -> bool:
     """Whether `modules` are bitsandbytes int8 projections with no outlier threshold on
-    CPU, and the engine's kernels are built to run them."""
+    CPU, on a CPU with int8 dot products, and the engine's kernels are built to run them.
+    Otherwise a w8a8 base runs through bitsandbytes' own forward pass (the same math)."""
     from bitsandbytes.nn import Linear8bitLt
 
     return (all(isinstance(m, Linear8bitLt) and m.state.threshold == 0.0
                 and m.weight.device.type == "cpu" for m in modules)
-            and kernels_available())
+            and int8_dot_products() and kernels_available())
 
 
 class W8A8Linear(nn.Module):

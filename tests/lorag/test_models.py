@@ -8,7 +8,7 @@ import torch
 
 from lorag.models import load_base
 from lorag.server.engine import Engine, EngineConfig, SamplingParams
-from lorag.server.engine.w8a8 import W8A8Linear
+from lorag.server.engine.w8a8 import W8A8Linear, int8_dot_products
 
 pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -55,20 +55,22 @@ def test_int8_answers_and_its_per_forward_log_line_is_filtered(base_model_dir, c
 
 def test_w8a8_answers_paris_and_the_engine_computes_what_its_layers_do(base_model_dir):
     """bitsandbytes' forward pass over the w8a8 weights answers; the engine's first-token
-    log-probabilities are those of the model with each projection run by the engine's
-    kernel. In float32: rounding each token's activations to int8 amplifies the smallest
-    difference (an attention kernel's summation order flips a few roundings a step), and
-    in bf16 that moves this 135M model's near-tied first tokens by up to ~0.45 nats
-    (~0.12 in float32); wrong scales or parts would move them by many."""
+    log-probabilities are those of the model with each projection run as the engine runs
+    it (by its kernel where the CPU has int8 dot products). Float32: rounding each token's
+    activations to int8 amplifies the smallest difference (an attention kernel's
+    summation order flips a few roundings a step), and in bf16 that moves this 135M
+    model's near-tied first tokens by up to ~0.45 nats (~0.12 in float32); wrong scales
+    or parts would move them by many."""
     w8a8, tokenizer = load_base(str(base_model_dir), quantize="w8a8", dtype="float32")
     assert w8a8.model.layers[0].mlp.down_proj.state.threshold == 0.0
     assert "Paris" in _greedy_answer(w8a8, tokenizer)
     ids = tokenizer(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
                                                   tokenize=False)).input_ids
     with Engine(w8a8, tokenizer, EngineConfig(max_model_len=256)) as engine:
-        assert type(engine.runner.projections[0]["qkv"].base) is W8A8Linear
+        fused = type(engine.runner.projections[0]["qkv"].base) is W8A8Linear
+        assert fused == int8_dot_products()  # else bitsandbytes' layers, the same math
         out = engine.submit(ids, SamplingParams(max_tokens=1, logprobs=5)).result()
-    for layer in w8a8.model.layers:  # each projection through the kernel, one by one
+    for layer in w8a8.model.layers if fused else []:  # each projection by the kernel
         for module in (*layer.self_attn.children(), *layer.mlp.children()):
             if hasattr(module, "state"):
                 module.forward = W8A8Linear([module], torch.float32).forward
