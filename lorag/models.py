@@ -144,7 +144,7 @@ def load_base(
     quantize: `nf4`, `int8` or `w8a8` quantize the linear layers with bitsandbytes,
         `none` keeps them in `dtype`. `w8a8` is `int8` without its outlier threshold, so
         that every product is an int8 one (the engine's fastest prefill on CPUs with
-        VNNI; server/engine/w8a8.py).
+        AVX512-VNNI; server/engine/w8a8.py).
     dtype: compute dtype; `auto` picks bf16 where the hardware runs it natively, else fp32.
     models: the model cache to provision into; defaults to the one under `$LORAG_HOME`.
     """

@@ -74,7 +74,7 @@ def kernels_available() -> bool:
     when they cannot be built."""
     from torch.utils import cpp_extension
 
-    name = f"lorag_sgmv_{_build_tag()}"
+    name = f"lorag_kernels_{_build_tag()}"
     try:
         cpp_extension.load(name=name, sources=[str(_source_copy(name, s)) for s in SOURCES],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
