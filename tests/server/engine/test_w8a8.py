@@ -102,7 +102,7 @@ def test_the_fused_layer_matches_bitsandbytes_and_leaves_the_model_working(tiny_
     assert torch.equal(before, after)  # the modules read views of the fused weight
     start = layer.weight.data_ptr()
     assert [p.weight.data_ptr() - start for p in parts] == [0, 64 * 64, 64 * 64 + 32 * 64]
-    # unquantized or int8 with its outlier threshold is not w8a8
+    # int8 with its outlier threshold is not w8a8
     int8 = load_base(str(tiny_base), quantize="int8", dtype="float32")[0]
     assert not w8a8_modules([int8.model.layers[0].self_attn.q_proj])
 
