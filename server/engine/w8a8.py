@@ -11,6 +11,8 @@ two passes. A decoder layer's matmuls on a 1024-row prompt chunk: 10.8 ms agains
 bf16 on a 2-core AVX512-BF16 / VNNI CPU (`lorag bench kernels`).
 """
 
+import sys
+
 import torch
 from torch import nn
 
@@ -28,9 +30,10 @@ def w8a8_modules(modules: list[nn.Module]) -> bool:
     """Whether `modules` are bitsandbytes int8 projections with no outlier threshold on
     CPU, on a CPU with int8 dot products, and the engine's kernels are built to run them.
     Otherwise a w8a8 base runs through bitsandbytes' own forward pass (the same math)."""
-    from bitsandbytes.nn import Linear8bitLt
-
-    return (all(isinstance(m, Linear8bitLt) and m.state.threshold == 0.0
+    bnb = sys.modules.get("bitsandbytes.nn")  # not loaded: no module is one of its layers
+    if bnb is None:  # (importing it would add a second to every unquantized start)
+        return False
+    return (all(isinstance(m, bnb.Linear8bitLt) and m.state.threshold == 0.0
                 and m.weight.device.type == "cpu" for m in modules)
             and int8_dot_products() and kernels_available())
 
